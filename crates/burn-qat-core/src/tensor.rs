@@ -1,0 +1,215 @@
+//! Fake quantization on Burn tensors, with the clipped straight-through estimator.
+//!
+//! Forward: `q = clamp(round(x / scale) + zero_point, qmin, qmax)`, output
+//! `(q - zero_point) * scale` (bit-equal to [`reference::fake_quant`](crate::reference::fake_quant)).
+//! Backward: the incoming gradient where `x` lies inside the representable range, 0 outside.
+//! Nothing here holds state; the modules in `burn-qat-nn` do.
+//!
+//! Quantization parameters are tensors of shape `[1]` (per tensor) or `[C]` (per channel along
+//! the spec's axis), so they can stay on the device (and be learned) without a host round trip.
+//!
+//! ```
+//! use burn::prelude::*;
+//! use burn_qat_core::{QuantSpec, tensor};
+//!
+//! let device = Device::flex().autodiff();
+//! let spec = QuantSpec::int8_weight_per_channel_symmetric(1);
+//! // A Burn Linear weight is [d_input, d_output]: channels along axis 1.
+//! let w = Tensor::<2>::from_floats([[0.5, -2.0], [1.27, 0.3]], &device).require_grad();
+//! let (min, max) = tensor::min_max(w.clone(), spec.granularity);
+//! let (scale, zero_point) = tensor::qparams(min, max, &spec);
+//! let wq = tensor::fake_quant(w.clone(), scale, zero_point, &spec);
+//! let grads = wq.sum().backward();
+//! let g: Vec<f32> = w.grad(&grads).unwrap().into_data().try_to_vec().unwrap();
+//! assert_eq!(g, vec![1.0; 4]); // every weight is inside its channel's range
+//! ```
+
+use burn::prelude::*;
+
+use crate::{MIN_SCALE, QParams, QatError, QuantSpec, RoundingMode};
+
+/// `round` forward (half to even), identity backward.
+pub fn round_ste<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() + (x.clone().round() - x).detach()
+}
+
+/// The shape that broadcasts a `[channels]` tensor along `axis` of a rank-`D` tensor.
+pub fn channel_shape<const D: usize>(channels: usize, axis: Option<usize>) -> [usize; D] {
+    let mut shape = [1; D];
+    if let Some(axis) = axis {
+        shape[axis] = channels;
+    }
+    shape
+}
+
+/// Checks that `scale`/`zero_point` fit `x` under `spec` (axis exists, channel counts agree).
+pub fn check_qparams<const D: usize>(
+    x: &Tensor<D>,
+    scale: &Tensor<1>,
+    zero_point: &Tensor<1>,
+    spec: &QuantSpec,
+) -> Result<(), QatError> {
+    spec.validate_for_rank(D)?;
+    let expected = spec.axis().map_or(1, |axis| x.dims()[axis]);
+    for (what, t) in [("scale", scale), ("zero_point", zero_point)] {
+        let got = t.dims()[0];
+        if got != expected && got != 1 {
+            return Err(QatError::ChannelMismatch {
+                what,
+                expected,
+                got,
+                axis: spec.axis().unwrap_or(0),
+                context: String::new(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Fake-quantizes `x` with quantization parameters held in tensors.
+///
+/// # Shapes
+///
+/// - `x`: any shape `[d0, ..., d(D-1)]`
+/// - `scale`, `zero_point`: `[1]`, or `[d_axis]` for [`Granularity::PerChannel`](crate::Granularity)
+/// - output: same as `x`
+///
+/// # Panics
+///
+/// If the spec's axis does not exist or the channel counts disagree; call
+/// [`try_fake_quant`] to get these as an error instead.
+pub fn fake_quant<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
+    match try_fake_quant(x, scale, zero_point, spec) {
+        Ok(y) => y,
+        Err(err) => panic!("{err}"),
+    }
+}
+
+/// [`fake_quant`] that reports bad arguments as an error instead of panicking.
+pub fn try_fake_quant<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    spec: &QuantSpec,
+) -> Result<Tensor<D>, QatError> {
+    check_qparams(&x, &scale, &zero_point, spec)?;
+    let channels = scale.dims()[0];
+    let axis = if channels == 1 { None } else { spec.axis() };
+    let shape: [usize; D] = channel_shape(channels, axis);
+    let scale = scale.detach().reshape(shape);
+    let zero_point = zero_point.detach().reshape(shape);
+    let xd = x.clone().detach();
+    let v = xd.clone() / scale.clone();
+    let r = round(v.clone(), spec.rounding) + zero_point.clone();
+    let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+    let y = (r.clamp(qmin, qmax) - zero_point.clone()) * scale;
+    Ok(if x.is_autodiff() {
+        let v = v + zero_point;
+        let inside = v.clone().greater_equal_elem(qmin).bool_and(v.lower_equal_elem(qmax));
+        y + (x - xd) * inside.float()
+    } else {
+        y
+    })
+}
+
+/// Fake-quantizes `x` with one pair of scalar parameters (per tensor). Cheaper than
+/// [`fake_quant`]: scalar operands, no broadcasting.
+pub fn fake_quant_per_tensor<const D: usize>(x: Tensor<D>, qp: QParams, spec: &QuantSpec) -> Tensor<D> {
+    let xd = x.clone().detach();
+    let zp = qp.zero_point as f32;
+    let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+    let v = xd.clone().div_scalar(qp.scale);
+    let y = round(v.clone(), spec.rounding)
+        .add_scalar(zp)
+        .clamp(qmin, qmax)
+        .sub_scalar(zp)
+        .mul_scalar(qp.scale);
+    if x.is_autodiff() {
+        let v = v.add_scalar(zp);
+        let inside = v.clone().greater_equal_elem(qmin).bool_and(v.lower_equal_elem(qmax));
+        y + (x - xd) * inside.float()
+    } else {
+        y
+    }
+}
+
+fn round<const D: usize>(v: Tensor<D>, rounding: RoundingMode) -> Tensor<D> {
+    match rounding {
+        RoundingMode::HalfToEven => v.round(),
+        RoundingMode::TfHalfUp => v.add_scalar(0.5).floor(),
+    }
+}
+
+/// The range of `x` that observers record: per tensor (`[1]`) or per channel (`[C]`),
+/// non-finite values ignored, and widened to contain 0 (`min <= 0 <= max`, as tfmot and TFLite
+/// require). No gradient flows through the result.
+pub fn min_max<const D: usize>(x: Tensor<D>, granularity: crate::Granularity) -> (Tensor<1>, Tensor<1>) {
+    let x = x.detach();
+    let device = x.device();
+    let dims = x.dims();
+    let numel: usize = dims.iter().product();
+    let channels = match granularity {
+        crate::Granularity::PerTensor => 1,
+        crate::Granularity::PerChannel { axis } => dims[axis],
+    };
+    if numel == 0 || channels == 0 {
+        let z = Tensor::<1>::zeros([channels.max(1)], &device);
+        return (z.clone(), z);
+    }
+    // Non-finite values become 0, which the widened range contains anyway.
+    let bad = x.clone().is_finite().bool_not();
+    let x = x.mask_fill(bad, 0.0);
+    let flat: Tensor<2> = match granularity {
+        crate::Granularity::PerTensor => x.reshape([1, numel]),
+        crate::Granularity::PerChannel { axis } => {
+            x.swap_dims(axis, 0).reshape([channels, numel / channels])
+        }
+    };
+    let min = flat.clone().min_dim(1).reshape([channels]).clamp_max(0.0);
+    let max = flat.max_dim(1).reshape([channels]).clamp_min(0.0);
+    (min, max)
+}
+
+/// [`qparams_from_range`](crate::qparams_from_range) on tensors: `(scale, zero_point)`, both of
+/// the shape of `min` and `max`, the zero point as integer-valued floats.
+pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, Tensor<1>) {
+    let min = min.detach();
+    let max = max.detach();
+    let bad_min = min.clone().is_finite().bool_not();
+    let bad_max = max.clone().is_finite().bool_not();
+    let min = min.mask_fill(bad_min, 0.0).clamp_max(0.0);
+    let max = max.mask_fill(bad_max, 0.0).clamp_min(0.0);
+    let (qmin, qmax) = (spec.qmin(), spec.qmax());
+    let steps = (qmax - qmin) as f32;
+    if spec.symmetric {
+        let m = max.max_pair(min.neg());
+        let scale = m.mul_scalar(2.0).div_scalar(steps).clamp(MIN_SCALE, f32::MAX);
+        let zp = if spec.signed { 0.0 } else { ((qmin + qmax + 1) / 2) as f32 };
+        let zero_point = scale.zeros_like().add_scalar(zp);
+        return (scale, zero_point);
+    }
+    let scale = (max - min.clone()).div_scalar(steps).clamp(MIN_SCALE, f32::MAX);
+    let ratio = min / scale.clone();
+    let rounded = match spec.rounding {
+        RoundingMode::HalfToEven => ratio.round(),
+        // -round_half_away(-ratio) with -ratio >= 0: -floor(0.5 - ratio).
+        RoundingMode::TfHalfUp => ratio.neg().add_scalar(0.5).floor().neg(),
+    };
+    let zero_point = rounded.neg().add_scalar(qmin as f32).clamp(qmin as f32, qmax as f32);
+    (scale, zero_point)
+}
+
+/// Reads tensor quantization parameters back to the host, one [`QParams`] per channel.
+pub fn to_qparams(scale: &Tensor<1>, zero_point: &Tensor<1>) -> Vec<QParams> {
+    let s: Vec<f32> = scale.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let z: Vec<f32> = zero_point.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    s.into_iter()
+        .zip(z)
+        .map(|(scale, zp)| QParams { scale, zero_point: zp as i32 })
+        .collect()
+}

@@ -1,0 +1,348 @@
+use burn::config::Config;
+use burn::module::{Module, Param, RunningState};
+use burn::prelude::*;
+use burn_qat_core::{QatError, QuantSpec, ema, tensor};
+use serde::{Deserialize, Serialize};
+
+/// How a [`FakeQuant`] tracks the range of what flows through it.
+///
+/// All observers widen the range to contain 0 and ignore NaN and infinite values, so one bad
+/// batch never poisons the range.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Observer {
+    /// The min/max of the latest batch (tfmot's `LastValueQuantizer`, used for weights).
+    LastValue,
+    /// An exponential moving average of the batch min/max: `old * decay + batch * (1 - decay)`;
+    /// the first batch sets the range. tfmot uses decay 0.999, PyTorch 0.99.
+    MovingAverage {
+        /// Weight of the old value, in `[0, 1)`.
+        decay: f32,
+    },
+    /// The min/max of everything seen so far (tfmot's `AllValuesQuantizer`).
+    RunningMinMax,
+}
+
+impl Observer {
+    /// Checks the observer's parameters.
+    pub fn validate(&self) -> Result<(), QatError> {
+        if let Observer::MovingAverage { decay } = self
+            && !(decay.is_finite() && (0.0..1.0).contains(decay))
+        {
+            return Err(QatError::InvalidConfig {
+                field: "Observer::MovingAverage.decay".into(),
+                value: decay.to_string(),
+                allowed: "a finite value in [0, 1), e.g. 0.999 (tfmot) or 0.99 (PyTorch)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Configuration to create a [`FakeQuant`] module using the [init function](FakeQuantConfig::init).
+#[derive(Config, Debug)]
+pub struct FakeQuantConfig {
+    /// The integer grid.
+    pub spec: QuantSpec,
+    /// How the range is tracked.
+    #[config(default = "Observer::MovingAverage { decay: 0.999 }")]
+    pub observer: Observer,
+    /// Number of channels along the spec's axis; must be set for per-channel specs and 1 for
+    /// per-tensor ones.
+    #[config(default = 1)]
+    pub channels: usize,
+    /// Whether fake quantization starts enabled.
+    #[config(default = true)]
+    pub enabled: bool,
+}
+
+impl FakeQuantConfig {
+    /// Checks every field: the spec, the observer and the channel count.
+    pub fn validate(&self) -> Result<(), QatError> {
+        self.spec.validate()?;
+        self.observer.validate()?;
+        let per_channel = self.spec.axis().is_some();
+        if self.channels == 0 || (!per_channel && self.channels != 1) {
+            return Err(QatError::InvalidConfig {
+                field: "FakeQuantConfig.channels".into(),
+                value: self.channels.to_string(),
+                allowed: if per_channel {
+                    "at least 1: the size of the per-channel axis".into()
+                } else {
+                    "1 for a per-tensor spec (use Granularity::PerChannel for more)".into()
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Initializes a new [`FakeQuant`] module on `device`, after [`validate`](Self::validate).
+    pub fn init(&self, device: &Device) -> Result<FakeQuant, QatError> {
+        self.validate()?;
+        let zeros = Tensor::<1>::zeros([self.channels], device);
+        Ok(FakeQuant {
+            min: RunningState::new(zeros.clone()),
+            max: RunningState::new(zeros),
+            observed: RunningState::new(Tensor::zeros([1], device)),
+            enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
+            observing: Param::from_bool(true),
+            spec: self.spec,
+            observer: self.observer,
+            channels: self.channels,
+        })
+    }
+}
+
+/// Fake quantization of activations (or of any tensor) with a range observer.
+///
+/// In training (an autodiff device and [`observing`](FakeQuant::observing) enabled, BatchNorm's
+/// rule) the observer first updates the range from the input, then the input is
+/// fake-quantized with the quantization parameters of that range. In evaluation
+/// (`module.valid()`, or a device without autodiff) the stored range is used as is.
+/// Before any observation the module passes values through unchanged.
+///
+/// The range (`min`, `max`) and whether it has been observed are recorded with the model, so a
+/// saved and loaded model quantizes the same way. Switches are applied with
+/// [`switches`](crate::switches) or directly with [`set_enabled`](FakeQuant::set_enabled) and
+/// [`set_observing`](FakeQuant::set_observing).
+///
+/// Should be created with [`FakeQuantConfig`].
+///
+/// The state is a [`RunningState`], which averages the updates of several threads: observe
+/// from one device/thread at a time (data-parallel training would average the per-device
+/// ranges).
+#[derive(Module, Debug)]
+pub struct FakeQuant {
+    /// Observed minimum, `[channels]`, always `<= 0`.
+    pub min: RunningState<Tensor<1>>,
+    /// Observed maximum, `[channels]`, always `>= 0`.
+    pub max: RunningState<Tensor<1>>,
+    /// `[1]`: 1 once a range has been observed, 0 before.
+    pub observed: RunningState<Tensor<1>>,
+    /// `[1]`: 1 if fake quantization is applied, 0 to pass values through.
+    pub enabled: RunningState<Tensor<1>>,
+    /// Whether the observer updates in training (a training flag: off in `valid()`).
+    pub observing: Param<burn::module::Flag>,
+    /// The integer grid.
+    #[module(skip)]
+    pub spec: QuantSpec,
+    /// The observer kind.
+    #[module(skip)]
+    pub observer: Observer,
+    /// Channels along the spec's axis (1 per tensor).
+    #[module(skip)]
+    pub channels: usize,
+}
+
+impl FakeQuant {
+    /// Observes (in training) and fake-quantizes `input`.
+    ///
+    /// # Shapes
+    ///
+    /// - input: any shape; for a per-channel spec, `channels` along the spec's axis
+    /// - output: same as input
+    ///
+    /// # Panics
+    ///
+    /// If a per-channel axis is missing from the input or has another size than `channels`.
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if let Some(axis) = self.spec.axis() {
+            assert!(
+                axis < D && input.dims()[axis] == self.channels,
+                "FakeQuant: per-channel axis {axis} must exist with {} channels, input shape is {:?}",
+                self.channels,
+                input.dims()
+            );
+        }
+        let device = input.device();
+        if input.is_autodiff() && self.observing.is_enabled() {
+            self.observe(&input);
+        }
+        if !self.is_enabled() || !self.is_observed() {
+            return input;
+        }
+        let (scale, zero_point) = self.qparams_on(&device);
+        tensor::fake_quant(input, scale, zero_point, &self.spec)
+    }
+
+    /// Updates the observed range with `input`, whatever the mode.
+    pub fn observe<const D: usize>(&self, input: &Tensor<D>) {
+        let device = self.min.value().device();
+        let (bmin, bmax) = tensor::min_max(input.clone(), self.spec.granularity);
+        let (bmin, bmax) = (bmin.to_device(&device), bmax.to_device(&device));
+        let old_min = self.min.value_sync();
+        let old_max = self.max.value_sync();
+        let observed = self.observed.value_sync();
+        let (new_min, new_max) = match self.observer {
+            Observer::LastValue => (bmin, bmax),
+            // Both ranges contain 0 and start at [0, 0], so min/max needs no first-batch rule.
+            Observer::RunningMinMax => (old_min.min_pair(bmin), old_max.max_pair(bmax)),
+            Observer::MovingAverage { decay } => {
+                // ema on observed state, the batch itself before the first observation.
+                let blend = |old: Tensor<1>, new: Tensor<1>| {
+                    let avg = old.mul_scalar(decay) + new.clone().mul_scalar(1.0 - decay);
+                    let first = observed.clone().neg().add_scalar(1.0);
+                    avg * observed.clone() + new * first
+                };
+                debug_assert_eq!(ema(0.0, 1.0, decay), 1.0 - decay);
+                (blend(old_min, bmin), blend(old_max, bmax))
+            }
+        };
+        self.min.update(new_min.detach());
+        self.max.update(new_max.detach());
+        self.observed.update(Tensor::ones([1], &device));
+        // Flush this thread's update so that records and `value()` see it now.
+        let _ = (self.min.value_sync(), self.max.value_sync(), self.observed.value_sync());
+    }
+
+    /// The current scale and zero point tensors (`[channels]`) on `device`.
+    pub fn qparams_on(&self, device: &Device) -> (Tensor<1>, Tensor<1>) {
+        let min = self.min.value().to_device(device);
+        let max = self.max.value().to_device(device);
+        tensor::qparams(min, max, &self.spec)
+    }
+
+    /// The current quantization parameters, one per channel, or `None` before any observation.
+    pub fn qparams(&self) -> Option<Vec<burn_qat_core::QParams>> {
+        if !self.is_observed() {
+            return None;
+        }
+        let (s, z) = self.qparams_on(&self.min.value().device());
+        Some(tensor::to_qparams(&s, &z))
+    }
+
+    /// The observed `(min, max)` per channel, or `None` before any observation.
+    pub fn observed_range(&self) -> Option<(Vec<f32>, Vec<f32>)> {
+        if !self.is_observed() {
+            return None;
+        }
+        let read = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        Some((read(self.min.value()), read(self.max.value())))
+    }
+
+    /// Whether fake quantization is applied.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.value().into_scalar::<f32>() > 0.5
+    }
+
+    /// Whether a range has been observed (or loaded).
+    pub fn is_observed(&self) -> bool {
+        self.observed.value().into_scalar::<f32>() > 0.5
+    }
+
+    /// Turns fake quantization on or off (the observer keeps observing in training).
+    pub fn set_enabled(self, enabled: bool) -> Self {
+        let device = self.enabled.value().device();
+        self.enabled.update(Tensor::from_floats([f32::from(enabled)], &device));
+        let _ = self.enabled.value_sync();
+        self
+    }
+
+    /// Freezes (`false`) or unfreezes (`true`) the observer; a frozen observer keeps its range.
+    pub fn set_observing(mut self, observing: bool) -> Self {
+        self.observing = self.observing.with_value(observing);
+        self
+    }
+
+    /// Sets the range by hand (e.g. from a calibration run) and marks it observed.
+    ///
+    /// # Panics
+    ///
+    /// If `min` and `max` do not have `channels` values.
+    pub fn set_range(self, min: &[f32], max: &[f32]) -> Self {
+        assert!(
+            min.len() == self.channels && max.len() == self.channels,
+            "FakeQuant::set_range: expected {} values for min and max, got {} and {}",
+            self.channels,
+            min.len(),
+            max.len()
+        );
+        let device = self.min.value().device();
+        let min = Tensor::<1>::from_floats(min, &device).clamp_max(0.0);
+        let max = Tensor::<1>::from_floats(max, &device).clamp_min(0.0);
+        self.min.update(min);
+        self.max.update(max);
+        self.observed.update(Tensor::ones([1], &device));
+        let _ = (self.min.value_sync(), self.max.value_sync(), self.observed.value_sync());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_qat_core::{QParams, qparams_from_range, reference};
+
+    fn spec() -> QuantSpec {
+        QuantSpec::int8_act_per_tensor_asymmetric()
+    }
+
+    #[test]
+    fn moving_average_first_batch_then_ema() {
+        let device = Device::flex().autodiff();
+        let fq = FakeQuantConfig::new(spec())
+            .with_observer(Observer::MovingAverage { decay: 0.5 })
+            .init(&device)
+            .unwrap();
+        fq.forward(Tensor::<1>::from_floats([-2.0, 4.0], &device));
+        assert_eq!(fq.observed_range(), Some((vec![-2.0], vec![4.0])));
+        fq.forward(Tensor::<1>::from_floats([-4.0, 2.0], &device));
+        assert_eq!(fq.observed_range(), Some((vec![-3.0], vec![3.0])));
+        // NaN and infinities do not poison the range.
+        fq.forward(Tensor::<1>::from_floats([f32::NAN, f32::INFINITY, -3.0, 3.0], &device));
+        assert_eq!(fq.observed_range(), Some((vec![-3.0], vec![3.0])));
+    }
+
+    #[test]
+    fn eval_does_not_observe_and_uses_stored_range() {
+        let device = Device::flex().autodiff();
+        let fq = FakeQuantConfig::new(spec()).with_observer(Observer::LastValue).init(&device).unwrap();
+        fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
+        let eval = fq.valid();
+        let y = eval.forward(Tensor::<1>::from_floats([0.3, 5.0], &Device::flex()));
+        assert_eq!(eval.observed_range(), Some((vec![-1.0], vec![1.0])));
+        let qp = qparams_from_range(-1.0, 1.0, &spec());
+        let want = [reference::fake_quant(0.3, qp, &spec()), reference::fake_quant(5.0, qp, &spec())];
+        assert_eq!(y.into_data().try_to_vec::<f32>().unwrap(), want.to_vec());
+        // Plain (non-autodiff) device: no observation either.
+        let plain = FakeQuantConfig::new(spec()).init(&Device::flex()).unwrap();
+        let x = Tensor::<1>::from_floats([0.3], &Device::flex());
+        assert_eq!(plain.forward(x).into_data().try_to_vec::<f32>().unwrap(), vec![0.3]);
+        assert!(!plain.is_observed());
+    }
+
+    #[test]
+    fn frozen_observer_and_disabled_fake_quant() {
+        let device = Device::flex().autodiff();
+        let fq = FakeQuantConfig::new(spec()).with_observer(Observer::LastValue).init(&device).unwrap();
+        fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
+        let fq = fq.set_observing(false);
+        fq.forward(Tensor::<1>::from_floats([-8.0, 8.0], &device));
+        assert_eq!(fq.observed_range(), Some((vec![-1.0], vec![1.0])));
+        // The freeze survives valid() -> train().
+        let fq = fq.valid().train();
+        fq.forward(Tensor::<1>::from_floats([-8.0, 8.0], &device));
+        assert_eq!(fq.observed_range(), Some((vec![-1.0], vec![1.0])));
+        let fq = fq.set_enabled(false);
+        let y = fq.forward(Tensor::<1>::from_floats([0.123], &device));
+        assert_eq!(y.into_data().try_to_vec::<f32>().unwrap(), vec![0.123]);
+        let want: QParams = qparams_from_range(-1.0, 1.0, &spec());
+        assert_eq!(fq.qparams().unwrap(), vec![want]);
+    }
+
+    #[test]
+    fn bad_config_is_an_error() {
+        let device = Device::flex();
+        let err = FakeQuantConfig::new(spec())
+            .with_observer(Observer::MovingAverage { decay: 1.5 })
+            .init(&device)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: `Observer::MovingAverage.decay` is 1.5, allowed: a finite value in [0, 1), e.g. 0.999 (tfmot) or 0.99 (PyTorch)"
+        );
+        let err = FakeQuantConfig::new(spec()).with_channels(4).init(&device).unwrap_err();
+        assert!(err.to_string().contains("`FakeQuantConfig.channels` is 4"), "{err}");
+        let err = FakeQuantConfig::new(spec().with_bits(40)).init(&device).unwrap_err();
+        assert!(err.to_string().contains("`bits` is 40, allowed: 2..=16"), "{err}");
+    }
+}

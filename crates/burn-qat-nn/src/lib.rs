@@ -1,0 +1,33 @@
+//! # burn-qat-nn
+//!
+//! The stateful layer of burn-qat, on top of the pure math of [`burn_qat_core`]:
+//!
+//! - [`FakeQuant`] (made by [`FakeQuantConfig`]): an activation quantizer with a range
+//!   [`Observer`], usable anywhere in a forward pass.
+//! - [`WeightFakeQuant`]: weight fake-quant attached to a parameter through Burn's
+//!   `Reparameterization` API, so a model's own `forward` sees quantized weights.
+//! - [`switches`]: model-wide switches (freeze observers, disable fake-quant).
+//!
+//! ```
+//! use burn::prelude::*;
+//! use burn_qat_nn::{FakeQuantConfig, Observer};
+//! use burn_qat_core::QuantSpec;
+//!
+//! let device = Device::flex().autodiff();
+//! let fq = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+//!     .with_observer(Observer::MovingAverage { decay: 0.9 })
+//!     .init(&device)
+//!     .unwrap();
+//! // Training mode on an autodiff device: the observer records [-1, 3], then fake-quantizes.
+//! let x = Tensor::<2>::from_floats([[-1.0, 0.5], [2.0, 3.0]], &device);
+//! let y = fq.forward(x);
+//! assert_eq!(fq.observed_range(), Some((vec![-1.0], vec![3.0])));
+//! ```
+#![warn(missing_docs)]
+
+mod fake_quant;
+pub mod switches;
+mod weight;
+
+pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
+pub use weight::{WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer};
