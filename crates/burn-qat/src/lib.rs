@@ -1,0 +1,44 @@
+//! # burn-qat
+//!
+//! Quantization-aware training for [Burn](https://burn.dev) 0.22: train in float with the
+//! int8 inference path simulated ("fake quantization"), so the model learns weights that
+//! survive quantization.
+//!
+//! The crate map, bottom-up (each layer only uses the ones below it):
+//!
+//! | crate | what | depends on |
+//! |---|---|---|
+//! | `burn-qat-core` ([`core`]) | specs, quantization parameters, scalar reference, tensor fake-quant + STE | burn |
+//! | `burn-qat-nn` ([`nn`]) | `FakeQuant` + observers, weight fake-quant reparameterization, switches | core |
+//! | `burn-qat` (this crate) | the public API, backend selection ([`backend`]) | nn, core |
+//!
+//! ```
+//! use burn::prelude::*;
+//! use burn_qat::{FakeQuantConfig, QuantSpec};
+//!
+//! let device = burn_qat::backend::default_device().autodiff();
+//! let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()).init(&device).unwrap();
+//! let x = Tensor::<2>::random([4, 8], burn::tensor::Distribution::Default, &device);
+//! let y = act.forward(x.clone());
+//! assert_eq!(y.dims(), x.dims());
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `flex` (default): Burn's pure-Rust CPU backend.
+//! - `ndarray`: the (deprecated) ndarray CPU backend.
+//! - `wgpu`: the wgpu GPU backend.
+#![warn(missing_docs)]
+
+pub mod backend;
+
+/// The pure math layer (re-export of `burn-qat-core`).
+pub use burn_qat_core as core;
+/// The module layer (re-export of `burn-qat-nn`).
+pub use burn_qat_nn as nn;
+
+pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
+pub use burn_qat_nn::{
+    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer,
+    switches,
+};
