@@ -84,6 +84,7 @@ impl FakeQuantConfig {
             max: RunningState::new(zeros),
             observed: RunningState::new(Tensor::zeros([1], device)),
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
+            spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
             observing: Param::from_bool(true),
             spec: self.spec,
             observer: self.observer,
@@ -120,6 +121,9 @@ pub struct FakeQuant {
     pub observed: RunningState<Tensor<1>>,
     /// `[1]`: 1 if fake quantization is applied, 0 to pass values through.
     pub enabled: RunningState<Tensor<1>>,
+    /// `[6]`: the spec, recorded so that a saved model says how it was quantized
+    /// (see [`encode_spec`](crate::encode_spec)).
+    pub spec_code: RunningState<Tensor<1>>,
     /// Whether the observer updates in training (a training flag: off in `valid()`).
     pub observing: Param<burn::module::Flag>,
     /// The integer grid.

@@ -29,5 +29,8 @@ mod fake_quant;
 pub mod switches;
 mod weight;
 
+mod spec_code;
+
+pub use spec_code::{decode_spec, encode_spec};
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
 pub use weight::{WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer};

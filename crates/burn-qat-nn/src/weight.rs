@@ -19,6 +19,7 @@ impl WeightFakeQuantConfig {
         self.spec.validate()?;
         Ok(WeightFakeQuant {
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
+            spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
             spec: self.spec,
         })
     }
@@ -58,6 +59,8 @@ impl WeightFakeQuantConfig {
 pub struct WeightFakeQuant {
     /// `[1]`: 1 if fake quantization is applied, 0 to pass the float weight through.
     pub enabled: RunningState<Tensor<1>>,
+    /// `[6]`: the spec, recorded with the model (see [`encode_spec`](crate::encode_spec)).
+    pub spec_code: RunningState<Tensor<1>>,
     /// The integer grid.
     #[module(skip)]
     pub spec: QuantSpec,

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod model;
 
 /// The pure math layer (re-export of `burn-qat-core`).
 pub use burn_qat_core as core;

@@ -1,0 +1,557 @@
+use std::collections::BTreeMap;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::prelude::*;
+use burn_qat_core::{Granularity, QatError, QuantSpec, RoundingMode};
+use burn_qat_nn::WeightFakeQuantizer;
+use globset::{Glob, GlobMatcher};
+use serde::{Deserialize, Serialize};
+
+/// Weight quantization settings for one layer; the channel axis comes from the layer type.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightQuant {
+    /// Bit width, 2..=16.
+    pub bits: u32,
+    /// One scale per output channel (on the layer's output-channel axis) or one per tensor.
+    pub per_channel: bool,
+    /// Symmetric (zero point 0) or asymmetric.
+    pub symmetric: bool,
+    /// Narrow range (`[-127, 127]` for 8 bits).
+    pub narrow_range: bool,
+    /// Rounding mode.
+    pub rounding: RoundingMode,
+    /// `false` keeps this layer's weights in float.
+    pub enabled: bool,
+}
+
+impl Default for WeightQuant {
+    fn default() -> Self {
+        Self::int8_per_channel()
+    }
+}
+
+impl WeightQuant {
+    /// 8-bit symmetric narrow-range per-channel weights: tfmot's and PyTorch's default.
+    pub fn int8_per_channel() -> Self {
+        Self {
+            bits: 8,
+            per_channel: true,
+            symmetric: true,
+            narrow_range: true,
+            rounding: RoundingMode::HalfToEven,
+            enabled: true,
+        }
+    }
+    /// 8-bit symmetric narrow-range weights, one scale per tensor.
+    pub fn int8_per_tensor() -> Self {
+        Self { per_channel: false, ..Self::int8_per_channel() }
+    }
+    /// 4-bit symmetric narrow-range (`[-7, 7]`) per-channel weights.
+    pub fn int4_per_channel() -> Self {
+        Self { bits: 4, ..Self::int8_per_channel() }
+    }
+    /// `bits`-bit symmetric narrow-range per-channel weights.
+    pub fn per_channel_bits(bits: u32) -> Self {
+        Self { bits, ..Self::int8_per_channel() }
+    }
+    /// Keep the weights in float.
+    pub fn float() -> Self {
+        Self { enabled: false, ..Self::int8_per_channel() }
+    }
+    /// The spec for a weight whose output channels lie on `axis` (`None`: per tensor).
+    pub fn spec(&self, axis: Option<usize>) -> QuantSpec {
+        let granularity = match (self.per_channel, axis) {
+            (true, Some(axis)) => Granularity::PerChannel { axis },
+            _ => Granularity::PerTensor,
+        };
+        QuantSpec {
+            bits: self.bits,
+            signed: true,
+            symmetric: self.symmetric,
+            narrow_range: self.narrow_range,
+            granularity,
+            rounding: self.rounding,
+        }
+    }
+}
+
+/// Which layers a rule applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Selector {
+    /// A module path pattern, dot-separated like the record paths (`blocks.0.conv`): `*` matches
+    /// one name, `**` any number of names, `{a,b}` alternatives. It matches a layer's module
+    /// path or the full parameter path (`blocks.0.conv.weight`).
+    Path(String),
+    /// A layer type, as its struct is named (`Linear`, `Conv2d`, or a custom `MyLayer`).
+    Type(String),
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Path(p) => write!(f, "path pattern {p:?}"),
+            Selector::Type(t) => write!(f, "layer type {t:?}"),
+        }
+    }
+}
+
+/// A layer type whose weights burn-qat should quantize, with their output-channel axes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomLayer {
+    /// The struct name (what `#[derive(Module)]` reports, e.g. `MyLayer`).
+    pub name: String,
+    /// `(field, axis)`: each float parameter field to quantize and its output-channel axis
+    /// (`None` for per-tensor scales).
+    pub weights: Vec<(String, Option<usize>)>,
+}
+
+/// Make your own layer type quantizable with the right per-channel axes.
+///
+/// Without it, burn-qat still quantizes any parameter of rank >= 2 of an unknown layer, with
+/// one scale per tensor, and says so in the [summary](super::summary).
+///
+/// ```
+/// use burn::module::{Module, Param};
+/// use burn::prelude::*;
+/// use burn_qat::model::{QatConfig, QuantizableLayer, quantize, summary};
+///
+/// /// A layer computing `x · wᵀ` with `w: [d_output, d_input]`: output channels on axis 0.
+/// #[derive(Module, Debug)]
+/// struct Projection { w: Param<Tensor<2>> }
+///
+/// impl QuantizableLayer for Projection {
+///     const NAME: &'static str = "Projection";
+///     fn quantizable_weights() -> Vec<(&'static str, Option<usize>)> {
+///         vec![("w", Some(0))]
+///     }
+/// }
+///
+/// let device = Device::flex().autodiff();
+/// let layer = Projection { w: Param::from_tensor(Tensor::ones([3, 5], &device)) };
+/// let config = QatConfig::new().register::<Projection>();
+/// let layer = quantize(layer, &config).unwrap();
+/// let report = summary(&layer, &config).unwrap();
+/// assert_eq!(report.layers[0].spec.unwrap().axis(), Some(0));
+/// ```
+pub trait QuantizableLayer {
+    /// The struct name, as `#[derive(Module)]` reports it.
+    const NAME: &'static str;
+    /// `(field, axis)` for each weight to quantize; `None` for per-tensor scales.
+    fn quantizable_weights() -> Vec<(&'static str, Option<usize>)>;
+}
+
+macro_rules! builtin {
+    ($ty:ty, $name:literal, $axis:expr) => {
+        impl QuantizableLayer for $ty {
+            const NAME: &'static str = $name;
+            fn quantizable_weights() -> Vec<(&'static str, Option<usize>)> {
+                vec![("weight", $axis)]
+            }
+        }
+    };
+}
+builtin!(burn::nn::Linear, "Linear", Some(1));
+builtin!(burn::nn::conv::Conv1d, "Conv1d", Some(0));
+builtin!(burn::nn::conv::Conv2d, "Conv2d", Some(0));
+builtin!(burn::nn::conv::Conv3d, "Conv3d", Some(0));
+builtin!(burn::nn::conv::ConvTranspose1d, "ConvTranspose1d", Some(1));
+builtin!(burn::nn::conv::ConvTranspose2d, "ConvTranspose2d", Some(1));
+builtin!(burn::nn::conv::ConvTranspose3d, "ConvTranspose3d", Some(1));
+builtin!(burn::nn::Embedding, "Embedding", Some(0));
+
+/// Layer types whose parameters are never quantized: normalizations keep float statistics and
+/// affine parameters (folding BatchNorm into the preceding layer is a model transform).
+const NEVER: [&str; 6] = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RmsNorm", "FakeQuant"];
+
+fn builtin_layers() -> Vec<CustomLayer> {
+    fn entry<L: QuantizableLayer>() -> CustomLayer {
+        CustomLayer {
+            name: L::NAME.to_string(),
+            weights: L::quantizable_weights().into_iter().map(|(f, a)| (f.to_string(), a)).collect(),
+        }
+    }
+    vec![
+        entry::<burn::nn::Linear>(),
+        entry::<burn::nn::conv::Conv1d>(),
+        entry::<burn::nn::conv::Conv2d>(),
+        entry::<burn::nn::conv::Conv3d>(),
+        entry::<burn::nn::conv::ConvTranspose1d>(),
+        entry::<burn::nn::conv::ConvTranspose2d>(),
+        entry::<burn::nn::conv::ConvTranspose3d>(),
+        entry::<burn::nn::Embedding>(),
+    ]
+}
+
+/// How to quantize a model's weights: a default, per-layer rules that win over it, skips, and
+/// custom layer types. Serializable, so it can live in a training config file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QatConfig {
+    /// Settings for every layer that no rule selects.
+    pub default: WeightQuant,
+    /// Per-layer settings: a path rule wins over a type rule, which wins over the default.
+    pub rules: Vec<(Selector, WeightQuant)>,
+    /// Layers left in float.
+    pub skip: Vec<Selector>,
+    /// Registered custom layer types.
+    pub custom_layers: Vec<CustomLayer>,
+}
+
+impl Default for QatConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QatConfig {
+    /// tfmot's default: every weight 8-bit symmetric, per output channel.
+    pub fn new() -> Self {
+        Self { default: WeightQuant::int8_per_channel(), rules: vec![], skip: vec![], custom_layers: vec![] }
+    }
+    /// Preset: 8-bit per-channel symmetric weights (same as [`new`](Self::new)).
+    pub fn int8_weights_per_channel() -> Self {
+        Self::new()
+    }
+    /// Preset: 8-bit symmetric weights with one scale per tensor.
+    pub fn int8_weights_per_tensor() -> Self {
+        Self::new().with_default(WeightQuant::int8_per_tensor())
+    }
+    /// Preset: 4-bit per-channel weights, with the first and last quantized layers at 8 bits
+    /// (add those rules with [`with_layer`](Self::with_layer) once the paths are known).
+    pub fn int4_weights_per_channel() -> Self {
+        Self::new().with_default(WeightQuant::int4_per_channel())
+    }
+    /// Sets the default settings.
+    pub fn with_default(mut self, default: WeightQuant) -> Self {
+        self.default = default;
+        self
+    }
+    /// Settings for the layers whose path matches `pattern` (see [`Selector::Path`]).
+    pub fn with_layer(mut self, pattern: &str, quant: WeightQuant) -> Self {
+        self.rules.push((Selector::Path(pattern.to_string()), quant));
+        self
+    }
+    /// Settings for every layer of type `type_name` (`"Linear"`, `"Conv2d"`, ...).
+    pub fn with_layer_type(mut self, type_name: &str, quant: WeightQuant) -> Self {
+        self.rules.push((Selector::Type(type_name.to_string()), quant));
+        self
+    }
+    /// Leaves the layers matching `pattern` in float.
+    pub fn skip(mut self, pattern: &str) -> Self {
+        self.skip.push(Selector::Path(pattern.to_string()));
+        self
+    }
+    /// Leaves every layer of type `type_name` in float.
+    pub fn skip_type(mut self, type_name: &str) -> Self {
+        self.skip.push(Selector::Type(type_name.to_string()));
+        self
+    }
+    /// Registers a custom layer type (see [`QuantizableLayer`]).
+    pub fn register<L: QuantizableLayer>(mut self) -> Self {
+        self.custom_layers.push(CustomLayer {
+            name: L::NAME.to_string(),
+            weights: L::quantizable_weights().into_iter().map(|(f, a)| (f.to_string(), a)).collect(),
+        });
+        self
+    }
+}
+
+/// One float parameter of the model, as the planner sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct ParamInfo {
+    pub path: String,
+    pub module_path: String,
+    pub field: String,
+    pub layer_type: String,
+    pub dims: Vec<usize>,
+    pub frozen: bool,
+    pub reparameterized: bool,
+}
+
+#[derive(Default)]
+struct Collect {
+    stack: Vec<(String, String)>,
+    params: Vec<ParamInfo>,
+}
+
+impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        if container_type == "Reparameterization"
+            && let Some(last) = self.params.last_mut()
+        {
+            last.reparameterized = true;
+        }
+        self.stack.push((name.to_string(), container_type.to_string()));
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.stack.iter().any(|(_, c)| c == "Reparameterization") {
+            return; // state inside a quantizer
+        }
+        let path: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
+        let (field, layer_type) = self
+            .stack
+            .last()
+            .map(|(n, c)| (n.clone(), c.strip_prefix("Struct:").or(c.strip_prefix("Enum:")).unwrap_or(c).to_string()))
+            .unwrap_or_default();
+        let device = param.lazy_device();
+        let frozen = device.is_autodiff() && param.is_initialized() && !param.is_require_grad();
+        self.params.push(ParamInfo {
+            path: path.join("."),
+            module_path: path[..path.len().saturating_sub(1)].join("."),
+            field,
+            layer_type,
+            dims: param.lazy_shape().dims::<D>().to_vec(),
+            frozen,
+            reparameterized: false,
+        });
+    }
+}
+
+pub(crate) fn collect<M: Module>(model: &M) -> Vec<ParamInfo> {
+    let mut c = Collect::default();
+    model.visit(&mut c);
+    c.params
+}
+
+/// What [`plan`] decided for one parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedParam {
+    /// Dotted parameter path (`blocks.0.conv.weight`).
+    pub path: String,
+    /// The layer type that owns it (`Conv2d`).
+    pub layer_type: String,
+    /// Parameter dimensions.
+    pub dims: Vec<usize>,
+    /// The spec, or `None` if it stays float.
+    pub spec: Option<QuantSpec>,
+    /// Why it got this decision (`default`, `rule path pattern "fc2"`, `frozen`, ...).
+    pub reason: String,
+}
+
+fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
+    let as_path = pattern.replace('.', "/");
+    Glob::new(&as_path).map(|g| g.compile_matcher()).map_err(|e| {
+        QatError::Model(format!(
+            "layer pattern {pattern:?} is not a valid pattern ({e}): use dot-separated names, `*` for one name, `**` for any number"
+        ))
+    })
+}
+
+fn selects(matcher: &(Selector, Option<GlobMatcher>), p: &ParamInfo) -> bool {
+    match matcher {
+        (Selector::Path(_), Some(g)) => {
+            g.is_match(p.module_path.replace('.', "/")) || g.is_match(p.path.replace('.', "/"))
+        }
+        (Selector::Type(t), _) => &p.layer_type == t,
+        _ => false,
+    }
+}
+
+/// Decides, for every float parameter of `model`, whether and how its weight is quantized,
+/// without changing the model. [`quantize`] applies this plan.
+///
+/// # Errors
+///
+/// A selector that matches nothing, an invalid setting, a registered axis that a weight does
+/// not have, conflicting rules for one layer, a model with nothing to quantize, or a model
+/// already quantized.
+pub fn plan<M: Module>(model: &M, config: &QatConfig) -> Result<Vec<PlannedParam>, QatError> {
+    plan_with(model, config, false)
+}
+
+pub(crate) fn plan_with<M: Module>(
+    model: &M,
+    config: &QatConfig,
+    allow_quantized: bool,
+) -> Result<Vec<PlannedParam>, QatError> {
+    let params = collect(model);
+    if !allow_quantized && let Some(p) = params.iter().find(|p| p.reparameterized) {
+        return Err(QatError::Model(format!(
+            "parameter `{}` already has a reparameterization (weight fake-quant, LoRA...): quantize a model once, \
+             and call `bake` first to quantize a baked model again",
+            p.path
+        )));
+    }
+    for (i, (_, quant)) in std::iter::once(&(Selector::Path("<default>".into()), config.default))
+        .chain(config.rules.iter())
+        .enumerate()
+    {
+        quant.spec(None).validate().map_err(|e| match e {
+            QatError::InvalidSpec { field, value, allowed } => QatError::InvalidConfig {
+                field: if i == 0 { format!("QatConfig.default.{field}") } else { format!("QatConfig.rules[{}].{field}", i - 1) },
+                value,
+                allowed,
+            },
+            other => other,
+        })?;
+    }
+    let compile = |s: &Selector| -> Result<(Selector, Option<GlobMatcher>), QatError> {
+        match s {
+            Selector::Path(p) => Ok((s.clone(), Some(glob(p)?))),
+            Selector::Type(_) => Ok((s.clone(), None)),
+        }
+    };
+    let rules: Vec<((Selector, Option<GlobMatcher>), WeightQuant)> =
+        config.rules.iter().map(|(s, q)| Ok((compile(s)?, *q))).collect::<Result<_, QatError>>()?;
+    let skips: Vec<(Selector, Option<GlobMatcher>)> = config.skip.iter().map(compile).collect::<Result<_, _>>()?;
+
+    // Every selector must select something.
+    let all_modules: Vec<&str> = {
+        let mut v: Vec<&str> = params.iter().map(|p| p.module_path.as_str()).collect();
+        v.dedup();
+        v
+    };
+    let all_types: Vec<&str> = {
+        let mut v: Vec<&str> = params.iter().map(|p| p.layer_type.as_str()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    for m in rules.iter().map(|(m, _)| m).chain(skips.iter()) {
+        if !params.iter().any(|p| selects(m, p)) {
+            return Err(QatError::Model(match &m.0 {
+                Selector::Path(pat) => format!(
+                    "layer pattern {pat:?} matches no module of this model; its modules are {all_modules:?}. \
+                     Patterns are dot-separated: `*` matches one name, `**` any number"
+                ),
+                Selector::Type(t) => format!(
+                    "layer type {t:?} matches no layer of this model; its layer types are {all_types:?}"
+                ),
+            }));
+        }
+    }
+
+    let mut layers: BTreeMap<String, CustomLayer> = BTreeMap::new();
+    for l in builtin_layers().into_iter().chain(config.custom_layers.iter().cloned()) {
+        layers.insert(l.name.clone(), l);
+    }
+
+    let mut out = Vec::new();
+    for p in &params {
+        let mut decide = |spec: Option<QuantSpec>, reason: String| {
+            out.push(PlannedParam { path: p.path.clone(), layer_type: p.layer_type.clone(), dims: p.dims.clone(), spec, reason });
+        };
+        if p.dims.len() < 2 {
+            decide(None, "rank < 2 (bias, norm or state)".into());
+            continue;
+        }
+        if NEVER.contains(&p.layer_type.as_str()) {
+            decide(None, format!("{} parameters stay float", p.layer_type));
+            continue;
+        }
+        let known = layers.get(&p.layer_type);
+        let axis = match known {
+            Some(layer) => match layer.weights.iter().find(|(f, _)| *f == p.field) {
+                Some((_, axis)) => *axis,
+                None => {
+                    decide(None, format!("field `{}` is not a weight of {}", p.field, p.layer_type));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        if let Some(a) = axis
+            && a >= p.dims.len()
+        {
+            return Err(QatError::AxisOutOfRange {
+                axis: a,
+                rank: p.dims.len(),
+                context: format!(
+                    " (parameter `{}` of layer type {}, registered with axis {a}: fix its QuantizableLayer::quantizable_weights)",
+                    p.path, p.layer_type
+                ),
+            });
+        }
+        if p.frozen {
+            decide(None, "frozen by the user (does not require grad)".into());
+            continue;
+        }
+        let skipped: Vec<&Selector> = skips.iter().filter(|m| selects(m, p)).map(|m| &m.0).collect();
+        let path_rules: Vec<(Selector, WeightQuant)> = rules
+            .iter()
+            .filter(|(m, _)| matches!(m.0, Selector::Path(_)) && selects(m, p))
+            .map(|(m, q)| (m.0.clone(), *q))
+            .collect();
+        let type_rules: Vec<(Selector, WeightQuant)> = rules
+            .iter()
+            .filter(|(m, _)| matches!(m.0, Selector::Type(_)) && selects(m, p))
+            .map(|(m, q)| (m.0.clone(), *q))
+            .collect();
+        let conflict = |a: &Selector, b: &str| {
+            QatError::Model(format!(
+                "conflicting settings for `{}`: {a} and {b} both select it with different settings; \
+                 make the patterns disjoint or remove one",
+                p.path
+            ))
+        };
+        if let Some(s) = skipped.first() {
+            if let Some((sel, _)) = path_rules.first().or(type_rules.first()) {
+                return Err(conflict(s, &format!("skip rule and {sel}")));
+            }
+            decide(None, format!("skipped by {s}"));
+            continue;
+        }
+        let pick = |rs: &[(Selector, WeightQuant)]| -> Result<Option<(Selector, WeightQuant)>, QatError> {
+            if let Some(first) = rs.first() {
+                if let Some(other) = rs.iter().find(|r| r.1 != first.1) {
+                    return Err(conflict(&first.0, &other.0.to_string()));
+                }
+                return Ok(Some(first.clone()));
+            }
+            Ok(None)
+        };
+        let chosen = match pick(&path_rules)? {
+            Some(r) => Some(r),
+            None => pick(&type_rules)?,
+        };
+        let (quant, reason) = match chosen {
+            Some((sel, q)) => (q, format!("{sel}")),
+            None => (config.default, "default".to_string()),
+        };
+        if !quant.enabled {
+            decide(None, format!("float by {reason}"));
+            continue;
+        }
+        let reason = if known.is_none() {
+            format!("{reason}; per-tensor: layer type {} is not registered (QatConfig::register)", p.layer_type)
+        } else {
+            reason
+        };
+        decide(Some(quant.spec(axis)), reason);
+    }
+    if !out.iter().any(|p| p.spec.is_some()) {
+        let listed: Vec<String> = out.iter().map(|p| format!("{} ({})", p.path, p.reason)).collect();
+        return Err(QatError::Model(format!(
+            "nothing to quantize: no parameter of this model is a weight to fake-quantize. Parameters: {listed:?}. \
+             Quantize activations with FakeQuant / Quantized, or register your layer type with QatConfig::register"
+        )));
+    }
+    Ok(out)
+}
+
+/// Attaches weight fake-quantization to `model` following `config`: one call, no change to the
+/// model's code. Returns the same type; train it as before.
+///
+/// Gradients reach the float weights (`param.base()`), which the optimizer updates; the
+/// quantizers (`WeightFakeQuant`) are recorded with the model.
+///
+/// # Errors
+///
+/// See [`plan`].
+pub fn quantize<M: Module>(model: M, config: &QatConfig) -> Result<M, QatError> {
+    let planned = plan(&model, config)?;
+    let specs: BTreeMap<String, QuantSpec> =
+        planned.into_iter().filter_map(|p| p.spec.map(|s| (p.path, s))).collect();
+    Ok(model.apply_reparameterization(WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| {
+        specs.get(path).copied()
+    })))
+}
+
+/// Bakes the fake-quantized weights into ordinary float weights for inference: the result is
+/// the model in evaluation mode (`valid()`) with every weight reparameterization folded
+/// (`materialize()`). Its weights hold exactly the values the QAT model computed with.
+pub fn bake<M: Module>(model: M) -> M {
+    model.valid().materialize()
+}
