@@ -296,7 +296,7 @@ impl ModuleVisitor for Collect {
             .map(|(n, c)| (n.clone(), c.strip_prefix("Struct:").or(c.strip_prefix("Enum:")).unwrap_or(c).to_string()))
             .unwrap_or_default();
         let device = param.lazy_device();
-        let frozen = device.is_autodiff() && param.is_initialized() && !param.is_require_grad();
+        let frozen = device.is_autodiff() && !param.is_require_grad();
         self.params.push(ParamInfo {
             path: path.join("."),
             module_path: path[..path.len().saturating_sub(1)].join("."),
