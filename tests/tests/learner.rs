@@ -1,6 +1,5 @@
 //! A QAT model trained by burn-train's `Learner` (`SupervisedTraining`), on every backend.
 
-
 use burn::data::dataloader::DataLoaderBuilder;
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
