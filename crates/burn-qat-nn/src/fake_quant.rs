@@ -84,6 +84,7 @@ impl FakeQuantConfig {
             max: RunningState::new(zeros),
             observed: RunningState::new(Tensor::zeros([1], device)),
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
+            frozen: RunningState::new(Tensor::zeros([1], device)),
             spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
             observing: Param::from_bool(true),
             spec: self.spec,
@@ -121,10 +122,14 @@ pub struct FakeQuant {
     pub observed: RunningState<Tensor<1>>,
     /// `[1]`: 1 if fake quantization is applied, 0 to pass values through.
     pub enabled: RunningState<Tensor<1>>,
+    /// `[1]`: 1 once the observer is frozen (kept across `valid()`/`train()`, shared by clones
+    /// and recorded, so a schedule can freeze it from `&self` and a resumed run stays frozen).
+    pub frozen: RunningState<Tensor<1>>,
     /// `[6]`: the spec, recorded so that a saved model says how it was quantized
     /// (see [`encode_spec`](crate::encode_spec)).
     pub spec_code: RunningState<Tensor<1>>,
-    /// Whether the observer updates in training (a training flag: off in `valid()`).
+    /// Training flag (Burn's convention, off in `valid()`): the observer updates only while it
+    /// is on, the device has autodiff and the observer is not [`frozen`](FakeQuant::frozen).
     pub observing: Param<burn::module::Flag>,
     /// The integer grid.
     #[module(skip)]
@@ -158,7 +163,7 @@ impl FakeQuant {
             );
         }
         let device = input.device();
-        if input.is_autodiff() && self.observing.is_enabled() {
+        if input.is_autodiff() && self.observing.is_enabled() && !self.is_frozen() {
             self.observe(&input);
         }
         if !self.is_enabled() || !self.is_observed() {
@@ -241,9 +246,17 @@ impl FakeQuant {
         self
     }
 
+    /// Whether the observer is frozen (keeps its range in training).
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.value().into_scalar::<f32>() > 0.5
+    }
+
     /// Freezes (`false`) or unfreezes (`true`) the observer; a frozen observer keeps its range.
-    pub fn set_observing(mut self, observing: bool) -> Self {
-        self.observing = self.observing.with_value(observing);
+    /// Writes the shared state: clones of this module see the change too.
+    pub fn set_observing(self, observing: bool) -> Self {
+        let device = self.frozen.value().device();
+        self.frozen.update(Tensor::from_floats([f32::from(!observing)], &device));
+        let _ = self.frozen.value_sync();
         self
     }
 

@@ -13,12 +13,12 @@
 //! let device = Device::flex().autodiff();
 //! let fq = FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap();
 //! let fq = switches::freeze_observers(fq);
-//! assert!(!fq.observing.is_enabled());
+//! assert!(fq.is_frozen());
 //! let fq = switches::set_fake_quant_enabled(fq, false);
 //! assert!(!fq.is_enabled());
 //! ```
 
-use burn::module::{Flag, Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 
 const QUANTIZERS: [&str; 2] = ["Struct:FakeQuant", "Struct:WeightFakeQuant"];
@@ -44,17 +44,11 @@ impl ModuleMapper for Switch {
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
     }
-    fn map_flag(&mut self, flag: Param<Flag>) -> Param<Flag> {
-        match self.observing {
-            Some(on) if self.at("observing") => flag.with_value(on),
-            _ => flag,
-        }
-    }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        match self.enabled {
-            Some(on) if self.at("enabled") => {
-                param.map(|t| t.zeros_like().add_scalar(f32::from(on)))
-            }
+        let set = |param: Param<Tensor<D>>, v: bool| param.map(|t| t.zeros_like().add_scalar(f32::from(v)));
+        match (self.enabled, self.observing) {
+            (Some(on), _) if self.at("enabled") => set(param, on),
+            (_, Some(on)) if self.at("frozen") => set(param, !on),
             _ => param,
         }
     }
@@ -65,7 +59,8 @@ fn apply<M: Module>(model: M, observing: Option<bool>, enabled: Option<bool>) ->
 }
 
 /// Stops every observer in `model` from updating its range (it keeps the range it has).
-/// The freeze survives `valid()` / `train()`.
+/// The freeze survives `valid()` / `train()`, is recorded with the model, and is shared by
+/// clones: calling it on `model.clone()` from a `&self` training step freezes the model.
 pub fn freeze_observers<M: Module>(model: M) -> M {
     apply(model, Some(false), None)
 }

@@ -10,7 +10,8 @@
 //! |---|---|---|
 //! | `burn-qat-core` ([`core`]) | specs, quantization parameters, scalar reference, tensor fake-quant + STE | burn |
 //! | `burn-qat-nn` ([`nn`]) | `FakeQuant` + observers, weight fake-quant reparameterization, switches | core |
-//! | `burn-qat` (this crate) | the public API, backend selection ([`backend`]) | nn, core |
+//! | `burn-qat-transform` ([`transform`]) | BatchNorm folding, fused Conv/Linear+BN+activation, schedules | nn, core |
+//! | `burn-qat` (this crate) | the public API: whole-model QAT ([`model`]), backend selection ([`backend`]) | transform, nn, core |
 //!
 //! ```
 //! use burn::prelude::*;
@@ -37,6 +38,9 @@ pub mod model;
 pub use burn_qat_core as core;
 /// The module layer (re-export of `burn-qat-nn`).
 pub use burn_qat_nn as nn;
+/// Model transforms: BatchNorm folding, activation fusion, schedules (re-export of
+/// `burn-qat-transform`).
+pub use burn_qat_transform as transform;
 
 pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
 pub use burn_qat_nn::{

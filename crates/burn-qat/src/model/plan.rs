@@ -265,6 +265,7 @@ pub(crate) struct ParamInfo {
     pub dims: Vec<usize>,
     pub frozen: bool,
     pub reparameterized: bool,
+    pub inside_fused: bool,
 }
 
 #[derive(Default)]
@@ -305,6 +306,7 @@ impl ModuleVisitor for Collect {
             dims: param.lazy_shape().dims::<D>().to_vec(),
             frozen,
             reparameterized: false,
+            inside_fused: self.stack.iter().any(|(_, c)| c == "Struct:Fused"),
         });
     }
 }
@@ -435,6 +437,10 @@ pub(crate) fn plan_with<M: Module>(
         };
         if p.dims.len() < 2 {
             decide(None, "rank < 2 (bias, norm or state)".into());
+            continue;
+        }
+        if p.inside_fused {
+            decide(None, "quantized by its fused module (BatchNorm folded first)".into());
             continue;
         }
         if NEVER.contains(&p.layer_type.as_str()) {

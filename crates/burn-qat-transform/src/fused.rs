@@ -1,0 +1,433 @@
+use burn::config::Config;
+use burn::module::{Module, Param, Reparameterization, RunningState};
+use burn::nn::conv::{Conv1d, Conv2d};
+use burn::nn::{BatchNorm, Linear};
+use burn::prelude::*;
+use burn::tensor::activation;
+use burn_qat_core::{QatError, QuantSpec};
+use burn_qat_nn::{FakeQuant, FakeQuantConfig, WeightFakeQuant, WeightFakeQuantConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::fold::bn_affine;
+
+/// The activation fused after a layer: no fake-quant between the layer and it.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+pub enum Activation {
+    /// No activation.
+    #[default]
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+    /// `min(max(x, min), max)`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match *self {
+            Activation::Identity => x,
+            Activation::Relu => activation::relu(x),
+            Activation::Relu6 => activation::relu6(x),
+            Activation::Clamp { min, max } => x.clamp(min, max),
+        }
+    }
+}
+
+/// How BatchNorm is folded while training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum BnFoldMode {
+    /// PyTorch's `_forward_approximate`: weights scaled by the running statistics before
+    /// fake-quant, the conv output rescaled back, then BatchNorm with batch statistics.
+    #[default]
+    Approximate,
+    /// Krishnamoorthi (2018) / PyTorch's `_forward_slow`: an extra float conv computes the batch
+    /// statistics, and the folded (running-statistics) output is corrected by
+    /// `running_std / batch_std`.
+    Exact,
+}
+
+/// A layer that a BatchNorm can be folded into: `Conv1d`, `Conv2d`, `Linear`.
+///
+/// `DI` is the rank of its input and output, `DW` the rank of its weight.
+pub trait Fusable<const DI: usize, const DW: usize>: Module {
+    /// The output-channel axis of the weight (0 for convolutions, 1 for Burn's `Linear`).
+    const WEIGHT_AXIS: usize;
+    /// The float weight.
+    fn weight(&self) -> Tensor<DW>;
+    /// The bias, if any.
+    fn bias(&self) -> Option<Tensor<1>>;
+    /// The layer's forward with another weight and bias.
+    fn forward_with(&self, input: Tensor<DI>, weight: Tensor<DW>, bias: Option<Tensor<1>>) -> Tensor<DI>;
+    /// The same layer holding `weight` and `bias` (baked, detached).
+    fn with_params(self, weight: Tensor<DW>, bias: Tensor<1>) -> Self;
+}
+
+fn baked<const D: usize>(old: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
+    let value = value.detach();
+    Param::initialized(old.id, if value.is_autodiff() { value.require_grad() } else { value })
+}
+
+fn new_bias(old: Option<&Param<Tensor<1>>>, value: Tensor<1>) -> Option<Param<Tensor<1>>> {
+    Some(match old {
+        Some(p) => baked(p, value),
+        None => {
+            let value = value.detach();
+            Param::from_tensor(if value.is_autodiff() { value.require_grad() } else { value })
+        }
+    })
+}
+
+impl Fusable<4, 4> for Conv2d {
+    const WEIGHT_AXIS: usize = 0;
+    fn weight(&self) -> Tensor<4> {
+        self.weight.val()
+    }
+    fn bias(&self) -> Option<Tensor<1>> {
+        self.bias.as_ref().map(|b| b.val())
+    }
+    fn forward_with(&self, input: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
+        let tmp = Conv2d { weight: Param::initialized(self.weight.id, weight), bias: bias.map(Param::initialized_any), ..self.clone() };
+        tmp.forward(input)
+    }
+    fn with_params(self, weight: Tensor<4>, bias: Tensor<1>) -> Self {
+        Conv2d { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias), ..self }
+    }
+}
+
+impl Fusable<3, 3> for Conv1d {
+    const WEIGHT_AXIS: usize = 0;
+    fn weight(&self) -> Tensor<3> {
+        self.weight.val()
+    }
+    fn bias(&self) -> Option<Tensor<1>> {
+        self.bias.as_ref().map(|b| b.val())
+    }
+    fn forward_with(&self, input: Tensor<3>, weight: Tensor<3>, bias: Option<Tensor<1>>) -> Tensor<3> {
+        let tmp = Conv1d { weight: Param::initialized(self.weight.id, weight), bias: bias.map(Param::initialized_any), ..self.clone() };
+        tmp.forward(input)
+    }
+    fn with_params(self, weight: Tensor<3>, bias: Tensor<1>) -> Self {
+        Conv1d { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias), ..self }
+    }
+}
+
+impl Fusable<2, 2> for Linear {
+    const WEIGHT_AXIS: usize = 1;
+    fn weight(&self) -> Tensor<2> {
+        self.weight.val()
+    }
+    fn bias(&self) -> Option<Tensor<1>> {
+        self.bias.as_ref().map(|b| b.val())
+    }
+    fn forward_with(&self, input: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+        burn::tensor::module::linear(input, weight, bias)
+    }
+    fn with_params(self, weight: Tensor<2>, bias: Tensor<1>) -> Self {
+        Linear { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias) }
+    }
+}
+
+trait InitializedAny {
+    fn initialized_any(t: Tensor<1>) -> Param<Tensor<1>>;
+}
+impl InitializedAny for Param<Tensor<1>> {
+    fn initialized_any(t: Tensor<1>) -> Param<Tensor<1>> {
+        Param::initialized(burn::module::ParamId::new(), t)
+    }
+}
+
+/// Configuration to create a [`Fused`] module using the [init function](FusedConfig::init).
+#[derive(Config, Debug)]
+pub struct FusedConfig {
+    /// Weight fake-quant (its axis must be the layer's output-channel axis); `None` keeps the
+    /// folded weights in float.
+    #[config(default = "Some(QuantSpec::int8_weight_per_channel_symmetric(0))")]
+    pub weight: Option<QuantSpec>,
+    /// The activation after the (folded) layer.
+    #[config(default = "Activation::Identity")]
+    pub activation: Activation,
+    /// Fake-quant after the activation (`None`: the next layer quantizes its input).
+    #[config(default = "Some(FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()))")]
+    pub output: Option<FakeQuantConfig>,
+    /// How BatchNorm is folded in training.
+    #[config(default = "BnFoldMode::Approximate")]
+    pub mode: BnFoldMode,
+}
+
+impl FusedConfig {
+    /// Builds the fused QAT module from a user's existing (trained) layer and BatchNorm, keeping
+    /// their weights and statistics.
+    ///
+    /// # Errors
+    ///
+    /// An invalid spec, a weight spec whose per-channel axis is not the layer's output-channel
+    /// axis, or a BatchNorm whose channel count differs from the layer's outputs.
+    pub fn init<L, const DI: usize, const DW: usize>(&self, layer: L, bn: Option<BatchNorm>) -> Result<Fused<L>, QatError>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let w = layer.weight();
+        let device = w.device();
+        let channels = w.dims()[L::WEIGHT_AXIS];
+        if let Some(spec) = &self.weight {
+            spec.validate_for_rank(DW)?;
+            if let Some(axis) = spec.axis()
+                && axis != L::WEIGHT_AXIS
+            {
+                return Err(QatError::InvalidConfig {
+                    field: "FusedConfig.weight.granularity".into(),
+                    value: format!("PerChannel {{ axis: {axis} }}"),
+                    allowed: format!("PerTensor or PerChannel {{ axis: {} }}, the output-channel axis of this layer", L::WEIGHT_AXIS),
+                });
+            }
+        }
+        if let Some(bn) = &bn {
+            let c = bn.gamma.val().dims()[0];
+            if c != channels {
+                return Err(QatError::ChannelMismatch {
+                    what: "BatchNorm",
+                    expected: channels,
+                    got: c,
+                    axis: L::WEIGHT_AXIS,
+                    context: " (the layer's output channels)".into(),
+                });
+            }
+        }
+        Ok(Fused {
+            weight_quant: self.weight.map(|s| WeightFakeQuantConfig::new(s).init(&device)).transpose()?,
+            output: self.output.as_ref().map(|c| c.init(&device)).transpose()?,
+            bn_frozen: RunningState::new(Tensor::zeros([1], &device)),
+            layer,
+            bn,
+            activation: self.activation,
+            mode: self.mode,
+        })
+    }
+}
+
+/// Layer + BatchNorm + activation, trained as deployed: BatchNorm folded into the weights before
+/// weight fake-quant, the activation fused, one fake-quant after it. Built by [`FusedConfig`].
+///
+/// In training (autodiff device, BatchNorm training flag on, statistics not frozen) BatchNorm
+/// uses batch statistics and updates its running statistics; otherwise the module computes
+/// exactly what [`folded`](Fused::folded) computes, so the QAT model in evaluation and the
+/// folded inference model agree bit for bit.
+///
+/// ```
+/// use burn::nn::BatchNormConfig;
+/// use burn::nn::conv::Conv2dConfig;
+/// use burn::prelude::*;
+/// use burn_qat_transform::{Activation, FusedConfig, FusedConv2d};
+///
+/// let device = Device::flex().autodiff();
+/// let conv = Conv2dConfig::new([1, 4], [3, 3]).init(&device);
+/// let bn = BatchNormConfig::new(4).init(&device);
+/// let fused: FusedConv2d = FusedConfig::new()
+///     .with_activation(Activation::Relu)
+///     .init(conv, Some(bn))
+///     .unwrap();
+/// let y = fused.forward(Tensor::<4>::ones([2, 1, 6, 6], &device));
+/// assert_eq!(y.dims(), [2, 4, 4, 4]);
+/// ```
+#[derive(Module, Debug)]
+pub struct Fused<L> {
+    /// The layer, holding the float (unfolded) weights that the optimizer updates.
+    pub layer: L,
+    /// The BatchNorm folded into it, if any.
+    pub bn: Option<BatchNorm>,
+    /// Fake-quant of the folded weight.
+    pub weight_quant: Option<WeightFakeQuant>,
+    /// Fake-quant after the activation.
+    pub output: Option<FakeQuant>,
+    /// `[1]`: 1 once BatchNorm statistics are frozen (running statistics used in training).
+    pub bn_frozen: RunningState<Tensor<1>>,
+    /// The fused activation.
+    #[module(skip)]
+    pub activation: Activation,
+    /// The folding mode in training.
+    #[module(skip)]
+    pub mode: BnFoldMode,
+}
+
+/// `Conv2d` (+ BatchNorm) (+ activation), fused for QAT.
+pub type FusedConv2d = Fused<Conv2d>;
+/// `Conv1d` (+ BatchNorm) (+ activation), fused for QAT.
+pub type FusedConv1d = Fused<Conv1d>;
+/// `Linear` (+ BatchNorm1d) (+ activation), fused for QAT.
+pub type FusedLinear = Fused<Linear>;
+
+fn channel_shape<const D: usize>(channels: usize, axis: usize) -> [usize; D] {
+    let mut shape = [1; D];
+    shape[axis] = channels;
+    shape
+}
+
+impl<L: Module> Fused<L> {
+    /// Whether BatchNorm statistics are frozen.
+    pub fn is_bn_frozen(&self) -> bool {
+        self.bn_frozen.value().into_scalar::<f32>() > 0.5
+    }
+
+    /// Freezes (`true`) BatchNorm statistics: training then uses the running statistics, as
+    /// PyTorch's `freeze_bn_stats`. Shared by clones and recorded.
+    pub fn set_bn_frozen(self, frozen: bool) -> Self {
+        let device = self.bn_frozen.value().device();
+        self.bn_frozen.update(Tensor::from_floats([f32::from(frozen)], &device));
+        let _ = self.bn_frozen.value_sync();
+        self
+    }
+
+    fn quantize_weight<const DW: usize>(&self, w: Tensor<DW>) -> Tensor<DW> {
+        match &self.weight_quant {
+            Some(q) => q.apply(w),
+            None => w,
+        }
+    }
+
+    /// The folded weight (fake-quantized) and bias that evaluation uses.
+    pub fn folded_params<const DI: usize, const DW: usize>(&self) -> (Tensor<DW>, Option<Tensor<1>>)
+    where
+        L: Fusable<DI, DW>,
+    {
+        match &self.bn {
+            None => (self.quantize_weight(self.layer.weight()), self.layer.bias()),
+            Some(bn) => {
+                let (w, b) = crate::fold::fold_params(self.layer.weight(), self.layer.bias(), bn, L::WEIGHT_AXIS);
+                (self.quantize_weight(w), Some(b))
+            }
+        }
+    }
+
+    /// Forward pass: folded layer, activation, output fake-quant.
+    ///
+    /// # Shapes
+    ///
+    /// Those of the layer (`[batch, channels_in, ...]` to `[batch, channels_out, ...]`; for
+    /// `Linear`, `[batch, d_input]` to `[batch, d_output]`).
+    pub fn forward<const DI: usize, const DW: usize>(&self, input: Tensor<DI>) -> Tensor<DI>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let training_bn = match &self.bn {
+            Some(bn) => input.is_autodiff() && bn.training.is_enabled() && !self.is_bn_frozen(),
+            None => false,
+        };
+        let y = match (&self.bn, training_bn) {
+            (Some(bn), true) => match self.mode {
+                BnFoldMode::Approximate => self.forward_approximate(input, bn),
+                BnFoldMode::Exact => self.forward_exact(input, bn),
+            },
+            _ => {
+                let (w, b) = self.folded_params();
+                self.layer.forward_with(input, w, b)
+            }
+        };
+        let y = self.activation.forward(y);
+        match &self.output {
+            Some(fq) => fq.forward(y),
+            None => y,
+        }
+    }
+
+    fn forward_approximate<const DI: usize, const DW: usize>(&self, input: Tensor<DI>, bn: &BatchNorm) -> Tensor<DI>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let (mul, _) = bn_affine(bn);
+        let c = mul.dims()[0];
+        let w = self.quantize_weight(self.layer.weight() * mul.clone().reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)));
+        let y = self.layer.forward_with(input, w, None) / mul.reshape(channel_shape::<DI>(c, 1));
+        let y = match self.layer.bias() {
+            Some(b) => y + b.reshape(channel_shape::<DI>(c, 1)),
+            None => y,
+        };
+        bn.forward(y)
+    }
+
+    fn forward_exact<const DI: usize, const DW: usize>(&self, input: Tensor<DI>, bn: &BatchNorm) -> Tensor<DI>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let c = bn.gamma.val().dims()[0];
+        let bshape = channel_shape::<DI>(c, 1);
+        let conv_out = self.layer.forward_with(input.clone(), self.layer.weight(), None);
+        // Update the running statistics with this batch (output unused).
+        let with_bias = match self.layer.bias() {
+            Some(b) => conv_out.clone() + b.reshape(bshape),
+            None => conv_out.clone(),
+        };
+        let _ = bn.forward(with_bias.detach());
+        let device = conv_out.device();
+        let running_var = bn.running_var.value().to_device(&device);
+        let running_std = running_var.add_scalar(bn.epsilon).sqrt();
+        let mul = bn.gamma.val() / running_std.clone();
+        let w = self.quantize_weight(self.layer.weight() * mul.reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)));
+        let conv_bn = self.layer.forward_with(input, w, None);
+        // Batch statistics over every axis but the channel axis.
+        let dims = conv_out.dims();
+        let n: usize = dims.iter().product::<usize>() / c;
+        let per_channel: Tensor<2> = conv_out.swap_dims(0, 1).reshape([c, n]);
+        let batch_mean = per_channel.clone().mean_dim(1).reshape([c]);
+        let centered = per_channel - batch_mean.clone().reshape([c, 1]);
+        let batch_var = (centered.clone() * centered).mean_dim(1).reshape([c]);
+        let batch_std = batch_var.add_scalar(bn.epsilon).sqrt();
+        let conv_bn = conv_bn * (running_std / batch_std.clone()).reshape(bshape);
+        let fused_bias = bn.beta.val() - bn.gamma.val() * batch_mean / batch_std;
+        conv_bn + fused_bias.reshape(bshape)
+    }
+
+    /// The inference form: the layer holding the folded, fake-quantized weight and folded bias,
+    /// no BatchNorm and no weight quantizer; activation and output fake-quant kept. Same
+    /// outputs as this module in evaluation.
+    pub fn folded<const DI: usize, const DW: usize>(self) -> Self
+    where
+        L: Fusable<DI, DW>,
+    {
+        let (w, b) = self.folded_params();
+        let c = w.dims()[L::WEIGHT_AXIS];
+        let b = b.unwrap_or_else(|| Tensor::zeros([c], &w.device()));
+        Fused {
+            layer: self.layer.with_params(w, b),
+            bn: None,
+            weight_quant: None,
+            output: self.output,
+            bn_frozen: self.bn_frozen,
+            activation: self.activation,
+            mode: self.mode,
+        }
+    }
+}
+
+/// A residual `Add` with its activation fused: `fq(act(a + b))`, no fake-quant between the add
+/// and the activation.
+#[derive(Module, Debug)]
+pub struct FusedAdd {
+    /// Fake-quant after the activation.
+    pub output: Option<FakeQuant>,
+    /// The fused activation.
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl FusedAdd {
+    /// `activation` then `output` after the add.
+    pub fn new(activation: Activation, output: Option<FakeQuant>) -> Self {
+        Self { output, activation }
+    }
+    /// `fq(act(a + b))`.
+    pub fn forward<const D: usize>(&self, a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+        let y = self.activation.forward(a + b);
+        match &self.output {
+            Some(fq) => fq.forward(y),
+            None => y,
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Model transforms on every backend: BatchNorm folding equivalence, fused QAT modules, in-place
+//! fusion, schedules, and a fused Conv-BN-ReLU CNN trained on real MNIST whose folded form
+//! predicts like the QAT model.
+
+use burn::module::{Module, Param, RunningState};
+use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
+use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig1d, PaddingConfig2d};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn_qat::transform::{Activation, BnFoldMode, FusedConfig, FusedConv2d, FusedLinear, QatSchedule, fold, fuse_batch_norms};
+use burn_qat::{FakeQuant, FakeQuantConfig, QuantSpec};
+use burn_qat_tests::{backends, skip, values};
+
+/// Folding changes the order of float operations: allow 1e-5 relative to the output's scale.
+const FOLD_RTOL: f32 = 1e-5;
+
+fn assert_close(got: Vec<f32>, want: Vec<f32>, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len() as f32;
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= FOLD_RTOL * (w.abs() + scale), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+/// A BatchNorm with non-trivial statistics and affine parameters.
+fn random_bn(c: usize, device: &Device) -> BatchNorm {
+    let bn = BatchNormConfig::new(c).with_epsilon(1e-3).init(device);
+    let r = |lo: f64, hi: f64| Tensor::<1>::random([c], Distribution::Uniform(lo, hi), device);
+    BatchNorm {
+        gamma: Param::from_tensor(r(0.5, 2.0)),
+        beta: Param::from_tensor(r(-1.0, 1.0)),
+        running_mean: RunningState::new(r(-0.5, 0.5)),
+        running_var: RunningState::new(r(0.2, 3.0)),
+        ..bn
+    }
+}
+
+#[test]
+fn fold_conv2d_equals_bn_of_conv() {
+    for b in backends() {
+        let d = &b.device;
+        d.seed(11);
+        #[rustfmt::skip]
+        let cases: &[(&str, usize, usize, usize, [usize; 2], [usize; 2], usize, bool)] = &[
+            // name, c_in, c_out, groups, stride, dilation, padding, bias
+            ("plain", 3, 4, 1, [1, 1], [1, 1], 0, true),
+            ("no bias", 3, 4, 1, [1, 1], [1, 1], 0, false),
+            ("grouped", 4, 6, 2, [1, 1], [1, 1], 1, true),
+            ("depthwise", 4, 4, 4, [1, 1], [1, 1], 1, false),
+            ("stride 2 padding 1", 3, 5, 1, [2, 2], [1, 1], 1, true),
+            ("dilation 2", 2, 3, 1, [1, 1], [2, 2], 2, true),
+        ];
+        for &(name, cin, cout, groups, stride, dilation, pad, bias) in cases {
+            let conv = Conv2dConfig::new([cin, cout], [3, 3])
+                .with_groups(groups)
+                .with_stride(stride)
+                .with_dilation(dilation)
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .with_bias(bias)
+                .init(d);
+            let bn = random_bn(cout, d);
+            let x = Tensor::<4>::random([2, cin, 9, 9], Distribution::Normal(0.0, 1.0), d);
+            let want = values(bn.forward(conv.forward(x.clone())));
+            let folded = fold::fold_conv2d(conv, &bn);
+            assert_close(values(folded.forward(x)), want, &format!("{} conv2d {name}", b.name));
+        }
+    }
+}
+
+#[test]
+fn fold_conv1d_and_linear_equal_bn_of_layer() {
+    for b in backends() {
+        let d = &b.device;
+        d.seed(12);
+        for bias in [true, false] {
+            let conv: Conv1d = Conv1dConfig::new(3, 4, 3)
+                .with_stride(2)
+                .with_padding(PaddingConfig1d::Explicit(1, 1))
+                .with_bias(bias)
+                .init(d);
+            let bn = random_bn(4, d);
+            let x = Tensor::<3>::random([2, 3, 11], Distribution::Normal(0.0, 1.0), d);
+            let want = values(bn.forward(conv.forward(x.clone())));
+            assert_close(values(fold::fold_conv1d(conv, &bn).forward(x)), want, &format!("{} conv1d bias={bias}", b.name));
+
+            let lin: Linear = LinearConfig::new(5, 3).with_bias(bias).init(d);
+            let bn = random_bn(3, d);
+            let x = Tensor::<2>::random([4, 5], Distribution::Normal(0.0, 1.0), d);
+            let want = values(bn.forward(lin.forward(x.clone())));
+            assert_close(values(fold::fold_linear(lin, &bn).forward(x)), want, &format!("{} linear bias={bias}", b.name));
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Plain {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+#[test]
+fn fuse_batch_norms_in_place_keeps_the_model_type_and_outputs() {
+    for b in backends() {
+        let d = &b.device;
+        d.seed(13);
+        let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).init(d), bn: random_bn(3, d) };
+        let x = Tensor::<4>::random([2, 2, 6, 6], Distribution::Normal(0.0, 1.0), d);
+        let want = values(model.bn.forward(model.conv.forward(x.clone())));
+        let fused = fuse_batch_norms(model, &[("conv", "bn")], 1e-3).unwrap();
+        assert_close(values(fused.bn.forward(fused.conv.forward(x.clone()))), want.clone(), &format!("{} in place", b.name));
+        // The BatchNorm is now the identity.
+        assert_close(values(fused.bn.forward(fused.conv.forward(x.clone()))), values(fused.conv.forward(x)), &format!("{} identity bn", b.name));
+    }
+    let d = &backends()[0].device;
+    let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).with_bias(false).init(d), bn: random_bn(3, d) };
+    let err = fuse_batch_norms(model, &[("conv", "bn")], 1e-3).unwrap_err().to_string();
+    assert!(err.contains("`conv` has no bias"), "{err}");
+    let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).init(d), bn: random_bn(3, d) };
+    let err = fuse_batch_norms(model, &[("bn", "conv")], 1e-3).unwrap_err().to_string();
+    assert!(err.contains("`bn` is not a Conv1d, Conv2d or Linear module"), "{err}");
+}
+
+fn fused(conv: Conv2d, bn: BatchNorm, weight: Option<QuantSpec>, mode: BnFoldMode) -> FusedConv2d {
+    FusedConfig::new().with_weight(weight).with_output(None).with_activation(Activation::Relu).with_mode(mode).init(conv, Some(bn)).unwrap()
+}
+
+#[test]
+fn fused_module_in_training_matches_conv_bn_relu_with_batch_statistics() {
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        d.seed(14);
+        for mode in [BnFoldMode::Approximate, BnFoldMode::Exact] {
+            let conv = Conv2dConfig::new([2, 4], [3, 3]).init(&d);
+            let bn = random_bn(4, &d);
+            // The same layers with their own (unshared) running statistics.
+            let reference = Plain {
+                conv: conv.clone(),
+                bn: BatchNorm {
+                    running_mean: RunningState::new(bn.running_mean.value()),
+                    running_var: RunningState::new(bn.running_var.value()),
+                    ..bn.clone()
+                },
+            };
+            let f = fused(conv, bn, None, mode);
+            let x = Tensor::<4>::random([3, 2, 7, 7], Distribution::Normal(0.0, 1.0), &d);
+            let want = values(burn::tensor::activation::relu(reference.bn.forward(reference.conv.forward(x.clone()))));
+            let got = values(f.forward(x));
+            assert_close(got, want, &format!("{} {mode:?} training forward", b.name));
+            assert_close(
+                values(f.bn.as_ref().unwrap().running_mean.value()),
+                values(reference.bn.running_mean.value()),
+                &format!("{} {mode:?} running mean updated like BatchNorm", b.name),
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        d.seed(15);
+        let conv = Conv2dConfig::new([2, 4], [3, 3]).init(&d);
+        let f = fused(conv, random_bn(4, &d), Some(QuantSpec::int8_weight_per_channel_symmetric(0)), BnFoldMode::Approximate);
+        let x = Tensor::<4>::random([3, 2, 7, 7], Distribution::Normal(0.0, 1.0), &d);
+        // Gradients reach the float conv weight and gamma.
+        let grads = f.forward(x.clone()).sum().backward();
+        assert!(f.layer.weight.val().grad(&grads).is_some() && f.bn.as_ref().unwrap().gamma.val().grad(&grads).is_some(), "{}", b.name);
+        let eval = f.valid();
+        let xe = x.clone().inner();
+        let want = values(eval.forward(xe.clone()));
+        let folded = eval.clone().folded();
+        assert!(folded.bn.is_none() && folded.weight_quant.is_none());
+        assert_eq!(values(folded.forward(xe)), want, "{}: folded must equal the QAT model in eval", b.name);
+        // The folded weight is on the int8 grid of each output channel.
+        let w = folded.layer.weight.val();
+        let per = w.dims()[1] * 9;
+        let wv = values(w);
+        for ch in 0..4 {
+            let chunk = &wv[ch * per..(ch + 1) * per];
+            let m = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for v in chunk {
+                let q = v / (m / 127.0);
+                assert!((q - q.round()).abs() < 1e-3, "{}: {v} not on channel {ch}'s grid", b.name);
+            }
+        }
+        // freeze_bn_stats: running statistics stop moving, training uses them.
+        let f = f.set_bn_frozen(true);
+        let before = values(f.bn.as_ref().unwrap().running_var.value());
+        let y_train = values(f.forward(x.clone()));
+        assert_eq!(values(f.bn.as_ref().unwrap().running_var.value()), before, "{}", b.name);
+        assert_eq!(y_train, values(f.valid().forward(x.inner())), "{}: frozen training path = eval path", b.name);
+    }
+}
+
+#[test]
+fn fused_config_errors() {
+    let d = &backends()[0].device;
+    let conv = Conv2dConfig::new([2, 4], [3, 3]).init(d);
+    let err = FusedConfig::new()
+        .with_weight(Some(QuantSpec::int8_weight_per_channel_symmetric(1)))
+        .init(conv.clone(), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("`FusedConfig.weight.granularity` is PerChannel { axis: 1 }"), "{err}");
+    let err = FusedConfig::new().init(conv, Some(random_bn(3, d))).unwrap_err();
+    assert!(err.to_string().contains("BatchNorm has 3 channels but the tensor has 4"), "{err}");
+}
+
+#[derive(Module, Debug)]
+struct Tiny {
+    act: FakeQuant,
+    conv: FusedConv2d,
+}
+
+#[test]
+fn schedule_freezes_observers_and_bn_from_a_hand_loop_and_from_shared_self() {
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        let model = Tiny {
+            act: FakeQuantConfig::new(QuantSpec::default()).init(&d).unwrap(),
+            conv: FusedConfig::new().init(Conv2dConfig::new([1, 2], [3, 3]).init(&d), Some(BatchNormConfig::new(2).init(&d))).unwrap(),
+        };
+        let schedule = QatSchedule::new(Some(3), Some(2));
+        let x = Tensor::<4>::random([2, 1, 5, 5], Distribution::Normal(0.0, 1.0), &d);
+        let mut frozen_at = (None, None);
+        for step in 1..=4 {
+            // `&model` only, as in burn-train's `TrainStep::step(&self, ..)`.
+            let _ = model.conv.forward(model.act.forward(x.clone()));
+            schedule.step(&model);
+            if frozen_at.0.is_none() && model.act.is_frozen() {
+                frozen_at.0 = Some(step);
+            }
+            if frozen_at.1.is_none() && model.conv.is_bn_frozen() {
+                frozen_at.1 = Some(step);
+            }
+        }
+        assert_eq!(frozen_at, (Some(3), Some(2)), "{}", b.name);
+        assert_eq!(schedule.steps(), 4);
+        // The freeze is recorded and survives a save/load round trip.
+        let record = model.clone().into_record();
+        let fresh = Tiny {
+            act: FakeQuantConfig::new(QuantSpec::default()).init(&d).unwrap(),
+            conv: FusedConfig::new().init(Conv2dConfig::new([1, 2], [3, 3]).init(&d), Some(BatchNormConfig::new(2).init(&d))).unwrap(),
+        }
+        .load_record(record);
+        assert!(fresh.act.is_frozen() && fresh.conv.is_bn_frozen(), "{}", b.name);
+    }
+}
+
+// ------------------------------------------------------------------ real MNIST
+
+#[derive(Module, Debug)]
+struct MnistCnn {
+    input: FakeQuant,
+    conv: FusedConv2d,
+    pool: MaxPool2d,
+    fc: FusedLinear,
+}
+
+impl MnistCnn {
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self.pool.forward(self.conv.forward(self.input.forward(x)));
+        let [n, c, h, w] = x.dims();
+        self.fc.forward(x.reshape([n, c * h * w]))
+    }
+    fn folded(self) -> Self {
+        Self { input: self.input, conv: self.conv.folded(), pool: self.pool, fc: self.fc.folded() }
+    }
+}
+
+fn mnist_dir() -> Option<std::path::PathBuf> {
+    let candidates = [std::env::var_os("MNIST_DIR").map(Into::into), Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist"))];
+    candidates.into_iter().flatten().find(|d| d.join("t10k-labels-idx1-ubyte.gz").is_file() || d.join("t10k-labels-idx1-ubyte").is_file())
+}
+
+#[test]
+fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
+    let Some(dir) = mnist_dir() else {
+        skip("fused_qat_cnn_on_mnist_folds_to_the_same_predictions", "all", "real MNIST not found (set MNIST_DIR or provide ../shared/data/mnist)");
+        return;
+    };
+    let data = mnist::data::Mnist::load_dir(&dir).expect("MNIST");
+    let b = &backends()[0]; // training in a debug build: once, on the first backend
+    let d = b.device.clone().autodiff();
+    d.seed(5);
+    let model = MnistCnn {
+        input: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()).init(&d).unwrap(),
+        conv: FusedConfig::new()
+            .with_activation(Activation::Relu)
+            .init(Conv2dConfig::new([1, 8], [3, 3]).init(&d), Some(BatchNormConfig::new(8).init(&d)))
+            .unwrap(),
+        pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+        fc: FusedConfig::new()
+            .with_weight(Some(QuantSpec::int8_weight_per_channel_symmetric(1)))
+            .with_output(None)
+            .init(LinearConfig::new(8 * 13 * 13, 10).init(&d), None)
+            .unwrap(),
+    };
+    let schedule = QatSchedule::new(Some(80), Some(60));
+    let mut model = model;
+    let mut optim = AdamConfig::new().init();
+    let batch = 64;
+    for step in 0..100 {
+        let r = (step * batch) % 6000..(step * batch) % 6000 + batch;
+        let x = Tensor::<1>::from_floats(data.train.pixels(r.clone()).as_slice(), &d).reshape([batch, 1, 28, 28]);
+        let labels: Vec<i64> = data.train.labels[r].iter().map(|l| *l as i64).collect();
+        let y = Tensor::<1, Int>::from_ints(labels.as_slice(), &d);
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&d).forward(model.forward(x), y);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(2e-3, model, grads);
+        schedule.step(&model);
+    }
+    let qat = model.valid();
+    let folded = qat.clone().folded();
+    let (mut same, mut correct, n) = (0usize, 0usize, data.test.len());
+    for start in (0..n).step_by(1000) {
+        let x = Tensor::<1>::from_floats(data.test.pixels(start..start + 1000).as_slice(), &b.device).reshape([1000, 1, 28, 28]);
+        let p_qat: Vec<i64> = qat.forward(x.clone()).argmax(1).into_data().convert::<i64>().try_to_vec().unwrap();
+        let p_fold: Vec<i64> = folded.forward(x).argmax(1).into_data().convert::<i64>().try_to_vec().unwrap();
+        for i in 0..1000 {
+            same += usize::from(p_qat[i] == p_fold[i]);
+            correct += usize::from(p_qat[i] == data.test.labels[start + i] as i64);
+        }
+    }
+    let agree = same as f64 / n as f64;
+    let acc = correct as f64 / n as f64;
+    println!("{}: QAT test accuracy {:.2}%, folded agrees on {:.3}% of 10,000 test images", b.name, acc * 100.0, agree * 100.0);
+    assert!(agree >= 0.999, "folded and QAT predictions agree on only {:.3}%", agree * 100.0);
+    assert!(acc > 0.85, "the fused QAT CNN did not learn: {:.2}%", acc * 100.0);
+}
