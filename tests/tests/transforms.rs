@@ -330,3 +330,63 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     assert!(agree >= 0.999, "folded and QAT predictions agree on only {:.3}%", agree * 100.0);
     assert!(acc > 0.85, "the fused QAT CNN did not learn: {:.2}%", acc * 100.0);
 }
+
+#[test]
+fn sequential_discovers_and_fuses_conv_bn_relu_chains() {
+    use burn::nn::Relu;
+    use burn_qat::transform::{SeqLayer, Sequential};
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        d.seed(21);
+        let model = Sequential::new(vec![
+            SeqLayer::Conv2d(Conv2dConfig::new([1, 4], [3, 3]).init(&d)),
+            SeqLayer::BatchNorm(random_bn(4, &d)),
+            SeqLayer::Relu(Relu::new()),
+            SeqLayer::Conv2d(Conv2dConfig::new([4, 4], [3, 3]).with_bias(false).init(&d)),
+            SeqLayer::BatchNorm(random_bn(4, &d)),
+            SeqLayer::MaxPool2d(MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+            SeqLayer::Flatten(Default::default()),
+            SeqLayer::Linear(LinearConfig::new(4 * 3 * 3, 8).init(&d)),
+            SeqLayer::Relu(Relu::new()),
+            SeqLayer::Linear(LinearConfig::new(8, 3).init(&d)),
+        ]);
+        let x = Tensor::<4>::random([2, 1, 10, 10], Distribution::Normal(0.0, 1.0), &b.device);
+        let want = values(model.valid().forward(x.clone()));
+        // Float fusion (no fake-quant): the fused model computes the same function.
+        let float = FusedConfig::new().with_weight(None).with_output(None);
+        let fused = model.fuse(&float).unwrap();
+        assert_eq!(
+            fused.describe(),
+            vec!["FusedConv2d(BatchNorm, Relu)", "FusedConv2d(BatchNorm)", "MaxPool2d", "Flatten", "FusedLinear(Relu)", "FusedLinear"],
+            "{}",
+            b.name
+        );
+        let eval = fused.valid();
+        assert_close(values(eval.forward(x.clone())), want, &format!("{} fused sequential", b.name));
+        assert_eq!(values(eval.clone().folded().forward(x.clone())), values(eval.forward(x.clone())), "{}", b.name);
+    }
+}
+
+#[test]
+fn sequential_quantized_fusion_folds_bit_for_bit() {
+    use burn::nn::Relu;
+    use burn_qat::transform::{SeqLayer, Sequential};
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        d.seed(22);
+        let model = Sequential::new(vec![
+            SeqLayer::Conv2d(Conv2dConfig::new([1, 4], [3, 3]).init(&d)),
+            SeqLayer::BatchNorm(random_bn(4, &d)),
+            SeqLayer::Relu(Relu::new()),
+            SeqLayer::Flatten(Default::default()),
+            SeqLayer::Linear(LinearConfig::new(4 * 8 * 8, 3).init(&d)),
+        ])
+        .fuse(&FusedConfig::new())
+        .unwrap();
+        let x = Tensor::<4>::random([2, 1, 10, 10], Distribution::Normal(0.0, 1.0), &d);
+        let _ = model.forward(x.clone()); // training step: observers see data
+        let eval = model.valid();
+        let xe = x.inner();
+        assert_eq!(values(eval.clone().folded().forward(xe.clone())), values(eval.forward(xe)), "{}", b.name);
+    }
+}

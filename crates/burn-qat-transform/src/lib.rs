@@ -12,13 +12,17 @@
 //! - [`FusedAdd`]: residual `Add` + activation with one fake-quant after.
 //! - [`QatSchedule`]: freeze observers after N steps and BatchNorm statistics after M steps.
 //! - [`fuse_batch_norms`]: fold BatchNorms into their layers in place in any model, by path.
+//! - [`Sequential`]: a container whose layer order is data, with automatic discovery and fusion
+//!   of Conv/Linear -> BatchNorm -> ReLU chains.
 #![warn(missing_docs)]
 
 pub mod fold;
 mod fused;
 mod inplace;
 mod schedule;
+pub mod sequential;
 
 pub use fused::{Activation, BnFoldMode, Fusable, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d, FusedLinear};
 pub use inplace::fuse_batch_norms;
 pub use schedule::QatSchedule;
+pub use sequential::{Flatten, Flow, Relu6, SeqLayer, Sequential};

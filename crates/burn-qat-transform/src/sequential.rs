@@ -1,0 +1,265 @@
+//! A sequential container whose order of layers is data, so Conv -> BatchNorm -> ReLU chains can
+//! be discovered and fused automatically ([`Sequential::fuse`]).
+//!
+//! In an arbitrary Rust struct model the order of layers lives in the `forward` code, which no
+//! module visitor can see (the module tree lists fields, in declaration order, not in call
+//! order). There, name the pairs with [`fuse_batch_norms`](crate::fuse_batch_norms) or build
+//! [`Fused`](crate::Fused) layers directly.
+//!
+//! ```
+//! use burn::nn::conv::Conv2dConfig;
+//! use burn::nn::{BatchNormConfig, LinearConfig, Relu};
+//! use burn::prelude::*;
+//! use burn_qat_transform::{FusedConfig, Sequential, SeqLayer};
+//!
+//! let device = Device::flex().autodiff();
+//! let model = Sequential::new(vec![
+//!     SeqLayer::Conv2d(Conv2dConfig::new([1, 4], [3, 3]).init(&device)),
+//!     SeqLayer::BatchNorm(BatchNormConfig::new(4).init(&device)),
+//!     SeqLayer::Relu(Relu::new()),
+//!     SeqLayer::Flatten(Default::default()),
+//!     SeqLayer::Linear(LinearConfig::new(4 * 4 * 4, 10).init(&device)),
+//! ]);
+//! let fused = model.fuse(&FusedConfig::new()).unwrap();
+//! assert_eq!(fused.describe(), vec!["FusedConv2d(BatchNorm, Relu)", "Flatten", "FusedLinear"]);
+//! let y = fused.forward(Tensor::<4>::ones([2, 1, 6, 6], &device));
+//! assert_eq!(y.dims(), [2, 10]);
+//! ```
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::pool::{AvgPool2d, MaxPool2d};
+use burn::nn::{BatchNorm, Dropout, Linear, Relu};
+use burn::prelude::*;
+use burn_qat_core::{QatError, QuantSpec};
+use burn_qat_nn::FakeQuant;
+
+use crate::{Activation, FusedConfig, FusedConv2d, FusedLinear};
+
+/// Flattens `[batch, c, h, w]` to `[batch, c * h * w]`.
+#[derive(Module, Debug, Default)]
+pub struct Flatten;
+
+/// `min(max(x, 0), 6)`.
+#[derive(Module, Debug, Default)]
+pub struct Relu6;
+
+/// One layer of a [`Sequential`].
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum SeqLayer {
+    /// 2-D convolution.
+    Conv2d(Conv2d),
+    /// Batch normalization.
+    BatchNorm(BatchNorm),
+    /// ReLU.
+    Relu(Relu),
+    /// ReLU6.
+    Relu6(Relu6),
+    /// Max pooling.
+    MaxPool2d(MaxPool2d),
+    /// Average pooling.
+    AvgPool2d(AvgPool2d),
+    /// Dropout.
+    Dropout(Dropout),
+    /// Flatten to `[batch, features]`.
+    Flatten(Flatten),
+    /// Fully connected layer.
+    Linear(Linear),
+    /// A fake-quant point (e.g. the model input).
+    FakeQuant(FakeQuant),
+    /// Fused Conv2d (+ BatchNorm) (+ activation).
+    FusedConv2d(FusedConv2d),
+    /// Fused Linear (+ BatchNorm) (+ activation).
+    FusedLinear(FusedLinear),
+}
+
+/// The activations flowing through a [`Sequential`]: images or features.
+#[derive(Clone, Debug)]
+pub enum Flow {
+    /// `[batch, channels, height, width]`.
+    Images(Tensor<4>),
+    /// `[batch, features]`.
+    Features(Tensor<2>),
+}
+
+impl Flow {
+    fn images(self, layer: &str) -> Tensor<4> {
+        match self {
+            Flow::Images(x) => x,
+            Flow::Features(x) => panic!("{layer} needs [batch, channels, height, width] input, got features {:?}", x.dims()),
+        }
+    }
+    fn features(self, layer: &str) -> Tensor<2> {
+        match self {
+            Flow::Features(x) => x,
+            Flow::Images(x) => panic!("{layer} needs [batch, features] input, got images {:?}: add a Flatten", x.dims()),
+        }
+    }
+}
+
+impl SeqLayer {
+    fn forward(&self, x: Flow) -> Flow {
+        use burn::tensor::activation::{relu, relu6};
+        match (self, x) {
+            (SeqLayer::Conv2d(m), x) => Flow::Images(m.forward(x.images("Conv2d"))),
+            (SeqLayer::BatchNorm(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
+            (SeqLayer::BatchNorm(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
+            (SeqLayer::Relu(_), Flow::Images(x)) => Flow::Images(relu(x)),
+            (SeqLayer::Relu(_), Flow::Features(x)) => Flow::Features(relu(x)),
+            (SeqLayer::Relu6(_), Flow::Images(x)) => Flow::Images(relu6(x)),
+            (SeqLayer::Relu6(_), Flow::Features(x)) => Flow::Features(relu6(x)),
+            (SeqLayer::MaxPool2d(m), x) => Flow::Images(m.forward(x.images("MaxPool2d"))),
+            (SeqLayer::AvgPool2d(m), x) => Flow::Images(m.forward(x.images("AvgPool2d"))),
+            (SeqLayer::Dropout(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
+            (SeqLayer::Dropout(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
+            (SeqLayer::Flatten(_), Flow::Images(x)) => {
+                let [n, c, h, w] = x.dims();
+                Flow::Features(x.reshape([n, c * h * w]))
+            }
+            (SeqLayer::Flatten(_), f) => f,
+            (SeqLayer::Linear(m), x) => Flow::Features(m.forward(x.features("Linear"))),
+            (SeqLayer::FakeQuant(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
+            (SeqLayer::FakeQuant(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
+            (SeqLayer::FusedConv2d(m), x) => Flow::Images(m.forward(x.images("FusedConv2d"))),
+            (SeqLayer::FusedLinear(m), x) => Flow::Features(m.forward(x.features("FusedLinear"))),
+        }
+    }
+
+    fn name(&self) -> String {
+        let fused = |bn: bool, act: Activation| {
+            let mut parts = vec![];
+            if bn {
+                parts.push("BatchNorm".to_string());
+            }
+            if act != Activation::Identity {
+                parts.push(format!("{act:?}"));
+            }
+            if parts.is_empty() { String::new() } else { format!("({})", parts.join(", ")) }
+        };
+        match self {
+            SeqLayer::Conv2d(_) => "Conv2d".into(),
+            SeqLayer::BatchNorm(_) => "BatchNorm".into(),
+            SeqLayer::Relu(_) => "Relu".into(),
+            SeqLayer::Relu6(_) => "Relu6".into(),
+            SeqLayer::MaxPool2d(_) => "MaxPool2d".into(),
+            SeqLayer::AvgPool2d(_) => "AvgPool2d".into(),
+            SeqLayer::Dropout(_) => "Dropout".into(),
+            SeqLayer::Flatten(_) => "Flatten".into(),
+            SeqLayer::Linear(_) => "Linear".into(),
+            SeqLayer::FakeQuant(_) => "FakeQuant".into(),
+            SeqLayer::FusedConv2d(m) => format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation)),
+            SeqLayer::FusedLinear(m) => format!("FusedLinear{}", fused(m.bn.is_some(), m.activation)),
+        }
+    }
+}
+
+/// Layers applied in order.
+#[derive(Module, Debug)]
+pub struct Sequential {
+    /// The layers.
+    pub layers: Vec<SeqLayer>,
+}
+
+impl Sequential {
+    /// A sequential model of `layers`.
+    pub fn new(layers: Vec<SeqLayer>) -> Self {
+        Self { layers }
+    }
+
+    /// Runs the layers in order on images.
+    ///
+    /// # Shapes
+    ///
+    /// - input: `[batch, channels, height, width]`
+    /// - output: `[batch, features]` (the model must end in features)
+    ///
+    /// # Panics
+    ///
+    /// If a layer gets the wrong kind of input (a `Linear` before a `Flatten`, ...).
+    pub fn forward(&self, input: Tensor<4>) -> Tensor<2> {
+        self.forward_flow(Flow::Images(input)).features("the model output")
+    }
+
+    /// Runs the layers in order on any [`Flow`].
+    pub fn forward_flow(&self, input: Flow) -> Flow {
+        self.layers.iter().fold(input, |x, layer| layer.forward(x))
+    }
+
+    /// The layer names, fused ones with what they contain.
+    pub fn describe(&self) -> Vec<String> {
+        self.layers.iter().map(SeqLayer::name).collect()
+    }
+
+    /// Discovers every `Conv2d -> [BatchNorm] -> [Relu | Relu6]` and
+    /// `Linear -> [BatchNorm] -> [Relu | Relu6]` chain and replaces it by one fused QAT layer
+    /// (weights quantized per output channel, BatchNorm folded, activation fused, `config.output`
+    /// after the activation). Existing trained weights and statistics are kept.
+    ///
+    /// `config.weight`'s per-channel axis is set per layer (0 for Conv2d, 1 for Linear). The last
+    /// layer of the model gets no output fake-quant (its logits stay float, as in TFLite).
+    pub fn fuse(self, config: &FusedConfig) -> Result<Self, QatError> {
+        let mut out: Vec<SeqLayer> = Vec::new();
+        let mut iter = self.layers.into_iter().peekable();
+        while let Some(layer) = iter.next() {
+            let (conv, linear) = match layer {
+                SeqLayer::Conv2d(c) => (Some(c), None),
+                SeqLayer::Linear(l) => (None, Some(l)),
+                other => {
+                    out.push(other);
+                    continue;
+                }
+            };
+            let bn = match iter.peek() {
+                Some(SeqLayer::BatchNorm(_)) => match iter.next() {
+                    Some(SeqLayer::BatchNorm(bn)) => Some(bn),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let activation = match iter.peek() {
+                Some(SeqLayer::Relu(_)) => {
+                    iter.next();
+                    Activation::Relu
+                }
+                Some(SeqLayer::Relu6(_)) => {
+                    iter.next();
+                    Activation::Relu6
+                }
+                _ => Activation::Identity,
+            };
+            let last = iter.peek().is_none();
+            let with_axis = |axis: usize| {
+                let mut c = config.clone().with_activation(activation);
+                c.weight = c.weight.map(|s: QuantSpec| match s.axis() {
+                    Some(_) => s.with_granularity(burn_qat_core::Granularity::PerChannel { axis }),
+                    None => s,
+                });
+                if last {
+                    c.output = None;
+                }
+                c
+            };
+            match (conv, linear) {
+                (Some(conv), _) => out.push(SeqLayer::FusedConv2d(with_axis(0).init(conv, bn)?)),
+                (_, Some(linear)) => out.push(SeqLayer::FusedLinear(with_axis(1).init(linear, bn)?)),
+                _ => unreachable!(),
+            }
+        }
+        Ok(Self { layers: out })
+    }
+
+    /// The inference form: every fused layer [folded](crate::Fused::folded).
+    pub fn folded(self) -> Self {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|l| match l {
+                SeqLayer::FusedConv2d(m) => SeqLayer::FusedConv2d(m.folded()),
+                SeqLayer::FusedLinear(m) => SeqLayer::FusedLinear(m.folded()),
+                other => other,
+            })
+            .collect();
+        Self { layers }
+    }
+}
