@@ -16,6 +16,17 @@ use thiserror::Error;
 pub const FILES: [&str; 4] =
     ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
 
+/// SHA-256 of the uncompressed files (identical to the original distribution's bytes).
+pub const SHA256: [&str; 4] = [
+    "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+];
+
+/// The public mirror the files are downloaded from (the CVDF mirror that TensorFlow and Burn use).
+pub const MIRROR: &str = "https://storage.googleapis.com/cvdf-datasets/mnist/";
+
 /// Image side in pixels.
 pub const SIDE: usize = 28;
 
@@ -39,6 +50,17 @@ pub enum DataError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A download failed or gave other bytes than MNIST's.
+    #[error(
+        "could not download MNIST ({reason}). Offline? Put the four files {FILES:?} (raw or .gz) in {dir} \
+         (or any directory given by --data-dir or MNIST_DIR)"
+    )]
+    Download {
+        /// Where the files were to go.
+        dir: PathBuf,
+        /// What went wrong.
+        reason: String,
     },
     /// The file is not a valid IDX file of the expected kind.
     #[error("{path} is not a valid MNIST {what} file: {reason}")]
@@ -130,6 +152,19 @@ impl Mnist {
         Err(DataError::NotFound { searched })
     }
 
+    /// Like [`load`](Self::load), but when no directory has the files, downloads them from
+    /// [`MIRROR`] into [`cache_dir`], verifying their SHA-256, then loads them.
+    pub fn load_or_download(explicit: Option<&Path>) -> Result<Mnist, DataError> {
+        match Self::load(explicit) {
+            Err(DataError::NotFound { .. }) => {
+                let dir = cache_dir();
+                download(&dir)?;
+                Self::load_dir(&dir)
+            }
+            other => other,
+        }
+    }
+
     /// Loads the four files from `dir`.
     pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
         let path = |name: &str| file_in(dir, name).ok_or_else(|| DataError::NotFound { searched: vec![dir.to_path_buf()] });
@@ -153,6 +188,43 @@ impl Mnist {
         }
         Ok(Mnist { train, test, dir: dir.to_path_buf() })
     }
+}
+
+/// Downloads the four files into `dir` (as raw IDX), verifying each file's SHA-256 before it is
+/// written; a failure leaves no partial file behind.
+pub fn download(dir: &Path) -> Result<(), DataError> {
+    use sha2::Digest;
+    let fail = |reason: String| DataError::Download { dir: dir.to_path_buf(), reason };
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+    for (name, sha) in FILES.iter().zip(SHA256) {
+        let target = dir.join(name);
+        if target.is_file() {
+            continue;
+        }
+        let url = format!("{MIRROR}{name}.gz");
+        eprintln!("downloading {url}");
+        let response = ureq::get(&url).call().map_err(|e| fail(format!("{url}: {e}")))?;
+        let mut gz = Vec::new();
+        response
+            .into_body()
+            .into_reader()
+            .take(20_000_000)
+            .read_to_end(&mut gz)
+            .map_err(|e| fail(format!("{url}: {e}")))?;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .take(16 + MAX_IMAGES * (SIDE * SIDE) as u64)
+            .read_to_end(&mut raw)
+            .map_err(|e| fail(format!("{url}: not gzip: {e}")))?;
+        let got = format!("{:x}", sha2::Sha256::digest(&raw));
+        if got != sha {
+            return Err(fail(format!("{url}: SHA-256 {got}, expected {sha}")));
+        }
+        let tmp = dir.join(format!("{name}.part"));
+        std::fs::write(&tmp, &raw).map_err(|e| fail(format!("writing {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &target).map_err(|e| fail(format!("writing {}: {e}", target.display())))?;
+    }
+    Ok(())
 }
 
 /// Reads a whole file, gunzipping `.gz`, refusing more than `limit` bytes of content.

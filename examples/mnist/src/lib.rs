@@ -3,3 +3,132 @@
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod model;
+pub mod report;
+pub mod training;
+
+use std::path::Path;
+
+use burn::module::Module;
+
+use crate::data::Mnist;
+use crate::model::{ModelKind, prepare_qat};
+use crate::report::Report;
+use crate::training::{adam, evaluate, float_size_bytes, train_epoch};
+
+/// A run's settings.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The model.
+    pub model: ModelKind,
+    /// Backend name (`flex`, `ndarray`, `wgpu`).
+    pub device: String,
+    /// Seed of initialization and shuffling.
+    pub seed: u64,
+    /// Float epochs.
+    pub epochs_float: usize,
+    /// QAT epochs.
+    pub epochs_qat: usize,
+    /// Batch size.
+    pub batch_size: usize,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Use at most this many training images.
+    pub train_limit: Option<usize>,
+    /// Use at most this many test images.
+    pub test_limit: Option<usize>,
+    /// Weight bits (8 for W8A8).
+    pub weight_bits: u32,
+    /// Activation bits.
+    pub activation_bits: u32,
+}
+
+/// Trains the float model, prepares and fine-tunes it with QAT, evaluates, and returns the report.
+pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Report, Box<dyn std::error::Error>> {
+    let device = burn_qat::backend::device(&config.device)?.autodiff();
+    device.seed(config.seed);
+    let train = match config.train_limit {
+        Some(n) => data.train.take(n),
+        None => data.train.clone(),
+    };
+    let test = match config.test_limit {
+        Some(n) => data.test.take(n),
+        None => data.test.clone(),
+    };
+    let eval_device = device.clone().inner();
+
+    let mut model = config.model.init(&device);
+    let mut optim = adam();
+    let mut float_speed = 0.0;
+    for epoch in 0..config.epochs_float {
+        let (m, stats) = train_epoch(model, &mut optim, &train, config.batch_size, config.learning_rate, config.seed + epoch as u64, &device, &format!("float {}/{}", epoch + 1, config.epochs_float));
+        model = m;
+        float_speed = stats.images_per_s;
+        println!("float epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s", epoch + 1, stats.loss, stats.accuracy * 100.0, stats.images_per_s);
+    }
+    let float_acc = evaluate(&model.valid(), &test, &eval_device);
+    println!("float test accuracy {:.2}%", float_acc * 100.0);
+    let float_bytes = float_size_bytes(&model);
+
+    let mut qat = prepare_qat(model, config.weight_bits, config.activation_bits, &device)?;
+    println!("QAT model: {}", qat.describe().join(" -> "));
+    let mut optim = adam();
+    let mut qat_speed = 0.0;
+    for epoch in 0..config.epochs_qat {
+        let (m, stats) = train_epoch(qat, &mut optim, &train, config.batch_size, config.learning_rate, config.seed + 1000 + epoch as u64, &device, &format!("QAT {}/{}", epoch + 1, config.epochs_qat));
+        qat = m;
+        qat_speed = stats.images_per_s;
+        println!("QAT epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s", epoch + 1, stats.loss, stats.accuracy * 100.0, stats.images_per_s);
+    }
+    let qat_eval = qat.valid();
+    let qat_acc = evaluate(&qat_eval, &test, &eval_device);
+    let folded = qat_eval.folded();
+    let folded_acc = evaluate(&folded, &test, &eval_device);
+
+    let report = Report {
+        dataset: if config.train_limit.is_some() || config.test_limit.is_some() { "mnist (subset)".into() } else { "mnist".into() },
+        model: config.model,
+        device: config.device.clone(),
+        seed: config.seed,
+        epochs_float: config.epochs_float,
+        epochs_qat: config.epochs_qat,
+        batch_size: config.batch_size,
+        learning_rate: config.learning_rate,
+        train_images: train.len(),
+        test_images: test.len(),
+        weight_bits: config.weight_bits,
+        activation_bits: config.activation_bits,
+        float_test_acc: float_acc,
+        qat_test_acc: qat_acc,
+        folded_test_acc: folded_acc,
+        int8_test_acc: None,
+        float_size_bytes: float_bytes,
+        int8_size_bytes: None,
+        train_images_per_s_float: float_speed,
+        train_images_per_s_qat: qat_speed,
+        tfmot_qat_test_acc: config.model.tfmot_qat_accuracy(),
+    };
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join("report.json.part");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
+        std::fs::rename(&tmp, dir.join("report.json"))?;
+    }
+    Ok(report)
+}
+
+/// The final table.
+pub fn table(r: &Report) -> String {
+    let pct = |v: f64| format!("{:.2}%", v * 100.0);
+    let opt = |v: Option<f64>| v.map_or("n/a (no integer model yet)".to_string(), pct);
+    let mut s = String::new();
+    s += &format!("{:<34} {}\n", "model / device / seed", format!("{:?} / {} / {}", r.model, r.device, r.seed));
+    s += &format!("{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n", "schedule", r.epochs_float, r.epochs_qat, r.batch_size, r.train_images, r.test_images);
+    s += &format!("{:<34} {}\n", "float test accuracy", pct(r.float_test_acc));
+    s += &format!("{:<34} {}  (W{}A{}; tfmot: {})\n", "QAT test accuracy", pct(r.qat_test_acc), r.weight_bits, r.activation_bits, pct(r.tfmot_qat_test_acc));
+    s += &format!("{:<34} {}\n", "folded QAT model test accuracy", pct(r.folded_test_acc));
+    s += &format!("{:<34} {}\n", "int8 test accuracy", opt(r.int8_test_acc));
+    s += &format!("{:<34} {} bytes\n", "float model size", r.float_size_bytes);
+    s += &format!("{:<34} {:.0} float, {:.0} QAT ({:.2}x)\n", "training images/s", r.train_images_per_s_float, r.train_images_per_s_qat, r.train_images_per_s_float / r.train_images_per_s_qat.max(1e-9));
+    s
+}
