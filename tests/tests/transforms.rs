@@ -390,3 +390,39 @@ fn sequential_quantized_fusion_folds_bit_for_bit() {
         assert_eq!(values(eval.clone().folded().forward(xe.clone())), values(eval.forward(xe)), "{}", b.name);
     }
 }
+
+#[test]
+fn fused_conv1d_and_linear_with_bn_train_like_the_pair_and_fold_bit_for_bit() {
+    use burn_qat::transform::{FusedConv1d, FusedAdd};
+    for b in backends() {
+        let d = b.device.clone().autodiff();
+        d.seed(31);
+        // Conv1d + BN + ReLU6.
+        let conv: Conv1d = Conv1dConfig::new(2, 3, 3).init(&d);
+        let bn = random_bn(3, &d);
+        let pair_bn = BatchNorm { running_mean: RunningState::new(bn.running_mean.value()), running_var: RunningState::new(bn.running_var.value()), ..bn.clone() };
+        let f: FusedConv1d = FusedConfig::new().with_weight(None).with_output(None).with_activation(Activation::Relu6).init(conv.clone(), Some(bn)).unwrap();
+        let x = Tensor::<3>::random([4, 2, 9], Distribution::Normal(0.0, 2.0), &d);
+        let want = values(burn::tensor::activation::relu6(pair_bn.forward(conv.forward(x.clone()))));
+        assert_close(values(f.forward(x.clone())), want, &format!("{} fused conv1d training", b.name));
+        let eval = f.valid();
+        assert_eq!(values(eval.clone().folded().forward(x.clone().inner())), values(eval.forward(x.inner())), "{}", b.name);
+        // Linear + BatchNorm1d, exact mode.
+        let lin: Linear = LinearConfig::new(5, 3).init(&d);
+        let bn = random_bn(3, &d);
+        let pair_bn = BatchNorm { running_mean: RunningState::new(bn.running_mean.value()), running_var: RunningState::new(bn.running_var.value()), ..bn.clone() };
+        let f: FusedLinear = FusedConfig::new().with_weight(None).with_output(None).with_mode(BnFoldMode::Exact).init(lin.clone(), Some(bn)).unwrap();
+        let x = Tensor::<2>::random([6, 5], Distribution::Normal(0.0, 1.0), &d);
+        let want = values(pair_bn.forward(lin.forward(x.clone())));
+        assert_close(values(f.forward(x.clone())), want, &format!("{} fused linear exact training", b.name));
+        // Add + ReLU with one fake-quant after the ReLU.
+        let add = FusedAdd::new(Activation::Relu, Some(FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()).init(&d).unwrap()));
+        let a = Tensor::<1>::from_floats([1.0, -2.0, 0.5], &d);
+        let c = Tensor::<1>::from_floats([0.5, 1.0, -1.0], &d);
+        let y = values(add.forward(a, c));
+        assert_eq!(y[1], 0.0, "{}", b.name);
+        assert_eq!(y[2], 0.0, "{}", b.name);
+        assert!((y[0] - 1.5).abs() < 1.5 / 255.0, "{}: {y:?}", b.name);
+        assert_eq!(add.output.as_ref().unwrap().observed_range(), Some((vec![0.0], vec![1.5])), "{}: observed after the ReLU", b.name);
+    }
+}
