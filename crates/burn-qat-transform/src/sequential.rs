@@ -126,7 +126,8 @@ impl SeqLayer {
         }
     }
 
-    fn name(&self) -> String {
+    /// The layer's kind, fused ones with what they contain (`FusedConv2d(BatchNorm, Relu)`).
+    pub fn name(&self) -> String {
         let fused = |bn: bool, act: Activation| {
             let mut parts = vec![];
             if bn {

@@ -11,6 +11,7 @@
 //! | `burn-qat-core` ([`core`]) | specs, quantization parameters, scalar reference, tensor fake-quant + STE | burn |
 //! | `burn-qat-nn` ([`nn`]) | `FakeQuant` + observers, weight fake-quant reparameterization, switches | core |
 //! | `burn-qat-transform` ([`transform`]) | BatchNorm folding, fused Conv/Linear+BN+activation, schedules | nn, core |
+//! | `burn-qat-export` ([`export`]) | integer model: int8 weights, int32 bias, fixed-point requantization, int8 GEMM | transform, nn, core |
 //! | `burn-qat` (this crate) | the public API: whole-model QAT ([`model`]), backend selection ([`backend`]) | transform, nn, core |
 //!
 //! ```
@@ -41,6 +42,8 @@ pub use burn_qat_nn as nn;
 /// Model transforms: BatchNorm folding, activation fusion, schedules (re-export of
 /// `burn-qat-transform`).
 pub use burn_qat_transform as transform;
+/// Integer conversion: int8 model with integer arithmetic (re-export of `burn-qat-export`).
+pub use burn_qat_export as export;
 
 pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
 pub use burn_qat_nn::{

@@ -1,0 +1,267 @@
+//! Conversion of a trained QAT [`Sequential`] into an [`IntegerModel`].
+
+use burn::nn::PaddingConfig2d;
+use burn_qat_core::{QParams, QuantSpec, reference};
+use burn_qat_nn::FakeQuant;
+use burn_qat_transform::{Activation, Fusable, Fused, SeqLayer, Sequential, fold};
+use thiserror::Error;
+
+use crate::model::{ActQ, IntConv2d, IntLayer, IntLinear, IntegerModel, Output};
+use crate::requant::FixedMultiplier;
+
+/// Why a model cannot become an integer model; each names the module path.
+#[derive(Debug, Error, PartialEq)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// A layer kind with no integer implementation.
+    #[error("`{path}` ({kind}) cannot be converted to integers: {hint}")]
+    Unsupported {
+        /// Module path, e.g. `layers.3`.
+        path: String,
+        /// The layer kind.
+        kind: String,
+        /// What to do.
+        hint: String,
+    },
+    /// A value that the integer format cannot represent.
+    #[error("`{path}`: {what}")]
+    NotRepresentable {
+        /// Module path.
+        path: String,
+        /// What overflowed.
+        what: String,
+    },
+}
+
+fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
+    let spec = fq.spec;
+    if spec.axis().is_some() {
+        return Err(ExportError::Unsupported { path: path.into(), kind: "per-channel FakeQuant".into(), hint: "activations must be quantized per tensor".into() });
+    }
+    if spec.bits > 8 {
+        return Err(ExportError::Unsupported { path: path.into(), kind: format!("{}-bit FakeQuant", spec.bits), hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits".into() });
+    }
+    let qp = fq.qparams().ok_or_else(|| ExportError::Unsupported {
+        path: path.into(),
+        kind: "FakeQuant".into(),
+        hint: "its observer has seen no data: train (or calibrate) before converting".into(),
+    })?[0];
+    // Shift unsigned grids into i8 containers: q - 128 with zero point - 128.
+    let shift = if spec.signed { 0 } else { 128 };
+    Ok(ActQ { scale: qp.scale, zero_point: qp.zero_point - shift, qmin: spec.qmin() - shift, qmax: spec.qmax() - shift })
+}
+
+struct Affine {
+    weight: Vec<i8>,
+    weight_scale: Vec<f32>,
+    bias: Vec<i32>,
+}
+
+/// Folded, quantized weights (output channel along `axis`) and int32 bias with scale `s_in * s_w`.
+fn quantize_affine<L, const DI: usize, const DW: usize>(f: &Fused<L>, input: &ActQ, path: &str) -> Result<(Affine, Vec<usize>), ExportError>
+where
+    L: Fusable<DI, DW>,
+{
+    let Some(wq) = &f.weight_quant else {
+        return Err(ExportError::Unsupported { path: path.into(), kind: "Fused layer with float weights".into(), hint: "give it a weight spec (FusedConfig::with_weight)".into() });
+    };
+    let spec: QuantSpec = wq.spec;
+    if spec.bits > 8 || !spec.symmetric || !spec.signed {
+        return Err(ExportError::Unsupported { path: path.into(), kind: format!("{}-bit weights (symmetric: {}, signed: {})", spec.bits, spec.symmetric, spec.signed), hint: "the integer model takes signed symmetric weights of at most 8 bits".into() });
+    }
+    let (w, b) = match &f.bn {
+        Some(bn) => {
+            let (w, b) = fold::fold_params(f.layer.weight(), f.layer.bias(), bn, L::WEIGHT_AXIS);
+            (w, Some(b))
+        }
+        None => (f.layer.weight(), f.layer.bias()),
+    };
+    let dims = w.dims().to_vec();
+    let qps: Vec<QParams> = wq.qparams_for(w.clone());
+    let values = w.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let channels = dims[L::WEIGHT_AXIS];
+    let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
+    let channel_of = |i: usize| if qps.len() == 1 { 0 } else { (i / after) % channels };
+    let weight: Vec<i8> = values.iter().enumerate().map(|(i, v)| reference::quantize(*v, qps[channel_of(i)], &spec) as i8).collect();
+    let weight_scale: Vec<f32> = (0..channels).map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale).collect();
+    let bias_f: Vec<f32> = match b {
+        Some(b) => b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(),
+        None => vec![0.0; channels],
+    };
+    let mut bias = Vec::with_capacity(channels);
+    for c in 0..channels {
+        let s = input.scale as f64 * weight_scale[c] as f64;
+        let q = (bias_f[c] as f64 / s).round_ties_even();
+        if !q.is_finite() || q.abs() > i32::MAX as f64 {
+            return Err(ExportError::NotRepresentable {
+                path: path.into(),
+                what: format!("bias {} of channel {c} is {q:.3e} in units of s_in * s_w = {s:.3e}: it overflows int32", bias_f[c]),
+            });
+        }
+        bias.push(q as i32);
+    }
+    Ok((Affine { weight, weight_scale, bias }, dims))
+}
+
+fn output(f_output: Option<&FakeQuant>, activation: Activation, input: &ActQ, weight_scale: &[f32], path: &str) -> Result<Output, ExportError> {
+    match f_output {
+        Some(fq) => {
+            let act = act_of(fq, &format!("{path}.output"))?;
+            let q = |v: f32| reference::quantize(v, act.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
+            let (lo, hi) = match activation {
+                Activation::Identity => (act.qmin, act.qmax),
+                Activation::Relu => (act.zero_point.max(act.qmin), act.qmax),
+                Activation::Relu6 => (act.zero_point.max(act.qmin), q(6.0).min(act.qmax)),
+                Activation::Clamp { min, max } => (q(min).max(act.qmin), q(max).min(act.qmax)),
+            };
+            let requant = weight_scale.iter().map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64)).collect();
+            Ok(Output::Quantized { act, requant, lo, hi })
+        }
+        None => {
+            let (lo, hi) = match activation {
+                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                Activation::Relu => (0.0, f32::INFINITY),
+                Activation::Relu6 => (0.0, 6.0),
+                Activation::Clamp { min, max } => (min, max),
+            };
+            Ok(Output::Float { scale: weight_scale.iter().map(|sw| input.scale * sw).collect(), lo, hi })
+        }
+    }
+}
+
+/// Converts a trained QAT model (a [`Sequential`] fused with `Sequential::fuse`, starting with a
+/// `FakeQuant` of its input) for inputs of shape `input_shape` (`[c, h, w]`, no batch).
+///
+/// Supported: `FakeQuant` (first layer), `FusedConv2d` and `FusedLinear` (with or without
+/// BatchNorm, any fused activation; int8 per-channel symmetric weights), `MaxPool2d`,
+/// `Flatten`, `Relu`/`Relu6` on quantized values, `Dropout` (identity). Anything else is an
+/// error naming its path.
+pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel, ExportError> {
+    let mut layers = Vec::new();
+    let mut current: Option<ActQ> = None;
+    let mut shape: Vec<usize> = input_shape.to_vec();
+    let last = model.layers.len().saturating_sub(1);
+    for (i, layer) in model.layers.iter().enumerate() {
+        let path = format!("layers.{i}");
+        let need_input = |kind: &str| {
+            current.ok_or_else(|| ExportError::Unsupported {
+                path: path.clone(),
+                kind: kind.into(),
+                hint: "its input is not quantized: start the model with a FakeQuant of its input".into(),
+            })
+        };
+        match layer {
+            SeqLayer::FakeQuant(fq) if current.is_none() => {
+                let q = act_of(fq, &path)?;
+                layers.push(IntLayer::Quantize(q));
+                current = Some(q);
+            }
+            SeqLayer::FakeQuant(_) => {
+                return Err(ExportError::Unsupported { path, kind: "FakeQuant".into(), hint: "a FakeQuant between layers (requantization) is not supported; quantize outputs through the fused layers".into() });
+            }
+            SeqLayer::FusedConv2d(f) => {
+                let input = need_input("FusedConv2d")?;
+                let conv = &f.layer;
+                let padding = match conv.padding {
+                    PaddingConfig2d::Valid => [0; 4],
+                    PaddingConfig2d::Explicit(top, left, bottom, right) => [top, bottom, left, right],
+                    PaddingConfig2d::Same => {
+                        return Err(ExportError::Unsupported { path, kind: "Conv2d with Same padding".into(), hint: "use PaddingConfig2d::Explicit".into() });
+                    }
+                };
+                let (affine, dims) = quantize_affine(f, &input, &path)?;
+                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                let c = IntConv2d {
+                    in_channels: dims[1] * conv.groups,
+                    out_channels: dims[0],
+                    groups: conv.groups,
+                    kernel: [dims[2], dims[3]],
+                    stride: conv.stride,
+                    dilation: conv.dilation,
+                    padding,
+                    weight: affine.weight,
+                    weight_scale: affine.weight_scale,
+                    bias: affine.bias,
+                    input,
+                    output: out.clone(),
+                };
+                if shape.len() != 3 || shape[0] != c.in_channels {
+                    return Err(ExportError::Unsupported { path, kind: "FusedConv2d".into(), hint: format!("its input has shape {shape:?}, expected [{}, h, w]", c.in_channels) });
+                }
+                let oh = (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1) / c.stride[0] + 1;
+                let ow = (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1) / c.stride[1] + 1;
+                shape = vec![c.out_channels, oh, ow];
+                current = match &out {
+                    Output::Quantized { act, .. } => Some(*act),
+                    Output::Float { .. } if i == last => None,
+                    Output::Float { .. } => {
+                        return Err(ExportError::Unsupported { path, kind: "FusedConv2d without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                    }
+                };
+                layers.push(IntLayer::Conv2d(c));
+            }
+            SeqLayer::FusedLinear(f) => {
+                let input = need_input("FusedLinear")?;
+                let (affine, dims) = quantize_affine(f, &input, &path)?;
+                if shape.len() != 1 || shape[0] != dims[0] {
+                    return Err(ExportError::Unsupported { path, kind: "FusedLinear".into(), hint: format!("its input has shape {shape:?}, expected [{}] (add a Flatten)", dims[0]) });
+                }
+                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                current = match &out {
+                    Output::Quantized { act, .. } => Some(*act),
+                    Output::Float { .. } if i == last => None,
+                    Output::Float { .. } => {
+                        return Err(ExportError::Unsupported { path, kind: "FusedLinear without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                    }
+                };
+                shape = vec![dims[1]];
+                layers.push(IntLayer::Linear(IntLinear {
+                    in_features: dims[0],
+                    out_features: dims[1],
+                    weight: affine.weight,
+                    weight_scale: affine.weight_scale,
+                    bias: affine.bias,
+                    input,
+                    output: out,
+                }));
+            }
+            SeqLayer::MaxPool2d(p) => {
+                need_input("MaxPool2d")?;
+                if !matches!(p.padding, PaddingConfig2d::Valid) || p.dilation != [1, 1] || p.ceil_mode {
+                    return Err(ExportError::Unsupported { path, kind: "MaxPool2d with padding, dilation or ceil mode".into(), hint: "use valid padding, dilation 1".into() });
+                }
+                if shape.len() != 3 {
+                    return Err(ExportError::Unsupported { path, kind: "MaxPool2d".into(), hint: format!("input shape {shape:?} is not [c, h, w]") });
+                }
+                shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
+                layers.push(IntLayer::MaxPool2d { kernel: p.kernel_size, stride: p.stride });
+            }
+            SeqLayer::Flatten(_) => {
+                shape = vec![shape.iter().product()];
+                layers.push(IntLayer::Flatten);
+            }
+            SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
+                let q = need_input("Relu")?;
+                let six = reference::quantize(6.0, q.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
+                let hi = if matches!(layer, SeqLayer::Relu6(_)) { six.min(q.qmax) } else { q.qmax };
+                layers.push(IntLayer::Clamp { lo: q.zero_point.max(q.qmin), hi });
+            }
+            SeqLayer::Dropout(_) => {}
+            other => {
+                let kind = match other {
+                    SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => "an unfused layer",
+                    _ => "a layer without an integer kernel",
+                };
+                return Err(ExportError::Unsupported {
+                    path,
+                    kind: other.name(),
+                    hint: format!("{kind}: fuse the model (Sequential::fuse) before QAT and conversion"),
+                });
+            }
+        }
+    }
+    if layers.first().is_none_or(|l| !matches!(l, IntLayer::Quantize(_))) {
+        return Err(ExportError::Unsupported { path: "layers.0".into(), kind: "model input".into(), hint: "start the model with a FakeQuant of its input".into() });
+    }
+    Ok(IntegerModel { input_shape: input_shape.to_vec(), layers })
+}

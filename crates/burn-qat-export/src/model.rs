@@ -1,0 +1,266 @@
+//! The integer model: int8 weights, int32 biases, 8-bit activations, fixed-point requantization.
+
+use burn_qat_core::{QParams, reference};
+
+use crate::kernels;
+use crate::requant::FixedMultiplier;
+
+/// Quantization of an activation tensor: `real = scale * (q - zero_point)`, `q` in
+/// `[qmin, qmax]` (sub-8-bit grids are kept in 8-bit containers with their narrower range).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActQ {
+    /// Scale.
+    pub scale: f32,
+    /// Zero point.
+    pub zero_point: i32,
+    /// Smallest integer.
+    pub qmin: i32,
+    /// Largest integer.
+    pub qmax: i32,
+}
+
+impl ActQ {
+    pub(crate) fn qparams(&self) -> QParams {
+        QParams { scale: self.scale, zero_point: self.zero_point }
+    }
+}
+
+/// What a Conv/Linear layer produces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// 8-bit activations: `clamp(requant[c](acc) + zero_point, lo, hi)`; the clamp is the
+    /// fused activation (ReLU: `lo = zero_point`).
+    Quantized {
+        /// The output's quantization.
+        act: ActQ,
+        /// Per output channel, `s_in * s_w[c] / s_out` in fixed point.
+        requant: Vec<FixedMultiplier>,
+        /// Lower clamp.
+        lo: i32,
+        /// Upper clamp.
+        hi: i32,
+    },
+    /// Float logits (the model's last layer): `acc * scale[c]`, then `activation` bounds.
+    Float {
+        /// Per output channel, `s_in * s_w[c]`.
+        scale: Vec<f32>,
+        /// Lower bound of the fused activation (`-inf` for none).
+        lo: f32,
+        /// Upper bound of the fused activation (`inf` for none).
+        hi: f32,
+    },
+}
+
+/// An integer 2-D convolution (NCHW).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntConv2d {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Groups.
+    pub groups: usize,
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[dh, dw]`.
+    pub dilation: [usize; 2],
+    /// `[top, bottom, left, right]`.
+    pub padding: [usize; 4],
+    /// `[out, in / groups, kh, kw]`, symmetric (zero point 0).
+    pub weight: Vec<i8>,
+    /// Per output channel weight scale.
+    pub weight_scale: Vec<f32>,
+    /// Per output channel, scale `s_in * s_w[c]`, zero point 0.
+    pub bias: Vec<i32>,
+    /// Input quantization.
+    pub input: ActQ,
+    /// Output.
+    pub output: Output,
+}
+
+/// An integer fully connected layer, weight `[in, out]` as Burn's `Linear`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntLinear {
+    /// Input features.
+    pub in_features: usize,
+    /// Output features.
+    pub out_features: usize,
+    /// `[in, out]`, symmetric.
+    pub weight: Vec<i8>,
+    /// Per output feature weight scale.
+    pub weight_scale: Vec<f32>,
+    /// Scale `s_in * s_w[c]`.
+    pub bias: Vec<i32>,
+    /// Input quantization.
+    pub input: ActQ,
+    /// Output.
+    pub output: Output,
+}
+
+/// One layer of an [`IntegerModel`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntLayer {
+    /// Float input to 8-bit.
+    Quantize(ActQ),
+    /// Integer convolution.
+    Conv2d(IntConv2d),
+    /// Integer fully connected layer.
+    Linear(IntLinear),
+    /// Max pooling on integers (quantization unchanged).
+    MaxPool2d {
+        /// `[kh, kw]`.
+        kernel: [usize; 2],
+        /// `[sh, sw]`.
+        stride: [usize; 2],
+    },
+    /// `max(q, lo)`, `min(q, hi)`: ReLU/ReLU6 on quantized values.
+    Clamp {
+        /// Lower bound.
+        lo: i32,
+        /// Upper bound.
+        hi: i32,
+    },
+    /// `[n, c, h, w]` to `[n, c * h * w]`.
+    Flatten,
+}
+
+/// A tensor flowing through the integer model.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    /// 8-bit values with their quantization, and the shape.
+    Int {
+        /// Values (`i8` containers).
+        data: Vec<i8>,
+        /// Shape, batch first.
+        shape: Vec<usize>,
+        /// Quantization.
+        q: ActQ,
+    },
+    /// Float values (model input or logits).
+    Float {
+        /// Values.
+        data: Vec<f32>,
+        /// Shape, batch first.
+        shape: Vec<usize>,
+    },
+}
+
+/// An integer model: the layers in order, and the input shape `[c, h, w]` (without batch).
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntegerModel {
+    /// Input shape without the batch dimension.
+    pub input_shape: Vec<usize>,
+    /// Layers.
+    pub layers: Vec<IntLayer>,
+}
+
+impl IntegerModel {
+    /// Runs the model on a batch of float inputs `[n, ..input_shape]`, returning the float
+    /// outputs (dequantized if the last layer is quantized) and their shape. Integer arithmetic
+    /// only between the input quantization and the output.
+    ///
+    /// # Panics
+    ///
+    /// If `input.len()` is not a multiple of the input size.
+    pub fn forward(&self, input: &[f32]) -> (Vec<f32>, Vec<usize>) {
+        let item: usize = self.input_shape.iter().product();
+        assert!(item > 0 && input.len() % item == 0, "input of {} values is not a batch of {:?}", input.len(), self.input_shape);
+        let mut shape = vec![input.len() / item];
+        shape.extend(&self.input_shape);
+        let mut v = Values::Float { data: input.to_vec(), shape };
+        for layer in &self.layers {
+            v = run_layer(layer, v, false);
+        }
+        to_float(v)
+    }
+
+    /// Like [`forward`](Self::forward), with the slow scalar reference kernels (nested loops).
+    pub fn forward_reference(&self, input: &[f32]) -> (Vec<f32>, Vec<usize>) {
+        let item: usize = self.input_shape.iter().product();
+        let mut shape = vec![input.len() / item.max(1)];
+        shape.extend(&self.input_shape);
+        let mut v = Values::Float { data: input.to_vec(), shape };
+        for layer in &self.layers {
+            v = run_layer(layer, v, true);
+        }
+        to_float(v)
+    }
+
+    /// Runs the model and returns the raw integer output of the last quantized layer, if the
+    /// model ends in integers.
+    pub fn forward_int(&self, input: &[f32]) -> Option<(Vec<i8>, Vec<usize>, ActQ)> {
+        let item: usize = self.input_shape.iter().product();
+        let mut shape = vec![input.len() / item.max(1)];
+        shape.extend(&self.input_shape);
+        let mut v = Values::Float { data: input.to_vec(), shape };
+        for layer in &self.layers {
+            v = run_layer(layer, v, false);
+        }
+        match v {
+            Values::Int { data, shape, q } => Some((data, shape, q)),
+            Values::Float { .. } => None,
+        }
+    }
+
+    /// Bytes of parameters: int8 weights, int32 biases, f32 scales.
+    pub fn parameter_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                IntLayer::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
+                IntLayer::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {
+    match v {
+        Values::Float { data, shape } => (data, shape),
+        Values::Int { data, shape, q } => {
+            (data.iter().map(|x| reference::dequantize(*x as i32, q.qparams())).collect(), shape)
+        }
+    }
+}
+
+fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
+    match (layer, v) {
+        (IntLayer::Quantize(q), Values::Float { data, shape }) => {
+            let spec = burn_qat_core::QuantSpec::int8_act_per_tensor_asymmetric();
+            let data = data
+                .iter()
+                .map(|x| reference::quantize(*x, q.qparams(), &spec).clamp(q.qmin, q.qmax) as i8)
+                .collect();
+            Values::Int { data, shape, q: *q }
+        }
+        (IntLayer::Quantize(_), v @ Values::Int { .. }) => v,
+        (IntLayer::Conv2d(c), Values::Int { data, shape, .. }) => {
+            if reference_kernels { kernels::conv2d_reference(c, &data, &shape) } else { kernels::conv2d(c, &data, &shape) }
+        }
+        (IntLayer::Linear(l), Values::Int { data, shape, .. }) => {
+            if reference_kernels { kernels::linear_reference(l, &data, &shape) } else { kernels::linear(l, &data, &shape) }
+        }
+        (IntLayer::MaxPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
+            let (data, shape) = kernels::max_pool2d(&data, &shape, *kernel, *stride);
+            Values::Int { data, shape, q }
+        }
+        (IntLayer::Clamp { lo, hi }, Values::Int { data, shape, q }) => {
+            let data = data.iter().map(|x| (*x as i32).clamp(*lo, *hi) as i8).collect();
+            Values::Int { data, shape, q }
+        }
+        (IntLayer::Flatten, Values::Int { data, shape, q }) => {
+            let n = shape[0];
+            let rest = shape[1..].iter().product();
+            Values::Int { data, shape: vec![n, rest], q }
+        }
+        (IntLayer::Flatten, Values::Float { data, shape }) => {
+            let n = shape[0];
+            let rest = shape[1..].iter().product();
+            Values::Float { data, shape: vec![n, rest] }
+        }
+        (layer, _) => panic!("integer model: {layer:?} received float values: the conversion guarantees this cannot happen"),
+    }
+}

@@ -1,0 +1,91 @@
+//! Requantization with an integer fixed-point multiplier, as gemmlowp and TFLite do: a real
+//! multiplier `M = s_in * s_w / s_out` becomes `m0 * 2^-(31 + shift)` with `m0` in
+//! `[2^30, 2^31)`, and `acc * M` is computed with one 64-bit product and a rounding shift.
+//! Rounding is half to even, the rounding of the fake-quant model's `round(y / s_out)`.
+
+/// A real multiplier in fixed point: `value = m0 * 2^-(31 + shift)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedMultiplier {
+    /// Mantissa in `[2^30, 2^31)` (or 0 for a zero multiplier).
+    pub m0: i32,
+    /// Extra right shift, in `-31..=62` so the total shift `31 + shift` stays in `0..=93`.
+    pub shift: i32,
+}
+
+impl FixedMultiplier {
+    /// The fixed-point form of `multiplier` (`>= 0`, finite).
+    ///
+    /// ```
+    /// use burn_qat_export::requant::FixedMultiplier;
+    /// let m = FixedMultiplier::new(0.25);
+    /// assert_eq!(m.apply(10), 2);    // 2.5 rounds half to even
+    /// assert_eq!(m.apply(14), 4);    // 3.5 -> 4
+    /// assert_eq!(m.apply(-10), -2);
+    /// ```
+    pub fn new(multiplier: f64) -> Self {
+        if !(multiplier > 0.0) || !multiplier.is_finite() {
+            return Self { m0: 0, shift: 0 };
+        }
+        // multiplier = q * 2^e with q in [0.5, 1)
+        let mut e = multiplier.log2().floor() as i32 + 1;
+        let mut q = multiplier / 2f64.powi(e);
+        if q >= 1.0 {
+            q /= 2.0;
+            e += 1;
+        }
+        if q < 0.5 {
+            q *= 2.0;
+            e -= 1;
+        }
+        let mut m0 = (q * (1u64 << 31) as f64).round() as i64;
+        if m0 == 1 << 31 {
+            m0 /= 2;
+            e += 1;
+        }
+        Self { m0: m0 as i32, shift: (-e).clamp(-31, 62) }
+    }
+
+    /// The multiplier this represents.
+    pub fn value(&self) -> f64 {
+        self.m0 as f64 * 2f64.powi(-(31 + self.shift))
+    }
+
+    /// `round_half_even(acc * value())`, exactly, in integer arithmetic.
+    pub fn apply(&self, acc: i32) -> i32 {
+        let prod = acc as i128 * self.m0 as i128;
+        let total = (31 + self.shift) as u32;
+        if total == 0 {
+            return prod.clamp(i32::MIN as i128, i32::MAX as i128) as i32;
+        }
+        let floor = prod >> total;
+        let rem = prod - (floor << total);
+        let half = 1i128 << (total - 1);
+        let rounded = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+        rounded.clamp(i32::MIN as i128, i32::MAX as i128) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn matches_f64_reference(m in 1e-6f64..4.0, acc in -1_000_000i32..1_000_000) {
+            let f = FixedMultiplier::new(m);
+            prop_assert!((f.value() - m).abs() <= m * 2f64.powi(-30));
+            let exact = acc as f64 * f.value();
+            let want = exact.round_ties_even() as i32;
+            prop_assert_eq!(f.apply(acc), want, "acc {} m {}", acc, m);
+        }
+    }
+
+    #[test]
+    fn zero_and_extremes() {
+        assert_eq!(FixedMultiplier::new(0.0).apply(12345), 0);
+        let m = FixedMultiplier::new(1.0);
+        assert_eq!(m.apply(i32::MAX), i32::MAX);
+        assert_eq!(FixedMultiplier::new(1e-12).apply(1000), 0);
+    }
+}

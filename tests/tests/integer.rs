@@ -1,0 +1,183 @@
+//! The integer model equals the fake-quant model: within 1 LSB on every quantized output, fast
+//! kernels equal the scalar reference exactly, errors name the module path.
+
+use burn::module::{Module, Param, RunningState};
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::pool::MaxPool2dConfig;
+use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn_qat::export::requant::FixedMultiplier;
+use burn_qat::export::{ActQ, IntConv2d, IntLayer, IntegerModel, Output, convert};
+use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
+use burn_qat::{FakeQuantConfig, QuantSpec};
+use burn_qat_tests::values;
+use proptest::prelude::*;
+
+fn random_bn(c: usize, device: &Device) -> BatchNorm {
+    let bn = BatchNormConfig::new(c).init(device);
+    let r = |lo: f64, hi: f64| Tensor::<1>::random([c], Distribution::Uniform(lo, hi), device);
+    BatchNorm {
+        gamma: Param::from_tensor(r(0.5, 2.0)),
+        beta: Param::from_tensor(r(-0.5, 0.5)),
+        running_mean: RunningState::new(r(-0.2, 0.2)),
+        running_var: RunningState::new(r(0.5, 2.0)),
+        ..bn
+    }
+}
+
+/// A QAT model with every supported layer; `quantized_output` puts a FakeQuant on the logits.
+fn qat_model(device: &Device, quantized_output: bool) -> Sequential {
+    let float = Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([2, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)),
+        SeqLayer::BatchNorm(random_bn(6, device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::MaxPool2d(MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+        SeqLayer::Conv2d(Conv2dConfig::new([6, 6], [3, 3]).with_groups(3).with_stride([2, 2]).with_dilation([1, 1]).init(device)),
+        SeqLayer::BatchNorm(random_bn(6, device)),
+        SeqLayer::Relu6(Default::default()),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(6 * 2 * 2, 16).init(device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Linear(LinearConfig::new(16, 5).init(device)),
+    ]);
+    let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
+    let mut m = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
+    m.layers.insert(0, SeqLayer::FakeQuant(act.init(device).unwrap()));
+    if quantized_output && let Some(SeqLayer::FusedLinear(last)) = m.layers.last_mut() {
+        last.output = Some(act.init(device).unwrap());
+    }
+    m
+}
+
+fn calibrated(quantized_output: bool) -> (Sequential, Device) {
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let model = qat_model(&device, quantized_output);
+    for _ in 0..3 {
+        let x = Tensor::<4>::random([8, 2, 10, 10], Distribution::Normal(0.0, 1.0), &device);
+        let _ = model.forward(x);
+    }
+    (model.valid(), device)
+}
+
+#[test]
+fn every_quantized_output_is_within_one_lsb_of_the_fake_quant_model() {
+    let (model, _) = calibrated(true);
+    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let plain = Device::flex();
+    let x = Tensor::<4>::random([16, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
+    let fq = values(model.forward(x.clone()));
+    let (q, shape, act) = int.forward_int(&values(x)).expect("quantized output");
+    assert_eq!(shape, vec![16, 5]);
+    let mut exact = 0;
+    for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
+        let q_fq = (f / act.scale).round_ties_even() as i32 + act.zero_point;
+        let d = (q_fq - *qi as i32).abs();
+        assert!(d <= 1, "output {i}: fake-quant {q_fq}, integer {qi}");
+        exact += usize::from(d == 0);
+    }
+    println!("{exact} of {} outputs bit-exact, the rest within 1 LSB", q.len());
+}
+
+#[test]
+fn float_logits_match_and_predictions_agree() {
+    let (model, _) = calibrated(false);
+    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let plain = Device::flex();
+    let x = Tensor::<4>::random([64, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
+    let fq = values(model.forward(x.clone()));
+    let (logits, shape) = int.forward(&values(x.clone()));
+    assert_eq!(shape, vec![64, 5]);
+    let (reference, _) = int.forward_reference(&values(x));
+    assert_eq!(logits, reference, "fast kernels must equal the scalar reference");
+    let span = fq.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let mut agree = 0;
+    for r in 0..64 {
+        let row = |v: &[f32]| (0..5).max_by(|a, b| v[r * 5 + a].total_cmp(&v[r * 5 + b])).unwrap();
+        agree += usize::from(row(&fq) == row(&logits));
+        for c in 0..5 {
+            assert!((fq[r * 5 + c] - logits[r * 5 + c]).abs() <= 0.02 * span, "logit {r},{c}: {} vs {}", fq[r * 5 + c], logits[r * 5 + c]);
+        }
+    }
+    assert!(agree >= 63, "predictions agree on {agree}/64");
+    assert!(int.parameter_bytes() > 0);
+}
+
+#[test]
+fn unsupported_layers_and_unrepresentable_values_name_the_path() {
+    let device = Device::flex();
+    let float = Sequential::new(vec![
+        SeqLayer::FakeQuant(FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap().set_range(&[-1.0], &[1.0])),
+        SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
+    ]);
+    let err = convert(&float, &[1, 5, 5]).unwrap_err().to_string();
+    assert!(err.starts_with("`layers.1` (Conv2d) cannot be converted to integers: an unfused layer"), "{err}");
+    let no_input = Sequential::new(vec![SeqLayer::Flatten(Default::default())]);
+    let err = convert(&no_input, &[1, 5, 5]).unwrap_err().to_string();
+    assert!(err.contains("start the model with a FakeQuant"), "{err}");
+    // A bias that overflows int32 in units of s_in * s_w.
+    let lin = LinearConfig::new(2, 2).init(&device);
+    let lin = burn::nn::Linear { bias: Some(Param::from_tensor(Tensor::from_floats([1e9, 0.0], &device))), ..lin };
+    let model = Sequential::new(vec![
+        SeqLayer::FakeQuant(FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap().set_range(&[-1e-3], &[1e-3])),
+        SeqLayer::Linear(lin),
+    ])
+    .fuse(&FusedConfig::new())
+    .unwrap();
+    let err = convert(&model, &[2]).unwrap_err().to_string();
+    assert!(err.starts_with("`layers.1`: bias 1000000000 of channel 0") && err.contains("overflows int32"), "{err}");
+}
+
+fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
+    (1usize..3, 1usize..4, 1usize..4, 1usize..4, 1usize..4, 1usize..3, 1usize..3, 0usize..2, 4usize..9, -20i32..20)
+        .prop_flat_map(|(n, g, cin_g, cout_g, k, stride, dil, pad, hw, zp)| {
+            let cin = g * cin_g;
+            let cout = g * cout_g;
+            let wlen = cout * cin_g * k * k;
+            (
+                proptest::collection::vec(-127i8..=127, wlen),
+                proptest::collection::vec(-5000i32..5000, cout),
+                proptest::collection::vec(1e-4f64..0.05, cout),
+                proptest::collection::vec(-3.0f32..3.0, n * cin * hw * hw),
+                any::<bool>(),
+            )
+                .prop_map(move |(weight, bias, mult, input, relu)| {
+                    let input_q = ActQ { scale: 0.05, zero_point: zp, qmin: -128, qmax: 127 };
+                    let out_q = ActQ { scale: 0.1, zero_point: -zp, qmin: -128, qmax: 127 };
+                    let conv = IntConv2d {
+                        in_channels: cin,
+                        out_channels: cout,
+                        groups: g,
+                        kernel: [k, k],
+                        stride: [stride, stride],
+                        dilation: [dil, dil],
+                        padding: [pad, pad, pad, pad],
+                        weight,
+                        weight_scale: vec![0.01; cout],
+                        bias,
+                        input: input_q,
+                        output: Output::Quantized {
+                            act: out_q,
+                            requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
+                            lo: if relu { -zp } else { -128 },
+                            hi: 127,
+                        },
+                    };
+                    let model = IntegerModel { input_shape: vec![cin, hw, hw], layers: vec![IntLayer::Quantize(input_q), IntLayer::Conv2d(conv)] };
+                    (model, input)
+                })
+        })
+        .prop_filter("kernel fits", |(m, _)| match &m.layers[1] {
+            IntLayer::Conv2d(c) => m.input_shape[1] + 2 * c.padding[0] >= c.dilation[0] * (c.kernel[0] - 1) + 1,
+            _ => false,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn fast_conv_equals_scalar_reference((model, input) in conv_case()) {
+        prop_assert_eq!(model.forward(&input), model.forward_reference(&input));
+    }
+}
