@@ -181,3 +181,41 @@ proptest! {
         prop_assert_eq!(model.forward(&input), model.forward_reference(&input));
     }
 }
+
+#[test]
+fn file_round_trip_and_damaged_files() {
+    use burn_qat::export::format;
+    let (model, _) = calibrated(false);
+    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.bqi");
+    format::save(&int, &path).unwrap();
+    let loaded = format::load(&path).unwrap();
+    let x: Vec<f32> = (0..2 * 2 * 10 * 10).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    assert_eq!(loaded.forward(&x), int.forward(&x));
+    let bytes = std::fs::read(&path).unwrap();
+    // Truncated anywhere: an error.
+    for cut in [0, 5, 23, 24, bytes.len() / 2, bytes.len() - 1] {
+        assert!(format::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut}");
+    }
+    // Any flipped payload byte: checksum error.
+    for at in [24, bytes.len() / 2, bytes.len() - 1] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x55;
+        let err = format::from_bytes(&b).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+    }
+    // A header announcing a huge payload: an error, no allocation of that size.
+    let mut b = bytes.clone();
+    b[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(format::from_bytes(&b).unwrap_err().to_string().contains("announces"));
+    let mut b = bytes.clone();
+    b[8..12].copy_from_slice(&7u32.to_le_bytes());
+    assert!(format::from_bytes(&b).unwrap_err().to_string().contains("version 7"));
+    assert!(format::from_bytes(b"PNG\x89 definitely not a model file").unwrap_err().to_string().contains("wrong magic"));
+    // A well-formed file whose layers do not fit together: rejected at load.
+    let mut crafted = int.clone();
+    crafted.input_shape = vec![3, 10, 10];
+    let err = format::from_bytes(&format::to_bytes(&crafted)).unwrap_err().to_string();
+    assert!(err.contains("does not accept input of shape [3, 10, 10]"), "{err}");
+}

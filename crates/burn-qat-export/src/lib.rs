@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 mod convert;
+pub mod format;
 mod kernels;
 pub mod model;
 pub mod requant;

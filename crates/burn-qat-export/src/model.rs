@@ -7,7 +7,7 @@ use crate::requant::FixedMultiplier;
 
 /// Quantization of an activation tensor: `real = scale * (q - zero_point)`, `q` in
 /// `[qmin, qmax]` (sub-8-bit grids are kept in 8-bit containers with their narrower range).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ActQ {
     /// Scale.
     pub scale: f32,
@@ -26,7 +26,7 @@ impl ActQ {
 }
 
 /// What a Conv/Linear layer produces.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Output {
     /// 8-bit activations: `clamp(requant[c](acc) + zero_point, lo, hi)`; the clamp is the
     /// fused activation (ReLU: `lo = zero_point`).
@@ -52,7 +52,7 @@ pub enum Output {
 }
 
 /// An integer 2-D convolution (NCHW).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntConv2d {
     /// Input channels.
     pub in_channels: usize,
@@ -81,7 +81,7 @@ pub struct IntConv2d {
 }
 
 /// An integer fully connected layer, weight `[in, out]` as Burn's `Linear`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntLinear {
     /// Input features.
     pub in_features: usize,
@@ -100,7 +100,7 @@ pub struct IntLinear {
 }
 
 /// One layer of an [`IntegerModel`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum IntLayer {
     /// Float input to 8-bit.
     Quantize(ActQ),
@@ -148,7 +148,7 @@ pub enum Values {
 }
 
 /// An integer model: the layers in order, and the input shape `[c, h, w]` (without batch).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntegerModel {
     /// Input shape without the batch dimension.
     pub input_shape: Vec<usize>,

@@ -4,7 +4,7 @@
 //! Rounding is half to even, the rounding of the fake-quant model's `round(y / s_out)`.
 
 /// A real multiplier in fixed point: `value = m0 * 2^-(31 + shift)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FixedMultiplier {
     /// Mantissa in `[2^30, 2^31)` (or 0 for a zero multiplier).
     pub m0: i32,
