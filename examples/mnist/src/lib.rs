@@ -82,8 +82,12 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
     }
     let qat_eval = qat.valid();
     let qat_acc = evaluate(&qat_eval, &test, &eval_device);
+    let int8 = burn_qat::export::convert(&qat_eval, &[1, data::SIDE, data::SIDE])?;
+    let int8_bytes = burn_qat::export::format::to_bytes(&int8);
+    let int8_acc = evaluate_int8(&int8, &test);
     let folded = qat_eval.folded();
     let folded_acc = evaluate(&folded, &test, &eval_device);
+    println!("QAT test accuracy {:.2}%, integer model {:.2}% ({} bytes)", qat_acc * 100.0, int8_acc * 100.0, int8_bytes.len());
 
     let report = Report {
         dataset: if config.train_limit.is_some() || config.test_limit.is_some() { "mnist (subset)".into() } else { "mnist".into() },
@@ -101,9 +105,9 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
         float_test_acc: float_acc,
         qat_test_acc: qat_acc,
         folded_test_acc: folded_acc,
-        int8_test_acc: None,
+        int8_test_acc: Some(int8_acc),
         float_size_bytes: float_bytes,
-        int8_size_bytes: None,
+        int8_size_bytes: Some(int8_bytes.len()),
         train_images_per_s_float: float_speed,
         train_images_per_s_qat: qat_speed,
         tfmot_qat_test_acc: config.model.tfmot_qat_accuracy(),
@@ -113,14 +117,29 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
         let tmp = dir.join("report.json.part");
         std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
         std::fs::rename(&tmp, dir.join("report.json"))?;
+        burn_qat::export::format::save(&int8, &dir.join("model.bqi"))?;
     }
     Ok(report)
+}
+
+/// Accuracy of the integer model over `split`, in batches of 1000 images.
+pub fn evaluate_int8(model: &burn_qat::export::IntegerModel, split: &data::Split) -> f64 {
+    let mut correct = 0usize;
+    for start in (0..split.len()).step_by(1000) {
+        let end = (start + 1000).min(split.len());
+        let (logits, _) = model.forward(&split.pixels(start..end));
+        for (i, row) in logits.chunks(10).enumerate() {
+            let pred = (0..10).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap_or(0);
+            correct += usize::from(pred == split.labels[start + i] as usize);
+        }
+    }
+    correct as f64 / split.len().max(1) as f64
 }
 
 /// The final table.
 pub fn table(r: &Report) -> String {
     let pct = |v: f64| format!("{:.2}%", v * 100.0);
-    let opt = |v: Option<f64>| v.map_or("n/a (no integer model yet)".to_string(), pct);
+    let opt = |v: Option<f64>| v.map_or("n/a".to_string(), pct);
     let mut s = String::new();
     s += &format!("{:<34} {}\n", "model / device / seed", format!("{:?} / {} / {}", r.model, r.device, r.seed));
     s += &format!("{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n", "schedule", r.epochs_float, r.epochs_qat, r.batch_size, r.train_images, r.test_images);
@@ -129,6 +148,9 @@ pub fn table(r: &Report) -> String {
     s += &format!("{:<34} {}\n", "folded QAT model test accuracy", pct(r.folded_test_acc));
     s += &format!("{:<34} {}\n", "int8 test accuracy", opt(r.int8_test_acc));
     s += &format!("{:<34} {} bytes\n", "float model size", r.float_size_bytes);
+    if let Some(b) = r.int8_size_bytes {
+        s += &format!("{:<34} {} bytes ({:.1}% of float)\n", "int8 model file", b, 100.0 * b as f64 / r.float_size_bytes as f64);
+    }
     s += &format!("{:<34} {:.0} float, {:.0} QAT ({:.2}x)\n", "training images/s", r.train_images_per_s_float, r.train_images_per_s_qat, r.train_images_per_s_float / r.train_images_per_s_qat.max(1e-9));
     s
 }

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::ModelKind;
 
-/// Everything a run reports. Accuracies are fractions in `[0, 1]`; `int8_*` stay `null` until
-/// the integer model exists (never invented).
+/// Everything a run reports. Accuracies are fractions in `[0, 1]`; `int8_*` come from the real
+/// integer model (`burn_qat::export`), also written as `model.bqi`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     /// `mnist`, or `mnist (quick subset)`.
@@ -38,11 +38,11 @@ pub struct Report {
     pub qat_test_acc: f64,
     /// Accuracy of the QAT model folded for inference (BatchNorm folded, quantized weights baked).
     pub folded_test_acc: f64,
-    /// Integer model accuracy: `null` until integer conversion exists.
+    /// Integer model (int8 arithmetic) test accuracy.
     pub int8_test_acc: Option<f64>,
     /// Float parameters in bytes (f32).
     pub float_size_bytes: usize,
-    /// Integer model size: `null` until integer conversion exists.
+    /// Integer model file size in bytes.
     pub int8_size_bytes: Option<usize>,
     /// Float training throughput.
     pub train_images_per_s_float: f64,
