@@ -219,3 +219,45 @@ fn file_round_trip_and_damaged_files() {
     let err = format::from_bytes(&format::to_bytes(&crafted)).unwrap_err().to_string();
     assert!(err.contains("does not accept input of shape [3, 10, 10]"), "{err}");
 }
+
+#[test]
+fn residual_add_is_within_one_lsb_and_round_trips() {
+    use burn_qat::transform::{Activation, Residual};
+    let device = Device::flex().autodiff();
+    device.seed(8);
+    let body = Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([4, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device)),
+        SeqLayer::BatchNorm(random_bn(4, &device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Conv2d(Conv2dConfig::new([4, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device)),
+    ]);
+    let float = Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([1, 4], [3, 3]).init(&device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Residual(Residual::new(body, Activation::Relu)),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(4 * 6 * 6, 3).init(&device)),
+    ]);
+    let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
+    let mut model = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
+    model.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
+        last.output = Some(act.init(&device).unwrap());
+    }
+    assert_eq!(model.describe()[2], "Residual[FusedConv2d(BatchNorm, Relu) -> FusedConv2d] + Add(Relu)");
+    for _ in 0..3 {
+        let _ = model.forward(Tensor::<4>::random([8, 1, 8, 8], Distribution::Normal(0.0, 1.0), &device));
+    }
+    let model = model.valid();
+    let int = convert(&model, &[1, 8, 8]).unwrap();
+    let x = Tensor::<4>::random([32, 1, 8, 8], Distribution::Normal(0.0, 1.0), &Device::flex());
+    let fq = values(model.forward(x.clone()));
+    let (q, _, a) = int.forward_int(&values(x.clone())).unwrap();
+    for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
+        let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
+        assert!((q_fq - *qi as i32).abs() <= 1, "output {i}: fake-quant {q_fq}, integer {qi}");
+    }
+    let bytes = burn_qat::export::format::to_bytes(&int);
+    let back = burn_qat::export::format::from_bytes(&bytes).unwrap();
+    assert_eq!(back.forward(&values(x.clone())), int.forward(&values(x)));
+}

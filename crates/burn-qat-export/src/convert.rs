@@ -134,15 +134,29 @@ fn output(f_output: Option<&FakeQuant>, activation: Activation, input: &ActQ, we
 ///
 /// Supported: `FakeQuant` (first layer), `FusedConv2d` and `FusedLinear` (with or without
 /// BatchNorm, any fused activation; int8 per-channel symmetric weights), `MaxPool2d`,
-/// `Flatten`, `Relu`/`Relu6` on quantized values, `Dropout` (identity). Anything else is an
-/// error naming its path.
+/// `Flatten`, `Relu`/`Relu6` on quantized values, `Dropout` (identity), `Residual` blocks
+/// (integer `Add` with its fused activation). Anything else is an error naming its path.
 pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel, ExportError> {
-    let mut layers = Vec::new();
     let mut current: Option<ActQ> = None;
     let mut shape: Vec<usize> = input_shape.to_vec();
-    let last = model.layers.len().saturating_sub(1);
-    for (i, layer) in model.layers.iter().enumerate() {
-        let path = format!("layers.{i}");
+    let layers = convert_layers(&model.layers, "layers", &mut current, &mut shape, true)?;
+    if layers.first().is_none_or(|l| !matches!(l, IntLayer::Quantize(_))) {
+        return Err(ExportError::Unsupported { path: "layers.0".into(), kind: "model input".into(), hint: "start the model with a FakeQuant of its input".into() });
+    }
+    Ok(IntegerModel { input_shape: input_shape.to_vec(), layers })
+}
+
+fn convert_layers(
+    seq: &[SeqLayer],
+    prefix: &str,
+    current: &mut Option<ActQ>,
+    shape: &mut Vec<usize>,
+    top: bool,
+) -> Result<Vec<IntLayer>, ExportError> {
+    let mut layers = Vec::new();
+    let last = if top { seq.len().saturating_sub(1) } else { usize::MAX };
+    for (i, layer) in seq.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
         let need_input = |kind: &str| {
             current.ok_or_else(|| ExportError::Unsupported {
                 path: path.clone(),
@@ -154,7 +168,42 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
             SeqLayer::FakeQuant(fq) if current.is_none() => {
                 let q = act_of(fq, &path)?;
                 layers.push(IntLayer::Quantize(q));
-                current = Some(q);
+                *current = Some(q);
+            }
+            SeqLayer::Residual(r) => {
+                let a = need_input("Residual")?;
+                let in_shape = shape.clone();
+                let mut inner = Some(a);
+                let body = convert_layers(&r.body.layers, &format!("{path}.body.layers"), &mut inner, shape, false)?;
+                let Some(b) = inner else {
+                    return Err(ExportError::Unsupported { path, kind: "Residual".into(), hint: "its body must end with a quantized output".into() });
+                };
+                if *shape != in_shape {
+                    return Err(ExportError::Unsupported { path, kind: "Residual".into(), hint: format!("its body maps {in_shape:?} to {shape:?}: an add needs equal shapes") });
+                }
+                let Some(fq) = &r.add.output else {
+                    return Err(ExportError::Unsupported { path, kind: "Residual without output FakeQuant".into(), hint: "fuse the model (Sequential::fuse) so the add is quantized".into() });
+                };
+                let out = act_of(fq, &format!("{path}.add.output"))?;
+                const SHIFT: u32 = 40;
+                let fixed = |s: f32| {
+                    let m = (s as f64 / out.scale as f64 * (1u64 << SHIFT) as f64).round();
+                    if m.abs() < i64::MAX as f64 / 512.0 { Ok(m as i64) } else {
+                        Err(ExportError::NotRepresentable { path: path.clone(), what: format!("add input scale {s} is {} times its output scale", s / out.scale) })
+                    }
+                };
+                let q6 = |v: f32| reference::quantize(v, out.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
+                let (lo, hi) = match r.add.activation {
+                    Activation::Identity => (out.qmin, out.qmax),
+                    Activation::Relu => (out.zero_point.max(out.qmin), out.qmax),
+                    Activation::Relu6 => (out.zero_point.max(out.qmin), q6(6.0).min(out.qmax)),
+                    Activation::Clamp { min, max } => (q6(min).max(out.qmin), q6(max).min(out.qmax)),
+                };
+                layers.push(IntLayer::Residual {
+                    body,
+                    add: crate::model::IntAdd { a, b, out, ma: fixed(a.scale)?, mb: fixed(b.scale)?, shift: SHIFT, lo, hi },
+                });
+                *current = Some(out);
             }
             SeqLayer::FakeQuant(_) => {
                 return Err(ExportError::Unsupported { path, kind: "FakeQuant".into(), hint: "a FakeQuant between layers (requantization) is not supported; quantize outputs through the fused layers".into() });
@@ -190,8 +239,8 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
                 }
                 let oh = (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1) / c.stride[0] + 1;
                 let ow = (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1) / c.stride[1] + 1;
-                shape = vec![c.out_channels, oh, ow];
-                current = match &out {
+                *shape = vec![c.out_channels, oh, ow];
+                *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
                     Output::Float { .. } => {
@@ -207,14 +256,14 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
                     return Err(ExportError::Unsupported { path, kind: "FusedLinear".into(), hint: format!("its input has shape {shape:?}, expected [{}] (add a Flatten)", dims[0]) });
                 }
                 let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
-                current = match &out {
+                *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
                     Output::Float { .. } => {
                         return Err(ExportError::Unsupported { path, kind: "FusedLinear without output FakeQuant".into(), hint: "only the last layer may output float".into() });
                     }
                 };
-                shape = vec![dims[1]];
+                *shape = vec![dims[1]];
                 layers.push(IntLayer::Linear(IntLinear {
                     in_features: dims[0],
                     out_features: dims[1],
@@ -233,11 +282,11 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
                 if shape.len() != 3 {
                     return Err(ExportError::Unsupported { path, kind: "MaxPool2d".into(), hint: format!("input shape {shape:?} is not [c, h, w]") });
                 }
-                shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
+                *shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
                 layers.push(IntLayer::MaxPool2d { kernel: p.kernel_size, stride: p.stride });
             }
             SeqLayer::Flatten(_) => {
-                shape = vec![shape.iter().product()];
+                *shape = vec![shape.iter().product()];
                 layers.push(IntLayer::Flatten);
             }
             SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
@@ -260,8 +309,5 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
             }
         }
     }
-    if layers.first().is_none_or(|l| !matches!(l, IntLayer::Quantize(_))) {
-        return Err(ExportError::Unsupported { path: "layers.0".into(), kind: "model input".into(), hint: "start the model with a FakeQuant of its input".into() });
-    }
-    Ok(IntegerModel { input_shape: input_shape.to_vec(), layers })
+    Ok(layers)
 }

@@ -100,17 +100,22 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
 /// Checks the invariants the kernels rely on (sizes agree), so a crafted file cannot make them
 /// index out of bounds.
 pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
+    let shape = model.input_shape.clone();
+    if shape.is_empty() || shape.len() > 3 || shape.contains(&0) {
+        return Err(FormatError::Invalid(format!("input shape {shape:?} is not [features] or [c, h, w]")));
+    }
+    validate_layers(&model.layers, shape).map(|_| ())
+}
+
+fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Result<Vec<usize>, FormatError> {
     use crate::model::{IntLayer, Output};
     let bad = |m: String| Err(FormatError::Invalid(m));
     let out_len = |o: &Output| match o {
         Output::Quantized { requant, .. } => requant.len(),
         Output::Float { scale, .. } => scale.len(),
     };
-    let mut shape = model.input_shape.clone();
-    if shape.is_empty() || shape.len() > 3 || shape.contains(&0) {
-        return bad(format!("input shape {shape:?} is not [features] or [c, h, w]"));
-    }
-    for (i, layer) in model.layers.iter().enumerate() {
+    let mut shape = shape;
+    for (i, layer) in layers.iter().enumerate() {
         match layer {
             IntLayer::Conv2d(c) if shape.len() == 3 && shape[0] == c.in_channels => {
                 let out = |n: usize, p: usize, d: usize, k: usize, s: usize| (n + p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
@@ -125,6 +130,11 @@ pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
             }
             IntLayer::Flatten => shape = vec![shape.iter().product()],
             IntLayer::Quantize(_) | IntLayer::Clamp { .. } => {}
+            IntLayer::Residual { body, add } => {
+                if validate_layers(body, shape.clone())? != shape || add.shift == 0 || add.shift > 100 {
+                    return bad(format!("layer {i}: residual body does not preserve the shape {shape:?}"));
+                }
+            }
             other => return bad(format!("layer {i} ({}) does not accept input of shape {shape:?}", match other {
                 IntLayer::Conv2d(_) => "Conv2d",
                 IntLayer::Linear(_) => "Linear",
@@ -154,7 +164,7 @@ pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(shape)
 }
 
 /// Writes `model` to `path` (through a temporary file in the same directory).

@@ -124,6 +124,55 @@ pub enum IntLayer {
     },
     /// `[n, c, h, w]` to `[n, c * h * w]`.
     Flatten,
+    /// A residual block: `add(x, body(x))`.
+    Residual {
+        /// The branch, run on a copy of the input.
+        body: Vec<IntLayer>,
+        /// The add.
+        add: IntAdd,
+    },
+}
+
+/// Integer addition of two quantized tensors into a third quantization, with a fused clamp:
+/// `q = round((qa - zpa) * ma / 2^shift + (qb - zpb) * mb / 2^shift) + zp_out`, where
+/// `ma = s_a / s_out * 2^shift` (and `mb`) are integers; with `shift = 40` the rounding
+/// equals the fake-quant model's except on exact ties.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntAdd {
+    /// Quantization of the block input.
+    pub a: ActQ,
+    /// Quantization of the body output.
+    pub b: ActQ,
+    /// Output quantization.
+    pub out: ActQ,
+    /// `s_a / s_out` in fixed point.
+    pub ma: i64,
+    /// `s_b / s_out` in fixed point.
+    pub mb: i64,
+    /// Fixed-point shift.
+    pub shift: u32,
+    /// Lower clamp (the fused activation).
+    pub lo: i32,
+    /// Upper clamp.
+    pub hi: i32,
+}
+
+impl IntAdd {
+    /// Adds `a` and `b`, elementwise.
+    pub fn apply(&self, a: &[i8], b: &[i8]) -> Vec<i8> {
+        let half = 1i128 << (self.shift - 1);
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let t = (*x as i128 - self.a.zero_point as i128) * self.ma as i128
+                    + (*y as i128 - self.b.zero_point as i128) * self.mb as i128;
+                let floor = t >> self.shift;
+                let rem = t - (floor << self.shift);
+                let r = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+                ((r as i64).saturating_add(self.out.zero_point as i64)).clamp(self.lo as i64, self.hi as i64) as i8
+            })
+            .collect()
+    }
 }
 
 /// A tensor flowing through the integer model.
@@ -211,6 +260,7 @@ impl IntegerModel {
             .map(|l| match l {
                 IntLayer::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
                 IntLayer::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
+                IntLayer::Residual { body, .. } => IntegerModel { input_shape: vec![], layers: body.clone() }.parameter_bytes(),
                 _ => 0,
             })
             .sum()
@@ -255,6 +305,16 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
             let n = shape[0];
             let rest = shape[1..].iter().product();
             Values::Int { data, shape: vec![n, rest], q }
+        }
+        (IntLayer::Residual { body, add }, Values::Int { data, shape, q }) => {
+            let mut v = Values::Int { data: data.clone(), shape: shape.clone(), q };
+            for layer in body {
+                v = run_layer(layer, v, reference_kernels);
+            }
+            match v {
+                Values::Int { data: branch, .. } => Values::Int { data: add.apply(&data, &branch), shape, q: add.out },
+                Values::Float { .. } => panic!("a residual body ends in float: the conversion guarantees this cannot happen"),
+            }
         }
         (IntLayer::Flatten, Values::Float { data, shape }) => {
             let n = shape[0];

@@ -25,4 +25,4 @@ pub mod sequential;
 pub use fused::{Activation, BnFoldMode, Fusable, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d, FusedLinear};
 pub use inplace::fuse_batch_norms;
 pub use schedule::QatSchedule;
-pub use sequential::{Flatten, Flow, Relu6, SeqLayer, Sequential};
+pub use sequential::{Flatten, Flow, Relu6, Residual, SeqLayer, Sequential};

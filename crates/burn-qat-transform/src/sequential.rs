@@ -34,7 +34,7 @@ use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec};
 use burn_qat_nn::FakeQuant;
 
-use crate::{Activation, FusedConfig, FusedConv2d, FusedLinear};
+use crate::{Activation, FusedAdd, FusedConfig, FusedConv2d, FusedLinear};
 
 /// Flattens `[batch, c, h, w]` to `[batch, c * h * w]`.
 #[derive(Module, Debug, Default)]
@@ -72,6 +72,25 @@ pub enum SeqLayer {
     FusedConv2d(FusedConv2d),
     /// Fused Linear (+ BatchNorm) (+ activation).
     FusedLinear(FusedLinear),
+    /// A residual block: `add(x, body(x))`.
+    Residual(Residual),
+}
+
+/// A residual block: `activation(x + body(x))`, with the `Add` and its activation fused
+/// ([`FusedAdd`]): one fake-quant after the activation once fused.
+#[derive(Module, Debug)]
+pub struct Residual {
+    /// The branch.
+    pub body: Sequential,
+    /// The add (and its activation and output quantizer).
+    pub add: FusedAdd,
+}
+
+impl Residual {
+    /// `activation(x + body(x))`, not yet quantized.
+    pub fn new(body: Sequential, activation: Activation) -> Self {
+        Self { body, add: FusedAdd::new(activation, None) }
+    }
 }
 
 /// The activations flowing through a [`Sequential`]: images or features.
@@ -123,6 +142,14 @@ impl SeqLayer {
             (SeqLayer::FakeQuant(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
             (SeqLayer::FusedConv2d(m), x) => Flow::Images(m.forward(x.images("FusedConv2d"))),
             (SeqLayer::FusedLinear(m), x) => Flow::Features(m.forward(x.features("FusedLinear"))),
+            (SeqLayer::Residual(r), Flow::Images(x)) => {
+                let y = r.body.forward_flow(Flow::Images(x.clone())).images("the residual body output");
+                Flow::Images(r.add.forward(x, y))
+            }
+            (SeqLayer::Residual(r), Flow::Features(x)) => {
+                let y = r.body.forward_flow(Flow::Features(x.clone())).features("the residual body output");
+                Flow::Features(r.add.forward(x, y))
+            }
         }
     }
 
@@ -151,6 +178,7 @@ impl SeqLayer {
             SeqLayer::FakeQuant(_) => "FakeQuant".into(),
             SeqLayer::FusedConv2d(m) => format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::FusedLinear(m) => format!("FusedLinear{}", fused(m.bn.is_some(), m.activation)),
+            SeqLayer::Residual(r) => format!("Residual[{}] + Add{}", r.body.describe().join(" -> "), fused(false, r.add.activation)),
         }
     }
 }
@@ -195,17 +223,33 @@ impl Sequential {
     /// Discovers every `Conv2d -> [BatchNorm] -> [Relu | Relu6]` and
     /// `Linear -> [BatchNorm] -> [Relu | Relu6]` chain and replaces it by one fused QAT layer
     /// (weights quantized per output channel, BatchNorm folded, activation fused, `config.output`
-    /// after the activation). Existing trained weights and statistics are kept.
+    /// after the activation), inside residual bodies too; each residual `Add` gets
+    /// `config.output` after its activation. Existing trained weights and statistics are kept.
     ///
     /// `config.weight`'s per-channel axis is set per layer (0 for Conv2d, 1 for Linear). The last
-    /// layer of the model gets no output fake-quant (its logits stay float, as in TFLite).
+    /// layer of the model gets no output fake-quant (its logits stay float, as in TFLite); the last
+    /// layer of a residual body keeps it (the add takes quantized inputs).
     pub fn fuse(self, config: &FusedConfig) -> Result<Self, QatError> {
+        self.fuse_with(config, true)
+    }
+
+    fn fuse_with(self, config: &FusedConfig, top: bool) -> Result<Self, QatError> {
         let mut out: Vec<SeqLayer> = Vec::new();
         let mut iter = self.layers.into_iter().peekable();
         while let Some(layer) = iter.next() {
             let (conv, linear) = match layer {
                 SeqLayer::Conv2d(c) => (Some(c), None),
                 SeqLayer::Linear(l) => (None, Some(l)),
+                SeqLayer::Residual(r) => {
+                    let device = r.body.devices().first().cloned();
+                    let output = match (&config.output, device) {
+                        (Some(c), Some(device)) => Some(c.init(&device)?),
+                        _ => None,
+                    };
+                    let body = r.body.fuse_with(config, false)?;
+                    out.push(SeqLayer::Residual(Residual { body, add: FusedAdd::new(r.add.activation, output) }));
+                    continue;
+                }
                 other => {
                     out.push(other);
                     continue;
@@ -229,7 +273,7 @@ impl Sequential {
                 }
                 _ => Activation::Identity,
             };
-            let last = iter.peek().is_none();
+            let last = top && iter.peek().is_none();
             let with_axis = |axis: usize| {
                 let mut c = config.clone().with_activation(activation);
                 c.weight = c.weight.map(|s: QuantSpec| match s.axis() {
@@ -258,6 +302,7 @@ impl Sequential {
             .map(|l| match l {
                 SeqLayer::FusedConv2d(m) => SeqLayer::FusedConv2d(m.folded()),
                 SeqLayer::FusedLinear(m) => SeqLayer::FusedLinear(m.folded()),
+                SeqLayer::Residual(r) => SeqLayer::Residual(Residual { body: r.body.folded(), add: r.add }),
                 other => other,
             })
             .collect();
