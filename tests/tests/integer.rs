@@ -261,3 +261,60 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     let back = burn_qat::export::format::from_bytes(&bytes).unwrap();
     assert_eq!(back.forward(&values(x.clone())), int.forward(&values(x)));
 }
+
+/// Calibrates `float` fused for QAT (input FakeQuant, quantized logits), converts it, and
+/// checks every output within 1 LSB of the fake-quant model, plus the file round trip.
+fn check_within_one_lsb<const D: usize>(float: Sequential, input: [usize; D], wrap: fn(Tensor<D>) -> burn_qat::transform::Flow) {
+    let device = Device::flex().autodiff();
+    let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
+    let mut model = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
+    model.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
+        last.output = Some(act.init(&device).unwrap());
+    }
+    for _ in 0..3 {
+        let _ = model.forward_flow(wrap(Tensor::<D>::random(input, Distribution::Normal(0.0, 1.0), &device)));
+    }
+    let model = model.valid();
+    let int = convert(&model, &input[1..]).unwrap();
+    let x = Tensor::<D>::random(input, Distribution::Normal(0.0, 1.0), &Device::flex());
+    let fq = match model.forward_flow(wrap(x.clone())) {
+        burn_qat::transform::Flow::Features(t) => values(t),
+        _ => panic!("features expected"),
+    };
+    let xs = values(x);
+    let (q, _, a) = int.forward_int(&xs).unwrap();
+    for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
+        let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
+        assert!((q_fq - *qi as i32).abs() <= 1, "output {i}: fake-quant {q_fq}, integer {qi}");
+    }
+    let back = burn_qat::export::format::from_bytes(&burn_qat::export::format::to_bytes(&int)).unwrap();
+    assert_eq!(back.forward(&xs), int.forward(&xs));
+    assert_eq!(int.forward(&xs), int.forward_reference(&xs));
+}
+
+#[test]
+fn conv1d_and_avg_pool_models_are_within_one_lsb() {
+    use burn::nn::conv::Conv1dConfig;
+    use burn::nn::PaddingConfig1d;
+    use burn::nn::pool::AvgPool2dConfig;
+    let device = Device::flex().autodiff();
+    device.seed(9);
+    let conv1d = Sequential::new(vec![
+        SeqLayer::Conv1d(Conv1dConfig::new(2, 4, 3).with_stride(2).with_padding(PaddingConfig1d::Explicit(1, 1)).init(&device)),
+        SeqLayer::BatchNorm(random_bn(4, &device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Conv1d(Conv1dConfig::new(4, 4, 3).with_groups(2).with_dilation(2).init(&device)),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(4 * 4, 3).init(&device)),
+    ]);
+    check_within_one_lsb(conv1d, [16, 2, 16], burn_qat::transform::Flow::Sequence);
+    let avg = Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([1, 3], [3, 3]).init(&device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::AvgPool2d(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(3 * 4 * 4, 3).init(&device)),
+    ]);
+    check_within_one_lsb(avg, [16, 1, 10, 10], burn_qat::transform::Flow::Images);
+}

@@ -133,7 +133,8 @@ fn output(f_output: Option<&FakeQuant>, activation: Activation, input: &ActQ, we
 /// `FakeQuant` of its input) for inputs of shape `input_shape` (`[c, h, w]`, no batch).
 ///
 /// Supported: `FakeQuant` (first layer), `FusedConv2d` and `FusedLinear` (with or without
-/// BatchNorm, any fused activation; int8 per-channel symmetric weights), `MaxPool2d`,
+/// BatchNorm, any fused activation; int8 per-channel symmetric weights), `FusedConv1d`,
+/// `MaxPool2d`, `AvgPool2d` (output on the input's grid, as in TFLite),
 /// `Flatten`, `Relu`/`Relu6` on quantized values, `Dropout` (identity), `Residual` blocks
 /// (integer `Add` with its fused activation). Anything else is an error naming its path.
 pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel, ExportError> {
@@ -284,6 +285,60 @@ fn convert_layers(
                 }
                 *shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
                 layers.push(IntLayer::MaxPool2d { kernel: p.kernel_size, stride: p.stride });
+            }
+            SeqLayer::FusedConv1d(f) => {
+                let input = need_input("FusedConv1d")?;
+                let conv = &f.layer;
+                let (left, right) = match conv.padding {
+                    burn::nn::PaddingConfig1d::Valid => (0, 0),
+                    burn::nn::PaddingConfig1d::Explicit(l, r) => (l, r),
+                    burn::nn::PaddingConfig1d::Same => {
+                        return Err(ExportError::Unsupported { path, kind: "Conv1d with Same padding".into(), hint: "use PaddingConfig1d::Explicit".into() });
+                    }
+                };
+                let (affine, dims) = quantize_affine(f, &input, &path)?;
+                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                let c = IntConv2d {
+                    in_channels: dims[1] * conv.groups,
+                    out_channels: dims[0],
+                    groups: conv.groups,
+                    kernel: [1, dims[2]],
+                    stride: [1, conv.stride],
+                    dilation: [1, conv.dilation],
+                    padding: [0, 0, left, right],
+                    weight: affine.weight,
+                    weight_scale: affine.weight_scale,
+                    bias: affine.bias,
+                    input,
+                    output: out.clone(),
+                };
+                if shape.len() != 2 || shape[0] != c.in_channels {
+                    return Err(ExportError::Unsupported { path, kind: "FusedConv1d".into(), hint: format!("its input has shape {shape:?}, expected [{}, length]", c.in_channels) });
+                }
+                let len = (shape[1] + left + right).checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1).map(|v| v / c.stride[1] + 1);
+                let Some(len) = len else {
+                    return Err(ExportError::Unsupported { path, kind: "FusedConv1d".into(), hint: format!("its kernel does not fit the input {shape:?}") });
+                };
+                *shape = vec![c.out_channels, len];
+                *current = match &out {
+                    Output::Quantized { act, .. } => Some(*act),
+                    Output::Float { .. } if i == last => None,
+                    Output::Float { .. } => {
+                        return Err(ExportError::Unsupported { path, kind: "FusedConv1d without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                    }
+                };
+                layers.push(IntLayer::Conv2d(c));
+            }
+            SeqLayer::AvgPool2d(p) => {
+                need_input("AvgPool2d")?;
+                if !matches!(p.padding, PaddingConfig2d::Valid) || p.ceil_mode {
+                    return Err(ExportError::Unsupported { path, kind: "AvgPool2d with padding or ceil mode".into(), hint: "use valid padding".into() });
+                }
+                if shape.len() != 3 || shape[1] < p.kernel_size[0] || shape[2] < p.kernel_size[1] {
+                    return Err(ExportError::Unsupported { path, kind: "AvgPool2d".into(), hint: format!("input shape {shape:?} does not fit its kernel") });
+                }
+                *shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
+                layers.push(IntLayer::AvgPool2d { kernel: p.kernel_size, stride: p.stride });
             }
             SeqLayer::Flatten(_) => {
                 *shape = vec![shape.iter().product()];

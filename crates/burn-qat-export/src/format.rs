@@ -117,6 +117,12 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
     let mut shape = shape;
     for (i, layer) in layers.iter().enumerate() {
         match layer {
+            IntLayer::Conv2d(c) if shape.len() == 2 && shape[0] == c.in_channels && c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0 => {
+                match (shape[1] + c.padding[2] + c.padding[3]).checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1) {
+                    Some(v) => shape = vec![c.out_channels, v / c.stride[1].max(1) + 1],
+                    None => return bad(format!("layer {i}: the kernel does not fit the input {shape:?}")),
+                }
+            }
             IntLayer::Conv2d(c) if shape.len() == 3 && shape[0] == c.in_channels => {
                 let out = |n: usize, p: usize, d: usize, k: usize, s: usize| (n + p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
                 match (out(shape[1], c.padding[0] + c.padding[1], c.dilation[0], c.kernel[0], c.stride[0].max(1)), out(shape[2], c.padding[2] + c.padding[3], c.dilation[1], c.kernel[1], c.stride[1].max(1))) {
@@ -125,7 +131,7 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
                 }
             }
             IntLayer::Linear(l) if shape == [l.in_features] => shape = vec![l.out_features],
-            IntLayer::MaxPool2d { kernel, stride } if shape.len() == 3 && shape[1] >= kernel[0] && shape[2] >= kernel[1] && !stride.contains(&0) => {
+            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } if shape.len() == 3 && shape[1] >= kernel[0] && shape[2] >= kernel[1] && !stride.contains(&0) => {
                 shape = vec![shape[0], (shape[1] - kernel[0]) / stride[0] + 1, (shape[2] - kernel[1]) / stride[1] + 1];
             }
             IntLayer::Flatten => shape = vec![shape.iter().product()],
@@ -138,7 +144,7 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
             other => return bad(format!("layer {i} ({}) does not accept input of shape {shape:?}", match other {
                 IntLayer::Conv2d(_) => "Conv2d",
                 IntLayer::Linear(_) => "Linear",
-                _ => "MaxPool2d",
+                _ => "pooling",
             })),
         }
         match layer {
@@ -156,7 +162,7 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
                     return bad(format!("layer {i}: linear parameter sizes disagree"));
                 }
             }
-            IntLayer::MaxPool2d { kernel, stride } => {
+            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } => {
                 if kernel.contains(&0) || stride.contains(&0) {
                     return bad(format!("layer {i}: zero pooling size"));
                 }

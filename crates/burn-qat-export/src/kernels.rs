@@ -58,8 +58,17 @@ fn gemm_u8_i8(a: &[u8], a_zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> V
 
 /// Convolution, fast path: per group, im2col of `[n * oh * ow, cin_g * kh * kw]` u8 patches
 /// (int8 + 128, padding = the zero point) times the `[cin_g * kh * kw, cout_g]` weights.
+/// `[n, c, h, w]`, with `[n, c, length]` read as `h = 1`.
+fn nchw(shape: &[usize]) -> [usize; 4] {
+    if shape.len() == 3 { [shape[0], shape[1], 1, shape[2]] } else { [shape[0], shape[1], shape[2], shape[3]] }
+}
+
+fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
+    if input.len() == 3 { vec![input[0], cout, ow] } else { vec![input[0], cout, oh, ow] }
+}
+
 pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
-    let [n, cin, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+    let [n, cin, h, w] = nchw(shape);
     let [kh, kw] = c.kernel;
     let oh = out_size(h, c.padding[0] + c.padding[1], c.dilation[0], kh, c.stride[0]);
     let ow = out_size(w, c.padding[2] + c.padding[3], c.dilation[1], kw, c.stride[1]);
@@ -112,7 +121,7 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
         }
     }
     let cout = c.out_channels;
-    finish(&acc, m, cout, &c.output, vec![n, cout, oh, ow], |row, ch| {
+    finish(&acc, m, cout, &c.output, out_shape(shape, cout, oh, ow), |row, ch| {
         let (img, pix) = (row / (oh * ow), row % (oh * ow));
         (img * cout + ch) * oh * ow + pix
     })
@@ -120,7 +129,7 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
 
 /// Convolution, scalar reference: the definition, one multiply-add at a time, in `i32`.
 pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
-    let [n, cin, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+    let [n, cin, h, w] = nchw(shape);
     let [kh, kw] = c.kernel;
     let oh = out_size(h, c.padding[0] + c.padding[1], c.dilation[0], kh, c.stride[0]);
     let ow = out_size(w, c.padding[2] + c.padding[3], c.dilation[1], kw, c.stride[1]);
@@ -153,7 +162,7 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
             }
         }
     }
-    finish(&acc, n * oh * ow, cout, &c.output, vec![n, cout, oh, ow], |row, ch| {
+    finish(&acc, n * oh * ow, cout, &c.output, out_shape(shape, cout, oh, ow), |row, ch| {
         let (img, pix) = (row / (oh * ow), row % (oh * ow));
         (img * cout + ch) * oh * ow + pix
     })
@@ -207,6 +216,32 @@ pub fn max_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize;
                     }
                 }
                 out[(p * oh + oy) * ow + ox] = m;
+            }
+        }
+    }
+    (out, vec![n, c, oh, ow])
+}
+
+/// Average pooling (no padding) on integers, on the input's grid, rounding half to even.
+pub fn avg_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize; 2], zero_point: i32) -> (Vec<i8>, Vec<usize>) {
+    let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+    let oh = out_size(h, 0, 1, kernel[0], stride[0]);
+    let ow = out_size(w, 0, 1, kernel[1], stride[1]);
+    let count = (kernel[0] * kernel[1]) as i32;
+    let mut out = vec![0i8; n * c * oh * ow];
+    for p in 0..n * c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut sum = 0i32;
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        sum += x[(p * h + oy * stride[0] + ky) * w + ox * stride[1] + kx] as i32 - zero_point;
+                    }
+                }
+                let floor = sum.div_euclid(count);
+                let rem2 = 2 * sum.rem_euclid(count);
+                let q = if rem2 > count || (rem2 == count && floor & 1 == 1) { floor + 1 } else { floor };
+                out[(p * oh + oy) * ow + ox] = (q + zero_point).clamp(-128, 127) as i8;
             }
         }
     }

@@ -51,7 +51,8 @@ pub enum Output {
     },
 }
 
-/// An integer 2-D convolution (NCHW).
+/// An integer 2-D convolution (NCHW); a 1-D convolution is one with `kernel[0] == 1` run on
+/// `[n, c, length]` inputs.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntConv2d {
     /// Input channels.
@@ -110,6 +111,14 @@ pub enum IntLayer {
     Linear(IntLinear),
     /// Max pooling on integers (quantization unchanged).
     MaxPool2d {
+        /// `[kh, kw]`.
+        kernel: [usize; 2],
+        /// `[sh, sw]`.
+        stride: [usize; 2],
+    },
+    /// Average pooling on integers, output on the input's grid (TFLite's AVERAGE_POOL_2D):
+    /// `round_half_even(sum(q - zp) / count) + zp`.
+    AvgPool2d {
         /// `[kh, kw]`.
         kernel: [usize; 2],
         /// `[sh, sw]`.
@@ -295,6 +304,10 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
         }
         (IntLayer::MaxPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
             let (data, shape) = kernels::max_pool2d(&data, &shape, *kernel, *stride);
+            Values::Int { data, shape, q }
+        }
+        (IntLayer::AvgPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
+            let (data, shape) = kernels::avg_pool2d(&data, &shape, *kernel, *stride, q.zero_point);
             Values::Int { data, shape, q }
         }
         (IntLayer::Clamp { lo, hi }, Values::Int { data, shape, q }) => {

@@ -173,6 +173,16 @@ impl FakeQuant {
         tensor::fake_quant(input, scale, zero_point, &self.spec)
     }
 
+    /// Fake-quantizes `input` with the current range, without observing it (for values that must
+    /// stay on this quantizer's grid, e.g. after an average pooling, as TFLite requires).
+    pub fn forward_fixed<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if !self.is_enabled() || !self.is_observed() {
+            return input;
+        }
+        let (scale, zero_point) = self.qparams_on(&input.device());
+        tensor::fake_quant(input, scale, zero_point, &self.spec)
+    }
+
     /// Updates the observed range with `input`, whatever the mode.
     pub fn observe<const D: usize>(&self, input: &Tensor<D>) {
         let device = self.min.value().device();

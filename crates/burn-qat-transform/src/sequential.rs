@@ -27,14 +27,14 @@
 //! ```
 
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
+use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::pool::{AvgPool2d, MaxPool2d};
 use burn::nn::{BatchNorm, Dropout, Linear, Relu};
 use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec};
 use burn_qat_nn::FakeQuant;
 
-use crate::{Activation, FusedAdd, FusedConfig, FusedConv2d, FusedLinear};
+use crate::{Activation, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d, FusedLinear};
 
 /// Flattens `[batch, c, h, w]` to `[batch, c * h * w]`.
 #[derive(Module, Debug, Default)]
@@ -48,6 +48,8 @@ pub struct Relu6;
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum SeqLayer {
+    /// 1-D convolution (`[batch, channels, length]`).
+    Conv1d(Conv1d),
     /// 2-D convolution.
     Conv2d(Conv2d),
     /// Batch normalization.
@@ -68,6 +70,8 @@ pub enum SeqLayer {
     Linear(Linear),
     /// A fake-quant point (e.g. the model input).
     FakeQuant(FakeQuant),
+    /// Fused Conv1d (+ BatchNorm) (+ activation).
+    FusedConv1d(FusedConv1d),
     /// Fused Conv2d (+ BatchNorm) (+ activation).
     FusedConv2d(FusedConv2d),
     /// Fused Linear (+ BatchNorm) (+ activation).
@@ -100,57 +104,99 @@ pub enum Flow {
     Images(Tensor<4>),
     /// `[batch, features]`.
     Features(Tensor<2>),
+    /// `[batch, channels, length]`.
+    Sequence(Tensor<3>),
 }
 
 impl Flow {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Flow::Images(x) => x.dims().to_vec(),
+            Flow::Features(x) => x.dims().to_vec(),
+            Flow::Sequence(x) => x.dims().to_vec(),
+        }
+    }
     fn images(self, layer: &str) -> Tensor<4> {
         match self {
             Flow::Images(x) => x,
-            Flow::Features(x) => panic!("{layer} needs [batch, channels, height, width] input, got features {:?}", x.dims()),
+            other => panic!("{layer} needs [batch, channels, height, width] input, got {:?}", other.dims()),
         }
     }
     fn features(self, layer: &str) -> Tensor<2> {
         match self {
             Flow::Features(x) => x,
-            Flow::Images(x) => panic!("{layer} needs [batch, features] input, got images {:?}: add a Flatten", x.dims()),
+            other => panic!("{layer} needs [batch, features] input, got {:?}: add a Flatten", other.dims()),
+        }
+    }
+    fn sequence(self, layer: &str) -> Tensor<3> {
+        match self {
+            Flow::Sequence(x) => x,
+            other => panic!("{layer} needs [batch, channels, length] input, got {:?}", other.dims()),
+        }
+    }
+    fn map(self, f2: impl Fn(Tensor<2>) -> Tensor<2>, f3: impl Fn(Tensor<3>) -> Tensor<3>, f4: impl Fn(Tensor<4>) -> Tensor<4>) -> Flow {
+        match self {
+            Flow::Features(x) => Flow::Features(f2(x)),
+            Flow::Sequence(x) => Flow::Sequence(f3(x)),
+            Flow::Images(x) => Flow::Images(f4(x)),
         }
     }
 }
 
 impl SeqLayer {
-    fn forward(&self, x: Flow) -> Flow {
+    fn forward(&self, x: Flow, last_quantizer: &mut Option<FakeQuant>) -> Flow {
         use burn::tensor::activation::{relu, relu6};
-        match (self, x) {
+        let out = match (self, x) {
+            (SeqLayer::Conv1d(m), x) => Flow::Sequence(m.forward(x.sequence("Conv1d"))),
             (SeqLayer::Conv2d(m), x) => Flow::Images(m.forward(x.images("Conv2d"))),
-            (SeqLayer::BatchNorm(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
-            (SeqLayer::BatchNorm(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
-            (SeqLayer::Relu(_), Flow::Images(x)) => Flow::Images(relu(x)),
-            (SeqLayer::Relu(_), Flow::Features(x)) => Flow::Features(relu(x)),
-            (SeqLayer::Relu6(_), Flow::Images(x)) => Flow::Images(relu6(x)),
-            (SeqLayer::Relu6(_), Flow::Features(x)) => Flow::Features(relu6(x)),
+            (SeqLayer::BatchNorm(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
+            (SeqLayer::Relu(_), x) => x.map(relu, relu, relu),
+            (SeqLayer::Relu6(_), x) => x.map(relu6, relu6, relu6),
             (SeqLayer::MaxPool2d(m), x) => Flow::Images(m.forward(x.images("MaxPool2d"))),
-            (SeqLayer::AvgPool2d(m), x) => Flow::Images(m.forward(x.images("AvgPool2d"))),
-            (SeqLayer::Dropout(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
-            (SeqLayer::Dropout(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
+            (SeqLayer::AvgPool2d(m), x) => {
+                let y = m.forward(x.images("AvgPool2d"));
+                // TFLite's AVERAGE_POOL_2D keeps the input's grid: re-round onto it.
+                Flow::Images(match last_quantizer.as_ref() {
+                    Some(fq) => fq.forward_fixed(y),
+                    None => y,
+                })
+            }
+            (SeqLayer::Dropout(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
             (SeqLayer::Flatten(_), Flow::Images(x)) => {
                 let [n, c, h, w] = x.dims();
                 Flow::Features(x.reshape([n, c * h * w]))
             }
+            (SeqLayer::Flatten(_), Flow::Sequence(x)) => {
+                let [n, c, l] = x.dims();
+                Flow::Features(x.reshape([n, c * l]))
+            }
             (SeqLayer::Flatten(_), f) => f,
             (SeqLayer::Linear(m), x) => Flow::Features(m.forward(x.features("Linear"))),
-            (SeqLayer::FakeQuant(m), Flow::Images(x)) => Flow::Images(m.forward(x)),
-            (SeqLayer::FakeQuant(m), Flow::Features(x)) => Flow::Features(m.forward(x)),
+            (SeqLayer::FakeQuant(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
+            (SeqLayer::FusedConv1d(m), x) => Flow::Sequence(m.forward(x.sequence("FusedConv1d"))),
             (SeqLayer::FusedConv2d(m), x) => Flow::Images(m.forward(x.images("FusedConv2d"))),
             (SeqLayer::FusedLinear(m), x) => Flow::Features(m.forward(x.features("FusedLinear"))),
-            (SeqLayer::Residual(r), Flow::Images(x)) => {
-                let y = r.body.forward_flow(Flow::Images(x.clone())).images("the residual body output");
-                Flow::Images(r.add.forward(x, y))
+            (SeqLayer::Residual(r), x) => {
+                let mut inner = last_quantizer.clone();
+                let y = r.body.forward_with(x.clone(), &mut inner);
+                match (x, y) {
+                    (Flow::Images(a), Flow::Images(b)) => Flow::Images(r.add.forward(a, b)),
+                    (Flow::Features(a), Flow::Features(b)) => Flow::Features(r.add.forward(a, b)),
+                    (Flow::Sequence(a), Flow::Sequence(b)) => Flow::Sequence(r.add.forward(a, b)),
+                    (a, b) => panic!("a residual body must keep the input's rank: {:?} -> {:?}", a.dims(), b.dims()),
+                }
             }
-            (SeqLayer::Residual(r), Flow::Features(x)) => {
-                let y = r.body.forward_flow(Flow::Features(x.clone())).features("the residual body output");
-                Flow::Features(r.add.forward(x, y))
-            }
+        };
+        match self {
+            SeqLayer::FakeQuant(m) => *last_quantizer = Some(m.clone()),
+            SeqLayer::FusedConv1d(Fused { output, .. }) => *last_quantizer = output.clone(),
+            SeqLayer::FusedConv2d(Fused { output, .. }) => *last_quantizer = output.clone(),
+            SeqLayer::FusedLinear(Fused { output, .. }) => *last_quantizer = output.clone(),
+            SeqLayer::Residual(r) => *last_quantizer = r.add.output.clone(),
+            SeqLayer::Conv1d(_) | SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => *last_quantizer = None,
+            _ => {}
         }
+        out
     }
 
     /// The layer's kind, fused ones with what they contain (`FusedConv2d(BatchNorm, Relu)`).
@@ -166,6 +212,7 @@ impl SeqLayer {
             if parts.is_empty() { String::new() } else { format!("({})", parts.join(", ")) }
         };
         match self {
+            SeqLayer::Conv1d(_) => "Conv1d".into(),
             SeqLayer::Conv2d(_) => "Conv2d".into(),
             SeqLayer::BatchNorm(_) => "BatchNorm".into(),
             SeqLayer::Relu(_) => "Relu".into(),
@@ -176,6 +223,7 @@ impl SeqLayer {
             SeqLayer::Flatten(_) => "Flatten".into(),
             SeqLayer::Linear(_) => "Linear".into(),
             SeqLayer::FakeQuant(_) => "FakeQuant".into(),
+            SeqLayer::FusedConv1d(m) => format!("FusedConv1d{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::FusedConv2d(m) => format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::FusedLinear(m) => format!("FusedLinear{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::Residual(r) => format!("Residual[{}] + Add{}", r.body.describe().join(" -> "), fused(false, r.add.activation)),
@@ -212,7 +260,11 @@ impl Sequential {
 
     /// Runs the layers in order on any [`Flow`].
     pub fn forward_flow(&self, input: Flow) -> Flow {
-        self.layers.iter().fold(input, |x, layer| layer.forward(x))
+        self.forward_with(input, &mut None)
+    }
+
+    fn forward_with(&self, input: Flow, last_quantizer: &mut Option<FakeQuant>) -> Flow {
+        self.layers.iter().fold(input, |x, layer| layer.forward(x, last_quantizer))
     }
 
     /// The layer names, fused ones with what they contain.
@@ -237,9 +289,15 @@ impl Sequential {
         let mut out: Vec<SeqLayer> = Vec::new();
         let mut iter = self.layers.into_iter().peekable();
         while let Some(layer) = iter.next() {
-            let (conv, linear) = match layer {
-                SeqLayer::Conv2d(c) => (Some(c), None),
-                SeqLayer::Linear(l) => (None, Some(l)),
+            enum Base {
+                C1(Conv1d),
+                C2(Conv2d),
+                L(Linear),
+            }
+            let base = match layer {
+                SeqLayer::Conv1d(c) => Base::C1(c),
+                SeqLayer::Conv2d(c) => Base::C2(c),
+                SeqLayer::Linear(l) => Base::L(l),
                 SeqLayer::Residual(r) => {
                     let device = r.body.devices().first().cloned();
                     let output = match (&config.output, device) {
@@ -285,10 +343,10 @@ impl Sequential {
                 }
                 c
             };
-            match (conv, linear) {
-                (Some(conv), _) => out.push(SeqLayer::FusedConv2d(with_axis(0).init(conv, bn)?)),
-                (_, Some(linear)) => out.push(SeqLayer::FusedLinear(with_axis(1).init(linear, bn)?)),
-                _ => unreachable!(),
+            match base {
+                Base::C1(conv) => out.push(SeqLayer::FusedConv1d(with_axis(0).init(conv, bn)?)),
+                Base::C2(conv) => out.push(SeqLayer::FusedConv2d(with_axis(0).init(conv, bn)?)),
+                Base::L(linear) => out.push(SeqLayer::FusedLinear(with_axis(1).init(linear, bn)?)),
             }
         }
         Ok(Self { layers: out })
@@ -300,6 +358,7 @@ impl Sequential {
             .layers
             .into_iter()
             .map(|l| match l {
+                SeqLayer::FusedConv1d(m) => SeqLayer::FusedConv1d(m.folded()),
                 SeqLayer::FusedConv2d(m) => SeqLayer::FusedConv2d(m.folded()),
                 SeqLayer::FusedLinear(m) => SeqLayer::FusedLinear(m.folded()),
                 SeqLayer::Residual(r) => SeqLayer::Residual(Residual { body: r.body.folded(), add: r.add }),
