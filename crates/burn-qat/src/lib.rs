@@ -44,6 +44,8 @@ pub use burn_qat_nn as nn;
 pub use burn_qat_transform as transform;
 /// Integer conversion: int8 model with integer arithmetic (re-export of `burn-qat-export`).
 pub use burn_qat_export as export;
+/// ONNX QDQ export of integer models (re-export of `burn-qat-onnx`).
+pub use burn_qat_onnx as onnx;
 
 pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
 pub use burn_qat_nn::{

@@ -110,7 +110,7 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
         int8_size_bytes: Some(int8_bytes.len()),
         train_images_per_s_float: float_speed,
         train_images_per_s_qat: qat_speed,
-        tfmot_qat_test_acc: config.model.tfmot_qat_accuracy(),
+        tfmot_qat_test_acc: Some(config.model.tfmot_qat_accuracy()).filter(|v| v.is_finite()),
     };
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)?;
@@ -118,8 +118,26 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
         std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
         std::fs::rename(&tmp, dir.join("report.json"))?;
         burn_qat::export::format::save(&int8, &dir.join("model.bqi"))?;
+        burn_qat::onnx::save(&int8, &dir.join("model.onnx"), &burn_qat::onnx::OnnxOptions::default())?;
+        // The integer model's logits on the test images, for checks in other runtimes.
+        let (logits, _) = int8.forward(&test.pixels(0..test.len()));
+        write_npy(&dir.join("int8_logits.npy"), &logits, [test.len(), 10])?;
     }
     Ok(report)
+}
+
+/// Writes a float32 array in NumPy's `.npy` format.
+pub fn write_npy(path: &Path, data: &[f32], shape: [usize; 2]) -> std::io::Result<()> {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", shape[0], shape[1]);
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, bytes)
 }
 
 /// Accuracy of the integer model over `split`, in batches of 1000 images.
@@ -144,7 +162,7 @@ pub fn table(r: &Report) -> String {
     s += &format!("{:<34} {}\n", "model / device / seed", format!("{:?} / {} / {}", r.model, r.device, r.seed));
     s += &format!("{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n", "schedule", r.epochs_float, r.epochs_qat, r.batch_size, r.train_images, r.test_images);
     s += &format!("{:<34} {}\n", "float test accuracy", pct(r.float_test_acc));
-    s += &format!("{:<34} {}  (W{}A{}; tfmot: {})\n", "QAT test accuracy", pct(r.qat_test_acc), r.weight_bits, r.activation_bits, pct(r.tfmot_qat_test_acc));
+    s += &format!("{:<34} {}  (W{}A{}; tfmot: {})\n", "QAT test accuracy", pct(r.qat_test_acc), r.weight_bits, r.activation_bits, opt(r.tfmot_qat_test_acc));
     s += &format!("{:<34} {}\n", "folded QAT model test accuracy", pct(r.folded_test_acc));
     s += &format!("{:<34} {}\n", "int8 test accuracy", opt(r.int8_test_acc));
     s += &format!("{:<34} {} bytes\n", "float model size", r.float_size_bytes);

@@ -5,7 +5,9 @@ use burn::nn::conv::Conv2dConfig;
 use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, Relu};
 use burn::prelude::*;
-use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
+use burn::nn::PaddingConfig2d;
+use burn::nn::pool::AvgPool2dConfig;
+use burn_qat::transform::{Activation, FusedConfig, Residual, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, Observer, QatError, QuantSpec};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +20,10 @@ pub enum ModelKind {
     /// Conv(32, 3x3) -> BN -> ReLU -> Conv(64, 3x3) -> BN -> ReLU -> MaxPool(2x2) -> Flatten ->
     /// Dense(128, relu) -> Dense(10).
     Bn,
+    /// A small residual CNN: Conv(16, 3x3) -> BN -> ReLU -> MaxPool(2x2) ->
+    /// [Conv(16, 3x3, pad 1) -> BN -> ReLU -> Conv(16, 3x3, pad 1) -> BN] + Add -> ReLU ->
+    /// AvgPool(2x2) -> Flatten -> Dense(10).
+    Residual,
 }
 
 impl ModelKind {
@@ -45,6 +51,26 @@ impl ModelKind {
                 SeqLayer::Relu(Relu::new()),
                 SeqLayer::Linear(LinearConfig::new(128, 10).init(device)),
             ]),
+            ModelKind::Residual => {
+                let conv = |i, o| SeqLayer::Conv2d(Conv2dConfig::new([i, o], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device));
+                let body = Sequential::new(vec![
+                    conv(16, 16),
+                    SeqLayer::BatchNorm(BatchNormConfig::new(16).init(device)),
+                    SeqLayer::Relu(Relu::new()),
+                    conv(16, 16),
+                    SeqLayer::BatchNorm(BatchNormConfig::new(16).init(device)),
+                ]);
+                Sequential::new(vec![
+                    SeqLayer::Conv2d(Conv2dConfig::new([1, 16], [3, 3]).init(device)),
+                    SeqLayer::BatchNorm(BatchNormConfig::new(16).init(device)),
+                    SeqLayer::Relu(Relu::new()),
+                    pool(),
+                    SeqLayer::Residual(Residual::new(body, Activation::Relu)),
+                    SeqLayer::AvgPool2d(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+                    SeqLayer::Flatten(Default::default()),
+                    SeqLayer::Linear(LinearConfig::new(16 * 6 * 6, 10).init(device)),
+                ])
+            }
         }
     }
 
@@ -53,7 +79,7 @@ impl ModelKind {
     pub fn schedule(&self) -> (usize, usize, usize) {
         match self {
             ModelKind::Tutorial => (1, 1, 32),
-            ModelKind::Bn => (2, 1, 128),
+            ModelKind::Bn | ModelKind::Residual => (2, 1, 128),
         }
     }
 
@@ -62,6 +88,7 @@ impl ModelKind {
         match self {
             ModelKind::Tutorial => 0.974,
             ModelKind::Bn => 0.9820,
+            ModelKind::Residual => f64::NAN,
         }
     }
 }

@@ -48,6 +48,6 @@ pub struct Report {
     pub train_images_per_s_float: f64,
     /// QAT training throughput.
     pub train_images_per_s_qat: f64,
-    /// tfmot's QAT accuracy for this model and schedule (for comparison).
-    pub tfmot_qat_test_acc: f64,
+    /// tfmot's QAT accuracy for this model and schedule (for comparison), if measured.
+    pub tfmot_qat_test_acc: Option<f64>,
 }
