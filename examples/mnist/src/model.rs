@@ -6,7 +6,6 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, Relu};
 use burn::prelude::*;
 use burn::nn::PaddingConfig2d;
-use burn::nn::pool::AvgPool2dConfig;
 use burn_qat::transform::{Activation, FusedConfig, Residual, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, Observer, QatError, QuantSpec};
 use serde::{Deserialize, Serialize};
@@ -22,7 +21,7 @@ pub enum ModelKind {
     Bn,
     /// A small residual CNN: Conv(16, 3x3) -> BN -> ReLU -> MaxPool(2x2) ->
     /// [Conv(16, 3x3, pad 1) -> BN -> ReLU -> Conv(16, 3x3, pad 1) -> BN] + Add -> ReLU ->
-    /// AvgPool(2x2) -> Flatten -> Dense(10).
+    /// MaxPool(2x2) -> Flatten -> Dense(10).
     Residual,
 }
 
@@ -66,7 +65,7 @@ impl ModelKind {
                     SeqLayer::Relu(Relu::new()),
                     pool(),
                     SeqLayer::Residual(Residual::new(body, Activation::Relu)),
-                    SeqLayer::AvgPool2d(AvgPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+                    pool(),
                     SeqLayer::Flatten(Default::default()),
                     SeqLayer::Linear(LinearConfig::new(16 * 6 * 6, 10).init(device)),
                 ])
