@@ -318,3 +318,35 @@ fn conv1d_and_avg_pool_models_are_within_one_lsb() {
     ]);
     check_within_one_lsb(avg, [16, 1, 10, 10], burn_qat::transform::Flow::Images);
 }
+
+#[test]
+fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
+    use burn_qat::onnx::{OnnxOptions, decode_model, save, to_model_proto};
+    let (model, _) = calibrated(false);
+    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let proto = to_model_proto(&int, &OnnxOptions::default()).unwrap();
+    let ops: Vec<String> = proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.clone().unwrap()).collect();
+    for op in ["QuantizeLinear", "DequantizeLinear", "Conv", "MaxPool", "Flatten", "Gemm"] {
+        assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
+    }
+    // Every Conv/Gemm input is a DequantizeLinear output (QDQ form).
+    let graph = proto.graph.as_ref().unwrap();
+    let produced_by = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name)).and_then(|n| n.op_type.clone());
+    for n in graph.node.iter().filter(|n| matches!(n.op_type.as_deref(), Some("Conv") | Some("Gemm"))) {
+        for input in &n.input {
+            assert_eq!(produced_by(input).as_deref(), Some("DequantizeLinear"), "{:?} input {input}", n.op_type);
+        }
+    }
+    assert_eq!(proto.opset_import[0].version, Some(13));
+    let err = to_model_proto(&int, &OnnxOptions { opset: 7 }).unwrap_err().to_string();
+    assert_eq!(err, "invalid ONNX export option: `opset` is 7, allowed: 13 or 21");
+    // Saving into a missing directory fails and leaves nothing behind.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing").join("model.onnx");
+    assert!(save(&int, &path, &OnnxOptions::default()).is_err());
+    assert!(!path.exists());
+    let ok = dir.path().join("model.onnx");
+    save(&int, &ok, &OnnxOptions { opset: 21 }).unwrap();
+    let back = decode_model(&std::fs::read(&ok).unwrap()).unwrap();
+    assert_eq!(back.opset_import[0].version, Some(21));
+}

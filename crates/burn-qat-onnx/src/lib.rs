@@ -19,4 +19,4 @@
 pub mod proto;
 mod writer;
 
-pub use writer::{OnnxError, OnnxOptions, save, to_model_proto};
+pub use writer::{OnnxError, OnnxOptions, decode_model, save, to_model_proto};

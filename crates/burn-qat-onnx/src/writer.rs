@@ -345,3 +345,8 @@ pub fn save(model: &IntegerModel, path: &Path, options: &OnnxOptions) -> Result<
         io(e)
     })
 }
+
+/// Decodes ONNX model bytes (to inspect an exported file).
+pub fn decode_model(bytes: &[u8]) -> Result<ModelProto, prost::DecodeError> {
+    ModelProto::decode(bytes)
+}
