@@ -213,3 +213,74 @@ pub fn to_qparams(scale: &Tensor<1>, zero_point: &Tensor<1>) -> Vec<QParams> {
         .map(|(scale, zp)| QParams { scale, zero_point: zp as i32 })
         .collect()
 }
+
+/// Scales the gradient of `x` by `factor` without changing its value:
+/// `(x - x * factor).detach() + x * factor` (LSQ's gradient scaling).
+pub fn grad_scale<const D: usize>(x: Tensor<D>, factor: f32) -> Tensor<D> {
+    let scaled = x.clone().mul_scalar(factor);
+    (x - scaled.clone()).detach() + scaled
+}
+
+/// LSQ's gradient scale for a step size shared by `n` values on a grid whose top is `qmax`:
+/// `1 / sqrt(n * qmax)` (Esser et al. 2019; PyTorch's `_LearnableFakeQuantize`).
+pub fn lsq_grad_factor(n: usize, qmax: i32) -> f32 {
+    1.0 / ((n.max(1) as f32) * (qmax.max(1) as f32)).sqrt()
+}
+
+/// LSQ / LSQ+ fake quantization with a learnable step size (and, for LSQ+, a learnable float
+/// offset): `x_hat = round(clamp((x - offset) / s, qmin, qmax)) * s + offset`.
+///
+/// Gradients (exact, through autodiff): `dx_hat/dx` is 1 inside the range and 0 outside;
+/// `dx_hat/ds` is `round(v) - v` inside and `qmin`/`qmax` outside (`v = (x - offset) / s`),
+/// times `grad_factor`; `dx_hat/d offset` is 0 inside and 1 outside, times `grad_factor`.
+///
+/// # Shapes
+///
+/// - `x`: any; `scale`, `offset`: `[1]` or `[C]` along the spec's axis.
+pub fn fake_quant_lsq<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    offset: Option<Tensor<1>>,
+    spec: &QuantSpec,
+    grad_factor: f32,
+) -> Tensor<D> {
+    let channels = scale.dims()[0];
+    let axis = if channels == 1 { None } else { spec.axis() };
+    let shape: [usize; D] = channel_shape(channels, axis);
+    let s = grad_scale(scale, grad_factor).reshape(shape);
+    let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+    match offset {
+        None => round_ste((x / s.clone()).clamp(qmin, qmax)) * s,
+        Some(o) => {
+            let o = grad_scale(o, grad_factor).reshape(shape);
+            round_ste(((x - o.clone()) / s.clone()).clamp(qmin, qmax)) * s + o
+        }
+    }
+}
+
+/// PACT (Choi et al. 2018): `y = clamp(x, 0, alpha)` with a learnable `alpha`, then
+/// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through). The gradient
+/// reaches `x` inside `[0, alpha]` and `alpha` where `x >= alpha` (PACT's `dy/dalpha`).
+pub fn fake_quant_pact<const D: usize>(x: Tensor<D>, alpha: Tensor<1>, spec: &QuantSpec) -> Tensor<D> {
+    let dims = x.dims();
+    let a: Tensor<D> = alpha.clone().reshape([1; D]).expand(dims);
+    let y = x.clamp_min(0.0).min_pair(a);
+    let scale = alpha.detach().div_scalar(spec.qmax().max(1) as f32).clamp_min(MIN_SCALE);
+    let zero = scale.zeros_like();
+    let unsigned = spec.with_signed(false).with_symmetric(false).with_granularity(crate::Granularity::PerTensor);
+    let q = fake_quant(y.clone().detach(), scale, zero, &unsigned);
+    y.clone() + (q - y).detach()
+}
+
+/// The note's trainable clip: `x` clamped to learnable `[min, max]`, then fake-quantized with
+/// that range (straight-through). As TF's `FakeQuantWithMinMaxVarsGradient`, `min` receives the
+/// gradient of the values below it and `max` of those above it.
+pub fn fake_quant_min_max<const D: usize>(x: Tensor<D>, min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> Tensor<D> {
+    let lo: Tensor<D> = min.clone().reshape([1; D]);
+    let hi: Tensor<D> = max.clone().reshape([1; D]);
+    let dims = x.dims();
+    let y = x.max_pair(lo.expand(dims)).min_pair(hi.expand(dims));
+    let (scale, zp) = qparams(min.detach(), max.detach(), spec);
+    let q = fake_quant(y.clone().detach(), scale, zp, spec);
+    y.clone() + (q - y).detach()
+}
