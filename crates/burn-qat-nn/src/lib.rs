@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 mod fake_quant;
+pub mod learned;
 pub mod switches;
 mod weight;
 
@@ -33,4 +34,5 @@ mod spec_code;
 
 pub use spec_code::{decode_spec, encode_spec};
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
+pub use learned::{LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange, start_learning};
 pub use weight::{WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer};

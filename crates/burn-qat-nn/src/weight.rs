@@ -20,6 +20,7 @@ impl WeightFakeQuantConfig {
         Ok(WeightFakeQuant {
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
             spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
+            scale: None,
             spec: self.spec,
         })
     }
@@ -61,6 +62,9 @@ pub struct WeightFakeQuant {
     pub enabled: RunningState<Tensor<1>>,
     /// `[6]`: the spec, recorded with the model (see [`encode_spec`](crate::encode_spec)).
     pub spec_code: RunningState<Tensor<1>>,
+    /// LSQ: a learned step size per output channel (`[channels]`, or `[1]`); `None` uses the
+    /// weight's own min/max.
+    pub scale: Option<Param<Tensor<1>>>,
     /// The integer grid.
     #[module(skip)]
     pub spec: QuantSpec,
@@ -74,6 +78,11 @@ impl WeightFakeQuant {
 
     /// The quantization parameters for `weight` (one per output channel for per-channel specs).
     pub fn qparams_for<const D: usize>(&self, weight: Tensor<D>) -> Vec<QParams> {
+        if let Some(scale) = &self.scale {
+            let s = scale.val();
+            let z = s.zeros_like();
+            return tensor::to_qparams(&s, &z);
+        }
         let (min, max) = tensor::min_max(weight, self.spec.granularity);
         let (s, z) = tensor::qparams(min, max, &self.spec);
         tensor::to_qparams(&s, &z)
@@ -94,6 +103,13 @@ impl Reparameterization for WeightFakeQuant {
         if !self.is_enabled() {
             return base;
         }
+        if let Some(scale) = &self.scale {
+            let scale = scale.val();
+            let channels = scale.dims()[0];
+            let n = base.dims().iter().product::<usize>() / channels.max(1);
+            let g = tensor::lsq_grad_factor(n, self.spec.qmax());
+            return tensor::fake_quant_lsq(base, scale, None, &self.spec, g);
+        }
         let (min, max) = tensor::min_max(base.clone(), self.spec.granularity);
         let (scale, zero_point) = tensor::qparams(min, max, &self.spec);
         tensor::fake_quant(base, scale, zero_point, &self.spec)
@@ -107,13 +123,21 @@ impl Reparameterization for WeightFakeQuant {
 /// alone, and so is any parameter whose spec does not fit its rank.
 pub struct WeightFakeQuantizer<F> {
     rule: F,
+    learned: std::collections::BTreeSet<String>,
 }
 
 impl<F: FnMut(&str, &[usize]) -> Option<QuantSpec>> WeightFakeQuantizer<F> {
     /// A quantizer that asks `rule` for the spec of each parameter (its dotted module path and
     /// its dimensions); `None` leaves the parameter in float.
     pub fn new(rule: F) -> Self {
-        Self { rule }
+        Self { rule, learned: Default::default() }
+    }
+
+    /// The parameters (by path) whose step size is learned with LSQ, initialized from the weight
+    /// as LSQ prescribes (`2 * mean|w| / sqrt(qmax)`, per channel).
+    pub fn with_learned(mut self, paths: impl IntoIterator<Item = String>) -> Self {
+        self.learned.extend(paths);
+        self
     }
 }
 
@@ -134,8 +158,29 @@ impl<F: FnMut(&str, &[usize]) -> Option<QuantSpec>> Reparameterizer for WeightFa
             return (param, None);
         };
         match WeightFakeQuantConfig::new(spec).init(&device) {
-            Ok(wfq) if spec.validate_for_rank(D).is_ok() => (param, Some(wfq)),
+            Ok(mut wfq) if spec.validate_for_rank(D).is_ok() => {
+                if self.learned.contains(path) {
+                    wfq.scale = Some(Param::from_tensor(lsq_init(param.val(), &spec)));
+                }
+                (param, Some(wfq))
+            }
             _ => (param, None),
         }
     }
+}
+
+/// LSQ's initial step size for `weight`: `2 * mean|w| / sqrt(qmax)` per channel.
+fn lsq_init<const D: usize>(weight: Tensor<D>, spec: &QuantSpec) -> Tensor<1> {
+    let w = weight.detach();
+    let abs = w.abs();
+    let mean: Tensor<1> = match spec.axis() {
+        None => abs.mean().reshape([1]),
+        Some(axis) => {
+            let c = abs.dims()[axis];
+            let flat: Tensor<2> = abs.swap_dims(axis, 0).reshape([c as i32, -1]);
+            flat.mean_dim(1).reshape([c])
+        }
+    };
+    let init = mean.mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt()).clamp_min(burn_qat_core::MIN_SCALE).detach();
+    if init.is_autodiff() { init.require_grad() } else { init }
 }

@@ -22,6 +22,10 @@ pub struct WeightQuant {
     pub rounding: RoundingMode,
     /// `false` keeps this layer's weights in float.
     pub enabled: bool,
+    /// Learn the step size with LSQ (initialized from the weight) instead of using the
+    /// weight's min/max.
+    #[serde(default)]
+    pub learned: bool,
 }
 
 impl Default for WeightQuant {
@@ -40,7 +44,12 @@ impl WeightQuant {
             narrow_range: true,
             rounding: RoundingMode::HalfToEven,
             enabled: true,
+            learned: false,
         }
+    }
+    /// `bits`-bit symmetric narrow-range per-channel weights with LSQ-learned step sizes.
+    pub fn lsq(bits: u32) -> Self {
+        Self { bits, learned: true, ..Self::int8_per_channel() }
     }
     /// 8-bit symmetric narrow-range weights, one scale per tensor.
     pub fn int8_per_tensor() -> Self {
@@ -330,6 +339,8 @@ pub struct PlannedParam {
     pub spec: Option<QuantSpec>,
     /// Why it got this decision (`default`, `rule path pattern "fc2"`, `frozen`, ...).
     pub reason: String,
+    /// Whether the step size is learned (LSQ).
+    pub learned: bool,
 }
 
 fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
@@ -433,7 +444,7 @@ pub(crate) fn plan_with<M: Module>(
     let mut out = Vec::new();
     for p in &params {
         let mut decide = |spec: Option<QuantSpec>, reason: String| {
-            out.push(PlannedParam { path: p.path.clone(), layer_type: p.layer_type.clone(), dims: p.dims.clone(), spec, reason });
+            out.push(PlannedParam { path: p.path.clone(), layer_type: p.layer_type.clone(), dims: p.dims.clone(), spec, reason, learned: false });
         };
         if p.dims.len() < 2 {
             decide(None, "rank < 2 (bias, norm or state)".into());
@@ -526,6 +537,12 @@ pub(crate) fn plan_with<M: Module>(
             reason
         };
         decide(Some(quant.spec(axis)), reason);
+        if quant.learned
+            && let Some(last) = out.last_mut()
+        {
+            last.learned = true;
+            last.reason.push_str("; LSQ-learned step size");
+        }
     }
     if !out.iter().any(|p| p.spec.is_some()) {
         let listed: Vec<String> = out.iter().map(|p| format!("{} ({})", p.path, p.reason)).collect();
@@ -548,11 +565,12 @@ pub(crate) fn plan_with<M: Module>(
 /// See [`plan`].
 pub fn quantize<M: Module>(model: M, config: &QatConfig) -> Result<M, QatError> {
     let planned = plan(&model, config)?;
+    let learned: Vec<String> = planned.iter().filter(|p| p.spec.is_some() && p.learned).map(|p| p.path.clone()).collect();
     let specs: BTreeMap<String, QuantSpec> =
         planned.into_iter().filter_map(|p| p.spec.map(|s| (p.path, s))).collect();
-    Ok(model.apply_reparameterization(WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| {
-        specs.get(path).copied()
-    })))
+    Ok(model.apply_reparameterization(
+        WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| specs.get(path).copied()).with_learned(learned),
+    ))
 }
 
 /// Bakes the fake-quantized weights into ordinary float weights for inference: the result is

@@ -1,0 +1,251 @@
+//! Learned quantization ranges: LSQ / LSQ+ step sizes, PACT clipping, trainable min/max, for
+//! activations ([`LearnedFakeQuant`]); LSQ for weights is [`WeightFakeQuant`](crate::WeightFakeQuant)
+//! with a learned `scale`.
+//!
+//! Activations start in an *observe* phase (a [`FakeQuant`] with its observer), then
+//! [`start_learning`] hands the observed range over to the learnable parameters (PyTorch's
+//! `_LearnableFakeQuantize` observe -> learn hand-off). The parameters are ordinary Burn
+//! `Param`s: the optimizer updates them, records save them, `to_device` moves them, and a
+//! `ParamGroup` can give them their own learning rate.
+
+use burn::config::Config;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, RunningState};
+use burn::prelude::*;
+use burn_qat_core::{QatError, QuantSpec, tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::{FakeQuant, FakeQuantConfig, Observer};
+
+/// Which range is learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LearnedRange {
+    /// LSQ (Esser et al. 2019): a learnable step size, gradient scaled by `1/sqrt(N * qmax)`.
+    Lsq,
+    /// LSQ+ (Bhalgat et al. 2020): LSQ plus a learnable offset, for asymmetric activations.
+    LsqPlus,
+    /// PACT (Choi et al. 2018): a learnable clipping level `alpha` on an unsigned grid.
+    Pact,
+    /// The note's trainable `[min, max]` clip (TF's `FakeQuantWithMinMaxVars` gradients).
+    MinMax,
+}
+
+/// Configuration to create a [`LearnedFakeQuant`] using the [init function](LearnedFakeQuantConfig::init).
+#[derive(Config, Debug)]
+pub struct LearnedFakeQuantConfig {
+    /// The integer grid.
+    pub spec: QuantSpec,
+    /// What is learned.
+    pub method: LearnedRange,
+    /// Observer of the observe phase.
+    #[config(default = "Observer::MovingAverage { decay: 0.999 }")]
+    pub observer: Observer,
+    /// Channels along the spec's axis (1 per tensor).
+    #[config(default = 1)]
+    pub channels: usize,
+}
+
+impl LearnedFakeQuantConfig {
+    /// Initializes the module, in the observe phase.
+    pub fn init(&self, device: &Device) -> Result<LearnedFakeQuant, QatError> {
+        let observer = FakeQuantConfig::new(self.spec).with_observer(self.observer).with_channels(self.channels).init(device)?;
+        let p = |v: f32, n: usize| Param::from_tensor(Tensor::<1>::full([n], v, device));
+        let c = self.channels;
+        let (scale, offset, alpha, min, max) = match self.method {
+            LearnedRange::Lsq => (Some(p(1.0, c)), None, None, None, None),
+            LearnedRange::LsqPlus => (Some(p(1.0, c)), Some(p(0.0, c)), None, None, None),
+            LearnedRange::Pact => (None, None, Some(p(1.0, 1)), None, None),
+            LearnedRange::MinMax => (None, None, None, Some(p(-1.0, 1)), Some(p(1.0, 1))),
+        };
+        Ok(LearnedFakeQuant {
+            observer,
+            scale,
+            offset,
+            alpha,
+            min,
+            max,
+            learning: RunningState::new(Tensor::zeros([1], device)),
+            spec: self.spec,
+            method: self.method,
+        })
+    }
+}
+
+/// Fake quantization with a learned range. Created by [`LearnedFakeQuantConfig`].
+#[derive(Module, Debug)]
+pub struct LearnedFakeQuant {
+    /// The observe-phase quantizer (its range initializes the learned parameters).
+    pub observer: FakeQuant,
+    /// LSQ step size, `[channels]`.
+    pub scale: Option<Param<Tensor<1>>>,
+    /// LSQ+ offset (real value of grid point 0), `[channels]`.
+    pub offset: Option<Param<Tensor<1>>>,
+    /// PACT clipping level, `[1]`.
+    pub alpha: Option<Param<Tensor<1>>>,
+    /// Trainable lower clip, `[1]`.
+    pub min: Option<Param<Tensor<1>>>,
+    /// Trainable upper clip, `[1]`.
+    pub max: Option<Param<Tensor<1>>>,
+    /// `[1]`: 0 while observing, 1 once learning (recorded).
+    pub learning: RunningState<Tensor<1>>,
+    /// The grid.
+    #[module(skip)]
+    pub spec: QuantSpec,
+    /// The method.
+    #[module(skip)]
+    pub method: LearnedRange,
+}
+
+impl LearnedFakeQuant {
+    /// Whether the learned parameters are in use.
+    pub fn is_learning(&self) -> bool {
+        self.learning.value().into_scalar::<f32>() > 0.5
+    }
+
+    /// Observe phase: the observer's fake-quant; learn phase: the learned range.
+    ///
+    /// # Shapes
+    ///
+    /// - input: any shape (`channels` along the spec's axis for per-channel LSQ)
+    /// - output: same as input
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if !self.is_learning() {
+            return self.observer.forward(input);
+        }
+        let val = |p: &Option<Param<Tensor<1>>>| p.as_ref().expect("parameter of this method").val();
+        match self.method {
+            LearnedRange::Lsq | LearnedRange::LsqPlus => {
+                let n = input.dims().iter().product::<usize>() / self.observer.channels.max(1);
+                let g = tensor::lsq_grad_factor(n, self.spec.qmax());
+                let offset = self.offset.as_ref().map(|o| o.val());
+                tensor::fake_quant_lsq(input, val(&self.scale), offset, &self.spec, g)
+            }
+            LearnedRange::Pact => tensor::fake_quant_pact(input, val(&self.alpha), &self.spec),
+            LearnedRange::MinMax => tensor::fake_quant_min_max(input, val(&self.min), val(&self.max), &self.spec),
+        }
+    }
+
+    /// The observe -> learn hand-off for this module: the learned parameters take the values
+    /// that reproduce the observed range (LSQ: its scale; LSQ+: scale and offset
+    /// `-zero_point * scale`; PACT: `alpha = max`; MinMax: `[min, max]`). Parameter ids are kept.
+    /// Before any observation nothing changes.
+    pub fn start_learning(mut self) -> Self {
+        let Some((lo, hi)) = self.observer.observed_range() else { return self };
+        let device = self.learning.value().device();
+        let (s, z) = self.observer.qparams_on(&device);
+        let set = |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| Param::initialized(p.id, relearn(v)));
+        // LSQ has no zero point: its step covers the symmetric range [-m, m].
+        let lsq_spec = self.spec.with_symmetric(true);
+        let (s_sym, _) = tensor::qparams(self.observer.min.value().to_device(&device), self.observer.max.value().to_device(&device), &lsq_spec);
+        let s_lsq = if self.method == LearnedRange::Lsq { s_sym } else { s.clone() };
+        self.scale = set(self.scale, s_lsq);
+        self.offset = set(self.offset, z.neg() * s);
+        let top = hi.iter().copied().fold(0f32, f32::max).max(1e-3);
+        let bottom = lo.iter().copied().fold(0f32, f32::min);
+        self.alpha = set(self.alpha, Tensor::from_floats([top], &device));
+        self.min = set(self.min, Tensor::from_floats([bottom], &device));
+        self.max = set(self.max, Tensor::from_floats([top], &device));
+        self.learning.update(Tensor::ones([1], &device));
+        let _ = self.learning.value_sync();
+        self
+    }
+}
+
+fn relearn(v: Tensor<1>) -> Tensor<1> {
+    let v = v.detach();
+    if v.is_autodiff() { v.require_grad() } else { v }
+}
+
+/// Hands every [`LearnedFakeQuant`] of `model` over from observing to learning (see
+/// [`LearnedFakeQuant::start_learning`]), keeping parameter ids so optimizer state and records
+/// line up.
+pub fn start_learning<M: Module>(model: M) -> M {
+    struct Ranges {
+        stack: Vec<(String, String)>,
+        found: std::collections::BTreeMap<String, (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+        offsets: std::collections::BTreeSet<String>,
+    }
+    impl ModuleVisitor for Ranges {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.push((name.into(), container_type.into()));
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = self.stack.len();
+            let _ = param.id;
+            if n >= 1 && self.stack[n - 1].1 == "Struct:LearnedFakeQuant" && self.stack[n - 1].0 == "offset" {
+                let key: Vec<&str> = self.stack[..n - 1].iter().map(|(s, _)| s.as_str()).collect();
+                self.offsets.insert(key.join("."));
+            }
+            if n >= 3 && self.stack[n - 2].1 == "Struct:LearnedFakeQuant" && self.stack[n - 1].1 == "Struct:FakeQuant" {
+                let key: Vec<&str> = self.stack[..n - 2].iter().map(|(s, _)| s.as_str()).collect();
+                let v = param.val().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+                let e = self.found.entry(key.join(".")).or_default();
+                match self.stack[n - 1].0.as_str() {
+                    "min" => e.0 = v,
+                    "max" => e.1 = v,
+                    "observed" => e.2 = v,
+                    "spec_code" => e.3 = v,
+                    _ => {}
+                }
+            }
+        }
+    }
+    struct Set {
+        stack: Vec<(String, String)>,
+        found: std::collections::BTreeMap<String, (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
+        offsets: std::collections::BTreeSet<String>,
+    }
+    impl ModuleMapper for Set {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.push((name.into(), container_type.into()));
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let n = self.stack.len();
+            if n < 1 || self.stack[n - 1].1 != "Struct:LearnedFakeQuant" {
+                return param;
+            }
+            let key: Vec<&str> = self.stack[..n - 1].iter().map(|(s, _)| s.as_str()).collect();
+            let Some((lo, hi, observed, code)) = self.found.get(&key.join(".")) else { return param };
+            if observed.first().copied().unwrap_or(0.0) < 0.5 {
+                return param;
+            }
+            let Some(spec) = crate::decode_spec(code) else { return param };
+            let has_offset = self.offsets.contains(&key.join("."));
+            let qps: Vec<(f32, f32)> = lo
+                .iter()
+                .zip(hi)
+                .map(|(l, h)| {
+                    // LSQ has no zero point: symmetric step; LSQ+ keeps the asymmetric grid.
+                    let s = if has_offset { spec } else { spec.with_symmetric(true) };
+                    let q = burn_qat_core::qparams_from_range(*l, *h, &s);
+                    (q.scale, -(q.zero_point as f32) * q.scale)
+                })
+                .collect();
+            let top = hi.iter().copied().fold(0f32, f32::max).max(1e-3);
+            let bottom = lo.iter().copied().fold(0f32, f32::min);
+            let values: Vec<f32> = match self.stack[n - 1].0.as_str() {
+                "scale" => qps.iter().map(|q| q.0).collect(),
+                "offset" => qps.iter().map(|q| q.1).collect(),
+                "alpha" | "max" => vec![top],
+                "min" => vec![bottom],
+                "learning" => vec![1.0],
+                _ => return param,
+            };
+            let id: ParamId = param.id;
+            param.map(move |old| {
+                let t = Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
+                let _ = id;
+                if old.is_require_grad() { t.detach().require_grad() } else { t.detach() }
+            })
+        }
+    }
+    let mut ranges = Ranges { stack: vec![], found: Default::default(), offsets: Default::default() };
+    model.visit(&mut ranges);
+    model.map(&mut Set { stack: vec![], found: ranges.found, offsets: ranges.offsets })
+}
+
