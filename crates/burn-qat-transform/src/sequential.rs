@@ -154,11 +154,22 @@ impl SeqLayer {
             (SeqLayer::Relu6(_), x) => x.map(relu6, relu6, relu6),
             (SeqLayer::MaxPool2d(m), x) => Flow::Images(m.forward(x.images("MaxPool2d"))),
             (SeqLayer::AvgPool2d(m), x) => {
-                let y = m.forward(x.images("AvgPool2d"));
-                // TFLite's AVERAGE_POOL_2D keeps the input's grid: re-round onto it.
+                let x = x.images("AvgPool2d");
+                let y = m.forward(x.clone());
+                // TFLite's AVERAGE_POOL_2D keeps the input's grid. Average the integer grid
+                // indices (exact in f32) and round half to even, as the integer kernel does;
+                // the gradient is the float average's (straight-through).
                 Flow::Images(match last_quantizer.as_ref() {
-                    Some(fq) => fq.forward_fixed(y),
-                    None => y,
+                    Some(fq) if fq.is_enabled() && fq.is_observed() && fq.spec.axis().is_none() => {
+                        let (scale, zero_point) = fq.qparams_on(&x.device());
+                        let s: Tensor<4> = scale.reshape([1, 1, 1, 1]);
+                        let z: Tensor<4> = zero_point.reshape([1, 1, 1, 1]);
+                        let q = (x.detach() / s.clone()).round();
+                        let (qmin, qmax) = (fq.spec.qmin() as f32, fq.spec.qmax() as f32);
+                        let exact = ((m.forward(q).round() + z.clone()).clamp(qmin, qmax) - z) * s;
+                        y.clone() + (exact - y).detach()
+                    }
+                    _ => y,
                 })
             }
             (SeqLayer::Dropout(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
