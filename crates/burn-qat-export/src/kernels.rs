@@ -42,17 +42,21 @@ fn gemm_u8_i8(a: &[u8], a_zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> V
     if m == 0 || n == 0 {
         return out;
     }
-    let gemm = GemmExecutor::<u8, i8, i32>::default();
+    thread_local! {
+        static GEMM: GemmExecutor<u8, i8, i32> = GemmExecutor::<u8, i8, i32>::default();
+    }
     let zero_points = vec![a_zero; m];
     let a = NdTensorView::from_data([m, k], a);
     let b = NdTensorView::from_data([k, n], b);
-    gemm.gemm(
-        &mut out,
-        GemmInputA::Unpacked(a),
-        GemmInputB::Unpacked(b),
-        GemmOptions { a_quant: Some(QuantParams { zero_point: &zero_points }), ..Default::default() },
-    )
-    .expect("shapes are consistent by construction");
+    GEMM.with(|gemm| {
+        gemm.gemm(
+            &mut out,
+            GemmInputA::Unpacked(a),
+            GemmInputB::Unpacked(b),
+            GemmOptions { a_quant: Some(QuantParams { zero_point: &zero_points }), ..Default::default() },
+        )
+        .expect("shapes are consistent by construction")
+    });
     out
 }
 

@@ -51,7 +51,18 @@ impl FixedMultiplier {
     }
 
     /// `round_half_even(acc * value())`, exactly, in integer arithmetic.
+    #[inline]
     pub fn apply(&self, acc: i32) -> i32 {
+        let total = 31 + self.shift;
+        if (1..=62).contains(&total) {
+            // |acc * m0| < 2^62: exact in i64.
+            let prod = acc as i64 * self.m0 as i64;
+            let floor = prod >> total;
+            let rem = prod - (floor << total);
+            let half = 1i64 << (total - 1);
+            let rounded = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+            return rounded.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+        }
         let prod = acc as i128 * self.m0 as i128;
         let total = (31 + self.shift) as u32;
         if total == 0 {
