@@ -33,7 +33,10 @@ pub fn backends() -> Vec<Backend> {
                 .iter()
                 .find(|e| **e == name.as_str())
                 .unwrap_or_else(|| panic!("BURN_QAT_TEST_BACKENDS names {name:?}, compiled in: {enabled:?}"));
-            Backend { name, device: burn_qat::backend::device(name).unwrap() }
+            Backend {
+                name,
+                device: burn_qat::backend::device(name).unwrap(),
+            }
         })
         .collect();
     assert!(!out.is_empty(), "no backend selected");

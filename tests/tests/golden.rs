@@ -19,14 +19,38 @@ fn fq(x: &[f32], qp: QParams, spec: &QuantSpec, device: &Device) -> Vec<f32> {
 fn ties_round_half_to_even_and_zero_point_added_after_rounding() {
     let spec = QuantSpec::int8_act_per_tensor_asymmetric();
     for b in backends() {
-        let got = fq(&[2.5, -2.5, 3.5, -3.5, 0.5, 1.5], QParams { scale: 1.0, zero_point: 0 }, &spec, &b.device);
+        let got = fq(
+            &[2.5, -2.5, 3.5, -3.5, 0.5, 1.5],
+            QParams {
+                scale: 1.0,
+                zero_point: 0,
+            },
+            &spec,
+            &b.device,
+        );
         assert_eq!(got, vec![2.0, -2.0, 4.0, -4.0, 0.0, 2.0], "{}", b.name);
         // Odd zero point: q = round(x) + 3, so 2.5 -> 5 (not round(5.5) = 6), output 2.0.
-        let got = fq(&[2.5, -2.5, 3.5], QParams { scale: 1.0, zero_point: 3 }, &spec, &b.device);
+        let got = fq(
+            &[2.5, -2.5, 3.5],
+            QParams {
+                scale: 1.0,
+                zero_point: 3,
+            },
+            &spec,
+            &b.device,
+        );
         assert_eq!(got, vec![2.0, -2.0, 4.0], "{}", b.name);
         // TF rounds half up.
         let tf = spec.with_rounding(RoundingMode::TfHalfUp);
-        let got = fq(&[2.5, -2.5, 3.5, -0.5], QParams { scale: 1.0, zero_point: 3 }, &tf, &b.device);
+        let got = fq(
+            &[2.5, -2.5, 3.5, -0.5],
+            QParams {
+                scale: 1.0,
+                zero_point: 3,
+            },
+            &tf,
+            &b.device,
+        );
         assert_eq!(got, vec![3.0, -2.0, 4.0, 0.0], "{}", b.name);
     }
 }
@@ -51,13 +75,28 @@ fn tf_fake_quant_with_min_max_vars_cases() {
                 .with_narrow_range(narrow)
                 .with_rounding(RoundingMode::TfHalfUp);
             let qp = qparams_from_range(min, max, &spec);
-            let x = [nmin - step, nmin - 0.01, nmin, nmin + step / 2.0, nmin + step / 2.0 + 0.01,
-                     nmax - 0.01, nmax, nmax + 0.01, nmax + step];
+            let x = [
+                nmin - step,
+                nmin - 0.01,
+                nmin,
+                nmin + step / 2.0,
+                nmin + step / 2.0 + 0.01,
+                nmax - 0.01,
+                nmax,
+                nmax + 0.01,
+                nmax + step,
+            ];
             let want = [nmin, nmin, nmin, nmin + step, nmin + step, nmax, nmax, nmax, nmax];
             let got = fq(&x, qp, &spec, &b.device);
             for i in 0..x.len() {
-                assert!((got[i] - want[i]).abs() < 1e-5,
-                    "{} {bits} bits narrow={narrow} [{min}, {max}]: x={} got {} want {}", b.name, x[i], got[i], want[i]);
+                assert!(
+                    (got[i] - want[i]).abs() < 1e-5,
+                    "{} {bits} bits narrow={narrow} [{min}, {max}]: x={} got {} want {}",
+                    b.name,
+                    x[i],
+                    got[i],
+                    want[i]
+                );
             }
         }
     }
@@ -66,7 +105,10 @@ fn tf_fake_quant_with_min_max_vars_cases() {
 #[test]
 fn zero_and_constant_ranges() {
     for b in backends() {
-        for spec in [QuantSpec::int8_act_per_tensor_asymmetric(), QuantSpec::int8_weight_per_tensor_symmetric()] {
+        for spec in [
+            QuantSpec::int8_act_per_tensor_asymmetric(),
+            QuantSpec::int8_weight_per_tensor_symmetric(),
+        ] {
             let x = Tensor::<1>::zeros([5], &b.device);
             let (min, max) = tensor::min_max(x.clone(), spec.granularity);
             let (s, z) = tensor::qparams(min, max, &spec);
@@ -89,7 +131,13 @@ fn two_and_sixteen_bits() {
     for b in backends() {
         let s2 = QuantSpec::int8_act_per_tensor_asymmetric().with_bits(2);
         let qp = qparams_from_range(-1.0, 2.0, &s2); // grid [-2, 1], scale 1, zp -1
-        assert_eq!(qp, QParams { scale: 1.0, zero_point: -1 });
+        assert_eq!(
+            qp,
+            QParams {
+                scale: 1.0,
+                zero_point: -1
+            }
+        );
         let got = fq(&[-3.0, -1.0, -0.4, 0.6, 1.5, 2.0, 9.0], qp, &s2, &b.device);
         assert_eq!(got, vec![-1.0, -1.0, 0.0, 1.0, 2.0, 2.0, 2.0], "{}", b.name);
 
@@ -118,7 +166,10 @@ fn per_channel_linear_and_conv_axes() {
         let y = values(tensor::fake_quant(w.clone(), s, z, &spec));
         let x = values(w);
         for (i, (xi, yi)) in x.iter().zip(&y).enumerate() {
-            let qp = QParams { scale: scales[i % 3], zero_point: 0 };
+            let qp = QParams {
+                scale: scales[i % 3],
+                zero_point: 0,
+            };
             assert_eq!(*yi, reference::fake_quant(*xi, qp, &spec), "{} element {i}", b.name);
         }
         // Conv2d weight [out=2, in=1, 1, 2]: channels along axis 0.
@@ -127,7 +178,11 @@ fn per_channel_linear_and_conv_axes() {
         let (min, max) = tensor::min_max(w.clone(), spec.granularity);
         let (s, z) = tensor::qparams(min, max, &spec);
         let sc = values(s.clone());
-        assert!((sc[0] - 0.01).abs() < 1e-9 && sc[1] == burn_qat::core::MIN_SCALE, "{}: {sc:?}", b.name);
+        assert!(
+            (sc[0] - 0.01).abs() < 1e-9 && sc[1] == burn_qat::core::MIN_SCALE,
+            "{}: {sc:?}",
+            b.name
+        );
         let y = values(tensor::fake_quant(w, s, z, &spec));
         assert_eq!(y, vec![1.27, -0.5, 0.0, 0.0], "{}", b.name);
     }

@@ -9,7 +9,10 @@ use burn_qat_tests::{backends, values};
 fn clipped_ste_is_one_inside_zero_outside_per_tensor() {
     // 3-bit signed grid [-4, 3], scale 0.25: representable range [-1, 0.75].
     let spec = QuantSpec::int8_act_per_tensor_asymmetric().with_bits(3);
-    let qp = QParams { scale: 0.25, zero_point: 0 };
+    let qp = QParams {
+        scale: 0.25,
+        zero_point: 0,
+    };
     let xs = [-2.0, -1.0, -0.26, 0.0, 0.13, 0.5, 0.75, 0.76, 3.0];
     let upstream = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0];
     let want = [0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 0.0, 0.0];
@@ -30,7 +33,12 @@ fn clipped_ste_is_one_inside_zero_outside_per_tensor() {
             let expected_fwd: Vec<f32> = xs.iter().map(|x| reference::fake_quant(*x, qp, &spec)).collect();
             assert_eq!(fwd, expected_fwd, "{} {path}: forward", b.name);
             let grads = (y * Tensor::<1>::from_floats(upstream, &device)).sum().backward();
-            assert_eq!(values(x.grad(&grads).unwrap()), want.to_vec(), "{} {path}: gradient", b.name);
+            assert_eq!(
+                values(x.grad(&grads).unwrap()),
+                want.to_vec(),
+                "{} {path}: gradient",
+                b.name
+            );
         }
     }
 }
@@ -56,7 +64,10 @@ fn fake_quant_module_passes_gradient_and_no_gradient_to_range() {
     let spec = QuantSpec::int8_act_per_tensor_asymmetric();
     for b in backends() {
         let device = b.device.clone().autodiff();
-        let fq = FakeQuantConfig::new(spec).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(spec)
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         let x = Tensor::<2>::from_floats([[-1.0, 0.2], [0.7, 2.0]], &device).require_grad();
         let y = fq.forward(x.clone());
         let grads = y.sum().backward();

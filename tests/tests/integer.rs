@@ -29,11 +29,21 @@ fn random_bn(c: usize, device: &Device) -> BatchNorm {
 /// A QAT model with every supported layer; `quantized_output` puts a FakeQuant on the logits.
 fn qat_model(device: &Device, quantized_output: bool) -> Sequential {
     let float = Sequential::new(vec![
-        SeqLayer::Conv2d(Conv2dConfig::new([2, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device)),
+        SeqLayer::Conv2d(
+            Conv2dConfig::new([2, 6], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+        ),
         SeqLayer::BatchNorm(random_bn(6, device)),
         SeqLayer::Relu(Relu::new()),
         SeqLayer::MaxPool2d(MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
-        SeqLayer::Conv2d(Conv2dConfig::new([6, 6], [3, 3]).with_groups(3).with_stride([2, 2]).with_dilation([1, 1]).init(device)),
+        SeqLayer::Conv2d(
+            Conv2dConfig::new([6, 6], [3, 3])
+                .with_groups(3)
+                .with_stride([2, 2])
+                .with_dilation([1, 1])
+                .init(device),
+        ),
         SeqLayer::BatchNorm(random_bn(6, device)),
         SeqLayer::Relu6(Default::default()),
         SeqLayer::Flatten(Default::default()),
@@ -97,7 +107,12 @@ fn float_logits_match_and_predictions_agree() {
         let row = |v: &[f32]| (0..5).max_by(|a, b| v[r * 5 + a].total_cmp(&v[r * 5 + b])).unwrap();
         agree += usize::from(row(&fq) == row(&logits));
         for c in 0..5 {
-            assert!((fq[r * 5 + c] - logits[r * 5 + c]).abs() <= 0.02 * span, "logit {r},{c}: {} vs {}", fq[r * 5 + c], logits[r * 5 + c]);
+            assert!(
+                (fq[r * 5 + c] - logits[r * 5 + c]).abs() <= 0.02 * span,
+                "logit {r},{c}: {} vs {}",
+                fq[r * 5 + c],
+                logits[r * 5 + c]
+            );
         }
     }
     assert!(agree >= 63, "predictions agree on {agree}/64");
@@ -108,29 +123,59 @@ fn float_logits_match_and_predictions_agree() {
 fn unsupported_layers_and_unrepresentable_values_name_the_path() {
     let device = Device::flex();
     let float = Sequential::new(vec![
-        SeqLayer::FakeQuant(FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap().set_range(&[-1.0], &[1.0])),
+        SeqLayer::FakeQuant(
+            FakeQuantConfig::new(QuantSpec::default())
+                .init(&device)
+                .unwrap()
+                .set_range(&[-1.0], &[1.0]),
+        ),
         SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
     ]);
     let err = convert(&float, &[1, 5, 5]).unwrap_err().to_string();
-    assert!(err.starts_with("`layers.1` (Conv2d) cannot be converted to integers: an unfused layer"), "{err}");
+    assert!(
+        err.starts_with("`layers.1` (Conv2d) cannot be converted to integers: an unfused layer"),
+        "{err}"
+    );
     let no_input = Sequential::new(vec![SeqLayer::Flatten(Default::default())]);
     let err = convert(&no_input, &[1, 5, 5]).unwrap_err().to_string();
     assert!(err.contains("start the model with a FakeQuant"), "{err}");
     // A bias that overflows int32 in units of s_in * s_w.
     let lin = LinearConfig::new(2, 2).init(&device);
-    let lin = burn::nn::Linear { bias: Some(Param::from_tensor(Tensor::from_floats([1e9, 0.0], &device))), ..lin };
+    let lin = burn::nn::Linear {
+        bias: Some(Param::from_tensor(Tensor::from_floats([1e9, 0.0], &device))),
+        ..lin
+    };
     let model = Sequential::new(vec![
-        SeqLayer::FakeQuant(FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap().set_range(&[-1e-3], &[1e-3])),
+        SeqLayer::FakeQuant(
+            FakeQuantConfig::new(QuantSpec::default())
+                .init(&device)
+                .unwrap()
+                .set_range(&[-1e-3], &[1e-3]),
+        ),
         SeqLayer::Linear(lin),
     ])
     .fuse(&FusedConfig::new())
     .unwrap();
     let err = convert(&model, &[2]).unwrap_err().to_string();
-    assert!(err.starts_with("`layers.1`: bias 1000000000 of channel 0") && err.contains("overflows int32"), "{err}");
+    assert!(
+        err.starts_with("`layers.1`: bias 1000000000 of channel 0") && err.contains("overflows int32"),
+        "{err}"
+    );
 }
 
 fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
-    (1usize..3, 1usize..4, 1usize..4, 1usize..4, 1usize..4, 1usize..3, 1usize..3, 0usize..2, 4usize..9, -20i32..20)
+    (
+        1usize..3,
+        1usize..4,
+        1usize..4,
+        1usize..4,
+        1usize..4,
+        1usize..3,
+        1usize..3,
+        0usize..2,
+        4usize..9,
+        -20i32..20,
+    )
         .prop_flat_map(|(n, g, cin_g, cout_g, k, stride, dil, pad, hw, zp)| {
             let cin = g * cin_g;
             let cout = g * cout_g;
@@ -143,8 +188,18 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                 any::<bool>(),
             )
                 .prop_map(move |(weight, bias, mult, input, relu)| {
-                    let input_q = ActQ { scale: 0.05, zero_point: zp, qmin: -128, qmax: 127 };
-                    let out_q = ActQ { scale: 0.1, zero_point: -zp, qmin: -128, qmax: 127 };
+                    let input_q = ActQ {
+                        scale: 0.05,
+                        zero_point: zp,
+                        qmin: -128,
+                        qmax: 127,
+                    };
+                    let out_q = ActQ {
+                        scale: 0.1,
+                        zero_point: -zp,
+                        qmin: -128,
+                        qmax: 127,
+                    };
                     let conv = IntConv2d {
                         in_channels: cin,
                         out_channels: cout,
@@ -164,7 +219,10 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                             hi: 127,
                         },
                     };
-                    let model = IntegerModel { input_shape: vec![cin, hw, hw], layers: vec![IntLayer::Quantize(input_q), IntLayer::Conv2d(conv)] };
+                    let model = IntegerModel {
+                        input_shape: vec![cin, hw, hw],
+                        layers: vec![IntLayer::Quantize(input_q), IntLayer::Conv2d(conv)],
+                    };
                     (model, input)
                 })
         })
@@ -191,7 +249,9 @@ fn file_round_trip_and_damaged_files() {
     let path = dir.path().join("model.bqi");
     format::save(&int, &path).unwrap();
     let loaded = format::load(&path).unwrap();
-    let x: Vec<f32> = (0..2 * 2 * 10 * 10).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let x: Vec<f32> = (0..2 * 2 * 10 * 10)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
     assert_eq!(loaded.forward(&x), int.forward(&x));
     let bytes = std::fs::read(&path).unwrap();
     // Truncated anywhere: an error.
@@ -212,7 +272,12 @@ fn file_round_trip_and_damaged_files() {
     let mut b = bytes.clone();
     b[8..12].copy_from_slice(&7u32.to_le_bytes());
     assert!(format::from_bytes(&b).unwrap_err().to_string().contains("version 7"));
-    assert!(format::from_bytes(b"PNG\x89 definitely not a model file").unwrap_err().to_string().contains("wrong magic"));
+    assert!(
+        format::from_bytes(b"PNG\x89 definitely not a model file")
+            .unwrap_err()
+            .to_string()
+            .contains("wrong magic")
+    );
     // A well-formed file whose layers do not fit together: rejected at load.
     let mut crafted = int.clone();
     crafted.input_shape = vec![3, 10, 10];
@@ -226,10 +291,18 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     let device = Device::flex().autodiff();
     device.seed(8);
     let body = Sequential::new(vec![
-        SeqLayer::Conv2d(Conv2dConfig::new([4, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device)),
+        SeqLayer::Conv2d(
+            Conv2dConfig::new([4, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device),
+        ),
         SeqLayer::BatchNorm(random_bn(4, &device)),
         SeqLayer::Relu(Relu::new()),
-        SeqLayer::Conv2d(Conv2dConfig::new([4, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device)),
+        SeqLayer::Conv2d(
+            Conv2dConfig::new([4, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device),
+        ),
     ]);
     let float = Sequential::new(vec![
         SeqLayer::Conv2d(Conv2dConfig::new([1, 4], [3, 3]).init(&device)),
@@ -244,9 +317,16 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
         last.output = Some(act.init(&device).unwrap());
     }
-    assert_eq!(model.describe()[2], "Residual[FusedConv2d(BatchNorm, Relu) -> FusedConv2d] + Add(Relu)");
+    assert_eq!(
+        model.describe()[2],
+        "Residual[FusedConv2d(BatchNorm, Relu) -> FusedConv2d] + Add(Relu)"
+    );
     for _ in 0..3 {
-        let _ = model.forward(Tensor::<4>::random([8, 1, 8, 8], Distribution::Normal(0.0, 1.0), &device));
+        let _ = model.forward(Tensor::<4>::random(
+            [8, 1, 8, 8],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
     }
     let model = model.valid();
     let int = convert(&model, &[1, 8, 8]).unwrap();
@@ -255,7 +335,10 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     let (q, _, a) = int.forward_int(&values(x.clone())).unwrap();
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
         let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
-        assert!((q_fq - *qi as i32).abs() <= 1, "output {i}: fake-quant {q_fq}, integer {qi}");
+        assert!(
+            (q_fq - *qi as i32).abs() <= 1,
+            "output {i}: fake-quant {q_fq}, integer {qi}"
+        );
     }
     let bytes = burn_qat::export::format::to_bytes(&int);
     let back = burn_qat::export::format::from_bytes(&bytes).unwrap();
@@ -264,9 +347,16 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
 
 /// Calibrates `float` fused for QAT (input FakeQuant, quantized logits), converts it, and
 /// checks every output within 1 LSB of the fake-quant model, plus the file round trip.
-fn check_within_one_lsb<const D: usize>(float: Sequential, input: [usize; D], wrap: fn(Tensor<D>) -> burn_qat::transform::Flow) {
+fn check_within_one_lsb<const D: usize>(
+    float: Sequential,
+    input: [usize; D],
+    wrap: fn(Tensor<D>) -> burn_qat::transform::Flow,
+) {
     let device = Device::flex().autodiff();
-    let seed: u64 = std::env::var("BURN_QAT_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(17);
+    let seed: u64 = std::env::var("BURN_QAT_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(17);
     device.seed(seed);
     Device::flex().seed(seed);
     let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
@@ -276,7 +366,11 @@ fn check_within_one_lsb<const D: usize>(float: Sequential, input: [usize; D], wr
         last.output = Some(act.init(&device).unwrap());
     }
     for _ in 0..3 {
-        let _ = model.forward_flow(wrap(Tensor::<D>::random(input, Distribution::Normal(0.0, 1.0), &device)));
+        let _ = model.forward_flow(wrap(Tensor::<D>::random(
+            input,
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )));
     }
     let model = model.valid();
     let int = convert(&model, &input[1..]).unwrap();
@@ -289,7 +383,10 @@ fn check_within_one_lsb<const D: usize>(float: Sequential, input: [usize; D], wr
     let (q, _, a) = int.forward_int(&xs).unwrap();
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
         let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
-        assert!((q_fq - *qi as i32).abs() <= 1, "seed {seed}: output {i}: fake-quant {q_fq}, integer {qi}");
+        assert!(
+            (q_fq - *qi as i32).abs() <= 1,
+            "seed {seed}: output {i}: fake-quant {q_fq}, integer {qi}"
+        );
     }
     let back = burn_qat::export::format::from_bytes(&burn_qat::export::format::to_bytes(&int)).unwrap();
     assert_eq!(back.forward(&xs), int.forward(&xs));
@@ -298,12 +395,17 @@ fn check_within_one_lsb<const D: usize>(float: Sequential, input: [usize; D], wr
 
 #[test]
 fn conv1d_model_is_within_one_lsb() {
-    use burn::nn::conv::Conv1dConfig;
     use burn::nn::PaddingConfig1d;
+    use burn::nn::conv::Conv1dConfig;
     let device = Device::flex().autodiff();
     device.seed(9);
     let conv1d = Sequential::new(vec![
-        SeqLayer::Conv1d(Conv1dConfig::new(2, 4, 3).with_stride(2).with_padding(PaddingConfig1d::Explicit(1, 1)).init(&device)),
+        SeqLayer::Conv1d(
+            Conv1dConfig::new(2, 4, 3)
+                .with_stride(2)
+                .with_padding(PaddingConfig1d::Explicit(1, 1))
+                .init(&device),
+        ),
         SeqLayer::BatchNorm(random_bn(4, &device)),
         SeqLayer::Relu(Relu::new()),
         SeqLayer::Conv1d(Conv1dConfig::new(4, 4, 3).with_groups(2).with_dilation(2).init(&device)),
@@ -334,16 +436,45 @@ fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
     let (model, _) = calibrated(false);
     let int = convert(&model, &[2, 10, 10]).unwrap();
     let proto = to_model_proto(&int, &OnnxOptions::default()).unwrap();
-    let ops: Vec<String> = proto.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.clone().unwrap()).collect();
-    for op in ["QuantizeLinear", "DequantizeLinear", "Conv", "MaxPool", "Flatten", "Gemm"] {
+    let ops: Vec<String> = proto
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .map(|n| n.op_type.clone().unwrap())
+        .collect();
+    for op in [
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Conv",
+        "MaxPool",
+        "Flatten",
+        "Gemm",
+    ] {
         assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");
     }
     // Every Conv/Gemm input is a DequantizeLinear output (QDQ form).
     let graph = proto.graph.as_ref().unwrap();
-    let produced_by = |name: &str| graph.node.iter().find(|n| n.output.iter().any(|o| o == name)).and_then(|n| n.op_type.clone());
-    for n in graph.node.iter().filter(|n| matches!(n.op_type.as_deref(), Some("Conv") | Some("Gemm"))) {
+    let produced_by = |name: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == name))
+            .and_then(|n| n.op_type.clone())
+    };
+    for n in graph
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type.as_deref(), Some("Conv") | Some("Gemm")))
+    {
         for input in &n.input {
-            assert_eq!(produced_by(input).as_deref(), Some("DequantizeLinear"), "{:?} input {input}", n.op_type);
+            assert_eq!(
+                produced_by(input).as_deref(),
+                Some("DequantizeLinear"),
+                "{:?} input {input}",
+                n.op_type
+            );
         }
     }
     assert_eq!(proto.opset_import[0].version, Some(13));

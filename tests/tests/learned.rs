@@ -21,9 +21,19 @@ fn lsq_gradients_match_the_paper() {
             let x = Tensor::<1>::from_floats(xs, &d).require_grad();
             let s = Tensor::<1>::from_floats([0.25], &d).require_grad();
             let y = fake_quant_lsq(x.clone(), s.clone(), None, &spec, g);
-            assert_eq!(values(y.clone()), vec![-1.0, -0.25, 0.0, 0.25, 0.75, 0.75], "{}", b.name);
+            assert_eq!(
+                values(y.clone()),
+                vec![-1.0, -0.25, 0.0, 0.25, 0.75, 0.75],
+                "{}",
+                b.name
+            );
             let grads = y.sum().backward();
-            assert_eq!(values(x.grad(&grads).unwrap()), vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0], "{}", b.name);
+            assert_eq!(
+                values(x.grad(&grads).unwrap()),
+                vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0],
+                "{}",
+                b.name
+            );
             // ds = sum(qmin | round(v) - v | qmax) * g = (-4 + 0.2 + 0 - 0.04 + 3 + 3) * g
             let ds = values(s.grad(&grads).unwrap())[0];
             assert!(close(ds, 2.16 * g), "{}: ds {ds}, analytic {}", b.name, 2.16 * g);
@@ -43,11 +53,20 @@ fn lsq_plus_offset_gradient() {
         let y = fake_quant_lsq(x.clone(), s.clone(), Some(o.clone()), &spec, 1.0);
         let grads = y.sum().backward();
         // v = (x - 0.1) / 0.25 = [-8.4, -1.6, -0.4, 0.64, 3.2, 19.6]
-        assert_eq!(values(x.grad(&grads).unwrap()), vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0], "{}", b.name);
+        assert_eq!(
+            values(x.grad(&grads).unwrap()),
+            vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0],
+            "{}",
+            b.name
+        );
         let ds = values(s.grad(&grads).unwrap())[0];
         assert!(close(ds, -4.0 - 0.4 + 0.4 + 0.36 + 3.0 + 3.0), "{}: ds {ds}", b.name);
         let d_offset = values(o.grad(&grads).unwrap())[0];
-        assert!(close(d_offset, 3.0), "{}: d offset {d_offset} (1 outside the range, 0 inside)", b.name);
+        assert!(
+            close(d_offset, 3.0),
+            "{}: d offset {d_offset} (1 outside the range, 0 inside)",
+            b.name
+        );
     }
 }
 
@@ -59,7 +78,15 @@ fn lsq_per_channel() {
         let x = Tensor::<2>::from_floats([[0.1, 2.0], [-0.33, -0.05]], &d).require_grad();
         let s = Tensor::<1>::from_floats([0.1, 0.01], &d).require_grad();
         let y = fake_quant_lsq(x.clone(), s.clone(), None, &spec, 1.0);
-        assert!(values(y.clone()).iter().zip([0.1, 0.07, -0.3, -0.05]).all(|(a, b)| close(*a, b)), "{}: {:?}", b.name, values(y));
+        assert!(
+            values(y.clone())
+                .iter()
+                .zip([0.1, 0.07, -0.3, -0.05])
+                .all(|(a, b)| close(*a, b)),
+            "{}: {:?}",
+            b.name,
+            values(y)
+        );
         let grads = y.sum().backward();
         // channel 0: v = [1, -3.3] -> [0, round(-3.3) + 3.3 = 0.3]; channel 1: v = [200, -5] -> [7, round(-5) + 5 = 0]
         let ds = values(s.grad(&grads).unwrap());
@@ -79,8 +106,18 @@ fn pact_gradients() {
         assert_eq!(yv[0], 0.0, "{}", b.name);
         assert!(close(yv[1], 0.2666667) && close(yv[3], 1.0), "{}: {yv:?}", b.name);
         let grads = y.sum().backward();
-        assert_eq!(values(x.grad(&grads).unwrap()), vec![0.0, 1.0, 1.0, 0.0, 0.0], "{}", b.name);
-        assert_eq!(values(a.grad(&grads).unwrap()), vec![2.0], "{}: d alpha = #(x >= alpha)", b.name);
+        assert_eq!(
+            values(x.grad(&grads).unwrap()),
+            vec![0.0, 1.0, 1.0, 0.0, 0.0],
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            values(a.grad(&grads).unwrap()),
+            vec![2.0],
+            "{}: d alpha = #(x >= alpha)",
+            b.name
+        );
     }
 }
 
@@ -93,10 +130,27 @@ fn trainable_min_max_clip_gradients() {
         let lo = Tensor::<1>::from_floats([-1.0], &d).require_grad();
         let hi = Tensor::<1>::from_floats([1.0], &d).require_grad();
         let y = fake_quant_min_max(x.clone(), lo.clone(), hi.clone(), &spec);
-        let grads = (y * Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.0, 5.0], &d)).sum().backward();
-        assert_eq!(values(x.grad(&grads).unwrap()), vec![0.0, 2.0, 3.0, 0.0, 0.0], "{}", b.name);
-        assert_eq!(values(lo.grad(&grads).unwrap()), vec![1.0], "{}: min gets the gradient of values below it", b.name);
-        assert_eq!(values(hi.grad(&grads).unwrap()), vec![9.0], "{}: max gets the gradient of values above it", b.name);
+        let grads = (y * Tensor::<1>::from_floats([1.0, 2.0, 3.0, 4.0, 5.0], &d))
+            .sum()
+            .backward();
+        assert_eq!(
+            values(x.grad(&grads).unwrap()),
+            vec![0.0, 2.0, 3.0, 0.0, 0.0],
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            values(lo.grad(&grads).unwrap()),
+            vec![1.0],
+            "{}: min gets the gradient of values below it",
+            b.name
+        );
+        assert_eq!(
+            values(hi.grad(&grads).unwrap()),
+            vec![9.0],
+            "{}: max gets the gradient of values above it",
+            b.name
+        );
     }
 }
 
@@ -122,7 +176,10 @@ mod modules {
             LearnedRange::Pact => QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(4),
             _ => QuantSpec::act_per_tensor_asymmetric(4),
         };
-        Net { act: LearnedFakeQuantConfig::new(spec, method).init(device).unwrap(), fc: LinearConfig::new(4, 2).init(device) }
+        Net {
+            act: LearnedFakeQuantConfig::new(spec, method).init(device).unwrap(),
+            fc: LinearConfig::new(4, 2).init(device),
+        }
     }
 
     #[test]
@@ -130,7 +187,12 @@ mod modules {
         for b in backends() {
             let d = b.device.clone().autodiff();
             d.seed(2);
-            for method in [LearnedRange::Lsq, LearnedRange::LsqPlus, LearnedRange::Pact, LearnedRange::MinMax] {
+            for method in [
+                LearnedRange::Lsq,
+                LearnedRange::LsqPlus,
+                LearnedRange::Pact,
+                LearnedRange::MinMax,
+            ] {
                 let model = net(method, &d);
                 let x = Tensor::<2>::from_floats([[-1.0, 0.5, 2.0, 0.25], [0.75, -0.5, 1.5, 3.0]], &d);
                 let observed = values(model.act.forward(x.clone()));
@@ -141,9 +203,17 @@ mod modules {
                 // MinMax exactly up to a tie, PACT on its own unsigned grid).
                 if method != LearnedRange::Pact {
                     // observed range [-1, 3]: asymmetric step 4/15; LSQ's symmetric step 3/7.
-                    let step = if method == LearnedRange::Lsq { 3.0 / 7.0 } else { 4.0 / 15.0 };
+                    let step = if method == LearnedRange::Lsq {
+                        3.0 / 7.0
+                    } else {
+                        4.0 / 15.0
+                    };
                     for (o, l) in observed.iter().zip(&learned) {
-                        assert!((o - l).abs() <= step * 1.01, "{} {method:?}: {observed:?} vs {learned:?}", b.name);
+                        assert!(
+                            (o - l).abs() <= step * 1.01,
+                            "{} {method:?}: {observed:?} vs {learned:?}",
+                            b.name
+                        );
                     }
                 }
                 // The learned parameter gets a gradient and Adam moves it.
@@ -153,7 +223,11 @@ mod modules {
                     LearnedRange::MinMax => m.act.max.as_ref().unwrap().val(),
                 };
                 let before = values(param(&model));
-                let loss = model.fc.forward(model.act.forward(x.clone() * 3.0)).powf_scalar(2.0).mean();
+                let loss = model
+                    .fc
+                    .forward(model.act.forward(x.clone() * 3.0))
+                    .powf_scalar(2.0)
+                    .mean();
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 let mut optim = AdamConfig::new().init();
                 let model = optim.step(1e-2, model, grads);
@@ -185,31 +259,56 @@ mod modules {
         for b in backends() {
             let d = b.device.clone().autodiff();
             d.seed(4);
-            let mlp = Mlp { fc1: LinearConfig::new(8, 16).init(&d), fc2: LinearConfig::new(16, 3).init(&d) };
-            let config = QatConfig::new().with_default(WeightQuant::lsq(4)).with_layer("fc2", WeightQuant::lsq(8));
+            let mlp = Mlp {
+                fc1: LinearConfig::new(8, 16).init(&d),
+                fc2: LinearConfig::new(16, 3).init(&d),
+            };
+            let config = QatConfig::new()
+                .with_default(WeightQuant::lsq(4))
+                .with_layer("fc2", WeightQuant::lsq(8));
             let mut model = quantize(mlp, &config).unwrap();
             let wfq = model.fc1.weight.reparameterization::<WeightFakeQuant>().unwrap();
             let s0 = values(wfq.scale.as_ref().expect("learned scale").val());
             assert_eq!(s0.len(), 16, "{}: one step size per output channel", b.name);
             let x = Tensor::<2>::random([32, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
-            let y = x.clone().matmul(Tensor::<2>::random([8, 3], burn::tensor::Distribution::Normal(0.0, 1.0), &d));
+            let y = x.clone().matmul(Tensor::<2>::random(
+                [8, 3],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &d,
+            ));
             let mut optim = AdamConfig::new().init();
             let mut losses = vec![];
             for _ in 0..30 {
-                let out = model.fc2.forward(burn::tensor::activation::relu(model.fc1.forward(x.clone())));
+                let out = model
+                    .fc2
+                    .forward(burn::tensor::activation::relu(model.fc1.forward(x.clone())));
                 let loss = (out - y.clone()).powf_scalar(2.0).mean();
                 losses.push(loss.clone().into_scalar::<f32>());
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(1e-2, model, grads);
             }
             assert!(losses[29] < 0.7 * losses[0], "{}: {losses:?}", b.name);
-            let s1 = values(model.fc1.weight.reparameterization::<WeightFakeQuant>().unwrap().scale.as_ref().unwrap().val());
+            let s1 = values(
+                model
+                    .fc1
+                    .weight
+                    .reparameterization::<WeightFakeQuant>()
+                    .unwrap()
+                    .scale
+                    .as_ref()
+                    .unwrap()
+                    .val(),
+            );
             assert_ne!(s0, s1, "{}: LSQ step sizes must learn", b.name);
             // 4-bit weights: at most 15 levels per output channel.
             let w = values(model.fc1.weight.val());
             for c in 0..16 {
                 let col: Vec<f32> = (0..8).map(|r| w[r * 16 + c] / s1[c]).collect();
-                assert!(col.iter().all(|q| (q - q.round()).abs() < 1e-3 && q.abs() <= 7.001), "{}: {col:?}", b.name);
+                assert!(
+                    col.iter().all(|q| (q - q.round()).abs() < 1e-3 && q.abs() <= 7.001),
+                    "{}: {col:?}",
+                    b.name
+                );
             }
         }
     }

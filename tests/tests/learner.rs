@@ -27,7 +27,9 @@ impl Net {
     }
     fn classify(&self, batch: Batch) -> ClassificationOutput {
         let output = self.forward(batch.x);
-        let loss = CrossEntropyLossConfig::new().init(&output.device()).forward(output.clone(), batch.y.clone());
+        let loss = CrossEntropyLossConfig::new()
+            .init(&output.device())
+            .forward(output.clone(), batch.y.clone());
         ClassificationOutput::new(loss, output, batch.y)
     }
 }
@@ -80,7 +82,9 @@ fn items(n: usize, seed: u64) -> Vec<Item> {
     // Deterministic pseudo-random points; the class is the sign pattern of two projections.
     let mut state = seed;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     };
     (0..n)
@@ -88,7 +92,10 @@ fn items(n: usize, seed: u64) -> Vec<Item> {
             let x: [f32; 8] = std::array::from_fn(|_| next());
             let a = x[0] + x[1] - x[2] > 0.0;
             let b = x[3] - x[4] + x[5] > 0.0;
-            Item { x, y: i64::from(a) * 2 + i64::from(b) }
+            Item {
+                x,
+                y: i64::from(a) * 2 + i64::from(b),
+            }
         })
         .collect()
 }
@@ -104,8 +111,13 @@ fn learner_trains_a_quantized_model() {
             relu: Relu::new(),
         };
         let net = quantize(net, &QatConfig::new()).unwrap();
-        let train = DataLoaderBuilder::new(ItemBatcher).batch_size(32).shuffle(1).build(InMemDataset::new(items(512, 1)));
-        let valid = DataLoaderBuilder::new(ItemBatcher).batch_size(128).build(InMemDataset::new(items(256, 2)));
+        let train = DataLoaderBuilder::new(ItemBatcher)
+            .batch_size(32)
+            .shuffle(1)
+            .build(InMemDataset::new(items(512, 1)));
+        let valid = DataLoaderBuilder::new(ItemBatcher)
+            .batch_size(128)
+            .build(InMemDataset::new(items(256, 2)));
         let before = {
             let batch = ItemBatcher.batch(items(256, 2), &b.device);
             net.valid().classify(batch).loss.into_scalar::<f32>()
@@ -116,9 +128,16 @@ fn learner_trains_a_quantized_model() {
             .num_epochs(4)
             .launch(Learner::new(net, AdamConfig::new().init(), 1e-2));
         let model = result.model;
-        let after = model.classify(ItemBatcher.batch(items(256, 2), &b.device)).loss.into_scalar::<f32>();
+        let after = model
+            .classify(ItemBatcher.batch(items(256, 2), &b.device))
+            .loss
+            .into_scalar::<f32>();
         assert!(after < 0.7 * before, "{}: validation loss {before} -> {after}", b.name);
-        assert!(model.fc1.inner.weight.reparameterization::<WeightFakeQuant>().is_some(), "{}", b.name);
+        assert!(
+            model.fc1.inner.weight.reparameterization::<WeightFakeQuant>().is_some(),
+            "{}",
+            b.name
+        );
         assert!(model.fc1.input.as_ref().unwrap().is_observed(), "{}", b.name);
     }
 }

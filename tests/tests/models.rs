@@ -25,7 +25,11 @@ struct Mlp {
 
 impl Mlp {
     fn new(device: &Device) -> Self {
-        Self { fc1: LinearConfig::new(16, 32).init(device), fc2: LinearConfig::new(32, 4).init(device), relu: Relu::new() }
+        Self {
+            fc1: LinearConfig::new(16, 32).init(device),
+            fc2: LinearConfig::new(32, 4).init(device),
+            relu: Relu::new(),
+        }
     }
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.fc2.forward(self.relu.forward(self.fc1.forward(x)))
@@ -77,7 +81,10 @@ impl Nested {
         Self {
             stem: LinearConfig::new(16, 24).init(device),
             blocks: (0..2)
-                .map(|_| Block { fc: Quantized::new(LinearConfig::new(24, 24).init(device), device), relu: Relu::new() })
+                .map(|_| Block {
+                    fc: Quantized::new(LinearConfig::new(24, 24).init(device), device),
+                    relu: Relu::new(),
+                })
                 .collect(),
             head: Some(LinearConfig::new(24, 4).init(device)),
         }
@@ -129,11 +136,19 @@ fn train<M: Module>(
 
 fn assert_learns(name: &str, backend: &str, losses: &[f32]) {
     let (first, last) = (losses[0], *losses.last().unwrap());
-    assert!(last.is_finite() && last < 0.8 * first, "{name} on {backend}: loss {first} -> {last} ({losses:?})");
+    assert!(
+        last.is_finite() && last < 0.8 * first,
+        "{name} on {backend}: loss {first} -> {last} ({losses:?})"
+    );
 }
 
 fn count_quantized<M: Module>(model: &M, config: &QatConfig) -> usize {
-    summary(model, config).unwrap().layers.iter().filter(|l| l.spec.is_some()).count()
+    summary(model, config)
+        .unwrap()
+        .layers
+        .iter()
+        .filter(|l| l.spec.is_some())
+        .count()
 }
 
 // ---------------------------------------------------------------- tests
@@ -154,7 +169,11 @@ fn mlp_trains_with_weight_qat_on_every_backend() {
         let cols = w.dims()[1];
         for (i, v) in values(w).into_iter().enumerate() {
             let q = v / qps[i % cols].scale;
-            assert!((q - q.round()).abs() < 1e-3 && q.abs() <= 127.01, "{}: weight {v} is not on the grid", b.name);
+            assert!(
+                (q - q.round()).abs() < 1e-3 && q.abs() <= 127.01,
+                "{}: weight {v} is not on the grid",
+                b.name
+            );
         }
     }
 }
@@ -167,14 +186,26 @@ fn cnn_with_batchnorm_trains_and_keeps_bn_statistics_float() {
         let model = quantize(Cnn::new(&device), &config).unwrap();
         let report = summary(&model, &config).unwrap();
         let conv = report.layers.iter().find(|l| l.path == "conv.weight").unwrap();
-        assert_eq!(conv.spec.unwrap().axis(), Some(0), "conv weights are per output channel (axis 0)");
+        assert_eq!(
+            conv.spec.unwrap().axis(),
+            Some(0),
+            "conv weights are per output channel (axis 0)"
+        );
         let fc = report.layers.iter().find(|l| l.path == "fc.weight").unwrap();
-        assert_eq!(fc.spec.unwrap().axis(), Some(1), "Linear weights are [d_in, d_out]: axis 1");
+        assert_eq!(
+            fc.spec.unwrap().axis(),
+            Some(1),
+            "Linear weights are [d_in, d_out]: axis 1"
+        );
         let (model, losses) = train(model, |m, x| m.forward(x), 25, &device);
         assert_learns("cnn", b.name, &losses);
         // Running statistics were updated by training and not quantized: still arbitrary floats.
         let var = values(model.bn.running_var.value());
-        assert!(var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (*v - 1.0).abs() > 1e-3), "{}: {var:?}", b.name);
+        assert!(
+            var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (*v - 1.0).abs() > 1e-3),
+            "{}: {var:?}",
+            b.name
+        );
         assert!(model.bn.gamma.reparameterization::<WeightFakeQuant>().is_none());
     }
 }
@@ -198,7 +229,13 @@ fn nested_model_with_vec_blocks_and_option_head() {
         // Activation quantizers observed their inputs during training.
         let report = summary(&model, &config).unwrap();
         assert_eq!(report.activations.len(), 2, "{report}");
-        assert!(report.activations.iter().all(|a| a.range.is_some() && a.spec.unwrap().bits == 8), "{report}");
+        assert!(
+            report
+                .activations
+                .iter()
+                .all(|a| a.range.is_some() && a.spec.unwrap().bits == 8),
+            "{report}"
+        );
         println!("{report}");
     }
 }
@@ -212,15 +249,29 @@ fn gradients_reach_float_weights_and_optimizer_updates_them() {
         let (x, y) = data(&device);
         let loss = loss_of(model.forward(x), y);
         let grads = loss.backward();
-        let g = model.fc1.weight.base().grad(&grads).expect("gradient on the float weight");
+        let g = model
+            .fc1
+            .weight
+            .base()
+            .grad(&grads)
+            .expect("gradient on the float weight");
         assert!(values(g).iter().any(|v| *v != 0.0), "{}", b.name);
         let gp = GradientsParams::from_grads(grads, &model);
         let mut optim = AdamConfig::new().init();
         let model = optim.step(1e-2, model, gp);
         let after = values(model.fc1.weight.base());
         // Adam's first step moves every weight with a gradient by about lr.
-        let moved = before.iter().zip(&after).filter(|(a, b)| (*a - *b).abs() > 1e-3).count();
-        assert!(moved > before.len() / 2, "{}: only {moved} of {} weights moved", b.name, before.len());
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-3)
+            .count();
+        assert!(
+            moved > before.len() / 2,
+            "{}: only {moved} of {} weights moved",
+            b.name,
+            before.len()
+        );
         assert!(model.fc1.weight.reparameterization::<WeightFakeQuant>().is_some());
     }
 }
@@ -295,20 +346,61 @@ fn bake_gives_a_plain_model_with_the_quantized_weights() {
 #[test]
 fn clear_errors() {
     let device = backends()[0].device.clone().autodiff();
-    let err = quantize(Mlp::new(&device), &QatConfig::new().with_layer("fc3", WeightQuant::int4_per_channel())).unwrap_err();
-    assert!(err.to_string().contains("layer pattern \"fc3\" matches no module of this model; its modules are [\"fc1\", \"fc2\"]"), "{err}");
-    let err = quantize(Mlp::new(&device), &QatConfig::new().with_layer_type("Conv2d", WeightQuant::float())).unwrap_err();
-    assert!(err.to_string().contains("layer type \"Conv2d\" matches no layer of this model; its layer types are [\"Linear\"]"), "{err}");
     let err = quantize(
         Mlp::new(&device),
-        &QatConfig::new().with_layer("fc*", WeightQuant::int4_per_channel()).with_layer("fc1", WeightQuant::int8_per_channel()).with_layer("*1", WeightQuant::int8_per_tensor()),
+        &QatConfig::new().with_layer("fc3", WeightQuant::int4_per_channel()),
     )
     .unwrap_err();
-    assert!(err.to_string().starts_with("conflicting settings for `fc1.weight`"), "{err}");
-    let err = quantize(Mlp::new(&device), &QatConfig::new().with_layer("fc1", WeightQuant::int4_per_channel()).skip("fc1")).unwrap_err();
-    assert!(err.to_string().contains("conflicting settings for `fc1.weight`"), "{err}");
-    let err = quantize(Mlp::new(&device), &QatConfig::new().with_default(WeightQuant { bits: 1, ..WeightQuant::default() })).unwrap_err();
-    assert_eq!(err.to_string(), "invalid configuration: `QatConfig.default.bits` is 1, allowed: 2..=16");
+    assert!(
+        err.to_string()
+            .contains("layer pattern \"fc3\" matches no module of this model; its modules are [\"fc1\", \"fc2\"]"),
+        "{err}"
+    );
+    let err = quantize(
+        Mlp::new(&device),
+        &QatConfig::new().with_layer_type("Conv2d", WeightQuant::float()),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("layer type \"Conv2d\" matches no layer of this model; its layer types are [\"Linear\"]"),
+        "{err}"
+    );
+    let err = quantize(
+        Mlp::new(&device),
+        &QatConfig::new()
+            .with_layer("fc*", WeightQuant::int4_per_channel())
+            .with_layer("fc1", WeightQuant::int8_per_channel())
+            .with_layer("*1", WeightQuant::int8_per_tensor()),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with("conflicting settings for `fc1.weight`"),
+        "{err}"
+    );
+    let err = quantize(
+        Mlp::new(&device),
+        &QatConfig::new()
+            .with_layer("fc1", WeightQuant::int4_per_channel())
+            .skip("fc1"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("conflicting settings for `fc1.weight`"),
+        "{err}"
+    );
+    let err = quantize(
+        Mlp::new(&device),
+        &QatConfig::new().with_default(WeightQuant {
+            bits: 1,
+            ..WeightQuant::default()
+        }),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: `QatConfig.default.bits` is 1, allowed: 2..=16"
+    );
     let err = quantize(Relu::new(), &QatConfig::new()).unwrap_err();
     assert!(err.to_string().starts_with("nothing to quantize"), "{err}");
     let bn = BatchNormConfig::new(3).init(&device);
@@ -328,7 +420,13 @@ fn clear_errors() {
             vec![("w", Some(2))]
         }
     }
-    let odd = Odd { w: Param::from_tensor(Tensor::ones([2, 2], &device)) };
+    let odd = Odd {
+        w: Param::from_tensor(Tensor::ones([2, 2], &device)),
+    };
     let err = quantize(odd, &QatConfig::new().register::<Odd>()).unwrap_err();
-    assert!(err.to_string().starts_with("per-channel axis 2 does not exist on a tensor of rank 2 (parameter `w` of layer type Odd"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("per-channel axis 2 does not exist on a tensor of rank 2 (parameter `w` of layer type Odd"),
+        "{err}"
+    );
 }

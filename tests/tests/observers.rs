@@ -23,7 +23,10 @@ fn update_rules() {
             // EMA decay 0.5: [-2,4] -> [-1.5, 2.5] -> [-3.75, 2.25]
             (Observer::MovingAverage { decay: 0.5 }, (-3.75, 2.25)),
         ] {
-            let fq = FakeQuantConfig::new(act()).with_observer(observer).init(&device).unwrap();
+            let fq = FakeQuantConfig::new(act())
+                .with_observer(observer)
+                .init(&device)
+                .unwrap();
             for batch in batches {
                 fq.forward(Tensor::<1>::from_floats(batch, &device));
             }
@@ -37,7 +40,10 @@ fn update_rules() {
 fn positive_only_inputs_still_contain_zero() {
     for b in backends() {
         let device = b.device.clone().autodiff();
-        let fq = FakeQuantConfig::new(act()).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(act())
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<1>::from_floats([1.0, 3.0], &device));
         assert_eq!(fq.observed_range(), Some((vec![0.0], vec![3.0])), "{}", b.name);
     }
@@ -47,12 +53,22 @@ fn positive_only_inputs_still_contain_zero() {
 fn nan_and_inf_never_poison_the_range() {
     for b in backends() {
         let device = b.device.clone().autodiff();
-        let fq = FakeQuantConfig::new(act()).with_observer(Observer::MovingAverage { decay: 0.9 }).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(act())
+            .with_observer(Observer::MovingAverage { decay: 0.9 })
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
-        fq.forward(Tensor::<1>::from_floats([f32::NAN, f32::INFINITY, f32::NEG_INFINITY], &device));
+        fq.forward(Tensor::<1>::from_floats(
+            [f32::NAN, f32::INFINITY, f32::NEG_INFINITY],
+            &device,
+        ));
         let (lo, hi) = fq.observed_range().unwrap();
         assert!(lo[0].is_finite() && hi[0].is_finite(), "{}: {lo:?} {hi:?}", b.name);
-        assert!((lo[0] + 0.9).abs() < 1e-6 && (hi[0] - 0.9).abs() < 1e-6, "{}: {lo:?} {hi:?}", b.name);
+        assert!(
+            (lo[0] + 0.9).abs() < 1e-6 && (hi[0] - 0.9).abs() < 1e-6,
+            "{}: {lo:?} {hi:?}",
+            b.name
+        );
     }
 }
 
@@ -61,9 +77,18 @@ fn per_channel_activation_observer() {
     for b in backends() {
         let device = b.device.clone().autodiff();
         let spec = act().with_granularity(Granularity::PerChannel { axis: 1 });
-        let fq = FakeQuantConfig::new(spec).with_channels(3).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(spec)
+            .with_channels(3)
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<2>::from_floats([[1.0, -2.0, 0.5], [-1.0, 4.0, 0.25]], &device));
-        assert_eq!(fq.observed_range(), Some((vec![-1.0, -2.0, 0.0], vec![1.0, 4.0, 0.5])), "{}", b.name);
+        assert_eq!(
+            fq.observed_range(),
+            Some((vec![-1.0, -2.0, 0.0], vec![1.0, 4.0, 0.5])),
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -71,13 +96,24 @@ fn per_channel_activation_observer() {
 fn only_training_on_autodiff_observes() {
     for b in backends() {
         let device = b.device.clone().autodiff();
-        let fq = FakeQuantConfig::new(act()).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(act())
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
         // valid(): evaluation, no observation, stored range used.
         let eval = fq.valid();
         let y = values(eval.forward(Tensor::<1>::from_floats([0.3, 9.0], &b.device)));
         let qp = qparams_from_range(-1.0, 1.0, &act());
-        assert_eq!(y, vec![reference::fake_quant(0.3, qp, &act()), reference::fake_quant(9.0, qp, &act())], "{}", b.name);
+        assert_eq!(
+            y,
+            vec![
+                reference::fake_quant(0.3, qp, &act()),
+                reference::fake_quant(9.0, qp, &act())
+            ],
+            "{}",
+            b.name
+        );
         assert_eq!(eval.observed_range(), Some((vec![-1.0], vec![1.0])), "{}", b.name);
         // A frozen observer in training keeps its range.
         let frozen = switches::freeze_observers(fq.clone());
@@ -88,7 +124,12 @@ fn only_training_on_autodiff_observes() {
         assert_eq!(thawed.observed_range(), Some((vec![-5.0], vec![5.0])), "{}", b.name);
         // Disabled fake-quant passes values through.
         let off = switches::set_fake_quant_enabled(thawed, false);
-        assert_eq!(values(off.forward(Tensor::<1>::from_floats([0.123], &device))), vec![0.123], "{}", b.name);
+        assert_eq!(
+            values(off.forward(Tensor::<1>::from_floats([0.123], &device))),
+            vec![0.123],
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -109,7 +150,12 @@ fn observer_state_survives_save_and_load() {
 
         let fresh = config.init(&device).unwrap();
         // Without the state the output would differ (a fresh quantizer passes values through).
-        assert_ne!(values(fresh.valid().forward(x.clone())), want, "{}: the test must be able to fail", b.name);
+        assert_ne!(
+            values(fresh.valid().forward(x.clone())),
+            want,
+            "{}: the test must be able to fail",
+            b.name
+        );
         let loaded = fresh.load_record(ModuleRecord::load(&path).unwrap());
         assert_eq!(loaded.observed_range(), Some((vec![-3.0], vec![3.0])), "{}", b.name);
         assert_eq!(values(loaded.valid().forward(x)), want, "{}", b.name);

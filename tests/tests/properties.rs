@@ -17,14 +17,29 @@ use proptest::test_runner::{Config, TestRunner};
 const TIE_WINDOW: f32 = 1e-5;
 
 fn spec_strategy(rank: usize) -> impl Strategy<Value = QuantSpec> {
-    (2u32..=16, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), 0..=rank)
+    (
+        2u32..=16,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        0..=rank,
+    )
         .prop_map(move |(bits, signed, symmetric, narrow, tf, axis)| QuantSpec {
             bits,
             signed,
             symmetric,
             narrow_range: narrow,
-            granularity: if axis == rank { Granularity::PerTensor } else { Granularity::PerChannel { axis } },
-            rounding: if tf { RoundingMode::TfHalfUp } else { RoundingMode::HalfToEven },
+            granularity: if axis == rank {
+                Granularity::PerTensor
+            } else {
+                Granularity::PerChannel { axis }
+            },
+            rounding: if tf {
+                RoundingMode::TfHalfUp
+            } else {
+                RoundingMode::HalfToEven
+            },
         })
 }
 
@@ -72,7 +87,9 @@ fn host_range(x: &[f32], rows: usize, cols: usize, g: Granularity) -> Vec<(f32, 
 
 fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> Result<(), TestCaseError> {
     let device = b.device.clone().autodiff();
-    let t = Tensor::<1>::from_floats(x, &device).reshape([rows, cols]).require_grad();
+    let t = Tensor::<1>::from_floats(x, &device)
+        .reshape([rows, cols])
+        .require_grad();
     let (min, max) = tensor::min_max(t.clone(), spec.granularity);
     let (scale, zp) = tensor::qparams(min, max, &spec);
     let qps = tensor::to_qparams(&scale, &zp);
@@ -83,11 +100,20 @@ fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> R
     for (qp, (lo, hi)) in qps.iter().zip(&ranges) {
         let want = qparams_from_range(*lo, *hi, &spec);
         let rel = (qp.scale - want.scale).abs() / want.scale;
-        prop_assert!(rel <= 4.0 * f32::EPSILON, "{}: scale {} vs reference {}", b.name, qp.scale, want.scale);
+        prop_assert!(
+            rel <= 4.0 * f32::EPSILON,
+            "{}: scale {} vs reference {}",
+            b.name,
+            qp.scale,
+            want.scale
+        );
         let tie = near_half(*lo / want.scale);
         prop_assert!(
             qp.zero_point == want.zero_point || (tie && (qp.zero_point - want.zero_point).abs() == 1),
-            "{}: zero point {} vs reference {} for [{lo}, {hi}]", b.name, qp.zero_point, want.zero_point
+            "{}: zero point {} vs reference {} for [{lo}, {hi}]",
+            b.name,
+            qp.zero_point,
+            want.zero_point
         );
     }
 
@@ -110,14 +136,21 @@ fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> R
             let v = xi / qp.scale;
             prop_assert!(
                 got[i] == want || (near_half(v) && (got[i] - want).abs() <= qp.scale * 1.0001),
-                "{}: fake_quant({xi}) = {} but reference gives {} (qp {:?}, spec {:?})", b.name, got[i], want, qp, spec
+                "{}: fake_quant({xi}) = {} but reference gives {} (qp {:?}, spec {:?})",
+                b.name,
+                got[i],
+                want,
+                qp,
+                spec
             );
             let want_grad = reference::fake_quant_grad(xi, qp, &spec);
             let on_bound = (v + qp.zero_point as f32 - spec.qmin() as f32).abs() <= TIE_WINDOW * v.abs().max(1.0)
                 || (v + qp.zero_point as f32 - spec.qmax() as f32).abs() <= TIE_WINDOW * v.abs().max(1.0);
             prop_assert!(
                 grad[i] == want_grad || on_bound,
-                "{}: gradient at {xi} is {} but reference gives {want_grad}", b.name, grad[i]
+                "{}: gradient at {xi} is {} but reference gives {want_grad}",
+                b.name,
+                grad[i]
             );
         }
     }
@@ -127,9 +160,14 @@ fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> R
 #[test]
 fn tensor_fake_quant_matches_scalar_reference() {
     for b in backends() {
-        let mut runner = TestRunner::new(Config { cases: cases(&b, 256), ..Config::default() });
+        let mut runner = TestRunner::new(Config {
+            cases: cases(&b, 256),
+            ..Config::default()
+        });
         runner
-            .run(&(spec_strategy(2), input_strategy()), |(spec, (rows, cols, x))| check(&b, spec, rows, cols, &x))
+            .run(&(spec_strategy(2), input_strategy()), |(spec, (rows, cols, x))| {
+                check(&b, spec, rows, cols, &x)
+            })
             .unwrap_or_else(|e| panic!("{}: {e}", b.name));
     }
 }
@@ -137,19 +175,32 @@ fn tensor_fake_quant_matches_scalar_reference() {
 #[test]
 fn scalar_qparams_path_matches_reference() {
     for b in backends() {
-        let mut runner = TestRunner::new(Config { cases: cases(&b, 128), ..Config::default() });
+        let mut runner = TestRunner::new(Config {
+            cases: cases(&b, 128),
+            ..Config::default()
+        });
         runner
-            .run(&(spec_strategy(0), input_strategy(), -5.0f32..5.0, 0.0f32..5.0), |(spec, (_, _, x), lo, hi)| {
-                let qp = qparams_from_range(lo, hi, &spec);
-                let got = values(tensor::fake_quant_per_tensor(Tensor::<1>::from_floats(x.as_slice(), &b.device), qp, &spec));
-                for (xi, gi) in x.iter().zip(got) {
-                    let want = reference::fake_quant(*xi, qp, &spec);
-                    let v = xi / qp.scale;
-                    prop_assert!(gi == want || (near_half(v) && (gi - want).abs() <= qp.scale * 1.0001),
-                        "{}: {xi} -> {gi}, reference {want}", b.name);
-                }
-                Ok(())
-            })
+            .run(
+                &(spec_strategy(0), input_strategy(), -5.0f32..5.0, 0.0f32..5.0),
+                |(spec, (_, _, x), lo, hi)| {
+                    let qp = qparams_from_range(lo, hi, &spec);
+                    let got = values(tensor::fake_quant_per_tensor(
+                        Tensor::<1>::from_floats(x.as_slice(), &b.device),
+                        qp,
+                        &spec,
+                    ));
+                    for (xi, gi) in x.iter().zip(got) {
+                        let want = reference::fake_quant(*xi, qp, &spec);
+                        let v = xi / qp.scale;
+                        prop_assert!(
+                            gi == want || (near_half(v) && (gi - want).abs() <= qp.scale * 1.0001),
+                            "{}: {xi} -> {gi}, reference {want}",
+                            b.name
+                        );
+                    }
+                    Ok(())
+                },
+            )
             .unwrap_or_else(|e| panic!("{}: {e}", b.name));
     }
 }

@@ -9,7 +9,9 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig1d
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn_qat::transform::{Activation, BnFoldMode, FusedConfig, FusedConv2d, FusedLinear, QatSchedule, fold, fuse_batch_norms};
+use burn_qat::transform::{
+    Activation, BnFoldMode, FusedConfig, FusedConv2d, FusedLinear, QatSchedule, fold, fuse_batch_norms,
+};
 use burn_qat::{FakeQuant, FakeQuantConfig, QuantSpec};
 use burn_qat_tests::{backends, skip, values};
 
@@ -20,7 +22,10 @@ fn assert_close(got: Vec<f32>, want: Vec<f32>, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}");
     let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len() as f32;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() <= FOLD_RTOL * (w.abs() + scale), "{what}: element {i}: {g} vs {w}");
+        assert!(
+            (g - w).abs() <= FOLD_RTOL * (w.abs() + scale),
+            "{what}: element {i}: {g} vs {w}"
+        );
     }
 }
 
@@ -83,13 +88,21 @@ fn fold_conv1d_and_linear_equal_bn_of_layer() {
             let bn = random_bn(4, d);
             let x = Tensor::<3>::random([2, 3, 11], Distribution::Normal(0.0, 1.0), d);
             let want = values(bn.forward(conv.forward(x.clone())));
-            assert_close(values(fold::fold_conv1d(conv, &bn).forward(x)), want, &format!("{} conv1d bias={bias}", b.name));
+            assert_close(
+                values(fold::fold_conv1d(conv, &bn).forward(x)),
+                want,
+                &format!("{} conv1d bias={bias}", b.name),
+            );
 
             let lin: Linear = LinearConfig::new(5, 3).with_bias(bias).init(d);
             let bn = random_bn(3, d);
             let x = Tensor::<2>::random([4, 5], Distribution::Normal(0.0, 1.0), d);
             let want = values(bn.forward(lin.forward(x.clone())));
-            assert_close(values(fold::fold_linear(lin, &bn).forward(x)), want, &format!("{} linear bias={bias}", b.name));
+            assert_close(
+                values(fold::fold_linear(lin, &bn).forward(x)),
+                want,
+                &format!("{} linear bias={bias}", b.name),
+            );
         }
     }
 }
@@ -105,25 +118,52 @@ fn fuse_batch_norms_in_place_keeps_the_model_type_and_outputs() {
     for b in backends() {
         let d = &b.device;
         d.seed(13);
-        let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).init(d), bn: random_bn(3, d) };
+        let model = Plain {
+            conv: Conv2dConfig::new([2, 3], [3, 3]).init(d),
+            bn: random_bn(3, d),
+        };
         let x = Tensor::<4>::random([2, 2, 6, 6], Distribution::Normal(0.0, 1.0), d);
         let want = values(model.bn.forward(model.conv.forward(x.clone())));
         let fused = fuse_batch_norms(model, &[("conv", "bn")], 1e-3).unwrap();
-        assert_close(values(fused.bn.forward(fused.conv.forward(x.clone()))), want.clone(), &format!("{} in place", b.name));
+        assert_close(
+            values(fused.bn.forward(fused.conv.forward(x.clone()))),
+            want.clone(),
+            &format!("{} in place", b.name),
+        );
         // The BatchNorm is now the identity.
-        assert_close(values(fused.bn.forward(fused.conv.forward(x.clone()))), values(fused.conv.forward(x)), &format!("{} identity bn", b.name));
+        assert_close(
+            values(fused.bn.forward(fused.conv.forward(x.clone()))),
+            values(fused.conv.forward(x)),
+            &format!("{} identity bn", b.name),
+        );
     }
     let d = &backends()[0].device;
-    let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).with_bias(false).init(d), bn: random_bn(3, d) };
-    let err = fuse_batch_norms(model, &[("conv", "bn")], 1e-3).unwrap_err().to_string();
+    let model = Plain {
+        conv: Conv2dConfig::new([2, 3], [3, 3]).with_bias(false).init(d),
+        bn: random_bn(3, d),
+    };
+    let err = fuse_batch_norms(model, &[("conv", "bn")], 1e-3)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`conv` has no bias"), "{err}");
-    let model = Plain { conv: Conv2dConfig::new([2, 3], [3, 3]).init(d), bn: random_bn(3, d) };
-    let err = fuse_batch_norms(model, &[("bn", "conv")], 1e-3).unwrap_err().to_string();
+    let model = Plain {
+        conv: Conv2dConfig::new([2, 3], [3, 3]).init(d),
+        bn: random_bn(3, d),
+    };
+    let err = fuse_batch_norms(model, &[("bn", "conv")], 1e-3)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`bn` is not a Conv1d, Conv2d or Linear module"), "{err}");
 }
 
 fn fused(conv: Conv2d, bn: BatchNorm, weight: Option<QuantSpec>, mode: BnFoldMode) -> FusedConv2d {
-    FusedConfig::new().with_weight(weight).with_output(None).with_activation(Activation::Relu).with_mode(mode).init(conv, Some(bn)).unwrap()
+    FusedConfig::new()
+        .with_weight(weight)
+        .with_output(None)
+        .with_activation(Activation::Relu)
+        .with_mode(mode)
+        .init(conv, Some(bn))
+        .unwrap()
 }
 
 #[test]
@@ -145,7 +185,9 @@ fn fused_module_in_training_matches_conv_bn_relu_with_batch_statistics() {
             };
             let f = fused(conv, bn, None, mode);
             let x = Tensor::<4>::random([3, 2, 7, 7], Distribution::Normal(0.0, 1.0), &d);
-            let want = values(burn::tensor::activation::relu(reference.bn.forward(reference.conv.forward(x.clone()))));
+            let want = values(burn::tensor::activation::relu(
+                reference.bn.forward(reference.conv.forward(x.clone())),
+            ));
             let got = values(f.forward(x));
             assert_close(got, want, &format!("{} {mode:?} training forward", b.name));
             assert_close(
@@ -163,17 +205,31 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
         let d = b.device.clone().autodiff();
         d.seed(15);
         let conv = Conv2dConfig::new([2, 4], [3, 3]).init(&d);
-        let f = fused(conv, random_bn(4, &d), Some(QuantSpec::int8_weight_per_channel_symmetric(0)), BnFoldMode::Approximate);
+        let f = fused(
+            conv,
+            random_bn(4, &d),
+            Some(QuantSpec::int8_weight_per_channel_symmetric(0)),
+            BnFoldMode::Approximate,
+        );
         let x = Tensor::<4>::random([3, 2, 7, 7], Distribution::Normal(0.0, 1.0), &d);
         // Gradients reach the float conv weight and gamma.
         let grads = f.forward(x.clone()).sum().backward();
-        assert!(f.layer.weight.val().grad(&grads).is_some() && f.bn.as_ref().unwrap().gamma.val().grad(&grads).is_some(), "{}", b.name);
+        assert!(
+            f.layer.weight.val().grad(&grads).is_some() && f.bn.as_ref().unwrap().gamma.val().grad(&grads).is_some(),
+            "{}",
+            b.name
+        );
         let eval = f.valid();
         let xe = x.clone().inner();
         let want = values(eval.forward(xe.clone()));
         let folded = eval.clone().folded();
         assert!(folded.bn.is_none() && folded.weight_quant.is_none());
-        assert_eq!(values(folded.forward(xe)), want, "{}: folded must equal the QAT model in eval", b.name);
+        assert_eq!(
+            values(folded.forward(xe)),
+            want,
+            "{}: folded must equal the QAT model in eval",
+            b.name
+        );
         // The folded weight is on the int8 grid of each output channel.
         let w = folded.layer.weight.val();
         let per = w.dims()[1] * 9;
@@ -183,7 +239,11 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
             let m = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
             for v in chunk {
                 let q = v / (m / 127.0);
-                assert!((q - q.round()).abs() < 1e-3, "{}: {v} not on channel {ch}'s grid", b.name);
+                assert!(
+                    (q - q.round()).abs() < 1e-3,
+                    "{}: {v} not on channel {ch}'s grid",
+                    b.name
+                );
             }
         }
         // freeze_bn_stats: running statistics stop moving, training uses them.
@@ -191,7 +251,12 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
         let before = values(f.bn.as_ref().unwrap().running_var.value());
         let y_train = values(f.forward(x.clone()));
         assert_eq!(values(f.bn.as_ref().unwrap().running_var.value()), before, "{}", b.name);
-        assert_eq!(y_train, values(f.valid().forward(x.inner())), "{}: frozen training path = eval path", b.name);
+        assert_eq!(
+            y_train,
+            values(f.valid().forward(x.inner())),
+            "{}: frozen training path = eval path",
+            b.name
+        );
     }
 }
 
@@ -203,9 +268,17 @@ fn fused_config_errors() {
         .with_weight(Some(QuantSpec::int8_weight_per_channel_symmetric(1)))
         .init(conv.clone(), None)
         .unwrap_err();
-    assert!(err.to_string().contains("`FusedConfig.weight.granularity` is PerChannel { axis: 1 }"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("`FusedConfig.weight.granularity` is PerChannel { axis: 1 }"),
+        "{err}"
+    );
     let err = FusedConfig::new().init(conv, Some(random_bn(3, d))).unwrap_err();
-    assert!(err.to_string().contains("BatchNorm has 3 channels but the tensor has 4"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("BatchNorm has 3 channels but the tensor has 4"),
+        "{err}"
+    );
 }
 
 #[derive(Module, Debug)]
@@ -220,7 +293,12 @@ fn schedule_freezes_observers_and_bn_from_a_hand_loop_and_from_shared_self() {
         let d = b.device.clone().autodiff();
         let model = Tiny {
             act: FakeQuantConfig::new(QuantSpec::default()).init(&d).unwrap(),
-            conv: FusedConfig::new().init(Conv2dConfig::new([1, 2], [3, 3]).init(&d), Some(BatchNormConfig::new(2).init(&d))).unwrap(),
+            conv: FusedConfig::new()
+                .init(
+                    Conv2dConfig::new([1, 2], [3, 3]).init(&d),
+                    Some(BatchNormConfig::new(2).init(&d)),
+                )
+                .unwrap(),
         };
         let schedule = QatSchedule::new(Some(3), Some(2));
         let x = Tensor::<4>::random([2, 1, 5, 5], Distribution::Normal(0.0, 1.0), &d);
@@ -242,7 +320,12 @@ fn schedule_freezes_observers_and_bn_from_a_hand_loop_and_from_shared_self() {
         let record = model.clone().into_record();
         let fresh = Tiny {
             act: FakeQuantConfig::new(QuantSpec::default()).init(&d).unwrap(),
-            conv: FusedConfig::new().init(Conv2dConfig::new([1, 2], [3, 3]).init(&d), Some(BatchNormConfig::new(2).init(&d))).unwrap(),
+            conv: FusedConfig::new()
+                .init(
+                    Conv2dConfig::new([1, 2], [3, 3]).init(&d),
+                    Some(BatchNormConfig::new(2).init(&d)),
+                )
+                .unwrap(),
         }
         .load_record(record);
         assert!(fresh.act.is_frozen() && fresh.conv.is_bn_frozen(), "{}", b.name);
@@ -266,19 +349,34 @@ impl MnistCnn {
         self.fc.forward(x.reshape([n, c * h * w]))
     }
     fn folded(self) -> Self {
-        Self { input: self.input, conv: self.conv.folded(), pool: self.pool, fc: self.fc.folded() }
+        Self {
+            input: self.input,
+            conv: self.conv.folded(),
+            pool: self.pool,
+            fc: self.fc.folded(),
+        }
     }
 }
 
 fn mnist_dir() -> Option<std::path::PathBuf> {
-    let candidates = [std::env::var_os("MNIST_DIR").map(Into::into), Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist"))];
-    candidates.into_iter().flatten().find(|d| d.join("t10k-labels-idx1-ubyte.gz").is_file() || d.join("t10k-labels-idx1-ubyte").is_file())
+    let candidates = [
+        std::env::var_os("MNIST_DIR").map(Into::into),
+        Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("t10k-labels-idx1-ubyte.gz").is_file() || d.join("t10k-labels-idx1-ubyte").is_file())
 }
 
 #[test]
 fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     let Some(dir) = mnist_dir() else {
-        skip("fused_qat_cnn_on_mnist_folds_to_the_same_predictions", "all", "real MNIST not found (set MNIST_DIR or provide ../shared/data/mnist)");
+        skip(
+            "fused_qat_cnn_on_mnist_folds_to_the_same_predictions",
+            "all",
+            "real MNIST not found (set MNIST_DIR or provide ../shared/data/mnist)",
+        );
         return;
     };
     let data = mnist::data::Mnist::load_dir(&dir).expect("MNIST");
@@ -286,10 +384,15 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     let d = b.device.clone().autodiff();
     d.seed(5);
     let model = MnistCnn {
-        input: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()).init(&d).unwrap(),
+        input: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+            .init(&d)
+            .unwrap(),
         conv: FusedConfig::new()
             .with_activation(Activation::Relu)
-            .init(Conv2dConfig::new([1, 8], [3, 3]).init(&d), Some(BatchNormConfig::new(8).init(&d)))
+            .init(
+                Conv2dConfig::new([1, 8], [3, 3]).init(&d),
+                Some(BatchNormConfig::new(8).init(&d)),
+            )
             .unwrap(),
         pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
         fc: FusedConfig::new()
@@ -307,7 +410,9 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
         let x = Tensor::<1>::from_floats(data.train.pixels(r.clone()).as_slice(), &d).reshape([batch, 1, 28, 28]);
         let labels: Vec<i64> = data.train.labels[r].iter().map(|l| *l as i64).collect();
         let y = Tensor::<1, Int>::from_ints(labels.as_slice(), &d);
-        let loss = burn::nn::loss::CrossEntropyLossConfig::new().init(&d).forward(model.forward(x), y);
+        let loss = burn::nn::loss::CrossEntropyLossConfig::new()
+            .init(&d)
+            .forward(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(2e-3, model, grads);
         schedule.step(&model);
@@ -316,9 +421,22 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     let folded = qat.clone().folded();
     let (mut same, mut correct, n) = (0usize, 0usize, data.test.len());
     for start in (0..n).step_by(1000) {
-        let x = Tensor::<1>::from_floats(data.test.pixels(start..start + 1000).as_slice(), &b.device).reshape([1000, 1, 28, 28]);
-        let p_qat: Vec<i64> = qat.forward(x.clone()).argmax(1).into_data().convert::<i64>().try_to_vec().unwrap();
-        let p_fold: Vec<i64> = folded.forward(x).argmax(1).into_data().convert::<i64>().try_to_vec().unwrap();
+        let x = Tensor::<1>::from_floats(data.test.pixels(start..start + 1000).as_slice(), &b.device)
+            .reshape([1000, 1, 28, 28]);
+        let p_qat: Vec<i64> = qat
+            .forward(x.clone())
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap();
+        let p_fold: Vec<i64> = folded
+            .forward(x)
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .unwrap();
         for i in 0..1000 {
             same += usize::from(p_qat[i] == p_fold[i]);
             correct += usize::from(p_qat[i] == data.test.labels[start + i] as i64);
@@ -326,8 +444,17 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     }
     let agree = same as f64 / n as f64;
     let acc = correct as f64 / n as f64;
-    println!("{}: QAT test accuracy {:.2}%, folded agrees on {:.3}% of 10,000 test images", b.name, acc * 100.0, agree * 100.0);
-    assert!(agree >= 0.999, "folded and QAT predictions agree on only {:.3}%", agree * 100.0);
+    println!(
+        "{}: QAT test accuracy {:.2}%, folded agrees on {:.3}% of 10,000 test images",
+        b.name,
+        acc * 100.0,
+        agree * 100.0
+    );
+    assert!(
+        agree >= 0.999,
+        "folded and QAT predictions agree on only {:.3}%",
+        agree * 100.0
+    );
     assert!(acc > 0.85, "the fused QAT CNN did not learn: {:.2}%", acc * 100.0);
 }
 
@@ -357,13 +484,29 @@ fn sequential_discovers_and_fuses_conv_bn_relu_chains() {
         let fused = model.fuse(&float).unwrap();
         assert_eq!(
             fused.describe(),
-            vec!["FusedConv2d(BatchNorm, Relu)", "FusedConv2d(BatchNorm)", "MaxPool2d", "Flatten", "FusedLinear(Relu)", "FusedLinear"],
+            vec![
+                "FusedConv2d(BatchNorm, Relu)",
+                "FusedConv2d(BatchNorm)",
+                "MaxPool2d",
+                "Flatten",
+                "FusedLinear(Relu)",
+                "FusedLinear"
+            ],
             "{}",
             b.name
         );
         let eval = fused.valid();
-        assert_close(values(eval.forward(x.clone())), want, &format!("{} fused sequential", b.name));
-        assert_eq!(values(eval.clone().folded().forward(x.clone())), values(eval.forward(x.clone())), "{}", b.name);
+        assert_close(
+            values(eval.forward(x.clone())),
+            want,
+            &format!("{} fused sequential", b.name),
+        );
+        assert_eq!(
+            values(eval.clone().folded().forward(x.clone())),
+            values(eval.forward(x.clone())),
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -387,42 +530,92 @@ fn sequential_quantized_fusion_folds_bit_for_bit() {
         let _ = model.forward(x.clone()); // training step: observers see data
         let eval = model.valid();
         let xe = x.inner();
-        assert_eq!(values(eval.clone().folded().forward(xe.clone())), values(eval.forward(xe)), "{}", b.name);
+        assert_eq!(
+            values(eval.clone().folded().forward(xe.clone())),
+            values(eval.forward(xe)),
+            "{}",
+            b.name
+        );
     }
 }
 
 #[test]
 fn fused_conv1d_and_linear_with_bn_train_like_the_pair_and_fold_bit_for_bit() {
-    use burn_qat::transform::{FusedConv1d, FusedAdd};
+    use burn_qat::transform::{FusedAdd, FusedConv1d};
     for b in backends() {
         let d = b.device.clone().autodiff();
         d.seed(31);
         // Conv1d + BN + ReLU6.
         let conv: Conv1d = Conv1dConfig::new(2, 3, 3).init(&d);
         let bn = random_bn(3, &d);
-        let pair_bn = BatchNorm { running_mean: RunningState::new(bn.running_mean.value()), running_var: RunningState::new(bn.running_var.value()), ..bn.clone() };
-        let f: FusedConv1d = FusedConfig::new().with_weight(None).with_output(None).with_activation(Activation::Relu6).init(conv.clone(), Some(bn)).unwrap();
+        let pair_bn = BatchNorm {
+            running_mean: RunningState::new(bn.running_mean.value()),
+            running_var: RunningState::new(bn.running_var.value()),
+            ..bn.clone()
+        };
+        let f: FusedConv1d = FusedConfig::new()
+            .with_weight(None)
+            .with_output(None)
+            .with_activation(Activation::Relu6)
+            .init(conv.clone(), Some(bn))
+            .unwrap();
         let x = Tensor::<3>::random([4, 2, 9], Distribution::Normal(0.0, 2.0), &d);
-        let want = values(burn::tensor::activation::relu6(pair_bn.forward(conv.forward(x.clone()))));
-        assert_close(values(f.forward(x.clone())), want, &format!("{} fused conv1d training", b.name));
+        let want = values(burn::tensor::activation::relu6(
+            pair_bn.forward(conv.forward(x.clone())),
+        ));
+        assert_close(
+            values(f.forward(x.clone())),
+            want,
+            &format!("{} fused conv1d training", b.name),
+        );
         let eval = f.valid();
-        assert_eq!(values(eval.clone().folded().forward(x.clone().inner())), values(eval.forward(x.inner())), "{}", b.name);
+        assert_eq!(
+            values(eval.clone().folded().forward(x.clone().inner())),
+            values(eval.forward(x.inner())),
+            "{}",
+            b.name
+        );
         // Linear + BatchNorm1d, exact mode.
         let lin: Linear = LinearConfig::new(5, 3).init(&d);
         let bn = random_bn(3, &d);
-        let pair_bn = BatchNorm { running_mean: RunningState::new(bn.running_mean.value()), running_var: RunningState::new(bn.running_var.value()), ..bn.clone() };
-        let f: FusedLinear = FusedConfig::new().with_weight(None).with_output(None).with_mode(BnFoldMode::Exact).init(lin.clone(), Some(bn)).unwrap();
+        let pair_bn = BatchNorm {
+            running_mean: RunningState::new(bn.running_mean.value()),
+            running_var: RunningState::new(bn.running_var.value()),
+            ..bn.clone()
+        };
+        let f: FusedLinear = FusedConfig::new()
+            .with_weight(None)
+            .with_output(None)
+            .with_mode(BnFoldMode::Exact)
+            .init(lin.clone(), Some(bn))
+            .unwrap();
         let x = Tensor::<2>::random([6, 5], Distribution::Normal(0.0, 1.0), &d);
         let want = values(pair_bn.forward(lin.forward(x.clone())));
-        assert_close(values(f.forward(x.clone())), want, &format!("{} fused linear exact training", b.name));
+        assert_close(
+            values(f.forward(x.clone())),
+            want,
+            &format!("{} fused linear exact training", b.name),
+        );
         // Add + ReLU with one fake-quant after the ReLU.
-        let add = FusedAdd::new(Activation::Relu, Some(FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric()).init(&d).unwrap()));
+        let add = FusedAdd::new(
+            Activation::Relu,
+            Some(
+                FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+                    .init(&d)
+                    .unwrap(),
+            ),
+        );
         let a = Tensor::<1>::from_floats([1.0, -2.0, 0.5], &d);
         let c = Tensor::<1>::from_floats([0.5, 1.0, -1.0], &d);
         let y = values(add.forward(a, c));
         assert_eq!(y[1], 0.0, "{}", b.name);
         assert_eq!(y[2], 0.0, "{}", b.name);
         assert!((y[0] - 1.5).abs() < 1.5 / 255.0, "{}: {y:?}", b.name);
-        assert_eq!(add.output.as_ref().unwrap().observed_range(), Some((vec![0.0], vec![1.5])), "{}: observed after the ReLU", b.name);
+        assert_eq!(
+            add.output.as_ref().unwrap().observed_range(),
+            Some((vec![0.0], vec![1.5])),
+            "{}: observed after the ReLU",
+            b.name
+        );
     }
 }

@@ -32,9 +32,7 @@ pub enum QatError {
         allowed: String,
     },
     /// A per-channel axis that the tensor does not have.
-    #[error(
-        "per-channel axis {axis} does not exist on a tensor of rank {rank}{context}: use an axis in 0..{rank}"
-    )]
+    #[error("per-channel axis {axis} does not exist on a tensor of rank {rank}{context}: use an axis in 0..{rank}")]
     AxisOutOfRange {
         /// The requested axis.
         axis: usize,
@@ -44,9 +42,7 @@ pub enum QatError {
         context: String,
     },
     /// Quantization parameters whose channel count disagrees with the tensor.
-    #[error(
-        "{what} has {got} channels but the tensor has {expected} along axis {axis}{context}"
-    )]
+    #[error("{what} has {got} channels but the tensor has {expected} along axis {axis}{context}")]
     ChannelMismatch {
         /// Which parameter.
         what: &'static str,

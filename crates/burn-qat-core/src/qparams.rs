@@ -82,7 +82,11 @@ pub fn qparams_from_range(min: f32, max: f32, spec: &QuantSpec) -> QParams {
 }
 
 fn clamp_scale(scale: f32) -> f32 {
-    if scale.is_finite() { scale.max(MIN_SCALE) } else { f32::MAX }
+    if scale.is_finite() {
+        scale.max(MIN_SCALE)
+    } else {
+        f32::MAX
+    }
 }
 
 /// One step of an exponential moving average, `old * decay + new * (1 - decay)`, as tfmot's
@@ -131,9 +135,15 @@ mod tests {
             let spec = tf().with_bits(bits).with_narrow_range(narrow);
             let qp = qparams_from_range(min, max, &spec);
             let (lo, hi) = qp.range(&spec);
-            assert!((qp.scale - step).abs() < 1e-6, "{bits} {narrow} [{min},{max}]: scale {}", qp.scale);
-            assert!((lo - nmin).abs() < 1e-4 && (hi - nmax).abs() < 1e-4,
-                "{bits} bits narrow={narrow} [{min}, {max}]: got [{lo}, {hi}], TF gives [{nmin}, {nmax}]");
+            assert!(
+                (qp.scale - step).abs() < 1e-6,
+                "{bits} {narrow} [{min},{max}]: scale {}",
+                qp.scale
+            );
+            assert!(
+                (lo - nmin).abs() < 1e-4 && (hi - nmax).abs() < 1e-4,
+                "{bits} bits narrow={narrow} [{min}, {max}]: got [{lo}, {hi}], TF gives [{nmin}, {nmax}]"
+            );
         }
     }
 
@@ -150,12 +160,27 @@ mod tests {
     #[test]
     fn symmetric_grids() {
         let s = QuantSpec::int8_weight_per_tensor_symmetric();
-        assert_eq!(qparams_from_range(-2.54, 1.0, &s), QParams { scale: 0.02, zero_point: 0 });
+        assert_eq!(
+            qparams_from_range(-2.54, 1.0, &s),
+            QParams {
+                scale: 0.02,
+                zero_point: 0
+            }
+        );
         let full = s.with_narrow_range(false);
-        assert_eq!(qparams_from_range(-1.0, 2.55, &full), QParams { scale: 0.02, zero_point: 0 });
+        assert_eq!(
+            qparams_from_range(-1.0, 2.55, &full),
+            QParams {
+                scale: 0.02,
+                zero_point: 0
+            }
+        );
         let u = s.with_signed(false);
         assert_eq!(qparams_from_range(-1.0, 1.0, &u).zero_point, 128);
-        assert_eq!(qparams_from_range(-1.0, 1.0, &u.with_narrow_range(false)).zero_point, 128);
+        assert_eq!(
+            qparams_from_range(-1.0, 1.0, &u.with_narrow_range(false)).zero_point,
+            128
+        );
         let u4 = u.with_bits(4).with_narrow_range(false);
         assert_eq!(qparams_from_range(-1.0, 1.0, &u4).zero_point, 8);
     }
@@ -163,8 +188,14 @@ mod tests {
     #[test]
     fn degenerate_ranges_do_not_divide_by_zero() {
         for spec in [QuantSpec::default(), QuantSpec::int8_weight_per_tensor_symmetric()] {
-            for (lo, hi) in [(0.0, 0.0), (3.0, 3.0), (-2.0, -2.0), (f32::NAN, f32::NAN),
-                             (f32::NEG_INFINITY, f32::INFINITY), (1e-30, 1e-30)] {
+            for (lo, hi) in [
+                (0.0, 0.0),
+                (3.0, 3.0),
+                (-2.0, -2.0),
+                (f32::NAN, f32::NAN),
+                (f32::NEG_INFINITY, f32::INFINITY),
+                (1e-30, 1e-30),
+            ] {
                 let qp = qparams_from_range(lo, hi, &spec);
                 assert!(qp.scale.is_finite() && qp.scale >= MIN_SCALE, "{lo} {hi}: {qp:?}");
                 assert!((spec.qmin()..=spec.qmax()).contains(&qp.zero_point));

@@ -72,7 +72,11 @@ pub fn fake_quant(x: f32, qp: QParams, spec: &QuantSpec) -> f32 {
 /// `f32` operations as the tensor path.
 pub fn fake_quant_grad(x: f32, qp: QParams, spec: &QuantSpec) -> f32 {
     let v = x / qp.scale + qp.zero_point as f32;
-    if v >= spec.qmin() as f32 && v <= spec.qmax() as f32 { 1.0 } else { 0.0 }
+    if v >= spec.qmin() as f32 && v <= spec.qmax() as f32 {
+        1.0
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]
@@ -83,14 +87,22 @@ mod tests {
     #[test]
     fn ties() {
         let spec = QuantSpec::default();
-        let qp = QParams { scale: 1.0, zero_point: 0 };
-        let got: Vec<f32> = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5].map(|x| fake_quant(x, qp, &spec)).into();
+        let qp = QParams {
+            scale: 1.0,
+            zero_point: 0,
+        };
+        let got: Vec<f32> = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5]
+            .map(|x| fake_quant(x, qp, &spec))
+            .into();
         assert_eq!(got, vec![2.0, -2.0, 4.0, -4.0, 0.0, -0.0]);
         let tf = spec.with_rounding(RoundingMode::TfHalfUp);
         let got: Vec<f32> = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5].map(|x| fake_quant(x, qp, &tf)).into();
         assert_eq!(got, vec![3.0, -2.0, 4.0, -3.0, 1.0, 0.0]);
         // Odd zero point: the zero point is added after rounding.
-        let qp3 = QParams { scale: 1.0, zero_point: 3 };
+        let qp3 = QParams {
+            scale: 1.0,
+            zero_point: 3,
+        };
         assert_eq!(quantize(2.5, qp3, &spec), 5);
         assert_eq!(quantize(3.5, qp3, &spec), 7);
         assert_eq!(quantize(-2.5, qp3, &spec), 1);
@@ -114,7 +126,10 @@ mod tests {
     #[test]
     fn nan_and_inf() {
         let spec = QuantSpec::default();
-        let qp = QParams { scale: 0.5, zero_point: 2 };
+        let qp = QParams {
+            scale: 0.5,
+            zero_point: 2,
+        };
         assert_eq!(quantize(f32::NAN, qp, &spec), 2);
         assert_eq!(quantize(f32::INFINITY, qp, &spec), 127);
         assert_eq!(quantize(f32::NEG_INFINITY, qp, &spec), -128);

@@ -194,7 +194,11 @@ impl QuantSpec {
     /// Largest integer of the grid.
     pub fn qmax(&self) -> i32 {
         let bits = self.bits.clamp(1, 31);
-        let top = if self.signed { (1i64 << (bits - 1)) - 1 } else { (1i64 << bits) - 1 };
+        let top = if self.signed {
+            (1i64 << (bits - 1)) - 1
+        } else {
+            (1i64 << bits) - 1
+        };
         top as i32
     }
 
@@ -229,7 +233,11 @@ impl QuantSpec {
         if let Some(axis) = self.axis()
             && axis >= rank
         {
-            return Err(QatError::AxisOutOfRange { axis, rank, context: String::new() });
+            return Err(QatError::AxisOutOfRange {
+                axis,
+                rank,
+                context: String::new(),
+            });
         }
         Ok(())
     }
@@ -263,7 +271,9 @@ mod tests {
                 format!("invalid quantization spec: `bits` is {bits}, allowed: 2..=16")
             );
         }
-        let err = QuantSpec::int8_weight_per_channel_symmetric(4).validate_for_rank(2).unwrap_err();
+        let err = QuantSpec::int8_weight_per_channel_symmetric(4)
+            .validate_for_rank(2)
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "per-channel axis 4 does not exist on a tensor of rank 2: use an axis in 0..2"

@@ -166,9 +166,7 @@ pub fn min_max<const D: usize>(x: Tensor<D>, granularity: crate::Granularity) ->
     let x = x.mask_fill(bad, 0.0);
     let flat: Tensor<2> = match granularity {
         crate::Granularity::PerTensor => x.reshape([1, numel]),
-        crate::Granularity::PerChannel { axis } => {
-            x.swap_dims(axis, 0).reshape([channels, numel / channels])
-        }
+        crate::Granularity::PerChannel { axis } => x.swap_dims(axis, 0).reshape([channels, numel / channels]),
     };
     let min = flat.clone().min_dim(1).reshape([channels]).clamp_max(0.0);
     let max = flat.max_dim(1).reshape([channels]).clamp_min(0.0);
@@ -189,7 +187,11 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
     if spec.symmetric {
         let m = max.max_pair(min.neg());
         let scale = m.mul_scalar(2.0).div_scalar(steps).clamp(MIN_SCALE, f32::MAX);
-        let zp = if spec.signed { 0.0 } else { ((qmin + qmax + 1) / 2) as f32 };
+        let zp = if spec.signed {
+            0.0
+        } else {
+            ((qmin + qmax + 1) / 2) as f32
+        };
         let zero_point = scale.zeros_like().add_scalar(zp);
         return (scale, zero_point);
     }
@@ -207,10 +209,17 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
 /// Reads tensor quantization parameters back to the host, one [`QParams`] per channel.
 pub fn to_qparams(scale: &Tensor<1>, zero_point: &Tensor<1>) -> Vec<QParams> {
     let s: Vec<f32> = scale.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
-    let z: Vec<f32> = zero_point.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let z: Vec<f32> = zero_point
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     s.into_iter()
         .zip(z)
-        .map(|(scale, zp)| QParams { scale, zero_point: zp as i32 })
+        .map(|(scale, zp)| QParams {
+            scale,
+            zero_point: zp as i32,
+        })
         .collect()
 }
 
@@ -265,9 +274,15 @@ pub fn fake_quant_pact<const D: usize>(x: Tensor<D>, alpha: Tensor<1>, spec: &Qu
     let dims = x.dims();
     let a: Tensor<D> = alpha.clone().reshape([1; D]).expand(dims);
     let y = x.clamp_min(0.0).min_pair(a);
-    let scale = alpha.detach().div_scalar(spec.qmax().max(1) as f32).clamp_min(MIN_SCALE);
+    let scale = alpha
+        .detach()
+        .div_scalar(spec.qmax().max(1) as f32)
+        .clamp_min(MIN_SCALE);
     let zero = scale.zeros_like();
-    let unsigned = spec.with_signed(false).with_symmetric(false).with_granularity(crate::Granularity::PerTensor);
+    let unsigned = spec
+        .with_signed(false)
+        .with_symmetric(false)
+        .with_granularity(crate::Granularity::PerTensor);
     let q = fake_quant(y.clone().detach(), scale, zero, &unsigned);
     y.clone() + (q - y).detach()
 }

@@ -36,10 +36,18 @@ pub enum ExportError {
 fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
     let spec = fq.spec;
     if spec.axis().is_some() {
-        return Err(ExportError::Unsupported { path: path.into(), kind: "per-channel FakeQuant".into(), hint: "activations must be quantized per tensor".into() });
+        return Err(ExportError::Unsupported {
+            path: path.into(),
+            kind: "per-channel FakeQuant".into(),
+            hint: "activations must be quantized per tensor".into(),
+        });
     }
     if spec.bits > 8 {
-        return Err(ExportError::Unsupported { path: path.into(), kind: format!("{}-bit FakeQuant", spec.bits), hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits".into() });
+        return Err(ExportError::Unsupported {
+            path: path.into(),
+            kind: format!("{}-bit FakeQuant", spec.bits),
+            hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits".into(),
+        });
     }
     let qp = fq.qparams().ok_or_else(|| ExportError::Unsupported {
         path: path.into(),
@@ -48,7 +56,12 @@ fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
     })?[0];
     // Shift unsigned grids into i8 containers: q - 128 with zero point - 128.
     let shift = if spec.signed { 0 } else { 128 };
-    Ok(ActQ { scale: qp.scale, zero_point: qp.zero_point - shift, qmin: spec.qmin() - shift, qmax: spec.qmax() - shift })
+    Ok(ActQ {
+        scale: qp.scale,
+        zero_point: qp.zero_point - shift,
+        qmin: spec.qmin() - shift,
+        qmax: spec.qmax() - shift,
+    })
 }
 
 struct Affine {
@@ -58,16 +71,31 @@ struct Affine {
 }
 
 /// Folded, quantized weights (output channel along `axis`) and int32 bias with scale `s_in * s_w`.
-fn quantize_affine<L, const DI: usize, const DW: usize>(f: &Fused<L>, input: &ActQ, path: &str) -> Result<(Affine, Vec<usize>), ExportError>
+fn quantize_affine<L, const DI: usize, const DW: usize>(
+    f: &Fused<L>,
+    input: &ActQ,
+    path: &str,
+) -> Result<(Affine, Vec<usize>), ExportError>
 where
     L: Fusable<DI, DW>,
 {
     let Some(wq) = &f.weight_quant else {
-        return Err(ExportError::Unsupported { path: path.into(), kind: "Fused layer with float weights".into(), hint: "give it a weight spec (FusedConfig::with_weight)".into() });
+        return Err(ExportError::Unsupported {
+            path: path.into(),
+            kind: "Fused layer with float weights".into(),
+            hint: "give it a weight spec (FusedConfig::with_weight)".into(),
+        });
     };
     let spec: QuantSpec = wq.spec;
     if spec.bits > 8 || !spec.symmetric || !spec.signed {
-        return Err(ExportError::Unsupported { path: path.into(), kind: format!("{}-bit weights (symmetric: {}, signed: {})", spec.bits, spec.symmetric, spec.signed), hint: "the integer model takes signed symmetric weights of at most 8 bits".into() });
+        return Err(ExportError::Unsupported {
+            path: path.into(),
+            kind: format!(
+                "{}-bit weights (symmetric: {}, signed: {})",
+                spec.bits, spec.symmetric, spec.signed
+            ),
+            hint: "the integer model takes signed symmetric weights of at most 8 bits".into(),
+        });
     }
     let (w, b) = match &f.bn {
         Some(bn) => {
@@ -82,8 +110,14 @@ where
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
     let channel_of = |i: usize| if qps.len() == 1 { 0 } else { (i / after) % channels };
-    let weight: Vec<i8> = values.iter().enumerate().map(|(i, v)| reference::quantize(*v, qps[channel_of(i)], &spec) as i8).collect();
-    let weight_scale: Vec<f32> = (0..channels).map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale).collect();
+    let weight: Vec<i8> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| reference::quantize(*v, qps[channel_of(i)], &spec) as i8)
+        .collect();
+    let weight_scale: Vec<f32> = (0..channels)
+        .map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale)
+        .collect();
     let bias_f: Vec<f32> = match b {
         Some(b) => b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(),
         None => vec![0.0; channels],
@@ -95,26 +129,51 @@ where
         if !q.is_finite() || q.abs() > i32::MAX as f64 {
             return Err(ExportError::NotRepresentable {
                 path: path.into(),
-                what: format!("bias {} of channel {c} is {q:.3e} in units of s_in * s_w = {s:.3e}: it overflows int32", bias_f[c]),
+                what: format!(
+                    "bias {} of channel {c} is {q:.3e} in units of s_in * s_w = {s:.3e}: it overflows int32",
+                    bias_f[c]
+                ),
             });
         }
         bias.push(q as i32);
     }
-    Ok((Affine { weight, weight_scale, bias }, dims))
+    Ok((
+        Affine {
+            weight,
+            weight_scale,
+            bias,
+        },
+        dims,
+    ))
 }
 
-fn output(f_output: Option<&FakeQuant>, activation: Activation, input: &ActQ, weight_scale: &[f32], path: &str) -> Result<Output, ExportError> {
+fn output(
+    f_output: Option<&FakeQuant>,
+    activation: Activation,
+    input: &ActQ,
+    weight_scale: &[f32],
+    path: &str,
+) -> Result<Output, ExportError> {
     match f_output {
         Some(fq) => {
             let act = act_of(fq, &format!("{path}.output"))?;
-            let q = |v: f32| reference::quantize(v, act.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
+            let q = |v: f32| {
+                reference::quantize(
+                    v,
+                    act.qparams(),
+                    &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
+                )
+            };
             let (lo, hi) = match activation {
                 Activation::Identity => (act.qmin, act.qmax),
                 Activation::Relu => (act.zero_point.max(act.qmin), act.qmax),
                 Activation::Relu6 => (act.zero_point.max(act.qmin), q(6.0).min(act.qmax)),
                 Activation::Clamp { min, max } => (q(min).max(act.qmin), q(max).min(act.qmax)),
             };
-            let requant = weight_scale.iter().map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64)).collect();
+            let requant = weight_scale
+                .iter()
+                .map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64))
+                .collect();
             Ok(Output::Quantized { act, requant, lo, hi })
         }
         None => {
@@ -124,7 +183,11 @@ fn output(f_output: Option<&FakeQuant>, activation: Activation, input: &ActQ, we
                 Activation::Relu6 => (0.0, 6.0),
                 Activation::Clamp { min, max } => (min, max),
             };
-            Ok(Output::Float { scale: weight_scale.iter().map(|sw| input.scale * sw).collect(), lo, hi })
+            Ok(Output::Float {
+                scale: weight_scale.iter().map(|sw| input.scale * sw).collect(),
+                lo,
+                hi,
+            })
         }
     }
 }
@@ -142,9 +205,16 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
     let mut shape: Vec<usize> = input_shape.to_vec();
     let layers = convert_layers(&model.layers, "layers", &mut current, &mut shape, true)?;
     if layers.first().is_none_or(|l| !matches!(l, IntLayer::Quantize(_))) {
-        return Err(ExportError::Unsupported { path: "layers.0".into(), kind: "model input".into(), hint: "start the model with a FakeQuant of its input".into() });
+        return Err(ExportError::Unsupported {
+            path: "layers.0".into(),
+            kind: "model input".into(),
+            hint: "start the model with a FakeQuant of its input".into(),
+        });
     }
-    Ok(IntegerModel { input_shape: input_shape.to_vec(), layers })
+    Ok(IntegerModel {
+        input_shape: input_shape.to_vec(),
+        layers,
+    })
 }
 
 fn convert_layers(
@@ -177,23 +247,46 @@ fn convert_layers(
                 let mut inner = Some(a);
                 let body = convert_layers(&r.body.layers, &format!("{path}.body.layers"), &mut inner, shape, false)?;
                 let Some(b) = inner else {
-                    return Err(ExportError::Unsupported { path, kind: "Residual".into(), hint: "its body must end with a quantized output".into() });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "Residual".into(),
+                        hint: "its body must end with a quantized output".into(),
+                    });
                 };
                 if *shape != in_shape {
-                    return Err(ExportError::Unsupported { path, kind: "Residual".into(), hint: format!("its body maps {in_shape:?} to {shape:?}: an add needs equal shapes") });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "Residual".into(),
+                        hint: format!("its body maps {in_shape:?} to {shape:?}: an add needs equal shapes"),
+                    });
                 }
                 let Some(fq) = &r.add.output else {
-                    return Err(ExportError::Unsupported { path, kind: "Residual without output FakeQuant".into(), hint: "fuse the model (Sequential::fuse) so the add is quantized".into() });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "Residual without output FakeQuant".into(),
+                        hint: "fuse the model (Sequential::fuse) so the add is quantized".into(),
+                    });
                 };
                 let out = act_of(fq, &format!("{path}.add.output"))?;
                 const SHIFT: u32 = 40;
                 let fixed = |s: f32| {
                     let m = (s as f64 / out.scale as f64 * (1u64 << SHIFT) as f64).round();
-                    if m.abs() < i64::MAX as f64 / 512.0 { Ok(m as i64) } else {
-                        Err(ExportError::NotRepresentable { path: path.clone(), what: format!("add input scale {s} is {} times its output scale", s / out.scale) })
+                    if m.abs() < i64::MAX as f64 / 512.0 {
+                        Ok(m as i64)
+                    } else {
+                        Err(ExportError::NotRepresentable {
+                            path: path.clone(),
+                            what: format!("add input scale {s} is {} times its output scale", s / out.scale),
+                        })
                     }
                 };
-                let q6 = |v: f32| reference::quantize(v, out.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
+                let q6 = |v: f32| {
+                    reference::quantize(
+                        v,
+                        out.qparams(),
+                        &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
+                    )
+                };
                 let (lo, hi) = match r.add.activation {
                     Activation::Identity => (out.qmin, out.qmax),
                     Activation::Relu => (out.zero_point.max(out.qmin), out.qmax),
@@ -202,7 +295,16 @@ fn convert_layers(
                 };
                 layers.push(IntLayer::Residual {
                     body,
-                    add: crate::model::IntAdd { a, b, out, ma: fixed(a.scale)?, mb: fixed(b.scale)?, shift: SHIFT, lo, hi },
+                    add: crate::model::IntAdd {
+                        a,
+                        b,
+                        out,
+                        ma: fixed(a.scale)?,
+                        mb: fixed(b.scale)?,
+                        shift: SHIFT,
+                        lo,
+                        hi,
+                    },
                 });
                 *current = Some(out);
             }
@@ -216,7 +318,11 @@ fn convert_layers(
                     PaddingConfig2d::Valid => [0; 4],
                     PaddingConfig2d::Explicit(top, left, bottom, right) => [top, bottom, left, right],
                     PaddingConfig2d::Same => {
-                        return Err(ExportError::Unsupported { path, kind: "Conv2d with Same padding".into(), hint: "use PaddingConfig2d::Explicit".into() });
+                        return Err(ExportError::Unsupported {
+                            path,
+                            kind: "Conv2d with Same padding".into(),
+                            hint: "use PaddingConfig2d::Explicit".into(),
+                        });
                     }
                 };
                 let (affine, dims) = quantize_affine(f, &input, &path)?;
@@ -236,7 +342,11 @@ fn convert_layers(
                     output: out.clone(),
                 };
                 if shape.len() != 3 || shape[0] != c.in_channels {
-                    return Err(ExportError::Unsupported { path, kind: "FusedConv2d".into(), hint: format!("its input has shape {shape:?}, expected [{}, h, w]", c.in_channels) });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "FusedConv2d".into(),
+                        hint: format!("its input has shape {shape:?}, expected [{}, h, w]", c.in_channels),
+                    });
                 }
                 let oh = (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1) / c.stride[0] + 1;
                 let ow = (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1) / c.stride[1] + 1;
@@ -245,7 +355,11 @@ fn convert_layers(
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
                     Output::Float { .. } => {
-                        return Err(ExportError::Unsupported { path, kind: "FusedConv2d without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                        return Err(ExportError::Unsupported {
+                            path,
+                            kind: "FusedConv2d without output FakeQuant".into(),
+                            hint: "only the last layer may output float".into(),
+                        });
                     }
                 };
                 layers.push(IntLayer::Conv2d(c));
@@ -254,14 +368,22 @@ fn convert_layers(
                 let input = need_input("FusedLinear")?;
                 let (affine, dims) = quantize_affine(f, &input, &path)?;
                 if shape.len() != 1 || shape[0] != dims[0] {
-                    return Err(ExportError::Unsupported { path, kind: "FusedLinear".into(), hint: format!("its input has shape {shape:?}, expected [{}] (add a Flatten)", dims[0]) });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "FusedLinear".into(),
+                        hint: format!("its input has shape {shape:?}, expected [{}] (add a Flatten)", dims[0]),
+                    });
                 }
                 let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
                 *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
                     Output::Float { .. } => {
-                        return Err(ExportError::Unsupported { path, kind: "FusedLinear without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                        return Err(ExportError::Unsupported {
+                            path,
+                            kind: "FusedLinear without output FakeQuant".into(),
+                            hint: "only the last layer may output float".into(),
+                        });
                     }
                 };
                 *shape = vec![dims[1]];
@@ -278,13 +400,28 @@ fn convert_layers(
             SeqLayer::MaxPool2d(p) => {
                 need_input("MaxPool2d")?;
                 if !matches!(p.padding, PaddingConfig2d::Valid) || p.dilation != [1, 1] || p.ceil_mode {
-                    return Err(ExportError::Unsupported { path, kind: "MaxPool2d with padding, dilation or ceil mode".into(), hint: "use valid padding, dilation 1".into() });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "MaxPool2d with padding, dilation or ceil mode".into(),
+                        hint: "use valid padding, dilation 1".into(),
+                    });
                 }
                 if shape.len() != 3 {
-                    return Err(ExportError::Unsupported { path, kind: "MaxPool2d".into(), hint: format!("input shape {shape:?} is not [c, h, w]") });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "MaxPool2d".into(),
+                        hint: format!("input shape {shape:?} is not [c, h, w]"),
+                    });
                 }
-                *shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
-                layers.push(IntLayer::MaxPool2d { kernel: p.kernel_size, stride: p.stride });
+                *shape = vec![
+                    shape[0],
+                    (shape[1] - p.kernel_size[0]) / p.stride[0] + 1,
+                    (shape[2] - p.kernel_size[1]) / p.stride[1] + 1,
+                ];
+                layers.push(IntLayer::MaxPool2d {
+                    kernel: p.kernel_size,
+                    stride: p.stride,
+                });
             }
             SeqLayer::FusedConv1d(f) => {
                 let input = need_input("FusedConv1d")?;
@@ -293,7 +430,11 @@ fn convert_layers(
                     burn::nn::PaddingConfig1d::Valid => (0, 0),
                     burn::nn::PaddingConfig1d::Explicit(l, r) => (l, r),
                     burn::nn::PaddingConfig1d::Same => {
-                        return Err(ExportError::Unsupported { path, kind: "Conv1d with Same padding".into(), hint: "use PaddingConfig1d::Explicit".into() });
+                        return Err(ExportError::Unsupported {
+                            path,
+                            kind: "Conv1d with Same padding".into(),
+                            hint: "use PaddingConfig1d::Explicit".into(),
+                        });
                     }
                 };
                 let (affine, dims) = quantize_affine(f, &input, &path)?;
@@ -313,18 +454,32 @@ fn convert_layers(
                     output: out.clone(),
                 };
                 if shape.len() != 2 || shape[0] != c.in_channels {
-                    return Err(ExportError::Unsupported { path, kind: "FusedConv1d".into(), hint: format!("its input has shape {shape:?}, expected [{}, length]", c.in_channels) });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "FusedConv1d".into(),
+                        hint: format!("its input has shape {shape:?}, expected [{}, length]", c.in_channels),
+                    });
                 }
-                let len = (shape[1] + left + right).checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1).map(|v| v / c.stride[1] + 1);
+                let len = (shape[1] + left + right)
+                    .checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1)
+                    .map(|v| v / c.stride[1] + 1);
                 let Some(len) = len else {
-                    return Err(ExportError::Unsupported { path, kind: "FusedConv1d".into(), hint: format!("its kernel does not fit the input {shape:?}") });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "FusedConv1d".into(),
+                        hint: format!("its kernel does not fit the input {shape:?}"),
+                    });
                 };
                 *shape = vec![c.out_channels, len];
                 *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
                     Output::Float { .. } => {
-                        return Err(ExportError::Unsupported { path, kind: "FusedConv1d without output FakeQuant".into(), hint: "only the last layer may output float".into() });
+                        return Err(ExportError::Unsupported {
+                            path,
+                            kind: "FusedConv1d without output FakeQuant".into(),
+                            hint: "only the last layer may output float".into(),
+                        });
                     }
                 };
                 layers.push(IntLayer::Conv2d(c));
@@ -332,13 +487,28 @@ fn convert_layers(
             SeqLayer::AvgPool2d(p) => {
                 need_input("AvgPool2d")?;
                 if !matches!(p.padding, PaddingConfig2d::Valid) || p.ceil_mode {
-                    return Err(ExportError::Unsupported { path, kind: "AvgPool2d with padding or ceil mode".into(), hint: "use valid padding".into() });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "AvgPool2d with padding or ceil mode".into(),
+                        hint: "use valid padding".into(),
+                    });
                 }
                 if shape.len() != 3 || shape[1] < p.kernel_size[0] || shape[2] < p.kernel_size[1] {
-                    return Err(ExportError::Unsupported { path, kind: "AvgPool2d".into(), hint: format!("input shape {shape:?} does not fit its kernel") });
+                    return Err(ExportError::Unsupported {
+                        path,
+                        kind: "AvgPool2d".into(),
+                        hint: format!("input shape {shape:?} does not fit its kernel"),
+                    });
                 }
-                *shape = vec![shape[0], (shape[1] - p.kernel_size[0]) / p.stride[0] + 1, (shape[2] - p.kernel_size[1]) / p.stride[1] + 1];
-                layers.push(IntLayer::AvgPool2d { kernel: p.kernel_size, stride: p.stride });
+                *shape = vec![
+                    shape[0],
+                    (shape[1] - p.kernel_size[0]) / p.stride[0] + 1,
+                    (shape[2] - p.kernel_size[1]) / p.stride[1] + 1,
+                ];
+                layers.push(IntLayer::AvgPool2d {
+                    kernel: p.kernel_size,
+                    stride: p.stride,
+                });
             }
             SeqLayer::Flatten(_) => {
                 *shape = vec![shape.iter().product()];
@@ -346,9 +516,20 @@ fn convert_layers(
             }
             SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
                 let q = need_input("Relu")?;
-                let six = reference::quantize(6.0, q.qparams(), &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16));
-                let hi = if matches!(layer, SeqLayer::Relu6(_)) { six.min(q.qmax) } else { q.qmax };
-                layers.push(IntLayer::Clamp { lo: q.zero_point.max(q.qmin), hi });
+                let six = reference::quantize(
+                    6.0,
+                    q.qparams(),
+                    &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
+                );
+                let hi = if matches!(layer, SeqLayer::Relu6(_)) {
+                    six.min(q.qmax)
+                } else {
+                    q.qmax
+                };
+                layers.push(IntLayer::Clamp {
+                    lo: q.zero_point.max(q.qmin),
+                    hi,
+                });
             }
             SeqLayer::Dropout(_) => {}
             other => {

@@ -74,10 +74,15 @@ pub fn to_bytes(model: &IntegerModel) -> Vec<u8> {
 /// Reads a model from the file's bytes.
 pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
     if bytes.len() < HEADER {
-        return Err(FormatError::Invalid(format!("{} bytes, shorter than the {HEADER}-byte header", bytes.len())));
+        return Err(FormatError::Invalid(format!(
+            "{} bytes, shorter than the {HEADER}-byte header",
+            bytes.len()
+        )));
     }
     if &bytes[..8] != MAGIC {
-        return Err(FormatError::Invalid("wrong magic: not a burn-qat integer model file".into()));
+        return Err(FormatError::Invalid(
+            "wrong magic: not a burn-qat integer model file".into(),
+        ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != VERSION {
@@ -87,12 +92,16 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
     let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
     let payload = &bytes[HEADER..];
     if payload.len() as u64 != len {
-        return Err(FormatError::Invalid(format!("the header announces {len} payload bytes, the file has {} (truncated?)", payload.len())));
+        return Err(FormatError::Invalid(format!(
+            "the header announces {len} payload bytes, the file has {} (truncated?)",
+            payload.len()
+        )));
     }
     if crc32fast::hash(payload) != crc {
         return Err(FormatError::Invalid("checksum mismatch: the file is corrupted".into()));
     }
-    let model: IntegerModel = postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
+    let model: IntegerModel =
+        postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
     validate(&model)?;
     Ok(model)
 }
@@ -102,7 +111,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
 pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
     let shape = model.input_shape.clone();
     if shape.is_empty() || shape.len() > 3 || shape.contains(&0) {
-        return Err(FormatError::Invalid(format!("input shape {shape:?} is not [features] or [c, h, w]")));
+        return Err(FormatError::Invalid(format!(
+            "input shape {shape:?} is not [features] or [c, h, w]"
+        )));
     }
     validate_layers(&model.layers, shape).map(|_| ())
 }
@@ -117,48 +128,100 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
     let mut shape = shape;
     for (i, layer) in layers.iter().enumerate() {
         match layer {
-            IntLayer::Conv2d(c) if shape.len() == 2 && shape[0] == c.in_channels && c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0 => {
+            IntLayer::Conv2d(c)
+                if shape.len() == 2
+                    && shape[0] == c.in_channels
+                    && c.kernel[0] == 1
+                    && c.padding[0] + c.padding[1] == 0 =>
+            {
                 match (shape[1] + c.padding[2] + c.padding[3]).checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1) {
                     Some(v) => shape = vec![c.out_channels, v / c.stride[1].max(1) + 1],
                     None => return bad(format!("layer {i}: the kernel does not fit the input {shape:?}")),
                 }
             }
             IntLayer::Conv2d(c) if shape.len() == 3 && shape[0] == c.in_channels => {
-                let out = |n: usize, p: usize, d: usize, k: usize, s: usize| (n + p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1);
-                match (out(shape[1], c.padding[0] + c.padding[1], c.dilation[0], c.kernel[0], c.stride[0].max(1)), out(shape[2], c.padding[2] + c.padding[3], c.dilation[1], c.kernel[1], c.stride[1].max(1))) {
+                let out = |n: usize, p: usize, d: usize, k: usize, s: usize| {
+                    (n + p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1)
+                };
+                match (
+                    out(
+                        shape[1],
+                        c.padding[0] + c.padding[1],
+                        c.dilation[0],
+                        c.kernel[0],
+                        c.stride[0].max(1),
+                    ),
+                    out(
+                        shape[2],
+                        c.padding[2] + c.padding[3],
+                        c.dilation[1],
+                        c.kernel[1],
+                        c.stride[1].max(1),
+                    ),
+                ) {
                     (Some(h), Some(w)) => shape = vec![c.out_channels, h, w],
                     _ => return bad(format!("layer {i}: the kernel does not fit the input {shape:?}")),
                 }
             }
             IntLayer::Linear(l) if shape == [l.in_features] => shape = vec![l.out_features],
-            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } if shape.len() == 3 && shape[1] >= kernel[0] && shape[2] >= kernel[1] && !stride.contains(&0) => {
-                shape = vec![shape[0], (shape[1] - kernel[0]) / stride[0] + 1, (shape[2] - kernel[1]) / stride[1] + 1];
+            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride }
+                if shape.len() == 3 && shape[1] >= kernel[0] && shape[2] >= kernel[1] && !stride.contains(&0) =>
+            {
+                shape = vec![
+                    shape[0],
+                    (shape[1] - kernel[0]) / stride[0] + 1,
+                    (shape[2] - kernel[1]) / stride[1] + 1,
+                ];
             }
             IntLayer::Flatten => shape = vec![shape.iter().product()],
             IntLayer::Quantize(_) | IntLayer::Clamp { .. } => {}
             IntLayer::Residual { body, add } => {
                 if validate_layers(body, shape.clone())? != shape || add.shift == 0 || add.shift > 100 {
-                    return bad(format!("layer {i}: residual body does not preserve the shape {shape:?}"));
+                    return bad(format!(
+                        "layer {i}: residual body does not preserve the shape {shape:?}"
+                    ));
                 }
             }
-            other => return bad(format!("layer {i} ({}) does not accept input of shape {shape:?}", match other {
-                IntLayer::Conv2d(_) => "Conv2d",
-                IntLayer::Linear(_) => "Linear",
-                _ => "pooling",
-            })),
+            other => {
+                return bad(format!(
+                    "layer {i} ({}) does not accept input of shape {shape:?}",
+                    match other {
+                        IntLayer::Conv2d(_) => "Conv2d",
+                        IntLayer::Linear(_) => "Linear",
+                        _ => "pooling",
+                    }
+                ));
+            }
         }
         match layer {
             IntLayer::Conv2d(c) => {
-                if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 || c.stride.contains(&0) || c.dilation.contains(&0) || c.kernel.contains(&0) {
+                if c.groups == 0
+                    || c.in_channels % c.groups != 0
+                    || c.out_channels % c.groups != 0
+                    || c.stride.contains(&0)
+                    || c.dilation.contains(&0)
+                    || c.kernel.contains(&0)
+                {
                     return bad(format!("layer {i}: inconsistent convolution geometry"));
                 }
-                let wlen = c.out_channels.checked_mul(c.in_channels / c.groups).and_then(|v| v.checked_mul(c.kernel[0] * c.kernel[1]));
-                if wlen != Some(c.weight.len()) || c.bias.len() != c.out_channels || c.weight_scale.len() != c.out_channels || out_len(&c.output) != c.out_channels {
+                let wlen = c
+                    .out_channels
+                    .checked_mul(c.in_channels / c.groups)
+                    .and_then(|v| v.checked_mul(c.kernel[0] * c.kernel[1]));
+                if wlen != Some(c.weight.len())
+                    || c.bias.len() != c.out_channels
+                    || c.weight_scale.len() != c.out_channels
+                    || out_len(&c.output) != c.out_channels
+                {
                     return bad(format!("layer {i}: convolution parameter sizes disagree"));
                 }
             }
             IntLayer::Linear(l) => {
-                if l.in_features.checked_mul(l.out_features) != Some(l.weight.len()) || l.bias.len() != l.out_features || l.weight_scale.len() != l.out_features || out_len(&l.output) != l.out_features {
+                if l.in_features.checked_mul(l.out_features) != Some(l.weight.len())
+                    || l.bias.len() != l.out_features
+                    || l.weight_scale.len() != l.out_features
+                    || out_len(&l.output) != l.out_features
+                {
                     return bad(format!("layer {i}: linear parameter sizes disagree"));
                 }
             }
@@ -175,7 +238,10 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
 
 /// Writes `model` to `path` (through a temporary file in the same directory).
 pub fn save(model: &IntegerModel, path: &Path) -> Result<(), FormatError> {
-    let io = |source| FormatError::Io { path: path.display().to_string(), source };
+    let io = |source| FormatError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let tmp = path.with_extension("part");
     std::fs::write(&tmp, to_bytes(model)).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| {
@@ -186,6 +252,9 @@ pub fn save(model: &IntegerModel, path: &Path) -> Result<(), FormatError> {
 
 /// Reads a model from `path`.
 pub fn load(path: &Path) -> Result<IntegerModel, FormatError> {
-    let bytes = std::fs::read(path).map_err(|source| FormatError::Io { path: path.display().to_string(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
     from_bytes(&bytes)
 }

@@ -13,7 +13,14 @@ fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: us
 
 /// Turns per-(row, channel) accumulators (bias included) into the layer's output values, laid
 /// out by `index(row, channel)`.
-fn finish(acc: &[i32], rows: usize, channels: usize, output: &Output, shape: Vec<usize>, index: impl Fn(usize, usize) -> usize) -> Values {
+fn finish(
+    acc: &[i32],
+    rows: usize,
+    channels: usize,
+    output: &Output,
+    shape: Vec<usize>,
+    index: impl Fn(usize, usize) -> usize,
+) -> Values {
     match output {
         Output::Quantized { act, requant, lo, hi } => {
             let mut data = vec![0i8; rows * channels];
@@ -53,7 +60,12 @@ fn gemm_u8_i8(a: &[u8], a_zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> V
             &mut out,
             GemmInputA::Unpacked(a),
             GemmInputB::Unpacked(b),
-            GemmOptions { a_quant: Some(QuantParams { zero_point: &zero_points }), ..Default::default() },
+            GemmOptions {
+                a_quant: Some(QuantParams {
+                    zero_point: &zero_points,
+                }),
+                ..Default::default()
+            },
         )
         .expect("shapes are consistent by construction")
     });
@@ -64,11 +76,19 @@ fn gemm_u8_i8(a: &[u8], a_zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> V
 /// (int8 + 128, padding = the zero point) times the `[cin_g * kh * kw, cout_g]` weights.
 /// `[n, c, h, w]`, with `[n, c, length]` read as `h = 1`.
 fn nchw(shape: &[usize]) -> [usize; 4] {
-    if shape.len() == 3 { [shape[0], shape[1], 1, shape[2]] } else { [shape[0], shape[1], shape[2], shape[3]] }
+    if shape.len() == 3 {
+        [shape[0], shape[1], 1, shape[2]]
+    } else {
+        [shape[0], shape[1], shape[2], shape[3]]
+    }
 }
 
 fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
-    if input.len() == 3 { vec![input[0], cout, ow] } else { vec![input[0], cout, oh, ow] }
+    if input.len() == 3 {
+        vec![input[0], cout, ow]
+    } else {
+        vec![input[0], cout, oh, ow]
+    }
 }
 
 pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
@@ -166,10 +186,17 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
             }
         }
     }
-    finish(&acc, n * oh * ow, cout, &c.output, out_shape(shape, cout, oh, ow), |row, ch| {
-        let (img, pix) = (row / (oh * ow), row % (oh * ow));
-        (img * cout + ch) * oh * ow + pix
-    })
+    finish(
+        &acc,
+        n * oh * ow,
+        cout,
+        &c.output,
+        out_shape(shape, cout, oh, ow),
+        |row, ch| {
+            let (img, pix) = (row / (oh * ow), row % (oh * ow));
+            (img * cout + ch) * oh * ow + pix
+        },
+    )
 }
 
 /// Fully connected layer, fast path.
@@ -227,7 +254,13 @@ pub fn max_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize;
 }
 
 /// Average pooling (no padding) on integers, on the input's grid, rounding half to even.
-pub fn avg_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize; 2], zero_point: i32) -> (Vec<i8>, Vec<usize>) {
+pub fn avg_pool2d(
+    x: &[i8],
+    shape: &[usize],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    zero_point: i32,
+) -> (Vec<i8>, Vec<usize>) {
     let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
     let oh = out_size(h, 0, 1, kernel[0], stride[0]);
     let ow = out_size(w, 0, 1, kernel[1], stride[1]);
@@ -244,7 +277,11 @@ pub fn avg_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize;
                 }
                 let floor = sum.div_euclid(count);
                 let rem2 = 2 * sum.rem_euclid(count);
-                let q = if rem2 > count || (rem2 == count && floor & 1 == 1) { floor + 1 } else { floor };
+                let q = if rem2 > count || (rem2 == count && floor & 1 == 1) {
+                    floor + 1
+                } else {
+                    floor
+                };
                 out[(p * oh + oy) * ow + ox] = (q + zero_point).clamp(-128, 127) as i8;
             }
         }

@@ -21,7 +21,10 @@ pub struct ActQ {
 
 impl ActQ {
     pub(crate) fn qparams(&self) -> QParams {
-        QParams { scale: self.scale, zero_point: self.zero_point }
+        QParams {
+            scale: self.scale,
+            zero_point: self.zero_point,
+        }
     }
 }
 
@@ -177,7 +180,11 @@ impl IntAdd {
                     + (*y as i128 - self.b.zero_point as i128) * self.mb as i128;
                 let floor = t >> self.shift;
                 let rem = t - (floor << self.shift);
-                let r = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+                let r = if rem > half || (rem == half && floor & 1 == 1) {
+                    floor + 1
+                } else {
+                    floor
+                };
                 ((r as i64).saturating_add(self.out.zero_point as i64)).clamp(self.lo as i64, self.hi as i64) as i8
             })
             .collect()
@@ -224,10 +231,18 @@ impl IntegerModel {
     /// If `input.len()` is not a multiple of the input size.
     pub fn forward(&self, input: &[f32]) -> (Vec<f32>, Vec<usize>) {
         let item: usize = self.input_shape.iter().product();
-        assert!(item > 0 && input.len() % item == 0, "input of {} values is not a batch of {:?}", input.len(), self.input_shape);
+        assert!(
+            item > 0 && input.len() % item == 0,
+            "input of {} values is not a batch of {:?}",
+            input.len(),
+            self.input_shape
+        );
         let mut shape = vec![input.len() / item];
         shape.extend(&self.input_shape);
-        let mut v = Values::Float { data: input.to_vec(), shape };
+        let mut v = Values::Float {
+            data: input.to_vec(),
+            shape,
+        };
         for layer in &self.layers {
             v = run_layer(layer, v, false);
         }
@@ -239,7 +254,10 @@ impl IntegerModel {
         let item: usize = self.input_shape.iter().product();
         let mut shape = vec![input.len() / item.max(1)];
         shape.extend(&self.input_shape);
-        let mut v = Values::Float { data: input.to_vec(), shape };
+        let mut v = Values::Float {
+            data: input.to_vec(),
+            shape,
+        };
         for layer in &self.layers {
             v = run_layer(layer, v, true);
         }
@@ -252,7 +270,10 @@ impl IntegerModel {
         let item: usize = self.input_shape.iter().product();
         let mut shape = vec![input.len() / item.max(1)];
         shape.extend(&self.input_shape);
-        let mut v = Values::Float { data: input.to_vec(), shape };
+        let mut v = Values::Float {
+            data: input.to_vec(),
+            shape,
+        };
         for layer in &self.layers {
             v = run_layer(layer, v, false);
         }
@@ -269,7 +290,11 @@ impl IntegerModel {
             .map(|l| match l {
                 IntLayer::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
                 IntLayer::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
-                IntLayer::Residual { body, .. } => IntegerModel { input_shape: vec![], layers: body.clone() }.parameter_bytes(),
+                IntLayer::Residual { body, .. } => IntegerModel {
+                    input_shape: vec![],
+                    layers: body.clone(),
+                }
+                .parameter_bytes(),
                 _ => 0,
             })
             .sum()
@@ -279,9 +304,12 @@ impl IntegerModel {
 fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {
     match v {
         Values::Float { data, shape } => (data, shape),
-        Values::Int { data, shape, q } => {
-            (data.iter().map(|x| reference::dequantize(*x as i32, q.qparams())).collect(), shape)
-        }
+        Values::Int { data, shape, q } => (
+            data.iter()
+                .map(|x| reference::dequantize(*x as i32, q.qparams()))
+                .collect(),
+            shape,
+        ),
     }
 }
 
@@ -297,10 +325,18 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
         }
         (IntLayer::Quantize(_), v @ Values::Int { .. }) => v,
         (IntLayer::Conv2d(c), Values::Int { data, shape, .. }) => {
-            if reference_kernels { kernels::conv2d_reference(c, &data, &shape) } else { kernels::conv2d(c, &data, &shape) }
+            if reference_kernels {
+                kernels::conv2d_reference(c, &data, &shape)
+            } else {
+                kernels::conv2d(c, &data, &shape)
+            }
         }
         (IntLayer::Linear(l), Values::Int { data, shape, .. }) => {
-            if reference_kernels { kernels::linear_reference(l, &data, &shape) } else { kernels::linear(l, &data, &shape) }
+            if reference_kernels {
+                kernels::linear_reference(l, &data, &shape)
+            } else {
+                kernels::linear(l, &data, &shape)
+            }
         }
         (IntLayer::MaxPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
             let (data, shape) = kernels::max_pool2d(&data, &shape, *kernel, *stride);
@@ -317,23 +353,42 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
         (IntLayer::Flatten, Values::Int { data, shape, q }) => {
             let n = shape[0];
             let rest = shape[1..].iter().product();
-            Values::Int { data, shape: vec![n, rest], q }
+            Values::Int {
+                data,
+                shape: vec![n, rest],
+                q,
+            }
         }
         (IntLayer::Residual { body, add }, Values::Int { data, shape, q }) => {
-            let mut v = Values::Int { data: data.clone(), shape: shape.clone(), q };
+            let mut v = Values::Int {
+                data: data.clone(),
+                shape: shape.clone(),
+                q,
+            };
             for layer in body {
                 v = run_layer(layer, v, reference_kernels);
             }
             match v {
-                Values::Int { data: branch, .. } => Values::Int { data: add.apply(&data, &branch), shape, q: add.out },
-                Values::Float { .. } => panic!("a residual body ends in float: the conversion guarantees this cannot happen"),
+                Values::Int { data: branch, .. } => Values::Int {
+                    data: add.apply(&data, &branch),
+                    shape,
+                    q: add.out,
+                },
+                Values::Float { .. } => {
+                    panic!("a residual body ends in float: the conversion guarantees this cannot happen")
+                }
             }
         }
         (IntLayer::Flatten, Values::Float { data, shape }) => {
             let n = shape[0];
             let rest = shape[1..].iter().product();
-            Values::Float { data, shape: vec![n, rest] }
+            Values::Float {
+                data,
+                shape: vec![n, rest],
+            }
         }
-        (layer, _) => panic!("integer model: {layer:?} received float values: the conversion guarantees this cannot happen"),
+        (layer, _) => {
+            panic!("integer model: {layer:?} received float values: the conversion guarantees this cannot happen")
+        }
     }
 }

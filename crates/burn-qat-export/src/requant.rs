@@ -42,7 +42,10 @@ impl FixedMultiplier {
             m0 /= 2;
             e += 1;
         }
-        Self { m0: m0 as i32, shift: (-e).clamp(-31, 62) }
+        Self {
+            m0: m0 as i32,
+            shift: (-e).clamp(-31, 62),
+        }
     }
 
     /// The multiplier this represents.
@@ -60,7 +63,11 @@ impl FixedMultiplier {
             let floor = prod >> total;
             let rem = prod - (floor << total);
             let half = 1i64 << (total - 1);
-            let rounded = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+            let rounded = if rem > half || (rem == half && floor & 1 == 1) {
+                floor + 1
+            } else {
+                floor
+            };
             return rounded.clamp(i32::MIN as i64, i32::MAX as i64) as i32;
         }
         let prod = acc as i128 * self.m0 as i128;
@@ -71,7 +78,11 @@ impl FixedMultiplier {
         let floor = prod >> total;
         let rem = prod - (floor << total);
         let half = 1i128 << (total - 1);
-        let rounded = if rem > half || (rem == half && floor & 1 == 1) { floor + 1 } else { floor };
+        let rounded = if rem > half || (rem == half && floor & 1 == 1) {
+            floor + 1
+        } else {
+            floor
+        };
         rounded.clamp(i32::MIN as i128, i32::MAX as i128) as i32
     }
 }

@@ -265,7 +265,8 @@ impl FakeQuant {
     /// Writes the shared state: clones of this module see the change too.
     pub fn set_observing(self, observing: bool) -> Self {
         let device = self.frozen.value().device();
-        self.frozen.update(Tensor::from_floats([f32::from(!observing)], &device));
+        self.frozen
+            .update(Tensor::from_floats([f32::from(!observing)], &device));
         let _ = self.frozen.value_sync();
         self
     }
@@ -322,13 +323,19 @@ mod tests {
     #[test]
     fn eval_does_not_observe_and_uses_stored_range() {
         let device = Device::flex().autodiff();
-        let fq = FakeQuantConfig::new(spec()).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(spec())
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
         let eval = fq.valid();
         let y = eval.forward(Tensor::<1>::from_floats([0.3, 5.0], &Device::flex()));
         assert_eq!(eval.observed_range(), Some((vec![-1.0], vec![1.0])));
         let qp = qparams_from_range(-1.0, 1.0, &spec());
-        let want = [reference::fake_quant(0.3, qp, &spec()), reference::fake_quant(5.0, qp, &spec())];
+        let want = [
+            reference::fake_quant(0.3, qp, &spec()),
+            reference::fake_quant(5.0, qp, &spec()),
+        ];
         assert_eq!(y.into_data().try_to_vec::<f32>().unwrap(), want.to_vec());
         // Plain (non-autodiff) device: no observation either.
         let plain = FakeQuantConfig::new(spec()).init(&Device::flex()).unwrap();
@@ -340,7 +347,10 @@ mod tests {
     #[test]
     fn frozen_observer_and_disabled_fake_quant() {
         let device = Device::flex().autodiff();
-        let fq = FakeQuantConfig::new(spec()).with_observer(Observer::LastValue).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(spec())
+            .with_observer(Observer::LastValue)
+            .init(&device)
+            .unwrap();
         fq.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
         let fq = fq.set_observing(false);
         fq.forward(Tensor::<1>::from_floats([-8.0, 8.0], &device));

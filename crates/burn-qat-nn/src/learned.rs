@@ -47,7 +47,10 @@ pub struct LearnedFakeQuantConfig {
 impl LearnedFakeQuantConfig {
     /// Initializes the module, in the observe phase.
     pub fn init(&self, device: &Device) -> Result<LearnedFakeQuant, QatError> {
-        let observer = FakeQuantConfig::new(self.spec).with_observer(self.observer).with_channels(self.channels).init(device)?;
+        let observer = FakeQuantConfig::new(self.spec)
+            .with_observer(self.observer)
+            .with_channels(self.channels)
+            .init(device)?;
         let p = |v: f32, n: usize| Param::from_tensor(Tensor::<1>::full([n], v, device));
         let c = self.channels;
         let (scale, offset, alpha, min, max) = match self.method {
@@ -129,14 +132,24 @@ impl LearnedFakeQuant {
     /// `-zero_point * scale`; PACT: `alpha = max`; MinMax: `[min, max]`). Parameter ids are kept.
     /// Before any observation nothing changes.
     pub fn start_learning(mut self) -> Self {
-        let Some((lo, hi)) = self.observer.observed_range() else { return self };
+        let Some((lo, hi)) = self.observer.observed_range() else {
+            return self;
+        };
         let device = self.learning.value().device();
         let (s, z) = self.observer.qparams_on(&device);
         let set = |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| Param::initialized(p.id, relearn(v)));
         // LSQ has no zero point: its step covers the symmetric range [-m, m].
         let lsq_spec = self.spec.with_symmetric(true);
-        let (s_sym, _) = tensor::qparams(self.observer.min.value().to_device(&device), self.observer.max.value().to_device(&device), &lsq_spec);
-        let s_lsq = if self.method == LearnedRange::Lsq { s_sym } else { s.clone() };
+        let (s_sym, _) = tensor::qparams(
+            self.observer.min.value().to_device(&device),
+            self.observer.max.value().to_device(&device),
+            &lsq_spec,
+        );
+        let s_lsq = if self.method == LearnedRange::Lsq {
+            s_sym
+        } else {
+            s.clone()
+        };
         self.scale = set(self.scale, s_lsq);
         self.offset = set(self.offset, z.neg() * s);
         let top = hi.iter().copied().fold(0f32, f32::max).max(1e-3);
@@ -180,7 +193,12 @@ pub fn start_learning<M: Module>(model: M) -> M {
             }
             if n >= 3 && self.stack[n - 2].1 == "Struct:LearnedFakeQuant" && self.stack[n - 1].1 == "Struct:FakeQuant" {
                 let key: Vec<&str> = self.stack[..n - 2].iter().map(|(s, _)| s.as_str()).collect();
-                let v = param.val().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+                let v = param
+                    .val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap_or_default();
                 let e = self.found.entry(key.join(".")).or_default();
                 match self.stack[n - 1].0.as_str() {
                     "min" => e.0 = v,
@@ -210,11 +228,15 @@ pub fn start_learning<M: Module>(model: M) -> M {
                 return param;
             }
             let key: Vec<&str> = self.stack[..n - 1].iter().map(|(s, _)| s.as_str()).collect();
-            let Some((lo, hi, observed, code)) = self.found.get(&key.join(".")) else { return param };
+            let Some((lo, hi, observed, code)) = self.found.get(&key.join(".")) else {
+                return param;
+            };
             if observed.first().copied().unwrap_or(0.0) < 0.5 {
                 return param;
             }
-            let Some(spec) = crate::decode_spec(code) else { return param };
+            let Some(spec) = crate::decode_spec(code) else {
+                return param;
+            };
             let has_offset = self.offsets.contains(&key.join("."));
             let qps: Vec<(f32, f32)> = lo
                 .iter()
@@ -240,12 +262,23 @@ pub fn start_learning<M: Module>(model: M) -> M {
             param.map(move |old| {
                 let t = Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
                 let _ = id;
-                if old.is_require_grad() { t.detach().require_grad() } else { t.detach() }
+                if old.is_require_grad() {
+                    t.detach().require_grad()
+                } else {
+                    t.detach()
+                }
             })
         }
     }
-    let mut ranges = Ranges { stack: vec![], found: Default::default(), offsets: Default::default() };
+    let mut ranges = Ranges {
+        stack: vec![],
+        found: Default::default(),
+        offsets: Default::default(),
+    };
     model.visit(&mut ranges);
-    model.map(&mut Set { stack: vec![], found: ranges.found, offsets: ranges.offsets })
+    model.map(&mut Set {
+        stack: vec![],
+        found: ranges.found,
+        offsets: ranges.offsets,
+    })
 }
-

@@ -32,7 +32,7 @@ mod weight;
 
 mod spec_code;
 
-pub use spec_code::{decode_spec, encode_spec};
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
 pub use learned::{LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange, start_learning};
+pub use spec_code::{decode_spec, encode_spec};
 pub use weight::{WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer};

@@ -35,8 +35,16 @@ pub fn decode_spec(code: &[f32]) -> Option<QuantSpec> {
         signed: signed > 0.5,
         symmetric: symmetric > 0.5,
         narrow_range: narrow > 0.5,
-        granularity: if axis < 0.0 { Granularity::PerTensor } else { Granularity::PerChannel { axis: axis as usize } },
-        rounding: if rounding > 0.5 { RoundingMode::TfHalfUp } else { RoundingMode::HalfToEven },
+        granularity: if axis < 0.0 {
+            Granularity::PerTensor
+        } else {
+            Granularity::PerChannel { axis: axis as usize }
+        },
+        rounding: if rounding > 0.5 {
+            RoundingMode::TfHalfUp
+        } else {
+            RoundingMode::HalfToEven
+        },
     };
     spec.validate().ok()?;
     Some(spec)

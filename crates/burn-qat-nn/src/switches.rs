@@ -55,7 +55,11 @@ impl ModuleMapper for Switch {
 }
 
 fn apply<M: Module>(model: M, observing: Option<bool>, enabled: Option<bool>) -> M {
-    model.map(&mut Switch { stack: Vec::new(), observing, enabled })
+    model.map(&mut Switch {
+        stack: Vec::new(),
+        observing,
+        enabled,
+    })
 }
 
 /// Stops every observer in `model` from updating its range (it keeps the range it has).

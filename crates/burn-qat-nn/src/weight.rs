@@ -130,7 +130,10 @@ impl<F: FnMut(&str, &[usize]) -> Option<QuantSpec>> WeightFakeQuantizer<F> {
     /// A quantizer that asks `rule` for the spec of each parameter (its dotted module path and
     /// its dimensions); `None` leaves the parameter in float.
     pub fn new(rule: F) -> Self {
-        Self { rule, learned: Default::default() }
+        Self {
+            rule,
+            learned: Default::default(),
+        }
     }
 
     /// The parameters (by path) whose step size is learned with LSQ, initialized from the weight
@@ -181,6 +184,9 @@ fn lsq_init<const D: usize>(weight: Tensor<D>, spec: &QuantSpec) -> Tensor<1> {
             flat.mean_dim(1).reshape([c])
         }
     };
-    let init = mean.mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt()).clamp_min(burn_qat_core::MIN_SCALE).detach();
+    let init = mean
+        .mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt())
+        .clamp_min(burn_qat_core::MIN_SCALE)
+        .detach();
     if init.is_autodiff() { init.require_grad() } else { init }
 }

@@ -5,9 +5,8 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
-    TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto,
-    type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
 /// Export settings.
@@ -51,11 +50,21 @@ struct Graph {
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: v.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
 }
 
 impl Graph {
@@ -77,7 +86,12 @@ impl Graph {
     }
 
     fn f32s(&mut self, base: &str, dims: &[usize], v: &[f32]) -> String {
-        self.init(base, DataType::Float, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        self.init(
+            base,
+            DataType::Float,
+            dims,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     }
 
     fn i8s(&mut self, base: &str, dims: &[usize], v: &[i8]) -> String {
@@ -85,7 +99,12 @@ impl Graph {
     }
 
     fn i32s(&mut self, base: &str, dims: &[usize], v: &[i32]) -> String {
-        self.init(base, DataType::Int32, dims, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        self.init(
+            base,
+            DataType::Int32,
+            dims,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
     }
 
     fn node(&mut self, op: &str, inputs: Vec<String>, attrs: Vec<AttributeProto>) -> String {
@@ -111,7 +130,15 @@ impl Graph {
     }
 
     /// Per-channel dequantized weight and bias initializers.
-    fn weights(&mut self, w: &[i8], dims: &[usize], scale: &[f32], bias: &[i32], input: &ActQ, axis: i64) -> (String, String) {
+    fn weights(
+        &mut self,
+        w: &[i8],
+        dims: &[usize],
+        scale: &[f32],
+        bias: &[i32],
+        input: &ActQ,
+        axis: i64,
+    ) -> (String, String) {
         let c = scale.len();
         let wq = self.i8s("weight_q", dims, w);
         let ws = self.f32s("weight_scale", &[c], scale);
@@ -170,7 +197,12 @@ impl Graph {
                 c.kernel.iter().map(|v| *v as i64).collect(),
                 c.stride.iter().map(|v| *v as i64).collect(),
                 // ONNX: [top, left, bottom, right]
-                vec![c.padding[0] as i64, c.padding[2] as i64, c.padding[1] as i64, c.padding[3] as i64],
+                vec![
+                    c.padding[0] as i64,
+                    c.padding[2] as i64,
+                    c.padding[1] as i64,
+                    c.padding[3] as i64,
+                ],
                 c.dilation.iter().map(|v| *v as i64).collect(),
             )
         };
@@ -190,13 +222,26 @@ impl Graph {
     }
 
     fn linear(&mut self, x: String, l: &IntLinear) -> String {
-        let (w, b) = self.weights(&l.weight, &[l.in_features, l.out_features], &l.weight_scale, &l.bias, &l.input, 1);
+        let (w, b) = self.weights(
+            &l.weight,
+            &[l.in_features, l.out_features],
+            &l.weight_scale,
+            &l.bias,
+            &l.input,
+            1,
+        );
         let y = self.node("Gemm", vec![x, w, b], vec![]);
         self.finish(y, &l.output)
     }
 
     /// Returns the output name, the output's quantization (if quantized) and its shape.
-    fn layers(&mut self, mut x: String, layers: &[IntLayer], mut q: Option<ActQ>, mut shape: Vec<usize>) -> (String, Option<ActQ>, Vec<usize>) {
+    fn layers(
+        &mut self,
+        mut x: String,
+        layers: &[IntLayer],
+        mut q: Option<ActQ>,
+        mut shape: Vec<usize>,
+    ) -> (String, Option<ActQ>, Vec<usize>) {
         for layer in layers {
             match layer {
                 IntLayer::Quantize(a) => {
@@ -208,12 +253,33 @@ impl Graph {
                     x = self.conv(x, c, one_d);
                     let out = |n: usize, p: usize, d: usize, k: usize, s: usize| (n + p - d * (k - 1) - 1) / s + 1;
                     shape = if one_d {
-                        vec![c.out_channels, out(shape[1], c.padding[2] + c.padding[3], c.dilation[1], c.kernel[1], c.stride[1])]
+                        vec![
+                            c.out_channels,
+                            out(
+                                shape[1],
+                                c.padding[2] + c.padding[3],
+                                c.dilation[1],
+                                c.kernel[1],
+                                c.stride[1],
+                            ),
+                        ]
                     } else {
                         vec![
                             c.out_channels,
-                            out(shape[1], c.padding[0] + c.padding[1], c.dilation[0], c.kernel[0], c.stride[0]),
-                            out(shape[2], c.padding[2] + c.padding[3], c.dilation[1], c.kernel[1], c.stride[1]),
+                            out(
+                                shape[1],
+                                c.padding[0] + c.padding[1],
+                                c.dilation[0],
+                                c.kernel[0],
+                                c.stride[0],
+                            ),
+                            out(
+                                shape[2],
+                                c.padding[2] + c.padding[3],
+                                c.dilation[1],
+                                c.kernel[1],
+                                c.stride[1],
+                            ),
                         ]
                     };
                     q = match &c.output {
@@ -230,14 +296,26 @@ impl Graph {
                     };
                 }
                 IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } => {
-                    let op = if matches!(layer, IntLayer::MaxPool2d { .. }) { "MaxPool" } else { "AveragePool" };
+                    let op = if matches!(layer, IntLayer::MaxPool2d { .. }) {
+                        "MaxPool"
+                    } else {
+                        "AveragePool"
+                    };
                     let k: Vec<i64> = kernel.iter().map(|v| *v as i64).collect();
                     let s: Vec<i64> = stride.iter().map(|v| *v as i64).collect();
-                    x = self.node(op, vec![x], vec![attr_ints("kernel_shape", &k), attr_ints("strides", &s)]);
+                    x = self.node(
+                        op,
+                        vec![x],
+                        vec![attr_ints("kernel_shape", &k), attr_ints("strides", &s)],
+                    );
                     if let Some(a) = &q {
                         x = self.qdq(x, a);
                     }
-                    shape = vec![shape[0], (shape[1] - kernel[0]) / stride[0] + 1, (shape[2] - kernel[1]) / stride[1] + 1];
+                    shape = vec![
+                        shape[0],
+                        (shape[1] - kernel[0]) / stride[0] + 1,
+                        (shape[2] - kernel[1]) / stride[1] + 1,
+                    ];
                 }
                 IntLayer::Clamp { lo, hi } => {
                     if let Some(a) = q {
@@ -318,7 +396,10 @@ pub fn to_model_proto(model: &IntegerModel, options: &OnnxOptions) -> Result<Mod
     output_dims.extend(shape.iter().map(|d| Some(*d)));
     Ok(ModelProto {
         ir_version: Some(if options.opset >= 21 { 10 } else { 7 }),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(options.opset) }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(options.opset),
+        }],
         producer_name: Some("burn-qat".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(GraphProto {
@@ -337,7 +418,10 @@ pub fn to_model_proto(model: &IntegerModel, options: &OnnxOptions) -> Result<Mod
 /// half-written at `path`).
 pub fn save(model: &IntegerModel, path: &Path, options: &OnnxOptions) -> Result<(), OnnxError> {
     let bytes = to_model_proto(model, options)?.encode_to_vec();
-    let io = |source| OnnxError::Io { path: path.display().to_string(), source };
+    let io = |source| OnnxError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let tmp = path.with_extension("onnx.part");
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| {

@@ -72,7 +72,14 @@ pub trait Fusable<const DI: usize, const DW: usize>: Module {
 
 fn baked<const D: usize>(old: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
     let value = value.detach();
-    Param::initialized(old.id, if value.is_autodiff() { value.require_grad() } else { value })
+    Param::initialized(
+        old.id,
+        if value.is_autodiff() {
+            value.require_grad()
+        } else {
+            value
+        },
+    )
 }
 
 fn new_bias(old: Option<&Param<Tensor<1>>>, value: Tensor<1>) -> Option<Param<Tensor<1>>> {
@@ -80,7 +87,11 @@ fn new_bias(old: Option<&Param<Tensor<1>>>, value: Tensor<1>) -> Option<Param<Te
         Some(p) => baked(p, value),
         None => {
             let value = value.detach();
-            Param::from_tensor(if value.is_autodiff() { value.require_grad() } else { value })
+            Param::from_tensor(if value.is_autodiff() {
+                value.require_grad()
+            } else {
+                value
+            })
         }
     })
 }
@@ -94,11 +105,19 @@ impl Fusable<4, 4> for Conv2d {
         self.bias.as_ref().map(|b| b.val())
     }
     fn forward_with(&self, input: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
-        let tmp = Conv2d { weight: Param::initialized(self.weight.id, weight), bias: bias.map(Param::initialized_any), ..self.clone() };
+        let tmp = Conv2d {
+            weight: Param::initialized(self.weight.id, weight),
+            bias: bias.map(Param::initialized_any),
+            ..self.clone()
+        };
         tmp.forward(input)
     }
     fn with_params(self, weight: Tensor<4>, bias: Tensor<1>) -> Self {
-        Conv2d { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias), ..self }
+        Conv2d {
+            weight: baked(&self.weight, weight),
+            bias: new_bias(self.bias.as_ref(), bias),
+            ..self
+        }
     }
 }
 
@@ -111,11 +130,19 @@ impl Fusable<3, 3> for Conv1d {
         self.bias.as_ref().map(|b| b.val())
     }
     fn forward_with(&self, input: Tensor<3>, weight: Tensor<3>, bias: Option<Tensor<1>>) -> Tensor<3> {
-        let tmp = Conv1d { weight: Param::initialized(self.weight.id, weight), bias: bias.map(Param::initialized_any), ..self.clone() };
+        let tmp = Conv1d {
+            weight: Param::initialized(self.weight.id, weight),
+            bias: bias.map(Param::initialized_any),
+            ..self.clone()
+        };
         tmp.forward(input)
     }
     fn with_params(self, weight: Tensor<3>, bias: Tensor<1>) -> Self {
-        Conv1d { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias), ..self }
+        Conv1d {
+            weight: baked(&self.weight, weight),
+            bias: new_bias(self.bias.as_ref(), bias),
+            ..self
+        }
     }
 }
 
@@ -131,7 +158,10 @@ impl Fusable<2, 2> for Linear {
         burn::tensor::module::linear(input, weight, bias)
     }
     fn with_params(self, weight: Tensor<2>, bias: Tensor<1>) -> Self {
-        Linear { weight: baked(&self.weight, weight), bias: new_bias(self.bias.as_ref(), bias) }
+        Linear {
+            weight: baked(&self.weight, weight),
+            bias: new_bias(self.bias.as_ref(), bias),
+        }
     }
 }
 
@@ -170,7 +200,11 @@ impl FusedConfig {
     ///
     /// An invalid spec, a weight spec whose per-channel axis is not the layer's output-channel
     /// axis, or a BatchNorm whose channel count differs from the layer's outputs.
-    pub fn init<L, const DI: usize, const DW: usize>(&self, layer: L, bn: Option<BatchNorm>) -> Result<Fused<L>, QatError>
+    pub fn init<L, const DI: usize, const DW: usize>(
+        &self,
+        layer: L,
+        bn: Option<BatchNorm>,
+    ) -> Result<Fused<L>, QatError>
     where
         L: Fusable<DI, DW>,
     {
@@ -185,7 +219,10 @@ impl FusedConfig {
                 return Err(QatError::InvalidConfig {
                     field: "FusedConfig.weight.granularity".into(),
                     value: format!("PerChannel {{ axis: {axis} }}"),
-                    allowed: format!("PerTensor or PerChannel {{ axis: {} }}, the output-channel axis of this layer", L::WEIGHT_AXIS),
+                    allowed: format!(
+                        "PerTensor or PerChannel {{ axis: {} }}, the output-channel axis of this layer",
+                        L::WEIGHT_AXIS
+                    ),
                 });
             }
         }
@@ -202,7 +239,10 @@ impl FusedConfig {
             }
         }
         Ok(Fused {
-            weight_quant: self.weight.map(|s| WeightFakeQuantConfig::new(s).init(&device)).transpose()?,
+            weight_quant: self
+                .weight
+                .map(|s| WeightFakeQuantConfig::new(s).init(&device))
+                .transpose()?,
             output: self.output.as_ref().map(|c| c.init(&device)).transpose()?,
             bn_frozen: RunningState::new(Tensor::zeros([1], &device)),
             layer,

@@ -45,7 +45,11 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
     let mut weight_updates: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     for (layer, bn) in pairs {
         let get = |key: String| tensors.values.get(&key).cloned();
-        let ty = tensors.types.get(&format!("{layer}.weight")).cloned().unwrap_or_default();
+        let ty = tensors
+            .types
+            .get(&format!("{layer}.weight"))
+            .cloned()
+            .unwrap_or_default();
         let axis = match ty.as_str() {
             "Struct:Conv2d" | "Struct:Conv1d" => 0,
             "Struct:Linear" => 1,
@@ -57,7 +61,9 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
             }
         };
         if tensors.types.get(&format!("{bn}.gamma")).map(String::as_str) != Some("Struct:BatchNorm") {
-            return Err(QatError::Model(format!("fuse_batch_norms: `{bn}` is not a BatchNorm module of this model")));
+            return Err(QatError::Model(format!(
+                "fuse_batch_norms: `{bn}` is not a BatchNorm module of this model"
+            )));
         }
         let (dims, w) = get(format!("{layer}.weight")).unwrap();
         let Some((_, b)) = get(format!("{layer}.bias")) else {
@@ -80,9 +86,15 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
                 context: format!(" (`{bn}` after `{layer}`)"),
             });
         }
-        let mul: Vec<f32> = (0..c).map(|i| gamma[i] / ((var[i] as f64 + epsilon).sqrt() as f32)).collect();
+        let mul: Vec<f32> = (0..c)
+            .map(|i| gamma[i] / ((var[i] as f64 + epsilon).sqrt() as f32))
+            .collect();
         let stride_after: usize = dims[axis + 1..].iter().product();
-        let new_w: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * mul[(i / stride_after) % c]).collect();
+        let new_w: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * mul[(i / stride_after) % c])
+            .collect();
         let new_b: Vec<f32> = (0..c).map(|i| (b[i] - mean[i]) * mul[i] + beta[i]).collect();
         let device = tensors.device.clone().expect("a model with tensors");
         weight_updates.insert(format!("{layer}.weight"), (dims.clone(), new_w));
@@ -90,10 +102,18 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
         updates.insert(format!("{bn}.gamma"), Tensor::ones([c], &device));
         updates.insert(format!("{bn}.beta"), Tensor::zeros([c], &device));
         updates.insert(format!("{bn}.running_mean"), Tensor::zeros([c], &device));
-        updates.insert(format!("{bn}.running_var"), Tensor::ones([c], &device).sub_scalar(epsilon));
+        updates.insert(
+            format!("{bn}.running_var"),
+            Tensor::ones([c], &device).sub_scalar(epsilon),
+        );
     }
     let bns: Vec<String> = pairs.iter().map(|(_, bn)| bn.to_string()).collect();
-    Ok(model.map(&mut Replace { stack: vec![], updates, weight_updates, bns }))
+    Ok(model.map(&mut Replace {
+        stack: vec![],
+        updates,
+        weight_updates,
+        bns,
+    }))
 }
 
 #[derive(Default)]
@@ -142,7 +162,11 @@ impl ModuleMapper for Replace {
     fn map_flag(&mut self, flag: Param<burn::module::Flag>) -> Param<burn::module::Flag> {
         let path: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
         let module = path[..path.len().saturating_sub(1)].join(".");
-        if self.bns.contains(&module) && path.last() == Some(&"training") { flag.with_value(false) } else { flag }
+        if self.bns.contains(&module) && path.last() == Some(&"training") {
+            flag.with_value(false)
+        } else {
+            flag
+        }
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
@@ -153,7 +177,9 @@ impl ModuleMapper for Replace {
             return param.map(move |old| {
                 let device = old.device();
                 let t = Tensor::<1>::from_floats(data.as_slice(), &device);
-                let t: Tensor<D> = t.reshape(<[usize; D]>::try_from(dims.as_slice()).expect("rank")).detach();
+                let t: Tensor<D> = t
+                    .reshape(<[usize; D]>::try_from(dims.as_slice()).expect("rank"))
+                    .detach();
                 if old.is_require_grad() { t.require_grad() } else { t }
             });
         }

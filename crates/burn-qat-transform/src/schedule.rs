@@ -38,7 +38,11 @@ pub struct QatSchedule {
 impl QatSchedule {
     /// A schedule starting at step 0.
     pub fn new(freeze_observers_after: Option<usize>, freeze_bn_after: Option<usize>) -> Self {
-        Self { steps: Arc::new(AtomicUsize::new(0)), freeze_observers_after, freeze_bn_after }
+        Self {
+            steps: Arc::new(AtomicUsize::new(0)),
+            freeze_observers_after,
+            freeze_bn_after,
+        }
     }
 
     /// Steps counted so far.
@@ -58,7 +62,11 @@ impl QatSchedule {
         let observers = self.freeze_observers_after.is_some_and(|k| n >= k);
         let bn = self.freeze_bn_after.is_some_and(|k| n >= k);
         if observers || bn {
-            let _ = model.clone().map(&mut Freeze { stack: vec![], observers, bn });
+            let _ = model.clone().map(&mut Freeze {
+                stack: vec![],
+                observers,
+                bn,
+            });
         }
         n
     }
@@ -78,7 +86,9 @@ impl ModuleMapper for Freeze {
         self.stack.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some((name, container)) = self.stack.last() else { return param };
+        let Some((name, container)) = self.stack.last() else {
+            return param;
+        };
         let hit = (self.observers && name == "frozen" && container == "Struct:FakeQuant")
             || (self.bn && name == "bn_frozen" && container == "Struct:Fused");
         if hit { param.map(|t| t.ones_like()) } else { param }

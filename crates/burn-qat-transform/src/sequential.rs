@@ -93,7 +93,10 @@ pub struct Residual {
 impl Residual {
     /// `activation(x + body(x))`, not yet quantized.
     pub fn new(body: Sequential, activation: Activation) -> Self {
-        Self { body, add: FusedAdd::new(activation, None) }
+        Self {
+            body,
+            add: FusedAdd::new(activation, None),
+        }
     }
 }
 
@@ -119,13 +122,19 @@ impl Flow {
     fn images(self, layer: &str) -> Tensor<4> {
         match self {
             Flow::Images(x) => x,
-            other => panic!("{layer} needs [batch, channels, height, width] input, got {:?}", other.dims()),
+            other => panic!(
+                "{layer} needs [batch, channels, height, width] input, got {:?}",
+                other.dims()
+            ),
         }
     }
     fn features(self, layer: &str) -> Tensor<2> {
         match self {
             Flow::Features(x) => x,
-            other => panic!("{layer} needs [batch, features] input, got {:?}: add a Flatten", other.dims()),
+            other => panic!(
+                "{layer} needs [batch, features] input, got {:?}: add a Flatten",
+                other.dims()
+            ),
         }
     }
     fn sequence(self, layer: &str) -> Tensor<3> {
@@ -134,7 +143,12 @@ impl Flow {
             other => panic!("{layer} needs [batch, channels, length] input, got {:?}", other.dims()),
         }
     }
-    fn map(self, f2: impl Fn(Tensor<2>) -> Tensor<2>, f3: impl Fn(Tensor<3>) -> Tensor<3>, f4: impl Fn(Tensor<4>) -> Tensor<4>) -> Flow {
+    fn map(
+        self,
+        f2: impl Fn(Tensor<2>) -> Tensor<2>,
+        f3: impl Fn(Tensor<3>) -> Tensor<3>,
+        f4: impl Fn(Tensor<4>) -> Tensor<4>,
+    ) -> Flow {
         match self {
             Flow::Features(x) => Flow::Features(f2(x)),
             Flow::Sequence(x) => Flow::Sequence(f3(x)),
@@ -194,7 +208,11 @@ impl SeqLayer {
                     (Flow::Images(a), Flow::Images(b)) => Flow::Images(r.add.forward(a, b)),
                     (Flow::Features(a), Flow::Features(b)) => Flow::Features(r.add.forward(a, b)),
                     (Flow::Sequence(a), Flow::Sequence(b)) => Flow::Sequence(r.add.forward(a, b)),
-                    (a, b) => panic!("a residual body must keep the input's rank: {:?} -> {:?}", a.dims(), b.dims()),
+                    (a, b) => panic!(
+                        "a residual body must keep the input's rank: {:?} -> {:?}",
+                        a.dims(),
+                        b.dims()
+                    ),
                 }
             }
         };
@@ -204,7 +222,9 @@ impl SeqLayer {
             SeqLayer::FusedConv2d(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::FusedLinear(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::Residual(r) => *last_quantizer = r.add.output.clone(),
-            SeqLayer::Conv1d(_) | SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => *last_quantizer = None,
+            SeqLayer::Conv1d(_) | SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => {
+                *last_quantizer = None
+            }
             _ => {}
         }
         out
@@ -220,7 +240,11 @@ impl SeqLayer {
             if act != Activation::Identity {
                 parts.push(format!("{act:?}"));
             }
-            if parts.is_empty() { String::new() } else { format!("({})", parts.join(", ")) }
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!("({})", parts.join(", "))
+            }
         };
         match self {
             SeqLayer::Conv1d(_) => "Conv1d".into(),
@@ -237,7 +261,11 @@ impl SeqLayer {
             SeqLayer::FusedConv1d(m) => format!("FusedConv1d{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::FusedConv2d(m) => format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation)),
             SeqLayer::FusedLinear(m) => format!("FusedLinear{}", fused(m.bn.is_some(), m.activation)),
-            SeqLayer::Residual(r) => format!("Residual[{}] + Add{}", r.body.describe().join(" -> "), fused(false, r.add.activation)),
+            SeqLayer::Residual(r) => format!(
+                "Residual[{}] + Add{}",
+                r.body.describe().join(" -> "),
+                fused(false, r.add.activation)
+            ),
         }
     }
 }
@@ -275,7 +303,9 @@ impl Sequential {
     }
 
     fn forward_with(&self, input: Flow, last_quantizer: &mut Option<FakeQuant>) -> Flow {
-        self.layers.iter().fold(input, |x, layer| layer.forward(x, last_quantizer))
+        self.layers
+            .iter()
+            .fold(input, |x, layer| layer.forward(x, last_quantizer))
     }
 
     /// The layer names, fused ones with what they contain.
@@ -316,7 +346,10 @@ impl Sequential {
                         _ => None,
                     };
                     let body = r.body.fuse_with(config, false)?;
-                    out.push(SeqLayer::Residual(Residual { body, add: FusedAdd::new(r.add.activation, output) }));
+                    out.push(SeqLayer::Residual(Residual {
+                        body,
+                        add: FusedAdd::new(r.add.activation, output),
+                    }));
                     continue;
                 }
                 other => {
@@ -372,7 +405,10 @@ impl Sequential {
                 SeqLayer::FusedConv1d(m) => SeqLayer::FusedConv1d(m.folded()),
                 SeqLayer::FusedConv2d(m) => SeqLayer::FusedConv2d(m.folded()),
                 SeqLayer::FusedLinear(m) => SeqLayer::FusedLinear(m.folded()),
-                SeqLayer::Residual(r) => SeqLayer::Residual(Residual { body: r.body.folded(), add: r.add }),
+                SeqLayer::Residual(r) => SeqLayer::Residual(Residual {
+                    body: r.body.folded(),
+                    add: r.add,
+                }),
                 other => other,
             })
             .collect();

@@ -50,14 +50,20 @@ fn bench(c: &mut Criterion) {
         let (scale, zp) = tensor::qparams(min, max, &per_channel);
         let ops: Vec<(&str, Box<dyn Fn(Tensor<2>) -> Tensor<2>>)> = vec![
             ("elementwise_mul", Box::new(|x| x * 1.5)),
-            ("fake_quant_per_tensor", Box::new(move |x| tensor::fake_quant_per_tensor(x, qp, &spec))),
+            (
+                "fake_quant_per_tensor",
+                Box::new(move |x| tensor::fake_quant_per_tensor(x, qp, &spec)),
+            ),
             (
                 "fake_quant_per_channel",
                 Box::new(move |x| tensor::fake_quant(x, scale.clone(), zp.clone(), &per_channel)),
             ),
         ];
         let mut group = c.benchmark_group(format!("fwd_bwd_4M/{name}"));
-        group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(3))
+            .warm_up_time(Duration::from_secs(1));
         for (label, op) in &ops {
             let key = format!("{name}/{label}");
             group.bench_function(*label, |b| {

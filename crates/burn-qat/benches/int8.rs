@@ -66,7 +66,11 @@ fn bench(c: &mut Criterion) {
     let mut qat = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
     qat.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     for _ in 0..2 {
-        let _ = qat.forward(Tensor::<4>::random([32, 1, 28, 28], Distribution::Uniform(0.0, 1.0), &device));
+        let _ = qat.forward(Tensor::<4>::random(
+            [32, 1, 28, 28],
+            Distribution::Uniform(0.0, 1.0),
+            &device,
+        ));
     }
     let int = burn_qat::export::convert(&qat.valid(), &[1, 28, 28]).unwrap();
     let plain = Device::flex();
@@ -74,7 +78,10 @@ fn bench(c: &mut Criterion) {
         let x = Tensor::<4>::random([batch, 1, 28, 28], Distribution::Uniform(0.0, 1.0), &plain);
         let host: Vec<f32> = x.to_data().convert::<f32>().try_to_vec().unwrap();
         let mut group = c.benchmark_group(format!("inference_bn_cnn/batch_{batch}"));
-        group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(4))
+            .warm_up_time(Duration::from_secs(1));
         let kf = format!("float/{batch}");
         group.bench_function("float_flex", |b| {
             b.iter_custom(|iters| {
@@ -85,10 +92,17 @@ fn bench(c: &mut Criterion) {
             })
         });
         let ki = format!("int8/{batch}");
-        group.bench_function("int8", |b| b.iter_custom(|iters| timed(&ki, iters, || drop(int.forward(&host)))));
+        group.bench_function("int8", |b| {
+            b.iter_custom(|iters| timed(&ki, iters, || drop(int.forward(&host))))
+        });
         group.finish();
         let (f, i) = (mean(&kf), mean(&ki));
-        println!("RATIO batch {batch}: float (flex) {:.3} ms / int8 {:.3} ms = int8 is {:.2}x faster", f * 1e3, i * 1e3, f / i);
+        println!(
+            "RATIO batch {batch}: float (flex) {:.3} ms / int8 {:.3} ms = int8 is {:.2}x faster",
+            f * 1e3,
+            i * 1e3,
+            f / i
+        );
     }
 }
 

@@ -37,18 +37,17 @@ pub mod model;
 
 /// The pure math layer (re-export of `burn-qat-core`).
 pub use burn_qat_core as core;
+/// Integer conversion: int8 model with integer arithmetic (re-export of `burn-qat-export`).
+pub use burn_qat_export as export;
 /// The module layer (re-export of `burn-qat-nn`).
 pub use burn_qat_nn as nn;
+/// ONNX QDQ export of integer models (re-export of `burn-qat-onnx`).
+pub use burn_qat_onnx as onnx;
 /// Model transforms: BatchNorm folding, activation fusion, schedules (re-export of
 /// `burn-qat-transform`).
 pub use burn_qat_transform as transform;
-/// Integer conversion: int8 model with integer arithmetic (re-export of `burn-qat-export`).
-pub use burn_qat_export as export;
-/// ONNX QDQ export of integer models (re-export of `burn-qat-onnx`).
-pub use burn_qat_onnx as onnx;
 
 pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
 pub use burn_qat_nn::{
-    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer,
-    switches,
+    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, switches,
 };

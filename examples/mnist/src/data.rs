@@ -13,8 +13,12 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// The four standard file names.
-pub const FILES: [&str; 4] =
-    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"];
+pub const FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
 
 /// SHA-256 of the uncompressed files (identical to the original distribution's bytes).
 pub const SHA256: [&str; 4] = [
@@ -95,11 +99,17 @@ impl Split {
     /// The first `n` images (all if `n` is larger).
     pub fn take(&self, n: usize) -> Split {
         let n = n.min(self.len());
-        Split { images: self.images[..n * SIDE * SIDE].to_vec(), labels: self.labels[..n].to_vec() }
+        Split {
+            images: self.images[..n * SIDE * SIDE].to_vec(),
+            labels: self.labels[..n].to_vec(),
+        }
     }
     /// Pixels of images `range`, scaled to `[0, 1]`.
     pub fn pixels(&self, range: std::ops::Range<usize>) -> Vec<f32> {
-        self.images[range.start * SIDE * SIDE..range.end * SIDE * SIDE].iter().map(|p| *p as f32 / 255.0).collect()
+        self.images[range.start * SIDE * SIDE..range.end * SIDE * SIDE]
+            .iter()
+            .map(|p| *p as f32 / 255.0)
+            .collect()
     }
 }
 
@@ -137,7 +147,9 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn file_in(dir: &Path, name: &str) -> Option<PathBuf> {
-    [dir.join(name), dir.join(format!("{name}.gz"))].into_iter().find(|p| p.is_file())
+    [dir.join(name), dir.join(format!("{name}.gz"))]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 impl Mnist {
@@ -167,12 +179,19 @@ impl Mnist {
 
     /// Loads the four files from `dir`.
     pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
-        let path = |name: &str| file_in(dir, name).ok_or_else(|| DataError::NotFound { searched: vec![dir.to_path_buf()] });
+        let path = |name: &str| {
+            file_in(dir, name).ok_or_else(|| DataError::NotFound {
+                searched: vec![dir.to_path_buf()],
+            })
+        };
         let train = Split {
             images: read_images(&path(FILES[0])?)?,
             labels: read_labels(&path(FILES[1])?)?,
         };
-        let test = Split { images: read_images(&path(FILES[2])?)?, labels: read_labels(&path(FILES[3])?)? };
+        let test = Split {
+            images: read_images(&path(FILES[2])?)?,
+            labels: read_labels(&path(FILES[3])?)?,
+        };
         for (name, split) in [("train", &train), ("test", &test)] {
             if split.images.len() != split.labels.len() * SIDE * SIDE {
                 return Err(DataError::Invalid {
@@ -186,7 +205,11 @@ impl Mnist {
                 });
             }
         }
-        Ok(Mnist { train, test, dir: dir.to_path_buf() })
+        Ok(Mnist {
+            train,
+            test,
+            dir: dir.to_path_buf(),
+        })
     }
 }
 
@@ -194,7 +217,10 @@ impl Mnist {
 /// written; a failure leaves no partial file behind.
 pub fn download(dir: &Path) -> Result<(), DataError> {
     use sha2::Digest;
-    let fail = |reason: String| DataError::Download { dir: dir.to_path_buf(), reason };
+    let fail = |reason: String| DataError::Download {
+        dir: dir.to_path_buf(),
+        reason,
+    };
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
     for (name, sha) in FILES.iter().zip(SHA256) {
         let target = dir.join(name);
@@ -229,11 +255,18 @@ pub fn download(dir: &Path) -> Result<(), DataError> {
 
 /// Reads a whole file, gunzipping `.gz`, refusing more than `limit` bytes of content.
 fn read_all(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(io)?;
     let mut out = Vec::new();
     let gz = path.extension().is_some_and(|e| e == "gz");
-    let reader: Box<dyn Read> = if gz { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
+    let reader: Box<dyn Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
     reader.take(limit + 1).read_to_end(&mut out).map_err(io)?;
     if out.len() as u64 > limit {
         return Err(DataError::Invalid {
@@ -248,20 +281,36 @@ fn read_all(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
 const MAX_IMAGES: u64 = 60_000;
 
 fn header(bytes: &[u8], path: &Path, what: &'static str, magic: u32, len: usize) -> Result<usize, DataError> {
-    let invalid = |reason: String| DataError::Invalid { path: path.to_path_buf(), what, reason };
+    let invalid = |reason: String| DataError::Invalid {
+        path: path.to_path_buf(),
+        what,
+        reason,
+    };
     if bytes.len() < len {
-        return Err(invalid(format!("{} bytes, shorter than its {len}-byte header (truncated?)", bytes.len())));
+        return Err(invalid(format!(
+            "{} bytes, shorter than its {len}-byte header (truncated?)",
+            bytes.len()
+        )));
     }
     let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     if word(0) != magic {
-        return Err(invalid(format!("magic number {:#010x}, expected {magic:#010x}", word(0))));
+        return Err(invalid(format!(
+            "magic number {:#010x}, expected {magic:#010x}",
+            word(0)
+        )));
     }
     let count = word(4) as u64;
     if count > MAX_IMAGES {
-        return Err(invalid(format!("header claims {count} items, MNIST has at most {MAX_IMAGES}")));
+        return Err(invalid(format!(
+            "header claims {count} items, MNIST has at most {MAX_IMAGES}"
+        )));
     }
     if what == "images" && (word(8) != SIDE as u32 || word(12) != SIDE as u32) {
-        return Err(invalid(format!("images of {}x{}, expected {SIDE}x{SIDE}", word(8), word(12))));
+        return Err(invalid(format!(
+            "images of {}x{}, expected {SIDE}x{SIDE}",
+            word(8),
+            word(12)
+        )));
     }
     let item = if what == "images" { SIDE * SIDE } else { 1 };
     let need = len + count as usize * item;
@@ -286,7 +335,11 @@ pub fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     let bytes = read_all(path, 8 + MAX_IMAGES)?;
     header(&bytes, path, "labels", 0x0000_0801, 8)?;
     if let Some(bad) = bytes[8..].iter().find(|l| **l > 9) {
-        return Err(DataError::Invalid { path: path.to_path_buf(), what: "labels", reason: format!("label {bad} is not a digit") });
+        return Err(DataError::Invalid {
+            path: path.to_path_buf(),
+            what: "labels",
+            reason: format!("label {bad} is not a digit"),
+        });
     }
     Ok(bytes[8..].to_vec())
 }
@@ -327,22 +380,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "t", &images(3, 2));
         let e = read_images(&p).unwrap_err().to_string();
-        assert!(e.contains("header claims 3 items (2368 bytes) but the file holds 1584 bytes"), "{e}");
+        assert!(
+            e.contains("header claims 3 items (2368 bytes) but the file holds 1584 bytes"),
+            "{e}"
+        );
         // A header claiming billions of images: rejected before any allocation of that size.
         let p = write(dir.path(), "l", &images(4_000_000_000, 1));
         let e = read_images(&p).unwrap_err().to_string();
-        assert!(e.contains("header claims 4000000000 items, MNIST has at most 60000"), "{e}");
+        assert!(
+            e.contains("header claims 4000000000 items, MNIST has at most 60000"),
+            "{e}"
+        );
         let p = write(dir.path(), "s", &[0, 0, 8]);
         let e = read_images(&p).unwrap_err().to_string();
         assert!(e.contains("shorter than its 16-byte header"), "{e}");
         let mut bad = images(1, 1);
         bad[3] = 1;
         let p = write(dir.path(), "m", &bad);
-        assert!(read_images(&p).unwrap_err().to_string().contains("magic number 0x00000801, expected 0x00000803"));
+        assert!(
+            read_images(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("magic number 0x00000801, expected 0x00000803")
+        );
         let p = write(dir.path(), "g.gz", b"not gzip at all");
         assert!(matches!(read_images(&p).unwrap_err(), DataError::Io { .. }));
         let p = write(dir.path(), "lab", &[0, 0, 8, 1, 0, 0, 0, 2, 3, 12]);
-        assert!(read_labels(&p).unwrap_err().to_string().contains("label 12 is not a digit"));
+        assert!(
+            read_labels(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("label 12 is not a digit")
+        );
     }
 
     #[test]

@@ -61,10 +61,25 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
     let mut optim = adam();
     let mut float_speed = 0.0;
     for epoch in 0..config.epochs_float {
-        let (m, stats) = train_epoch(model, &mut optim, &train, config.batch_size, config.learning_rate, config.seed + epoch as u64, &device, &format!("float {}/{}", epoch + 1, config.epochs_float));
+        let (m, stats) = train_epoch(
+            model,
+            &mut optim,
+            &train,
+            config.batch_size,
+            config.learning_rate,
+            config.seed + epoch as u64,
+            &device,
+            &format!("float {}/{}", epoch + 1, config.epochs_float),
+        );
         model = m;
         float_speed = stats.images_per_s;
-        println!("float epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s", epoch + 1, stats.loss, stats.accuracy * 100.0, stats.images_per_s);
+        println!(
+            "float epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s",
+            epoch + 1,
+            stats.loss,
+            stats.accuracy * 100.0,
+            stats.images_per_s
+        );
     }
     let float_acc = evaluate(&model.valid(), &test, &eval_device);
     println!("float test accuracy {:.2}%", float_acc * 100.0);
@@ -75,10 +90,25 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
     let mut optim = adam();
     let mut qat_speed = 0.0;
     for epoch in 0..config.epochs_qat {
-        let (m, stats) = train_epoch(qat, &mut optim, &train, config.batch_size, config.learning_rate, config.seed + 1000 + epoch as u64, &device, &format!("QAT {}/{}", epoch + 1, config.epochs_qat));
+        let (m, stats) = train_epoch(
+            qat,
+            &mut optim,
+            &train,
+            config.batch_size,
+            config.learning_rate,
+            config.seed + 1000 + epoch as u64,
+            &device,
+            &format!("QAT {}/{}", epoch + 1, config.epochs_qat),
+        );
         qat = m;
         qat_speed = stats.images_per_s;
-        println!("QAT epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s", epoch + 1, stats.loss, stats.accuracy * 100.0, stats.images_per_s);
+        println!(
+            "QAT epoch {}: loss {:.4}, train acc {:.2}%, {:.0} images/s",
+            epoch + 1,
+            stats.loss,
+            stats.accuracy * 100.0,
+            stats.images_per_s
+        );
     }
     let qat_eval = qat.valid();
     let qat_acc = evaluate(&qat_eval, &test, &eval_device);
@@ -87,10 +117,19 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
     let int8_acc = evaluate_int8(&int8, &test);
     let folded = qat_eval.folded();
     let folded_acc = evaluate(&folded, &test, &eval_device);
-    println!("QAT test accuracy {:.2}%, integer model {:.2}% ({} bytes)", qat_acc * 100.0, int8_acc * 100.0, int8_bytes.len());
+    println!(
+        "QAT test accuracy {:.2}%, integer model {:.2}% ({} bytes)",
+        qat_acc * 100.0,
+        int8_acc * 100.0,
+        int8_bytes.len()
+    );
 
     let report = Report {
-        dataset: if config.train_limit.is_some() || config.test_limit.is_some() { "mnist (subset)".into() } else { "mnist".into() },
+        dataset: if config.train_limit.is_some() || config.test_limit.is_some() {
+            "mnist (subset)".into()
+        } else {
+            "mnist".into()
+        },
         model: config.model,
         device: config.device.clone(),
         seed: config.seed,
@@ -128,7 +167,10 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
 
 /// Writes a float32 array in NumPy's `.npy` format.
 pub fn write_npy(path: &Path, data: &[f32], shape: [usize; 2]) -> std::io::Result<()> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", shape[0], shape[1]);
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
+        shape[0], shape[1]
+    );
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -159,16 +201,41 @@ pub fn table(r: &Report) -> String {
     let pct = |v: f64| format!("{:.2}%", v * 100.0);
     let opt = |v: Option<f64>| v.map_or("n/a".to_string(), pct);
     let mut s = String::new();
-    s += &format!("{:<34} {}\n", "model / device / seed", format!("{:?} / {} / {}", r.model, r.device, r.seed));
-    s += &format!("{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n", "schedule", r.epochs_float, r.epochs_qat, r.batch_size, r.train_images, r.test_images);
+    s += &format!(
+        "{:<34} {}\n",
+        "model / device / seed",
+        format!("{:?} / {} / {}", r.model, r.device, r.seed)
+    );
+    s += &format!(
+        "{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n",
+        "schedule", r.epochs_float, r.epochs_qat, r.batch_size, r.train_images, r.test_images
+    );
     s += &format!("{:<34} {}\n", "float test accuracy", pct(r.float_test_acc));
-    s += &format!("{:<34} {}  (W{}A{}; tfmot: {})\n", "QAT test accuracy", pct(r.qat_test_acc), r.weight_bits, r.activation_bits, opt(r.tfmot_qat_test_acc));
+    s += &format!(
+        "{:<34} {}  (W{}A{}; tfmot: {})\n",
+        "QAT test accuracy",
+        pct(r.qat_test_acc),
+        r.weight_bits,
+        r.activation_bits,
+        opt(r.tfmot_qat_test_acc)
+    );
     s += &format!("{:<34} {}\n", "folded QAT model test accuracy", pct(r.folded_test_acc));
     s += &format!("{:<34} {}\n", "int8 test accuracy", opt(r.int8_test_acc));
     s += &format!("{:<34} {} bytes\n", "float model size", r.float_size_bytes);
     if let Some(b) = r.int8_size_bytes {
-        s += &format!("{:<34} {} bytes ({:.1}% of float)\n", "int8 model file", b, 100.0 * b as f64 / r.float_size_bytes as f64);
+        s += &format!(
+            "{:<34} {} bytes ({:.1}% of float)\n",
+            "int8 model file",
+            b,
+            100.0 * b as f64 / r.float_size_bytes as f64
+        );
     }
-    s += &format!("{:<34} {:.0} float, {:.0} QAT ({:.2}x)\n", "training images/s", r.train_images_per_s_float, r.train_images_per_s_qat, r.train_images_per_s_float / r.train_images_per_s_qat.max(1e-9));
+    s += &format!(
+        "{:<34} {:.0} float, {:.0} QAT ({:.2}x)\n",
+        "training images/s",
+        r.train_images_per_s_float,
+        r.train_images_per_s_qat,
+        r.train_images_per_s_float / r.train_images_per_s_qat.max(1e-9)
+    );
     s
 }

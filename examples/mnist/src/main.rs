@@ -87,7 +87,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("MNIST from {}: {} train, {} test images", data.dir.display(), data.train.len(), data.test.len());
+    println!(
+        "MNIST from {}: {} train, {} test images",
+        data.dir.display(),
+        data.train.len(),
+        data.test.len()
+    );
     match run(&config, &data, args.out.as_deref()) {
         Ok(report) => {
             println!("\n{}", table(&report));

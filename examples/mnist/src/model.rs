@@ -1,11 +1,11 @@
 //! The two architectures for which tfmot numbers exist, as [`Sequential`] models so that QAT can
 //! discover and fuse their Conv -> BatchNorm -> ReLU chains.
 
+use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNormConfig, LinearConfig, Relu};
 use burn::prelude::*;
-use burn::nn::PaddingConfig2d;
 use burn_qat::transform::{Activation, FusedConfig, Residual, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, Observer, QatError, QuantSpec};
 use serde::{Deserialize, Serialize};
@@ -51,7 +51,13 @@ impl ModelKind {
                 SeqLayer::Linear(LinearConfig::new(128, 10).init(device)),
             ]),
             ModelKind::Residual => {
-                let conv = |i, o| SeqLayer::Conv2d(Conv2dConfig::new([i, o], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(device));
+                let conv = |i, o| {
+                    SeqLayer::Conv2d(
+                        Conv2dConfig::new([i, o], [3, 3])
+                            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                            .init(device),
+                    )
+                };
                 let body = Sequential::new(vec![
                     conv(16, 16),
                     SeqLayer::BatchNorm(BatchNormConfig::new(16).init(device)),
@@ -96,8 +102,14 @@ impl ModelKind {
 /// Conv/Linear -> BatchNorm -> ReLU chain fused (BatchNorm folded into 8-bit per-channel
 /// symmetric weights, 8-bit asymmetric per-tensor activations after each fused activation, EMA
 /// observers with tfmot's decay 0.999) and the input quantized.
-pub fn prepare_qat(model: Sequential, weight_bits: u32, act_bits: u32, device: &Device) -> Result<Sequential, QatError> {
-    let act = FakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(act_bits)).with_observer(Observer::MovingAverage { decay: 0.999 });
+pub fn prepare_qat(
+    model: Sequential,
+    weight_bits: u32,
+    act_bits: u32,
+    device: &Device,
+) -> Result<Sequential, QatError> {
+    let act = FakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(act_bits))
+        .with_observer(Observer::MovingAverage { decay: 0.999 });
     let config = FusedConfig::new()
         .with_weight(Some(QuantSpec::weight_per_channel_symmetric(weight_bits, 0)))
         .with_output(Some(act.clone()));

@@ -77,7 +77,14 @@ pub fn train_epoch(
     for (step, chunk) in order.chunks(batch_size).enumerate() {
         let (x, y) = batch(split, chunk, device);
         let logits = model.forward(x);
-        let hits = logits.clone().argmax(1).reshape([chunk.len()]).equal(y.clone()).int().sum().into_scalar::<i64>();
+        let hits = logits
+            .clone()
+            .argmax(1)
+            .reshape([chunk.len()])
+            .equal(y.clone())
+            .int()
+            .sum()
+            .into_scalar::<i64>();
         let loss = loss_fn.forward(logits, y);
         let l = loss.clone().into_scalar::<f32>() as f64;
         loss_sum += l * chunk.len() as f64;
@@ -86,14 +93,25 @@ pub fn train_epoch(
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
         if step % 10 == 0 {
-            bar.set_message(format!("loss {:.4} acc {:.2}%", loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64));
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}%",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64
+            ));
         }
         bar.inc(1);
     }
     let _ = device.sync();
     let secs = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    (model, EpochStats { loss: loss_sum / seen as f64, accuracy: correct as f64 / seen as f64, images_per_s: seen as f64 / secs })
+    (
+        model,
+        EpochStats {
+            loss: loss_sum / seen as f64,
+            accuracy: correct as f64 / seen as f64,
+            images_per_s: seen as f64 / secs,
+        },
+    )
 }
 
 /// A fresh Adam optimizer (Keras defaults: beta1 0.9, beta2 0.999, epsilon 1e-7).
@@ -107,7 +125,14 @@ pub fn evaluate(model: &Sequential, split: &Split, device: &Device) -> f64 {
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(1000) {
         let (x, y) = batch(split, chunk, device);
-        let hits = model.forward(x).argmax(1).reshape([chunk.len()]).equal(y).int().sum().into_scalar::<i64>();
+        let hits = model
+            .forward(x)
+            .argmax(1)
+            .reshape([chunk.len()])
+            .equal(y)
+            .int()
+            .sum()
+            .into_scalar::<i64>();
         correct += hits as usize;
     }
     correct as f64 / split.len().max(1) as f64

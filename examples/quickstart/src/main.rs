@@ -40,7 +40,14 @@ impl Model {
 
 fn accuracy(logits: Tensor<2>, y: &Tensor<1, Int>) -> f32 {
     let n = y.dims()[0] as f32;
-    logits.argmax(1).reshape([y.dims()[0]]).equal(y.clone()).int().sum().into_scalar::<i64>() as f32 / n
+    logits
+        .argmax(1)
+        .reshape([y.dims()[0]])
+        .equal(y.clone())
+        .int()
+        .sum()
+        .into_scalar::<i64>() as f32
+        / n
 }
 
 fn main() {
@@ -94,5 +101,9 @@ fn main() {
     let qat_acc = accuracy(eval.forward(x_test.clone().inner()), &y_test.clone().inner());
     let baked = bake(model);
     let baked_acc = accuracy(baked.forward(x_test.inner()), &y_test.inner());
-    println!("device {name}: QAT test accuracy {:.2}%, baked float model {:.2}%", qat_acc * 100.0, baked_acc * 100.0);
+    println!(
+        "device {name}: QAT test accuracy {:.2}%, baked float model {:.2}%",
+        qat_acc * 100.0,
+        baked_acc * 100.0
+    );
 }

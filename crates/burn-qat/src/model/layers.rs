@@ -121,7 +121,9 @@ impl<M: Module> Quantized<M> {
     /// Wraps `inner` with the default [`QuantizedConfig`]: 8-bit asymmetric per-tensor input,
     /// moving-average observer (decay 0.999).
     pub fn new(inner: M, device: &Device) -> Self {
-        QuantizedConfig::new().init(inner, device).expect("the default configuration is valid")
+        QuantizedConfig::new()
+            .init(inner, device)
+            .expect("the default configuration is valid")
     }
 
     /// Fake-quantizes the input, runs the wrapped module, fake-quantizes the output.

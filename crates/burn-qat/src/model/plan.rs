@@ -49,23 +49,39 @@ impl WeightQuant {
     }
     /// `bits`-bit symmetric narrow-range per-channel weights with LSQ-learned step sizes.
     pub fn lsq(bits: u32) -> Self {
-        Self { bits, learned: true, ..Self::int8_per_channel() }
+        Self {
+            bits,
+            learned: true,
+            ..Self::int8_per_channel()
+        }
     }
     /// 8-bit symmetric narrow-range weights, one scale per tensor.
     pub fn int8_per_tensor() -> Self {
-        Self { per_channel: false, ..Self::int8_per_channel() }
+        Self {
+            per_channel: false,
+            ..Self::int8_per_channel()
+        }
     }
     /// 4-bit symmetric narrow-range (`[-7, 7]`) per-channel weights.
     pub fn int4_per_channel() -> Self {
-        Self { bits: 4, ..Self::int8_per_channel() }
+        Self {
+            bits: 4,
+            ..Self::int8_per_channel()
+        }
     }
     /// `bits`-bit symmetric narrow-range per-channel weights.
     pub fn per_channel_bits(bits: u32) -> Self {
-        Self { bits, ..Self::int8_per_channel() }
+        Self {
+            bits,
+            ..Self::int8_per_channel()
+        }
     }
     /// Keep the weights in float.
     pub fn float() -> Self {
-        Self { enabled: false, ..Self::int8_per_channel() }
+        Self {
+            enabled: false,
+            ..Self::int8_per_channel()
+        }
     }
     /// The spec for a weight whose output channels lie on `axis` (`None`: per tensor).
     pub fn spec(&self, axis: Option<usize>) -> QuantSpec {
@@ -170,13 +186,23 @@ builtin!(burn::nn::Embedding, "Embedding", Some(0));
 
 /// Layer types whose parameters are never quantized: normalizations keep float statistics and
 /// affine parameters (folding BatchNorm into the preceding layer is a model transform).
-const NEVER: [&str; 6] = ["BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RmsNorm", "FakeQuant"];
+const NEVER: [&str; 6] = [
+    "BatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "RmsNorm",
+    "FakeQuant",
+];
 
 fn builtin_layers() -> Vec<CustomLayer> {
     fn entry<L: QuantizableLayer>() -> CustomLayer {
         CustomLayer {
             name: L::NAME.to_string(),
-            weights: L::quantizable_weights().into_iter().map(|(f, a)| (f.to_string(), a)).collect(),
+            weights: L::quantizable_weights()
+                .into_iter()
+                .map(|(f, a)| (f.to_string(), a))
+                .collect(),
         }
     }
     vec![
@@ -214,7 +240,12 @@ impl Default for QatConfig {
 impl QatConfig {
     /// tfmot's default: every weight 8-bit symmetric, per output channel.
     pub fn new() -> Self {
-        Self { default: WeightQuant::int8_per_channel(), rules: vec![], skip: vec![], custom_layers: vec![] }
+        Self {
+            default: WeightQuant::int8_per_channel(),
+            rules: vec![],
+            skip: vec![],
+            custom_layers: vec![],
+        }
     }
     /// Preset: 8-bit per-channel symmetric weights (same as [`new`](Self::new)).
     pub fn int8_weights_per_channel() -> Self {
@@ -258,7 +289,10 @@ impl QatConfig {
     pub fn register<L: QuantizableLayer>(mut self) -> Self {
         self.custom_layers.push(CustomLayer {
             name: L::NAME.to_string(),
-            weights: L::quantizable_weights().into_iter().map(|(f, a)| (f.to_string(), a)).collect(),
+            weights: L::quantizable_weights()
+                .into_iter()
+                .map(|(f, a)| (f.to_string(), a))
+                .collect(),
         });
         self
     }
@@ -303,7 +337,15 @@ impl ModuleVisitor for Collect {
         let (field, layer_type) = self
             .stack
             .last()
-            .map(|(n, c)| (n.clone(), c.strip_prefix("Struct:").or(c.strip_prefix("Enum:")).unwrap_or(c).to_string()))
+            .map(|(n, c)| {
+                (
+                    n.clone(),
+                    c.strip_prefix("Struct:")
+                        .or(c.strip_prefix("Enum:"))
+                        .unwrap_or(c)
+                        .to_string(),
+                )
+            })
             .unwrap_or_default();
         let device = param.lazy_device();
         let frozen = device.is_autodiff() && !param.is_require_grad();
@@ -393,7 +435,11 @@ pub(crate) fn plan_with<M: Module>(
     {
         quant.spec(None).validate().map_err(|e| match e {
             QatError::InvalidSpec { field, value, allowed } => QatError::InvalidConfig {
-                field: if i == 0 { format!("QatConfig.default.{field}") } else { format!("QatConfig.rules[{}].{field}", i - 1) },
+                field: if i == 0 {
+                    format!("QatConfig.default.{field}")
+                } else {
+                    format!("QatConfig.rules[{}].{field}", i - 1)
+                },
                 value,
                 allowed,
             },
@@ -406,8 +452,11 @@ pub(crate) fn plan_with<M: Module>(
             Selector::Type(_) => Ok((s.clone(), None)),
         }
     };
-    let rules: Vec<((Selector, Option<GlobMatcher>), WeightQuant)> =
-        config.rules.iter().map(|(s, q)| Ok((compile(s)?, *q))).collect::<Result<_, QatError>>()?;
+    let rules: Vec<((Selector, Option<GlobMatcher>), WeightQuant)> = config
+        .rules
+        .iter()
+        .map(|(s, q)| Ok((compile(s)?, *q)))
+        .collect::<Result<_, QatError>>()?;
     let skips: Vec<(Selector, Option<GlobMatcher>)> = config.skip.iter().map(compile).collect::<Result<_, _>>()?;
 
     // Every selector must select something.
@@ -429,9 +478,9 @@ pub(crate) fn plan_with<M: Module>(
                     "layer pattern {pat:?} matches no module of this model; its modules are {all_modules:?}. \
                      Patterns are dot-separated: `*` matches one name, `**` any number"
                 ),
-                Selector::Type(t) => format!(
-                    "layer type {t:?} matches no layer of this model; its layer types are {all_types:?}"
-                ),
+                Selector::Type(t) => {
+                    format!("layer type {t:?} matches no layer of this model; its layer types are {all_types:?}")
+                }
             }));
         }
     }
@@ -444,7 +493,14 @@ pub(crate) fn plan_with<M: Module>(
     let mut out = Vec::new();
     for p in &params {
         let mut decide = |spec: Option<QuantSpec>, reason: String| {
-            out.push(PlannedParam { path: p.path.clone(), layer_type: p.layer_type.clone(), dims: p.dims.clone(), spec, reason, learned: false });
+            out.push(PlannedParam {
+                path: p.path.clone(),
+                layer_type: p.layer_type.clone(),
+                dims: p.dims.clone(),
+                spec,
+                reason,
+                learned: false,
+            });
         };
         if p.dims.len() < 2 {
             decide(None, "rank < 2 (bias, norm or state)".into());
@@ -532,7 +588,10 @@ pub(crate) fn plan_with<M: Module>(
             continue;
         }
         let reason = if known.is_none() {
-            format!("{reason}; per-tensor: layer type {} is not registered (QatConfig::register)", p.layer_type)
+            format!(
+                "{reason}; per-tensor: layer type {} is not registered (QatConfig::register)",
+                p.layer_type
+            )
         } else {
             reason
         };
@@ -565,9 +624,15 @@ pub(crate) fn plan_with<M: Module>(
 /// See [`plan`].
 pub fn quantize<M: Module>(model: M, config: &QatConfig) -> Result<M, QatError> {
     let planned = plan(&model, config)?;
-    let learned: Vec<String> = planned.iter().filter(|p| p.spec.is_some() && p.learned).map(|p| p.path.clone()).collect();
-    let specs: BTreeMap<String, QuantSpec> =
-        planned.into_iter().filter_map(|p| p.spec.map(|s| (p.path, s))).collect();
+    let learned: Vec<String> = planned
+        .iter()
+        .filter(|p| p.spec.is_some() && p.learned)
+        .map(|p| p.path.clone())
+        .collect();
+    let specs: BTreeMap<String, QuantSpec> = planned
+        .into_iter()
+        .filter_map(|p| p.spec.map(|s| (p.path, s)))
+        .collect();
     Ok(model.apply_reparameterization(
         WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| specs.get(path).copied()).with_learned(learned),
     ))

@@ -63,7 +63,11 @@ fn describe(spec: &Option<QuantSpec>) -> String {
 
 impl fmt::Display for QatSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{:<28} {:<10} {:<14} {:<48} {:>22}  reason", "weight", "layer", "shape", "quantization", "range")?;
+        writeln!(
+            f,
+            "{:<28} {:<10} {:<14} {:<48} {:>22}  reason",
+            "weight", "layer", "shape", "quantization", "range"
+        )?;
         for l in &self.layers {
             writeln!(
                 f,
@@ -77,9 +81,15 @@ impl fmt::Display for QatSummary {
             )?;
         }
         if !self.activations.is_empty() {
-            writeln!(f, "{:<28} {:<48} {:>22}", "activation", "quantization", "observed range")?;
+            writeln!(
+                f,
+                "{:<28} {:<48} {:>22}",
+                "activation", "quantization", "observed range"
+            )?;
             for a in &self.activations {
-                let range = a.range.map_or("not observed".to_string(), |(lo, hi)| format!("[{lo:.4}, {hi:.4}]"));
+                let range = a
+                    .range
+                    .map_or("not observed".to_string(), |(lo, hi)| format!("[{lo:.4}, {hi:.4}]"));
                 writeln!(f, "{:<28} {:<48} {:>22}", a.path, describe(&a.spec), range)?;
             }
         }
@@ -111,7 +121,10 @@ impl ModuleVisitor for Ranges {
             && container == "Struct:FakeQuant"
         {
             let module = path[..path.len() - 1].join(".");
-            self.fq.entry(module).or_default().insert(field.clone(), read(param.val()));
+            self.fq
+                .entry(module)
+                .or_default()
+                .insert(field.clone(), read(param.val()));
             return;
         }
         if D >= 2 && !self.stack.iter().any(|(_, c)| c == "Reparameterization") {
@@ -151,7 +164,8 @@ pub fn summary<M: Module>(model: &M, config: &QatConfig) -> Result<QatSummary, Q
         .into_iter()
         .map(|(path, fields)| {
             let observed = fields.get("observed").and_then(|v| v.first()).copied().unwrap_or(0.0) > 0.5;
-            let fold = |k: &str, init: f32, f: fn(f32, f32) -> f32| fields.get(k).map(|v| v.iter().copied().fold(init, f));
+            let fold =
+                |k: &str, init: f32, f: fn(f32, f32) -> f32| fields.get(k).map(|v| v.iter().copied().fold(init, f));
             let range = match (observed, fold("min", 0.0, f32::min), fold("max", 0.0, f32::max)) {
                 (true, Some(lo), Some(hi)) => Some((lo, hi)),
                 _ => None,
