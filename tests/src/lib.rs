@@ -23,7 +23,9 @@ pub struct Backend {
 pub fn backends() -> Vec<Backend> {
     let enabled = burn_qat::backend::enabled();
     let wanted: Vec<String> = match std::env::var("BURN_QAT_TEST_BACKENDS") {
-        Ok(list) if !list.trim().is_empty() => list.split(',').map(|s| s.trim().to_string()).collect(),
+        Ok(list) if !list.trim().is_empty() => {
+            list.split(',').map(|s| s.trim().to_string()).collect()
+        }
         _ => enabled.iter().map(|s| s.to_string()).collect(),
     };
     let out: Vec<Backend> = wanted
@@ -32,7 +34,9 @@ pub fn backends() -> Vec<Backend> {
             let name = enabled
                 .iter()
                 .find(|e| **e == name.as_str())
-                .unwrap_or_else(|| panic!("BURN_QAT_TEST_BACKENDS names {name:?}, compiled in: {enabled:?}"));
+                .unwrap_or_else(|| {
+                    panic!("BURN_QAT_TEST_BACKENDS names {name:?}, compiled in: {enabled:?}")
+                });
             Backend {
                 name,
                 device: burn_qat::backend::device(name).unwrap(),
@@ -51,10 +55,17 @@ pub fn skip(test: &str, backend: &str, reason: &str) {
 
 /// The values of a float tensor.
 pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("float data")
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("float data")
 }
 
 /// Proptest cases per backend: fewer on wgpu (a software Vulkan driver in CI).
 pub fn cases(backend: &Backend, cpu: u32) -> u32 {
-    if backend.name == "wgpu" { (cpu / 4).max(8) } else { cpu }
+    if backend.name == "wgpu" {
+        (cpu / 4).max(8)
+    } else {
+        cpu
+    }
 }

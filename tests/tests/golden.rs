@@ -86,7 +86,17 @@ fn tf_fake_quant_with_min_max_vars_cases() {
                 nmax + 0.01,
                 nmax + step,
             ];
-            let want = [nmin, nmin, nmin, nmin + step, nmin + step, nmax, nmax, nmax, nmax];
+            let want = [
+                nmin,
+                nmin,
+                nmin,
+                nmin + step,
+                nmin + step,
+                nmax,
+                nmax,
+                nmax,
+                nmax,
+            ];
             let got = fq(&x, qp, &spec, &b.device);
             for i in 0..x.len() {
                 assert!(
@@ -120,7 +130,11 @@ fn zero_and_constant_ranges() {
             let (s, z) = tensor::qparams(min, max, &spec);
             let y = values(tensor::fake_quant(c, s, z, &spec));
             for v in y {
-                assert!((v - 3.0).abs() < 1e-6, "{}: constant 3.0 came back as {v}", b.name);
+                assert!(
+                    (v - 3.0).abs() < 1e-6,
+                    "{}: constant 3.0 came back as {v}",
+                    b.name
+                );
             }
         }
     }
@@ -170,7 +184,12 @@ fn per_channel_linear_and_conv_axes() {
                 scale: scales[i % 3],
                 zero_point: 0,
             };
-            assert_eq!(*yi, reference::fake_quant(*xi, qp, &spec), "{} element {i}", b.name);
+            assert_eq!(
+                *yi,
+                reference::fake_quant(*xi, qp, &spec),
+                "{} element {i}",
+                b.name
+            );
         }
         // Conv2d weight [out=2, in=1, 1, 2]: channels along axis 0.
         let w = Tensor::<4>::from_floats([[[[1.27, -0.5]]], [[[0.0, 0.0]]]], &b.device);
@@ -191,8 +210,16 @@ fn per_channel_linear_and_conv_axes() {
 #[test]
 fn non_finite_values_are_ignored_by_min_max() {
     for b in backends() {
-        let x = Tensor::<1>::from_floats([f32::NAN, 2.0, f32::NEG_INFINITY, -1.0, f32::INFINITY], &b.device);
+        let x = Tensor::<1>::from_floats(
+            [f32::NAN, 2.0, f32::NEG_INFINITY, -1.0, f32::INFINITY],
+            &b.device,
+        );
         let (min, max) = tensor::min_max(x, burn_qat::Granularity::PerTensor);
-        assert_eq!((values(min), values(max)), (vec![-1.0], vec![2.0]), "{}", b.name);
+        assert_eq!(
+            (values(min), values(max)),
+            (vec![-1.0], vec![2.0]),
+            "{}",
+            b.name
+        );
     }
 }

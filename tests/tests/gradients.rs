@@ -30,9 +30,14 @@ fn clipped_ste_is_one_inside_zero_outside_per_tensor() {
                 ),
             };
             let fwd = values(y.clone());
-            let expected_fwd: Vec<f32> = xs.iter().map(|x| reference::fake_quant(*x, qp, &spec)).collect();
+            let expected_fwd: Vec<f32> = xs
+                .iter()
+                .map(|x| reference::fake_quant(*x, qp, &spec))
+                .collect();
             assert_eq!(fwd, expected_fwd, "{} {path}: forward", b.name);
-            let grads = (y * Tensor::<1>::from_floats(upstream, &device)).sum().backward();
+            let grads = (y * Tensor::<1>::from_floats(upstream, &device))
+                .sum()
+                .backward();
             assert_eq!(
                 values(x.grad(&grads).unwrap()),
                 want.to_vec(),
@@ -55,7 +60,12 @@ fn clipped_ste_per_channel() {
         let y = tensor::fake_quant(w.clone(), scale, zp, &spec);
         let grads = (y * 3.0).sum().backward();
         // 0.5 is outside channel 1's range [-0.1, 0.1]; -2.0 outside channel 0's.
-        assert_eq!(values(w.grad(&grads).unwrap()), vec![3.0, 0.0, 0.0, 3.0], "{}", b.name);
+        assert_eq!(
+            values(w.grad(&grads).unwrap()),
+            vec![3.0, 0.0, 0.0, 3.0],
+            "{}",
+            b.name
+        );
     }
 }
 

@@ -52,8 +52,11 @@ fn qat_model(device: &Device, quantized_output: bool) -> Sequential {
         SeqLayer::Linear(LinearConfig::new(16, 5).init(device)),
     ]);
     let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
-    let mut m = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
-    m.layers.insert(0, SeqLayer::FakeQuant(act.init(device).unwrap()));
+    let mut m = float
+        .fuse(&FusedConfig::new().with_output(Some(act.clone())))
+        .unwrap();
+    m.layers
+        .insert(0, SeqLayer::FakeQuant(act.init(device).unwrap()));
     if quantized_output && let Some(SeqLayer::FusedLinear(last)) = m.layers.last_mut() {
         last.output = Some(act.init(device).unwrap());
     }
@@ -87,7 +90,10 @@ fn every_quantized_output_is_within_one_lsb_of_the_fake_quant_model() {
         assert!(d <= 1, "output {i}: fake-quant {q_fq}, integer {qi}");
         exact += usize::from(d == 0);
     }
-    println!("{exact} of {} outputs bit-exact, the rest within 1 LSB", q.len());
+    println!(
+        "{exact} of {} outputs bit-exact, the rest within 1 LSB",
+        q.len()
+    );
 }
 
 #[test]
@@ -100,11 +106,18 @@ fn float_logits_match_and_predictions_agree() {
     let (logits, shape) = int.forward(&values(x.clone()));
     assert_eq!(shape, vec![64, 5]);
     let (reference, _) = int.forward_reference(&values(x));
-    assert_eq!(logits, reference, "fast kernels must equal the scalar reference");
+    assert_eq!(
+        logits, reference,
+        "fast kernels must equal the scalar reference"
+    );
     let span = fq.iter().fold(0f32, |a, v| a.max(v.abs()));
     let mut agree = 0;
     for r in 0..64 {
-        let row = |v: &[f32]| (0..5).max_by(|a, b| v[r * 5 + a].total_cmp(&v[r * 5 + b])).unwrap();
+        let row = |v: &[f32]| {
+            (0..5)
+                .max_by(|a, b| v[r * 5 + a].total_cmp(&v[r * 5 + b]))
+                .unwrap()
+        };
         agree += usize::from(row(&fq) == row(&logits));
         for c in 0..5 {
             assert!(
@@ -158,7 +171,8 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
     .unwrap();
     let err = convert(&model, &[2]).unwrap_err().to_string();
     assert!(
-        err.starts_with("`layers.1`: bias 1000000000 of channel 0") && err.contains("overflows int32"),
+        err.starts_with("`layers.1`: bias 1000000000 of channel 0")
+            && err.contains("overflows int32"),
         "{err}"
     );
 }
@@ -227,7 +241,9 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                 })
         })
         .prop_filter("kernel fits", |(m, _)| match &m.layers[1] {
-            IntLayer::Conv2d(c) => m.input_shape[1] + 2 * c.padding[0] >= c.dilation[0] * (c.kernel[0] - 1) + 1,
+            IntLayer::Conv2d(c) => {
+                m.input_shape[1] + 2 * c.padding[0] >= c.dilation[0] * (c.kernel[0] - 1) + 1
+            }
             _ => false,
         })
 }
@@ -256,7 +272,10 @@ fn file_round_trip_and_damaged_files() {
     let bytes = std::fs::read(&path).unwrap();
     // Truncated anywhere: an error.
     for cut in [0, 5, 23, 24, bytes.len() / 2, bytes.len() - 1] {
-        assert!(format::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut}");
+        assert!(
+            format::from_bytes(&bytes[..cut]).is_err(),
+            "truncated at {cut}"
+        );
     }
     // Any flipped payload byte: checksum error.
     for at in [24, bytes.len() / 2, bytes.len() - 1] {
@@ -268,10 +287,20 @@ fn file_round_trip_and_damaged_files() {
     // A header announcing a huge payload: an error, no allocation of that size.
     let mut b = bytes.clone();
     b[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(format::from_bytes(&b).unwrap_err().to_string().contains("announces"));
+    assert!(
+        format::from_bytes(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("announces")
+    );
     let mut b = bytes.clone();
     b[8..12].copy_from_slice(&7u32.to_le_bytes());
-    assert!(format::from_bytes(&b).unwrap_err().to_string().contains("version 7"));
+    assert!(
+        format::from_bytes(&b)
+            .unwrap_err()
+            .to_string()
+            .contains("version 7")
+    );
     assert!(
         format::from_bytes(b"PNG\x89 definitely not a model file")
             .unwrap_err()
@@ -281,8 +310,13 @@ fn file_round_trip_and_damaged_files() {
     // A well-formed file whose layers do not fit together: rejected at load.
     let mut crafted = int.clone();
     crafted.input_shape = vec![3, 10, 10];
-    let err = format::from_bytes(&format::to_bytes(&crafted)).unwrap_err().to_string();
-    assert!(err.contains("does not accept input of shape [3, 10, 10]"), "{err}");
+    let err = format::from_bytes(&format::to_bytes(&crafted))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not accept input of shape [3, 10, 10]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -312,8 +346,12 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
         SeqLayer::Linear(LinearConfig::new(4 * 6 * 6, 3).init(&device)),
     ]);
     let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
-    let mut model = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
-    model.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    let mut model = float
+        .fuse(&FusedConfig::new().with_output(Some(act.clone())))
+        .unwrap();
+    model
+        .layers
+        .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
         last.output = Some(act.init(&device).unwrap());
     }
@@ -330,7 +368,11 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     }
     let model = model.valid();
     let int = convert(&model, &[1, 8, 8]).unwrap();
-    let x = Tensor::<4>::random([32, 1, 8, 8], Distribution::Normal(0.0, 1.0), &Device::flex());
+    let x = Tensor::<4>::random(
+        [32, 1, 8, 8],
+        Distribution::Normal(0.0, 1.0),
+        &Device::flex(),
+    );
     let fq = values(model.forward(x.clone()));
     let (q, _, a) = int.forward_int(&values(x.clone())).unwrap();
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
@@ -360,8 +402,12 @@ fn check_within_one_lsb<const D: usize>(
     device.seed(seed);
     Device::flex().seed(seed);
     let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
-    let mut model = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
-    model.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    let mut model = float
+        .fuse(&FusedConfig::new().with_output(Some(act.clone())))
+        .unwrap();
+    model
+        .layers
+        .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
         last.output = Some(act.init(&device).unwrap());
     }
@@ -388,7 +434,8 @@ fn check_within_one_lsb<const D: usize>(
             "seed {seed}: output {i}: fake-quant {q_fq}, integer {qi}"
         );
     }
-    let back = burn_qat::export::format::from_bytes(&burn_qat::export::format::to_bytes(&int)).unwrap();
+    let back =
+        burn_qat::export::format::from_bytes(&burn_qat::export::format::to_bytes(&int)).unwrap();
     assert_eq!(back.forward(&xs), int.forward(&xs));
     assert_eq!(int.forward(&xs), int.forward_reference(&xs));
 }
@@ -408,7 +455,12 @@ fn conv1d_model_is_within_one_lsb() {
         ),
         SeqLayer::BatchNorm(random_bn(4, &device)),
         SeqLayer::Relu(Relu::new()),
-        SeqLayer::Conv1d(Conv1dConfig::new(4, 4, 3).with_groups(2).with_dilation(2).init(&device)),
+        SeqLayer::Conv1d(
+            Conv1dConfig::new(4, 4, 3)
+                .with_groups(2)
+                .with_dilation(2)
+                .init(&device),
+        ),
         SeqLayer::Flatten(Default::default()),
         SeqLayer::Linear(LinearConfig::new(4 * 4, 3).init(&device)),
     ]);
@@ -478,8 +530,13 @@ fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
         }
     }
     assert_eq!(proto.opset_import[0].version, Some(13));
-    let err = to_model_proto(&int, &OnnxOptions { opset: 7 }).unwrap_err().to_string();
-    assert_eq!(err, "invalid ONNX export option: `opset` is 7, allowed: 13 or 21");
+    let err = to_model_proto(&int, &OnnxOptions { opset: 7 })
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "invalid ONNX export option: `opset` is 7, allowed: 13 or 21"
+    );
     // Saving into a missing directory fails and leaves nothing behind.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing").join("model.onnx");

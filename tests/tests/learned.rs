@@ -3,7 +3,9 @@
 
 use burn::prelude::*;
 use burn_qat::QuantSpec;
-use burn_qat::core::tensor::{fake_quant_lsq, fake_quant_min_max, fake_quant_pact, lsq_grad_factor};
+use burn_qat::core::tensor::{
+    fake_quant_lsq, fake_quant_min_max, fake_quant_pact, lsq_grad_factor,
+};
 use burn_qat_tests::{backends, values};
 
 fn close(a: f32, b: f32) -> bool {
@@ -36,7 +38,12 @@ fn lsq_gradients_match_the_paper() {
             );
             // ds = sum(qmin | round(v) - v | qmax) * g = (-4 + 0.2 + 0 - 0.04 + 3 + 3) * g
             let ds = values(s.grad(&grads).unwrap())[0];
-            assert!(close(ds, 2.16 * g), "{}: ds {ds}, analytic {}", b.name, 2.16 * g);
+            assert!(
+                close(ds, 2.16 * g),
+                "{}: ds {ds}, analytic {}",
+                b.name,
+                2.16 * g
+            );
         }
     }
 }
@@ -60,7 +67,11 @@ fn lsq_plus_offset_gradient() {
             b.name
         );
         let ds = values(s.grad(&grads).unwrap())[0];
-        assert!(close(ds, -4.0 - 0.4 + 0.4 + 0.36 + 3.0 + 3.0), "{}: ds {ds}", b.name);
+        assert!(
+            close(ds, -4.0 - 0.4 + 0.4 + 0.36 + 3.0 + 3.0),
+            "{}: ds {ds}",
+            b.name
+        );
         let d_offset = values(o.grad(&grads).unwrap())[0];
         assert!(
             close(d_offset, 3.0),
@@ -104,7 +115,11 @@ fn pact_gradients() {
         let y = fake_quant_pact(x.clone(), a.clone(), &spec);
         let yv = values(y.clone());
         assert_eq!(yv[0], 0.0, "{}", b.name);
-        assert!(close(yv[1], 0.2666667) && close(yv[3], 1.0), "{}: {yv:?}", b.name);
+        assert!(
+            close(yv[1], 0.2666667) && close(yv[3], 1.0),
+            "{}: {yv:?}",
+            b.name
+        );
         let grads = y.sum().backward();
         assert_eq!(
             values(x.grad(&grads).unwrap()),
@@ -177,7 +192,9 @@ mod modules {
             _ => QuantSpec::act_per_tensor_asymmetric(4),
         };
         Net {
-            act: LearnedFakeQuantConfig::new(spec, method).init(device).unwrap(),
+            act: LearnedFakeQuantConfig::new(spec, method)
+                .init(device)
+                .unwrap(),
             fc: LinearConfig::new(4, 2).init(device),
         }
     }
@@ -194,7 +211,8 @@ mod modules {
                 LearnedRange::MinMax,
             ] {
                 let model = net(method, &d);
-                let x = Tensor::<2>::from_floats([[-1.0, 0.5, 2.0, 0.25], [0.75, -0.5, 1.5, 3.0]], &d);
+                let x =
+                    Tensor::<2>::from_floats([[-1.0, 0.5, 2.0, 0.25], [0.75, -0.5, 1.5, 3.0]], &d);
                 let observed = values(model.act.forward(x.clone()));
                 let model = start_learning(model);
                 assert!(model.act.is_learning(), "{} {method:?}", b.name);
@@ -218,7 +236,9 @@ mod modules {
                 }
                 // The learned parameter gets a gradient and Adam moves it.
                 let param = |m: &Net| match method {
-                    LearnedRange::Lsq | LearnedRange::LsqPlus => m.act.scale.as_ref().unwrap().val(),
+                    LearnedRange::Lsq | LearnedRange::LsqPlus => {
+                        m.act.scale.as_ref().unwrap().val()
+                    }
                     LearnedRange::Pact => m.act.alpha.as_ref().unwrap().val(),
                     LearnedRange::MinMax => m.act.max.as_ref().unwrap().val(),
                 };
@@ -232,7 +252,11 @@ mod modules {
                 let mut optim = AdamConfig::new().init();
                 let model = optim.step(1e-2, model, grads);
                 let after = values(param(&model));
-                assert_ne!(before, after, "{} {method:?}: the learned range did not move", b.name);
+                assert_ne!(
+                    before, after,
+                    "{} {method:?}: the learned range did not move",
+                    b.name
+                );
                 // Saved and restored with the model.
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("m.bpk");
@@ -267,7 +291,11 @@ mod modules {
                 .with_default(WeightQuant::lsq(4))
                 .with_layer("fc2", WeightQuant::lsq(8));
             let mut model = quantize(mlp, &config).unwrap();
-            let wfq = model.fc1.weight.reparameterization::<WeightFakeQuant>().unwrap();
+            let wfq = model
+                .fc1
+                .weight
+                .reparameterization::<WeightFakeQuant>()
+                .unwrap();
             let s0 = values(wfq.scale.as_ref().expect("learned scale").val());
             assert_eq!(s0.len(), 16, "{}: one step size per output channel", b.name);
             let x = Tensor::<2>::random([32, 8], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
@@ -305,7 +333,8 @@ mod modules {
             for c in 0..16 {
                 let col: Vec<f32> = (0..8).map(|r| w[r * 16 + c] / s1[c]).collect();
                 assert!(
-                    col.iter().all(|q| (q - q.round()).abs() < 1e-3 && q.abs() <= 7.001),
+                    col.iter()
+                        .all(|q| (q - q.round()).abs() < 1e-3 && q.abs() <= 7.001),
                     "{}: {col:?}",
                     b.name
                 );

@@ -9,7 +9,9 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::AdamConfig;
 use burn::prelude::*;
 use burn::train::metric::LossMetric;
-use burn::train::{ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep};
+use burn::train::{
+    ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep,
+};
 use burn_qat::WeightFakeQuant;
 use burn_qat::model::{QatConfig, QuantLinear, Quantized, quantize};
 use burn_qat_tests::backends;
@@ -132,12 +134,25 @@ fn learner_trains_a_quantized_model() {
             .classify(ItemBatcher.batch(items(256, 2), &b.device))
             .loss
             .into_scalar::<f32>();
-        assert!(after < 0.7 * before, "{}: validation loss {before} -> {after}", b.name);
         assert!(
-            model.fc1.inner.weight.reparameterization::<WeightFakeQuant>().is_some(),
+            after < 0.7 * before,
+            "{}: validation loss {before} -> {after}",
+            b.name
+        );
+        assert!(
+            model
+                .fc1
+                .inner
+                .weight
+                .reparameterization::<WeightFakeQuant>()
+                .is_some(),
             "{}",
             b.name
         );
-        assert!(model.fc1.input.as_ref().unwrap().is_observed(), "{}", b.name);
+        assert!(
+            model.fc1.input.as_ref().unwrap().is_observed(),
+            "{}",
+            b.name
+        );
     }
 }

@@ -10,7 +10,9 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::Distribution;
-use burn_qat::model::{QatConfig, QuantLinear, Quantized, WeightQuant, bake, plan, quantize, summary};
+use burn_qat::model::{
+    QatConfig, QuantLinear, Quantized, WeightQuant, bake, plan, quantize, summary,
+};
 use burn_qat::{WeightFakeQuant, switches};
 use burn_qat_tests::{backends, values};
 
@@ -112,7 +114,9 @@ fn data(device: &Device) -> (Tensor<2>, Tensor<1, Int>) {
 }
 
 fn loss_of(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
-    CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, y)
+    CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, y)
 }
 
 /// A hand-written loop: returns the model and the losses.
@@ -164,7 +168,11 @@ fn mlp_trains_with_weight_qat_on_every_backend() {
         assert_learns("mlp", b.name, &losses);
         // The weights seen by forward are on the 8-bit grid of each output channel.
         let w = model.fc1.weight.val();
-        let wfq = model.fc1.weight.reparameterization::<WeightFakeQuant>().unwrap();
+        let wfq = model
+            .fc1
+            .weight
+            .reparameterization::<WeightFakeQuant>()
+            .unwrap();
         let qps = wfq.qparams_for(model.fc1.weight.base());
         let cols = w.dims()[1];
         for (i, v) in values(w).into_iter().enumerate() {
@@ -185,13 +193,21 @@ fn cnn_with_batchnorm_trains_and_keeps_bn_statistics_float() {
         let config = QatConfig::new();
         let model = quantize(Cnn::new(&device), &config).unwrap();
         let report = summary(&model, &config).unwrap();
-        let conv = report.layers.iter().find(|l| l.path == "conv.weight").unwrap();
+        let conv = report
+            .layers
+            .iter()
+            .find(|l| l.path == "conv.weight")
+            .unwrap();
         assert_eq!(
             conv.spec.unwrap().axis(),
             Some(0),
             "conv weights are per output channel (axis 0)"
         );
-        let fc = report.layers.iter().find(|l| l.path == "fc.weight").unwrap();
+        let fc = report
+            .layers
+            .iter()
+            .find(|l| l.path == "fc.weight")
+            .unwrap();
         assert_eq!(
             fc.spec.unwrap().axis(),
             Some(1),
@@ -202,11 +218,18 @@ fn cnn_with_batchnorm_trains_and_keeps_bn_statistics_float() {
         // Running statistics were updated by training and not quantized: still arbitrary floats.
         let var = values(model.bn.running_var.value());
         assert!(
-            var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (*v - 1.0).abs() > 1e-3),
+            var.iter().all(|v| v.is_finite() && *v > 0.0)
+                && var.iter().any(|v| (*v - 1.0).abs() > 1e-3),
             "{}: {var:?}",
             b.name
         );
-        assert!(model.bn.gamma.reparameterization::<WeightFakeQuant>().is_none());
+        assert!(
+            model
+                .bn
+                .gamma
+                .reparameterization::<WeightFakeQuant>()
+                .is_none()
+        );
     }
 }
 
@@ -272,7 +295,13 @@ fn gradients_reach_float_weights_and_optimizer_updates_them() {
             b.name,
             before.len()
         );
-        assert!(model.fc1.weight.reparameterization::<WeightFakeQuant>().is_some());
+        assert!(
+            model
+                .fc1
+                .weight
+                .reparameterization::<WeightFakeQuant>()
+                .is_some()
+        );
     }
 }
 
@@ -309,7 +338,11 @@ fn save_load_resume_equals_uninterrupted_training() {
         for i in 0..6 {
             model = step(model, &mut optim);
             if i == 2 {
-                model.clone().into_record().save(dir.path().join("model.bpk")).unwrap();
+                model
+                    .clone()
+                    .into_record()
+                    .save(dir.path().join("model.bpk"))
+                    .unwrap();
                 optim.save(dir.path().join("optim.bpk")).unwrap();
             }
         }
@@ -317,8 +350,12 @@ fn save_load_resume_equals_uninterrupted_training() {
 
         // Interrupted after 3 steps: a fresh process builds the model, loads, resumes.
         let fresh = quantize(Nested::new(&device), &config).unwrap();
-        let mut resumed = fresh.load_record(ModuleRecord::load(dir.path().join("model.bpk")).unwrap());
-        let mut optim = AdamConfig::new().init().load(dir.path().join("optim.bpk")).unwrap();
+        let mut resumed =
+            fresh.load_record(ModuleRecord::load(dir.path().join("model.bpk")).unwrap());
+        let mut optim = AdamConfig::new()
+            .init()
+            .load(dir.path().join("optim.bpk"))
+            .unwrap();
         for _ in 3..6 {
             resumed = step(resumed, &mut optim);
         }
@@ -335,7 +372,13 @@ fn bake_gives_a_plain_model_with_the_quantized_weights() {
         let (x, _) = data(&device);
         let want = values(model.valid().forward(x.clone().inner()));
         let baked = bake(model.clone());
-        assert!(baked.fc1.weight.reparameterization::<WeightFakeQuant>().is_none());
+        assert!(
+            baked
+                .fc1
+                .weight
+                .reparameterization::<WeightFakeQuant>()
+                .is_none()
+        );
         assert_eq!(values(baked.forward(x.clone().inner())), want, "{}", b.name);
         // Switching fake-quant off gives the float model (different outputs).
         let float = switches::set_fake_quant_enabled(model, false);
@@ -362,8 +405,9 @@ fn clear_errors() {
     )
     .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("layer type \"Conv2d\" matches no layer of this model; its layer types are [\"Linear\"]"),
+        err.to_string().contains(
+            "layer type \"Conv2d\" matches no layer of this model; its layer types are [\"Linear\"]"
+        ),
         "{err}"
     );
     let err = quantize(
@@ -375,7 +419,8 @@ fn clear_errors() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().starts_with("conflicting settings for `fc1.weight`"),
+        err.to_string()
+            .starts_with("conflicting settings for `fc1.weight`"),
         "{err}"
     );
     let err = quantize(
@@ -386,7 +431,8 @@ fn clear_errors() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("conflicting settings for `fc1.weight`"),
+        err.to_string()
+            .contains("conflicting settings for `fc1.weight`"),
         "{err}"
     );
     let err = quantize(
@@ -408,7 +454,10 @@ fn clear_errors() {
     assert!(err.to_string().starts_with("nothing to quantize"), "{err}");
     let twice = quantize(Mlp::new(&device), &QatConfig::new()).unwrap();
     let err = quantize(twice, &QatConfig::new()).unwrap_err();
-    assert!(err.to_string().contains("already has a reparameterization"), "{err}");
+    assert!(
+        err.to_string().contains("already has a reparameterization"),
+        "{err}"
+    );
 
     #[derive(Module, Debug)]
     struct Odd {

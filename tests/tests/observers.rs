@@ -45,7 +45,12 @@ fn positive_only_inputs_still_contain_zero() {
             .init(&device)
             .unwrap();
         fq.forward(Tensor::<1>::from_floats([1.0, 3.0], &device));
-        assert_eq!(fq.observed_range(), Some((vec![0.0], vec![3.0])), "{}", b.name);
+        assert_eq!(
+            fq.observed_range(),
+            Some((vec![0.0], vec![3.0])),
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -63,7 +68,11 @@ fn nan_and_inf_never_poison_the_range() {
             &device,
         ));
         let (lo, hi) = fq.observed_range().unwrap();
-        assert!(lo[0].is_finite() && hi[0].is_finite(), "{}: {lo:?} {hi:?}", b.name);
+        assert!(
+            lo[0].is_finite() && hi[0].is_finite(),
+            "{}: {lo:?} {hi:?}",
+            b.name
+        );
         assert!(
             (lo[0] + 0.9).abs() < 1e-6 && (hi[0] - 0.9).abs() < 1e-6,
             "{}: {lo:?} {hi:?}",
@@ -82,7 +91,10 @@ fn per_channel_activation_observer() {
             .with_observer(Observer::LastValue)
             .init(&device)
             .unwrap();
-        fq.forward(Tensor::<2>::from_floats([[1.0, -2.0, 0.5], [-1.0, 4.0, 0.25]], &device));
+        fq.forward(Tensor::<2>::from_floats(
+            [[1.0, -2.0, 0.5], [-1.0, 4.0, 0.25]],
+            &device,
+        ));
         assert_eq!(
             fq.observed_range(),
             Some((vec![-1.0, -2.0, 0.0], vec![1.0, 4.0, 0.5])),
@@ -114,14 +126,29 @@ fn only_training_on_autodiff_observes() {
             "{}",
             b.name
         );
-        assert_eq!(eval.observed_range(), Some((vec![-1.0], vec![1.0])), "{}", b.name);
+        assert_eq!(
+            eval.observed_range(),
+            Some((vec![-1.0], vec![1.0])),
+            "{}",
+            b.name
+        );
         // A frozen observer in training keeps its range.
         let frozen = switches::freeze_observers(fq.clone());
         frozen.forward(Tensor::<1>::from_floats([-5.0, 5.0], &device));
-        assert_eq!(frozen.observed_range(), Some((vec![-1.0], vec![1.0])), "{}", b.name);
+        assert_eq!(
+            frozen.observed_range(),
+            Some((vec![-1.0], vec![1.0])),
+            "{}",
+            b.name
+        );
         let thawed = switches::unfreeze_observers(frozen);
         thawed.forward(Tensor::<1>::from_floats([-5.0, 5.0], &device));
-        assert_eq!(thawed.observed_range(), Some((vec![-5.0], vec![5.0])), "{}", b.name);
+        assert_eq!(
+            thawed.observed_range(),
+            Some((vec![-5.0], vec![5.0])),
+            "{}",
+            b.name
+        );
         // Disabled fake-quant passes values through.
         let off = switches::set_fake_quant_enabled(thawed, false);
         assert_eq!(
@@ -137,7 +164,8 @@ fn only_training_on_autodiff_observes() {
 fn observer_state_survives_save_and_load() {
     for b in backends() {
         let device = b.device.clone().autodiff();
-        let config = FakeQuantConfig::new(act()).with_observer(Observer::MovingAverage { decay: 0.5 });
+        let config =
+            FakeQuantConfig::new(act()).with_observer(Observer::MovingAverage { decay: 0.5 });
         let trained = config.init(&device).unwrap();
         trained.forward(Tensor::<1>::from_floats([-2.0, 4.0], &device));
         trained.forward(Tensor::<1>::from_floats([-4.0, 2.0], &device));
@@ -157,10 +185,20 @@ fn observer_state_survives_save_and_load() {
             b.name
         );
         let loaded = fresh.load_record(ModuleRecord::load(&path).unwrap());
-        assert_eq!(loaded.observed_range(), Some((vec![-3.0], vec![3.0])), "{}", b.name);
+        assert_eq!(
+            loaded.observed_range(),
+            Some((vec![-3.0], vec![3.0])),
+            "{}",
+            b.name
+        );
         assert_eq!(values(loaded.valid().forward(x)), want, "{}", b.name);
         // The EMA continues from the loaded state.
         loaded.forward(Tensor::<1>::from_floats([-1.0, 1.0], &device));
-        assert_eq!(loaded.observed_range(), Some((vec![-2.0], vec![2.0])), "{}", b.name);
+        assert_eq!(
+            loaded.observed_range(),
+            Some((vec![-2.0], vec![2.0])),
+            "{}",
+            b.name
+        );
     }
 }

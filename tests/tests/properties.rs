@@ -25,22 +25,24 @@ fn spec_strategy(rank: usize) -> impl Strategy<Value = QuantSpec> {
         any::<bool>(),
         0..=rank,
     )
-        .prop_map(move |(bits, signed, symmetric, narrow, tf, axis)| QuantSpec {
-            bits,
-            signed,
-            symmetric,
-            narrow_range: narrow,
-            granularity: if axis == rank {
-                Granularity::PerTensor
-            } else {
-                Granularity::PerChannel { axis }
+        .prop_map(
+            move |(bits, signed, symmetric, narrow, tf, axis)| QuantSpec {
+                bits,
+                signed,
+                symmetric,
+                narrow_range: narrow,
+                granularity: if axis == rank {
+                    Granularity::PerTensor
+                } else {
+                    Granularity::PerChannel { axis }
+                },
+                rounding: if tf {
+                    RoundingMode::TfHalfUp
+                } else {
+                    RoundingMode::HalfToEven
+                },
             },
-            rounding: if tf {
-                RoundingMode::TfHalfUp
-            } else {
-                RoundingMode::HalfToEven
-            },
-        })
+        )
 }
 
 /// `[rows, cols]` and values: mostly random, some exact half-steps (ties), some non-finite.
@@ -85,7 +87,13 @@ fn host_range(x: &[f32], rows: usize, cols: usize, g: Granularity) -> Vec<(f32, 
     out
 }
 
-fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> Result<(), TestCaseError> {
+fn check(
+    b: &Backend,
+    spec: QuantSpec,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+) -> Result<(), TestCaseError> {
     let device = b.device.clone().autodiff();
     let t = Tensor::<1>::from_floats(x, &device)
         .reshape([rows, cols])
@@ -109,7 +117,8 @@ fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> R
         );
         let tie = near_half(*lo / want.scale);
         prop_assert!(
-            qp.zero_point == want.zero_point || (tie && (qp.zero_point - want.zero_point).abs() == 1),
+            qp.zero_point == want.zero_point
+                || (tie && (qp.zero_point - want.zero_point).abs() == 1),
             "{}: zero point {} vs reference {} for [{lo}, {hi}]",
             b.name,
             qp.zero_point,
@@ -144,8 +153,10 @@ fn check(b: &Backend, spec: QuantSpec, rows: usize, cols: usize, x: &[f32]) -> R
                 spec
             );
             let want_grad = reference::fake_quant_grad(xi, qp, &spec);
-            let on_bound = (v + qp.zero_point as f32 - spec.qmin() as f32).abs() <= TIE_WINDOW * v.abs().max(1.0)
-                || (v + qp.zero_point as f32 - spec.qmax() as f32).abs() <= TIE_WINDOW * v.abs().max(1.0);
+            let on_bound = (v + qp.zero_point as f32 - spec.qmin() as f32).abs()
+                <= TIE_WINDOW * v.abs().max(1.0)
+                || (v + qp.zero_point as f32 - spec.qmax() as f32).abs()
+                    <= TIE_WINDOW * v.abs().max(1.0);
             prop_assert!(
                 grad[i] == want_grad || on_bound,
                 "{}: gradient at {xi} is {} but reference gives {want_grad}",
@@ -165,9 +176,10 @@ fn tensor_fake_quant_matches_scalar_reference() {
             ..Config::default()
         });
         runner
-            .run(&(spec_strategy(2), input_strategy()), |(spec, (rows, cols, x))| {
-                check(&b, spec, rows, cols, &x)
-            })
+            .run(
+                &(spec_strategy(2), input_strategy()),
+                |(spec, (rows, cols, x))| check(&b, spec, rows, cols, &x),
+            )
             .unwrap_or_else(|e| panic!("{}: {e}", b.name));
     }
 }
@@ -181,7 +193,12 @@ fn scalar_qparams_path_matches_reference() {
         });
         runner
             .run(
-                &(spec_strategy(0), input_strategy(), -5.0f32..5.0, 0.0f32..5.0),
+                &(
+                    spec_strategy(0),
+                    input_strategy(),
+                    -5.0f32..5.0,
+                    0.0f32..5.0,
+                ),
                 |(spec, (_, _, x), lo, hi)| {
                     let qp = qparams_from_range(lo, hi, &spec);
                     let got = values(tensor::fake_quant_per_tensor(

@@ -5,12 +5,15 @@
 use burn::module::{Module, Param, RunningState};
 use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig1d, PaddingConfig2d};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig1d, PaddingConfig2d,
+};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_qat::transform::{
-    Activation, BnFoldMode, FusedConfig, FusedConv2d, FusedLinear, QatSchedule, fold, fuse_batch_norms,
+    Activation, BnFoldMode, FusedConfig, FusedConv2d, FusedLinear, QatSchedule, fold,
+    fuse_batch_norms,
 };
 use burn_qat::{FakeQuant, FakeQuantConfig, QuantSpec};
 use burn_qat_tests::{backends, skip, values};
@@ -69,7 +72,11 @@ fn fold_conv2d_equals_bn_of_conv() {
             let x = Tensor::<4>::random([2, cin, 9, 9], Distribution::Normal(0.0, 1.0), d);
             let want = values(bn.forward(conv.forward(x.clone())));
             let folded = fold::fold_conv2d(conv, &bn);
-            assert_close(values(folded.forward(x)), want, &format!("{} conv2d {name}", b.name));
+            assert_close(
+                values(folded.forward(x)),
+                want,
+                &format!("{} conv2d {name}", b.name),
+            );
         }
     }
 }
@@ -153,7 +160,10 @@ fn fuse_batch_norms_in_place_keeps_the_model_type_and_outputs() {
     let err = fuse_batch_norms(model, &[("bn", "conv")], 1e-3)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("`bn` is not a Conv1d, Conv2d or Linear module"), "{err}");
+    assert!(
+        err.contains("`bn` is not a Conv1d, Conv2d or Linear module"),
+        "{err}"
+    );
 }
 
 fn fused(conv: Conv2d, bn: BatchNorm, weight: Option<QuantSpec>, mode: BnFoldMode) -> FusedConv2d {
@@ -215,7 +225,8 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
         // Gradients reach the float conv weight and gamma.
         let grads = f.forward(x.clone()).sum().backward();
         assert!(
-            f.layer.weight.val().grad(&grads).is_some() && f.bn.as_ref().unwrap().gamma.val().grad(&grads).is_some(),
+            f.layer.weight.val().grad(&grads).is_some()
+                && f.bn.as_ref().unwrap().gamma.val().grad(&grads).is_some(),
             "{}",
             b.name
         );
@@ -250,7 +261,12 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
         let f = f.set_bn_frozen(true);
         let before = values(f.bn.as_ref().unwrap().running_var.value());
         let y_train = values(f.forward(x.clone()));
-        assert_eq!(values(f.bn.as_ref().unwrap().running_var.value()), before, "{}", b.name);
+        assert_eq!(
+            values(f.bn.as_ref().unwrap().running_var.value()),
+            before,
+            "{}",
+            b.name
+        );
         assert_eq!(
             y_train,
             values(f.valid().forward(x.inner())),
@@ -273,7 +289,9 @@ fn fused_config_errors() {
             .contains("`FusedConfig.weight.granularity` is PerChannel { axis: 1 }"),
         "{err}"
     );
-    let err = FusedConfig::new().init(conv, Some(random_bn(3, d))).unwrap_err();
+    let err = FusedConfig::new()
+        .init(conv, Some(random_bn(3, d)))
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("BatchNorm has 3 channels but the tensor has 4"),
@@ -328,7 +346,11 @@ fn schedule_freezes_observers_and_bn_from_a_hand_loop_and_from_shared_self() {
                 .unwrap(),
         }
         .load_record(record);
-        assert!(fresh.act.is_frozen() && fresh.conv.is_bn_frozen(), "{}", b.name);
+        assert!(
+            fresh.act.is_frozen() && fresh.conv.is_bn_frozen(),
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -363,10 +385,9 @@ fn mnist_dir() -> Option<std::path::PathBuf> {
         std::env::var_os("MNIST_DIR").map(Into::into),
         Some(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist")),
     ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("t10k-labels-idx1-ubyte.gz").is_file() || d.join("t10k-labels-idx1-ubyte").is_file())
+    candidates.into_iter().flatten().find(|d| {
+        d.join("t10k-labels-idx1-ubyte.gz").is_file() || d.join("t10k-labels-idx1-ubyte").is_file()
+    })
 }
 
 #[test]
@@ -407,7 +428,8 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     let batch = 64;
     for step in 0..100 {
         let r = (step * batch) % 6000..(step * batch) % 6000 + batch;
-        let x = Tensor::<1>::from_floats(data.train.pixels(r.clone()).as_slice(), &d).reshape([batch, 1, 28, 28]);
+        let x = Tensor::<1>::from_floats(data.train.pixels(r.clone()).as_slice(), &d)
+            .reshape([batch, 1, 28, 28]);
         let labels: Vec<i64> = data.train.labels[r].iter().map(|l| *l as i64).collect();
         let y = Tensor::<1, Int>::from_ints(labels.as_slice(), &d);
         let loss = burn::nn::loss::CrossEntropyLossConfig::new()
@@ -421,8 +443,9 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
     let folded = qat.clone().folded();
     let (mut same, mut correct, n) = (0usize, 0usize, data.test.len());
     for start in (0..n).step_by(1000) {
-        let x = Tensor::<1>::from_floats(data.test.pixels(start..start + 1000).as_slice(), &b.device)
-            .reshape([1000, 1, 28, 28]);
+        let x =
+            Tensor::<1>::from_floats(data.test.pixels(start..start + 1000).as_slice(), &b.device)
+                .reshape([1000, 1, 28, 28]);
         let p_qat: Vec<i64> = qat
             .forward(x.clone())
             .argmax(1)
@@ -455,7 +478,11 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
         "folded and QAT predictions agree on only {:.3}%",
         agree * 100.0
     );
-    assert!(acc > 0.85, "the fused QAT CNN did not learn: {:.2}%", acc * 100.0);
+    assert!(
+        acc > 0.85,
+        "the fused QAT CNN did not learn: {:.2}%",
+        acc * 100.0
+    );
 }
 
 #[test]

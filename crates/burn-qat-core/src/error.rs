@@ -32,7 +32,9 @@ pub enum QatError {
         allowed: String,
     },
     /// A per-channel axis that the tensor does not have.
-    #[error("per-channel axis {axis} does not exist on a tensor of rank {rank}{context}: use an axis in 0..{rank}")]
+    #[error(
+        "per-channel axis {axis} does not exist on a tensor of rank {rank}{context}: use an axis in 0..{rank}"
+    )]
     AxisOutOfRange {
         /// The requested axis.
         axis: usize,

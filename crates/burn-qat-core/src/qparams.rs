@@ -67,7 +67,11 @@ pub fn qparams_from_range(min: f32, max: f32, spec: &QuantSpec) -> QParams {
     if spec.symmetric {
         let m = (-min).max(max);
         let scale = clamp_scale(2.0 * m / steps);
-        let zero_point = if spec.signed { 0 } else { (qmin + qmax + 1) / 2 };
+        let zero_point = if spec.signed {
+            0
+        } else {
+            (qmin + qmax + 1) / 2
+        };
         return QParams { scale, zero_point };
     }
     let scale = clamp_scale((max - min) / steps);
@@ -187,7 +191,10 @@ mod tests {
 
     #[test]
     fn degenerate_ranges_do_not_divide_by_zero() {
-        for spec in [QuantSpec::default(), QuantSpec::int8_weight_per_tensor_symmetric()] {
+        for spec in [
+            QuantSpec::default(),
+            QuantSpec::int8_weight_per_tensor_symmetric(),
+        ] {
             for (lo, hi) in [
                 (0.0, 0.0),
                 (3.0, 3.0),
@@ -197,7 +204,10 @@ mod tests {
                 (1e-30, 1e-30),
             ] {
                 let qp = qparams_from_range(lo, hi, &spec);
-                assert!(qp.scale.is_finite() && qp.scale >= MIN_SCALE, "{lo} {hi}: {qp:?}");
+                assert!(
+                    qp.scale.is_finite() && qp.scale >= MIN_SCALE,
+                    "{lo} {hi}: {qp:?}"
+                );
                 assert!((spec.qmin()..=spec.qmax()).contains(&qp.zero_point));
             }
         }

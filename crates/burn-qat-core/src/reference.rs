@@ -96,7 +96,9 @@ mod tests {
             .into();
         assert_eq!(got, vec![2.0, -2.0, 4.0, -4.0, 0.0, -0.0]);
         let tf = spec.with_rounding(RoundingMode::TfHalfUp);
-        let got: Vec<f32> = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5].map(|x| fake_quant(x, qp, &tf)).into();
+        let got: Vec<f32> = [2.5, -2.5, 3.5, -3.5, 0.5, -0.5]
+            .map(|x| fake_quant(x, qp, &tf))
+            .into();
         assert_eq!(got, vec![3.0, -2.0, 4.0, -3.0, 1.0, 0.0]);
         // Odd zero point: the zero point is added after rounding.
         let qp3 = QParams {
@@ -112,7 +114,8 @@ mod tests {
     /// inputs and expected outputs of `FakeQuantWithMinMaxArgs`.
     #[test]
     fn tf_forward_golden() {
-        let spec = QuantSpec::uint8_act_per_tensor_asymmetric().with_rounding(RoundingMode::TfHalfUp);
+        let spec =
+            QuantSpec::uint8_act_per_tensor_asymmetric().with_rounding(RoundingMode::TfHalfUp);
         let qp = qparams_from_range(-0.125, 63.625, &spec);
         let inputs = [-0.26, -0.25, -0.24, 0.0, 0.1, 0.125, 0.26, 63.5, 63.6, 64.0];
         let expected = [-0.25, -0.25, -0.25, 0.0, 0.0, 0.25, 0.25, 63.5, 63.5, 63.5];
@@ -142,7 +145,11 @@ mod tests {
         let qp = qparams_from_range(-1.3, 2.9, &spec);
         for i in -400..400 {
             let x = i as f32 * 0.01;
-            assert_eq!(dequantize(quantize(x, qp, &spec), qp), fake_quant(x, qp, &spec), "{x}");
+            assert_eq!(
+                dequantize(quantize(x, qp, &spec), qp),
+                fake_quant(x, qp, &spec),
+                "{x}"
+            );
         }
     }
 }

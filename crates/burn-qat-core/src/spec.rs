@@ -187,7 +187,11 @@ impl QuantSpec {
     /// spec that passes [`validate`](Self::validate).
     pub fn qmin(&self) -> i32 {
         let bits = self.bits.clamp(1, 31);
-        let base = if self.signed { -(1i64 << (bits - 1)) } else { 0 };
+        let base = if self.signed {
+            -(1i64 << (bits - 1))
+        } else {
+            0
+        };
         (base + i64::from(self.narrow_range)) as i32
     }
 
@@ -252,9 +256,15 @@ mod tests {
         let s = QuantSpec::int8_act_per_tensor_asymmetric();
         assert_eq!((s.qmin(), s.qmax()), (-128, 127));
         assert_eq!((s.with_narrow_range(true).qmin()), -127);
-        assert_eq!((s.with_signed(false).qmin(), s.with_signed(false).qmax()), (0, 255));
+        assert_eq!(
+            (s.with_signed(false).qmin(), s.with_signed(false).qmax()),
+            (0, 255)
+        );
         assert_eq!((s.with_bits(2).qmin(), s.with_bits(2).qmax()), (-2, 1));
-        assert_eq!((s.with_bits(16).qmin(), s.with_bits(16).qmax()), (-32768, 32767));
+        assert_eq!(
+            (s.with_bits(16).qmin(), s.with_bits(16).qmax()),
+            (-32768, 32767)
+        );
         let u16 = s.with_bits(16).with_signed(false);
         assert_eq!((u16.qmin(), u16.qmax()), (0, 65535));
         // Out-of-range bits never overflow.
@@ -282,7 +292,8 @@ mod tests {
 
     #[test]
     fn serde_round_trip() {
-        let s = QuantSpec::int4_weight_per_channel_symmetric(1).with_rounding(RoundingMode::TfHalfUp);
+        let s =
+            QuantSpec::int4_weight_per_channel_symmetric(1).with_rounding(RoundingMode::TfHalfUp);
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<QuantSpec>(&json).unwrap(), s);
     }

@@ -110,7 +110,10 @@ pub fn try_fake_quant<const D: usize>(
     let y = (r.clamp(qmin, qmax) - zero_point.clone()) * scale;
     Ok(if x.is_autodiff() {
         let v = v + zero_point;
-        let inside = v.clone().greater_equal_elem(qmin).bool_and(v.lower_equal_elem(qmax));
+        let inside = v
+            .clone()
+            .greater_equal_elem(qmin)
+            .bool_and(v.lower_equal_elem(qmax));
         y + (x - xd) * inside.float()
     } else {
         y
@@ -119,7 +122,11 @@ pub fn try_fake_quant<const D: usize>(
 
 /// Fake-quantizes `x` with one pair of scalar parameters (per tensor). Cheaper than
 /// [`fake_quant`]: scalar operands, no broadcasting.
-pub fn fake_quant_per_tensor<const D: usize>(x: Tensor<D>, qp: QParams, spec: &QuantSpec) -> Tensor<D> {
+pub fn fake_quant_per_tensor<const D: usize>(
+    x: Tensor<D>,
+    qp: QParams,
+    spec: &QuantSpec,
+) -> Tensor<D> {
     let xd = x.clone().detach();
     let zp = qp.zero_point as f32;
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
@@ -131,7 +138,10 @@ pub fn fake_quant_per_tensor<const D: usize>(x: Tensor<D>, qp: QParams, spec: &Q
         .mul_scalar(qp.scale);
     if x.is_autodiff() {
         let v = v.add_scalar(zp);
-        let inside = v.clone().greater_equal_elem(qmin).bool_and(v.lower_equal_elem(qmax));
+        let inside = v
+            .clone()
+            .greater_equal_elem(qmin)
+            .bool_and(v.lower_equal_elem(qmax));
         y + (x - xd) * inside.float()
     } else {
         y
@@ -148,7 +158,10 @@ fn round<const D: usize>(v: Tensor<D>, rounding: RoundingMode) -> Tensor<D> {
 /// The range of `x` that observers record: per tensor (`[1]`) or per channel (`[C]`),
 /// non-finite values ignored, and widened to contain 0 (`min <= 0 <= max`, as tfmot and TFLite
 /// require). No gradient flows through the result.
-pub fn min_max<const D: usize>(x: Tensor<D>, granularity: crate::Granularity) -> (Tensor<1>, Tensor<1>) {
+pub fn min_max<const D: usize>(
+    x: Tensor<D>,
+    granularity: crate::Granularity,
+) -> (Tensor<1>, Tensor<1>) {
     let x = x.detach();
     let device = x.device();
     let dims = x.dims();
@@ -166,7 +179,9 @@ pub fn min_max<const D: usize>(x: Tensor<D>, granularity: crate::Granularity) ->
     let x = x.mask_fill(bad, 0.0);
     let flat: Tensor<2> = match granularity {
         crate::Granularity::PerTensor => x.reshape([1, numel]),
-        crate::Granularity::PerChannel { axis } => x.swap_dims(axis, 0).reshape([channels, numel / channels]),
+        crate::Granularity::PerChannel { axis } => {
+            x.swap_dims(axis, 0).reshape([channels, numel / channels])
+        }
     };
     let min = flat.clone().min_dim(1).reshape([channels]).clamp_max(0.0);
     let max = flat.max_dim(1).reshape([channels]).clamp_min(0.0);
@@ -186,7 +201,10 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
     let steps = (qmax - qmin) as f32;
     if spec.symmetric {
         let m = max.max_pair(min.neg());
-        let scale = m.mul_scalar(2.0).div_scalar(steps).clamp(MIN_SCALE, f32::MAX);
+        let scale = m
+            .mul_scalar(2.0)
+            .div_scalar(steps)
+            .clamp(MIN_SCALE, f32::MAX);
         let zp = if spec.signed {
             0.0
         } else {
@@ -195,20 +213,29 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
         let zero_point = scale.zeros_like().add_scalar(zp);
         return (scale, zero_point);
     }
-    let scale = (max - min.clone()).div_scalar(steps).clamp(MIN_SCALE, f32::MAX);
+    let scale = (max - min.clone())
+        .div_scalar(steps)
+        .clamp(MIN_SCALE, f32::MAX);
     let ratio = min / scale.clone();
     let rounded = match spec.rounding {
         RoundingMode::HalfToEven => ratio.round(),
         // -round_half_away(-ratio) with -ratio >= 0: -floor(0.5 - ratio).
         RoundingMode::TfHalfUp => ratio.neg().add_scalar(0.5).floor().neg(),
     };
-    let zero_point = rounded.neg().add_scalar(qmin as f32).clamp(qmin as f32, qmax as f32);
+    let zero_point = rounded
+        .neg()
+        .add_scalar(qmin as f32)
+        .clamp(qmin as f32, qmax as f32);
     (scale, zero_point)
 }
 
 /// Reads tensor quantization parameters back to the host, one [`QParams`] per channel.
 pub fn to_qparams(scale: &Tensor<1>, zero_point: &Tensor<1>) -> Vec<QParams> {
-    let s: Vec<f32> = scale.to_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let s: Vec<f32> = scale
+        .to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     let z: Vec<f32> = zero_point
         .to_data()
         .convert::<f32>()
@@ -270,7 +297,11 @@ pub fn fake_quant_lsq<const D: usize>(
 /// PACT (Choi et al. 2018): `y = clamp(x, 0, alpha)` with a learnable `alpha`, then
 /// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through). The gradient
 /// reaches `x` inside `[0, alpha]` and `alpha` where `x >= alpha` (PACT's `dy/dalpha`).
-pub fn fake_quant_pact<const D: usize>(x: Tensor<D>, alpha: Tensor<1>, spec: &QuantSpec) -> Tensor<D> {
+pub fn fake_quant_pact<const D: usize>(
+    x: Tensor<D>,
+    alpha: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
     let dims = x.dims();
     let a: Tensor<D> = alpha.clone().reshape([1; D]).expand(dims);
     let y = x.clamp_min(0.0).min_pair(a);
@@ -290,7 +321,12 @@ pub fn fake_quant_pact<const D: usize>(x: Tensor<D>, alpha: Tensor<1>, spec: &Qu
 /// The note's trainable clip: `x` clamped to learnable `[min, max]`, then fake-quantized with
 /// that range (straight-through). As TF's `FakeQuantWithMinMaxVarsGradient`, `min` receives the
 /// gradient of the values below it and `max` of those above it.
-pub fn fake_quant_min_max<const D: usize>(x: Tensor<D>, min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> Tensor<D> {
+pub fn fake_quant_min_max<const D: usize>(
+    x: Tensor<D>,
+    min: Tensor<1>,
+    max: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
     let lo: Tensor<D> = min.clone().reshape([1; D]);
     let hi: Tensor<D> = max.clone().reshape([1; D]);
     let dims = x.dims();

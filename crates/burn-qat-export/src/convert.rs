@@ -46,7 +46,8 @@ fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
         return Err(ExportError::Unsupported {
             path: path.into(),
             kind: format!("{}-bit FakeQuant", spec.bits),
-            hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits".into(),
+            hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits"
+                .into(),
         });
     }
     let qp = fq.qparams().ok_or_else(|| ExportError::Unsupported {
@@ -106,10 +107,20 @@ where
     };
     let dims = w.dims().to_vec();
     let qps: Vec<QParams> = wq.qparams_for(w.clone());
-    let values = w.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let values = w
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
-    let channel_of = |i: usize| if qps.len() == 1 { 0 } else { (i / after) % channels };
+    let channel_of = |i: usize| {
+        if qps.len() == 1 {
+            0
+        } else {
+            (i / after) % channels
+        }
+    };
     let weight: Vec<i8> = values
         .iter()
         .enumerate()
@@ -119,7 +130,11 @@ where
         .map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale)
         .collect();
     let bias_f: Vec<f32> = match b {
-        Some(b) => b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(),
+        Some(b) => b
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default(),
         None => vec![0.0; channels],
     };
     let mut bias = Vec::with_capacity(channels);
@@ -174,7 +189,12 @@ fn output(
                 .iter()
                 .map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64))
                 .collect();
-            Ok(Output::Quantized { act, requant, lo, hi })
+            Ok(Output::Quantized {
+                act,
+                requant,
+                lo,
+                hi,
+            })
         }
         None => {
             let (lo, hi) = match activation {
@@ -204,7 +224,10 @@ pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel
     let mut current: Option<ActQ> = None;
     let mut shape: Vec<usize> = input_shape.to_vec();
     let layers = convert_layers(&model.layers, "layers", &mut current, &mut shape, true)?;
-    if layers.first().is_none_or(|l| !matches!(l, IntLayer::Quantize(_))) {
+    if layers
+        .first()
+        .is_none_or(|l| !matches!(l, IntLayer::Quantize(_)))
+    {
         return Err(ExportError::Unsupported {
             path: "layers.0".into(),
             kind: "model input".into(),
@@ -225,14 +248,19 @@ fn convert_layers(
     top: bool,
 ) -> Result<Vec<IntLayer>, ExportError> {
     let mut layers = Vec::new();
-    let last = if top { seq.len().saturating_sub(1) } else { usize::MAX };
+    let last = if top {
+        seq.len().saturating_sub(1)
+    } else {
+        usize::MAX
+    };
     for (i, layer) in seq.iter().enumerate() {
         let path = format!("{prefix}.{i}");
         let need_input = |kind: &str| {
             current.ok_or_else(|| ExportError::Unsupported {
                 path: path.clone(),
                 kind: kind.into(),
-                hint: "its input is not quantized: start the model with a FakeQuant of its input".into(),
+                hint: "its input is not quantized: start the model with a FakeQuant of its input"
+                    .into(),
             })
         };
         match layer {
@@ -245,7 +273,13 @@ fn convert_layers(
                 let a = need_input("Residual")?;
                 let in_shape = shape.clone();
                 let mut inner = Some(a);
-                let body = convert_layers(&r.body.layers, &format!("{path}.body.layers"), &mut inner, shape, false)?;
+                let body = convert_layers(
+                    &r.body.layers,
+                    &format!("{path}.body.layers"),
+                    &mut inner,
+                    shape,
+                    false,
+                )?;
                 let Some(b) = inner else {
                     return Err(ExportError::Unsupported {
                         path,
@@ -257,7 +291,9 @@ fn convert_layers(
                     return Err(ExportError::Unsupported {
                         path,
                         kind: "Residual".into(),
-                        hint: format!("its body maps {in_shape:?} to {shape:?}: an add needs equal shapes"),
+                        hint: format!(
+                            "its body maps {in_shape:?} to {shape:?}: an add needs equal shapes"
+                        ),
                     });
                 }
                 let Some(fq) = &r.add.output else {
@@ -276,7 +312,10 @@ fn convert_layers(
                     } else {
                         Err(ExportError::NotRepresentable {
                             path: path.clone(),
-                            what: format!("add input scale {s} is {} times its output scale", s / out.scale),
+                            what: format!(
+                                "add input scale {s} is {} times its output scale",
+                                s / out.scale
+                            ),
                         })
                     }
                 };
@@ -291,7 +330,9 @@ fn convert_layers(
                     Activation::Identity => (out.qmin, out.qmax),
                     Activation::Relu => (out.zero_point.max(out.qmin), out.qmax),
                     Activation::Relu6 => (out.zero_point.max(out.qmin), q6(6.0).min(out.qmax)),
-                    Activation::Clamp { min, max } => (q6(min).max(out.qmin), q6(max).min(out.qmax)),
+                    Activation::Clamp { min, max } => {
+                        (q6(min).max(out.qmin), q6(max).min(out.qmax))
+                    }
                 };
                 layers.push(IntLayer::Residual {
                     body,
@@ -316,7 +357,9 @@ fn convert_layers(
                 let conv = &f.layer;
                 let padding = match conv.padding {
                     PaddingConfig2d::Valid => [0; 4],
-                    PaddingConfig2d::Explicit(top, left, bottom, right) => [top, bottom, left, right],
+                    PaddingConfig2d::Explicit(top, left, bottom, right) => {
+                        [top, bottom, left, right]
+                    }
                     PaddingConfig2d::Same => {
                         return Err(ExportError::Unsupported {
                             path,
@@ -326,7 +369,13 @@ fn convert_layers(
                     }
                 };
                 let (affine, dims) = quantize_affine(f, &input, &path)?;
-                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                let out = output(
+                    f.output.as_ref(),
+                    f.activation,
+                    &input,
+                    &affine.weight_scale,
+                    &path,
+                )?;
                 let c = IntConv2d {
                     in_channels: dims[1] * conv.groups,
                     out_channels: dims[0],
@@ -345,11 +394,20 @@ fn convert_layers(
                     return Err(ExportError::Unsupported {
                         path,
                         kind: "FusedConv2d".into(),
-                        hint: format!("its input has shape {shape:?}, expected [{}, h, w]", c.in_channels),
+                        hint: format!(
+                            "its input has shape {shape:?}, expected [{}, h, w]",
+                            c.in_channels
+                        ),
                     });
                 }
-                let oh = (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1) / c.stride[0] + 1;
-                let ow = (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1) / c.stride[1] + 1;
+                let oh =
+                    (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1)
+                        / c.stride[0]
+                        + 1;
+                let ow =
+                    (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1)
+                        / c.stride[1]
+                        + 1;
                 *shape = vec![c.out_channels, oh, ow];
                 *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
@@ -371,10 +429,19 @@ fn convert_layers(
                     return Err(ExportError::Unsupported {
                         path,
                         kind: "FusedLinear".into(),
-                        hint: format!("its input has shape {shape:?}, expected [{}] (add a Flatten)", dims[0]),
+                        hint: format!(
+                            "its input has shape {shape:?}, expected [{}] (add a Flatten)",
+                            dims[0]
+                        ),
                     });
                 }
-                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                let out = output(
+                    f.output.as_ref(),
+                    f.activation,
+                    &input,
+                    &affine.weight_scale,
+                    &path,
+                )?;
                 *current = match &out {
                     Output::Quantized { act, .. } => Some(*act),
                     Output::Float { .. } if i == last => None,
@@ -399,7 +466,10 @@ fn convert_layers(
             }
             SeqLayer::MaxPool2d(p) => {
                 need_input("MaxPool2d")?;
-                if !matches!(p.padding, PaddingConfig2d::Valid) || p.dilation != [1, 1] || p.ceil_mode {
+                if !matches!(p.padding, PaddingConfig2d::Valid)
+                    || p.dilation != [1, 1]
+                    || p.ceil_mode
+                {
                     return Err(ExportError::Unsupported {
                         path,
                         kind: "MaxPool2d with padding, dilation or ceil mode".into(),
@@ -438,7 +508,13 @@ fn convert_layers(
                     }
                 };
                 let (affine, dims) = quantize_affine(f, &input, &path)?;
-                let out = output(f.output.as_ref(), f.activation, &input, &affine.weight_scale, &path)?;
+                let out = output(
+                    f.output.as_ref(),
+                    f.activation,
+                    &input,
+                    &affine.weight_scale,
+                    &path,
+                )?;
                 let c = IntConv2d {
                     in_channels: dims[1] * conv.groups,
                     out_channels: dims[0],
@@ -457,7 +533,10 @@ fn convert_layers(
                     return Err(ExportError::Unsupported {
                         path,
                         kind: "FusedConv1d".into(),
-                        hint: format!("its input has shape {shape:?}, expected [{}, length]", c.in_channels),
+                        hint: format!(
+                            "its input has shape {shape:?}, expected [{}, length]",
+                            c.in_channels
+                        ),
                     });
                 }
                 let len = (shape[1] + left + right)
@@ -534,13 +613,17 @@ fn convert_layers(
             SeqLayer::Dropout(_) => {}
             other => {
                 let kind = match other {
-                    SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => "an unfused layer",
+                    SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => {
+                        "an unfused layer"
+                    }
                     _ => "a layer without an integer kernel",
                 };
                 return Err(ExportError::Unsupported {
                     path,
                     kind: other.name(),
-                    hint: format!("{kind}: fuse the model (Sequential::fuse) before QAT and conversion"),
+                    hint: format!(
+                        "{kind}: fuse the model (Sequential::fuse) before QAT and conversion"
+                    ),
                 });
             }
         }

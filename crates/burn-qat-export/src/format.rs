@@ -52,7 +52,9 @@ pub enum FormatError {
     #[error("not a valid burn-qat integer model: {0}")]
     Invalid(String),
     /// A newer format.
-    #[error("integer model format version {found}; this build reads version {VERSION}: upgrade burn-qat")]
+    #[error(
+        "integer model format version {found}; this build reads version {VERSION}: upgrade burn-qat"
+    )]
     Version {
         /// The file's version.
         found: u32,
@@ -98,7 +100,9 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
         )));
     }
     if crc32fast::hash(payload) != crc {
-        return Err(FormatError::Invalid("checksum mismatch: the file is corrupted".into()));
+        return Err(FormatError::Invalid(
+            "checksum mismatch: the file is corrupted".into(),
+        ));
     }
     let model: IntegerModel =
         postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
@@ -118,7 +122,10 @@ pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
     validate_layers(&model.layers, shape).map(|_| ())
 }
 
-fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Result<Vec<usize>, FormatError> {
+fn validate_layers(
+    layers: &[crate::model::IntLayer],
+    shape: Vec<usize>,
+) -> Result<Vec<usize>, FormatError> {
     use crate::model::{IntLayer, Output};
     let bad = |m: String| Err(FormatError::Invalid(m));
     let out_len = |o: &Output| match o {
@@ -134,9 +141,15 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
                     && c.kernel[0] == 1
                     && c.padding[0] + c.padding[1] == 0 =>
             {
-                match (shape[1] + c.padding[2] + c.padding[3]).checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1) {
+                match (shape[1] + c.padding[2] + c.padding[3])
+                    .checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1)
+                {
                     Some(v) => shape = vec![c.out_channels, v / c.stride[1].max(1) + 1],
-                    None => return bad(format!("layer {i}: the kernel does not fit the input {shape:?}")),
+                    None => {
+                        return bad(format!(
+                            "layer {i}: the kernel does not fit the input {shape:?}"
+                        ));
+                    }
                 }
             }
             IntLayer::Conv2d(c) if shape.len() == 3 && shape[0] == c.in_channels => {
@@ -160,12 +173,19 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
                     ),
                 ) {
                     (Some(h), Some(w)) => shape = vec![c.out_channels, h, w],
-                    _ => return bad(format!("layer {i}: the kernel does not fit the input {shape:?}")),
+                    _ => {
+                        return bad(format!(
+                            "layer {i}: the kernel does not fit the input {shape:?}"
+                        ));
+                    }
                 }
             }
             IntLayer::Linear(l) if shape == [l.in_features] => shape = vec![l.out_features],
             IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride }
-                if shape.len() == 3 && shape[1] >= kernel[0] && shape[2] >= kernel[1] && !stride.contains(&0) =>
+                if shape.len() == 3
+                    && shape[1] >= kernel[0]
+                    && shape[2] >= kernel[1]
+                    && !stride.contains(&0) =>
             {
                 shape = vec![
                     shape[0],
@@ -176,7 +196,10 @@ fn validate_layers(layers: &[crate::model::IntLayer], shape: Vec<usize>) -> Resu
             IntLayer::Flatten => shape = vec![shape.iter().product()],
             IntLayer::Quantize(_) | IntLayer::Clamp { .. } => {}
             IntLayer::Residual { body, add } => {
-                if validate_layers(body, shape.clone())? != shape || add.shift == 0 || add.shift > 100 {
+                if validate_layers(body, shape.clone())? != shape
+                    || add.shift == 0
+                    || add.shift > 100
+                {
                     return bad(format!(
                         "layer {i}: residual body does not preserve the shape {shape:?}"
                     ));

@@ -22,15 +22,26 @@ fn finish(
     index: impl Fn(usize, usize) -> usize,
 ) -> Values {
     match output {
-        Output::Quantized { act, requant, lo, hi } => {
+        Output::Quantized {
+            act,
+            requant,
+            lo,
+            hi,
+        } => {
             let mut data = vec![0i8; rows * channels];
             for r in 0..rows {
                 for c in 0..channels {
-                    let q = requant[c].apply(acc[r * channels + c]).saturating_add(act.zero_point);
+                    let q = requant[c]
+                        .apply(acc[r * channels + c])
+                        .saturating_add(act.zero_point);
                     data[index(r, c)] = q.clamp(*lo, *hi) as i8;
                 }
             }
-            Values::Int { data, shape, q: *act }
+            Values::Int {
+                data,
+                shape,
+                q: *act,
+            }
         }
         Output::Float { scale, lo, hi } => {
             let mut data = vec![0f32; rows * channels];
@@ -94,8 +105,20 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     let [n, cin, h, w] = nchw(shape);
     let [kh, kw] = c.kernel;
-    let oh = out_size(h, c.padding[0] + c.padding[1], c.dilation[0], kh, c.stride[0]);
-    let ow = out_size(w, c.padding[2] + c.padding[3], c.dilation[1], kw, c.stride[1]);
+    let oh = out_size(
+        h,
+        c.padding[0] + c.padding[1],
+        c.dilation[0],
+        kh,
+        c.stride[0],
+    );
+    let ow = out_size(
+        w,
+        c.padding[2] + c.padding[3],
+        c.dilation[1],
+        kw,
+        c.stride[1],
+    );
     let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
     let k = cin_g * kh * kw;
     let m = n * oh * ow;
@@ -113,12 +136,14 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
                     for ic in 0..cin_g {
                         let plane = ((img * cin + g * cin_g + ic) * h) * w;
                         for ky in 0..kh {
-                            let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize - c.padding[0] as isize;
+                            let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize
+                                - c.padding[0] as isize;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
                             for kx in 0..kw {
-                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize - c.padding[2] as isize;
+                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize
+                                    - c.padding[2] as isize;
                                 if ix < 0 || ix >= w as isize {
                                     continue;
                                 }
@@ -145,18 +170,37 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
         }
     }
     let cout = c.out_channels;
-    finish(&acc, m, cout, &c.output, out_shape(shape, cout, oh, ow), |row, ch| {
-        let (img, pix) = (row / (oh * ow), row % (oh * ow));
-        (img * cout + ch) * oh * ow + pix
-    })
+    finish(
+        &acc,
+        m,
+        cout,
+        &c.output,
+        out_shape(shape, cout, oh, ow),
+        |row, ch| {
+            let (img, pix) = (row / (oh * ow), row % (oh * ow));
+            (img * cout + ch) * oh * ow + pix
+        },
+    )
 }
 
 /// Convolution, scalar reference: the definition, one multiply-add at a time, in `i32`.
 pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     let [n, cin, h, w] = nchw(shape);
     let [kh, kw] = c.kernel;
-    let oh = out_size(h, c.padding[0] + c.padding[1], c.dilation[0], kh, c.stride[0]);
-    let ow = out_size(w, c.padding[2] + c.padding[3], c.dilation[1], kw, c.stride[1]);
+    let oh = out_size(
+        h,
+        c.padding[0] + c.padding[1],
+        c.dilation[0],
+        kh,
+        c.stride[0],
+    );
+    let ow = out_size(
+        w,
+        c.padding[2] + c.padding[3],
+        c.dilation[1],
+        kw,
+        c.stride[1],
+    );
     let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
     let cout = c.out_channels;
     let mut acc = vec![0i32; n * oh * ow * cout];
@@ -169,12 +213,16 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
                     for ic in 0..cin_g {
                         for ky in 0..kh {
                             for kx in 0..kw {
-                                let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize - c.padding[0] as isize;
-                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize - c.padding[2] as isize;
-                                let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize
+                                    - c.padding[0] as isize;
+                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize
+                                    - c.padding[2] as isize;
+                                let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                {
                                     c.input.zero_point
                                 } else {
-                                    x[((img * cin + g * cin_g + ic) * h + iy as usize) * w + ix as usize] as i32
+                                    x[((img * cin + g * cin_g + ic) * h + iy as usize) * w
+                                        + ix as usize] as i32
                                 };
                                 let wv = c.weight[((oc * cin_g + ic) * kh + ky) * kw + kx] as i32;
                                 sum += (v - c.input.zero_point) * wv;
@@ -223,7 +271,8 @@ pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
         for c in 0..out {
             let mut sum = l.bias[c];
             for i in 0..l.in_features {
-                sum += (x[r * l.in_features + i] as i32 - l.input.zero_point) * l.weight[i * out + c] as i32;
+                sum += (x[r * l.in_features + i] as i32 - l.input.zero_point)
+                    * l.weight[i * out + c] as i32;
             }
             acc[r * out + c] = sum;
         }
@@ -232,7 +281,12 @@ pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
 }
 
 /// Max pooling (no padding) on integers.
-pub fn max_pool2d(x: &[i8], shape: &[usize], kernel: [usize; 2], stride: [usize; 2]) -> (Vec<i8>, Vec<usize>) {
+pub fn max_pool2d(
+    x: &[i8],
+    shape: &[usize],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+) -> (Vec<i8>, Vec<usize>) {
     let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
     let oh = out_size(h, 0, 1, kernel[0], stride[0]);
     let ow = out_size(w, 0, 1, kernel[1], stride[1]);
@@ -272,7 +326,8 @@ pub fn avg_pool2d(
                 let mut sum = 0i32;
                 for ky in 0..kernel[0] {
                     for kx in 0..kernel[1] {
-                        sum += x[(p * h + oy * stride[0] + ky) * w + ox * stride[1] + kx] as i32 - zero_point;
+                        sum += x[(p * h + oy * stride[0] + ky) * w + ox * stride[1] + kx] as i32
+                            - zero_point;
                     }
                 }
                 let floor = sum.div_euclid(count);

@@ -185,7 +185,8 @@ impl IntAdd {
                 } else {
                     floor
                 };
-                ((r as i64).saturating_add(self.out.zero_point as i64)).clamp(self.lo as i64, self.hi as i64) as i8
+                ((r as i64).saturating_add(self.out.zero_point as i64))
+                    .clamp(self.lo as i64, self.hi as i64) as i8
             })
             .collect()
     }
@@ -347,7 +348,10 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
             Values::Int { data, shape, q }
         }
         (IntLayer::Clamp { lo, hi }, Values::Int { data, shape, q }) => {
-            let data = data.iter().map(|x| (*x as i32).clamp(*lo, *hi) as i8).collect();
+            let data = data
+                .iter()
+                .map(|x| (*x as i32).clamp(*lo, *hi) as i8)
+                .collect();
             Values::Int { data, shape, q }
         }
         (IntLayer::Flatten, Values::Int { data, shape, q }) => {
@@ -375,7 +379,9 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
                     q: add.out,
                 },
                 Values::Float { .. } => {
-                    panic!("a residual body ends in float: the conversion guarantees this cannot happen")
+                    panic!(
+                        "a residual body ends in float: the conversion guarantees this cannot happen"
+                    )
                 }
             }
         }
@@ -388,7 +394,9 @@ fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
             }
         }
         (layer, _) => {
-            panic!("integer model: {layer:?} received float values: the conversion guarantees this cannot happen")
+            panic!(
+                "integer model: {layer:?} received float values: the conversion guarantees this cannot happen"
+            )
         }
     }
 }

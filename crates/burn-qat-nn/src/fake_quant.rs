@@ -85,7 +85,10 @@ impl FakeQuantConfig {
             observed: RunningState::new(Tensor::zeros([1], device)),
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
             frozen: RunningState::new(Tensor::zeros([1], device)),
-            spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
+            spec_code: RunningState::new(Tensor::from_floats(
+                crate::encode_spec(&self.spec),
+                device,
+            )),
             observing: Param::from_bool(true),
             spec: self.spec,
             observer: self.observer,
@@ -210,7 +213,11 @@ impl FakeQuant {
         self.max.update(new_max.detach());
         self.observed.update(Tensor::ones([1], &device));
         // Flush this thread's update so that records and `value()` see it now.
-        let _ = (self.min.value_sync(), self.max.value_sync(), self.observed.value_sync());
+        let _ = (
+            self.min.value_sync(),
+            self.max.value_sync(),
+            self.observed.value_sync(),
+        );
     }
 
     /// The current scale and zero point tensors (`[channels]`) on `device`.
@@ -234,7 +241,12 @@ impl FakeQuant {
         if !self.is_observed() {
             return None;
         }
-        let read = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let read = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default()
+        };
         Some((read(self.min.value()), read(self.max.value())))
     }
 
@@ -251,7 +263,8 @@ impl FakeQuant {
     /// Turns fake quantization on or off (the observer keeps observing in training).
     pub fn set_enabled(self, enabled: bool) -> Self {
         let device = self.enabled.value().device();
-        self.enabled.update(Tensor::from_floats([f32::from(enabled)], &device));
+        self.enabled
+            .update(Tensor::from_floats([f32::from(enabled)], &device));
         let _ = self.enabled.value_sync();
         self
     }
@@ -290,7 +303,11 @@ impl FakeQuant {
         self.min.update(min);
         self.max.update(max);
         self.observed.update(Tensor::ones([1], &device));
-        let _ = (self.min.value_sync(), self.max.value_sync(), self.observed.value_sync());
+        let _ = (
+            self.min.value_sync(),
+            self.max.value_sync(),
+            self.observed.value_sync(),
+        );
         self
     }
 }
@@ -316,7 +333,10 @@ mod tests {
         fq.forward(Tensor::<1>::from_floats([-4.0, 2.0], &device));
         assert_eq!(fq.observed_range(), Some((vec![-3.0], vec![3.0])));
         // NaN and infinities do not poison the range.
-        fq.forward(Tensor::<1>::from_floats([f32::NAN, f32::INFINITY, -3.0, 3.0], &device));
+        fq.forward(Tensor::<1>::from_floats(
+            [f32::NAN, f32::INFINITY, -3.0, 3.0],
+            &device,
+        ));
         assert_eq!(fq.observed_range(), Some((vec![-3.0], vec![3.0])));
     }
 
@@ -340,7 +360,10 @@ mod tests {
         // Plain (non-autodiff) device: no observation either.
         let plain = FakeQuantConfig::new(spec()).init(&Device::flex()).unwrap();
         let x = Tensor::<1>::from_floats([0.3], &Device::flex());
-        assert_eq!(plain.forward(x).into_data().try_to_vec::<f32>().unwrap(), vec![0.3]);
+        assert_eq!(
+            plain.forward(x).into_data().try_to_vec::<f32>().unwrap(),
+            vec![0.3]
+        );
         assert!(!plain.is_observed());
     }
 
@@ -377,9 +400,20 @@ mod tests {
             err.to_string(),
             "invalid configuration: `Observer::MovingAverage.decay` is 1.5, allowed: a finite value in [0, 1), e.g. 0.999 (tfmot) or 0.99 (PyTorch)"
         );
-        let err = FakeQuantConfig::new(spec()).with_channels(4).init(&device).unwrap_err();
-        assert!(err.to_string().contains("`FakeQuantConfig.channels` is 4"), "{err}");
-        let err = FakeQuantConfig::new(spec().with_bits(40)).init(&device).unwrap_err();
-        assert!(err.to_string().contains("`bits` is 40, allowed: 2..=16"), "{err}");
+        let err = FakeQuantConfig::new(spec())
+            .with_channels(4)
+            .init(&device)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("`FakeQuantConfig.channels` is 4"),
+            "{err}"
+        );
+        let err = FakeQuantConfig::new(spec().with_bits(40))
+            .init(&device)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("`bits` is 40, allowed: 2..=16"),
+            "{err}"
+        );
     }
 }

@@ -114,7 +114,8 @@ impl LearnedFakeQuant {
         if !self.is_learning() {
             return self.observer.forward(input);
         }
-        let val = |p: &Option<Param<Tensor<1>>>| p.as_ref().expect("parameter of this method").val();
+        let val =
+            |p: &Option<Param<Tensor<1>>>| p.as_ref().expect("parameter of this method").val();
         match self.method {
             LearnedRange::Lsq | LearnedRange::LsqPlus => {
                 let n = input.dims().iter().product::<usize>() / self.observer.channels.max(1);
@@ -123,7 +124,9 @@ impl LearnedFakeQuant {
                 tensor::fake_quant_lsq(input, val(&self.scale), offset, &self.spec, g)
             }
             LearnedRange::Pact => tensor::fake_quant_pact(input, val(&self.alpha), &self.spec),
-            LearnedRange::MinMax => tensor::fake_quant_min_max(input, val(&self.min), val(&self.max), &self.spec),
+            LearnedRange::MinMax => {
+                tensor::fake_quant_min_max(input, val(&self.min), val(&self.max), &self.spec)
+            }
         }
     }
 
@@ -137,7 +140,9 @@ impl LearnedFakeQuant {
         };
         let device = self.learning.value().device();
         let (s, z) = self.observer.qparams_on(&device);
-        let set = |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| Param::initialized(p.id, relearn(v)));
+        let set = |p: Option<Param<Tensor<1>>>, v: Tensor<1>| {
+            p.map(|p| Param::initialized(p.id, relearn(v)))
+        };
         // LSQ has no zero point: its step covers the symmetric range [-m, m].
         let lsq_spec = self.spec.with_symmetric(true);
         let (s_sym, _) = tensor::qparams(
@@ -187,12 +192,24 @@ pub fn start_learning<M: Module>(model: M) -> M {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let n = self.stack.len();
             let _ = param.id;
-            if n >= 1 && self.stack[n - 1].1 == "Struct:LearnedFakeQuant" && self.stack[n - 1].0 == "offset" {
-                let key: Vec<&str> = self.stack[..n - 1].iter().map(|(s, _)| s.as_str()).collect();
+            if n >= 1
+                && self.stack[n - 1].1 == "Struct:LearnedFakeQuant"
+                && self.stack[n - 1].0 == "offset"
+            {
+                let key: Vec<&str> = self.stack[..n - 1]
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect();
                 self.offsets.insert(key.join("."));
             }
-            if n >= 3 && self.stack[n - 2].1 == "Struct:LearnedFakeQuant" && self.stack[n - 1].1 == "Struct:FakeQuant" {
-                let key: Vec<&str> = self.stack[..n - 2].iter().map(|(s, _)| s.as_str()).collect();
+            if n >= 3
+                && self.stack[n - 2].1 == "Struct:LearnedFakeQuant"
+                && self.stack[n - 1].1 == "Struct:FakeQuant"
+            {
+                let key: Vec<&str> = self.stack[..n - 2]
+                    .iter()
+                    .map(|(s, _)| s.as_str())
+                    .collect();
                 let v = param
                     .val()
                     .into_data()
@@ -227,7 +244,10 @@ pub fn start_learning<M: Module>(model: M) -> M {
             if n < 1 || self.stack[n - 1].1 != "Struct:LearnedFakeQuant" {
                 return param;
             }
-            let key: Vec<&str> = self.stack[..n - 1].iter().map(|(s, _)| s.as_str()).collect();
+            let key: Vec<&str> = self.stack[..n - 1]
+                .iter()
+                .map(|(s, _)| s.as_str())
+                .collect();
             let Some((lo, hi, observed, code)) = self.found.get(&key.join(".")) else {
                 return param;
             };
@@ -243,7 +263,11 @@ pub fn start_learning<M: Module>(model: M) -> M {
                 .zip(hi)
                 .map(|(l, h)| {
                     // LSQ has no zero point: symmetric step; LSQ+ keeps the asymmetric grid.
-                    let s = if has_offset { spec } else { spec.with_symmetric(true) };
+                    let s = if has_offset {
+                        spec
+                    } else {
+                        spec.with_symmetric(true)
+                    };
                     let q = burn_qat_core::qparams_from_range(*l, *h, &s);
                     (q.scale, -(q.zero_point as f32) * q.scale)
                 })
@@ -260,7 +284,8 @@ pub fn start_learning<M: Module>(model: M) -> M {
             };
             let id: ParamId = param.id;
             param.map(move |old| {
-                let t = Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
+                let t =
+                    Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
                 let _ = id;
                 if old.is_require_grad() {
                     t.detach().require_grad()

@@ -38,7 +38,9 @@ pub fn decode_spec(code: &[f32]) -> Option<QuantSpec> {
         granularity: if axis < 0.0 {
             Granularity::PerTensor
         } else {
-            Granularity::PerChannel { axis: axis as usize }
+            Granularity::PerChannel {
+                axis: axis as usize,
+            }
         },
         rounding: if rounding > 0.5 {
             RoundingMode::TfHalfUp

@@ -31,21 +31,24 @@ struct Switch {
 
 impl Switch {
     fn at(&self, field: &str) -> bool {
-        self.stack
-            .last()
-            .is_some_and(|(name, container)| name == field && QUANTIZERS.contains(&container.as_str()))
+        self.stack.last().is_some_and(|(name, container)| {
+            name == field && QUANTIZERS.contains(&container.as_str())
+        })
     }
 }
 
 impl ModuleMapper for Switch {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let set = |param: Param<Tensor<D>>, v: bool| param.map(|t| t.zeros_like().add_scalar(f32::from(v)));
+        let set = |param: Param<Tensor<D>>, v: bool| {
+            param.map(|t| t.zeros_like().add_scalar(f32::from(v)))
+        };
         match (self.enabled, self.observing) {
             (Some(on), _) if self.at("enabled") => set(param, on),
             (_, Some(on)) if self.at("frozen") => set(param, !on),

@@ -19,7 +19,10 @@ impl WeightFakeQuantConfig {
         self.spec.validate()?;
         Ok(WeightFakeQuant {
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
-            spec_code: RunningState::new(Tensor::from_floats(crate::encode_spec(&self.spec), device)),
+            spec_code: RunningState::new(Tensor::from_floats(
+                crate::encode_spec(&self.spec),
+                device,
+            )),
             scale: None,
             spec: self.spec,
         })
@@ -91,7 +94,12 @@ impl WeightFakeQuant {
     /// The observed range `(min, max)` of `weight`, per channel.
     pub fn range_for<const D: usize>(&self, weight: Tensor<D>) -> (Vec<f32>, Vec<f32>) {
         let (min, max) = tensor::min_max(weight, self.spec.granularity);
-        let read = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let read = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default()
+        };
         (read(min), read(max))
     }
 }
@@ -188,5 +196,9 @@ fn lsq_init<const D: usize>(weight: Tensor<D>, spec: &QuantSpec) -> Tensor<1> {
         .mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt())
         .clamp_min(burn_qat_core::MIN_SCALE)
         .detach();
-    if init.is_autodiff() { init.require_grad() } else { init }
+    if init.is_autodiff() {
+        init.require_grad()
+    } else {
+        init
+    }
 }

@@ -5,8 +5,9 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
 /// Export settings.
@@ -95,7 +96,12 @@ impl Graph {
     }
 
     fn i8s(&mut self, base: &str, dims: &[usize], v: &[i8]) -> String {
-        self.init(base, DataType::Int8, dims, v.iter().map(|x| *x as u8).collect())
+        self.init(
+            base,
+            DataType::Int8,
+            dims,
+            v.iter().map(|x| *x as u8).collect(),
+        )
     }
 
     fn i32s(&mut self, base: &str, dims: &[usize], v: &[i32]) -> String {
@@ -143,12 +149,20 @@ impl Graph {
         let wq = self.i8s("weight_q", dims, w);
         let ws = self.f32s("weight_scale", &[c], scale);
         let wz = self.i8s("weight_zero_point", &[c], &vec![0; c]);
-        let wd = self.node("DequantizeLinear", vec![wq, ws, wz], vec![attr_int("axis", axis)]);
+        let wd = self.node(
+            "DequantizeLinear",
+            vec![wq, ws, wz],
+            vec![attr_int("axis", axis)],
+        );
         let bq = self.i32s("bias_q", &[c], bias);
         let bscale: Vec<f32> = scale.iter().map(|s| input.scale * s).collect();
         let bs = self.f32s("bias_scale", &[c], &bscale);
         let bz = self.i32s("bias_zero_point", &[c], &vec![0; c]);
-        let bd = self.node("DequantizeLinear", vec![bq, bs, bz], vec![attr_int("axis", 0)]);
+        let bd = self.node(
+            "DequantizeLinear",
+            vec![bq, bs, bz],
+            vec![attr_int("axis", 0)],
+        );
         (wd, bd)
     }
 
@@ -183,7 +197,13 @@ impl Graph {
 
     fn conv(&mut self, x: String, c: &IntConv2d, one_d: bool) -> String {
         let kin = c.in_channels / c.groups;
-        let (dims, kernel, strides, pads, dilations): (Vec<usize>, Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>) = if one_d {
+        let (dims, kernel, strides, pads, dilations): (
+            Vec<usize>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+            Vec<i64>,
+        ) = if one_d {
             (
                 vec![c.out_channels, kin, c.kernel[1]],
                 vec![c.kernel[1] as i64],
@@ -251,7 +271,9 @@ impl Graph {
                 IntLayer::Conv2d(c) => {
                     let one_d = shape.len() == 2;
                     x = self.conv(x, c, one_d);
-                    let out = |n: usize, p: usize, d: usize, k: usize, s: usize| (n + p - d * (k - 1) - 1) / s + 1;
+                    let out = |n: usize, p: usize, d: usize, k: usize, s: usize| {
+                        (n + p - d * (k - 1) - 1) / s + 1
+                    };
                     shape = if one_d {
                         vec![
                             c.out_channels,
@@ -335,8 +357,10 @@ impl Graph {
                 IntLayer::Residual { body, add } => {
                     let (b, _, _) = self.layers(x.clone(), body, q, shape.clone());
                     let y = self.node("Add", vec![x, b], vec![]);
-                    let lower = (add.lo > add.out.qmin).then(|| (add.lo - add.out.zero_point) as f32 * add.out.scale);
-                    let upper = (add.hi < add.out.qmax).then(|| (add.hi - add.out.zero_point) as f32 * add.out.scale);
+                    let lower = (add.lo > add.out.qmin)
+                        .then(|| (add.lo - add.out.zero_point) as f32 * add.out.scale);
+                    let upper = (add.hi < add.out.qmax)
+                        .then(|| (add.hi - add.out.zero_point) as f32 * add.out.scale);
                     let y = self.clip(y, lower, upper);
                     x = self.qdq(y, &add.out);
                     q = Some(add.out);
@@ -376,12 +400,20 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
 /// # Errors
 ///
 /// An opset other than 13 or 21.
-pub fn to_model_proto(model: &IntegerModel, options: &OnnxOptions) -> Result<ModelProto, OnnxError> {
+pub fn to_model_proto(
+    model: &IntegerModel,
+    options: &OnnxOptions,
+) -> Result<ModelProto, OnnxError> {
     if options.opset != 13 && options.opset != 21 {
         return Err(OnnxError::Opset(options.opset));
     }
     let mut g = Graph::default();
-    let (out, _, shape) = g.layers("input".into(), &model.layers, None, model.input_shape.clone());
+    let (out, _, shape) = g.layers(
+        "input".into(),
+        &model.layers,
+        None,
+        model.input_shape.clone(),
+    );
     let identity = NodeProto {
         name: Some("output".into()),
         op_type: Some("Identity".into()),

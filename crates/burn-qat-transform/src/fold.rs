@@ -69,7 +69,12 @@ fn param<const D: usize>(old: Option<&Param<Tensor<D>>>, value: Tensor<D>) -> Pa
 
 /// `bn(conv(x))` as one `Conv2d` (grouped, depthwise, any stride/padding/dilation).
 pub fn fold_conv2d(conv: Conv2d, bn: &BatchNorm) -> Conv2d {
-    let (w, b) = fold_params(conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), bn, 0);
+    let (w, b) = fold_params(
+        conv.weight.val(),
+        conv.bias.as_ref().map(|b| b.val()),
+        bn,
+        0,
+    );
     Conv2d {
         weight: param(Some(&conv.weight), w),
         bias: Some(param(conv.bias.as_ref(), b)),
@@ -79,7 +84,12 @@ pub fn fold_conv2d(conv: Conv2d, bn: &BatchNorm) -> Conv2d {
 
 /// `bn(conv(x))` as one `Conv1d`.
 pub fn fold_conv1d(conv: Conv1d, bn: &BatchNorm) -> Conv1d {
-    let (w, b) = fold_params(conv.weight.val(), conv.bias.as_ref().map(|b| b.val()), bn, 0);
+    let (w, b) = fold_params(
+        conv.weight.val(),
+        conv.bias.as_ref().map(|b| b.val()),
+        bn,
+        0,
+    );
     Conv1d {
         weight: param(Some(&conv.weight), w),
         bias: Some(param(conv.bias.as_ref(), b)),
@@ -90,7 +100,12 @@ pub fn fold_conv1d(conv: Conv1d, bn: &BatchNorm) -> Conv1d {
 /// `bn(linear(x))` as one `Linear` (BatchNorm over the output features; the weight is
 /// `[d_input, d_output]`, so its columns are scaled).
 pub fn fold_linear(linear: Linear, bn: &BatchNorm) -> Linear {
-    let (w, b) = fold_params(linear.weight.val(), linear.bias.as_ref().map(|b| b.val()), bn, 1);
+    let (w, b) = fold_params(
+        linear.weight.val(),
+        linear.bias.as_ref().map(|b| b.val()),
+        bn,
+        1,
+    );
     Linear {
         weight: param(Some(&linear.weight), w),
         bias: Some(param(linear.bias.as_ref(), b)),

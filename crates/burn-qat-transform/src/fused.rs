@@ -65,7 +65,12 @@ pub trait Fusable<const DI: usize, const DW: usize>: Module {
     /// The bias, if any.
     fn bias(&self) -> Option<Tensor<1>>;
     /// The layer's forward with another weight and bias.
-    fn forward_with(&self, input: Tensor<DI>, weight: Tensor<DW>, bias: Option<Tensor<1>>) -> Tensor<DI>;
+    fn forward_with(
+        &self,
+        input: Tensor<DI>,
+        weight: Tensor<DW>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<DI>;
     /// The same layer holding `weight` and `bias` (baked, detached).
     fn with_params(self, weight: Tensor<DW>, bias: Tensor<1>) -> Self;
 }
@@ -104,7 +109,12 @@ impl Fusable<4, 4> for Conv2d {
     fn bias(&self) -> Option<Tensor<1>> {
         self.bias.as_ref().map(|b| b.val())
     }
-    fn forward_with(&self, input: Tensor<4>, weight: Tensor<4>, bias: Option<Tensor<1>>) -> Tensor<4> {
+    fn forward_with(
+        &self,
+        input: Tensor<4>,
+        weight: Tensor<4>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<4> {
         let tmp = Conv2d {
             weight: Param::initialized(self.weight.id, weight),
             bias: bias.map(Param::initialized_any),
@@ -129,7 +139,12 @@ impl Fusable<3, 3> for Conv1d {
     fn bias(&self) -> Option<Tensor<1>> {
         self.bias.as_ref().map(|b| b.val())
     }
-    fn forward_with(&self, input: Tensor<3>, weight: Tensor<3>, bias: Option<Tensor<1>>) -> Tensor<3> {
+    fn forward_with(
+        &self,
+        input: Tensor<3>,
+        weight: Tensor<3>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<3> {
         let tmp = Conv1d {
             weight: Param::initialized(self.weight.id, weight),
             bias: bias.map(Param::initialized_any),
@@ -154,7 +169,12 @@ impl Fusable<2, 2> for Linear {
     fn bias(&self) -> Option<Tensor<1>> {
         self.bias.as_ref().map(|b| b.val())
     }
-    fn forward_with(&self, input: Tensor<2>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<2> {
+    fn forward_with(
+        &self,
+        input: Tensor<2>,
+        weight: Tensor<2>,
+        bias: Option<Tensor<1>>,
+    ) -> Tensor<2> {
         burn::tensor::module::linear(input, weight, bias)
     }
     fn with_params(self, weight: Tensor<2>, bias: Tensor<1>) -> Self {
@@ -320,7 +340,8 @@ impl<L: Module> Fused<L> {
     /// PyTorch's `freeze_bn_stats`. Shared by clones and recorded.
     pub fn set_bn_frozen(self, frozen: bool) -> Self {
         let device = self.bn_frozen.value().device();
-        self.bn_frozen.update(Tensor::from_floats([f32::from(frozen)], &device));
+        self.bn_frozen
+            .update(Tensor::from_floats([f32::from(frozen)], &device));
         let _ = self.bn_frozen.value_sync();
         self
     }
@@ -340,7 +361,12 @@ impl<L: Module> Fused<L> {
         match &self.bn {
             None => (self.quantize_weight(self.layer.weight()), self.layer.bias()),
             Some(bn) => {
-                let (w, b) = crate::fold::fold_params(self.layer.weight(), self.layer.bias(), bn, L::WEIGHT_AXIS);
+                let (w, b) = crate::fold::fold_params(
+                    self.layer.weight(),
+                    self.layer.bias(),
+                    bn,
+                    L::WEIGHT_AXIS,
+                );
                 (self.quantize_weight(w), Some(b))
             }
         }
@@ -377,13 +403,19 @@ impl<L: Module> Fused<L> {
         }
     }
 
-    fn forward_approximate<const DI: usize, const DW: usize>(&self, input: Tensor<DI>, bn: &BatchNorm) -> Tensor<DI>
+    fn forward_approximate<const DI: usize, const DW: usize>(
+        &self,
+        input: Tensor<DI>,
+        bn: &BatchNorm,
+    ) -> Tensor<DI>
     where
         L: Fusable<DI, DW>,
     {
         let (mul, _) = bn_affine(bn);
         let c = mul.dims()[0];
-        let w = self.quantize_weight(self.layer.weight() * mul.clone().reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)));
+        let w = self.quantize_weight(
+            self.layer.weight() * mul.clone().reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)),
+        );
         let y = self.layer.forward_with(input, w, None) / mul.reshape(channel_shape::<DI>(c, 1));
         let y = match self.layer.bias() {
             Some(b) => y + b.reshape(channel_shape::<DI>(c, 1)),
@@ -392,13 +424,19 @@ impl<L: Module> Fused<L> {
         bn.forward(y)
     }
 
-    fn forward_exact<const DI: usize, const DW: usize>(&self, input: Tensor<DI>, bn: &BatchNorm) -> Tensor<DI>
+    fn forward_exact<const DI: usize, const DW: usize>(
+        &self,
+        input: Tensor<DI>,
+        bn: &BatchNorm,
+    ) -> Tensor<DI>
     where
         L: Fusable<DI, DW>,
     {
         let c = bn.gamma.val().dims()[0];
         let bshape = channel_shape::<DI>(c, 1);
-        let conv_out = self.layer.forward_with(input.clone(), self.layer.weight(), None);
+        let conv_out = self
+            .layer
+            .forward_with(input.clone(), self.layer.weight(), None);
         // Update the running statistics with this batch (output unused).
         let with_bias = match self.layer.bias() {
             Some(b) => conv_out.clone() + b.reshape(bshape),
@@ -409,7 +447,9 @@ impl<L: Module> Fused<L> {
         let running_var = bn.running_var.value().to_device(&device);
         let running_std = running_var.add_scalar(bn.epsilon).sqrt();
         let mul = bn.gamma.val() / running_std.clone();
-        let w = self.quantize_weight(self.layer.weight() * mul.reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)));
+        let w = self.quantize_weight(
+            self.layer.weight() * mul.reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)),
+        );
         let conv_bn = self.layer.forward_with(input, w, None);
         // Batch statistics over every axis but the channel axis.
         let dims = conv_out.dims();

@@ -38,7 +38,11 @@ use burn_qat_core::QatError;
 /// let got = net.bn.forward(net.fc.forward(x));
 /// got.into_data().assert_approx_eq::<f32>(&want.into_data(), Default::default());
 /// ```
-pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f64) -> Result<M, QatError> {
+pub fn fuse_batch_norms<M: Module>(
+    model: M,
+    pairs: &[(&str, &str)],
+    epsilon: f64,
+) -> Result<M, QatError> {
     let mut tensors = Tensors::default();
     model.visit(&mut tensors);
     let mut updates: BTreeMap<String, Tensor<1>> = BTreeMap::new();
@@ -56,11 +60,20 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
             _ => {
                 return Err(QatError::Model(format!(
                     "fuse_batch_norms: `{layer}` is not a Conv1d, Conv2d or Linear module of this model (found {})",
-                    if ty.is_empty() { "nothing".to_string() } else { ty }
+                    if ty.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        ty
+                    }
                 )));
             }
         };
-        if tensors.types.get(&format!("{bn}.gamma")).map(String::as_str) != Some("Struct:BatchNorm") {
+        if tensors
+            .types
+            .get(&format!("{bn}.gamma"))
+            .map(String::as_str)
+            != Some("Struct:BatchNorm")
+        {
             return Err(QatError::Model(format!(
                 "fuse_batch_norms: `{bn}` is not a BatchNorm module of this model"
             )));
@@ -95,10 +108,15 @@ pub fn fuse_batch_norms<M: Module>(model: M, pairs: &[(&str, &str)], epsilon: f6
             .enumerate()
             .map(|(i, v)| v * mul[(i / stride_after) % c])
             .collect();
-        let new_b: Vec<f32> = (0..c).map(|i| (b[i] - mean[i]) * mul[i] + beta[i]).collect();
+        let new_b: Vec<f32> = (0..c)
+            .map(|i| (b[i] - mean[i]) * mul[i] + beta[i])
+            .collect();
         let device = tensors.device.clone().expect("a model with tensors");
         weight_updates.insert(format!("{layer}.weight"), (dims.clone(), new_w));
-        updates.insert(format!("{layer}.bias"), Tensor::from_floats(new_b.as_slice(), &device));
+        updates.insert(
+            format!("{layer}.bias"),
+            Tensor::from_floats(new_b.as_slice(), &device),
+        );
         updates.insert(format!("{bn}.gamma"), Tensor::ones([c], &device));
         updates.insert(format!("{bn}.beta"), Tensor::zeros([c], &device));
         updates.insert(format!("{bn}.running_mean"), Tensor::zeros([c], &device));
@@ -126,7 +144,8 @@ struct Tensors {
 
 impl ModuleVisitor for Tensors {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
@@ -137,7 +156,11 @@ impl ModuleVisitor for Tensors {
         let t = param.val();
         self.device.get_or_insert_with(|| t.device());
         let dims = t.dims().to_vec();
-        let data = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let data = t
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
         if let Some((_, container)) = self.stack.last() {
             self.types.insert(key.clone(), container.clone());
         }
@@ -154,7 +177,8 @@ struct Replace {
 
 impl ModuleMapper for Replace {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
@@ -180,7 +204,11 @@ impl ModuleMapper for Replace {
                 let t: Tensor<D> = t
                     .reshape(<[usize; D]>::try_from(dims.as_slice()).expect("rank"))
                     .detach();
-                if old.is_require_grad() { t.require_grad() } else { t }
+                if old.is_require_grad() {
+                    t.require_grad()
+                } else {
+                    t
+                }
             });
         }
         if D == 1
@@ -190,7 +218,11 @@ impl ModuleMapper for Replace {
             return param.map(move |old| {
                 let device = old.device();
                 let t: Tensor<D> = new.to_device(&device).reshape([old.dims()[0]; D]).detach();
-                if old.is_require_grad() { t.require_grad() } else { t }
+                if old.is_require_grad() {
+                    t.require_grad()
+                } else {
+                    t
+                }
             });
         }
         param

@@ -22,7 +22,10 @@ mod inplace;
 mod schedule;
 pub mod sequential;
 
-pub use fused::{Activation, BnFoldMode, Fusable, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d, FusedLinear};
+pub use fused::{
+    Activation, BnFoldMode, Fusable, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d,
+    FusedLinear,
+};
 pub use inplace::fuse_batch_norms;
 pub use schedule::QatSchedule;
 pub use sequential::{Flatten, Flow, Relu6, Residual, SeqLayer, Sequential};

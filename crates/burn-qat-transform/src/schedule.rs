@@ -80,7 +80,8 @@ struct Freeze {
 
 impl ModuleMapper for Freeze {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
@@ -91,6 +92,10 @@ impl ModuleMapper for Freeze {
         };
         let hit = (self.observers && name == "frozen" && container == "Struct:FakeQuant")
             || (self.bn && name == "bn_frozen" && container == "Struct:Fused");
-        if hit { param.map(|t| t.ones_like()) } else { param }
+        if hit {
+            param.map(|t| t.ones_like())
+        } else {
+            param
+        }
     }
 }

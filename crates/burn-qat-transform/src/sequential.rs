@@ -140,7 +140,10 @@ impl Flow {
     fn sequence(self, layer: &str) -> Tensor<3> {
         match self {
             Flow::Sequence(x) => x,
-            other => panic!("{layer} needs [batch, channels, length] input, got {:?}", other.dims()),
+            other => panic!(
+                "{layer} needs [batch, channels, length] input, got {:?}",
+                other.dims()
+            ),
         }
     }
     fn map(
@@ -163,7 +166,9 @@ impl SeqLayer {
         let out = match (self, x) {
             (SeqLayer::Conv1d(m), x) => Flow::Sequence(m.forward(x.sequence("Conv1d"))),
             (SeqLayer::Conv2d(m), x) => Flow::Images(m.forward(x.images("Conv2d"))),
-            (SeqLayer::BatchNorm(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
+            (SeqLayer::BatchNorm(m), x) => {
+                x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t))
+            }
             (SeqLayer::Relu(_), x) => x.map(relu, relu, relu),
             (SeqLayer::Relu6(_), x) => x.map(relu6, relu6, relu6),
             (SeqLayer::MaxPool2d(m), x) => Flow::Images(m.forward(x.images("MaxPool2d"))),
@@ -186,7 +191,9 @@ impl SeqLayer {
                     _ => y,
                 })
             }
-            (SeqLayer::Dropout(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
+            (SeqLayer::Dropout(m), x) => {
+                x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t))
+            }
             (SeqLayer::Flatten(_), Flow::Images(x)) => {
                 let [n, c, h, w] = x.dims();
                 Flow::Features(x.reshape([n, c * h * w]))
@@ -197,7 +204,9 @@ impl SeqLayer {
             }
             (SeqLayer::Flatten(_), f) => f,
             (SeqLayer::Linear(m), x) => Flow::Features(m.forward(x.features("Linear"))),
-            (SeqLayer::FakeQuant(m), x) => x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t)),
+            (SeqLayer::FakeQuant(m), x) => {
+                x.map(|t| m.forward(t), |t| m.forward(t), |t| m.forward(t))
+            }
             (SeqLayer::FusedConv1d(m), x) => Flow::Sequence(m.forward(x.sequence("FusedConv1d"))),
             (SeqLayer::FusedConv2d(m), x) => Flow::Images(m.forward(x.images("FusedConv2d"))),
             (SeqLayer::FusedLinear(m), x) => Flow::Features(m.forward(x.features("FusedLinear"))),
@@ -222,9 +231,10 @@ impl SeqLayer {
             SeqLayer::FusedConv2d(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::FusedLinear(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::Residual(r) => *last_quantizer = r.add.output.clone(),
-            SeqLayer::Conv1d(_) | SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => {
-                *last_quantizer = None
-            }
+            SeqLayer::Conv1d(_)
+            | SeqLayer::Conv2d(_)
+            | SeqLayer::Linear(_)
+            | SeqLayer::BatchNorm(_) => *last_quantizer = None,
             _ => {}
         }
         out
@@ -258,9 +268,15 @@ impl SeqLayer {
             SeqLayer::Flatten(_) => "Flatten".into(),
             SeqLayer::Linear(_) => "Linear".into(),
             SeqLayer::FakeQuant(_) => "FakeQuant".into(),
-            SeqLayer::FusedConv1d(m) => format!("FusedConv1d{}", fused(m.bn.is_some(), m.activation)),
-            SeqLayer::FusedConv2d(m) => format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation)),
-            SeqLayer::FusedLinear(m) => format!("FusedLinear{}", fused(m.bn.is_some(), m.activation)),
+            SeqLayer::FusedConv1d(m) => {
+                format!("FusedConv1d{}", fused(m.bn.is_some(), m.activation))
+            }
+            SeqLayer::FusedConv2d(m) => {
+                format!("FusedConv2d{}", fused(m.bn.is_some(), m.activation))
+            }
+            SeqLayer::FusedLinear(m) => {
+                format!("FusedLinear{}", fused(m.bn.is_some(), m.activation))
+            }
             SeqLayer::Residual(r) => format!(
                 "Residual[{}] + Add{}",
                 r.body.describe().join(" -> "),
@@ -294,7 +310,8 @@ impl Sequential {
     ///
     /// If a layer gets the wrong kind of input (a `Linear` before a `Flatten`, ...).
     pub fn forward(&self, input: Tensor<4>) -> Tensor<2> {
-        self.forward_flow(Flow::Images(input)).features("the model output")
+        self.forward_flow(Flow::Images(input))
+            .features("the model output")
     }
 
     /// Runs the layers in order on any [`Flow`].

@@ -21,14 +21,19 @@ static TIMES: Mutex<Option<HashMap<String, (Duration, u64)>>> = Mutex::new(None)
 
 fn record(key: &str, elapsed: Duration, iters: u64) {
     let mut map = TIMES.lock().unwrap();
-    let entry = map.get_or_insert_with(HashMap::new).entry(key.to_string()).or_default();
+    let entry = map
+        .get_or_insert_with(HashMap::new)
+        .entry(key.to_string())
+        .or_default();
     entry.0 += elapsed;
     entry.1 += iters;
 }
 
 fn mean(key: &str) -> Option<f64> {
     let map = TIMES.lock().unwrap();
-    map.as_ref()?.get(key).map(|(d, n)| d.as_secs_f64() / *n as f64)
+    map.as_ref()?
+        .get(key)
+        .map(|(d, n)| d.as_secs_f64() / *n as f64)
 }
 
 fn step(x: &Tensor<2>, device: &Device, op: &dyn Fn(Tensor<2>) -> Tensor<2>) {

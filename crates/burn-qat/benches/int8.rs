@@ -28,7 +28,10 @@ fn timed(key: &str, iters: u64, mut f: impl FnMut()) -> Duration {
     }
     let d = start.elapsed();
     let mut map = TIMES.lock().unwrap();
-    let e = map.get_or_insert_with(HashMap::new).entry(key.to_string()).or_default();
+    let e = map
+        .get_or_insert_with(HashMap::new)
+        .entry(key.to_string())
+        .or_default();
     e.0 += d;
     e.1 += iters;
     d
@@ -63,8 +66,11 @@ fn bench(c: &mut Criterion) {
     let float = bn_model(&device);
     let float_eval = float.valid();
     let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
-    let mut qat = float.fuse(&FusedConfig::new().with_output(Some(act.clone()))).unwrap();
-    qat.layers.insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    let mut qat = float
+        .fuse(&FusedConfig::new().with_output(Some(act.clone())))
+        .unwrap();
+    qat.layers
+        .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     for _ in 0..2 {
         let _ = qat.forward(Tensor::<4>::random(
             [32, 1, 28, 28],

@@ -47,7 +47,10 @@ pub use burn_qat_onnx as onnx;
 /// `burn-qat-transform`).
 pub use burn_qat_transform as transform;
 
-pub use burn_qat_core::{Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range};
+pub use burn_qat_core::{
+    Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range,
+};
 pub use burn_qat_nn::{
-    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, switches,
+    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig,
+    WeightFakeQuantizer, switches,
 };

@@ -229,7 +229,9 @@ pub fn download(dir: &Path) -> Result<(), DataError> {
         }
         let url = format!("{MIRROR}{name}.gz");
         eprintln!("downloading {url}");
-        let response = ureq::get(&url).call().map_err(|e| fail(format!("{url}: {e}")))?;
+        let response = ureq::get(&url)
+            .call()
+            .map_err(|e| fail(format!("{url}: {e}")))?;
         let mut gz = Vec::new();
         response
             .into_body()
@@ -248,7 +250,8 @@ pub fn download(dir: &Path) -> Result<(), DataError> {
         }
         let tmp = dir.join(format!("{name}.part"));
         std::fs::write(&tmp, &raw).map_err(|e| fail(format!("writing {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, &target).map_err(|e| fail(format!("writing {}: {e}", target.display())))?;
+        std::fs::rename(&tmp, &target)
+            .map_err(|e| fail(format!("writing {}: {e}", target.display())))?;
     }
     Ok(())
 }
@@ -280,7 +283,13 @@ fn read_all(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
 
 const MAX_IMAGES: u64 = 60_000;
 
-fn header(bytes: &[u8], path: &Path, what: &'static str, magic: u32, len: usize) -> Result<usize, DataError> {
+fn header(
+    bytes: &[u8],
+    path: &Path,
+    what: &'static str,
+    magic: u32,
+    len: usize,
+) -> Result<usize, DataError> {
     let invalid = |reason: String| DataError::Invalid {
         path: path.to_path_buf(),
         what,
@@ -418,8 +427,14 @@ mod tests {
     fn missing_directory_names_the_files() {
         let dir = tempfile::tempdir().unwrap();
         // load_dir, not load: $MNIST_DIR (set in CI) must not make this directory's files appear.
-        let e = Mnist::load_dir(dir.path()).map(|_| ()).unwrap_err().to_string();
+        let e = Mnist::load_dir(dir.path())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("MNIST not found: looked in"), "{e}");
-        assert!(e.contains("train-images-idx3-ubyte") && e.contains("--data-dir"), "{e}");
+        assert!(
+            e.contains("train-images-idx3-ubyte") && e.contains("--data-dir"),
+            "{e}"
+        );
     }
 }

@@ -44,7 +44,11 @@ pub struct RunConfig {
 }
 
 /// Trains the float model, prepares and fine-tunes it with QAT, evaluates, and returns the report.
-pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Report, Box<dyn std::error::Error>> {
+pub fn run(
+    config: &RunConfig,
+    data: &Mnist,
+    out: Option<&Path>,
+) -> Result<Report, Box<dyn std::error::Error>> {
     let device = burn_qat::backend::device(&config.device)?.autodiff();
     device.seed(config.seed);
     let train = match config.train_limit {
@@ -157,7 +161,11 @@ pub fn run(config: &RunConfig, data: &Mnist, out: Option<&Path>) -> Result<Repor
         std::fs::write(&tmp, serde_json::to_string_pretty(&report)?)?;
         std::fs::rename(&tmp, dir.join("report.json"))?;
         burn_qat::export::format::save(&int8, &dir.join("model.bqi"))?;
-        burn_qat::onnx::save(&int8, &dir.join("model.onnx"), &burn_qat::onnx::OnnxOptions::default())?;
+        burn_qat::onnx::save(
+            &int8,
+            &dir.join("model.onnx"),
+            &burn_qat::onnx::OnnxOptions::default(),
+        )?;
         // The integer model's logits on the test images, for checks in other runtimes.
         let (logits, _) = int8.forward(&test.pixels(0..test.len()));
         write_npy(&dir.join("int8_logits.npy"), &logits, [test.len(), 10])?;
@@ -189,7 +197,9 @@ pub fn evaluate_int8(model: &burn_qat::export::IntegerModel, split: &data::Split
         let end = (start + 1000).min(split.len());
         let (logits, _) = model.forward(&split.pixels(start..end));
         for (i, row) in logits.chunks(10).enumerate() {
-            let pred = (0..10).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap_or(0);
+            let pred = (0..10)
+                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+                .unwrap_or(0);
             correct += usize::from(pred == split.labels[start + i] as usize);
         }
     }
@@ -219,7 +229,11 @@ pub fn table(r: &Report) -> String {
         r.activation_bits,
         opt(r.tfmot_qat_test_acc)
     );
-    s += &format!("{:<34} {}\n", "folded QAT model test accuracy", pct(r.folded_test_acc));
+    s += &format!(
+        "{:<34} {}\n",
+        "folded QAT model test accuracy",
+        pct(r.folded_test_acc)
+    );
     s += &format!("{:<34} {}\n", "int8 test accuracy", opt(r.int8_test_acc));
     s += &format!("{:<34} {} bytes\n", "float model size", r.float_size_bytes);
     if let Some(b) = r.int8_size_bytes {

@@ -111,10 +111,15 @@ pub fn prepare_qat(
     let act = FakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(act_bits))
         .with_observer(Observer::MovingAverage { decay: 0.999 });
     let config = FusedConfig::new()
-        .with_weight(Some(QuantSpec::weight_per_channel_symmetric(weight_bits, 0)))
+        .with_weight(Some(QuantSpec::weight_per_channel_symmetric(
+            weight_bits,
+            0,
+        )))
         .with_output(Some(act.clone()));
     let mut fused = model.fuse(&config)?;
-    fused.layers.insert(0, SeqLayer::FakeQuant(act.init(device)?));
+    fused
+        .layers
+        .insert(0, SeqLayer::FakeQuant(act.init(device)?));
     Ok(fused)
 }
 

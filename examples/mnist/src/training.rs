@@ -36,7 +36,8 @@ pub fn batch(split: &Split, indices: &[usize], device: &Device) -> (Tensor<4>, T
         pixels.extend(split.pixels(i..i + 1));
     }
     let labels: Vec<i64> = indices.iter().map(|&i| split.labels[i] as i64).collect();
-    let x = Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([indices.len(), 1, SIDE, SIDE]);
+    let x =
+        Tensor::<1>::from_floats(pixels.as_slice(), device).reshape([indices.len(), 1, SIDE, SIDE]);
     (x, Tensor::<1, Int>::from_ints(labels.as_slice(), device))
 }
 

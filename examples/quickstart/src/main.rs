@@ -34,7 +34,8 @@ impl Model {
         }
     }
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        self.output.forward(self.relu.forward(self.input.forward(x)))
+        self.output
+            .forward(self.relu.forward(self.input.forward(x)))
     }
 }
 
@@ -59,7 +60,9 @@ fn main() {
             "--device" => name = args.next().unwrap_or_default(),
             "--steps" => steps = args.next().and_then(|s| s.parse().ok()).unwrap_or(steps),
             other => {
-                eprintln!("unknown argument {other:?}; usage: quickstart [--device flex|ndarray|wgpu] [--steps N]");
+                eprintln!(
+                    "unknown argument {other:?}; usage: quickstart [--device flex|ndarray|wgpu] [--steps N]"
+                );
                 std::process::exit(2);
             }
         }
@@ -90,7 +93,10 @@ fn main() {
         let (x, y) = make(128);
         let loss = loss_fn.forward(model.forward(x), y);
         if step == 1 || step % 50 == 0 {
-            println!("step {step:>4}  loss {:.4}", loss.clone().into_scalar::<f32>());
+            println!(
+                "step {step:>4}  loss {:.4}",
+                loss.clone().into_scalar::<f32>()
+            );
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(1e-3, model, grads);
@@ -98,7 +104,10 @@ fn main() {
 
     println!("\n{}", summary(&model, &config).expect("summary"));
     let eval = model.valid();
-    let qat_acc = accuracy(eval.forward(x_test.clone().inner()), &y_test.clone().inner());
+    let qat_acc = accuracy(
+        eval.forward(x_test.clone().inner()),
+        &y_test.clone().inner(),
+    );
     let baked = bake(model);
     let baked_acc = accuracy(baked.forward(x_test.inner()), &y_test.inner());
     println!(

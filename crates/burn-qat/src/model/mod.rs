@@ -38,5 +38,8 @@ mod plan;
 mod summary;
 
 pub use layers::{Layer, QuantConv1d, QuantConv2d, QuantLinear, Quantized, QuantizedConfig};
-pub use plan::{CustomLayer, PlannedParam, QatConfig, QuantizableLayer, Selector, WeightQuant, bake, plan, quantize};
+pub use plan::{
+    CustomLayer, PlannedParam, QatConfig, QuantizableLayer, Selector, WeightQuant, bake, plan,
+    quantize,
+};
 pub use summary::{ActivationSummary, LayerSummary, QatSummary, summary};

@@ -267,12 +267,14 @@ impl QatConfig {
     }
     /// Settings for the layers whose path matches `pattern` (see [`Selector::Path`]).
     pub fn with_layer(mut self, pattern: &str, quant: WeightQuant) -> Self {
-        self.rules.push((Selector::Path(pattern.to_string()), quant));
+        self.rules
+            .push((Selector::Path(pattern.to_string()), quant));
         self
     }
     /// Settings for every layer of type `type_name` (`"Linear"`, `"Conv2d"`, ...).
     pub fn with_layer_type(mut self, type_name: &str, quant: WeightQuant) -> Self {
-        self.rules.push((Selector::Type(type_name.to_string()), quant));
+        self.rules
+            .push((Selector::Type(type_name.to_string()), quant));
         self
     }
     /// Leaves the layers matching `pattern` in float.
@@ -324,7 +326,8 @@ impl ModuleVisitor for Collect {
         {
             last.reparameterized = true;
         }
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
@@ -434,7 +437,11 @@ pub(crate) fn plan_with<M: Module>(
         .enumerate()
     {
         quant.spec(None).validate().map_err(|e| match e {
-            QatError::InvalidSpec { field, value, allowed } => QatError::InvalidConfig {
+            QatError::InvalidSpec {
+                field,
+                value,
+                allowed,
+            } => QatError::InvalidConfig {
                 field: if i == 0 {
                     format!("QatConfig.default.{field}")
                 } else {
@@ -457,7 +464,8 @@ pub(crate) fn plan_with<M: Module>(
         .iter()
         .map(|(s, q)| Ok((compile(s)?, *q)))
         .collect::<Result<_, QatError>>()?;
-    let skips: Vec<(Selector, Option<GlobMatcher>)> = config.skip.iter().map(compile).collect::<Result<_, _>>()?;
+    let skips: Vec<(Selector, Option<GlobMatcher>)> =
+        config.skip.iter().map(compile).collect::<Result<_, _>>()?;
 
     // Every selector must select something.
     let all_modules: Vec<&str> = {
@@ -479,14 +487,19 @@ pub(crate) fn plan_with<M: Module>(
                      Patterns are dot-separated: `*` matches one name, `**` any number"
                 ),
                 Selector::Type(t) => {
-                    format!("layer type {t:?} matches no layer of this model; its layer types are {all_types:?}")
+                    format!(
+                        "layer type {t:?} matches no layer of this model; its layer types are {all_types:?}"
+                    )
                 }
             }));
         }
     }
 
     let mut layers: BTreeMap<String, CustomLayer> = BTreeMap::new();
-    for l in builtin_layers().into_iter().chain(config.custom_layers.iter().cloned()) {
+    for l in builtin_layers()
+        .into_iter()
+        .chain(config.custom_layers.iter().cloned())
+    {
         layers.insert(l.name.clone(), l);
     }
 
@@ -507,7 +520,10 @@ pub(crate) fn plan_with<M: Module>(
             continue;
         }
         if p.inside_fused {
-            decide(None, "quantized by its fused module (BatchNorm folded first)".into());
+            decide(
+                None,
+                "quantized by its fused module (BatchNorm folded first)".into(),
+            );
             continue;
         }
         if NEVER.contains(&p.layer_type.as_str()) {
@@ -519,7 +535,10 @@ pub(crate) fn plan_with<M: Module>(
             Some(layer) => match layer.weights.iter().find(|(f, _)| *f == p.field) {
                 Some((_, axis)) => *axis,
                 None => {
-                    decide(None, format!("field `{}` is not a weight of {}", p.field, p.layer_type));
+                    decide(
+                        None,
+                        format!("field `{}` is not a weight of {}", p.field, p.layer_type),
+                    );
                     continue;
                 }
             },
@@ -541,7 +560,11 @@ pub(crate) fn plan_with<M: Module>(
             decide(None, "frozen by the user (does not require grad)".into());
             continue;
         }
-        let skipped: Vec<&Selector> = skips.iter().filter(|m| selects(m, p)).map(|m| &m.0).collect();
+        let skipped: Vec<&Selector> = skips
+            .iter()
+            .filter(|m| selects(m, p))
+            .map(|m| &m.0)
+            .collect();
         let path_rules: Vec<(Selector, WeightQuant)> = rules
             .iter()
             .filter(|(m, _)| matches!(m.0, Selector::Path(_)) && selects(m, p))
@@ -566,15 +589,16 @@ pub(crate) fn plan_with<M: Module>(
             decide(None, format!("skipped by {s}"));
             continue;
         }
-        let pick = |rs: &[(Selector, WeightQuant)]| -> Result<Option<(Selector, WeightQuant)>, QatError> {
-            if let Some(first) = rs.first() {
-                if let Some(other) = rs.iter().find(|r| r.1 != first.1) {
-                    return Err(conflict(&first.0, &other.0.to_string()));
+        let pick =
+            |rs: &[(Selector, WeightQuant)]| -> Result<Option<(Selector, WeightQuant)>, QatError> {
+                if let Some(first) = rs.first() {
+                    if let Some(other) = rs.iter().find(|r| r.1 != first.1) {
+                        return Err(conflict(&first.0, &other.0.to_string()));
+                    }
+                    return Ok(Some(first.clone()));
                 }
-                return Ok(Some(first.clone()));
-            }
-            Ok(None)
-        };
+                Ok(None)
+            };
         let chosen = match pick(&path_rules)? {
             Some(r) => Some(r),
             None => pick(&type_rules)?,
@@ -604,7 +628,10 @@ pub(crate) fn plan_with<M: Module>(
         }
     }
     if !out.iter().any(|p| p.spec.is_some()) {
-        let listed: Vec<String> = out.iter().map(|p| format!("{} ({})", p.path, p.reason)).collect();
+        let listed: Vec<String> = out
+            .iter()
+            .map(|p| format!("{} ({})", p.path, p.reason))
+            .collect();
         return Err(QatError::Model(format!(
             "nothing to quantize: no parameter of this model is a weight to fake-quantize. Parameters: {listed:?}. \
              Quantize activations with FakeQuant / Quantized, or register your layer type with QatConfig::register"
@@ -634,7 +661,8 @@ pub fn quantize<M: Module>(model: M, config: &QatConfig) -> Result<M, QatError> 
         .filter_map(|p| p.spec.map(|s| (p.path, s)))
         .collect();
     Ok(model.apply_reparameterization(
-        WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| specs.get(path).copied()).with_learned(learned),
+        WeightFakeQuantizer::new(|path: &str, _dims: &[usize]| specs.get(path).copied())
+            .with_learned(learned),
     ))
 }
 

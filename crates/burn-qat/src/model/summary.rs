@@ -51,7 +51,11 @@ fn describe(spec: &Option<QuantSpec>) -> String {
             "{}-bit {} {}{}{}",
             s.bits,
             if s.signed { "signed" } else { "unsigned" },
-            if s.symmetric { "symmetric" } else { "asymmetric" },
+            if s.symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
             if s.narrow_range { " narrow" } else { "" },
             match s.axis() {
                 Some(a) => format!(" per-channel(axis {a})"),
@@ -87,9 +91,9 @@ impl fmt::Display for QatSummary {
                 "activation", "quantization", "observed range"
             )?;
             for a in &self.activations {
-                let range = a
-                    .range
-                    .map_or("not observed".to_string(), |(lo, hi)| format!("[{lo:.4}, {hi:.4}]"));
+                let range = a.range.map_or("not observed".to_string(), |(lo, hi)| {
+                    format!("[{lo:.4}, {hi:.4}]")
+                });
                 writeln!(f, "{:<28} {:<48} {:>22}", a.path, describe(&a.spec), range)?;
             }
         }
@@ -105,12 +109,16 @@ struct Ranges {
 }
 
 fn read<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
 }
 
 impl ModuleVisitor for Ranges {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push((name.to_string(), container_type.to_string()));
+        self.stack
+            .push((name.to_string(), container_type.to_string()));
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
         self.stack.pop();
@@ -163,19 +171,34 @@ pub fn summary<M: Module>(model: &M, config: &QatConfig) -> Result<QatSummary, Q
         .fq
         .into_iter()
         .map(|(path, fields)| {
-            let observed = fields.get("observed").and_then(|v| v.first()).copied().unwrap_or(0.0) > 0.5;
-            let fold =
-                |k: &str, init: f32, f: fn(f32, f32) -> f32| fields.get(k).map(|v| v.iter().copied().fold(init, f));
-            let range = match (observed, fold("min", 0.0, f32::min), fold("max", 0.0, f32::max)) {
+            let observed = fields
+                .get("observed")
+                .and_then(|v| v.first())
+                .copied()
+                .unwrap_or(0.0)
+                > 0.5;
+            let fold = |k: &str, init: f32, f: fn(f32, f32) -> f32| {
+                fields.get(k).map(|v| v.iter().copied().fold(init, f))
+            };
+            let range = match (
+                observed,
+                fold("min", 0.0, f32::min),
+                fold("max", 0.0, f32::max),
+            ) {
                 (true, Some(lo), Some(hi)) => Some((lo, hi)),
                 _ => None,
             };
             ActivationSummary {
-                spec: fields.get("spec_code").and_then(|c| burn_qat_nn::decode_spec(c)),
+                spec: fields
+                    .get("spec_code")
+                    .and_then(|c| burn_qat_nn::decode_spec(c)),
                 path,
                 range,
             }
         })
         .collect();
-    Ok(QatSummary { layers, activations })
+    Ok(QatSummary {
+        layers,
+        activations,
+    })
 }
