@@ -222,9 +222,10 @@ fn scalar_qparams_path_matches_reference() {
     }
 }
 
-/// Pinned shrunk failure: a value exactly on the top of an unsigned symmetric grid.
+/// Edge case, always run: values exactly on both ends of an unsigned symmetric grid (the range
+/// `[-1, 1]` maps -1 and 1 onto qmin + 1 and qmax).
 #[test]
-fn pinned_top_of_unsigned_symmetric_grid() {
+fn ends_of_unsigned_symmetric_grid() {
     let spec = QuantSpec::int8_weight_per_tensor_symmetric().with_signed(false);
     for b in backends() {
         check(&b, spec, 1, 3, &[-1.0, 0.0, 1.0]).unwrap();

@@ -250,6 +250,18 @@ pub fn to_qparams(scale: &Tensor<1>, zero_point: &Tensor<1>) -> Vec<QParams> {
         .collect()
 }
 
+/// `value` as a fresh leaf that trains: detached from any graph, and requiring gradients when it
+/// lives on an autodiff device (for values written into parameters: folded weights, learned
+/// ranges initialized from observers).
+pub fn trainable_leaf<const D: usize>(value: Tensor<D>) -> Tensor<D> {
+    let value = value.detach();
+    if value.is_autodiff() {
+        value.require_grad()
+    } else {
+        value
+    }
+}
+
 /// Scales the gradient of `x` by `factor` without changing its value:
 /// `(x - x * factor).detach() + x * factor` (LSQ's gradient scaling).
 pub fn grad_scale<const D: usize>(x: Tensor<D>, factor: f32) -> Tensor<D> {

@@ -1,6 +1,6 @@
 //! Conversion of a trained QAT [`Sequential`] into an [`IntegerModel`].
 
-use burn::nn::PaddingConfig2d;
+use burn::nn::{PaddingConfig1d, PaddingConfig2d};
 use burn_qat_core::{QParams, QuantSpec, reference};
 use burn_qat_nn::FakeQuant;
 use burn_qat_transform::{Activation, Fusable, Fused, SeqLayer, Sequential, fold};
@@ -172,19 +172,7 @@ fn output(
     match f_output {
         Some(fq) => {
             let act = act_of(fq, &format!("{path}.output"))?;
-            let q = |v: f32| {
-                reference::quantize(
-                    v,
-                    act.qparams(),
-                    &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
-                )
-            };
-            let (lo, hi) = match activation {
-                Activation::Identity => (act.qmin, act.qmax),
-                Activation::Relu => (act.zero_point.max(act.qmin), act.qmax),
-                Activation::Relu6 => (act.zero_point.max(act.qmin), q(6.0).min(act.qmax)),
-                Activation::Clamp { min, max } => (q(min).max(act.qmin), q(max).min(act.qmax)),
-            };
+            let (lo, hi) = clamp_bounds(activation, &act);
             let requant = weight_scale
                 .iter()
                 .map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64))
@@ -248,60 +236,161 @@ fn convert_layers(
     top: bool,
 ) -> Result<Vec<IntLayer>, ExportError> {
     let mut layers = Vec::new();
-    let last = if top {
-        seq.len().saturating_sub(1)
-    } else {
-        usize::MAX
-    };
     for (i, layer) in seq.iter().enumerate() {
         let path = format!("{prefix}.{i}");
-        let need_input = |kind: &str| {
-            current.ok_or_else(|| ExportError::Unsupported {
-                path: path.clone(),
-                kind: kind.into(),
-                hint: "its input is not quantized: start the model with a FakeQuant of its input"
-                    .into(),
-            })
+        let unsupported = |kind: &str, hint: &str| ExportError::Unsupported {
+            path: path.clone(),
+            kind: kind.into(),
+            hint: hint.into(),
         };
-        match layer {
-            SeqLayer::FakeQuant(fq) if current.is_none() => {
-                let q = act_of(fq, &path)?;
-                layers.push(IntLayer::Quantize(q));
-                *current = Some(q);
+        let input = current.ok_or_else(|| {
+            unsupported(
+                &layer.name(),
+                "its input is not quantized: start the model with a FakeQuant of its input",
+            )
+        });
+        let int = match layer {
+            SeqLayer::FakeQuant(fq) if current.is_none() => IntLayer::Quantize(act_of(fq, &path)?),
+            SeqLayer::FakeQuant(_) => {
+                return Err(unsupported(
+                    "FakeQuant",
+                    "a FakeQuant between layers (requantization) is not supported; \
+                     quantize outputs through the fused layers",
+                ));
+            }
+            SeqLayer::FusedConv2d(f) => {
+                let conv = &f.layer;
+                let padding = match conv.padding {
+                    PaddingConfig2d::Valid => [0; 4],
+                    PaddingConfig2d::Explicit(top, left, bottom, right) => {
+                        [top, bottom, left, right]
+                    }
+                    PaddingConfig2d::Same => {
+                        return Err(unsupported(
+                            "Conv2d with Same padding",
+                            "use PaddingConfig2d::Explicit",
+                        ));
+                    }
+                };
+                let geometry = (
+                    [conv.stride[0], conv.stride[1]],
+                    [conv.dilation[0], conv.dilation[1]],
+                );
+                IntLayer::Conv2d(int_conv(
+                    f,
+                    conv.groups,
+                    geometry,
+                    padding,
+                    4,
+                    &input?,
+                    &path,
+                )?)
+            }
+            SeqLayer::FusedConv1d(f) => {
+                let conv = &f.layer;
+                let (left, right) = match conv.padding {
+                    PaddingConfig1d::Valid => (0, 0),
+                    PaddingConfig1d::Explicit(l, r) => (l, r),
+                    PaddingConfig1d::Same => {
+                        return Err(unsupported(
+                            "Conv1d with Same padding",
+                            "use PaddingConfig1d::Explicit",
+                        ));
+                    }
+                };
+                let geometry = ([1, conv.stride], [1, conv.dilation]);
+                IntLayer::Conv2d(int_conv(
+                    f,
+                    conv.groups,
+                    geometry,
+                    [0, 0, left, right],
+                    3,
+                    &input?,
+                    &path,
+                )?)
+            }
+            SeqLayer::FusedLinear(f) => {
+                let input = input?;
+                let (affine, dims) = quantize_affine(f, &input, &path)?;
+                let output = output(
+                    f.output.as_ref(),
+                    f.activation,
+                    &input,
+                    &affine.weight_scale,
+                    &path,
+                )?;
+                IntLayer::Linear(IntLinear {
+                    in_features: dims[0],
+                    out_features: dims[1],
+                    weight: affine.weight,
+                    weight_scale: affine.weight_scale,
+                    bias: affine.bias,
+                    input,
+                    output,
+                })
+            }
+            SeqLayer::MaxPool2d(p) => {
+                input?;
+                if !matches!(p.padding, PaddingConfig2d::Valid)
+                    || p.dilation != [1, 1]
+                    || p.ceil_mode
+                {
+                    return Err(unsupported(
+                        "MaxPool2d with padding, dilation or ceil mode",
+                        "use valid padding, dilation 1",
+                    ));
+                }
+                IntLayer::MaxPool2d {
+                    kernel: p.kernel_size,
+                    stride: p.stride,
+                }
+            }
+            SeqLayer::AvgPool2d(p) => {
+                input?;
+                if !matches!(p.padding, PaddingConfig2d::Valid) || p.ceil_mode {
+                    return Err(unsupported(
+                        "AvgPool2d with padding or ceil mode",
+                        "use valid padding",
+                    ));
+                }
+                IntLayer::AvgPool2d {
+                    kernel: p.kernel_size,
+                    stride: p.stride,
+                }
+            }
+            SeqLayer::Flatten(_) => IntLayer::Flatten,
+            SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
+                let q = input?;
+                let activation = if matches!(layer, SeqLayer::Relu6(_)) {
+                    Activation::Relu6
+                } else {
+                    Activation::Relu
+                };
+                let (lo, hi) = clamp_bounds(activation, &q);
+                IntLayer::Clamp { lo, hi }
             }
             SeqLayer::Residual(r) => {
-                let a = need_input("Residual")?;
-                let in_shape = shape.clone();
+                let a = input?;
                 let mut inner = Some(a);
+                let mut body_shape = shape.clone();
                 let body = convert_layers(
                     &r.body.layers,
                     &format!("{path}.body.layers"),
                     &mut inner,
-                    shape,
+                    &mut body_shape,
                     false,
                 )?;
                 let Some(b) = inner else {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "Residual".into(),
-                        hint: "its body must end with a quantized output".into(),
-                    });
+                    return Err(unsupported(
+                        "Residual",
+                        "its body must end with a quantized output",
+                    ));
                 };
-                if *shape != in_shape {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "Residual".into(),
-                        hint: format!(
-                            "its body maps {in_shape:?} to {shape:?}: an add needs equal shapes"
-                        ),
-                    });
-                }
                 let Some(fq) = &r.add.output else {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "Residual without output FakeQuant".into(),
-                        hint: "fuse the model (Sequential::fuse) so the add is quantized".into(),
-                    });
+                    return Err(unsupported(
+                        "Residual without output FakeQuant",
+                        "fuse the model (Sequential::fuse) so the add is quantized",
+                    ));
                 };
                 let out = act_of(fq, &format!("{path}.add.output"))?;
                 const SHIFT: u32 = 40;
@@ -319,314 +408,115 @@ fn convert_layers(
                         })
                     }
                 };
-                let q6 = |v: f32| {
-                    reference::quantize(
-                        v,
-                        out.qparams(),
-                        &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
-                    )
-                };
-                let (lo, hi) = match r.add.activation {
-                    Activation::Identity => (out.qmin, out.qmax),
-                    Activation::Relu => (out.zero_point.max(out.qmin), out.qmax),
-                    Activation::Relu6 => (out.zero_point.max(out.qmin), q6(6.0).min(out.qmax)),
-                    Activation::Clamp { min, max } => {
-                        (q6(min).max(out.qmin), q6(max).min(out.qmax))
-                    }
-                };
-                layers.push(IntLayer::Residual {
-                    body,
-                    add: crate::model::IntAdd {
-                        a,
-                        b,
-                        out,
-                        ma: fixed(a.scale)?,
-                        mb: fixed(b.scale)?,
-                        shift: SHIFT,
-                        lo,
-                        hi,
-                    },
-                });
-                *current = Some(out);
-            }
-            SeqLayer::FakeQuant(_) => {
-                return Err(ExportError::Unsupported { path, kind: "FakeQuant".into(), hint: "a FakeQuant between layers (requantization) is not supported; quantize outputs through the fused layers".into() });
-            }
-            SeqLayer::FusedConv2d(f) => {
-                let input = need_input("FusedConv2d")?;
-                let conv = &f.layer;
-                let padding = match conv.padding {
-                    PaddingConfig2d::Valid => [0; 4],
-                    PaddingConfig2d::Explicit(top, left, bottom, right) => {
-                        [top, bottom, left, right]
-                    }
-                    PaddingConfig2d::Same => {
-                        return Err(ExportError::Unsupported {
-                            path,
-                            kind: "Conv2d with Same padding".into(),
-                            hint: "use PaddingConfig2d::Explicit".into(),
-                        });
-                    }
-                };
-                let (affine, dims) = quantize_affine(f, &input, &path)?;
-                let out = output(
-                    f.output.as_ref(),
-                    f.activation,
-                    &input,
-                    &affine.weight_scale,
-                    &path,
-                )?;
-                let c = IntConv2d {
-                    in_channels: dims[1] * conv.groups,
-                    out_channels: dims[0],
-                    groups: conv.groups,
-                    kernel: [dims[2], dims[3]],
-                    stride: conv.stride,
-                    dilation: conv.dilation,
-                    padding,
-                    weight: affine.weight,
-                    weight_scale: affine.weight_scale,
-                    bias: affine.bias,
-                    input,
-                    output: out.clone(),
-                };
-                if shape.len() != 3 || shape[0] != c.in_channels {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "FusedConv2d".into(),
-                        hint: format!(
-                            "its input has shape {shape:?}, expected [{}, h, w]",
-                            c.in_channels
-                        ),
-                    });
-                }
-                let oh =
-                    (shape[1] + padding[0] + padding[1] - c.dilation[0] * (c.kernel[0] - 1) - 1)
-                        / c.stride[0]
-                        + 1;
-                let ow =
-                    (shape[2] + padding[2] + padding[3] - c.dilation[1] * (c.kernel[1] - 1) - 1)
-                        / c.stride[1]
-                        + 1;
-                *shape = vec![c.out_channels, oh, ow];
-                *current = match &out {
-                    Output::Quantized { act, .. } => Some(*act),
-                    Output::Float { .. } if i == last => None,
-                    Output::Float { .. } => {
-                        return Err(ExportError::Unsupported {
-                            path,
-                            kind: "FusedConv2d without output FakeQuant".into(),
-                            hint: "only the last layer may output float".into(),
-                        });
-                    }
-                };
-                layers.push(IntLayer::Conv2d(c));
-            }
-            SeqLayer::FusedLinear(f) => {
-                let input = need_input("FusedLinear")?;
-                let (affine, dims) = quantize_affine(f, &input, &path)?;
-                if shape.len() != 1 || shape[0] != dims[0] {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "FusedLinear".into(),
-                        hint: format!(
-                            "its input has shape {shape:?}, expected [{}] (add a Flatten)",
-                            dims[0]
-                        ),
-                    });
-                }
-                let out = output(
-                    f.output.as_ref(),
-                    f.activation,
-                    &input,
-                    &affine.weight_scale,
-                    &path,
-                )?;
-                *current = match &out {
-                    Output::Quantized { act, .. } => Some(*act),
-                    Output::Float { .. } if i == last => None,
-                    Output::Float { .. } => {
-                        return Err(ExportError::Unsupported {
-                            path,
-                            kind: "FusedLinear without output FakeQuant".into(),
-                            hint: "only the last layer may output float".into(),
-                        });
-                    }
-                };
-                *shape = vec![dims[1]];
-                layers.push(IntLayer::Linear(IntLinear {
-                    in_features: dims[0],
-                    out_features: dims[1],
-                    weight: affine.weight,
-                    weight_scale: affine.weight_scale,
-                    bias: affine.bias,
-                    input,
-                    output: out,
-                }));
-            }
-            SeqLayer::MaxPool2d(p) => {
-                need_input("MaxPool2d")?;
-                if !matches!(p.padding, PaddingConfig2d::Valid)
-                    || p.dilation != [1, 1]
-                    || p.ceil_mode
-                {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "MaxPool2d with padding, dilation or ceil mode".into(),
-                        hint: "use valid padding, dilation 1".into(),
-                    });
-                }
-                if shape.len() != 3 {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "MaxPool2d".into(),
-                        hint: format!("input shape {shape:?} is not [c, h, w]"),
-                    });
-                }
-                *shape = vec![
-                    shape[0],
-                    (shape[1] - p.kernel_size[0]) / p.stride[0] + 1,
-                    (shape[2] - p.kernel_size[1]) / p.stride[1] + 1,
-                ];
-                layers.push(IntLayer::MaxPool2d {
-                    kernel: p.kernel_size,
-                    stride: p.stride,
-                });
-            }
-            SeqLayer::FusedConv1d(f) => {
-                let input = need_input("FusedConv1d")?;
-                let conv = &f.layer;
-                let (left, right) = match conv.padding {
-                    burn::nn::PaddingConfig1d::Valid => (0, 0),
-                    burn::nn::PaddingConfig1d::Explicit(l, r) => (l, r),
-                    burn::nn::PaddingConfig1d::Same => {
-                        return Err(ExportError::Unsupported {
-                            path,
-                            kind: "Conv1d with Same padding".into(),
-                            hint: "use PaddingConfig1d::Explicit".into(),
-                        });
-                    }
-                };
-                let (affine, dims) = quantize_affine(f, &input, &path)?;
-                let out = output(
-                    f.output.as_ref(),
-                    f.activation,
-                    &input,
-                    &affine.weight_scale,
-                    &path,
-                )?;
-                let c = IntConv2d {
-                    in_channels: dims[1] * conv.groups,
-                    out_channels: dims[0],
-                    groups: conv.groups,
-                    kernel: [1, dims[2]],
-                    stride: [1, conv.stride],
-                    dilation: [1, conv.dilation],
-                    padding: [0, 0, left, right],
-                    weight: affine.weight,
-                    weight_scale: affine.weight_scale,
-                    bias: affine.bias,
-                    input,
-                    output: out.clone(),
-                };
-                if shape.len() != 2 || shape[0] != c.in_channels {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "FusedConv1d".into(),
-                        hint: format!(
-                            "its input has shape {shape:?}, expected [{}, length]",
-                            c.in_channels
-                        ),
-                    });
-                }
-                let len = (shape[1] + left + right)
-                    .checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1)
-                    .map(|v| v / c.stride[1] + 1);
-                let Some(len) = len else {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "FusedConv1d".into(),
-                        hint: format!("its kernel does not fit the input {shape:?}"),
-                    });
-                };
-                *shape = vec![c.out_channels, len];
-                *current = match &out {
-                    Output::Quantized { act, .. } => Some(*act),
-                    Output::Float { .. } if i == last => None,
-                    Output::Float { .. } => {
-                        return Err(ExportError::Unsupported {
-                            path,
-                            kind: "FusedConv1d without output FakeQuant".into(),
-                            hint: "only the last layer may output float".into(),
-                        });
-                    }
-                };
-                layers.push(IntLayer::Conv2d(c));
-            }
-            SeqLayer::AvgPool2d(p) => {
-                need_input("AvgPool2d")?;
-                if !matches!(p.padding, PaddingConfig2d::Valid) || p.ceil_mode {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "AvgPool2d with padding or ceil mode".into(),
-                        hint: "use valid padding".into(),
-                    });
-                }
-                if shape.len() != 3 || shape[1] < p.kernel_size[0] || shape[2] < p.kernel_size[1] {
-                    return Err(ExportError::Unsupported {
-                        path,
-                        kind: "AvgPool2d".into(),
-                        hint: format!("input shape {shape:?} does not fit its kernel"),
-                    });
-                }
-                *shape = vec![
-                    shape[0],
-                    (shape[1] - p.kernel_size[0]) / p.stride[0] + 1,
-                    (shape[2] - p.kernel_size[1]) / p.stride[1] + 1,
-                ];
-                layers.push(IntLayer::AvgPool2d {
-                    kernel: p.kernel_size,
-                    stride: p.stride,
-                });
-            }
-            SeqLayer::Flatten(_) => {
-                *shape = vec![shape.iter().product()];
-                layers.push(IntLayer::Flatten);
-            }
-            SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
-                let q = need_input("Relu")?;
-                let six = reference::quantize(
-                    6.0,
-                    q.qparams(),
-                    &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
-                );
-                let hi = if matches!(layer, SeqLayer::Relu6(_)) {
-                    six.min(q.qmax)
-                } else {
-                    q.qmax
-                };
-                layers.push(IntLayer::Clamp {
-                    lo: q.zero_point.max(q.qmin),
+                let (lo, hi) = clamp_bounds(r.add.activation, &out);
+                let add = crate::model::IntAdd {
+                    a,
+                    b,
+                    out,
+                    ma: fixed(a.scale)?,
+                    mb: fixed(b.scale)?,
+                    shift: SHIFT,
+                    lo,
                     hi,
-                });
+                };
+                IntLayer::Residual { body, add }
             }
-            SeqLayer::Dropout(_) => {}
+            SeqLayer::Dropout(_) => continue,
             other => {
                 let kind = match other {
-                    SeqLayer::Conv2d(_) | SeqLayer::Linear(_) | SeqLayer::BatchNorm(_) => {
-                        "an unfused layer"
-                    }
+                    SeqLayer::Conv1d(_)
+                    | SeqLayer::Conv2d(_)
+                    | SeqLayer::Linear(_)
+                    | SeqLayer::BatchNorm(_) => "an unfused layer",
                     _ => "a layer without an integer kernel",
                 };
-                return Err(ExportError::Unsupported {
-                    path,
-                    kind: other.name(),
-                    hint: format!(
-                        "{kind}: fuse the model (Sequential::fuse) before QAT and conversion"
-                    ),
-                });
+                return Err(unsupported(
+                    &other.name(),
+                    &format!("{kind}: fuse the model (Sequential::fuse) before QAT and conversion"),
+                ));
             }
+        };
+        let Some(next) = int.output_shape(shape) else {
+            return Err(unsupported(
+                &layer.name(),
+                &format!("it does not accept its input of shape {shape:?}"),
+            ));
+        };
+        *shape = next;
+        *current = match &int {
+            IntLayer::Quantize(q) => Some(*q),
+            IntLayer::Conv2d(IntConv2d { output, .. })
+            | IntLayer::Linear(IntLinear { output, .. }) => output.act(),
+            IntLayer::Residual { add, .. } => Some(add.out),
+            _ => *current,
+        };
+        if current.is_none() && !(top && i + 1 == seq.len()) {
+            return Err(unsupported(
+                &format!("{} without output FakeQuant", layer.name()),
+                "only the last layer of the model may output float",
+            ));
         }
+        layers.push(int);
     }
     Ok(layers)
+}
+
+/// The integer convolution of a fused `Conv1d` (`weight_rank` 3, run as a convolution of height 1)
+/// or `Conv2d` (`weight_rank` 4).
+fn int_conv<L, const DI: usize, const DW: usize>(
+    f: &Fused<L>,
+    groups: usize,
+    (stride, dilation): ([usize; 2], [usize; 2]),
+    padding: [usize; 4],
+    weight_rank: usize,
+    input: &ActQ,
+    path: &str,
+) -> Result<IntConv2d, ExportError>
+where
+    L: Fusable<DI, DW>,
+{
+    let (affine, dims) = quantize_affine(f, input, path)?;
+    let output = output(
+        f.output.as_ref(),
+        f.activation,
+        input,
+        &affine.weight_scale,
+        path,
+    )?;
+    let kernel = if weight_rank == 3 {
+        [1, dims[2]]
+    } else {
+        [dims[2], dims[3]]
+    };
+    Ok(IntConv2d {
+        in_channels: dims[1] * groups,
+        out_channels: dims[0],
+        groups,
+        kernel,
+        stride,
+        dilation,
+        padding,
+        weight: affine.weight,
+        weight_scale: affine.weight_scale,
+        bias: affine.bias,
+        input: *input,
+        output,
+    })
+}
+
+/// The integer clamp of a fused activation on the grid of `act` (ReLU: `lo = zero_point`).
+fn clamp_bounds(activation: Activation, act: &ActQ) -> (i32, i32) {
+    let q = |v: f32| {
+        reference::quantize(
+            v,
+            act.qparams(),
+            &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
+        )
+    };
+    match activation {
+        Activation::Identity => (act.qmin, act.qmax),
+        Activation::Relu => (act.zero_point.max(act.qmin), act.qmax),
+        Activation::Relu6 => (act.zero_point.max(act.qmin), q(6.0).min(act.qmax)),
+        Activation::Clamp { min, max } => (q(min).max(act.qmin), q(max).min(act.qmax)),
+    }
 }

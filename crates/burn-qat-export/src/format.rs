@@ -134,88 +134,22 @@ fn validate_layers(
     };
     let mut shape = shape;
     for (i, layer) in layers.iter().enumerate() {
-        match layer {
-            IntLayer::Conv2d(c)
-                if shape.len() == 2
-                    && shape[0] == c.in_channels
-                    && c.kernel[0] == 1
-                    && c.padding[0] + c.padding[1] == 0 =>
-            {
-                match (shape[1] + c.padding[2] + c.padding[3])
-                    .checked_sub(c.dilation[1] * (c.kernel[1] - 1) + 1)
-                {
-                    Some(v) => shape = vec![c.out_channels, v / c.stride[1].max(1) + 1],
-                    None => {
-                        return bad(format!(
-                            "layer {i}: the kernel does not fit the input {shape:?}"
-                        ));
-                    }
-                }
-            }
-            IntLayer::Conv2d(c) if shape.len() == 3 && shape[0] == c.in_channels => {
-                let out = |n: usize, p: usize, d: usize, k: usize, s: usize| {
-                    (n + p).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1)
-                };
-                match (
-                    out(
-                        shape[1],
-                        c.padding[0] + c.padding[1],
-                        c.dilation[0],
-                        c.kernel[0],
-                        c.stride[0].max(1),
-                    ),
-                    out(
-                        shape[2],
-                        c.padding[2] + c.padding[3],
-                        c.dilation[1],
-                        c.kernel[1],
-                        c.stride[1].max(1),
-                    ),
-                ) {
-                    (Some(h), Some(w)) => shape = vec![c.out_channels, h, w],
-                    _ => {
-                        return bad(format!(
-                            "layer {i}: the kernel does not fit the input {shape:?}"
-                        ));
-                    }
-                }
-            }
-            IntLayer::Linear(l) if shape == [l.in_features] => shape = vec![l.out_features],
-            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride }
-                if shape.len() == 3
-                    && shape[1] >= kernel[0]
-                    && shape[2] >= kernel[1]
-                    && !stride.contains(&0) =>
-            {
-                shape = vec![
-                    shape[0],
-                    (shape[1] - kernel[0]) / stride[0] + 1,
-                    (shape[2] - kernel[1]) / stride[1] + 1,
-                ];
-            }
-            IntLayer::Flatten => shape = vec![shape.iter().product()],
-            IntLayer::Quantize(_) | IntLayer::Clamp { .. } => {}
-            IntLayer::Residual { body, add } => {
-                if validate_layers(body, shape.clone())? != shape
-                    || add.shift == 0
-                    || add.shift > 100
-                {
-                    return bad(format!(
-                        "layer {i}: residual body does not preserve the shape {shape:?}"
-                    ));
-                }
-            }
-            other => {
+        if let IntLayer::Residual { body, add } = layer {
+            validate_layers(body, shape.clone())?;
+            if add.shift == 0 || add.shift > 100 {
                 return bad(format!(
-                    "layer {i} ({}) does not accept input of shape {shape:?}",
-                    match other {
-                        IntLayer::Conv2d(_) => "Conv2d",
-                        IntLayer::Linear(_) => "Linear",
-                        _ => "pooling",
-                    }
+                    "layer {i}: residual add shift {} out of 1..=100",
+                    add.shift
                 ));
             }
         }
+        let Some(next) = layer.output_shape(&shape) else {
+            return bad(format!(
+                "layer {i} ({}) does not accept input of shape {shape:?}",
+                layer.kind()
+            ));
+        };
+        shape = next;
         match layer {
             IntLayer::Conv2d(c) => {
                 if c.groups == 0

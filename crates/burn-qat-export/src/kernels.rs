@@ -5,10 +5,12 @@
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams};
 use rten_tensor::NdTensorView;
 
-use crate::model::{IntConv2d, IntLinear, Output, Values};
+use crate::model::{IntConv2d, IntLinear, Output, Values, conv_output_len};
 
+/// Shapes were checked when the model was converted or loaded (`IntLayer::output_shape`).
 fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: usize) -> usize {
-    (input + pad).saturating_sub(dilation * (kernel - 1) + 1) / stride + 1
+    conv_output_len(input, pad, dilation, kernel, stride)
+        .expect("shapes checked at conversion or load")
 }
 
 /// Turns per-(row, channel) accumulators (bias included) into the layer's output values, laid

@@ -54,6 +54,16 @@ pub enum Output {
     },
 }
 
+impl Output {
+    /// The output's quantization, `None` for float logits.
+    pub fn act(&self) -> Option<ActQ> {
+        match self {
+            Output::Quantized { act, .. } => Some(*act),
+            Output::Float { .. } => None,
+        }
+    }
+}
+
 /// An integer 2-D convolution (NCHW); a 1-D convolution is one with `kernel[0] == 1` run on
 /// `[n, c, length]` inputs.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -220,6 +230,81 @@ pub struct IntegerModel {
     pub input_shape: Vec<usize>,
     /// Layers.
     pub layers: Vec<IntLayer>,
+}
+
+/// Output length of a convolution or pooling window along one axis, `None` if the window does
+/// not fit: `(input + pad - dilation * (kernel - 1) - 1) / stride + 1`.
+pub fn conv_output_len(
+    input: usize,
+    pad: usize,
+    dilation: usize,
+    kernel: usize,
+    stride: usize,
+) -> Option<usize> {
+    if kernel == 0 || stride == 0 {
+        return None;
+    }
+    (input + pad)
+        .checked_sub(dilation * (kernel - 1) + 1)
+        .map(|v| v / stride + 1)
+}
+
+impl IntLayer {
+    /// The layer's kind, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IntLayer::Quantize(_) => "Quantize",
+            IntLayer::Conv2d(_) => "Conv2d",
+            IntLayer::Linear(_) => "Linear",
+            IntLayer::MaxPool2d { .. } => "MaxPool2d",
+            IntLayer::AvgPool2d { .. } => "AvgPool2d",
+            IntLayer::Clamp { .. } => "Clamp",
+            IntLayer::Flatten => "Flatten",
+            IntLayer::Residual { .. } => "Residual",
+        }
+    }
+
+    /// The shape this layer produces from `input` (both without the batch dimension), or `None`
+    /// if it does not accept that input. A convolution takes `[c, h, w]`, or `[c, length]` when its
+    /// kernel height is 1 and it has no vertical padding (a 1-D convolution); a residual body must
+    /// preserve the shape. The single place where shapes are propagated: the converter, the file
+    /// check, the kernels and the ONNX writer all use it.
+    pub fn output_shape(&self, input: &[usize]) -> Option<Vec<usize>> {
+        match self {
+            IntLayer::Quantize(_) | IntLayer::Clamp { .. } => Some(input.to_vec()),
+            IntLayer::Flatten => Some(vec![input.iter().product()]),
+            IntLayer::Conv2d(c) if input.first() == Some(&c.in_channels) => match input.len() {
+                2 if c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0 => {
+                    let pad = c.padding[2] + c.padding[3];
+                    let len =
+                        conv_output_len(input[1], pad, c.dilation[1], c.kernel[1], c.stride[1])?;
+                    Some(vec![c.out_channels, len])
+                }
+                3 => {
+                    let (ph, pw) = (c.padding[0] + c.padding[1], c.padding[2] + c.padding[3]);
+                    let h = conv_output_len(input[1], ph, c.dilation[0], c.kernel[0], c.stride[0])?;
+                    let w = conv_output_len(input[2], pw, c.dilation[1], c.kernel[1], c.stride[1])?;
+                    Some(vec![c.out_channels, h, w])
+                }
+                _ => None,
+            },
+            IntLayer::Linear(l) if input == [l.in_features] => Some(vec![l.out_features]),
+            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride }
+                if input.len() == 3 =>
+            {
+                let h = conv_output_len(input[1], 0, 1, kernel[0], stride[0])?;
+                let w = conv_output_len(input[2], 0, 1, kernel[1], stride[1])?;
+                Some(vec![input[0], h, w])
+            }
+            IntLayer::Residual { body, .. } => {
+                let out = body
+                    .iter()
+                    .try_fold(input.to_vec(), |shape, l| l.output_shape(&shape))?;
+                (out == input).then_some(out)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl IntegerModel {

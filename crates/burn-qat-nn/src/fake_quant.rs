@@ -166,24 +166,30 @@ impl FakeQuant {
             );
         }
         let device = input.device();
-        if input.is_autodiff() && self.observing.is_enabled() && !self.is_frozen() {
+        // One host read for the three switches (a device sync on GPU backends).
+        let [enabled, observed, frozen] = self.switches();
+        let observing = input.is_autodiff() && self.observing.is_enabled() && !frozen;
+        if observing {
             self.observe(&input);
         }
-        if !self.is_enabled() || !self.is_observed() {
+        if !enabled || !(observed || observing) {
             return input;
         }
         let (scale, zero_point) = self.qparams_on(&device);
         tensor::fake_quant(input, scale, zero_point, &self.spec)
     }
 
-    /// Fake-quantizes `input` with the current range, without observing it (for values that must
-    /// stay on this quantizer's grid, e.g. after an average pooling, as TFLite requires).
-    pub fn forward_fixed<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        if !self.is_enabled() || !self.is_observed() {
-            return input;
-        }
-        let (scale, zero_point) = self.qparams_on(&input.device());
-        tensor::fake_quant(input, scale, zero_point, &self.spec)
+    /// `[enabled, observed, frozen]`, read from the device in one transfer.
+    fn switches(&self) -> [bool; 3] {
+        let device = self.enabled.value().device();
+        let states =
+            [&self.enabled, &self.observed, &self.frozen].map(|s| s.value().to_device(&device));
+        let v = Tensor::cat(states.to_vec(), 0)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
+        [0, 1, 2].map(|i| v.get(i).is_some_and(|x| *x > 0.5))
     }
 
     /// Updates the observed range with `input`, whatever the mode.

@@ -140,9 +140,8 @@ impl LearnedFakeQuant {
         };
         let device = self.learning.value().device();
         let (s, z) = self.observer.qparams_on(&device);
-        let set = |p: Option<Param<Tensor<1>>>, v: Tensor<1>| {
-            p.map(|p| Param::initialized(p.id, relearn(v)))
-        };
+        let set =
+            |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| crate::param_with(Some(&p), v));
         // LSQ has no zero point: its step covers the symmetric range [-m, m].
         let lsq_spec = self.spec.with_symmetric(true);
         let (s_sym, _) = tensor::qparams(
@@ -166,11 +165,6 @@ impl LearnedFakeQuant {
         let _ = self.learning.value_sync();
         self
     }
-}
-
-fn relearn(v: Tensor<1>) -> Tensor<1> {
-    let v = v.detach();
-    if v.is_autodiff() { v.require_grad() } else { v }
 }
 
 /// Hands every [`LearnedFakeQuant`] of `model` over from observing to learning (see

@@ -33,6 +33,19 @@ mod weight;
 mod spec_code;
 
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
+/// A parameter holding `value` as a trainable leaf, keeping `old`'s id when there is one (so
+/// optimizer state and records line up).
+pub fn param_with<const D: usize>(
+    old: Option<&burn::module::Param<burn::tensor::Tensor<D>>>,
+    value: burn::tensor::Tensor<D>,
+) -> burn::module::Param<burn::tensor::Tensor<D>> {
+    let value = burn_qat_core::tensor::trainable_leaf(value);
+    match old {
+        Some(p) => burn::module::Param::initialized(p.id, value),
+        None => burn::module::Param::from_tensor(value),
+    }
+}
+
 pub use learned::{LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange, start_learning};
 pub use spec_code::{decode_spec, encode_spec};
 pub use weight::{WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer};

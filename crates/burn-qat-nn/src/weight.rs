@@ -192,13 +192,8 @@ fn lsq_init<const D: usize>(weight: Tensor<D>, spec: &QuantSpec) -> Tensor<1> {
             flat.mean_dim(1).reshape([c])
         }
     };
-    let init = mean
-        .mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt())
-        .clamp_min(burn_qat_core::MIN_SCALE)
-        .detach();
-    if init.is_autodiff() {
-        init.require_grad()
-    } else {
-        init
-    }
+    tensor::trainable_leaf(
+        mean.mul_scalar(2.0 / (spec.qmax().max(1) as f32).sqrt())
+            .clamp_min(burn_qat_core::MIN_SCALE),
+    )
 }

@@ -33,6 +33,9 @@ pub enum OnnxError {
     /// Conversion to the integer model failed (it names the module path).
     #[error(transparent)]
     Convert(#[from] burn_qat_export::ExportError),
+    /// The integer model is inconsistent (its layers do not fit together).
+    #[error("{0}")]
+    Invalid(String),
     /// Writing the file failed; nothing is left at the output path.
     #[error("writing {path}: {source}")]
     Io {
@@ -170,9 +173,7 @@ impl Graph {
     fn finish(&mut self, y: String, output: &Output) -> String {
         match output {
             Output::Quantized { act, lo, hi, .. } => {
-                let lower = (*lo > act.qmin).then(|| (lo - act.zero_point) as f32 * act.scale);
-                let upper = (*hi < act.qmax).then(|| (hi - act.zero_point) as f32 * act.scale);
-                let y = self.clip(y, lower, upper);
+                let y = self.clip_int(y, *lo, *hi, act);
                 self.qdq(y, act)
             }
             Output::Float { lo, hi, .. } => {
@@ -181,6 +182,14 @@ impl Graph {
                 self.clip(y, lower, upper)
             }
         }
+    }
+
+    /// The integer clamp `[lo, hi]` on the grid of `act` as a float `Relu`/`Clip` (nothing where
+    /// a bound is the grid's own: `QuantizeLinear` saturates there).
+    fn clip_int(&mut self, y: String, lo: i32, hi: i32, act: &ActQ) -> String {
+        let lower = (lo > act.qmin).then(|| (lo - act.zero_point) as f32 * act.scale);
+        let upper = (hi < act.qmax).then(|| (hi - act.zero_point) as f32 * act.scale);
+        self.clip(y, lower, upper)
     }
 
     fn clip(&mut self, y: String, lower: Option<f32>, upper: Option<f32>) -> String {
@@ -263,59 +272,19 @@ impl Graph {
         mut shape: Vec<usize>,
     ) -> (String, Option<ActQ>, Vec<usize>) {
         for layer in layers {
+            let next = layer.output_shape(&shape).expect("the model was validated");
             match layer {
                 IntLayer::Quantize(a) => {
                     x = self.qdq(x, a);
                     q = Some(*a);
                 }
                 IntLayer::Conv2d(c) => {
-                    let one_d = shape.len() == 2;
-                    x = self.conv(x, c, one_d);
-                    let out = |n: usize, p: usize, d: usize, k: usize, s: usize| {
-                        (n + p - d * (k - 1) - 1) / s + 1
-                    };
-                    shape = if one_d {
-                        vec![
-                            c.out_channels,
-                            out(
-                                shape[1],
-                                c.padding[2] + c.padding[3],
-                                c.dilation[1],
-                                c.kernel[1],
-                                c.stride[1],
-                            ),
-                        ]
-                    } else {
-                        vec![
-                            c.out_channels,
-                            out(
-                                shape[1],
-                                c.padding[0] + c.padding[1],
-                                c.dilation[0],
-                                c.kernel[0],
-                                c.stride[0],
-                            ),
-                            out(
-                                shape[2],
-                                c.padding[2] + c.padding[3],
-                                c.dilation[1],
-                                c.kernel[1],
-                                c.stride[1],
-                            ),
-                        ]
-                    };
-                    q = match &c.output {
-                        Output::Quantized { act, .. } => Some(*act),
-                        Output::Float { .. } => None,
-                    };
+                    x = self.conv(x, c, shape.len() == 2);
+                    q = c.output.act();
                 }
                 IntLayer::Linear(l) => {
                     x = self.linear(x, l);
-                    shape = vec![l.out_features];
-                    q = match &l.output {
-                        Output::Quantized { act, .. } => Some(*act),
-                        Output::Float { .. } => None,
-                    };
+                    q = l.output.act();
                 }
                 IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } => {
                     let op = if matches!(layer, IntLayer::MaxPool2d { .. }) {
@@ -333,17 +302,10 @@ impl Graph {
                     if let Some(a) = &q {
                         x = self.qdq(x, a);
                     }
-                    shape = vec![
-                        shape[0],
-                        (shape[1] - kernel[0]) / stride[0] + 1,
-                        (shape[2] - kernel[1]) / stride[1] + 1,
-                    ];
                 }
                 IntLayer::Clamp { lo, hi } => {
                     if let Some(a) = q {
-                        let lower = (*lo > a.qmin).then(|| (lo - a.zero_point) as f32 * a.scale);
-                        let upper = (*hi < a.qmax).then(|| (hi - a.zero_point) as f32 * a.scale);
-                        x = self.clip(x, lower, upper);
+                        x = self.clip_int(x, *lo, *hi, &a);
                         x = self.qdq(x, &a);
                     }
                 }
@@ -352,20 +314,16 @@ impl Graph {
                     if let Some(a) = &q {
                         x = self.qdq(x, a);
                     }
-                    shape = vec![shape.iter().product()];
                 }
                 IntLayer::Residual { body, add } => {
                     let (b, _, _) = self.layers(x.clone(), body, q, shape.clone());
                     let y = self.node("Add", vec![x, b], vec![]);
-                    let lower = (add.lo > add.out.qmin)
-                        .then(|| (add.lo - add.out.zero_point) as f32 * add.out.scale);
-                    let upper = (add.hi < add.out.qmax)
-                        .then(|| (add.hi - add.out.zero_point) as f32 * add.out.scale);
-                    let y = self.clip(y, lower, upper);
+                    let y = self.clip_int(y, add.lo, add.hi, &add.out);
                     x = self.qdq(y, &add.out);
                     q = Some(add.out);
                 }
             }
+            shape = next;
         }
         (x, q, shape)
     }
@@ -407,6 +365,7 @@ pub fn to_model_proto(
     if options.opset != 13 && options.opset != 21 {
         return Err(OnnxError::Opset(options.opset));
     }
+    burn_qat_export::format::validate(model).map_err(|e| OnnxError::Invalid(e.to_string()))?;
     let mut g = Graph::default();
     let (out, _, shape) = g.layers(
         "input".into(),

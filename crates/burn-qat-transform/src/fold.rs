@@ -16,10 +16,11 @@
 //! folded.forward(x).into_data().assert_approx_eq::<f32>(&want.into_data(), Default::default());
 //! ```
 
-use burn::module::Param;
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
+
+use crate::Fusable;
 
 /// The per-channel affine map of a BatchNorm in evaluation mode, `y = x * mul + add`:
 /// `mul = gamma / sqrt(running_var + eps)`, `add = beta - running_mean * mul`. Differentiable in
@@ -52,62 +53,27 @@ pub fn fold_params<const D: usize>(
     (weight, bias)
 }
 
-fn param<const D: usize>(old: Option<&Param<Tensor<D>>>, value: Tensor<D>) -> Param<Tensor<D>> {
-    let value = value.detach();
-    match old {
-        Some(p) => Param::initialized(
-            p.id,
-            if value.is_autodiff() {
-                value.require_grad()
-            } else {
-                value
-            },
-        ),
-        None => Param::from_tensor(value),
-    }
+/// Folds `bn` into `layer`: the same layer with the folded weight and bias (parameter ids kept).
+pub fn fold_into<L, const DI: usize, const DW: usize>(layer: L, bn: &BatchNorm) -> L
+where
+    L: Fusable<DI, DW>,
+{
+    let (w, b) = fold_params(layer.weight(), layer.bias(), bn, L::WEIGHT_AXIS);
+    layer.with_params(w, b)
 }
 
 /// `bn(conv(x))` as one `Conv2d` (grouped, depthwise, any stride/padding/dilation).
 pub fn fold_conv2d(conv: Conv2d, bn: &BatchNorm) -> Conv2d {
-    let (w, b) = fold_params(
-        conv.weight.val(),
-        conv.bias.as_ref().map(|b| b.val()),
-        bn,
-        0,
-    );
-    Conv2d {
-        weight: param(Some(&conv.weight), w),
-        bias: Some(param(conv.bias.as_ref(), b)),
-        ..conv
-    }
+    fold_into(conv, bn)
 }
 
 /// `bn(conv(x))` as one `Conv1d`.
 pub fn fold_conv1d(conv: Conv1d, bn: &BatchNorm) -> Conv1d {
-    let (w, b) = fold_params(
-        conv.weight.val(),
-        conv.bias.as_ref().map(|b| b.val()),
-        bn,
-        0,
-    );
-    Conv1d {
-        weight: param(Some(&conv.weight), w),
-        bias: Some(param(conv.bias.as_ref(), b)),
-        ..conv
-    }
+    fold_into(conv, bn)
 }
 
 /// `bn(linear(x))` as one `Linear` (BatchNorm over the output features; the weight is
 /// `[d_input, d_output]`, so its columns are scaled).
 pub fn fold_linear(linear: Linear, bn: &BatchNorm) -> Linear {
-    let (w, b) = fold_params(
-        linear.weight.val(),
-        linear.bias.as_ref().map(|b| b.val()),
-        bn,
-        1,
-    );
-    Linear {
-        weight: param(Some(&linear.weight), w),
-        bias: Some(param(linear.bias.as_ref(), b)),
-    }
+    fold_into(linear, bn)
 }

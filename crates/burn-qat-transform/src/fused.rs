@@ -1,11 +1,11 @@
 use burn::config::Config;
-use burn::module::{Module, Param, Reparameterization, RunningState};
+use burn::module::{Module, Param, ParamId, Reparameterization, RunningState};
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn_qat_core::{QatError, QuantSpec};
-use burn_qat_nn::{FakeQuant, FakeQuantConfig, WeightFakeQuant, WeightFakeQuantConfig};
+use burn_qat_nn::{FakeQuant, FakeQuantConfig, WeightFakeQuant, WeightFakeQuantConfig, param_with};
 use serde::{Deserialize, Serialize};
 
 use crate::fold::bn_affine;
@@ -75,91 +75,41 @@ pub trait Fusable<const DI: usize, const DW: usize>: Module {
     fn with_params(self, weight: Tensor<DW>, bias: Tensor<1>) -> Self;
 }
 
-fn baked<const D: usize>(old: &Param<Tensor<D>>, value: Tensor<D>) -> Param<Tensor<D>> {
-    let value = value.detach();
-    Param::initialized(
-        old.id,
-        if value.is_autodiff() {
-            value.require_grad()
-        } else {
-            value
-        },
-    )
-}
-
-fn new_bias(old: Option<&Param<Tensor<1>>>, value: Tensor<1>) -> Option<Param<Tensor<1>>> {
-    Some(match old {
-        Some(p) => baked(p, value),
-        None => {
-            let value = value.detach();
-            Param::from_tensor(if value.is_autodiff() {
-                value.require_grad()
-            } else {
-                value
-            })
+macro_rules! fusable_conv {
+    ($ty:ident, $rank:literal) => {
+        impl Fusable<$rank, $rank> for $ty {
+            const WEIGHT_AXIS: usize = 0;
+            fn weight(&self) -> Tensor<$rank> {
+                self.weight.val()
+            }
+            fn bias(&self) -> Option<Tensor<1>> {
+                self.bias.as_ref().map(|b| b.val())
+            }
+            fn forward_with(
+                &self,
+                input: Tensor<$rank>,
+                weight: Tensor<$rank>,
+                bias: Option<Tensor<1>>,
+            ) -> Tensor<$rank> {
+                let conv = $ty {
+                    weight: Param::initialized(self.weight.id, weight),
+                    bias: bias.map(|b| Param::initialized(ParamId::new(), b)),
+                    ..self.clone()
+                };
+                conv.forward(input)
+            }
+            fn with_params(self, weight: Tensor<$rank>, bias: Tensor<1>) -> Self {
+                $ty {
+                    weight: param_with(Some(&self.weight), weight),
+                    bias: Some(param_with(self.bias.as_ref(), bias)),
+                    ..self
+                }
+            }
         }
-    })
+    };
 }
-
-impl Fusable<4, 4> for Conv2d {
-    const WEIGHT_AXIS: usize = 0;
-    fn weight(&self) -> Tensor<4> {
-        self.weight.val()
-    }
-    fn bias(&self) -> Option<Tensor<1>> {
-        self.bias.as_ref().map(|b| b.val())
-    }
-    fn forward_with(
-        &self,
-        input: Tensor<4>,
-        weight: Tensor<4>,
-        bias: Option<Tensor<1>>,
-    ) -> Tensor<4> {
-        let tmp = Conv2d {
-            weight: Param::initialized(self.weight.id, weight),
-            bias: bias.map(Param::initialized_any),
-            ..self.clone()
-        };
-        tmp.forward(input)
-    }
-    fn with_params(self, weight: Tensor<4>, bias: Tensor<1>) -> Self {
-        Conv2d {
-            weight: baked(&self.weight, weight),
-            bias: new_bias(self.bias.as_ref(), bias),
-            ..self
-        }
-    }
-}
-
-impl Fusable<3, 3> for Conv1d {
-    const WEIGHT_AXIS: usize = 0;
-    fn weight(&self) -> Tensor<3> {
-        self.weight.val()
-    }
-    fn bias(&self) -> Option<Tensor<1>> {
-        self.bias.as_ref().map(|b| b.val())
-    }
-    fn forward_with(
-        &self,
-        input: Tensor<3>,
-        weight: Tensor<3>,
-        bias: Option<Tensor<1>>,
-    ) -> Tensor<3> {
-        let tmp = Conv1d {
-            weight: Param::initialized(self.weight.id, weight),
-            bias: bias.map(Param::initialized_any),
-            ..self.clone()
-        };
-        tmp.forward(input)
-    }
-    fn with_params(self, weight: Tensor<3>, bias: Tensor<1>) -> Self {
-        Conv1d {
-            weight: baked(&self.weight, weight),
-            bias: new_bias(self.bias.as_ref(), bias),
-            ..self
-        }
-    }
-}
+fusable_conv!(Conv2d, 4);
+fusable_conv!(Conv1d, 3);
 
 impl Fusable<2, 2> for Linear {
     const WEIGHT_AXIS: usize = 1;
@@ -179,18 +129,9 @@ impl Fusable<2, 2> for Linear {
     }
     fn with_params(self, weight: Tensor<2>, bias: Tensor<1>) -> Self {
         Linear {
-            weight: baked(&self.weight, weight),
-            bias: new_bias(self.bias.as_ref(), bias),
+            weight: param_with(Some(&self.weight), weight),
+            bias: Some(param_with(self.bias.as_ref(), bias)),
         }
-    }
-}
-
-trait InitializedAny {
-    fn initialized_any(t: Tensor<1>) -> Param<Tensor<1>>;
-}
-impl InitializedAny for Param<Tensor<1>> {
-    fn initialized_any(t: Tensor<1>) -> Param<Tensor<1>> {
-        Param::initialized(burn::module::ParamId::new(), t)
     }
 }
 
