@@ -8,7 +8,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_qat::export::requant::FixedMultiplier;
-use burn_qat::export::{ActQ, IntConv2d, IntLayer, IntegerModel, Output, convert};
+use burn_qat::export::{ActQ, IntConv2d, IntLayer, IntLinear, IntegerModel, Output, convert};
 use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, QuantSpec};
 use burn_qat_tests::values;
@@ -81,7 +81,10 @@ fn every_quantized_output_is_within_one_lsb_of_the_fake_quant_model() {
     let plain = Device::flex();
     let x = Tensor::<4>::random([16, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
     let fq = values(model.forward(x.clone()));
-    let (q, shape, act) = int.forward_int(&values(x)).expect("quantized output");
+    let (q, shape, act) = int
+        .forward_int(&values(x))
+        .unwrap()
+        .expect("quantized output");
     assert_eq!(shape, vec![16, 5]);
     let mut exact = 0;
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
@@ -103,9 +106,9 @@ fn float_logits_match_and_predictions_agree() {
     let plain = Device::flex();
     let x = Tensor::<4>::random([64, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
     let fq = values(model.forward(x.clone()));
-    let (logits, shape) = int.forward(&values(x.clone()));
+    let (logits, shape) = int.forward(&values(x.clone())).unwrap();
     assert_eq!(shape, vec![64, 5]);
-    let (reference, _) = int.forward_reference(&values(x));
+    let (reference, _) = int.forward_reference(&values(x)).unwrap();
     assert_eq!(
         logits, reference,
         "fast kernels must equal the scalar reference"
@@ -179,7 +182,7 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
 
 fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
     (
-        1usize..3,
+        1usize..4,
         1usize..4,
         1usize..4,
         1usize..4,
@@ -188,20 +191,20 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
         1usize..3,
         0usize..2,
         4usize..9,
-        -20i32..20,
+        -128i32..128,
     )
         .prop_flat_map(|(n, g, cin_g, cout_g, k, stride, dil, pad, hw, zp)| {
             let cin = g * cin_g;
             let cout = g * cout_g;
             let wlen = cout * cin_g * k * k;
             (
-                proptest::collection::vec(-127i8..=127, wlen),
+                proptest::collection::vec(any::<i8>(), wlen),
                 proptest::collection::vec(-5000i32..5000, cout),
                 proptest::collection::vec(1e-4f64..0.05, cout),
                 proptest::collection::vec(-3.0f32..3.0, n * cin * hw * hw),
-                any::<bool>(),
+                0..3,
             )
-                .prop_map(move |(weight, bias, mult, input, relu)| {
+                .prop_map(move |(weight, bias, mult, input, mode)| {
                     let input_q = ActQ {
                         scale: 0.05,
                         zero_point: zp,
@@ -210,9 +213,22 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                     };
                     let out_q = ActQ {
                         scale: 0.1,
-                        zero_point: -zp,
+                        zero_point: (-zp).min(127),
                         qmin: -128,
                         qmax: 127,
+                    };
+                    let output = match mode {
+                        0 | 1 => Output::Quantized {
+                            act: out_q,
+                            requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
+                            lo: if mode == 1 { out_q.zero_point } else { -128 },
+                            hi: 127,
+                        },
+                        _ => Output::Float {
+                            scale: mult.iter().map(|m| *m as f32).collect(),
+                            lo: f32::MIN,
+                            hi: f32::MAX,
+                        },
                     };
                     let conv = IntConv2d {
                         in_channels: cin,
@@ -226,12 +242,8 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         weight_scale: vec![0.01; cout],
                         bias,
                         input: input_q,
-                        output: Output::Quantized {
-                            act: out_q,
-                            requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
-                            lo: if relu { -zp } else { -128 },
-                            hi: 127,
-                        },
+                        output,
+                        packed: Default::default(),
                     };
                     let model = IntegerModel {
                         input_shape: vec![cin, hw, hw],
@@ -248,12 +260,103 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
         })
 }
 
+/// A random integer linear layer (batch 1 takes the GEMV path, larger batches packed weights).
+fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
+    (1usize..5, 1usize..70, 1usize..40, -128i32..128).prop_flat_map(|(n, fin, fout, zp)| {
+        (
+            proptest::collection::vec(any::<i8>(), fin * fout),
+            proptest::collection::vec(-5000i32..5000, fout),
+            proptest::collection::vec(1e-4f64..0.05, fout),
+            proptest::collection::vec(-3.0f32..3.0, n * fin),
+            any::<bool>(),
+        )
+            .prop_map(move |(weight, bias, mult, input, float)| {
+                let input_q = ActQ {
+                    scale: 0.05,
+                    zero_point: zp,
+                    qmin: -128,
+                    qmax: 127,
+                };
+                let output = if float {
+                    Output::Float {
+                        scale: mult.iter().map(|m| *m as f32).collect(),
+                        lo: f32::MIN,
+                        hi: f32::MAX,
+                    }
+                } else {
+                    Output::Quantized {
+                        act: ActQ {
+                            scale: 0.1,
+                            zero_point: 3,
+                            qmin: -128,
+                            qmax: 127,
+                        },
+                        requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
+                        lo: -128,
+                        hi: 127,
+                    }
+                };
+                let linear = IntLinear {
+                    in_features: fin,
+                    out_features: fout,
+                    weight,
+                    weight_scale: vec![0.01; fout],
+                    bias,
+                    input: input_q,
+                    output,
+                    packed: Default::default(),
+                };
+                let model = IntegerModel {
+                    input_shape: vec![fin],
+                    layers: vec![IntLayer::Quantize(input_q), IntLayer::Linear(linear)],
+                };
+                (model, input)
+            })
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
     fn fast_conv_equals_scalar_reference((model, input) in conv_case()) {
-        prop_assert_eq!(model.forward(&input), model.forward_reference(&input));
+        // Twice: the second forward runs on the weights packed by the first.
+        let reference = model.forward_reference(&input).unwrap();
+        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
+        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
     }
+
+    #[test]
+    fn fast_linear_equals_scalar_reference((model, input) in linear_case()) {
+        let reference = model.forward_reference(&input).unwrap();
+        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
+        prop_assert_eq!(&model.forward(&input[..model.input_shape[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]]);
+    }
+}
+
+#[test]
+fn bad_inputs_and_hand_edited_models_are_errors() {
+    use burn_qat::export::RunError;
+    let (model, _) = calibrated(false);
+    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let err = int.forward(&[0.0; 199]).unwrap_err();
+    assert_eq!(
+        err,
+        RunError::Input {
+            len: 199,
+            input_shape: vec![2, 10, 10]
+        }
+    );
+    assert!(err.to_string().contains("199 values"), "{err}");
+    assert_eq!(int.forward(&[]).unwrap().0, Vec::<f32>::new());
+    let mut edited = int.clone();
+    if let Some(IntLayer::Conv2d(c)) = edited.layers.iter_mut().find(|l| l.kind() == "Conv2d") {
+        c.weight.pop();
+    }
+    let err = edited.forward(&[0.0; 200]).unwrap_err();
+    assert!(
+        matches!(&err, RunError::Model(m) if m.contains("sizes disagree")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -268,7 +371,7 @@ fn file_round_trip_and_damaged_files() {
     let x: Vec<f32> = (0..2 * 2 * 10 * 10)
         .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
         .collect();
-    assert_eq!(loaded.forward(&x), int.forward(&x));
+    assert_eq!(loaded.forward(&x).unwrap(), int.forward(&x).unwrap());
     let bytes = std::fs::read(&path).unwrap();
     // Truncated anywhere: an error.
     for cut in [0, 5, 23, 24, bytes.len() / 2, bytes.len() - 1] {
@@ -374,7 +477,7 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
         &Device::flex(),
     );
     let fq = values(model.forward(x.clone()));
-    let (q, _, a) = int.forward_int(&values(x.clone())).unwrap();
+    let (q, _, a) = int.forward_int(&values(x.clone())).unwrap().unwrap();
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
         let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
         assert!(
@@ -384,7 +487,10 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
     }
     let bytes = burn_qat::export::format::to_bytes(&int);
     let back = burn_qat::export::format::from_bytes(&bytes).unwrap();
-    assert_eq!(back.forward(&values(x.clone())), int.forward(&values(x)));
+    assert_eq!(
+        back.forward(&values(x.clone())).unwrap(),
+        int.forward(&values(x)).unwrap()
+    );
 }
 
 /// Calibrates `float` fused for QAT (input FakeQuant, quantized logits), converts it, and
@@ -426,7 +532,7 @@ fn check_within_one_lsb<const D: usize>(
         _ => panic!("features expected"),
     };
     let xs = values(x);
-    let (q, _, a) = int.forward_int(&xs).unwrap();
+    let (q, _, a) = int.forward_int(&xs).unwrap().unwrap();
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
         let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
         assert!(
@@ -436,8 +542,11 @@ fn check_within_one_lsb<const D: usize>(
     }
     let back =
         burn_qat::export::format::from_bytes(&burn_qat::export::format::to_bytes(&int)).unwrap();
-    assert_eq!(back.forward(&xs), int.forward(&xs));
-    assert_eq!(int.forward(&xs), int.forward_reference(&xs));
+    assert_eq!(back.forward(&xs).unwrap(), int.forward(&xs).unwrap());
+    assert_eq!(
+        int.forward(&xs).unwrap(),
+        int.forward_reference(&xs).unwrap()
+    );
 }
 
 #[test]

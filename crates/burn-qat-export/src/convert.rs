@@ -327,6 +327,7 @@ fn convert_layers(
                     bias: affine.bias,
                     input,
                     output,
+                    packed: Default::default(),
                 })
             }
             SeqLayer::MaxPool2d(p) => {
@@ -501,6 +502,7 @@ where
         bias: affine.bias,
         input: *input,
         output,
+        packed: Default::default(),
     })
 }
 

@@ -2,7 +2,11 @@
 //! kernels) and the scalar reference (nested loops) it is tested against. No float arithmetic
 //! between quantized input and requantized output, except in a `Float` last layer.
 
-use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams};
+use rayon::prelude::*;
+use rten_gemm::{
+    BiasVector, ColOffsets, GemmExecutor, GemmInputA, GemmInputB, GemmOptions, Im2Col,
+    PackedBMatrix, QuantParams, RowOffsets,
+};
 use rten_tensor::NdTensorView;
 
 use crate::model::{IntConv2d, IntLinear, Output, Values, conv_output_len};
@@ -57,36 +61,25 @@ fn finish(
     }
 }
 
-fn gemm_u8_i8(a: &[u8], a_zero: u8, m: usize, k: usize, b: &[i8], n: usize) -> Vec<i32> {
-    let mut out = vec![0i32; m * n];
-    if m == 0 || n == 0 {
-        return out;
-    }
+/// Runs `f` with this thread's GEMM executor (VNNI, AVX2, NEON or generic kernels, chosen at
+/// run time; every executor of a machine picks the same kernel, so packed weights are shared).
+fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<u8, i8, i32>) -> R) -> R {
     thread_local! {
-        static GEMM: GemmExecutor<u8, i8, i32> = GemmExecutor::<u8, i8, i32>::default();
+        static GEMM: GemmExecutor<u8, i8, i32> = GemmExecutor::default();
     }
-    let zero_points = vec![a_zero; m];
-    let a = NdTensorView::from_data([m, k], a);
-    let b = NdTensorView::from_data([k, n], b);
-    GEMM.with(|gemm| {
-        gemm.gemm(
-            &mut out,
-            GemmInputA::Unpacked(a),
-            GemmInputB::Unpacked(b),
-            GemmOptions {
-                a_quant: Some(QuantParams {
-                    zero_point: &zero_points,
-                }),
-                ..Default::default()
-            },
-        )
-        .expect("shapes are consistent by construction")
-    });
-    out
+    GEMM.with(f)
 }
 
-/// Convolution, fast path: per group, im2col of `[n * oh * ow, cin_g * kh * kw]` u8 patches
-/// (int8 + 128, padding = the zero point) times the `[cin_g * kh * kw, cout_g]` weights.
+/// Weights packed for the GEMM, once per layer (see [`crate::model::PackedWeights`]).
+pub enum Packed {
+    /// The `[cout, cin_g * kh * kw]` weights as the u8 left operand (int8 + 128, zero point
+    /// 128). Not packed: rten-gemm's int8 kernels take the left operand's zero points from the
+    /// packing, and `prepack_a` records none.
+    Conv(Vec<u8>),
+    /// The `[in, out]` weights as the i8 right operand.
+    Linear(PackedBMatrix<i8>),
+}
+
 /// `[n, c, h, w]`, with `[n, c, length]` read as `h = 1`.
 fn nchw(shape: &[usize]) -> [usize; 4] {
     if shape.len() == 3 {
@@ -104,85 +97,239 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
     }
 }
 
+/// Convolution, fast path. Per image and group, `weights [cout_g, cin_g * kh * kw]` times the
+/// virtual im2col matrix `[cin_g * kh * kw, oh * ow]` of the image (rten-gemm builds its blocks
+/// while packing; the image is first padded with the input zero point), with the bias added by
+/// the GEMM: the result is `[cout, oh * ow]`, already NCHW, and each output channel is
+/// requantized as one contiguous row with one multiplier. Images run in parallel.
 pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
-    let [n, cin, h, w] = nchw(shape);
-    let [kh, kw] = c.kernel;
-    let oh = out_size(
-        h,
-        c.padding[0] + c.padding[1],
-        c.dilation[0],
-        kh,
-        c.stride[0],
-    );
-    let ow = out_size(
-        w,
-        c.padding[2] + c.padding[3],
-        c.dilation[1],
-        kw,
-        c.stride[1],
-    );
-    let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
-    let k = cin_g * kh * kw;
-    let m = n * oh * ow;
-    let zp = (c.input.zero_point + 128) as u8;
-    let mut acc = vec![0i32; m * c.out_channels];
-    let mut patches = vec![zp; m * k];
-    let mut b = vec![0i8; k * cout_g];
-    for g in 0..c.groups {
-        patches.fill(zp);
-        for img in 0..n {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let row = (img * oh + oy) * ow + ox;
-                    let dst = &mut patches[row * k..(row + 1) * k];
-                    for ic in 0..cin_g {
-                        let plane = ((img * cin + g * cin_g + ic) * h) * w;
-                        for ky in 0..kh {
-                            let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize
-                                - c.padding[0] as isize;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kx in 0..kw {
-                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize
-                                    - c.padding[2] as isize;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let v = x[plane + iy as usize * w + ix as usize];
-                                dst[(ic * kh + ky) * kw + kx] = (v as i16 + 128) as u8;
-                            }
-                        }
+    let plan = ConvPlan::new(c, shape);
+    let per_image = c.out_channels * plan.p;
+    let n = shape[0];
+    let shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
+    match &c.output {
+        Output::Quantized {
+            act,
+            requant,
+            lo,
+            hi,
+        } => {
+            let mut data = vec![0i8; n * per_image];
+            plan.run(c, x, &mut data, |acc, dst| {
+                for ((row, m), dst) in acc.chunks(plan.p).zip(requant).zip(dst.chunks_mut(plan.p)) {
+                    m.requantize(row, act.zero_point, *lo, *hi, dst);
+                }
+            });
+            Values::Int {
+                data,
+                shape,
+                q: *act,
+            }
+        }
+        Output::Float { scale, lo, hi } => {
+            let mut data = vec![0f32; n * per_image];
+            plan.run(c, x, &mut data, |acc, dst| {
+                for ((row, s), dst) in acc.chunks(plan.p).zip(scale).zip(dst.chunks_mut(plan.p)) {
+                    for (o, a) in dst.iter_mut().zip(row) {
+                        *o = (*a as f32 * s).clamp(*lo, *hi);
                     }
+                }
+            });
+            Values::Float { data, shape }
+        }
+    }
+}
+
+/// The geometry of one convolution call.
+struct ConvPlan {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    ph: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+    cin_g: usize,
+    cout_g: usize,
+    k: usize,
+    p: usize,
+}
+
+impl ConvPlan {
+    fn new(c: &IntConv2d, shape: &[usize]) -> Self {
+        let [n, cin, h, w] = nchw(shape);
+        let [kh, kw] = c.kernel;
+        let [top, bottom, left, right] = c.padding;
+        let oh = out_size(h, top + bottom, c.dilation[0], kh, c.stride[0]);
+        let ow = out_size(w, left + right, c.dilation[1], kw, c.stride[1]);
+        let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
+        Self {
+            n,
+            cin,
+            h,
+            w,
+            ph: h + top + bottom,
+            pw: w + left + right,
+            oh,
+            ow,
+            cin_g,
+            cout_g,
+            k: cin_g * kh * kw,
+            p: oh * ow,
+        }
+    }
+
+    /// The im2col map: rows `(ic, ky, kx)` and columns `(oy, ox)` as offsets into a padded
+    /// `[cin_g, ph, pw]` image, padded to the kernel's steps with never-valid offsets.
+    fn offsets(&self, c: &IntConv2d, gemm: &GemmExecutor<u8, i8, i32>) -> (RowOffsets, ColOffsets) {
+        let (k, p, ph, pw) = (self.k, self.p, self.ph, self.pw);
+        let mut rows = RowOffsets {
+            chan: Vec::with_capacity(k),
+            y: Vec::with_capacity(k),
+            x: Vec::with_capacity(k),
+        };
+        for ic in 0..self.cin_g {
+            for ky in 0..c.kernel[0] {
+                for kx in 0..c.kernel[1] {
+                    rows.chan.push((ic * ph * pw) as i32);
+                    rows.y.push((ky * c.dilation[0] * pw) as i32);
+                    rows.x.push((kx * c.dilation[1]) as i32);
                 }
             }
         }
-        for oc in 0..cout_g {
-            let src = &c.weight[(g * cout_g + oc) * k..(g * cout_g + oc + 1) * k];
-            for (i, v) in src.iter().enumerate() {
-                b[i * cout_g + oc] = *v;
+        for _ in k..k.next_multiple_of(gemm.im2col_row_count_step()) {
+            rows.chan.push(i32::MAX);
+            rows.y.push(i32::MAX);
+            rows.x.push(i32::MAX);
+        }
+        let mut cols = ColOffsets {
+            y: Vec::with_capacity(p),
+            x: Vec::with_capacity(p),
+        };
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                cols.y.push((oy * c.stride[0] * pw) as i32);
+                cols.x.push((ox * c.stride[1]) as i32);
             }
         }
-        let part = gemm_u8_i8(&patches, zp, m, k, &b, cout_g);
-        for row in 0..m {
-            for oc in 0..cout_g {
-                let ch = g * cout_g + oc;
-                acc[row * c.out_channels + ch] = part[row * cout_g + oc].saturating_add(c.bias[ch]);
-            }
+        for _ in p..p.next_multiple_of(gemm.im2col_col_count_step()) {
+            cols.y.push(i32::MAX);
+            cols.x.push(i32::MAX);
         }
+        (rows, cols)
     }
-    let cout = c.out_channels;
-    finish(
-        &acc,
-        m,
-        cout,
-        &c.output,
-        out_shape(shape, cout, oh, ow),
-        |row, ch| {
-            let (img, pix) = (row / (oh * ow), row % (oh * ow));
-            (img * cout + ch) * oh * ow + pix
-        },
-    )
+
+    /// Runs every image (in parallel), handing each image's `[cout, p]` accumulators and its
+    /// slice of `out` to `write`.
+    fn run<T: Send>(
+        &self,
+        c: &IntConv2d,
+        x: &[i8],
+        out: &mut [T],
+        write: impl Fn(&[i32], &mut [T]) + Sync,
+    ) {
+        let per_image = c.out_channels * self.p;
+        if per_image == 0 || self.n == 0 {
+            return;
+        }
+        let packed = c
+            .packed
+            .0
+            .get_or_init(|| Packed::Conv(c.weight.iter().map(|v| (*v as u8) ^ 0x80).collect()));
+        let Packed::Conv(weights) = packed else {
+            unreachable!("a convolution keeps its weights as Packed::Conv")
+        };
+        let image_len = self.cin * self.h * self.w;
+        if self.n == 1 {
+            // One image: no hand-off to the thread pool (the GEMM still splits its blocks).
+            let offsets = with_gemm(|gemm| self.offsets(c, gemm));
+            let mut acc = vec![0i32; per_image];
+            self.image(c, weights, x, &mut acc, &mut Vec::new(), &mut Some(offsets));
+            write(&acc, out);
+            return;
+        }
+        out.par_chunks_mut(per_image).enumerate().for_each_init(
+            || {
+                let offsets = with_gemm(|gemm| self.offsets(c, gemm));
+                (vec![0i32; per_image], Vec::new(), Some(offsets))
+            },
+            |(acc, padded, offsets), (img, dst)| {
+                let image = &x[img * image_len..(img + 1) * image_len];
+                self.image(c, weights, image, acc, padded, offsets);
+                write(acc, dst);
+            },
+        );
+    }
+
+    /// The `[cout, p]` accumulators (bias included) of one image.
+    fn image(
+        &self,
+        c: &IntConv2d,
+        weights: &[u8],
+        image: &[i8],
+        acc: &mut [i32],
+        padded: &mut Vec<i8>,
+        offsets: &mut Option<(RowOffsets, ColOffsets)>,
+    ) {
+        let [top, bottom, left, right] = c.padding;
+        let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
+        let zp = c.input.zero_point as i8;
+        let image = if top + bottom + left + right > 0 {
+            padded.clear();
+            padded.resize(self.cin * ph * pw, zp);
+            for (ch, plane) in image.chunks(h * w).enumerate() {
+                for (y, row) in plane.chunks(w).enumerate() {
+                    let at = (ch * ph + top + y) * pw + left;
+                    padded[at..at + w].copy_from_slice(row);
+                }
+            }
+            &padded[..]
+        } else {
+            image
+        };
+        let b_zero = vec![zp; p];
+        let a_zero = vec![128u8; self.cout_g];
+        let group_len = self.cin_g * ph * pw;
+        with_gemm(|gemm| {
+            for g in 0..c.groups {
+                let (row_offsets, col_offsets) = offsets.take().expect("offsets are put back");
+                let im2col = Im2Col {
+                    image: NdTensorView::from_data(
+                        [self.cin_g, ph, pw],
+                        &image[g * group_len..(g + 1) * group_len],
+                    ),
+                    row_offsets,
+                    col_offsets,
+                    n_cols: p,
+                    n_rows: self.k,
+                    max_y_offset: ((ph - 1) * pw) as i32,
+                    max_x_offset: (pw - 1) as i32,
+                };
+                let groups = g * self.cout_g..(g + 1) * self.cout_g;
+                gemm.gemm(
+                    &mut acc[groups.start * p..groups.end * p],
+                    GemmInputA::Unpacked(NdTensorView::from_data(
+                        [self.cout_g, self.k],
+                        &weights[groups.start * self.k..groups.end * self.k],
+                    )),
+                    GemmInputB::Im2Col(&im2col),
+                    GemmOptions {
+                        bias: Some(BiasVector::Column(&c.bias[groups])),
+                        a_quant: Some(QuantParams {
+                            zero_point: &a_zero,
+                        }),
+                        b_quant: Some(QuantParams {
+                            zero_point: &b_zero,
+                        }),
+                        ..Default::default()
+                    },
+                )
+                .expect("shapes are consistent by construction");
+                *offsets = Some((im2col.row_offsets, im2col.col_offsets));
+            }
+        });
+    }
 }
 
 /// Convolution, scalar reference: the definition, one multiply-add at a time, in `i32`.
@@ -249,19 +396,44 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     )
 }
 
-/// Fully connected layer, fast path.
+/// Fully connected layer, fast path: `x [n, in]` (as u8, int8 + 128) times the `[in, out]`
+/// weights (packed once; a single row takes rten-gemm's matrix-vector kernel on the unpacked
+/// weights), the bias added by the GEMM.
 pub fn linear(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
     let n = shape[0];
-    let zp = (l.input.zero_point + 128) as u8;
-    let a: Vec<u8> = x.iter().map(|v| (*v as i16 + 128) as u8).collect();
-    let mut acc = gemm_u8_i8(&a, zp, n, l.in_features, &l.weight, l.out_features);
-    for r in 0..n {
-        for c in 0..l.out_features {
-            acc[r * l.out_features + c] = acc[r * l.out_features + c].saturating_add(l.bias[c]);
-        }
-    }
     let out = l.out_features;
-    finish(&acc, n, out, &l.output, vec![n, out], |r, c| r * out + c)
+    with_gemm(|gemm| {
+        let a: Vec<u8> = x.iter().map(|v| (*v as u8) ^ 0x80).collect();
+        let a_zero = vec![(l.input.zero_point + 128) as u8; n];
+        let weights = NdTensorView::from_data([l.in_features, out], &l.weight[..]);
+        let b = if n == 1 {
+            GemmInputB::Unpacked(weights)
+        } else {
+            let Packed::Linear(packed) = l
+                .packed
+                .0
+                .get_or_init(|| Packed::Linear(gemm.prepack_b(weights)))
+            else {
+                unreachable!("a linear layer packs its weights as Packed::Linear")
+            };
+            GemmInputB::Packed(packed)
+        };
+        let mut acc = vec![0i32; n * out];
+        gemm.gemm(
+            &mut acc,
+            GemmInputA::Unpacked(NdTensorView::from_data([n, l.in_features], &a[..])),
+            b,
+            GemmOptions {
+                bias: Some(BiasVector::Row(&l.bias)),
+                a_quant: Some(QuantParams {
+                    zero_point: &a_zero,
+                }),
+                ..Default::default()
+            },
+        )
+        .expect("shapes are consistent by construction");
+        finish(&acc, n, out, &l.output, vec![n, out], |r, c| r * out + c)
+    })
 }
 
 /// Fully connected layer, scalar reference.
@@ -282,7 +454,7 @@ pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
     finish(&acc, n, out, &l.output, vec![n, out], |r, c| r * out + c)
 }
 
-/// Max pooling (no padding) on integers.
+/// Max pooling (no padding) on integers, one output row at a time.
 pub fn max_pool2d(
     x: &[i8],
     shape: &[usize],
@@ -293,16 +465,28 @@ pub fn max_pool2d(
     let oh = out_size(h, 0, 1, kernel[0], stride[0]);
     let ow = out_size(w, 0, 1, kernel[1], stride[1]);
     let mut out = vec![i8::MIN; n * c * oh * ow];
-    for p in 0..n * c {
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut m = i8::MIN;
-                for ky in 0..kernel[0] {
-                    for kx in 0..kernel[1] {
-                        m = m.max(x[(p * h + oy * stride[0] + ky) * w + ox * stride[1] + kx]);
-                    }
+    // Per output row: the column-wise max of the window's rows (contiguous, vectorized), then
+    // the max along each window's columns.
+    let mut rows_max = vec![i8::MIN; w];
+    for (plane, dst_plane) in x.chunks(h * w).zip(out.chunks_mut(oh * ow)) {
+        for (oy, dst) in dst_plane.chunks_mut(ow).enumerate() {
+            let first = oy * stride[0];
+            rows_max.copy_from_slice(&plane[first * w..(first + 1) * w]);
+            for ky in 1..kernel[0] {
+                let row = &plane[(first + ky) * w..(first + ky + 1) * w];
+                for (m, v) in rows_max.iter_mut().zip(row) {
+                    *m = (*m).max(*v);
                 }
-                out[(p * oh + oy) * ow + ox] = m;
+            }
+            if kernel[1] == 2 && stride[1] == 2 {
+                for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
+                    *d = pair[0].max(pair[1]);
+                }
+            } else {
+                for (ox, d) in dst.iter_mut().enumerate() {
+                    let window = &rows_max[ox * stride[1]..ox * stride[1] + kernel[1]];
+                    *d = window.iter().copied().fold(i8::MIN, i8::max);
+                }
             }
         }
     }

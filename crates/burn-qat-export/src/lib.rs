@@ -12,4 +12,4 @@ pub mod model;
 pub mod requant;
 
 pub use convert::{ExportError, convert};
-pub use model::{ActQ, IntAdd, IntConv2d, IntLayer, IntLinear, IntegerModel, Output};
+pub use model::{ActQ, IntAdd, IntConv2d, IntLayer, IntLinear, IntegerModel, Output, RunError};

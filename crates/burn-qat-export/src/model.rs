@@ -92,6 +92,9 @@ pub struct IntConv2d {
     pub input: ActQ,
     /// Output.
     pub output: Output,
+    /// `weight` laid out for the GEMM kernel, on first use (leave it `Default`).
+    #[serde(skip)]
+    pub packed: PackedWeights,
 }
 
 /// An integer fully connected layer, weight `[in, out]` as Burn's `Linear`.
@@ -111,6 +114,39 @@ pub struct IntLinear {
     pub input: ActQ,
     /// Output.
     pub output: Output,
+    /// `weight` laid out for the GEMM kernel, on first use (leave it `Default`).
+    #[serde(skip)]
+    pub packed: PackedWeights,
+}
+
+/// A layer's weights laid out for the GEMM kernel of this machine, built on the first forward
+/// and kept: not saved, not compared, not cloned (a clone packs again on its first forward).
+/// Build a layer with `PackedWeights::default()`; after changing a layer's `weight`, reset it
+/// to `PackedWeights::default()` so that the next forward packs the new values.
+#[derive(Default)]
+pub struct PackedWeights(pub(crate) std::sync::OnceLock<kernels::Packed>);
+
+impl Clone for PackedWeights {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for PackedWeights {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for PackedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.0.get().is_some() {
+            "packed"
+        } else {
+            "not packed yet"
+        };
+        write!(f, "PackedWeights({state})")
+    }
 }
 
 /// One layer of an [`IntegerModel`].
@@ -232,6 +268,22 @@ pub struct IntegerModel {
     pub layers: Vec<IntLayer>,
 }
 
+/// Why [`IntegerModel::forward`] could not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// The input is not a whole batch.
+    #[error("input: {len} values is not a whole batch of {input_shape:?}")]
+    Input {
+        /// Values given.
+        len: usize,
+        /// The model's input shape (one item).
+        input_shape: Vec<usize>,
+    },
+    /// The model's layers disagree (see [`crate::format::validate`]).
+    #[error("model: {0}")]
+    Model(String),
+}
+
 /// Output length of a convolution or pooling window along one axis, `None` if the window does
 /// not fit: `(input + pad - dilation * (kernel - 1) - 1) / stride + 1`.
 pub fn conv_output_len(
@@ -310,63 +362,63 @@ impl IntLayer {
 impl IntegerModel {
     /// Runs the model on a batch of float inputs `[n, ..input_shape]`, returning the float
     /// outputs (dequantized if the last layer is quantized) and their shape. Integer arithmetic
-    /// only between the input quantization and the output.
+    /// only between the input quantization and the output; images run in parallel on Rayon's
+    /// thread pool.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `input.len()` is not a multiple of the input size.
-    pub fn forward(&self, input: &[f32]) -> (Vec<f32>, Vec<usize>) {
+    /// [`RunError::Input`] if `input.len()` is not a whole batch; [`RunError::Model`] if the
+    /// layers' sizes disagree (a model edited by hand).
+    pub fn forward(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
+        self.run(input, false).map(to_float)
+    }
+
+    /// Like [`forward`](Self::forward), with the slow scalar reference kernels (nested loops).
+    pub fn forward_reference(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
+        self.run(input, true).map(to_float)
+    }
+
+    /// Runs the model and returns the raw integer output of the last layer with its shape and
+    /// quantization, or `None` if the model ends in float.
+    pub fn forward_int(
+        &self,
+        input: &[f32],
+    ) -> Result<Option<(Vec<i8>, Vec<usize>, ActQ)>, RunError> {
+        Ok(match self.run(input, false)? {
+            Values::Int { data, shape, q } => Some((data, shape, q)),
+            Values::Float { .. } => None,
+        })
+    }
+
+    fn run(&self, input: &[f32], reference_kernels: bool) -> Result<Values, RunError> {
+        crate::format::validate(self).map_err(|e| RunError::Model(e.to_string()))?;
         let item: usize = self.input_shape.iter().product();
-        assert!(
-            item > 0 && input.len() % item == 0,
-            "input of {} values is not a batch of {:?}",
-            input.len(),
-            self.input_shape
-        );
+        if input.len() % item != 0 {
+            return Err(RunError::Input {
+                len: input.len(),
+                input_shape: self.input_shape.clone(),
+            });
+        }
         let mut shape = vec![input.len() / item];
         shape.extend(&self.input_shape);
         let mut v = Values::Float {
             data: input.to_vec(),
             shape,
         };
-        for layer in &self.layers {
-            v = run_layer(layer, v, false);
+        if reference_kernels {
+            for layer in &self.layers {
+                v = run_layer(layer, v, true);
+            }
+            return Ok(v);
         }
-        to_float(v)
-    }
-
-    /// Like [`forward`](Self::forward), with the slow scalar reference kernels (nested loops).
-    pub fn forward_reference(&self, input: &[f32]) -> (Vec<f32>, Vec<usize>) {
-        let item: usize = self.input_shape.iter().product();
-        let mut shape = vec![input.len() / item.max(1)];
-        shape.extend(&self.input_shape);
-        let mut v = Values::Float {
-            data: input.to_vec(),
-            shape,
-        };
-        for layer in &self.layers {
-            v = run_layer(layer, v, true);
-        }
-        to_float(v)
-    }
-
-    /// Runs the model and returns the raw integer output of the last quantized layer, if the
-    /// model ends in integers.
-    pub fn forward_int(&self, input: &[f32]) -> Option<(Vec<i8>, Vec<usize>, ActQ)> {
-        let item: usize = self.input_shape.iter().product();
-        let mut shape = vec![input.len() / item.max(1)];
-        shape.extend(&self.input_shape);
-        let mut v = Values::Float {
-            data: input.to_vec(),
-            shape,
-        };
-        for layer in &self.layers {
-            v = run_layer(layer, v, false);
-        }
-        match v {
-            Values::Int { data, shape, q } => Some((data, shape, q)),
-            Values::Float { .. } => None,
-        }
+        // On a pool thread, so that the kernels' parallel loops split without a hand-off per
+        // layer.
+        Ok(rayon::scope(move |_| {
+            for layer in &self.layers {
+                v = run_layer(layer, v, false);
+            }
+            v
+        }))
     }
 
     /// Bytes of parameters: int8 weights, int32 biases, f32 scales.

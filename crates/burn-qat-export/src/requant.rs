@@ -87,6 +87,80 @@ impl FixedMultiplier {
     }
 }
 
+impl FixedMultiplier {
+    /// `(apply(acc) + zero_point).clamp(lo, hi)` for every `acc`, written to `out`: the
+    /// requantization of one output channel. Branch-free (the compiler vectorizes it) when the
+    /// total shift is in `1..=62`, which covers every multiplier in `[2^-31, 2^30)`.
+    ///
+    /// ```
+    /// use burn_qat_export::requant::FixedMultiplier;
+    /// let mut out = [0i8; 4];
+    /// FixedMultiplier::new(0.25).requantize(&[10, 14, -10, 4000], 3, -128, 127, &mut out);
+    /// assert_eq!(out, [5, 7, 1, 127]);
+    /// ```
+    pub fn requantize(&self, acc: &[i32], zero_point: i32, lo: i32, hi: i32, out: &mut [i8]) {
+        let total = 31 + self.shift;
+        if !(1..=62).contains(&total) {
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o = (self.apply(*a) as i64 + zero_point as i64).clamp(lo as i64, hi as i64) as i8;
+            }
+            return;
+        }
+        let args = (
+            self.m0 as i64,
+            total,
+            zero_point as i64,
+            lo as i64,
+            hi as i64,
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: the features were detected just above.
+                return unsafe { requantize_avx512(acc, out, args) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected just above.
+                return unsafe { requantize_avx2(acc, out, args) };
+            }
+        }
+        requantize_shift(acc, out, args)
+    }
+}
+
+/// The branch-free body of [`FixedMultiplier::requantize`] for a total shift in `1..=62`
+/// (`|acc * m0| < 2^62`, so every step is exact in `i64`).
+#[inline(always)]
+fn requantize_shift(
+    acc: &[i32],
+    out: &mut [i8],
+    (m0, total, zp, lo, hi): (i64, i32, i64, i64, i64),
+) {
+    let half_minus_one = (1i64 << (total - 1)) - 1;
+    for (o, a) in out.iter_mut().zip(acc) {
+        let prod = *a as i64 * m0;
+        // Half to even: add half - 1, plus one more when the floor is odd.
+        let r = (prod + half_minus_one + ((prod >> total) & 1)) >> total;
+        *o = (r + zp).clamp(lo, hi) as i8;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx512bw")]
+fn requantize_avx512(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64)) {
+    requantize_shift(acc, out, args)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn requantize_avx2(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64)) {
+    requantize_shift(acc, out, args)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +174,23 @@ mod tests {
             let exact = acc as f64 * f.value();
             let want = exact.round_ties_even() as i32;
             prop_assert_eq!(f.apply(acc), want, "acc {} m {}", acc, m);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn requantize_equals_apply(
+            m in prop_oneof![1e-9f64..4.0, 1e-12f64..1e-9, 1e9f64..1e12],
+            acc in proptest::collection::vec(any::<i32>(), 1..40),
+            zp in -128i32..128,
+        ) {
+            let f = FixedMultiplier::new(m);
+            let mut out = vec![0i8; acc.len()];
+            f.requantize(&acc, zp, -100, 120, &mut out);
+            for (o, a) in out.iter().zip(&acc) {
+                let want = f.apply(*a).saturating_add(zp).clamp(-100, 120) as i8;
+                prop_assert_eq!(*o, want, "acc {} m {}", a, m);
+            }
         }
     }
 

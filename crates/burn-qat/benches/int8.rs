@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
         });
         let ki = format!("int8/{batch}");
         group.bench_function("int8", |b| {
-            b.iter_custom(|iters| timed(&ki, iters, || drop(int.forward(&host))))
+            b.iter_custom(|iters| timed(&ki, iters, || drop(int.forward(&host).unwrap())))
         });
         group.finish();
         let (f, i) = (mean(&kf), mean(&ki));

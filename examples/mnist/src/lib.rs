@@ -118,7 +118,7 @@ pub fn run(
     let qat_acc = evaluate(&qat_eval, &test, &eval_device);
     let int8 = burn_qat::export::convert(&qat_eval, &[1, data::SIDE, data::SIDE])?;
     let int8_bytes = burn_qat::export::format::to_bytes(&int8);
-    let int8_acc = evaluate_int8(&int8, &test);
+    let int8_acc = evaluate_int8(&int8, &test)?;
     let folded = qat_eval.folded();
     let folded_acc = evaluate(&folded, &test, &eval_device);
     println!(
@@ -167,7 +167,7 @@ pub fn run(
             &burn_qat::onnx::OnnxOptions::default(),
         )?;
         // The integer model's logits on the test images, for checks in other runtimes.
-        let (logits, _) = int8.forward(&test.pixels(0..test.len()));
+        let (logits, _) = int8.forward(&test.pixels(0..test.len()))?;
         write_npy(&dir.join("int8_logits.npy"), &logits, [test.len(), 10])?;
     }
     Ok(report)
@@ -191,11 +191,14 @@ pub fn write_npy(path: &Path, data: &[f32], shape: [usize; 2]) -> std::io::Resul
 }
 
 /// Accuracy of the integer model over `split`, in batches of 1000 images.
-pub fn evaluate_int8(model: &burn_qat::export::IntegerModel, split: &data::Split) -> f64 {
+pub fn evaluate_int8(
+    model: &burn_qat::export::IntegerModel,
+    split: &data::Split,
+) -> Result<f64, burn_qat::export::RunError> {
     let mut correct = 0usize;
     for start in (0..split.len()).step_by(1000) {
         let end = (start + 1000).min(split.len());
-        let (logits, _) = model.forward(&split.pixels(start..end));
+        let (logits, _) = model.forward(&split.pixels(start..end))?;
         for (i, row) in logits.chunks(10).enumerate() {
             let pred = (0..10)
                 .max_by(|a, b| row[*a].total_cmp(&row[*b]))
@@ -203,7 +206,7 @@ pub fn evaluate_int8(model: &burn_qat::export::IntegerModel, split: &data::Split
             correct += usize::from(pred == split.labels[start + i] as usize);
         }
     }
-    correct as f64 / split.len().max(1) as f64
+    Ok(correct as f64 / split.len().max(1) as f64)
 }
 
 /// The final table.
