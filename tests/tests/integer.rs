@@ -58,7 +58,7 @@ fn qat_model(device: &Device, quantized_output: bool) -> Sequential {
     m.layers
         .insert(0, SeqLayer::FakeQuant(act.init(device).unwrap()));
     if quantized_output && let Some(SeqLayer::FusedLinear(last)) = m.layers.last_mut() {
-        last.output = Some(act.init(device).unwrap());
+        last.output = Some(act.init(device).unwrap().into());
     }
     m
 }
@@ -239,6 +239,7 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         dilation: [dil, dil],
                         padding: [pad, pad, pad, pad],
                         weight,
+                        weight_bits: 8,
                         weight_scale: vec![0.01; cout],
                         bias,
                         input: input_q,
@@ -300,6 +301,7 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                     in_features: fin,
                     out_features: fout,
                     weight,
+                    weight_bits: 8,
                     weight_scale: vec![0.01; fout],
                     bias,
                     input: input_q,
@@ -456,7 +458,7 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
         .layers
         .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
-        last.output = Some(act.init(&device).unwrap());
+        last.output = Some(act.init(&device).unwrap().into());
     }
     assert_eq!(
         model.describe()[2],
@@ -515,7 +517,7 @@ fn check_within_one_lsb<const D: usize>(
         .layers
         .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
     if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
-        last.output = Some(act.init(&device).unwrap());
+        last.output = Some(act.init(&device).unwrap().into());
     }
     for _ in 0..3 {
         let _ = model.forward_flow(wrap(Tensor::<D>::random(

@@ -342,3 +342,228 @@ mod modules {
         }
     }
 }
+
+/// Learned ranges inside fused `Sequential` models: per-layer bit widths, their own learning
+/// rate through a Burn param group, and conversion to the integer model (sub-8-bit grids in
+/// int8 containers) and ONNX.
+mod sequential {
+    use burn::module::Module;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::pool::MaxPool2dConfig;
+    use burn::nn::{BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
+    use burn::optim::lr_scheduler::LrSchedulerConfig;
+    use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
+    use burn::optim::{AdamConfig, GradientsParams};
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    use burn_qat::export::{IntLayer, convert};
+    use burn_qat::nn::learned::range_params;
+    use burn_qat::nn::{ActQuant, LearnedRange, start_learning};
+    use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
+    use burn_qat::{FakeQuantConfig, QuantSpec};
+    use burn_qat_tests::{backends, values};
+
+    /// Conv -> BN -> ReLU -> pool -> Linear -> ReLU -> Linear, `bits` everywhere but the input
+    /// and the first layer's weights (8-bit), learned with `method`, logits quantized too.
+    fn model(method: LearnedRange, bits: u32, device: &Device) -> Sequential {
+        let float = Sequential::new(vec![
+            SeqLayer::Conv2d(
+                Conv2dConfig::new([2, 6], [3, 3])
+                    .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                    .init(device),
+            ),
+            SeqLayer::BatchNorm(BatchNormConfig::new(6).init(device)),
+            SeqLayer::Relu(Relu::new()),
+            SeqLayer::MaxPool2d(MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+            SeqLayer::Flatten(Default::default()),
+            SeqLayer::Linear(LinearConfig::new(6 * 5 * 5, 16).init(device)),
+            SeqLayer::Relu(Relu::new()),
+            SeqLayer::Linear(LinearConfig::new(16, 5).init(device)),
+        ]);
+        let act_spec = |b: u32| match method {
+            LearnedRange::Pact => QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(b),
+            _ => QuantSpec::act_per_tensor_asymmetric(b),
+        };
+        let config = |path: &str| {
+            let wbits = if path == "layers.0" { 8 } else { bits };
+            FusedConfig::new()
+                .with_weight(Some(QuantSpec::weight_per_channel_symmetric(wbits, 0)))
+                .with_output(Some(FakeQuantConfig::new(act_spec(bits))))
+                .with_learned_weight(true)
+                .with_learned_output(Some(method))
+        };
+        let mut m = float.fuse_by(config).unwrap();
+        m.layers.insert(
+            0,
+            SeqLayer::FakeQuant(
+                FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+                    .init(device)
+                    .unwrap(),
+            ),
+        );
+        if let Some(SeqLayer::FusedLinear(last)) = m.layers.last_mut() {
+            last.output = Some(
+                ActQuant::init(
+                    &FakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(bits)),
+                    Some(LearnedRange::MinMax),
+                    device,
+                )
+                .unwrap(),
+            );
+        }
+        m
+    }
+
+    fn batch(device: &Device) -> Tensor<4> {
+        Tensor::<4>::random([16, 2, 10, 10], Distribution::Normal(0.0, 1.0), device)
+    }
+
+    /// Observes 3 batches, hands over to learning, then trains `steps` Adam steps with the
+    /// range parameters at `range_lr` and the rest at 1e-2. Returns the model and its range
+    /// parameters right after the hand-off.
+    fn train(
+        mut m: Sequential,
+        steps: usize,
+        range_lr: f64,
+        device: &Device,
+    ) -> (Sequential, Vec<f32>) {
+        for _ in 0..3 {
+            let _ = m.forward(batch(device));
+        }
+        m = start_learning(m);
+        let handed_over = ranges(&m);
+        let target = Tensor::<2>::random([16, 5], Distribution::Normal(0.0, 1.0), device);
+        let mut optim = AdamConfig::new().init();
+        let lr = ModuleLrSchedulerConfig::new(LrSchedulerConfig::Constant(1e-2))
+            .with_group(range_params(&m), LrSchedulerConfig::Constant(range_lr))
+            .init()
+            .unwrap()
+            .step();
+        for _ in 0..steps {
+            let loss = (m.forward(batch(device)) - target.clone())
+                .powf_scalar(2.0)
+                .mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            m = optim.step(lr.clone(), m, grads);
+        }
+        (m, handed_over)
+    }
+
+    /// Every learned range parameter of the model, in visiting order.
+    fn ranges(m: &Sequential) -> Vec<f32> {
+        let group = range_params(m);
+        let mut out = vec![];
+        struct Read<'a>(&'a burn::module::ParamGroup, &'a mut Vec<f32>);
+        impl burn::module::ModuleVisitor for Read<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+                if self.0.matches(&p.id, None) {
+                    self.1.extend(values(p.val()));
+                }
+            }
+        }
+        m.visit(&mut Read(&group, &mut out));
+        out
+    }
+
+    #[test]
+    fn range_parameters_take_their_own_learning_rate() {
+        for b in backends() {
+            let d = b.device.clone().autodiff();
+            d.seed(5);
+            let m = model(LearnedRange::Lsq, 4, &d);
+            // 3 weight steps (per channel: 6 + 16 + 5) + 3 LSQ output steps + min/max on logits.
+            let started = start_learning(m.clone());
+            let n = ranges(&started).len();
+            assert_eq!(n, 6 + 16 + 5 + 1 + 1 + 2, "{}", b.name);
+            let (frozen, start) = train(model(LearnedRange::Lsq, 4, &d), 3, 0.0, &d);
+            assert_eq!(
+                ranges(&frozen),
+                start,
+                "{}: lr 0 must keep the ranges",
+                b.name
+            );
+            let (moving, start) = train(model(LearnedRange::Lsq, 4, &d), 3, 1e-2, &d);
+            let moved = ranges(&moving);
+            // Every parameter that gets a gradient moves (a dead ReLU channel's step may not).
+            let n_moved = moved.iter().zip(&start).filter(|(a, b)| a != b).count();
+            assert!(
+                n_moved * 4 >= 3 * start.len(),
+                "{}: lr 1e-2 must move the range parameters: {start:?} -> {moved:?}",
+                b.name
+            );
+        }
+    }
+
+    #[test]
+    fn learned_low_bit_models_convert_within_one_lsb() {
+        let device = Device::flex().autodiff();
+        for (i, method) in [LearnedRange::Lsq, LearnedRange::Pact, LearnedRange::MinMax]
+            .into_iter()
+            .enumerate()
+        {
+            for bits in [8, 4, 2] {
+                device.seed(11 + i as u64);
+                let trained = train(model(method, bits, &device), 5, 1e-2, &device)
+                    .0
+                    .valid();
+                let int = convert(&trained, &[2, 10, 10]).unwrap();
+                let x = batch(&Device::flex());
+                let fq = values(trained.forward(x.clone()));
+                let (q, _, a) = int.forward_int(&values(x)).unwrap().unwrap();
+                assert_eq!(a.bits(), bits, "{method:?}");
+                let (mut exact, mut within) = (0, 0);
+                for (f, qi) in fq.iter().zip(&q) {
+                    let q_fq = (f / a.scale).round_ties_even() as i32 + a.zero_point;
+                    exact += usize::from(q_fq == *qi as i32);
+                    within += usize::from((q_fq - *qi as i32).abs() <= 1);
+                    assert!(
+                        (a.qmin..=a.qmax).contains(&(*qi as i32)),
+                        "{method:?}: {qi}"
+                    );
+                }
+                assert_eq!(
+                    within,
+                    q.len(),
+                    "{method:?} {bits}-bit: {exact} exact of {}",
+                    q.len()
+                );
+                // Sub-8-bit grids in int8 containers, and said so.
+                for layer in &int.layers {
+                    if let IntLayer::Linear(l) = layer {
+                        assert_eq!(l.weight_bits, bits);
+                        let m = (1i32 << (bits - 1)) - 1;
+                        assert!(
+                            l.weight.iter().all(|w| (-m..=m).contains(&(*w as i32))),
+                            "{method:?}"
+                        );
+                    }
+                }
+                let precision = int.precision().join("\n");
+                assert!(
+                    precision.contains(&format!("weights {bits}-bit in int8")),
+                    "{precision}"
+                );
+                let onnx = burn_qat::onnx::to_model_proto(&int, &Default::default()).unwrap();
+                let docs: Vec<String> = onnx
+                    .graph
+                    .unwrap()
+                    .node
+                    .iter()
+                    .filter_map(|n| n.doc_string.clone())
+                    .collect();
+                assert!(
+                    bits == 8
+                        || docs
+                            .iter()
+                            .any(|d| d
+                                .starts_with(&format!("{bits}-bit values in an int8 container"))),
+                    "{docs:?}"
+                );
+                assert_eq!(
+                    onnx.metadata_props[0].value.as_deref(),
+                    Some(precision.as_str())
+                );
+            }
+        }
+    }
+}

@@ -629,7 +629,8 @@ fn fused_conv1d_and_linear_with_bn_train_like_the_pair_and_fold_bit_for_bit() {
             Some(
                 FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
                     .init(&d)
-                    .unwrap(),
+                    .unwrap()
+                    .into(),
             ),
         );
         let a = Tensor::<1>::from_floats([1.0, -2.0, 0.5], &d);

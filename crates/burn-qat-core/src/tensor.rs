@@ -275,8 +275,16 @@ pub fn lsq_grad_factor(n: usize, qmax: i32) -> f32 {
     1.0 / ((n.max(1) as f32) * (qmax.max(1) as f32)).sqrt()
 }
 
+/// The step an LSQ parameter stands for: `max(|scale|, MIN_SCALE)`. An optimizer may push a
+/// small step through zero; the grid then stays the same size (PyTorch's learnable fake-quant
+/// clamps the parameter instead, which stops its gradient).
+pub fn lsq_step(scale: Tensor<1>) -> Tensor<1> {
+    scale.abs().clamp_min(MIN_SCALE)
+}
+
 /// LSQ / LSQ+ fake quantization with a learnable step size (and, for LSQ+, a learnable float
-/// offset): `x_hat = round(clamp((x - offset) / s, qmin, qmax)) * s + offset`.
+/// offset): `x_hat = round(clamp((x - offset) / s, qmin, qmax)) * s + offset`, with
+/// `s = `[`lsq_step`]`(scale)`.
 ///
 /// Gradients (exact, through autodiff): `dx_hat/dx` is 1 inside the range and 0 outside;
 /// `dx_hat/ds` is `round(v) - v` inside and `qmin`/`qmax` outside (`v = (x - offset) / s`),
@@ -295,7 +303,7 @@ pub fn fake_quant_lsq<const D: usize>(
     let channels = scale.dims()[0];
     let axis = if channels == 1 { None } else { spec.axis() };
     let shape: [usize; D] = channel_shape(channels, axis);
-    let s = grad_scale(scale, grad_factor).reshape(shape);
+    let s = grad_scale(lsq_step(scale), grad_factor).reshape(shape);
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
     match offset {
         None => round_ste((x / s.clone()).clamp(qmin, qmax)) * s,

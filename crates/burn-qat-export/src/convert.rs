@@ -2,7 +2,7 @@
 
 use burn::nn::{PaddingConfig1d, PaddingConfig2d};
 use burn_qat_core::{QParams, QuantSpec, reference};
-use burn_qat_nn::FakeQuant;
+use burn_qat_nn::{ActQuant, FakeQuant};
 use burn_qat_transform::{Activation, Fusable, Fused, SeqLayer, Sequential, fold};
 use thiserror::Error;
 
@@ -34,27 +34,39 @@ pub enum ExportError {
 }
 
 fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
-    let spec = fq.spec;
-    if spec.axis().is_some() {
+    act_of_grid(fq.spec, fq.qparams().map(|q| (fq.spec, q)), path)
+}
+
+/// The 8-bit container form of an activation grid: sub-8-bit grids keep their narrower
+/// `[qmin, qmax]`, unsigned grids move down by 128 (zero point included).
+fn act_of_grid(
+    configured: QuantSpec,
+    grid: Option<(QuantSpec, Vec<QParams>)>,
+    path: &str,
+) -> Result<ActQ, ExportError> {
+    if configured.axis().is_some() {
         return Err(ExportError::Unsupported {
             path: path.into(),
             kind: "per-channel FakeQuant".into(),
             hint: "activations must be quantized per tensor".into(),
         });
     }
-    if spec.bits > 8 {
+    if configured.bits > 8 {
         return Err(ExportError::Unsupported {
             path: path.into(),
-            kind: format!("{}-bit FakeQuant", spec.bits),
+            kind: format!("{}-bit FakeQuant", configured.bits),
             hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits"
                 .into(),
         });
     }
-    let qp = fq.qparams().ok_or_else(|| ExportError::Unsupported {
-        path: path.into(),
-        kind: "FakeQuant".into(),
-        hint: "its observer has seen no data: train (or calibrate) before converting".into(),
-    })?[0];
+    let Some((spec, qps)) = grid else {
+        return Err(ExportError::Unsupported {
+            path: path.into(),
+            kind: "FakeQuant".into(),
+            hint: "its observer has seen no data: train (or calibrate) before converting".into(),
+        });
+    };
+    let qp = qps[0];
     // Shift unsigned grids into i8 containers: q - 128 with zero point - 128.
     let shift = if spec.signed { 0 } else { 128 };
     Ok(ActQ {
@@ -65,8 +77,13 @@ fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
     })
 }
 
+fn act_of_quant(fq: &ActQuant, path: &str) -> Result<ActQ, ExportError> {
+    act_of_grid(fq.spec(), fq.grid(), path)
+}
+
 struct Affine {
     weight: Vec<i8>,
+    weight_bits: u32,
     weight_scale: Vec<f32>,
     bias: Vec<i32>,
 }
@@ -155,6 +172,7 @@ where
     Ok((
         Affine {
             weight,
+            weight_bits: spec.bits,
             weight_scale,
             bias,
         },
@@ -163,7 +181,7 @@ where
 }
 
 fn output(
-    f_output: Option<&FakeQuant>,
+    f_output: Option<&ActQuant>,
     activation: Activation,
     input: &ActQ,
     weight_scale: &[f32],
@@ -171,7 +189,7 @@ fn output(
 ) -> Result<Output, ExportError> {
     match f_output {
         Some(fq) => {
-            let act = act_of(fq, &format!("{path}.output"))?;
+            let act = act_of_quant(fq, &format!("{path}.output"))?;
             let (lo, hi) = clamp_bounds(activation, &act);
             let requant = weight_scale
                 .iter()
@@ -323,6 +341,7 @@ fn convert_layers(
                     in_features: dims[0],
                     out_features: dims[1],
                     weight: affine.weight,
+                    weight_bits: affine.weight_bits,
                     weight_scale: affine.weight_scale,
                     bias: affine.bias,
                     input,
@@ -393,7 +412,7 @@ fn convert_layers(
                         "fuse the model (Sequential::fuse) so the add is quantized",
                     ));
                 };
-                let out = act_of(fq, &format!("{path}.add.output"))?;
+                let out = act_of_quant(fq, &format!("{path}.add.output"))?;
                 const SHIFT: u32 = 40;
                 let fixed = |s: f32| {
                     let m = (s as f64 / out.scale as f64 * (1u64 << SHIFT) as f64).round();
@@ -498,6 +517,7 @@ where
         dilation,
         padding,
         weight: affine.weight,
+        weight_bits: affine.weight_bits,
         weight_scale: affine.weight_scale,
         bias: affine.bias,
         input: *input,

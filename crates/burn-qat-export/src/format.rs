@@ -4,7 +4,7 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `BQATINT8` |
-//! | 4 | format version, little-endian (`1`) |
+//! | 4 | format version, little-endian (`2`; version 1 had no weight bit widths) |
 //! | 8 | payload length, little-endian |
 //! | 4 | CRC-32 of the payload |
 //! | n | payload |
@@ -33,7 +33,7 @@ use crate::model::IntegerModel;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BQATINT8";
 /// Current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 /// Why an integer model file cannot be read or written.
@@ -51,9 +51,10 @@ pub enum FormatError {
     /// Not an integer model file, or a damaged one.
     #[error("not a valid burn-qat integer model: {0}")]
     Invalid(String),
-    /// A newer format.
+    /// Another format version.
     #[error(
-        "integer model format version {found}; this build reads version {VERSION}: upgrade burn-qat"
+        "integer model format version {found}; this build reads version {VERSION} only: \
+         convert the QAT model again with this build (or use the build that wrote the file)"
     )]
     Version {
         /// The file's version.

@@ -20,6 +20,13 @@ pub struct ActQ {
 }
 
 impl ActQ {
+    /// Bits of the grid: `ceil(log2(qmax - qmin + 1))` (8 for a full int8 grid; fewer for a
+    /// sub-8-bit grid kept in an int8 container).
+    pub fn bits(&self) -> u32 {
+        let levels = (self.qmax - self.qmin + 1).max(1) as u32;
+        levels.next_power_of_two().trailing_zeros()
+    }
+
     pub(crate) fn qparams(&self) -> QParams {
         QParams {
             scale: self.scale,
@@ -84,6 +91,9 @@ pub struct IntConv2d {
     pub padding: [usize; 4],
     /// `[out, in / groups, kh, kw]`, symmetric (zero point 0).
     pub weight: Vec<i8>,
+    /// Bits of the weight grid (values in `[-(2^(b-1) - 1), 2^(b-1) - 1]` for narrow grids),
+    /// stored in `i8`.
+    pub weight_bits: u32,
     /// Per output channel weight scale.
     pub weight_scale: Vec<f32>,
     /// Per output channel, scale `s_in * s_w[c]`, zero point 0.
@@ -106,6 +116,8 @@ pub struct IntLinear {
     pub out_features: usize,
     /// `[in, out]`, symmetric.
     pub weight: Vec<i8>,
+    /// Bits of the weight grid, stored in `i8`.
+    pub weight_bits: u32,
     /// Per output feature weight scale.
     pub weight_scale: Vec<f32>,
     /// Scale `s_in * s_w[c]`.
@@ -419,6 +431,62 @@ impl IntegerModel {
             }
             v
         }))
+    }
+
+    /// One line per weighted layer and per quantized activation: its bit width and the range
+    /// its values use in their 8-bit container, e.g.
+    /// `layers.1 Conv2d: weights 4-bit in int8 [-7, 7], output 4-bit in int8 [-128, -113]`.
+    pub fn precision(&self) -> Vec<String> {
+        fn weight_range(w: &[i8]) -> (i8, i8) {
+            (
+                w.iter().copied().min().unwrap_or(0),
+                w.iter().copied().max().unwrap_or(0),
+            )
+        }
+        fn act(q: &ActQ) -> String {
+            format!("{}-bit in int8 [{}, {}]", q.bits(), q.qmin, q.qmax)
+        }
+        fn output(o: &Output) -> String {
+            match o {
+                Output::Quantized { act: q, .. } => act(q),
+                Output::Float { .. } => "float".into(),
+            }
+        }
+        fn walk(layers: &[IntLayer], prefix: &str, out: &mut Vec<String>) {
+            for (i, layer) in layers.iter().enumerate() {
+                let path = format!("{prefix}.{i}");
+                match layer {
+                    IntLayer::Quantize(q) => out.push(format!("{path} Quantize: {}", act(q))),
+                    IntLayer::Conv2d(IntConv2d {
+                        weight,
+                        weight_bits,
+                        output: o,
+                        ..
+                    })
+                    | IntLayer::Linear(IntLinear {
+                        weight,
+                        weight_bits,
+                        output: o,
+                        ..
+                    }) => {
+                        let (lo, hi) = weight_range(weight);
+                        out.push(format!(
+                            "{path} {}: weights {weight_bits}-bit in int8 (values {lo}..={hi}), output {}",
+                            layer.kind(),
+                            output(o)
+                        ));
+                    }
+                    IntLayer::Residual { body, add } => {
+                        walk(body, &format!("{path}.body"), out);
+                        out.push(format!("{path} Add: output {}", act(&add.out)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.layers, "layers", &mut out);
+        out
     }
 
     /// Bytes of parameters: int8 weights, int32 biases, f32 scales.

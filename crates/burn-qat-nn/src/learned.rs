@@ -11,7 +11,7 @@
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, RunningState};
 use burn::prelude::*;
-use burn_qat_core::{QatError, QuantSpec, tensor};
+use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{FakeQuant, FakeQuantConfig, Observer};
@@ -128,6 +128,71 @@ impl LearnedFakeQuant {
                 tensor::fake_quant_min_max(input, val(&self.min), val(&self.max), &self.spec)
             }
         }
+    }
+
+    /// The grid this module quantizes to and its parameters (one per channel), for integer
+    /// conversion; `None` before any observation.
+    ///
+    /// Observe phase: the observer's. Learned: LSQ, the spec's grid with step `scale` and zero
+    /// point 0; PACT, the unsigned grid with step `alpha / qmax`; MinMax, the grid of
+    /// `[min, max]` (as the forward pass computes it). LSQ+ learns a real-valued offset, which
+    /// a grid with an integer zero point represents only approximately: the zero point is
+    /// `round(-offset / scale)` (clamped to the grid), a shift of at most half a step.
+    pub fn grid(&self) -> Option<(QuantSpec, Vec<QParams>)> {
+        if !self.is_learning() {
+            return self.observer.qparams().map(|q| (self.spec, q));
+        }
+        let read = |p: &Option<Param<Tensor<1>>>| {
+            p.as_ref().map(|p| {
+                p.val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap_or_default()
+            })
+        };
+        let (qmin, qmax) = (self.spec.qmin(), self.spec.qmax());
+        Some(match self.method {
+            LearnedRange::Lsq | LearnedRange::LsqPlus => {
+                let scale: Vec<f32> = read(&self.scale)?
+                    .iter()
+                    .map(|s| s.abs().max(burn_qat_core::MIN_SCALE))
+                    .collect();
+                let offset = read(&self.offset).unwrap_or_else(|| vec![0.0; scale.len()]);
+                let qps = scale
+                    .iter()
+                    .zip(&offset)
+                    .map(|(s, o)| QParams {
+                        scale: *s,
+                        zero_point: ((-o / s).round_ties_even() as i32).clamp(qmin, qmax),
+                    })
+                    .collect();
+                (self.spec, qps)
+            }
+            LearnedRange::Pact => {
+                let alpha = read(&self.alpha)?.first().copied()?;
+                let spec = self
+                    .spec
+                    .with_signed(false)
+                    .with_symmetric(false)
+                    .with_granularity(burn_qat_core::Granularity::PerTensor);
+                let scale = (alpha / spec.qmax().max(1) as f32).max(burn_qat_core::MIN_SCALE);
+                (
+                    spec,
+                    vec![QParams {
+                        scale,
+                        zero_point: 0,
+                    }],
+                )
+            }
+            LearnedRange::MinMax => {
+                let device = self.learning.value().device();
+                let val =
+                    |p: &Option<Param<Tensor<1>>>| p.as_ref().map(|p| p.val().to_device(&device));
+                let (s, z) = tensor::qparams(val(&self.min)?, val(&self.max)?, &self.spec);
+                (self.spec, tensor::to_qparams(&s, &z))
+            }
+        })
     }
 
     /// The observe -> learn hand-off for this module: the learned parameters take the values
@@ -300,4 +365,62 @@ pub fn start_learning<M: Module>(model: M) -> M {
         found: ranges.found,
         offsets: ranges.offsets,
     })
+}
+
+/// The learned quantization parameters of `model` (LSQ/LSQ+ steps and offsets, PACT `alpha`,
+/// trainable `min`/`max` of every [`LearnedFakeQuant`], and the LSQ `scale` of every
+/// [`WeightFakeQuant`](crate::WeightFakeQuant)) as a Burn `ParamGroup`, to give them their own
+/// learning rate or optimizer:
+///
+/// ```
+/// use burn::optim::lr_scheduler::LrSchedulerConfig;
+/// use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrSchedulerConfig;
+/// use burn::prelude::*;
+/// use burn_qat_core::QuantSpec;
+/// use burn_qat_nn::{LearnedFakeQuantConfig, LearnedRange, learned::range_params};
+///
+/// let device = Device::flex().autodiff();
+/// let fq = LearnedFakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(4), LearnedRange::Pact)
+///     .init(&device)
+///     .unwrap();
+/// // Weights at 1e-3, ranges at 1e-2: pass `lr` to `optimizer.step(lr, model, grads)`.
+/// let lr = ModuleLrSchedulerConfig::new(LrSchedulerConfig::Constant(1e-3))
+///     .with_group(range_params(&fq), LrSchedulerConfig::Constant(1e-2))
+///     .init()
+///     .unwrap()
+///     .step();
+/// let alpha = fq.alpha.as_ref().unwrap();
+/// assert_eq!(lr.lr_from_param(alpha.id, None), 1e-2);
+/// ```
+pub fn range_params<M: Module>(model: &M) -> burn::module::ParamGroup {
+    struct Collect {
+        stack: Vec<(String, String)>,
+        ids: Vec<ParamId>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.stack.push((name.into(), container_type.into()));
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            // The stack holds (field name, type of the struct holding the field).
+            let Some((name, parent)) = self.stack.last() else {
+                return;
+            };
+            let learned = parent == "Struct:LearnedFakeQuant"
+                && matches!(name.as_str(), "scale" | "offset" | "alpha" | "min" | "max");
+            let weight_step = parent == "Struct:WeightFakeQuant" && name == "scale";
+            if learned || weight_step {
+                self.ids.push(param.id);
+            }
+        }
+    }
+    let mut c = Collect {
+        stack: vec![],
+        ids: vec![],
+    };
+    model.visit(&mut c);
+    burn::module::ParamGroup::from_ids(c.ids)
 }

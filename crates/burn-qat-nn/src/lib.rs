@@ -4,6 +4,8 @@
 //!
 //! - [`FakeQuant`] (made by [`FakeQuantConfig`]): an activation quantizer with a range
 //!   [`Observer`], usable anywhere in a forward pass.
+//! - [`LearnedFakeQuant`]: learned ranges (LSQ, LSQ+, PACT, trainable min/max), and
+//!   [`ActQuant`], the observed-or-learned quantizer that fused layers hold.
 //! - [`WeightFakeQuant`]: weight fake-quant attached to a parameter through Burn's
 //!   `Reparameterization` API, so a model's own `forward` sees quantized weights.
 //! - [`switches`]: model-wide switches (freeze observers, disable fake-quant).
@@ -25,6 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod act_quant;
 mod fake_quant;
 pub mod learned;
 pub mod switches;
@@ -32,6 +35,7 @@ mod weight;
 
 mod spec_code;
 
+pub use act_quant::ActQuant;
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
 /// A parameter holding `value` as a trainable leaf, keeping `old`'s id when there is one (so
 /// optimizer state and records line up).

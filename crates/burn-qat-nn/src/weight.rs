@@ -82,13 +82,21 @@ impl WeightFakeQuant {
     /// The quantization parameters for `weight` (one per output channel for per-channel specs).
     pub fn qparams_for<const D: usize>(&self, weight: Tensor<D>) -> Vec<QParams> {
         if let Some(scale) = &self.scale {
-            let s = scale.val();
+            let s = tensor::lsq_step(scale.val());
             let z = s.zeros_like();
             return tensor::to_qparams(&s, &z);
         }
         let (min, max) = tensor::min_max(weight, self.spec.granularity);
         let (s, z) = tensor::qparams(min, max, &self.spec);
         tensor::to_qparams(&s, &z)
+    }
+
+    /// LSQ: learn the step size, starting from `weight` as LSQ prescribes
+    /// (`2 * mean|w| / sqrt(qmax)`, per channel for per-channel specs).
+    pub fn with_learned_step<const D: usize>(mut self, weight: Tensor<D>) -> Self {
+        let init = lsq_init(weight, &self.spec);
+        self.scale = Some(crate::param_with(self.scale.as_ref(), init));
+        self
     }
 
     /// The observed range `(min, max)` of `weight`, per channel.

@@ -5,8 +5,8 @@ use prost::Message;
 use thiserror::Error;
 
 use crate::proto::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
     tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
@@ -130,11 +130,22 @@ impl Graph {
         out
     }
 
-    /// Quantize then dequantize `x` with `q` (per tensor): the activation edge.
+    /// Quantize then dequantize `x` with `q` (per tensor): the activation edge. A grid
+    /// narrower than int8 (fewer bits) says so in the `QuantizeLinear` node's doc string.
     fn qdq(&mut self, x: String, q: &ActQ) -> String {
         let s = self.f32s("scale", &[], &[q.scale]);
         let z = self.i8s("zero_point", &[], &[q.zero_point as i8]);
         let xq = self.node("QuantizeLinear", vec![x, s.clone(), z.clone()], vec![]);
+        if (q.qmin, q.qmax) != (-128, 127)
+            && let Some(node) = self.nodes.last_mut()
+        {
+            node.doc_string = Some(format!(
+                "{}-bit values in an int8 container: [{}, {}]",
+                q.bits(),
+                q.qmin,
+                q.qmax
+            ));
+        }
         self.node("DequantizeLinear", vec![xq, s, z], vec![])
     }
 
@@ -185,10 +196,10 @@ impl Graph {
     }
 
     /// The integer clamp `[lo, hi]` on the grid of `act` as a float `Relu`/`Clip` (nothing where
-    /// a bound is the grid's own: `QuantizeLinear` saturates there).
+    /// a bound is int8's own: `QuantizeLinear` saturates there; sub-8-bit grids are clipped).
     fn clip_int(&mut self, y: String, lo: i32, hi: i32, act: &ActQ) -> String {
-        let lower = (lo > act.qmin).then(|| (lo - act.zero_point) as f32 * act.scale);
-        let upper = (hi < act.qmax).then(|| (hi - act.zero_point) as f32 * act.scale);
+        let lower = (lo > -128).then(|| (lo - act.zero_point) as f32 * act.scale);
+        let upper = (hi < 127).then(|| (hi - act.zero_point) as f32 * act.scale);
         self.clip(y, lower, upper)
     }
 
@@ -275,6 +286,7 @@ impl Graph {
             let next = layer.output_shape(&shape).expect("the model was validated");
             match layer {
                 IntLayer::Quantize(a) => {
+                    x = self.clip_int(x, a.qmin, a.qmax, a);
                     x = self.qdq(x, a);
                     q = Some(*a);
                 }
@@ -393,6 +405,10 @@ pub fn to_model_proto(
         }],
         producer_name: Some("burn-qat".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        metadata_props: vec![StringStringEntryProto {
+            key: Some("burn_qat.precision".into()),
+            value: Some(model.precision().join("\n")),
+        }],
         graph: Some(GraphProto {
             name: Some("burn_qat_model".into()),
             node: g.nodes,

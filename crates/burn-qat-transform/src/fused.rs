@@ -5,7 +5,9 @@ use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn_qat_core::{QatError, QuantSpec};
-use burn_qat_nn::{FakeQuant, FakeQuantConfig, WeightFakeQuant, WeightFakeQuantConfig, param_with};
+use burn_qat_nn::{
+    ActQuant, FakeQuantConfig, LearnedRange, WeightFakeQuant, WeightFakeQuantConfig, param_with,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::fold::bn_affine;
@@ -151,9 +153,25 @@ pub struct FusedConfig {
     /// How BatchNorm is folded in training.
     #[config(default = "BnFoldMode::Approximate")]
     pub mode: BnFoldMode,
+    /// Learn the weight step size with LSQ (initialized from the folded weight) instead of
+    /// taking the weight's min/max.
+    #[config(default = false)]
+    pub learned_weight: bool,
+    /// Learn the output range (LSQ, LSQ+, PACT, min/max) after observing with `output`'s
+    /// observer; `None` keeps the observer's range.
+    #[config(default = "None")]
+    pub learned_output: Option<LearnedRange>,
 }
 
 impl FusedConfig {
+    /// The output quantizer this config describes (`output`, learned if `learned_output`).
+    pub fn init_output(&self, device: &Device) -> Result<Option<ActQuant>, QatError> {
+        self.output
+            .as_ref()
+            .map(|c| ActQuant::init(c, self.learned_output, device))
+            .transpose()
+    }
+
     /// Builds the fused QAT module from a user's existing (trained) layer and BatchNorm, keeping
     /// their weights and statistics.
     ///
@@ -199,18 +217,34 @@ impl FusedConfig {
                 });
             }
         }
-        Ok(Fused {
+        let mut fused = Fused {
             weight_quant: self
                 .weight
                 .map(|s| WeightFakeQuantConfig::new(s).init(&device))
                 .transpose()?,
-            output: self.output.as_ref().map(|c| c.init(&device)).transpose()?,
+            output: self.init_output(&device)?,
             bn_frozen: RunningState::new(Tensor::zeros([1], &device)),
             layer,
             bn,
             activation: self.activation,
             mode: self.mode,
-        })
+        };
+        if self.learned_weight {
+            let w = match &fused.bn {
+                Some(bn) => {
+                    let (w, _) = crate::fold::fold_params(
+                        fused.layer.weight(),
+                        fused.layer.bias(),
+                        bn,
+                        L::WEIGHT_AXIS,
+                    );
+                    w
+                }
+                None => fused.layer.weight(),
+            };
+            fused.weight_quant = fused.weight_quant.map(|wq| wq.with_learned_step(w));
+        }
+        Ok(fused)
     }
 }
 
@@ -247,7 +281,7 @@ pub struct Fused<L> {
     /// Fake-quant of the folded weight.
     pub weight_quant: Option<WeightFakeQuant>,
     /// Fake-quant after the activation.
-    pub output: Option<FakeQuant>,
+    pub output: Option<ActQuant>,
     /// `[1]`: 1 once BatchNorm statistics are frozen (running statistics used in training).
     pub bn_frozen: RunningState<Tensor<1>>,
     /// The fused activation.
@@ -432,7 +466,7 @@ impl<L: Module> Fused<L> {
 #[derive(Module, Debug)]
 pub struct FusedAdd {
     /// Fake-quant after the activation.
-    pub output: Option<FakeQuant>,
+    pub output: Option<ActQuant>,
     /// The fused activation.
     #[module(skip)]
     pub activation: Activation,
@@ -440,7 +474,7 @@ pub struct FusedAdd {
 
 impl FusedAdd {
     /// `activation` then `output` after the add.
-    pub fn new(activation: Activation, output: Option<FakeQuant>) -> Self {
+    pub fn new(activation: Activation, output: Option<ActQuant>) -> Self {
         Self { output, activation }
     }
     /// `fq(act(a + b))`.

@@ -32,7 +32,7 @@ use burn::nn::pool::{AvgPool2d, MaxPool2d};
 use burn::nn::{BatchNorm, Dropout, Linear, Relu};
 use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec};
-use burn_qat_nn::FakeQuant;
+use burn_qat_nn::{ActQuant, FakeQuant};
 
 use crate::{Activation, Fused, FusedAdd, FusedConfig, FusedConv1d, FusedConv2d, FusedLinear};
 
@@ -161,7 +161,7 @@ impl Flow {
 }
 
 impl SeqLayer {
-    fn forward(&self, x: Flow, last_quantizer: &mut Option<FakeQuant>) -> Flow {
+    fn forward(&self, x: Flow, last_quantizer: &mut Option<ActQuant>) -> Flow {
         use burn::tensor::activation::{relu, relu6};
         let out = match (self, x) {
             (SeqLayer::Conv1d(m), x) => Flow::Sequence(m.forward(x.sequence("Conv1d"))),
@@ -179,7 +179,9 @@ impl SeqLayer {
                 // indices (exact in f32) and round half to even, as the integer kernel does;
                 // the gradient is the float average's (straight-through).
                 Flow::Images(match last_quantizer.as_ref() {
-                    Some(fq) if fq.is_enabled() && fq.is_observed() && fq.spec.axis().is_none() => {
+                    Some(ActQuant::Observed(fq))
+                        if fq.is_enabled() && fq.is_observed() && fq.spec.axis().is_none() =>
+                    {
                         let (scale, zero_point) = fq.qparams_on(&x.device());
                         let s: Tensor<4> = scale.reshape([1, 1, 1, 1]);
                         let z: Tensor<4> = zero_point.reshape([1, 1, 1, 1]);
@@ -226,7 +228,7 @@ impl SeqLayer {
             }
         };
         match self {
-            SeqLayer::FakeQuant(m) => *last_quantizer = Some(m.clone()),
+            SeqLayer::FakeQuant(m) => *last_quantizer = Some(m.clone().into()),
             SeqLayer::FusedConv1d(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::FusedConv2d(Fused { output, .. }) => *last_quantizer = output.clone(),
             SeqLayer::FusedLinear(Fused { output, .. }) => *last_quantizer = output.clone(),
@@ -319,7 +321,7 @@ impl Sequential {
         self.forward_with(input, &mut None)
     }
 
-    fn forward_with(&self, input: Flow, last_quantizer: &mut Option<FakeQuant>) -> Flow {
+    fn forward_with(&self, input: Flow, last_quantizer: &mut Option<ActQuant>) -> Flow {
         self.layers
             .iter()
             .fold(input, |x, layer| layer.forward(x, last_quantizer))
@@ -340,13 +342,56 @@ impl Sequential {
     /// layer of the model gets no output fake-quant (its logits stay float, as in TFLite); the last
     /// layer of a residual body keeps it (the add takes quantized inputs).
     pub fn fuse(self, config: &FusedConfig) -> Result<Self, QatError> {
-        self.fuse_with(config, true)
+        self.fuse_by(|_| config.clone())
     }
 
-    fn fuse_with(self, config: &FusedConfig, top: bool) -> Result<Self, QatError> {
+    /// [`fuse`](Self::fuse) with a config per layer: `config_for` gets the path of each
+    /// `Conv`/`Linear` layer that starts a chain (`layers.3`, `layers.4.body.layers.0`) and of
+    /// each residual add (`layers.4.add`). Mixed precision, learned ranges for some layers,
+    /// 8-bit first and last layers:
+    ///
+    /// ```
+    /// use burn::nn::{LinearConfig, Relu};
+    /// use burn::prelude::*;
+    /// use burn_qat_core::QuantSpec;
+    /// use burn_qat_nn::{FakeQuantConfig, LearnedRange};
+    /// use burn_qat_transform::{FusedConfig, SeqLayer, Sequential};
+    ///
+    /// let device = Device::flex().autodiff();
+    /// let model = Sequential::new(vec![
+    ///     SeqLayer::Linear(LinearConfig::new(8, 16).init(&device)),
+    ///     SeqLayer::Relu(Relu::new()),
+    ///     SeqLayer::Linear(LinearConfig::new(16, 4).init(&device)),
+    /// ]);
+    /// let fused = model
+    ///     .fuse_by(|path| {
+    ///         let bits = if path == "layers.0" { 4 } else { 8 };
+    ///         FusedConfig::new()
+    ///             .with_weight(Some(QuantSpec::weight_per_channel_symmetric(bits, 0)))
+    ///             .with_output(Some(FakeQuantConfig::new(QuantSpec::act_per_tensor_asymmetric(bits))))
+    ///             .with_learned_weight(bits < 8)
+    ///             .with_learned_output((bits < 8).then_some(LearnedRange::Lsq))
+    ///     })
+    ///     .unwrap();
+    /// assert_eq!(fused.describe(), ["FusedLinear(Relu)", "FusedLinear"]);
+    /// ```
+    pub fn fuse_by(
+        self,
+        mut config_for: impl FnMut(&str) -> FusedConfig,
+    ) -> Result<Self, QatError> {
+        self.fuse_with(&mut config_for, "layers", true)
+    }
+
+    fn fuse_with(
+        self,
+        config_for: &mut dyn FnMut(&str) -> FusedConfig,
+        prefix: &str,
+        top: bool,
+    ) -> Result<Self, QatError> {
         let mut out: Vec<SeqLayer> = Vec::new();
-        let mut iter = self.layers.into_iter().peekable();
-        while let Some(layer) = iter.next() {
+        let mut iter = self.layers.into_iter().enumerate().peekable();
+        while let Some((index, layer)) = iter.next() {
+            let path = format!("{prefix}.{index}");
             enum Base {
                 C1(Conv1d),
                 C2(Conv2d),
@@ -357,12 +402,13 @@ impl Sequential {
                 SeqLayer::Conv2d(c) => Base::C2(c),
                 SeqLayer::Linear(l) => Base::L(l),
                 SeqLayer::Residual(r) => {
-                    let device = r.body.devices().first().cloned();
-                    let output = match (&config.output, device) {
-                        (Some(c), Some(device)) => Some(c.init(&device)?),
-                        _ => None,
+                    let output = match r.body.devices().first() {
+                        Some(device) => config_for(&format!("{path}.add")).init_output(device)?,
+                        None => None,
                     };
-                    let body = r.body.fuse_with(config, false)?;
+                    let body =
+                        r.body
+                            .fuse_with(config_for, &format!("{path}.body.layers"), false)?;
                     out.push(SeqLayer::Residual(Residual {
                         body,
                         add: FusedAdd::new(r.add.activation, output),
@@ -375,24 +421,25 @@ impl Sequential {
                 }
             };
             let bn = match iter.peek() {
-                Some(SeqLayer::BatchNorm(_)) => match iter.next() {
-                    Some(SeqLayer::BatchNorm(bn)) => Some(bn),
+                Some((_, SeqLayer::BatchNorm(_))) => match iter.next() {
+                    Some((_, SeqLayer::BatchNorm(bn))) => Some(bn),
                     _ => None,
                 },
                 _ => None,
             };
             let activation = match iter.peek() {
-                Some(SeqLayer::Relu(_)) => {
+                Some((_, SeqLayer::Relu(_))) => {
                     iter.next();
                     Activation::Relu
                 }
-                Some(SeqLayer::Relu6(_)) => {
+                Some((_, SeqLayer::Relu6(_))) => {
                     iter.next();
                     Activation::Relu6
                 }
                 _ => Activation::Identity,
             };
             let last = top && iter.peek().is_none();
+            let config = config_for(&path);
             let with_axis = |axis: usize| {
                 let mut c = config.clone().with_activation(activation);
                 c.weight = c.weight.map(|s: QuantSpec| match s.axis() {
