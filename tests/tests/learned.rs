@@ -272,6 +272,44 @@ mod modules {
         }
     }
 
+    #[test]
+    fn lsq_on_an_unsigned_grid_starts_at_max_over_qmax() {
+        for b in backends() {
+            let d = b.device.clone().autodiff();
+            let spec = QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(4);
+            let x = Tensor::<1>::from_floats([0.0, 1.0, 3.0], &d);
+            // Both hand-offs: the module's own and the model-wide mapper.
+            let fq = LearnedFakeQuantConfig::new(spec, LearnedRange::Lsq)
+                .init(&d)
+                .unwrap();
+            let _ = fq.forward(x.clone());
+            let own = fq.start_learning();
+            let net = Net {
+                act: LearnedFakeQuantConfig::new(spec, LearnedRange::Lsq)
+                    .init(&d)
+                    .unwrap(),
+                fc: LinearConfig::new(3, 1).init(&d),
+            };
+            let _ = net.act.forward(x.clone());
+            let mapped = start_learning(net).act;
+            for m in [own, mapped] {
+                let s = values(m.scale.as_ref().unwrap().val());
+                assert!(
+                    (s[0] - 0.2).abs() < 1e-6,
+                    "{}: step {s:?}, want 3 / 15",
+                    b.name
+                );
+                // The grid [0, 15] * 0.2 reproduces the observed values.
+                assert_eq!(
+                    values(m.forward(x.clone())),
+                    vec![0.0, 1.0, 3.0],
+                    "{}",
+                    b.name
+                );
+            }
+        }
+    }
+
     #[derive(Module, Debug)]
     struct Mlp {
         fc1: Linear,

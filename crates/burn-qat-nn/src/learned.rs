@@ -207,13 +207,16 @@ impl LearnedFakeQuant {
         let (s, z) = self.observer.qparams_on(&device);
         let set =
             |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| crate::param_with(Some(&p), v));
-        // LSQ has no zero point: its step covers the symmetric range [-m, m].
-        let lsq_spec = self.spec.with_symmetric(true);
-        let (s_sym, _) = tensor::qparams(
-            self.observer.min.value().to_device(&device),
-            self.observer.max.value().to_device(&device),
-            &lsq_spec,
-        );
+        // LSQ has no zero point: on a signed grid its step covers the symmetric range [-m, m];
+        // on an unsigned grid (after a ReLU), [0, max].
+        let min = self.observer.min.value().to_device(&device);
+        let (min, lsq_spec) = if self.spec.signed {
+            (min, self.spec.with_symmetric(true))
+        } else {
+            (min.zeros_like(), self.spec.with_symmetric(false))
+        };
+        let (s_sym, _) =
+            tensor::qparams(min, self.observer.max.value().to_device(&device), &lsq_spec);
         let s_lsq = if self.method == LearnedRange::Lsq {
             s_sym
         } else {
@@ -321,13 +324,16 @@ pub fn start_learning<M: Module>(model: M) -> M {
                 .iter()
                 .zip(hi)
                 .map(|(l, h)| {
-                    // LSQ has no zero point: symmetric step; LSQ+ keeps the asymmetric grid.
-                    let s = if has_offset {
-                        spec
+                    // LSQ has no zero point: a symmetric step on signed grids, [0, max] on
+                    // unsigned ones; LSQ+ keeps the asymmetric grid.
+                    let (l, s) = if has_offset {
+                        (*l, spec)
+                    } else if spec.signed {
+                        (*l, spec.with_symmetric(true))
                     } else {
-                        spec.with_symmetric(true)
+                        (0.0, spec.with_symmetric(false))
                     };
-                    let q = burn_qat_core::qparams_from_range(*l, *h, &s);
+                    let q = burn_qat_core::qparams_from_range(l, *h, &s);
                     (q.scale, -(q.zero_point as f32) * q.scale)
                 })
                 .collect();

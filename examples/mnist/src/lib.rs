@@ -2,8 +2,10 @@
 //! binary (`src/main.rs`) is a thin command line over it.
 #![warn(missing_docs)]
 
+pub mod bits;
 pub mod data;
 pub mod model;
+pub mod plot;
 pub mod report;
 pub mod training;
 

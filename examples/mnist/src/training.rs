@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn_qat::transform::Sequential;
@@ -58,7 +59,7 @@ pub fn train_epoch(
     optim: &mut burn::optim::ModuleOptimizer,
     split: &Split,
     batch_size: usize,
-    lr: f64,
+    lr: impl Into<ModuleLearningRate> + Clone,
     seed: u64,
     device: &Device,
     label: &str,
@@ -92,7 +93,7 @@ pub fn train_epoch(
         correct += hits as usize;
         seen += chunk.len();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(lr, model, grads);
+        model = optim.step(lr.clone(), model, grads);
         if step % 10 == 0 {
             bar.set_message(format!(
                 "loss {:.4} acc {:.2}%",
