@@ -13,7 +13,8 @@
 //! - [`QatSchedule`]: freeze observers after N steps and BatchNorm statistics after M steps.
 //! - [`fuse_batch_norms`]: fold BatchNorms into their layers in place in any model, by path.
 //! - [`Sequential`]: a container whose layer order is data, with automatic discovery and fusion
-//!   of Conv/Linear -> BatchNorm -> ReLU chains.
+//!   of Conv/Linear -> BatchNorm -> ReLU chains, one config for all ([`Sequential::fuse`]) or
+//!   per layer path ([`Sequential::fuse_by`]: mixed precision, learned ranges).
 #![warn(missing_docs)]
 
 pub mod fold;

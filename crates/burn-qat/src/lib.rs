@@ -51,6 +51,7 @@ pub use burn_qat_core::{
     Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range,
 };
 pub use burn_qat_nn::{
-    FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant, WeightFakeQuantConfig,
-    WeightFakeQuantizer, switches,
+    ActQuant, FakeQuant, FakeQuantConfig, LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange,
+    Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, start_learning,
+    switches,
 };
