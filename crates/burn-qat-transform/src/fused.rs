@@ -230,18 +230,7 @@ impl FusedConfig {
             mode: self.mode,
         };
         if self.learned_weight {
-            let w = match &fused.bn {
-                Some(bn) => {
-                    let (w, _) = crate::fold::fold_params(
-                        fused.layer.weight(),
-                        fused.layer.bias(),
-                        bn,
-                        L::WEIGHT_AXIS,
-                    );
-                    w
-                }
-                None => fused.layer.weight(),
-            };
+            let (w, _) = fused.folded_float();
             fused.weight_quant = fused.weight_quant.map(|wq| wq.with_learned_step(w));
         }
         Ok(fused)
@@ -333,8 +322,17 @@ impl<L: Module> Fused<L> {
     where
         L: Fusable<DI, DW>,
     {
+        let (w, b) = self.folded_float();
+        (self.quantize_weight(w), b)
+    }
+
+    /// The folded weight before weight fake-quant, and the folded bias (running statistics).
+    fn folded_float<const DI: usize, const DW: usize>(&self) -> (Tensor<DW>, Option<Tensor<1>>)
+    where
+        L: Fusable<DI, DW>,
+    {
         match &self.bn {
-            None => (self.quantize_weight(self.layer.weight()), self.layer.bias()),
+            None => (self.layer.weight(), self.layer.bias()),
             Some(bn) => {
                 let (w, b) = crate::fold::fold_params(
                     self.layer.weight(),
@@ -342,7 +340,7 @@ impl<L: Module> Fused<L> {
                     bn,
                     L::WEIGHT_AXIS,
                 );
-                (self.quantize_weight(w), Some(b))
+                (w, Some(b))
             }
         }
     }
