@@ -6,7 +6,7 @@
 //!   symmetric or asymmetric, narrow range, per-tensor or per-channel, rounding).
 //! - [`QParams`] and [`qparams_from_range`]: the affine map `real = scale * (q - zero_point)`
 //!   chosen for an observed `[min, max]` range.
-//! - [`reference`]: slow scalar quantize / dequantize / fake-quant, the oracle every tensor path
+//! - [`reference`](mod@reference): slow scalar quantize / dequantize / fake-quant, the oracle every tensor path
 //!   is tested against.
 //! - [`tensor`]: the same operations on Burn tensors, with the clipped straight-through
 //!   estimator (gradient 1 inside the representable range, 0 outside).

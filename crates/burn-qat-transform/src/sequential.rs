@@ -4,7 +4,7 @@
 //! In an arbitrary Rust struct model the order of layers lives in the `forward` code, which no
 //! module visitor can see (the module tree lists fields, in declaration order, not in call
 //! order). There, name the pairs with [`fuse_batch_norms`](crate::fuse_batch_norms) or build
-//! [`Fused`](crate::Fused) layers directly.
+//! [`Fused`] layers directly.
 //!
 //! ```
 //! use burn::nn::conv::Conv2dConfig;
