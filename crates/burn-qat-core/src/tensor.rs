@@ -314,6 +314,19 @@ pub fn fake_quant_lsq<const D: usize>(
     }
 }
 
+/// PACT's grid for a clipping level `alpha`: the unsigned, asymmetric, per-tensor form of
+/// `spec` and its step `max(alpha / qmax, MIN_SCALE)` (zero point 0).
+pub fn pact_grid(alpha: Tensor<1>, spec: &QuantSpec) -> (QuantSpec, Tensor<1>) {
+    let unsigned = spec
+        .with_signed(false)
+        .with_symmetric(false)
+        .with_granularity(crate::Granularity::PerTensor);
+    let scale = alpha
+        .div_scalar(unsigned.qmax().max(1) as f32)
+        .clamp_min(MIN_SCALE);
+    (unsigned, scale)
+}
+
 /// PACT (Choi et al. 2018): `y = clamp(x, 0, alpha)` with a learnable `alpha`, then
 /// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through). The gradient
 /// reaches `x` inside `[0, alpha]` and `alpha` where `x >= alpha` (PACT's `dy/dalpha`).
@@ -325,15 +338,8 @@ pub fn fake_quant_pact<const D: usize>(
     let dims = x.dims();
     let a: Tensor<D> = alpha.clone().reshape([1; D]).expand(dims);
     let y = x.clamp_min(0.0).min_pair(a);
-    let scale = alpha
-        .detach()
-        .div_scalar(spec.qmax().max(1) as f32)
-        .clamp_min(MIN_SCALE);
+    let (unsigned, scale) = pact_grid(alpha.detach(), spec);
     let zero = scale.zeros_like();
-    let unsigned = spec
-        .with_signed(false)
-        .with_symmetric(false)
-        .with_granularity(crate::Granularity::PerTensor);
     let q = fake_quant(y.clone().detach(), scale, zero, &unsigned);
     y.clone() + (q - y).detach()
 }

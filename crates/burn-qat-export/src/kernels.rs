@@ -17,45 +17,52 @@ fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: us
         .expect("shapes checked at conversion or load")
 }
 
-/// Turns per-(row, channel) accumulators (bias included) into the layer's output values, laid
-/// out by `index(row, channel)`.
-fn finish(
-    acc: &[i32],
-    rows: usize,
-    channels: usize,
-    output: &Output,
-    shape: Vec<usize>,
-    index: impl Fn(usize, usize) -> usize,
-) -> Values {
+/// Requantizes accumulators (bias included) laid out `[.., channels, inner]` (each channel's
+/// `inner` values contiguous, the channels repeating) to the output grid, each channel with its
+/// own fixed-point multiplier, into `dst` (same layout).
+fn requantize_rows(acc: &[i32], inner: usize, output: &Output, dst: &mut [i8]) {
+    let Output::Quantized {
+        act,
+        requant,
+        lo,
+        hi,
+    } = output
+    else {
+        unreachable!("called for quantized outputs")
+    };
+    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+        requant[i % requant.len()].requantize(row, act.zero_point, *lo, *hi, dst);
+    }
+}
+
+/// [`requantize_rows`] for a float last layer: each channel scaled by `s_in * s_w`, clamped.
+fn scale_rows(acc: &[i32], inner: usize, output: &Output, dst: &mut [f32]) {
+    let Output::Float { scale, lo, hi } = output else {
+        unreachable!("called for float outputs")
+    };
+    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+        let s = scale[i % scale.len()];
+        for (o, a) in dst.iter_mut().zip(row) {
+            *o = (*a as f32 * s).clamp(*lo, *hi);
+        }
+    }
+}
+
+/// The layer's output values from accumulators laid out `[.., channels, inner]`.
+fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) -> Values {
     match output {
-        Output::Quantized {
-            act,
-            requant,
-            lo,
-            hi,
-        } => {
-            let mut data = vec![0i8; rows * channels];
-            for r in 0..rows {
-                for c in 0..channels {
-                    let q = requant[c]
-                        .apply(acc[r * channels + c])
-                        .saturating_add(act.zero_point);
-                    data[index(r, c)] = q.clamp(*lo, *hi) as i8;
-                }
-            }
+        Output::Quantized { act, .. } => {
+            let mut data = vec![0i8; acc.len()];
+            requantize_rows(acc, inner, output, &mut data);
             Values::Int {
                 data,
                 shape,
                 q: *act,
             }
         }
-        Output::Float { scale, lo, hi } => {
-            let mut data = vec![0f32; rows * channels];
-            for r in 0..rows {
-                for c in 0..channels {
-                    data[index(r, c)] = (acc[r * channels + c] as f32 * scale[c]).clamp(*lo, *hi);
-                }
-            }
+        Output::Float { .. } => {
+            let mut data = vec![0f32; acc.len()];
+            scale_rows(acc, inner, output, &mut data);
             Values::Float { data, shape }
         }
     }
@@ -108,17 +115,10 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     let n = shape[0];
     let shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
     match &c.output {
-        Output::Quantized {
-            act,
-            requant,
-            lo,
-            hi,
-        } => {
+        Output::Quantized { act, .. } => {
             let mut data = vec![0i8; n * per_image];
             plan.run(c, x, &mut data, |acc, dst| {
-                for ((row, m), dst) in acc.chunks(plan.p).zip(requant).zip(dst.chunks_mut(plan.p)) {
-                    m.requantize(row, act.zero_point, *lo, *hi, dst);
-                }
+                requantize_rows(acc, plan.p, &c.output, dst)
             });
             Values::Int {
                 data,
@@ -126,14 +126,10 @@ pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
                 q: *act,
             }
         }
-        Output::Float { scale, lo, hi } => {
+        Output::Float { .. } => {
             let mut data = vec![0f32; n * per_image];
             plan.run(c, x, &mut data, |acc, dst| {
-                for ((row, s), dst) in acc.chunks(plan.p).zip(scale).zip(dst.chunks_mut(plan.p)) {
-                    for (o, a) in dst.iter_mut().zip(row) {
-                        *o = (*a as f32 * s).clamp(*lo, *hi);
-                    }
-                }
+                scale_rows(acc, plan.p, &c.output, dst)
             });
             Values::Float { data, shape }
         }
@@ -378,22 +374,12 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
                             }
                         }
                     }
-                    acc[((img * oh + oy) * ow + ox) * cout + oc] = sum;
+                    acc[((img * cout + oc) * oh + oy) * ow + ox] = sum;
                 }
             }
         }
     }
-    finish(
-        &acc,
-        n * oh * ow,
-        cout,
-        &c.output,
-        out_shape(shape, cout, oh, ow),
-        |row, ch| {
-            let (img, pix) = (row / (oh * ow), row % (oh * ow));
-            (img * cout + ch) * oh * ow + pix
-        },
-    )
+    output_values(&c.output, &acc, oh * ow, out_shape(shape, cout, oh, ow))
 }
 
 /// Fully connected layer, fast path: `x [n, in]` (as u8, int8 + 128) times the `[in, out]`
@@ -432,7 +418,7 @@ pub fn linear(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
             },
         )
         .expect("shapes are consistent by construction");
-        finish(&acc, n, out, &l.output, vec![n, out], |r, c| r * out + c)
+        output_values(&l.output, &acc, 1, vec![n, out])
     })
 }
 
@@ -451,7 +437,7 @@ pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
             acc[r * out + c] = sum;
         }
     }
-    finish(&acc, n, out, &l.output, vec![n, out], |r, c| r * out + c)
+    output_values(&l.output, &acc, 1, vec![n, out])
 }
 
 /// Max pooling (no padding) on integers, one output row at a time.

@@ -434,8 +434,9 @@ impl IntegerModel {
     }
 
     /// One line per weighted layer and per quantized activation: its bit width and the range
-    /// its values use in their 8-bit container, e.g.
-    /// `layers.1 Conv2d: weights 4-bit in int8 [-7, 7], output 4-bit in int8 [-128, -113]`.
+    /// its values use in their 8-bit container (for weights, the values present; for
+    /// activations, the grid), e.g.
+    /// `layers.1 Conv2d: weights 4-bit in int8 (values -7..=7), output 4-bit in int8 [-128, -113]`.
     pub fn precision(&self) -> Vec<String> {
         fn weight_range(w: &[i8]) -> (i8, i8) {
             (

@@ -142,23 +142,20 @@ impl LearnedFakeQuant {
         if !self.is_learning() {
             return self.observer.qparams().map(|q| (self.spec, q));
         }
-        let read = |p: &Option<Param<Tensor<1>>>| {
-            p.as_ref().map(|p| {
-                p.val()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap_or_default()
-            })
+        let read = |t: Tensor<1>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default()
         };
         let (qmin, qmax) = (self.spec.qmin(), self.spec.qmax());
         Some(match self.method {
             LearnedRange::Lsq | LearnedRange::LsqPlus => {
-                let scale: Vec<f32> = read(&self.scale)?
-                    .iter()
-                    .map(|s| s.abs().max(burn_qat_core::MIN_SCALE))
-                    .collect();
-                let offset = read(&self.offset).unwrap_or_else(|| vec![0.0; scale.len()]);
+                let scale = read(tensor::lsq_step(self.scale.as_ref()?.val()));
+                let offset = self
+                    .offset
+                    .as_ref()
+                    .map_or_else(|| vec![0.0; scale.len()], |p| read(p.val()));
                 let qps = scale
                     .iter()
                     .zip(&offset)
@@ -170,20 +167,9 @@ impl LearnedFakeQuant {
                 (self.spec, qps)
             }
             LearnedRange::Pact => {
-                let alpha = read(&self.alpha)?.first().copied()?;
-                let spec = self
-                    .spec
-                    .with_signed(false)
-                    .with_symmetric(false)
-                    .with_granularity(burn_qat_core::Granularity::PerTensor);
-                let scale = (alpha / spec.qmax().max(1) as f32).max(burn_qat_core::MIN_SCALE);
-                (
-                    spec,
-                    vec![QParams {
-                        scale,
-                        zero_point: 0,
-                    }],
-                )
+                let alpha = self.alpha.as_ref()?.val();
+                let (spec, scale) = tensor::pact_grid(alpha, &self.spec);
+                (spec, tensor::to_qparams(&scale, &scale.zeros_like()))
             }
             LearnedRange::MinMax => {
                 let device = self.learning.value().device();
@@ -204,34 +190,58 @@ impl LearnedFakeQuant {
             return self;
         };
         let device = self.learning.value().device();
-        let (s, z) = self.observer.qparams_on(&device);
-        let set =
-            |p: Option<Param<Tensor<1>>>, v: Tensor<1>| p.map(|p| crate::param_with(Some(&p), v));
-        // LSQ has no zero point: on a signed grid its step covers the symmetric range [-m, m];
-        // on an unsigned grid (after a ReLU), [0, max].
-        let min = self.observer.min.value().to_device(&device);
-        let (min, lsq_spec) = if self.spec.signed {
-            (min, self.spec.with_symmetric(true))
-        } else {
-            (min.zeros_like(), self.spec.with_symmetric(false))
+        let start = Handoff::new(&self.spec, self.offset.is_some(), &lo, &hi);
+        let set = |p: Option<Param<Tensor<1>>>, v: &[f32]| {
+            p.map(|p| crate::param_with(Some(&p), Tensor::from_floats(v, &device)))
         };
-        let (s_sym, _) =
-            tensor::qparams(min, self.observer.max.value().to_device(&device), &lsq_spec);
-        let s_lsq = if self.method == LearnedRange::Lsq {
-            s_sym
-        } else {
-            s.clone()
-        };
-        self.scale = set(self.scale, s_lsq);
-        self.offset = set(self.offset, z.neg() * s);
-        let top = hi.iter().copied().fold(0f32, f32::max).max(1e-3);
-        let bottom = lo.iter().copied().fold(0f32, f32::min);
-        self.alpha = set(self.alpha, Tensor::from_floats([top], &device));
-        self.min = set(self.min, Tensor::from_floats([bottom], &device));
-        self.max = set(self.max, Tensor::from_floats([top], &device));
+        self.scale = set(self.scale, &start.scale);
+        self.offset = set(self.offset, &start.offset);
+        self.alpha = set(self.alpha, &[start.top]);
+        self.min = set(self.min, &[start.bottom]);
+        self.max = set(self.max, &[start.top]);
         self.learning.update(Tensor::ones([1], &device));
         let _ = self.learning.value_sync();
         self
+    }
+}
+
+/// The learned parameters' first values, from the observed per-channel range `[lo, hi]`.
+struct Handoff {
+    /// LSQ/LSQ+ step per channel.
+    scale: Vec<f32>,
+    /// LSQ+ offset per channel (`-zero_point * scale`).
+    offset: Vec<f32>,
+    /// PACT `alpha` and the trainable `max`.
+    top: f32,
+    /// The trainable `min`.
+    bottom: f32,
+}
+
+impl Handoff {
+    fn new(spec: &QuantSpec, with_offset: bool, lo: &[f32], hi: &[f32]) -> Self {
+        let (scale, offset) = lo
+            .iter()
+            .zip(hi)
+            .map(|(l, h)| {
+                // LSQ has no zero point: a symmetric step on signed grids, [0, max] on
+                // unsigned ones (after a ReLU); LSQ+ keeps the asymmetric grid.
+                let (l, s) = if with_offset {
+                    (*l, *spec)
+                } else if spec.signed {
+                    (*l, spec.with_symmetric(true))
+                } else {
+                    (0.0, spec.with_symmetric(false))
+                };
+                let q = burn_qat_core::qparams_from_range(l, *h, &s);
+                (q.scale, -(q.zero_point as f32) * q.scale)
+            })
+            .unzip();
+        Self {
+            scale,
+            offset,
+            top: hi.iter().copied().fold(0f32, f32::max).max(1e-3),
+            bottom: lo.iter().copied().fold(0f32, f32::min),
+        }
     }
 }
 
@@ -319,39 +329,18 @@ pub fn start_learning<M: Module>(model: M) -> M {
             let Some(spec) = crate::decode_spec(code) else {
                 return param;
             };
-            let has_offset = self.offsets.contains(&key.join("."));
-            let qps: Vec<(f32, f32)> = lo
-                .iter()
-                .zip(hi)
-                .map(|(l, h)| {
-                    // LSQ has no zero point: a symmetric step on signed grids, [0, max] on
-                    // unsigned ones; LSQ+ keeps the asymmetric grid.
-                    let (l, s) = if has_offset {
-                        (*l, spec)
-                    } else if spec.signed {
-                        (*l, spec.with_symmetric(true))
-                    } else {
-                        (0.0, spec.with_symmetric(false))
-                    };
-                    let q = burn_qat_core::qparams_from_range(l, *h, &s);
-                    (q.scale, -(q.zero_point as f32) * q.scale)
-                })
-                .collect();
-            let top = hi.iter().copied().fold(0f32, f32::max).max(1e-3);
-            let bottom = lo.iter().copied().fold(0f32, f32::min);
+            let start = Handoff::new(&spec, self.offsets.contains(&key.join(".")), lo, hi);
             let values: Vec<f32> = match self.stack[n - 1].0.as_str() {
-                "scale" => qps.iter().map(|q| q.0).collect(),
-                "offset" => qps.iter().map(|q| q.1).collect(),
-                "alpha" | "max" => vec![top],
-                "min" => vec![bottom],
+                "scale" => start.scale,
+                "offset" => start.offset,
+                "alpha" | "max" => vec![start.top],
+                "min" => vec![start.bottom],
                 "learning" => vec![1.0],
                 _ => return param,
             };
-            let id: ParamId = param.id;
             param.map(move |old| {
                 let t =
                     Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
-                let _ = id;
                 if old.is_require_grad() {
                     t.detach().require_grad()
                 } else {
