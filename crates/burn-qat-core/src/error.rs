@@ -57,6 +57,16 @@ pub enum QatError {
         /// Where (a module path), or empty.
         context: String,
     },
+    /// Graph mode cannot capture or lift an op of a model's forward.
+    #[error("graph mode: {what} (near `{near}`): {hint}")]
+    Graph {
+        /// The op or construct that was refused (`Matmul of two activations`, `into_scalar`).
+        what: String,
+        /// The nearest module path (parameter-free ops name the closest layer).
+        near: String,
+        /// What to do about it.
+        hint: String,
+    },
     /// A model-level problem (selection, conversion) described in full.
     #[error("{0}")]
     Model(String),

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod graph;
 pub mod model;
 
 /// The pure math layer (re-export of `burn-qat-core`).

@@ -34,12 +34,12 @@
 //! ```
 
 mod layers;
-mod plan;
+pub(crate) mod plan;
 mod summary;
 
 pub use layers::{Layer, QuantConv1d, QuantConv2d, QuantLinear, Quantized, QuantizedConfig};
 pub use plan::{
-    CustomLayer, PlannedParam, QatConfig, QuantizableLayer, Selector, WeightQuant, bake, plan,
-    quantize,
+    ActivationQuant, CustomLayer, PlannedParam, QatConfig, QuantizableLayer, Selector, WeightQuant,
+    bake, plan, quantize,
 };
 pub use summary::{ActivationSummary, LayerSummary, QatSummary, summary};

@@ -3,7 +3,8 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn_qat_core::{Granularity, QatError, QuantSpec, RoundingMode};
-use burn_qat_nn::WeightFakeQuantizer;
+use burn_qat_nn::{FakeQuantConfig, LearnedRange, Observer, WeightFakeQuantizer};
+use burn_qat_transform::BnFoldMode;
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
@@ -229,6 +230,84 @@ pub struct QatConfig {
     pub skip: Vec<Selector>,
     /// Registered custom layer types.
     pub custom_layers: Vec<CustomLayer>,
+    /// Graph mode: activation fake-quant settings for every quantizer no activation rule
+    /// selects.
+    #[serde(default)]
+    pub activations: ActivationQuant,
+    /// Graph mode: per-layer activation settings, selected by the producing layer's path (for a
+    /// parameter-free op, `<nearest layer>/<op>`, e.g. `layer1.0.conv2/add`).
+    #[serde(default)]
+    pub activation_rules: Vec<(Selector, ActivationQuant)>,
+    /// Graph mode: how BatchNorm is folded into the conv/linear before it while training.
+    #[serde(default)]
+    pub bn_fold: BnFoldMode,
+}
+
+/// Activation fake-quant settings for graph mode: the grid after each conv/linear (+ its fused
+/// activation), add, concat, pooling average and float activation.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActivationQuant {
+    /// Bit width, 2..=16.
+    pub bits: u32,
+    /// Symmetric (zero point 0) instead of asymmetric.
+    pub symmetric: bool,
+    /// How the range is observed.
+    pub observer: Observer,
+    /// Learn the range after observing (LSQ, LSQ+, PACT, min/max); `None` keeps the observer's.
+    pub learned: Option<LearnedRange>,
+    /// `false` leaves these activations in float.
+    pub enabled: bool,
+}
+
+impl Default for ActivationQuant {
+    fn default() -> Self {
+        Self::int8()
+    }
+}
+
+impl ActivationQuant {
+    /// 8-bit asymmetric per-tensor activations with a moving-average observer (decay 0.999):
+    /// tfmot's and PyTorch's default.
+    pub fn int8() -> Self {
+        Self {
+            bits: 8,
+            symmetric: false,
+            observer: Observer::MovingAverage { decay: 0.999 },
+            learned: None,
+            enabled: true,
+        }
+    }
+    /// `bits`-bit asymmetric activations with the default observer.
+    pub fn bits(bits: u32) -> Self {
+        Self {
+            bits,
+            ..Self::int8()
+        }
+    }
+    /// Activations left in float.
+    pub fn float() -> Self {
+        Self {
+            enabled: false,
+            ..Self::int8()
+        }
+    }
+    /// With a learned range after the observe phase.
+    pub fn with_learned(mut self, learned: LearnedRange) -> Self {
+        self.learned = Some(learned);
+        self
+    }
+    /// With another observer.
+    pub fn with_observer(mut self, observer: Observer) -> Self {
+        self.observer = observer;
+        self
+    }
+    /// The fake-quant configuration these settings describe.
+    pub fn config(&self) -> FakeQuantConfig {
+        FakeQuantConfig::new(
+            QuantSpec::act_per_tensor_asymmetric(self.bits).with_symmetric(self.symmetric),
+        )
+        .with_observer(self.observer)
+    }
 }
 
 impl Default for QatConfig {
@@ -245,7 +324,27 @@ impl QatConfig {
             rules: vec![],
             skip: vec![],
             custom_layers: vec![],
+            activations: ActivationQuant::int8(),
+            activation_rules: vec![],
+            bn_fold: BnFoldMode::Approximate,
         }
+    }
+    /// Graph mode: the default activation settings.
+    pub fn with_activations(mut self, activations: ActivationQuant) -> Self {
+        self.activations = activations;
+        self
+    }
+    /// Graph mode: activation settings for the outputs of the layers whose path matches
+    /// `pattern` (see [`Selector::Path`]; parameter-free ops are named `<nearest layer>/<op>`).
+    pub fn with_layer_activations(mut self, pattern: &str, activations: ActivationQuant) -> Self {
+        self.activation_rules
+            .push((Selector::Path(pattern.to_string()), activations));
+        self
+    }
+    /// Graph mode: the BatchNorm folding mode in training.
+    pub fn with_bn_fold(mut self, mode: BnFoldMode) -> Self {
+        self.bn_fold = mode;
+        self
     }
     /// Preset: 8-bit per-channel symmetric weights (same as [`new`](Self::new)).
     pub fn int8_weights_per_channel() -> Self {
@@ -384,11 +483,16 @@ pub struct PlannedParam {
     pub spec: Option<QuantSpec>,
     /// Why it got this decision (`default`, `rule path pattern "fc2"`, `frozen`, ...).
     pub reason: String,
+    /// The settings that chose `spec` (`None` when it stays float). Graph mode applies them
+    /// with the channel axis it sees the weight used on, also for layer types it does not know.
+    pub settings: Option<WeightQuant>,
+    /// Whether a skip rule selected it (graph mode then also leaves the layer's output float).
+    pub skipped: bool,
     /// Whether the step size is learned (LSQ).
     pub learned: bool,
 }
 
-fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
+pub(crate) fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
     let as_path = pattern.replace('.', "/");
     Glob::new(&as_path).map(|g| g.compile_matcher()).map_err(|e| {
         QatError::Model(format!(
@@ -513,6 +617,8 @@ pub(crate) fn plan_with<M: Module>(
                 spec,
                 reason,
                 learned: false,
+                settings: None,
+                skipped: false,
             });
         };
         if p.dims.len() < 2 {
@@ -587,6 +693,9 @@ pub(crate) fn plan_with<M: Module>(
                 return Err(conflict(s, &format!("skip rule and {sel}")));
             }
             decide(None, format!("skipped by {s}"));
+            if let Some(last) = out.last_mut() {
+                last.skipped = true;
+            }
             continue;
         }
         let pick =
@@ -620,11 +729,12 @@ pub(crate) fn plan_with<M: Module>(
             reason
         };
         decide(Some(quant.spec(axis)), reason);
-        if quant.learned
-            && let Some(last) = out.last_mut()
-        {
-            last.learned = true;
-            last.reason.push_str("; LSQ-learned step size");
+        if let Some(last) = out.last_mut() {
+            last.settings = Some(quant);
+            if quant.learned {
+                last.learned = true;
+                last.reason.push_str("; LSQ-learned step size");
+            }
         }
     }
     if !out.iter().any(|p| p.spec.is_some()) {

@@ -1,0 +1,290 @@
+//! Recording a model's forward with Burn's capture backend.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use burn::backend::Capture;
+use burn::backend::capture::TensorId;
+use burn::backend::ir::OperationIr;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use burn_qat_core::QatError;
+
+/// One parameter of the traced model: where it lives in the user's module tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracedParam {
+    /// Dotted parameter path in the user's model (`layer1.0.conv1.weight`).
+    pub path: String,
+    /// Its id, kept by the graph so optimizers, records and `write_back` line up.
+    pub id: ParamId,
+    /// Whether the user's model trains it (false for frozen parameters and running statistics
+    /// of a model on an autodiff device).
+    pub trainable: bool,
+}
+
+impl TracedParam {
+    /// The module path (the parameter path without its field name).
+    pub fn module_path(&self) -> &str {
+        self.path.rsplit_once('.').map(|(m, _)| m).unwrap_or("")
+    }
+}
+
+/// A recorded forward: the op list, the values of every parameter, and which parameter each
+/// recorded value is. Made by [`trace`](crate::graph::trace).
+#[derive(Clone, Debug)]
+pub struct Trace {
+    /// The recorded ops, in execution order, at [`input_dims`](Self::input_dims).
+    pub ops: Vec<OperationIr>,
+    /// The same forward recorded at batch size + 1 (used to find batch-dependent shapes).
+    pub ops_next_batch: Vec<OperationIr>,
+    /// Concrete values of the parameters and other constants of the trace.
+    pub values: BTreeMap<TensorId, TensorData>,
+    /// Recorded id of each parameter value.
+    pub params: HashMap<TensorId, TracedParam>,
+    /// The graph input.
+    pub input: TensorId,
+    /// The graph output.
+    pub output: TensorId,
+    /// Input shape of the traced call (batch first).
+    pub input_dims: Vec<usize>,
+    /// Output shape of the traced call.
+    pub output_dims: Vec<usize>,
+}
+
+#[derive(Default)]
+struct ParamIds {
+    stack: Vec<String>,
+    found: Vec<(TensorId, String, ParamId)>,
+    error: Option<String>,
+}
+
+impl ModuleVisitor for ParamIds {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        match tensor_id(&param.val()) {
+            Ok(id) => self.found.push((id, self.stack.join("."), param.id)),
+            Err(e) => self.error = Some(format!("{}: {e}", self.stack.join("."))),
+        }
+    }
+}
+
+/// Trainable flags by `ParamId`, read from the caller's model without touching it.
+#[derive(Default)]
+struct ParamFlags {
+    flags: HashMap<ParamId, bool>,
+}
+
+impl ModuleVisitor for ParamFlags {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let trainable = !param.lazy_device().is_autodiff() || param.is_require_grad();
+        self.flags.insert(param.id, trainable);
+    }
+}
+
+pub(crate) fn tensor_id<const D: usize>(t: &Tensor<D>) -> Result<TensorId, String> {
+    t.clone()
+        .try_into_primitive::<Capture>()
+        .map(|p| p.id())
+        .map_err(|e| format!("not a capture tensor ({e:?})"))
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+struct Recorded {
+    ops: Vec<OperationIr>,
+    values: BTreeMap<TensorId, TensorData>,
+    params: Vec<(TensorId, String, ParamId)>,
+    input: TensorId,
+    output: TensorId,
+    output_dims: Vec<usize>,
+}
+
+fn record<M, const DI: usize, const DO: usize, F>(
+    model: &M,
+    dims: [usize; DI],
+    forward: &F,
+) -> Result<Recorded, QatError>
+where
+    M: Module,
+    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
+{
+    // `valid()` builds fresh RunningState cells and strips autodiff: moving a clone would move
+    // the caller's BatchNorm statistics onto the capture device.
+    let snapshot = model.valid();
+    let device = Device::capture();
+    let out: RefCell<
+        Option<
+            Result<
+                (
+                    Vec<(TensorId, String, ParamId)>,
+                    TensorId,
+                    TensorId,
+                    Vec<usize>,
+                ),
+                String,
+            >,
+        >,
+    > = RefCell::new(None);
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        device.capture_scope(|scope| {
+            let moved = snapshot.to_device(&device);
+            let mut ids = ParamIds::default();
+            moved.visit(&mut ids);
+            let x = Tensor::<DI>::from_data(TensorData::zeros::<f32, _>(dims), &device);
+            let ids_x = tensor_id(&x);
+            let y = forward(&moved, x);
+            let output_dims = y.dims().to_vec();
+            let ids_y = tensor_id(&y);
+            match (ids.error, ids_x, ids_y) {
+                (None, Ok(xi), Ok(yi)) => {
+                    *out.borrow_mut() = Some(Ok((ids.found, xi, yi, output_dims)));
+                    scope.complete([xi], [yi])
+                }
+                (e, a, b) => {
+                    *out.borrow_mut() = Some(Err(e.or(a.err()).or(b.err()).unwrap_or_default()));
+                    scope.complete([], [])
+                }
+            }
+        })
+    }));
+    let captured = match result {
+        Err(payload) => {
+            let msg = panic_message(payload);
+            let hint = if msg.contains("no concrete value") {
+                "the forward reads tensor values (`into_scalar`, `into_data`, a branch on data): graph mode records \
+                 ops without running them; make the forward depend on shapes only"
+            } else if msg.contains("autodiff") {
+                "capture the float model on a plain device (burn-qat calls `valid()` for you; a custom module may \
+                 hold an autodiff tensor outside `Param`)"
+            } else {
+                "the forward called something the capture backend cannot record (Burn's quantized tensors, `seed()`, \
+                 a backend extension without `Capture`)"
+            };
+            return Err(QatError::Graph {
+                what: format!("the forward panicked while being recorded: {msg}"),
+                near: "<forward>".into(),
+                hint: hint.into(),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(QatError::Graph {
+                what: format!("capture failed: {e:?}"),
+                near: "<forward>".into(),
+                hint: "trace one model at a time on a fresh capture device".into(),
+            });
+        }
+        Ok(Ok(graph)) => graph,
+    };
+    let (params, input, output, output_dims) = match out.into_inner() {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            return Err(QatError::Graph {
+                what: format!("a recorded tensor has no capture id: {e}"),
+                near: "<forward>".into(),
+                hint: "the forward must return a tensor computed from its input".into(),
+            });
+        }
+        None => unreachable!("the capture closure always reports"),
+    };
+    Ok(Recorded {
+        ops: captured.graph.operations,
+        values: captured.values,
+        params,
+        input,
+        output,
+        output_dims,
+    })
+}
+
+/// Records `forward(model, x)` for an input of shape `input_dims` (batch first) without running
+/// it, and maps every recorded parameter value to its module path and `ParamId`.
+///
+/// The model is traced as `model.valid()`; the caller's model is not touched. The forward is
+/// recorded twice, at batch size `input_dims[0]` and one more, so that shapes that depend on the
+/// batch (a flatten's `[batch, -1]`) are found.
+///
+/// # Errors
+///
+/// `input_dims` of the wrong rank or with a zero, a forward that panics while recorded (it reads
+/// values: `into_scalar`, data-dependent branches), a forward that branches on the batch size.
+pub fn trace<M, const DI: usize, const DO: usize, F>(
+    model: &M,
+    input_dims: &[usize],
+    forward: F,
+) -> Result<Trace, QatError>
+where
+    M: Module,
+    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
+{
+    let dims: [usize; DI] = input_dims.try_into().map_err(|_| QatError::InvalidConfig {
+        field: "input_dims".into(),
+        value: format!("{input_dims:?}"),
+        allowed: format!("{DI} dimensions, the rank of the forward's input (batch first)"),
+    })?;
+    if dims.contains(&0) {
+        return Err(QatError::InvalidConfig {
+            field: "input_dims".into(),
+            value: format!("{input_dims:?}"),
+            allowed: "non-zero sizes (the batch size is free later; any batch works here)".into(),
+        });
+    }
+    let mut flags = ParamFlags::default();
+    model.visit(&mut flags);
+    let first = record(model, dims, &forward)?;
+    let mut next = dims;
+    next[0] += 1;
+    let second = record(model, next, &forward)?;
+    if second.ops.len() != first.ops.len() {
+        return Err(QatError::Graph {
+            what: format!(
+                "the forward records {} ops at batch {} and {} at batch {}",
+                first.ops.len(),
+                dims[0],
+                second.ops.len(),
+                next[0]
+            ),
+            near: "<forward>".into(),
+            hint:
+                "the forward branches on the batch size; graph mode needs one graph for every batch"
+                    .into(),
+        });
+    }
+    let params = first
+        .params
+        .into_iter()
+        .map(|(tid, path, id)| {
+            let trainable = flags.flags.get(&id).copied().unwrap_or(true);
+            (
+                tid,
+                TracedParam {
+                    path,
+                    id,
+                    trainable,
+                },
+            )
+        })
+        .collect();
+    Ok(Trace {
+        ops: first.ops,
+        ops_next_batch: second.ops,
+        values: first.values,
+        params,
+        input: first.input,
+        output: first.output,
+        input_dims: dims.to_vec(),
+        output_dims: first.output_dims,
+    })
+}

@@ -1,0 +1,348 @@
+//! The graph as plain data: nodes with explicit inputs, ops with their options, symbolic batch.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// One dimension of a recorded shape: fixed, or a multiple of the batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// `k * batch`.
+    Batch(usize),
+}
+
+impl Dim {
+    /// The size at batch size `batch`.
+    pub fn at(self, batch: usize) -> usize {
+        match self {
+            Dim::Fixed(n) => n,
+            Dim::Batch(k) => k * batch,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Batch(1) => write!(f, "N"),
+            Dim::Batch(k) => write!(f, "{k}N"),
+        }
+    }
+}
+
+/// The kind of layer a [`Op::Layer`] node runs (its module is in [`QatGraph::layers`](super::QatGraph)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerKind {
+    /// `Conv1d` (+ folded BatchNorm + fused activation).
+    Conv1d,
+    /// `Conv2d` (+ folded BatchNorm + fused activation).
+    Conv2d,
+    /// `Linear` (+ folded BatchNorm + fused activation), on the last axis of any rank.
+    Linear,
+    /// A BatchNorm that follows no conv/linear (kept as is).
+    BatchNorm,
+    /// An activation fake-quantizer.
+    Quant,
+}
+
+/// What a node computes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// The graph input.
+    Input,
+    /// A module of the graph, at this index of [`QatGraph::layers`](super::QatGraph).
+    Layer {
+        /// Index into the graph's layers.
+        index: usize,
+        /// What that layer is.
+        kind: LayerKind,
+    },
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, min), max)` (ReLU6 is `[0, 6]`; one-sided clamps use infinities).
+    Clamp {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+    },
+    /// Leaky ReLU.
+    LeakyRelu {
+        /// Slope below zero.
+        slope: f64,
+    },
+    /// GELU (erf form, Burn's `gelu`).
+    Gelu,
+    /// Logistic sigmoid.
+    Sigmoid,
+    /// `max(0, min(1, alpha * x + beta))`.
+    HardSigmoid {
+        /// Slope.
+        alpha: f64,
+        /// Offset.
+        beta: f64,
+    },
+    /// `x * sigmoid(x)`.
+    Silu,
+    /// `x * hard_sigmoid(x, 1/6, 1/2)`.
+    HardSwish,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// Exponential.
+    Exp,
+    /// Softmax along an axis.
+    Softmax {
+        /// The axis.
+        axis: usize,
+    },
+    /// Element-wise sum of two tensors (broadcasting as recorded).
+    Add,
+    /// Element-wise difference.
+    Sub,
+    /// Element-wise product.
+    Mul,
+    /// Element-wise quotient.
+    Div,
+    /// `x + c`.
+    AddScalar(f64),
+    /// `x - c`.
+    SubScalar(f64),
+    /// `x * c`.
+    MulScalar(f64),
+    /// `x / c`.
+    DivScalar(f64),
+    /// Concatenation along an axis.
+    Concat {
+        /// The axis.
+        axis: usize,
+    },
+    /// Reshape (flatten, squeeze, unsqueeze): the target shape with the batch symbolic.
+    Reshape {
+        /// Target shape.
+        shape: Vec<Dim>,
+    },
+    /// Swaps two axes.
+    SwapDims {
+        /// First axis.
+        a: usize,
+        /// Second axis.
+        b: usize,
+    },
+    /// Permutes the axes.
+    Permute {
+        /// New order.
+        axes: Vec<usize>,
+    },
+    /// Mean along an axis (kept with length 1, as Burn's `mean_dim`).
+    MeanDim {
+        /// The axis.
+        axis: usize,
+    },
+    /// Sum along an axis (kept with length 1).
+    SumDim {
+        /// The axis.
+        axis: usize,
+    },
+    /// 1-D max pooling.
+    MaxPool1d {
+        /// Kernel, stride, padding, dilation.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Padding.
+        padding: usize,
+        /// Dilation.
+        dilation: usize,
+        /// Ceil mode.
+        ceil_mode: bool,
+    },
+    /// 2-D max pooling.
+    MaxPool2d {
+        /// Kernel.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+        /// Dilation.
+        dilation: [usize; 2],
+        /// Ceil mode.
+        ceil_mode: bool,
+    },
+    /// 1-D average pooling.
+    AvgPool1d {
+        /// Kernel.
+        kernel: usize,
+        /// Stride.
+        stride: usize,
+        /// Padding.
+        padding: usize,
+        /// Whether padding counts in the average.
+        count_include_pad: bool,
+        /// Ceil mode.
+        ceil_mode: bool,
+    },
+    /// 2-D average pooling.
+    AvgPool2d {
+        /// Kernel.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+        /// Whether padding counts in the average.
+        count_include_pad: bool,
+        /// Ceil mode.
+        ceil_mode: bool,
+    },
+    /// 1-D adaptive average pooling.
+    AdaptiveAvgPool1d {
+        /// Output length.
+        output: usize,
+    },
+    /// 2-D adaptive average pooling.
+    AdaptiveAvgPool2d {
+        /// Output size.
+        output: [usize; 2],
+    },
+}
+
+/// How an op treats the integer grid of its input, as TFLite and PyTorch FX place
+/// fake-quantizers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GridRole {
+    /// Moves or selects values without changing them (max pooling, reshape, permute): the
+    /// output keeps the input's grid, no fake-quant after it.
+    Inherit,
+    /// ReLU or a clamp: fused into the op before it when that op has no other consumer.
+    FusableActivation,
+    /// Computes new values: a fake-quant follows (after its fused activation, if any).
+    Compute,
+    /// Already a fake-quantizer, or the input.
+    Quantized,
+}
+
+impl Op {
+    /// How this op treats the grid of its input.
+    pub fn grid_role(&self) -> GridRole {
+        match self {
+            Op::Input
+            | Op::Layer {
+                kind: LayerKind::Quant,
+                ..
+            } => GridRole::Quantized,
+            Op::Reshape { .. }
+            | Op::SwapDims { .. }
+            | Op::Permute { .. }
+            | Op::MaxPool1d { .. }
+            | Op::MaxPool2d { .. } => GridRole::Inherit,
+            Op::Relu | Op::Clamp { .. } => GridRole::FusableActivation,
+            _ => GridRole::Compute,
+        }
+    }
+
+    /// A short name for plans and messages.
+    pub fn name(&self) -> String {
+        match self {
+            Op::Layer { kind, .. } => format!("{kind:?}"),
+            Op::Clamp { min, max } if *min == 0.0 && *max == 6.0 => "ReLU6".into(),
+            Op::Clamp { min, max } => format!("Clamp[{min}, {max}]"),
+            Op::Reshape { shape } => format!(
+                "Reshape[{}]",
+                shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            other => {
+                let s = format!("{other:?}");
+                s.split([' ', '(', '{']).next().unwrap_or("").to_string()
+            }
+        }
+    }
+}
+
+/// One node: an op, the nodes it reads, and the module path it came from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// What it computes.
+    pub op: Op,
+    /// The nodes whose outputs it reads, in order.
+    pub inputs: Vec<usize>,
+    /// The user's module path of the layer (for parameter-free ops: the nearest layer before
+    /// it, with the op's name).
+    pub name: String,
+    /// Output shape, the batch symbolic.
+    pub shape: Vec<Dim>,
+}
+
+/// The graph as data: nodes in execution order (every input precedes its reader), the input
+/// node first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// The node whose value the forward returns.
+    pub output: usize,
+}
+
+impl Program {
+    /// Input shape (the batch symbolic).
+    pub fn input_shape(&self) -> &[Dim] {
+        &self.nodes[0].shape
+    }
+
+    /// For each node, the nodes that read it.
+    pub fn consumers(&self) -> Vec<Vec<usize>> {
+        let mut users = vec![vec![]; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &j in &n.inputs {
+                users[j].push(i);
+            }
+        }
+        users
+    }
+
+    /// For each node, the index of the last node that reads it (its value can be dropped
+    /// after that); the output is kept to the end.
+    pub fn last_use(&self) -> Vec<usize> {
+        let mut last = vec![0; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &j in &n.inputs {
+                last[j] = i;
+            }
+        }
+        last[self.output] = usize::MAX;
+        last
+    }
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let inputs = n
+                .inputs
+                .iter()
+                .map(|j| format!("%{j}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let shape = n
+                .shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            writeln!(
+                f,
+                "%{i:<3} = {:<22} ({inputs:<12}) [{shape}]  {}",
+                n.op.name(),
+                n.name
+            )?;
+        }
+        write!(f, "return %{}", self.output)
+    }
+}

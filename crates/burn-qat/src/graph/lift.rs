@@ -1,0 +1,647 @@
+//! From a recorded op list to a [`QatGraph`] of Burn modules holding the user's parameters.
+
+use std::collections::HashMap;
+
+use burn::backend::capture::TensorId;
+use burn::backend::ir::{
+    ActivationOperationIr, BaseOperationIr, FloatOperationIr, ModuleOperationIr,
+    NumericOperationIr, OperationIr, ScalarIr, TensorIr,
+};
+use burn::module::{Param, RunningState};
+use burn::nn::conv::{Conv1d, Conv2d};
+use burn::nn::{BatchNorm, Linear, PaddingConfig1d, PaddingConfig2d};
+use burn::prelude::*;
+use burn_qat_core::QatError;
+use burn_qat_transform::FusedConfig;
+
+use super::capture::Trace;
+use super::ir::{Dim, LayerKind, Node, Op, Program};
+use super::module::{GraphLayer, MAX_RANK, QatGraph};
+
+/// Where a recorded tensor comes from.
+#[derive(Clone, Debug)]
+enum Src {
+    /// The output of a graph node.
+    Node(usize),
+    /// A parameter value, possibly reshaped (the root parameter's recorded id).
+    Param(TensorId),
+}
+
+struct Lifter<'a> {
+    trace: &'a Trace,
+    device: Device,
+    env: HashMap<TensorId, Src>,
+    nodes: Vec<Node>,
+    layers: Vec<GraphLayer>,
+    near: String,
+    batch: (usize, usize),
+}
+
+fn scalar(s: &ScalarIr) -> f64 {
+    match *s {
+        ScalarIr::Float(f) => f,
+        ScalarIr::Int(i) => i as f64,
+        ScalarIr::UInt(u) => u as f64,
+        ScalarIr::Bool(b) => f64::from(u8::from(b)),
+    }
+}
+
+fn op_name(op: &OperationIr) -> String {
+    let s = format!("{op:?}");
+    // `NumericFloat(F32, Add(BinaryOpIr {...}))` -> `NumericFloat(F32, Add`
+    s.split(['{'])
+        .next()
+        .unwrap_or("")
+        .trim_end_matches(['(', ' '])
+        .to_string()
+}
+
+impl<'a> Lifter<'a> {
+    fn err(&self, what: String, hint: &str) -> QatError {
+        QatError::Graph {
+            what,
+            near: if self.near.is_empty() {
+                "<input>".into()
+            } else {
+                self.near.clone()
+            },
+            hint: hint.into(),
+        }
+    }
+
+    fn src(&self, t: &TensorIr) -> Result<Src, QatError> {
+        if let Some(s) = self.env.get(&t.id) {
+            return Ok(s.clone());
+        }
+        if self.trace.params.contains_key(&t.id) {
+            return Ok(Src::Param(t.id));
+        }
+        if self.trace.values.contains_key(&t.id) {
+            return Err(self.err(
+                format!("a constant tensor of shape {:?} created in the forward", t.shape.as_slice()),
+                "graph mode lifts parameters and the computation on the input; hold constants in a `Param` \
+                 (frozen if it must not train) or compute them outside the forward",
+            ));
+        }
+        Err(self.err(
+            format!("a tensor of shape {:?} not computed from the input", t.shape.as_slice()),
+            "the forward creates tensors (zeros, ones, random) the graph cannot lift; compute them from the input",
+        ))
+    }
+
+    fn node_input(&self, t: &TensorIr, what: &str) -> Result<usize, QatError> {
+        match self.src(t)? {
+            Src::Node(i) => Ok(i),
+            Src::Param(p) => Err(self.err(
+                format!("{what} reads the parameter `{}` as data", self.trace.params[&p].path),
+                "graph mode supports parameters as the weights and biases of Conv/Linear/BatchNorm; \
+                 compute on parameters in a custom layer outside the traced forward",
+            )),
+        }
+    }
+
+    fn param_root(&self, t: &TensorIr, what: &str) -> Result<TensorId, QatError> {
+        match self.src(t)? {
+            Src::Param(p) => Ok(p),
+            Src::Node(_) => Err(self.err(
+                format!("{what} computed from the input"),
+                "graph mode lifts layers whose weights are parameters (Conv, Linear, BatchNorm); \
+                 products of two activations (attention) are not supported yet",
+            )),
+        }
+    }
+
+    fn dims(&self, a: &TensorIr, b: &TensorIr) -> Result<Vec<Dim>, QatError> {
+        let (na, nb) = self.batch;
+        if a.shape.as_slice().len() != b.shape.as_slice().len() {
+            return Err(self.err(
+                "a tensor whose rank depends on the batch size".into(),
+                "graph mode needs one graph for every batch size",
+            ));
+        }
+        a.shape
+            .as_slice()
+            .iter()
+            .zip(b.shape.as_slice().iter())
+            .map(|(&va, &vb)| {
+                if va == vb {
+                    Ok(Dim::Fixed(va))
+                } else if vb > va && (vb - va) % (nb - na) == 0 && va == (vb - va) / (nb - na) * na
+                {
+                    Ok(Dim::Batch((vb - va) / (nb - na)))
+                } else {
+                    Err(self.err(
+                        format!("a size {va} at batch {na} and {vb} at batch {nb}"),
+                        "graph mode handles sizes that are fixed or a multiple of the batch",
+                    ))
+                }
+            })
+            .collect()
+    }
+
+    fn push(
+        &mut self,
+        op: Op,
+        inputs: Vec<usize>,
+        out: (&TensorIr, &TensorIr),
+    ) -> Result<usize, QatError> {
+        if out.0.shape.as_slice().len() > MAX_RANK {
+            return Err(self.err(
+                format!("a tensor of rank {}", out.0.shape.as_slice().len()),
+                "graph mode handles ranks 1 to 6",
+            ));
+        }
+        let shape = self.dims(out.0, out.1)?;
+        let name = match &op {
+            Op::Layer { .. } => self.near.clone(),
+            other => {
+                if self.near.is_empty() {
+                    other.name().to_lowercase()
+                } else {
+                    format!("{}/{}", self.near, other.name().to_lowercase())
+                }
+            }
+        };
+        self.nodes.push(Node {
+            op,
+            inputs,
+            name,
+            shape,
+        });
+        let i = self.nodes.len() - 1;
+        self.env.insert(out.0.id, Src::Node(i));
+        Ok(i)
+    }
+
+    fn layer(
+        &mut self,
+        layer: GraphLayer,
+        input: usize,
+        out: (&TensorIr, &TensorIr),
+        near: String,
+    ) -> Result<usize, QatError> {
+        self.near = near;
+        let kind = layer.kind();
+        self.layers.push(layer);
+        let index = self.layers.len() - 1;
+        self.push(Op::Layer { index, kind }, vec![input], out)
+    }
+
+    fn tensor<const D: usize>(&self, id: TensorId) -> Tensor<D> {
+        Tensor::from_data(self.trace.values[&id].clone(), &self.device)
+    }
+
+    fn param<const D: usize>(&self, id: TensorId) -> Param<Tensor<D>> {
+        let p = &self.trace.params[&id];
+        let t = self.tensor::<D>(id);
+        Param::initialized(p.id, t).set_require_grad(p.trainable)
+    }
+
+    fn running(&self, id: TensorId) -> RunningState<Tensor<1>> {
+        RunningState::with_id(self.trace.params[&id].id, self.tensor::<1>(id))
+    }
+
+    fn path(&self, id: TensorId) -> String {
+        self.trace.params[&id].module_path().to_string()
+    }
+
+    fn check_rank(&self, id: TensorId, rank: usize, what: &str) -> Result<(), QatError> {
+        let got = self.trace.values[&id].shape().len();
+        if got != rank {
+            return Err(self.err(
+                format!("{what} `{}` of rank {got}", self.trace.params[&id].path),
+                &format!("expected rank {rank}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn float_layer(&self) -> FusedConfig {
+        FusedConfig::new().with_weight(None).with_output(None)
+    }
+
+    fn op(&mut self, a: &OperationIr, b: &OperationIr) -> Result<(), QatError> {
+        use ActivationOperationIr as A;
+        use BaseOperationIr as Bs;
+        use FloatOperationIr as F;
+        use ModuleOperationIr as M;
+        use NumericOperationIr as N;
+        let unsupported = |s: &Self| {
+            Err(s.err(
+                format!("the op `{}`", op_name(a)),
+                "graph mode does not support this op yet: keep it outside the traced forward, or file an issue \
+                 naming the op",
+            ))
+        };
+        match (a, b) {
+            (OperationIr::Drop(_) | OperationIr::Init(_), _) => Ok(()),
+            (OperationIr::BaseFloat(Bs::Reshape(o)), OperationIr::BaseFloat(Bs::Reshape(p))) => {
+                match self.src(&o.input)? {
+                    Src::Param(root) => {
+                        self.env.insert(o.out.id, Src::Param(root));
+                        Ok(())
+                    }
+                    Src::Node(i) => {
+                        let shape = self.dims(&o.out, &p.out)?;
+                        self.push(Op::Reshape { shape }, vec![i], (&o.out, &p.out))
+                            .map(drop)
+                    }
+                }
+            }
+            (OperationIr::BaseFloat(Bs::SwapDims(o)), OperationIr::BaseFloat(Bs::SwapDims(p))) => {
+                let i = self.node_input(&o.input, "swap_dims")?;
+                self.push(
+                    Op::SwapDims {
+                        a: o.dim1,
+                        b: o.dim2,
+                    },
+                    vec![i],
+                    (&o.out, &p.out),
+                )
+                .map(drop)
+            }
+            (OperationIr::BaseFloat(Bs::Permute(o)), OperationIr::BaseFloat(Bs::Permute(p))) => {
+                let i = self.node_input(&o.input, "permute")?;
+                self.push(
+                    Op::Permute {
+                        axes: o.axes.clone(),
+                    },
+                    vec![i],
+                    (&o.out, &p.out),
+                )
+                .map(drop)
+            }
+            (OperationIr::BaseFloat(Bs::Cat(o)), OperationIr::BaseFloat(Bs::Cat(p))) => {
+                let inputs = o
+                    .tensors
+                    .iter()
+                    .map(|t| self.node_input(t, "cat"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.push(Op::Concat { axis: o.dim }, inputs, (&o.out, &p.out))
+                    .map(drop)
+            }
+            (OperationIr::NumericFloat(_, na), OperationIr::NumericFloat(_, nb)) => {
+                match (na, nb) {
+                    (N::Add(o), N::Add(p)) => {
+                        // Linear's bias: matmul output + reshaped 1-D bias parameter.
+                        if let (Src::Node(l), Src::Param(bias)) =
+                            (self.src(&o.lhs)?, self.src(&o.rhs)?)
+                            && let Op::Layer {
+                                index,
+                                kind: LayerKind::Linear,
+                            } = self.nodes[l].op
+                            && let GraphLayer::Linear(fused) = &self.layers[index]
+                            && fused.layer.bias.is_none()
+                            && self.trace.values[&bias].shape().len() == 1
+                        {
+                            let b = self.param::<1>(bias);
+                            if let GraphLayer::Linear(fused) = &mut self.layers[index] {
+                                fused.layer.bias = Some(b);
+                            }
+                            self.env.insert(o.out.id, Src::Node(l));
+                            return Ok(());
+                        }
+                        let (l, r) = (
+                            self.node_input(&o.lhs, "add")?,
+                            self.node_input(&o.rhs, "add")?,
+                        );
+                        self.push(Op::Add, vec![l, r], (&o.out, &p.out)).map(drop)
+                    }
+                    (N::Sub(o), N::Sub(p)) | (N::Mul(o), N::Mul(p)) | (N::Div(o), N::Div(p)) => {
+                        let op = match na {
+                            N::Sub(_) => Op::Sub,
+                            N::Mul(_) => Op::Mul,
+                            _ => Op::Div,
+                        };
+                        let (l, r) = (
+                            self.node_input(&o.lhs, "a binary op")?,
+                            self.node_input(&o.rhs, "a binary op")?,
+                        );
+                        self.push(op, vec![l, r], (&o.out, &p.out)).map(drop)
+                    }
+                    (N::AddScalar(o), N::AddScalar(p))
+                    | (N::SubScalar(o), N::SubScalar(p))
+                    | (N::MulScalar(o), N::MulScalar(p))
+                    | (N::DivScalar(o), N::DivScalar(p)) => {
+                        let c = scalar(&o.rhs);
+                        let op = match na {
+                            N::AddScalar(_) => Op::AddScalar(c),
+                            N::SubScalar(_) => Op::SubScalar(c),
+                            N::MulScalar(_) => Op::MulScalar(c),
+                            _ => Op::DivScalar(c),
+                        };
+                        let i = self.node_input(&o.lhs, "a scalar op")?;
+                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                    }
+                    (N::Clamp(o), N::Clamp(p)) => {
+                        let i = self.node_input(&o.tensor, "clamp")?;
+                        let op = Op::Clamp {
+                            min: scalar(&o.min),
+                            max: scalar(&o.max),
+                        };
+                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                    }
+                    (N::ClampMin(o), N::ClampMin(p)) | (N::ClampMax(o), N::ClampMax(p)) => {
+                        let i = self.node_input(&o.lhs, "clamp")?;
+                        let c = scalar(&o.rhs);
+                        let op = match na {
+                            N::ClampMin(_) => Op::Clamp {
+                                min: c,
+                                max: f64::INFINITY,
+                            },
+                            _ => Op::Clamp {
+                                min: f64::NEG_INFINITY,
+                                max: c,
+                            },
+                        };
+                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                    }
+                    (N::MeanDim(o), N::MeanDim(p)) | (N::SumDim(o), N::SumDim(p)) => {
+                        let i = self.node_input(&o.input, "a reduction")?;
+                        let op = match na {
+                            N::MeanDim(_) => Op::MeanDim { axis: o.axis },
+                            _ => Op::SumDim { axis: o.axis },
+                        };
+                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                    }
+                    _ => unsupported(self),
+                }
+            }
+            (OperationIr::Float(_, fa), OperationIr::Float(_, fb)) => match (fa, fb) {
+                (F::Matmul(o), F::Matmul(p)) => {
+                    let x = self.node_input(&o.lhs, "matmul")?;
+                    let w = self.param_root(&o.rhs, "a matmul whose right operand is")?;
+                    self.check_rank(w, 2, "Linear weight")?;
+                    let near = self.path(w);
+                    let linear = Linear {
+                        weight: self.param::<2>(w),
+                        bias: None,
+                    };
+                    let fused = self.float_layer().init(linear, None)?;
+                    self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
+                        .map(drop)
+                }
+                (F::Tanh(o), F::Tanh(p)) | (F::Exp(o), F::Exp(p)) => {
+                    let i = self.node_input(&o.input, "an activation")?;
+                    let op = if matches!(fa, F::Tanh(_)) {
+                        Op::Tanh
+                    } else {
+                        Op::Exp
+                    };
+                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                }
+                _ => unsupported(self),
+            },
+            (OperationIr::Activation(aa), OperationIr::Activation(ab)) => {
+                let (op, o, p) = match (aa, ab) {
+                    (A::Relu(o), A::Relu(p)) => (Op::Relu, &o.input, &p.out),
+                    (A::Gelu(o), A::Gelu(p)) => (Op::Gelu, &o.input, &p.out),
+                    (A::Sigmoid(o), A::Sigmoid(p)) => (Op::Sigmoid, &o.input, &p.out),
+                    (A::HardSigmoid(o), A::HardSigmoid(p)) => (
+                        Op::HardSigmoid {
+                            alpha: scalar(&o.alpha),
+                            beta: scalar(&o.beta),
+                        },
+                        &o.tensor,
+                        &p.out,
+                    ),
+                    (A::LeakyRelu(o), A::LeakyRelu(p)) => (
+                        Op::LeakyRelu {
+                            slope: scalar(&o.rhs),
+                        },
+                        &o.lhs,
+                        &p.out,
+                    ),
+                    (A::Softmax(o), A::Softmax(p)) => {
+                        (Op::Softmax { axis: o.axis }, &o.input, &p.out)
+                    }
+                    _ => return unsupported(self),
+                };
+                let out_a = activation_out(aa);
+                let i = self.node_input(o, "an activation")?;
+                self.push(op, vec![i], (out_a, p)).map(drop)
+            }
+            (OperationIr::Module(ma), OperationIr::Module(mb)) => match (ma, mb) {
+                (M::Conv2d(o), M::Conv2d(p)) => {
+                    let x = self.node_input(&o.x, "conv2d")?;
+                    let w = self.param_root(&o.weight, "a conv2d weight")?;
+                    self.check_rank(w, 4, "Conv2d weight")?;
+                    let bias = o
+                        .bias
+                        .as_ref()
+                        .map(|b| self.param_root(b, "a conv2d bias"))
+                        .transpose()?;
+                    let ks = &self.trace.values[&w].shape();
+                    let [(top, bottom), (left, right)] = o.options.padding;
+                    let conv = Conv2d {
+                        weight: self.param::<4>(w),
+                        bias: bias.map(|b| self.param::<1>(b)),
+                        stride: o.options.stride,
+                        kernel_size: [ks[2], ks[3]],
+                        dilation: o.options.dilation,
+                        groups: o.options.groups,
+                        padding: PaddingConfig2d::Explicit(top, left, bottom, right),
+                    };
+                    let near = self.path(w);
+                    let fused = self.float_layer().init(conv, None)?;
+                    self.layer(GraphLayer::Conv2d(fused), x, (&o.out, &p.out), near)
+                        .map(drop)
+                }
+                (M::Conv1d(o), M::Conv1d(p)) => {
+                    let x = self.node_input(&o.x, "conv1d")?;
+                    let w = self.param_root(&o.weight, "a conv1d weight")?;
+                    self.check_rank(w, 3, "Conv1d weight")?;
+                    let bias = o
+                        .bias
+                        .as_ref()
+                        .map(|b| self.param_root(b, "a conv1d bias"))
+                        .transpose()?;
+                    let ks = &self.trace.values[&w].shape();
+                    let [(left, right)] = o.options.padding;
+                    let conv = Conv1d {
+                        weight: self.param::<3>(w),
+                        bias: bias.map(|b| self.param::<1>(b)),
+                        stride: o.options.stride[0],
+                        kernel_size: ks[2],
+                        dilation: o.options.dilation[0],
+                        groups: o.options.groups,
+                        padding: PaddingConfig1d::Explicit(left, right),
+                    };
+                    let near = self.path(w);
+                    let fused = self.float_layer().init(conv, None)?;
+                    self.layer(GraphLayer::Conv1d(fused), x, (&o.out, &p.out), near)
+                        .map(drop)
+                }
+                (M::Linear(o), M::Linear(p)) => {
+                    let x = self.node_input(&o.x, "linear")?;
+                    let w = self.param_root(&o.weight, "a linear weight")?;
+                    self.check_rank(w, 2, "Linear weight")?;
+                    let bias = o
+                        .bias
+                        .as_ref()
+                        .map(|b| self.param_root(b, "a linear bias"))
+                        .transpose()?;
+                    let linear = Linear {
+                        weight: self.param::<2>(w),
+                        bias: bias.map(|b| self.param::<1>(b)),
+                    };
+                    let near = self.path(w);
+                    let fused = self.float_layer().init(linear, None)?;
+                    self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
+                        .map(drop)
+                }
+                (M::BatchNorm(o), M::BatchNorm(p)) => {
+                    let x = self.node_input(&o.x, "batch_norm")?;
+                    let g = self.param_root(&o.gamma, "a BatchNorm gamma")?;
+                    let bt = self.param_root(&o.beta, "a BatchNorm beta")?;
+                    let m = self.param_root(&o.mean, "a BatchNorm running mean")?;
+                    let v = self.param_root(&o.variance, "a BatchNorm running variance")?;
+                    let bn = BatchNorm {
+                        gamma: self.param::<1>(g),
+                        beta: self.param::<1>(bt),
+                        training: Param::from_bool(true),
+                        running_mean: self.running(m),
+                        running_var: self.running(v),
+                        momentum: 0.1,
+                        epsilon: scalar(&o.epsilon),
+                    };
+                    let near = self.path(g);
+                    self.layer(GraphLayer::BatchNorm(bn), x, (&o.out, &p.out), near)
+                        .map(drop)
+                }
+                (M::MaxPool2d(o), M::MaxPool2d(p)) => {
+                    let i = self.node_input(&o.x, "max_pool2d")?;
+                    let op = Op::MaxPool2d {
+                        kernel: o.kernel_size,
+                        stride: o.stride,
+                        padding: o.padding,
+                        dilation: o.dilation,
+                        ceil_mode: o.ceil_mode,
+                    };
+                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                }
+                (M::MaxPool1d(o), M::MaxPool1d(p)) => {
+                    let i = self.node_input(&o.x, "max_pool1d")?;
+                    let op = Op::MaxPool1d {
+                        kernel: o.kernel_size,
+                        stride: o.stride,
+                        padding: o.padding,
+                        dilation: o.dilation,
+                        ceil_mode: o.ceil_mode,
+                    };
+                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                }
+                (M::AvgPool2d(o), M::AvgPool2d(p)) => {
+                    let i = self.node_input(&o.x, "avg_pool2d")?;
+                    let op = Op::AvgPool2d {
+                        kernel: o.kernel_size,
+                        stride: o.stride,
+                        padding: o.padding,
+                        count_include_pad: o.count_include_pad,
+                        ceil_mode: o.ceil_mode,
+                    };
+                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                }
+                (M::AvgPool1d(o), M::AvgPool1d(p)) => {
+                    let i = self.node_input(&o.x, "avg_pool1d")?;
+                    let op = Op::AvgPool1d {
+                        kernel: o.kernel_size,
+                        stride: o.stride,
+                        padding: o.padding,
+                        count_include_pad: o.count_include_pad,
+                        ceil_mode: o.ceil_mode,
+                    };
+                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+                }
+                (M::AdaptiveAvgPool2d(o), M::AdaptiveAvgPool2d(p)) => {
+                    let i = self.node_input(&o.x, "adaptive_avg_pool2d")?;
+                    self.push(
+                        Op::AdaptiveAvgPool2d {
+                            output: o.output_size,
+                        },
+                        vec![i],
+                        (&o.out, &p.out),
+                    )
+                    .map(drop)
+                }
+                (M::AdaptiveAvgPool1d(o), M::AdaptiveAvgPool1d(p)) => {
+                    let i = self.node_input(&o.x, "adaptive_avg_pool1d")?;
+                    self.push(
+                        Op::AdaptiveAvgPool1d {
+                            output: o.output_size,
+                        },
+                        vec![i],
+                        (&o.out, &p.out),
+                    )
+                    .map(drop)
+                }
+                _ => unsupported(self),
+            },
+            _ => {
+                if std::mem::discriminant(a) != std::mem::discriminant(b) {
+                    return Err(self.err(
+                        format!("the op `{}` at one batch size and `{}` at another", op_name(a), op_name(b)),
+                        "the forward branches on the batch size; graph mode needs one graph for every batch",
+                    ));
+                }
+                unsupported(self)
+            }
+        }
+    }
+}
+
+fn activation_out(a: &ActivationOperationIr) -> &TensorIr {
+    use ActivationOperationIr as A;
+    match a {
+        A::Relu(o) | A::Gelu(o) | A::Sigmoid(o) => &o.out,
+        A::HardSigmoid(o) => &o.out,
+        A::LeakyRelu(o) => &o.out,
+        A::Softmax(o) => &o.out,
+        _ => unreachable!("only lifted activations reach here"),
+    }
+}
+
+/// Lifts `trace` into a float [`QatGraph`] on `device`: the user's forward, op for op.
+pub(crate) fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
+    let input_shape = trace.input_dims.clone();
+    let mut lifter = Lifter {
+        trace,
+        device: device.clone(),
+        env: HashMap::new(),
+        nodes: vec![],
+        layers: vec![],
+        near: String::new(),
+        batch: (input_shape[0], input_shape[0] + 1),
+    };
+    let mut shape: Vec<Dim> = input_shape.iter().map(|&d| Dim::Fixed(d)).collect();
+    shape[0] = Dim::Batch(1);
+    lifter.nodes.push(Node {
+        op: Op::Input,
+        inputs: vec![],
+        name: "input".into(),
+        shape,
+    });
+    lifter.env.insert(trace.input, Src::Node(0));
+    for (a, b) in trace.ops.iter().zip(trace.ops_next_batch.iter()) {
+        lifter.op(a, b)?;
+    }
+    let output = match lifter.env.get(&trace.output) {
+        Some(Src::Node(i)) => *i,
+        _ => {
+            return Err(lifter.err(
+                "the forward returns a parameter, not a value computed from the input".into(),
+                "return the model's output",
+            ));
+        }
+    };
+    let mut program = Program {
+        nodes: lifter.nodes,
+        output,
+    };
+    super::rewrite::fuse_gated_activations(&mut program);
+    Ok(super::rewrite::Editor::new(QatGraph {
+        layers: lifter.layers,
+        program,
+    })
+    .finish())
+}

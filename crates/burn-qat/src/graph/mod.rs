@@ -1,0 +1,130 @@
+//! Graph mode: QAT for any Burn model by recording its forward (Burn's torch.fx).
+//!
+//! A Burn model is a struct with a Rust `forward`: code, not data. Graph mode records that
+//! forward with Burn 0.22.1's capture backend (no kernel runs), lifts the recorded ops into a
+//! [`QatGraph`] (a Burn [`Module`] holding the model's own weights and `ParamId`s), and prepares
+//! it for QAT the way int8 runtimes will run it: BatchNorm folded into the conv/linear before
+//! it, ReLU/ReLU6 fused, weights fake-quantized per output channel, and activation
+//! fake-quantizers where TFLite and PyTorch FX put them (graph input; after each conv/linear
+//! with its activation, add, mul, concat, average pooling and float activation; none after max
+//! pooling, reshape, flatten or permute, which keep their input's grid).
+//!
+//! ```
+//! use burn::module::Module;
+//! use burn::nn::conv::{Conv2d, Conv2dConfig};
+//! use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, Relu};
+//! use burn::prelude::*;
+//! use burn_qat::graph::{self, QatGraph};
+//! use burn_qat::model::QatConfig;
+//!
+//! // A user's model, written with no thought of QAT.
+//! #[derive(Module, Debug)]
+//! struct Net { conv: Conv2d, bn: BatchNorm, relu: Relu, fc: Linear }
+//! impl Net {
+//!     fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+//!         let x = self.relu.forward(self.bn.forward(self.conv.forward(x)));
+//!         self.fc.forward(x.flatten(1, 3))
+//!     }
+//! }
+//!
+//! let device = Device::flex().autodiff();
+//! let model = Net {
+//!     conv: Conv2dConfig::new([1, 4], [3, 3]).with_bias(false).init(&device),
+//!     bn: BatchNormConfig::new(4).init(&device),
+//!     relu: Relu::new(),
+//!     fc: LinearConfig::new(4 * 6 * 6, 10).init(&device),
+//! };
+//! let qat: QatGraph =
+//!     graph::prepare(&model, &[1, 1, 8, 8], |m: &Net, x: Tensor<4>| m.forward(x), &QatConfig::new())
+//!         .unwrap();
+//! println!("{}", qat.plan()); // input quant, conv+bn+relu (folded), fc, output quant
+//! let logits: Tensor<2> = qat.forward(Tensor::ones([3, 1, 8, 8], &device)); // any batch
+//! assert_eq!(logits.dims(), [3, 10]);
+//! let back: Net = qat.write_back(model).unwrap(); // trained weights in the user's type
+//! # let _ = back;
+//! ```
+//!
+//! Supported ops: Conv1d, Conv2d (groups, depthwise, stride, padding, dilation, with or without
+//! bias), Linear (any input rank), BatchNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
+//! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, max/avg pooling (1-D and 2-D),
+//! adaptive average pooling, add, sub, mul, div (of two tensors or by a scalar), concat,
+//! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
+//! else is an error naming the op, the nearest layer and what to do.
+
+mod capture;
+mod ir;
+mod lift;
+mod module;
+mod prepare;
+mod rewrite;
+mod write_back;
+
+use std::collections::HashMap;
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn_qat_core::QatError;
+
+pub use capture::{Trace, TracedParam, trace};
+pub use ir::{Dim, GridRole, LayerKind, Node, Op, Program};
+pub use module::{GraphLayer, QatGraph};
+
+use crate::model::{QatConfig, plan};
+
+fn model_device<M: Module>(model: &M) -> Device {
+    model.devices().into_iter().next().unwrap_or_default()
+}
+
+/// The model's forward as a float [`QatGraph`], op for op (no fake-quant, BatchNorm unfolded):
+/// on flex its forward equals the model's bit for bit. It lives on the model's device.
+///
+/// # Errors
+///
+/// See [`trace`]; also an op graph mode does not support, named with its nearest layer.
+pub fn build<M, const DI: usize, const DO: usize, F>(
+    model: &M,
+    input_dims: &[usize],
+    forward: F,
+) -> Result<QatGraph, QatError>
+where
+    M: Module,
+    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
+{
+    let trace = trace(model, input_dims, forward)?;
+    lift::lift(&trace, &model_device(model))
+}
+
+/// Records the model's forward and prepares it for QAT following `config`: BatchNorm folded
+/// (`config.bn_fold`), activations fused, weights fake-quantized as [`plan`] decides for the
+/// model's own parameter paths (per output channel on the axis the graph uses the weight on),
+/// activation fake-quant placed as TFLite/PyTorch FX do (`config.activations` and
+/// `config.activation_rules`). The graph lives on the model's device (autodiff included),
+/// ready to train; skipped layers keep float weights and a float output.
+///
+/// # Errors
+///
+/// See [`build`] and [`plan`]; invalid activation settings or an activation pattern that
+/// matches no node.
+pub fn prepare<M, const DI: usize, const DO: usize, F>(
+    model: &M,
+    input_dims: &[usize],
+    forward: F,
+    config: &QatConfig,
+) -> Result<QatGraph, QatError>
+where
+    M: Module,
+    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
+{
+    let planned = plan(model, config)?;
+    let trace = trace(model, input_dims, forward)?;
+    let device = model_device(model);
+    let float = lift::lift(&trace, &device)?;
+    let by_path: HashMap<&str, &crate::model::PlannedParam> =
+        planned.iter().map(|p| (p.path.as_str(), p)).collect();
+    let by_id = trace
+        .params
+        .values()
+        .filter_map(|p| by_path.get(p.path.as_str()).map(|e| (p.id, (*e).clone())))
+        .collect();
+    prepare::prepare_graph(float, &by_id, config, &device)
+}

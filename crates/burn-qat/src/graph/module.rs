@@ -1,0 +1,323 @@
+//! [`QatGraph`]: the lifted model as a Burn module, and its forward.
+
+use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
+use burn::backend::{Dispatch, TensorMetadata};
+use burn::module::Module;
+use burn::nn::BatchNorm;
+use burn::prelude::*;
+use burn::tensor::DispatchTensor;
+use burn::tensor::Shape;
+use burn_qat_core::QatError;
+use burn_qat_nn::ActQuant;
+use burn_qat_transform::{FusedConv1d, FusedConv2d, FusedLinear};
+
+use super::ir::{Dim, LayerKind, Node, Op, Program};
+
+/// A module of a [`QatGraph`]: the layers that hold parameters or state.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum GraphLayer {
+    /// `Conv1d`, with its BatchNorm, activation and weight fake-quant once prepared.
+    Conv1d(FusedConv1d),
+    /// `Conv2d`, with its BatchNorm, activation and weight fake-quant once prepared.
+    Conv2d(FusedConv2d),
+    /// `Linear`, with its BatchNorm, activation and weight fake-quant once prepared.
+    Linear(FusedLinear),
+    /// A BatchNorm that follows no conv or linear layer.
+    BatchNorm(BatchNorm),
+    /// An activation fake-quantizer (observed or learned range).
+    Quant(ActQuant),
+}
+
+impl GraphLayer {
+    /// The kind of node that runs this layer.
+    pub fn kind(&self) -> LayerKind {
+        match self {
+            GraphLayer::Conv1d(_) => LayerKind::Conv1d,
+            GraphLayer::Conv2d(_) => LayerKind::Conv2d,
+            GraphLayer::Linear(_) => LayerKind::Linear,
+            GraphLayer::BatchNorm(_) => LayerKind::BatchNorm,
+            GraphLayer::Quant(_) => LayerKind::Quant,
+        }
+    }
+}
+
+/// Any Burn model's forward as a graph of Burn modules: what [`trace`](super::trace) recorded,
+/// lifted into layers you can train (`Fused` conv/linear layers holding the user's weights and
+/// `ParamId`s, activation fake-quantizers, BatchNorms) and the parameter-free ops between them.
+///
+/// It is a Burn [`Module`]: optimizers, records (`save_file`/`load_file`), `valid()`,
+/// `to_device`, burn-train's `Learner`, [`switches`](crate::switches) and
+/// [`QatSchedule`](crate::transform::QatSchedule) work on it as on any module. The structure
+/// ([`program`](Self::program)) is not recorded: load a record into a graph prepared from the
+/// same model with the same configuration (a record of another graph is refused by Burn's
+/// path check).
+///
+/// One input and one output: [`forward`](Self::forward) takes and returns one tensor. A model
+/// with several inputs can be traced through a closure that splits one tensor (for example
+/// `x.narrow(1, ..)`), which graph mode records as a reshape/slice it supports; several outputs
+/// can be concatenated likewise.
+#[derive(Module, Debug)]
+pub struct QatGraph {
+    /// The modules, in the order the program first runs them.
+    pub layers: Vec<GraphLayer>,
+    /// The nodes and their connections (data, not recorded).
+    #[module(skip)]
+    pub program: Program,
+}
+
+macro_rules! by_rank {
+    ($rank:expr, $x:expr, |$t:ident| $body:expr) => {
+        match $rank {
+            1 => {
+                let $t = Tensor::<1>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            2 => {
+                let $t = Tensor::<2>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            3 => {
+                let $t = Tensor::<3>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            4 => {
+                let $t = Tensor::<4>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            5 => {
+                let $t = Tensor::<5>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            6 => {
+                let $t = Tensor::<6>::from_dispatch($x);
+                ($body).into_dispatch()
+            }
+            r => unreachable!("rank {r} is refused when the graph is built"),
+        }
+    };
+}
+
+/// The largest rank a graph value may have.
+pub const MAX_RANK: usize = 6;
+
+impl QatGraph {
+    /// Runs the graph on `input` (any batch size).
+    ///
+    /// # Shapes
+    ///
+    /// - input: the traced input shape, any batch size (`[N, ...]`)
+    /// - output: the traced output shape at that batch size
+    ///
+    /// # Panics
+    ///
+    /// If `DI`/`DO` are not the traced ranks or the input's non-batch sizes differ from the
+    /// traced ones; [`try_forward`](Self::try_forward) returns these as errors.
+    pub fn forward<const DI: usize, const DO: usize>(&self, input: Tensor<DI>) -> Tensor<DO> {
+        self.try_forward(input).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`forward`](Self::forward), with a wrong rank or input size as an error.
+    pub fn try_forward<const DI: usize, const DO: usize>(
+        &self,
+        input: Tensor<DI>,
+    ) -> Result<Tensor<DO>, QatError> {
+        let expected = self.program.input_shape();
+        let dims = input.dims();
+        let batch = dims[0];
+        let fits = expected.len() == DI
+            && expected
+                .iter()
+                .zip(dims.iter())
+                .all(|(d, &n)| matches!(d, Dim::Batch(1)) || d.at(batch) == n);
+        if !fits {
+            return Err(QatError::InvalidConfig {
+                field: "QatGraph::forward input".into(),
+                value: format!("shape {dims:?}"),
+                allowed: format!(
+                    "the traced shape [{}] (N: any batch size)",
+                    shape_text(expected)
+                ),
+            });
+        }
+        let out_rank = self.program.nodes[self.program.output].shape.len();
+        if out_rank != DO {
+            return Err(QatError::InvalidConfig {
+                field: "QatGraph::forward output rank".into(),
+                value: DO.to_string(),
+                allowed: format!("{out_rank}, the rank the traced forward returns"),
+            });
+        }
+        let out = self.run(input.into_dispatch(), batch);
+        Ok(Tensor::from_dispatch(out))
+    }
+
+    fn run(&self, input: DispatchTensor, batch: usize) -> DispatchTensor {
+        let nodes = &self.program.nodes;
+        let last = self.program.last_use();
+        let mut values: Vec<Option<DispatchTensor>> = vec![None; nodes.len()];
+        values[0] = Some(input);
+        for (i, node) in nodes.iter().enumerate().skip(1) {
+            let args: Vec<DispatchTensor> = node
+                .inputs
+                .iter()
+                .map(|&j| {
+                    if last[j] == i && node.inputs.iter().filter(|&&k| k == j).count() == 1 {
+                        values[j].take()
+                    } else {
+                        values[j].clone()
+                    }
+                    .expect("a node reads a value computed before it")
+                })
+                .collect();
+            values[i] = Some(self.eval(node, args, batch));
+        }
+        values[self.program.output]
+            .take()
+            .expect("the output is computed")
+    }
+
+    fn rank_of(&self, node: usize) -> usize {
+        self.program.nodes[node].shape.len()
+    }
+
+    fn eval(&self, node: &Node, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
+        let x = args.swap_remove(0);
+        let rank = node.inputs.first().map(|&j| self.rank_of(j)).unwrap_or(0);
+        let second = || args[0].clone();
+        match &node.op {
+            Op::Input => x,
+            Op::Layer { index, .. } => self.eval_layer(&self.layers[*index], x, rank),
+            Op::Relu => Dispatch::relu(x),
+            Op::Clamp { min, max } => clamp(x, *min, *max),
+            Op::LeakyRelu { slope } => Dispatch::leaky_relu(x, (*slope).into()),
+            Op::Gelu => Dispatch::gelu(x),
+            Op::Sigmoid => Dispatch::sigmoid(x),
+            Op::HardSigmoid { alpha, beta } => {
+                Dispatch::hard_sigmoid(x, (*alpha).into(), (*beta).into())
+            }
+            Op::Silu => Dispatch::float_mul(x.clone(), Dispatch::sigmoid(x)),
+            Op::HardSwish => Dispatch::float_mul(
+                x.clone(),
+                Dispatch::hard_sigmoid(x, (1.0f64 / 6.0).into(), 0.5f64.into()),
+            ),
+            Op::Tanh => Dispatch::float_tanh(x),
+            Op::Exp => Dispatch::float_exp(x),
+            Op::Softmax { axis } => Dispatch::softmax(x, *axis),
+            Op::Add => Dispatch::float_add(x, second()),
+            Op::Sub => Dispatch::float_sub(x, second()),
+            Op::Mul => Dispatch::float_mul(x, second()),
+            Op::Div => Dispatch::float_div(x, second()),
+            Op::AddScalar(c) => Dispatch::float_add_scalar(x, (*c).into()),
+            Op::SubScalar(c) => Dispatch::float_sub_scalar(x, (*c).into()),
+            Op::MulScalar(c) => Dispatch::float_mul_scalar(x, (*c).into()),
+            Op::DivScalar(c) => Dispatch::float_div_scalar(x, (*c).into()),
+            Op::Concat { axis } => {
+                let mut all = vec![x];
+                all.extend(args);
+                Dispatch::float_cat(all, *axis)
+            }
+            Op::Reshape { shape } => Dispatch::float_reshape(
+                x,
+                Shape::from(shape.iter().map(|d| d.at(batch)).collect::<Vec<_>>()),
+            ),
+            Op::SwapDims { a, b } => Dispatch::float_swap_dims(x, *a, *b),
+            Op::Permute { axes } => Dispatch::float_permute(x, axes),
+            Op::MeanDim { axis } => Dispatch::float_mean_dim(x, *axis),
+            Op::SumDim { axis } => Dispatch::float_sum_dim(x, *axis),
+            Op::MaxPool1d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => Dispatch::max_pool1d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => Dispatch::max_pool2d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
+            Op::AvgPool1d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => Dispatch::avg_pool1d(
+                x,
+                *kernel,
+                *stride,
+                *padding,
+                *count_include_pad,
+                *ceil_mode,
+            ),
+            Op::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => Dispatch::avg_pool2d(
+                x,
+                *kernel,
+                *stride,
+                *padding,
+                *count_include_pad,
+                *ceil_mode,
+            ),
+            Op::AdaptiveAvgPool1d { output } => Dispatch::adaptive_avg_pool1d(x, *output),
+            Op::AdaptiveAvgPool2d { output } => Dispatch::adaptive_avg_pool2d(x, *output),
+        }
+    }
+
+    fn eval_layer(&self, layer: &GraphLayer, x: DispatchTensor, rank: usize) -> DispatchTensor {
+        match layer {
+            GraphLayer::Conv1d(l) => l.forward::<3, 3>(Tensor::from_dispatch(x)).into_dispatch(),
+            GraphLayer::Conv2d(l) => l.forward::<4, 4>(Tensor::from_dispatch(x)).into_dispatch(),
+            GraphLayer::Linear(l) if rank == 2 => {
+                l.forward::<2, 2>(Tensor::from_dispatch(x)).into_dispatch()
+            }
+            GraphLayer::Linear(l) => {
+                // Linear on the last axis of any rank: rows of every leading axis.
+                let dims = x.shape().to_vec();
+                let d_in = dims[rank - 1];
+                let rows = dims[..rank - 1].iter().product::<usize>();
+                let flat = Tensor::<2>::from_dispatch(Dispatch::float_reshape(
+                    x,
+                    Shape::from(vec![rows, d_in]),
+                ));
+                let y = l.forward::<2, 2>(flat);
+                let mut out = dims;
+                out[rank - 1] = y.dims()[1];
+                Dispatch::float_reshape(y.into_dispatch(), Shape::from(out))
+            }
+            GraphLayer::BatchNorm(bn) => by_rank!(rank, x, |t| bn.forward(t)),
+            GraphLayer::Quant(q) => by_rank!(rank, x, |t| q.forward(t)),
+        }
+    }
+
+    /// The nodes and their connections, one line per node (`%3 = Conv2d (%2) [N, 16, 14, 14]
+    /// layer1.conv`).
+    pub fn plan(&self) -> String {
+        self.program.to_string()
+    }
+}
+
+fn clamp(x: DispatchTensor, min: f64, max: f64) -> DispatchTensor {
+    match (min.is_finite(), max.is_finite()) {
+        (true, true) => Dispatch::float_clamp(x, min.into(), max.into()),
+        (true, false) => Dispatch::float_clamp_min(x, min.into()),
+        (false, true) => Dispatch::float_clamp_max(x, max.into()),
+        (false, false) => x,
+    }
+}
+
+pub(crate) fn shape_text(shape: &[Dim]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

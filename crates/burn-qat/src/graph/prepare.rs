@@ -1,0 +1,265 @@
+//! Preparing a float graph for QAT: BatchNorm folding, activation fusion, fake-quant placement.
+
+use std::collections::HashMap;
+
+use burn::module::ParamId;
+use burn::prelude::*;
+use burn_qat_core::QatError;
+use burn_qat_nn::{ActQuant, WeightFakeQuantConfig};
+use burn_qat_transform::{Activation, Fusable, Fused};
+
+use super::ir::{GridRole, LayerKind, Node, Op};
+use super::module::{GraphLayer, QatGraph};
+use super::rewrite::Editor;
+use crate::model::plan::glob;
+use crate::model::{ActivationQuant, PlannedParam, QatConfig, Selector};
+
+fn is_foldable(kind: LayerKind, rank: usize) -> bool {
+    matches!(kind, LayerKind::Conv1d | LayerKind::Conv2d)
+        || (kind == LayerKind::Linear && rank == 2)
+}
+
+fn fused_activation(op: &Op) -> Option<Activation> {
+    match *op {
+        Op::Relu => Some(Activation::Relu),
+        Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
+        Op::Clamp { min, max } if min.is_finite() && max.is_finite() => Some(Activation::Clamp {
+            min: min as f32,
+            max: max as f32,
+        }),
+        _ => None,
+    }
+}
+
+fn set_weight_quant<L, const DI: usize, const DW: usize>(
+    fused: &mut Fused<L>,
+    entry: Option<&PlannedParam>,
+    device: &Device,
+) -> Result<(), QatError>
+where
+    L: Fusable<DI, DW>,
+{
+    let Some(settings) = entry.and_then(|e| e.settings) else {
+        return Ok(());
+    };
+    let spec = settings.spec(Some(L::WEIGHT_AXIS));
+    spec.validate_for_rank(DW)?;
+    let mut wq = WeightFakeQuantConfig::new(spec).init(device)?;
+    if settings.learned {
+        let (w, _) = fused.folded_params::<DI, DW>();
+        wq = wq.with_learned_step(w.detach());
+    }
+    fused.weight_quant = Some(wq);
+    Ok(())
+}
+
+/// The activation settings for the output of a node named `name`.
+fn activation_settings(
+    name: &str,
+    config: &QatConfig,
+    rules: &[(globset::GlobMatcher, ActivationQuant)],
+) -> ActivationQuant {
+    let path = name.replace('.', "/");
+    rules
+        .iter()
+        .find(|(g, _)| g.is_match(&path))
+        .map(|(_, a)| *a)
+        .unwrap_or(config.activations)
+}
+
+pub(crate) fn prepare_graph(
+    graph: QatGraph,
+    planned: &HashMap<ParamId, PlannedParam>,
+    config: &QatConfig,
+    device: &Device,
+) -> Result<QatGraph, QatError> {
+    let rules = config
+        .activation_rules
+        .iter()
+        .map(|(s, a)| match s {
+            Selector::Path(p) => Ok((glob(p)?, *a)),
+            Selector::Type(t) => Err(QatError::InvalidConfig {
+                field: "QatConfig.activation_rules".into(),
+                value: format!("layer type {t:?}"),
+                allowed: "path patterns (with_layer_activations)".into(),
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, a) in std::iter::once(&config.activations)
+        .chain(config.activation_rules.iter().map(|(_, a)| a))
+        .enumerate()
+    {
+        a.config().validate().map_err(|e| QatError::InvalidConfig {
+            field: if i == 0 {
+                "QatConfig.activations".into()
+            } else {
+                format!("QatConfig.activation_rules[{}]", i - 1)
+            },
+            value: format!("{a:?}"),
+            allowed: e.to_string(),
+        })?;
+    }
+    for (pattern, _) in &config.activation_rules {
+        let Selector::Path(p) = pattern else { continue };
+        let g = glob(p)?;
+        if !graph
+            .program
+            .nodes
+            .iter()
+            .any(|n| g.is_match(n.name.replace('.', "/")))
+        {
+            let names: Vec<&str> = graph
+                .program
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect();
+            return Err(QatError::Model(format!(
+                "activation pattern {p:?} matches no node of this graph; its nodes are {names:?}"
+            )));
+        }
+    }
+
+    // 1. BatchNorm into the conv/linear before it; 2. ReLU/ReLU6/clamp into it.
+    let mut e = Editor::new(graph);
+    let users = e.program.consumers();
+    for i in 0..e.program.nodes.len() {
+        let Op::Layer {
+            kind: LayerKind::BatchNorm,
+            ..
+        } = e.program.nodes[i].op
+        else {
+            continue;
+        };
+        let c = e.program.nodes[i].inputs[0];
+        let Op::Layer { kind, .. } = e.program.nodes[c].op else {
+            continue;
+        };
+        if !is_foldable(kind, e.program.nodes[c].shape.len()) || users[c] != [i] {
+            continue;
+        }
+        let Some(GraphLayer::BatchNorm(bn)) = e.take_layer(i) else {
+            continue;
+        };
+        match e.layer_mut(c) {
+            Some(GraphLayer::Conv1d(f)) => f.bn = Some(bn),
+            Some(GraphLayer::Conv2d(f)) => f.bn = Some(bn),
+            Some(GraphLayer::Linear(f)) => f.bn = Some(bn),
+            _ => unreachable!("checked above"),
+        }
+        e.bypass(i, c);
+    }
+    let graph = e.finish();
+    let mut e = Editor::new(graph);
+    let users = e.program.consumers();
+    for i in 0..e.program.nodes.len() {
+        let Some(act) = fused_activation(&e.program.nodes[i].op) else {
+            continue;
+        };
+        let c = e.program.nodes[i].inputs[0];
+        let Op::Layer { kind, .. } = e.program.nodes[c].op else {
+            continue;
+        };
+        if !matches!(
+            kind,
+            LayerKind::Conv1d | LayerKind::Conv2d | LayerKind::Linear
+        ) || users[c] != [i]
+        {
+            continue;
+        }
+        match e.layer_mut(c) {
+            Some(GraphLayer::Conv1d(f)) => f.activation = act,
+            Some(GraphLayer::Conv2d(f)) => f.activation = act,
+            Some(GraphLayer::Linear(f)) => f.activation = act,
+            _ => unreachable!("checked above"),
+        }
+        e.bypass(i, c);
+    }
+    let mut graph = e.finish();
+
+    // 3. Weight fake-quant per the plan, on the axis the graph uses the weight on.
+    let mut skipped = vec![false; graph.program.nodes.len()];
+    for (i, node) in graph.program.nodes.iter().enumerate() {
+        let Op::Layer { index, .. } = node.op else {
+            continue;
+        };
+        let layer = &mut graph.layers[index];
+        let id = match layer {
+            GraphLayer::Conv1d(f) => Some(f.layer.weight.id),
+            GraphLayer::Conv2d(f) => Some(f.layer.weight.id),
+            GraphLayer::Linear(f) => Some(f.layer.weight.id),
+            _ => None,
+        };
+        let entry = id.and_then(|id| planned.get(&id));
+        skipped[i] = entry.is_some_and(|e| e.skipped);
+        match layer {
+            GraphLayer::Conv1d(f) => {
+                f.mode = config.bn_fold;
+                set_weight_quant(f, entry, device)?
+            }
+            GraphLayer::Conv2d(f) => {
+                f.mode = config.bn_fold;
+                set_weight_quant(f, entry, device)?
+            }
+            GraphLayer::Linear(f) => {
+                f.mode = config.bn_fold;
+                set_weight_quant(f, entry, device)?
+            }
+            _ => {}
+        }
+    }
+
+    // 4. Activation fake-quant where int8 runtimes requantize.
+    let users = graph.program.consumers();
+    let nodes = &graph.program.nodes;
+    let role = |i: usize| nodes[i].op.grid_role();
+    let mut quant_after = vec![false; nodes.len()];
+    for i in 0..nodes.len() {
+        quant_after[i] = match role(i) {
+            GridRole::Quantized => i == 0,
+            GridRole::Inherit => false,
+            GridRole::FusableActivation => true,
+            GridRole::Compute => {
+                !(users[i].len() == 1 && role(users[i][0]) == GridRole::FusableActivation)
+            }
+        } && !skipped[i];
+    }
+    let old_output = graph.program.output;
+    let mut layers = graph.layers;
+    let mut out_nodes: Vec<Node> = Vec::new();
+    let mut remap = vec![0; quant_after.len()];
+    for (i, mut node) in graph.program.nodes.into_iter().enumerate() {
+        node.inputs = node.inputs.iter().map(|&j| remap[j]).collect();
+        let shape = node.shape.clone();
+        let name = node.name.clone();
+        out_nodes.push(node);
+        remap[i] = out_nodes.len() - 1;
+        if !quant_after[i] {
+            continue;
+        }
+        let settings = activation_settings(&name, config, &rules);
+        if !settings.enabled {
+            continue;
+        }
+        let q = ActQuant::init(&settings.config(), settings.learned, device)?;
+        layers.push(GraphLayer::Quant(q));
+        out_nodes.push(Node {
+            op: Op::Layer {
+                index: layers.len() - 1,
+                kind: LayerKind::Quant,
+            },
+            inputs: vec![remap[i]],
+            name: format!("{name}/quant"),
+            shape,
+        });
+        remap[i] = out_nodes.len() - 1;
+    }
+    let graph = QatGraph {
+        layers,
+        program: super::ir::Program {
+            nodes: out_nodes,
+            output: remap[old_output],
+        },
+    };
+    Ok(Editor::new(graph).finish())
+}

@@ -1,0 +1,137 @@
+//! Rewriting a program: redirecting readers, dropping nodes, renumbering layers.
+
+use super::ir::{Op, Program};
+use super::module::{GraphLayer, QatGraph};
+
+/// A graph being rewritten: layers can be taken out, nodes bypassed.
+pub(crate) struct Editor {
+    pub layers: Vec<Option<GraphLayer>>,
+    pub program: Program,
+    /// `redirect[i] = j`: readers of node `i` read node `j` instead.
+    redirect: Vec<usize>,
+}
+
+impl Editor {
+    pub fn new(graph: QatGraph) -> Self {
+        let n = graph.program.nodes.len();
+        Self {
+            layers: graph.layers.into_iter().map(Some).collect(),
+            program: graph.program,
+            redirect: (0..n).collect(),
+        }
+    }
+
+    /// Readers of `node` (and the output, if it is) read `to` instead; `node` is then unused.
+    pub fn bypass(&mut self, node: usize, to: usize) {
+        self.redirect[node] = to;
+    }
+
+    fn resolve(&self, mut i: usize) -> usize {
+        while self.redirect[i] != i {
+            i = self.redirect[i];
+        }
+        i
+    }
+
+    /// The layer of node `i`, if it runs one.
+    pub fn layer_mut(&mut self, i: usize) -> Option<&mut GraphLayer> {
+        match self.program.nodes[i].op {
+            Op::Layer { index, .. } => self.layers[index].as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Takes the layer out of node `i` (the node must then be bypassed).
+    pub fn take_layer(&mut self, i: usize) -> Option<GraphLayer> {
+        match self.program.nodes[i].op {
+            Op::Layer { index, .. } => self.layers[index].take(),
+            _ => None,
+        }
+    }
+
+    /// Applies the redirections, drops every node the output does not need, and renumbers
+    /// nodes and layers.
+    pub fn finish(mut self) -> QatGraph {
+        for n in 0..self.program.nodes.len() {
+            let inputs: Vec<usize> = self.program.nodes[n]
+                .inputs
+                .iter()
+                .map(|&j| self.resolve(j))
+                .collect();
+            self.program.nodes[n].inputs = inputs;
+        }
+        self.program.output = self.resolve(self.program.output);
+        let nodes = &self.program.nodes;
+        let mut needed = vec![false; nodes.len()];
+        needed[0] = true;
+        needed[self.program.output] = true;
+        for i in (0..nodes.len()).rev() {
+            if needed[i] {
+                for &j in &nodes[i].inputs {
+                    needed[j] = true;
+                }
+            }
+        }
+        let mut new_index = vec![usize::MAX; nodes.len()];
+        let mut layers = Vec::new();
+        let mut kept = Vec::new();
+        for (i, mut node) in std::mem::take(&mut self.program.nodes)
+            .into_iter()
+            .enumerate()
+        {
+            if !needed[i] {
+                continue;
+            }
+            node.inputs = node.inputs.iter().map(|&j| new_index[j]).collect();
+            if let Op::Layer { index, .. } = &mut node.op {
+                layers.push(
+                    self.layers[*index]
+                        .take()
+                        .expect("a needed node's layer is still in place"),
+                );
+                *index = layers.len() - 1;
+            }
+            new_index[i] = kept.len();
+            kept.push(node);
+        }
+        QatGraph {
+            layers,
+            program: super::ir::Program {
+                nodes: kept,
+                output: new_index[self.program.output],
+            },
+        }
+    }
+}
+
+/// `x * sigmoid(x)` becomes one `Silu` node and `x * hard_sigmoid(x, 1/6, 1/2)` one `HardSwish`
+/// node (int8 runtimes run each as one table lookup), when the gate has no other reader.
+pub(crate) fn fuse_gated_activations(program: &mut Program) {
+    let users = program.consumers();
+    for i in 0..program.nodes.len() {
+        if program.nodes[i].op != Op::Mul {
+            continue;
+        }
+        let (a, b) = (program.nodes[i].inputs[0], program.nodes[i].inputs[1]);
+        for (x, gate) in [(a, b), (b, a)] {
+            let g = &program.nodes[gate];
+            let fused = match g.op {
+                Op::Sigmoid => Op::Silu,
+                Op::HardSigmoid { alpha, beta } if alpha == 1.0 / 6.0 && beta == 0.5 => {
+                    Op::HardSwish
+                }
+                _ => continue,
+            };
+            if g.inputs == [x] && users[gate] == [i] {
+                let node = &mut program.nodes[i];
+                node.op = fused;
+                node.inputs = vec![x];
+                node.name = node
+                    .name
+                    .replace("/mul", &format!("/{}", node.op.name().to_lowercase()));
+                break;
+            }
+        }
+    }
+    // The bypassed gates are dropped when the graph is finished (nothing reads them).
+}

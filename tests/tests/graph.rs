@@ -1,0 +1,585 @@
+//! Graph mode on models written as their authors write them in plain Burn (no burn-qat types
+//! inside): a ResNet with a projection shortcut, a MobileNet-v2 block, a concat net, Burn's
+//! MNIST example model (GELU head), an MLP, a Conv1d sequence model with global average
+//! pooling. For each, on every backend: the traced float graph equals the user's forward, the
+//! prepared QAT graph trains, save/load/resume is exact, `write_back` returns the user's type.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Gelu, Linear, LinearConfig,
+    PaddingConfig1d, PaddingConfig2d, Relu,
+};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::Distribution;
+use burn_qat::graph::{self, GraphLayer, LayerKind, Op, QatGraph};
+use burn_qat::model::{ActivationQuant, QatConfig, WeightQuant};
+use burn_qat::{QatError, switches};
+use burn_qat_tests::{Backend, backends, values};
+
+// ---------------------------------------------------------------- (a) ResNet, basic blocks
+
+#[derive(Module, Debug)]
+struct Downsample {
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+#[derive(Module, Debug)]
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    relu: Relu,
+    downsample: Option<Downsample>,
+}
+
+impl BasicBlock {
+    fn new(cin: usize, cout: usize, stride: usize, device: &Device) -> Self {
+        let conv3 = |i, o, s| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_stride([s, s])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device)
+        };
+        Self {
+            conv1: conv3(cin, cout, stride),
+            bn1: BatchNormConfig::new(cout).init(device),
+            conv2: conv3(cout, cout, 1),
+            bn2: BatchNormConfig::new(cout).init(device),
+            relu: Relu::new(),
+            downsample: (stride != 1 || cin != cout).then(|| Downsample {
+                conv: Conv2dConfig::new([cin, cout], [1, 1])
+                    .with_stride([stride, stride])
+                    .with_bias(false)
+                    .init(device),
+                bn: BatchNormConfig::new(cout).init(device),
+            }),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let identity = match &self.downsample {
+            Some(d) => d.bn.forward(d.conv.forward(x.clone())),
+            None => x.clone(),
+        };
+        let out = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
+        let out = self.bn2.forward(self.conv2.forward(out));
+        self.relu.forward(out + identity)
+    }
+}
+
+#[derive(Module, Debug)]
+struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    relu: Relu,
+    maxpool: MaxPool2d,
+    layer1: Vec<BasicBlock>,
+    layer2: Vec<BasicBlock>,
+    avgpool: AdaptiveAvgPool2d,
+    fc: Linear,
+}
+
+impl ResNet {
+    fn new(device: &Device) -> Self {
+        Self {
+            conv1: Conv2dConfig::new([1, 8], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device),
+            bn1: BatchNormConfig::new(8).init(device),
+            relu: Relu::new(),
+            maxpool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            layer1: vec![BasicBlock::new(8, 8, 1, device)],
+            layer2: vec![BasicBlock::new(8, 16, 2, device)],
+            avgpool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            fc: LinearConfig::new(16, 4).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = self
+            .maxpool
+            .forward(self.relu.forward(self.bn1.forward(self.conv1.forward(x))));
+        let x = self.layer1.iter().fold(x, |x, b| b.forward(x));
+        let x = self.layer2.iter().fold(x, |x, b| b.forward(x));
+        self.fc.forward(self.avgpool.forward(x).flatten(1, 3))
+    }
+}
+
+// ---------------------------------------------------------------- (b) MobileNet-v2 blocks
+
+#[derive(Module, Debug)]
+struct InvertedResidual {
+    expand: Conv2d,
+    bn1: BatchNorm,
+    depthwise: Conv2d,
+    bn2: BatchNorm,
+    project: Conv2d,
+    bn3: BatchNorm,
+    use_residual: bool,
+}
+
+impl InvertedResidual {
+    fn new(cin: usize, cout: usize, stride: usize, expand: usize, device: &Device) -> Self {
+        let hidden = cin * expand;
+        Self {
+            expand: Conv2dConfig::new([cin, hidden], [1, 1])
+                .with_bias(false)
+                .init(device),
+            bn1: BatchNormConfig::new(hidden).init(device),
+            depthwise: Conv2dConfig::new([hidden, hidden], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_groups(hidden)
+                .with_bias(false)
+                .init(device),
+            bn2: BatchNormConfig::new(hidden).init(device),
+            project: Conv2dConfig::new([hidden, cout], [1, 1])
+                .with_bias(false)
+                .init(device),
+            bn3: BatchNormConfig::new(cout).init(device),
+            use_residual: stride == 1 && cin == cout,
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let h = burn::tensor::activation::relu6(self.bn1.forward(self.expand.forward(x.clone())));
+        let h = burn::tensor::activation::relu6(self.bn2.forward(self.depthwise.forward(h)));
+        let h = self.bn3.forward(self.project.forward(h));
+        if self.use_residual { x + h } else { h }
+    }
+}
+
+#[derive(Module, Debug)]
+struct MobileNet {
+    stem: Conv2d,
+    stem_bn: BatchNorm,
+    blocks: Vec<InvertedResidual>,
+    pool: AdaptiveAvgPool2d,
+    head: Linear,
+}
+
+impl MobileNet {
+    fn new(device: &Device) -> Self {
+        Self {
+            stem: Conv2dConfig::new([1, 8], [3, 3])
+                .with_stride([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device),
+            stem_bn: BatchNormConfig::new(8).init(device),
+            blocks: vec![
+                InvertedResidual::new(8, 8, 1, 3, device),
+                InvertedResidual::new(8, 12, 2, 3, device),
+            ],
+            pool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            head: LinearConfig::new(12, 4).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let x = burn::tensor::activation::relu6(self.stem_bn.forward(self.stem.forward(x)));
+        let x = self.blocks.iter().fold(x, |x, b| b.forward(x));
+        self.head.forward(self.pool.forward(x).flatten(1, 3))
+    }
+}
+
+// ---------------------------------------------------------------- (c) two branches, concat
+
+#[derive(Module, Debug)]
+struct TwoBranch {
+    a: Conv2d,
+    b: Conv2d,
+    merge: Conv2d,
+    pool: MaxPool2d,
+    fc: Linear,
+}
+
+impl TwoBranch {
+    fn new(device: &Device) -> Self {
+        Self {
+            a: Conv2dConfig::new([1, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .init(device),
+            b: Conv2dConfig::new([1, 4], [1, 1]).init(device),
+            merge: Conv2dConfig::new([8, 8], [3, 3]).init(device),
+            pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            fc: LinearConfig::new(8 * 3 * 3, 4).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let a = burn::tensor::activation::relu(self.a.forward(x.clone()));
+        let b = burn::tensor::activation::sigmoid(self.b.forward(x));
+        let x = Tensor::cat(vec![a, b], 1);
+        let x = self
+            .pool
+            .forward(burn::tensor::activation::relu(self.merge.forward(x)));
+        self.fc.forward(x.flatten(1, 3))
+    }
+}
+
+// ---------------------------------------------------------------- (d) Burn's MNIST example
+
+#[derive(Module, Debug)]
+struct ConvBlock {
+    conv: Conv2d,
+    norm: BatchNorm,
+    activation: Gelu,
+}
+
+impl ConvBlock {
+    fn new(channels: [usize; 2], kernel: [usize; 2], device: &Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new(channels, kernel)
+                .with_padding(PaddingConfig2d::Valid)
+                .init(device),
+            norm: BatchNormConfig::new(channels[1]).init(device),
+            activation: Gelu::new(),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.activation
+            .forward(self.norm.forward(self.conv.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+struct BurnMnist {
+    conv1: ConvBlock,
+    conv2: ConvBlock,
+    dropout: Dropout,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Gelu,
+}
+
+impl BurnMnist {
+    fn new(device: &Device) -> Self {
+        Self {
+            conv1: ConvBlock::new([1, 4], [3, 3], device),
+            conv2: ConvBlock::new([4, 8], [3, 3], device),
+            dropout: DropoutConfig::new(0.5).init(),
+            fc1: LinearConfig::new(8 * 4 * 4, 16)
+                .with_bias(false)
+                .init(device),
+            fc2: LinearConfig::new(16, 4).init(device),
+            activation: Gelu::new(),
+        }
+    }
+    fn forward(&self, input: Tensor<4>) -> Tensor<2> {
+        let [batch, _, _, _] = input.dims();
+        let x = self.conv1.forward(input);
+        let x = self.conv2.forward(x);
+        let x = x.reshape([batch, 8 * 4 * 4]);
+        let x = self.fc1.forward(x);
+        let x = self.activation.forward(x);
+        let x = self.dropout.forward(x);
+        self.fc2.forward(x)
+    }
+}
+
+// ---------------------------------------------------------------- (e) MLP
+
+#[derive(Module, Debug)]
+struct Mlp {
+    layers: Vec<Linear>,
+    relu: Relu,
+}
+
+impl Mlp {
+    fn new(device: &Device) -> Self {
+        Self {
+            layers: vec![
+                LinearConfig::new(64, 32).init(device),
+                LinearConfig::new(32, 16).init(device),
+                LinearConfig::new(16, 4).init(device),
+            ],
+            relu: Relu::new(),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let mut x = x.flatten::<2>(1, 3);
+        for (i, l) in self.layers.iter().enumerate() {
+            x = l.forward(x);
+            if i + 1 < self.layers.len() {
+                x = self.relu.forward(x);
+            }
+        }
+        x
+    }
+}
+
+// ---------------------------------------------------------------- (f) Conv1d sequence model
+
+#[derive(Module, Debug)]
+struct SeqNet {
+    conv1: Conv1d,
+    bn1: BatchNorm,
+    conv2: Conv1d,
+    head: Linear,
+}
+
+impl SeqNet {
+    fn new(device: &Device) -> Self {
+        Self {
+            conv1: Conv1dConfig::new(8, 8, 3)
+                .with_padding(PaddingConfig1d::Explicit(1, 1))
+                .with_bias(false)
+                .init(device),
+            bn1: BatchNormConfig::new(8).init(device),
+            conv2: Conv1dConfig::new(8, 16, 3).with_stride(2).init(device),
+            head: LinearConfig::new(16, 4).init(device),
+        }
+    }
+    /// Input `[N, 1, 8, 8]` read as 8 channels of 8 steps.
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let [n, _, c, l] = x.dims();
+        let x: Tensor<3> = x.reshape([n, c, l]);
+        let x = burn::tensor::activation::relu(self.bn1.forward(self.conv1.forward(x)));
+        let x = burn::tensor::activation::silu(self.conv2.forward(x));
+        let pooled: Tensor<2> = x.mean_dim(2).squeeze_dim(2);
+        self.head.forward(pooled)
+    }
+}
+
+// ---------------------------------------------------------------- the shared checks
+
+const DIMS: [usize; 4] = [2, 1, 8, 8];
+
+trait UserModel: Module + Sized {
+    const NAME: &'static str;
+    fn make(device: &Device) -> Self;
+    fn run(&self, x: Tensor<4>) -> Tensor<2>;
+}
+
+macro_rules! user_model {
+    ($ty:ident, $name:literal) => {
+        impl UserModel for $ty {
+            const NAME: &'static str = $name;
+            fn make(device: &Device) -> Self {
+                $ty::new(device)
+            }
+            fn run(&self, x: Tensor<4>) -> Tensor<2> {
+                self.forward(x)
+            }
+        }
+    };
+}
+user_model!(ResNet, "resnet");
+user_model!(MobileNet, "mobilenet");
+user_model!(TwoBranch, "concat");
+user_model!(BurnMnist, "burn-mnist");
+user_model!(Mlp, "mlp");
+user_model!(SeqNet, "conv1d");
+
+fn input(device: &Device, n: usize) -> Tensor<4> {
+    Tensor::random([n, 1, 8, 8], Distribution::Normal(0.0, 1.0), device)
+}
+
+fn labels(device: &Device, n: usize) -> Tensor<1, Int> {
+    Tensor::from_ints(
+        (0..n)
+            .map(|i| (i * 7 % 4) as i64)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        device,
+    )
+}
+
+fn loss(logits: Tensor<2>, y: Tensor<1, Int>) -> Tensor<1> {
+    CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, y)
+}
+
+/// Gives BatchNorm running statistics other than 0/1 by a few float training steps, so folding
+/// is exercised with real values.
+fn warm_up<M: UserModel>(model: M, device: &Device) -> M {
+    let mut optim = AdamConfig::new().init();
+    let x = input(device, 8);
+    let mut model = model;
+    for _ in 0..3 {
+        let l = loss(model.run(x.clone()), labels(device, 8));
+        let grads = GradientsParams::from_grads(l.backward(), &model);
+        model = optim.step(1e-2, model, grads);
+    }
+    model
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{}: {what}: lengths", b.name);
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(got, want);
+    assert!(
+        d <= tol * scale,
+        "{}: {what}: max difference {d} (scale {scale})",
+        b.name
+    );
+}
+
+fn float_graph_equals_user_forward<M: UserModel>() {
+    for b in backends() {
+        let device = b.device.clone().autodiff();
+        device.seed(7);
+        let model = warm_up(M::make(&device), &device);
+        let g = graph::build(&model, &DIMS, |m: &M, x: Tensor<4>| m.run(x)).unwrap();
+        let eval = g.valid();
+        let user = model.valid();
+        for n in [1, 3, 5] {
+            let x = input(&b.device, n);
+            let want = values(user.run(x.clone()));
+            let got = values(eval.forward::<4, 2>(x));
+            if b.name == "flex" {
+                assert_eq!(
+                    got,
+                    want,
+                    "{} {}: batch {n}: not bit-exact",
+                    M::NAME,
+                    b.name
+                );
+            } else {
+                close(&b, &format!("{} batch {n}", M::NAME), &got, &want, 1e-5);
+            }
+        }
+        // The caller's model still works after the trace (capture used a valid() snapshot).
+        let _ = model.run(input(&device, 2));
+    }
+}
+
+fn prepared<M: UserModel>(model: &M) -> QatGraph {
+    graph::prepare(
+        model,
+        &DIMS,
+        |m: &M, x: Tensor<4>| m.run(x),
+        &QatConfig::new(),
+    )
+    .unwrap()
+}
+
+fn train<M: UserModel>() {
+    for b in backends() {
+        let device = b.device.clone().autodiff();
+        device.seed(11);
+        let model = warm_up(M::make(&device), &device);
+        let mut qat = prepared(&model);
+        let (x, y) = (input(&device, 16), labels(&device, 16));
+        let mut optim = AdamConfig::new().init();
+        let mut losses = vec![];
+        for _ in 0..25 {
+            let l = loss(qat.forward(x.clone()), y.clone());
+            losses.push(l.clone().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(l.backward(), &qat);
+            qat = optim.step(2e-2, qat, grads);
+        }
+        let first = losses[0];
+        let last = *losses.last().unwrap();
+        assert!(
+            last < 0.8 * first,
+            "{} {}: QAT loss did not go down: {losses:?}",
+            M::NAME,
+            b.name
+        );
+
+        // Evaluation: fake-quant on; the graph's float forward with fake-quant off equals the
+        // user's type after write_back (BatchNorm folded vs unfolded: float rounding only).
+        let float = switches::set_fake_quant_enabled(qat.clone(), false).valid();
+        let mine: M = qat.write_back(model).unwrap();
+        let x = input(&b.device, 4);
+        let want = values(mine.valid().run(x.clone()));
+        let got = values(float.forward::<4, 2>(x.clone()));
+        close(&b, &format!("{} write_back", M::NAME), &got, &want, 1e-4);
+
+        // Another model (other ParamIds) is refused, untouched.
+        let err = qat.write_back(M::make(&device)).unwrap_err();
+        assert!(
+            err.to_string().contains("none of the graph's parameters"),
+            "{err}"
+        );
+    }
+}
+
+fn resume<M: UserModel>() {
+    for b in backends() {
+        let device = b.device.clone().autodiff();
+        device.seed(5);
+        let model = warm_up(M::make(&device), &device);
+        let (x, y) = (input(&device, 8), labels(&device, 8));
+        let step = |g: QatGraph, optim: &mut burn::optim::ModuleOptimizer| {
+            let l = loss(g.forward(x.clone()), y.clone());
+            let grads = GradientsParams::from_grads(l.backward(), &g);
+            optim.step(1e-2, g, grads)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut optim = AdamConfig::new().init();
+        let mut g = prepared(&model);
+        for i in 0..5 {
+            g = step(g, &mut optim);
+            if i == 1 {
+                // `valid()` first: BatchNorm's RunningState keeps its latest update pending until
+                // synced, and `into_record` reads the value without syncing (Burn 0.22.1).
+                g.valid()
+                    .into_record()
+                    .save(dir.path().join("g.bpk"))
+                    .unwrap();
+                optim.save(dir.path().join("o.bpk")).unwrap();
+            }
+        }
+        let want = values(g.valid().forward::<4, 2>(x.clone().inner()));
+
+        // A fresh process: the user's model rebuilt (new ParamIds), prepared, loaded, resumed.
+        let fresh = prepared(&M::make(&device));
+        let mut g = fresh.load_record(ModuleRecord::load(dir.path().join("g.bpk")).unwrap());
+        let mut optim = AdamConfig::new()
+            .init()
+            .load(dir.path().join("o.bpk"))
+            .unwrap();
+        for _ in 2..5 {
+            g = step(g, &mut optim);
+        }
+        let got = values(g.valid().forward::<4, 2>(x.clone().inner()));
+        assert_eq!(
+            got,
+            want,
+            "{} {}: resumed training diverged",
+            M::NAME,
+            b.name
+        );
+    }
+}
+
+macro_rules! model_tests {
+    ($m:ident, $ty:ident) => {
+        mod $m {
+            use super::*;
+            #[test]
+            fn float_graph_equals_the_user_forward() {
+                float_graph_equals_user_forward::<$ty>();
+            }
+            #[test]
+            fn qat_trains_and_writes_back() {
+                train::<$ty>();
+            }
+            #[test]
+            fn save_load_resume_is_exact() {
+                resume::<$ty>();
+            }
+        }
+    };
+}
+model_tests!(resnet, ResNet);
+model_tests!(mobilenet, MobileNet);
+model_tests!(concat, TwoBranch);
+model_tests!(burn_mnist, BurnMnist);
+model_tests!(mlp, Mlp);
+model_tests!(conv1d, SeqNet);
