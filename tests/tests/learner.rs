@@ -156,3 +156,128 @@ fn learner_trains_a_quantized_model() {
         );
     }
 }
+
+/// A user's plain model (no burn-qat types), for graph mode.
+#[derive(Module, Debug)]
+struct Plain {
+    fc1: Linear,
+    fc2: Linear,
+    relu: Relu,
+}
+
+impl Plain {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.fc2.forward(self.relu.forward(self.fc1.forward(x)))
+    }
+}
+
+/// burn-train needs its step traits on a local type: the graph in a one-field wrapper.
+#[derive(Module, Debug)]
+struct GraphNet {
+    graph: burn_qat::graph::QatGraph,
+}
+
+impl GraphNet {
+    fn classify(&self, batch: Batch) -> ClassificationOutput {
+        let output: Tensor<2> = self.graph.forward(batch.x);
+        let loss = CrossEntropyLossConfig::new()
+            .init(&output.device())
+            .forward(output.clone(), batch.y.clone());
+        ClassificationOutput::new(loss, output, batch.y)
+    }
+}
+
+impl TrainStep for GraphNet {
+    type Input = Batch;
+    type Output = ClassificationOutput;
+    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+        let item = self.classify(batch);
+        TrainOutput::new(self, item.loss.backward(), item)
+    }
+}
+
+impl InferenceStep for GraphNet {
+    type Input = Batch;
+    type Output = ClassificationOutput;
+    fn step(&self, batch: Batch) -> ClassificationOutput {
+        self.classify(batch)
+    }
+}
+
+#[test]
+fn learner_trains_a_qat_graph() {
+    for b in backends() {
+        let device = b.device.clone().autodiff();
+        device.seed(2);
+        let plain = Plain {
+            fc1: LinearConfig::new(8, 32).init(&device),
+            fc2: LinearConfig::new(32, 4).init(&device),
+            relu: Relu::new(),
+        };
+        let graph = burn_qat::graph::prepare(
+            &plain,
+            &[1, 8],
+            |m: &Plain, x: Tensor<2>| m.forward(x),
+            &QatConfig::new(),
+        )
+        .unwrap();
+        let net = GraphNet { graph };
+        let train = DataLoaderBuilder::new(ItemBatcher)
+            .batch_size(32)
+            .shuffle(1)
+            .build(InMemDataset::new(items(512, 1)));
+        let valid = DataLoaderBuilder::new(ItemBatcher)
+            .batch_size(128)
+            .build(InMemDataset::new(items(256, 2)));
+        let before = net
+            .valid()
+            .classify(ItemBatcher.batch(items(256, 2), &b.device))
+            .loss
+            .into_scalar::<f32>();
+        let dir = tempfile::tempdir().unwrap();
+        let result = SupervisedTraining::new(dir.path(), train, valid)
+            .metrics((LossMetric::new(),))
+            .num_epochs(8)
+            .launch(Learner::new(net, AdamConfig::new().init(), 1e-2));
+        let model = result.model;
+        let after = model
+            .classify(ItemBatcher.batch(items(256, 2), &b.device))
+            .loss
+            .into_scalar::<f32>();
+        assert!(
+            after < 0.7 * before,
+            "{}: validation loss {before} -> {after}",
+            b.name
+        );
+        // The activation quantizers observed the training batches.
+        let observed = model
+            .graph
+            .layers
+            .iter()
+            .filter(|l| matches!(l, burn_qat::graph::GraphLayer::Quant(q) if q.observer().is_observed()))
+            .count();
+        assert_eq!(
+            observed, 3,
+            "{}: input, hidden and output quantizers",
+            b.name
+        );
+        // Trained weights back in the user's type.
+        let back = model.graph.write_back(plain).unwrap();
+        assert_eq!(
+            back.fc2.weight.val().into_data(),
+            model
+                .graph
+                .layers
+                .iter()
+                .rev()
+                .find_map(|l| match l {
+                    burn_qat::graph::GraphLayer::Linear(f) =>
+                        Some(f.layer.weight.val().into_data()),
+                    _ => None,
+                })
+                .unwrap(),
+            "{}",
+            b.name
+        );
+    }
+}
