@@ -804,6 +804,33 @@ fn observers_freeze_and_fake_quant_switches_off_on_a_graph() {
     assert_ne!(on, off, "fake-quant switch has no effect");
 }
 
+#[test]
+fn qat_schedule_freezes_batch_norm_statistics_in_a_graph() {
+    let device = flex_autodiff();
+    let g = prepared(&ResNet::new(&device));
+    let frozen = |g: &QatGraph| {
+        g.layers
+            .iter()
+            .filter_map(|l| match l {
+                GraphLayer::Conv2d(f) => Some(f.is_bn_frozen()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(frozen(&g), [false; 6]);
+    let schedule = burn_qat::transform::QatSchedule::new(None, Some(2));
+    schedule.step(&g);
+    assert_eq!(frozen(&g), [false; 6]);
+    schedule.step(&g);
+    assert_eq!(frozen(&g), [true; 6], "{}", g.plan());
+    // The plan reads the model: folded BatchNorm, weight bits, frozen statistics.
+    let plan = g.plan();
+    assert!(
+        plan.contains("W8 per-channel") && plan.contains("BN folded (frozen)"),
+        "{plan}"
+    );
+}
+
 // ---------------------------------------------------------------- errors
 
 #[derive(Module, Debug)]

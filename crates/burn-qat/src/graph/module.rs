@@ -29,7 +29,64 @@ pub enum GraphLayer {
     Quant(ActQuant),
 }
 
+fn describe_fused<L: Module>(f: &burn_qat_transform::Fused<L>) -> String {
+    let mut parts = vec![match &f.weight_quant {
+        Some(w) if w.is_enabled() => format!(
+            "W{} {}{}",
+            w.spec.bits,
+            if w.spec.axis().is_some() {
+                "per-channel"
+            } else {
+                "per-tensor"
+            },
+            if w.scale.is_some() { " LSQ" } else { "" }
+        ),
+        Some(_) => "W off".into(),
+        None => "W float".into(),
+    }];
+    if f.bn.is_some() {
+        parts.push(
+            if f.is_bn_frozen() {
+                "BN folded (frozen)"
+            } else {
+                "BN folded"
+            }
+            .into(),
+        );
+    }
+    if f.activation != burn_qat_transform::Activation::Identity {
+        parts.push(format!("{:?}", f.activation));
+    }
+    parts.join(", ")
+}
+
 impl GraphLayer {
+    /// What the layer does now, for [`QatGraph::plan`].
+    pub fn describe(&self) -> String {
+        match self {
+            GraphLayer::Conv1d(f) => describe_fused(f),
+            GraphLayer::Conv2d(f) => describe_fused(f),
+            GraphLayer::Linear(f) => describe_fused(f),
+            GraphLayer::BatchNorm(_) => "BatchNorm (not folded)".into(),
+            GraphLayer::Quant(q) => {
+                let spec = q.spec();
+                let kind = if spec.symmetric { "sym" } else { "asym" };
+                let learned = if matches!(q, ActQuant::Learned(_)) {
+                    " learned"
+                } else {
+                    ""
+                };
+                match q.observed_range() {
+                    Some((lo, hi)) => format!(
+                        "A{} {kind}{learned} [{:.4}, {:.4}]",
+                        spec.bits, lo[0], hi[0]
+                    ),
+                    None => format!("A{} {kind}{learned} (not observed yet)", spec.bits),
+                }
+            }
+        }
+    }
+
     /// The kind of node that runs this layer.
     pub fn kind(&self) -> LayerKind {
         match self {
@@ -298,10 +355,22 @@ impl QatGraph {
         }
     }
 
-    /// The nodes and their connections, one line per node (`%3 = Conv2d (%2) [N, 16, 14, 14]
-    /// layer1.conv`).
+    /// The nodes and their connections, one line per node, read from the model: op, inputs,
+    /// output shape, the user's module path, and for layers what they do now (`W8 per-channel,
+    /// BN folded, Relu`; `A8 asym [-1.2, 3.4]`).
     pub fn plan(&self) -> String {
-        self.program.to_string()
+        let lines = self.program.to_string();
+        lines
+            .lines()
+            .enumerate()
+            .map(|(i, line)| match self.program.nodes.get(i).map(|n| &n.op) {
+                Some(Op::Layer { index, .. }) => {
+                    format!("{line}  {}", self.layers[*index].describe())
+                }
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
