@@ -38,7 +38,7 @@
 //!     graph::prepare(&model, &[1, 1, 8, 8], |m: &Net, x: Tensor<4>| m.forward(x), &QatConfig::new())
 //!         .unwrap();
 //! println!("{}", qat.plan()); // input quant, conv+bn+relu (folded), fc, output quant
-//! let logits: Tensor<2> = qat.forward(Tensor::ones([3, 1, 8, 8], &device)); // any batch
+//! let logits: Tensor<2> = qat.forward(Tensor::<4>::ones([3, 1, 8, 8], &device)); // any batch
 //! assert_eq!(logits.dims(), [3, 10]);
 //! let back: Net = qat.write_back(model).unwrap(); // trained weights in the user's type
 //! # let _ = back;
