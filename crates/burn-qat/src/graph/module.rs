@@ -110,10 +110,9 @@ impl GraphLayer {
 /// same model with the same configuration (a record of another graph is refused by Burn's
 /// path check).
 ///
-/// One input and one output: [`forward`](Self::forward) takes and returns one tensor. A model
-/// with several inputs can be traced through a closure that splits one tensor (for example
-/// `x.narrow(1, ..)`), which graph mode records as a reshape/slice it supports; several outputs
-/// can be concatenated likewise.
+/// One input and one output: [`forward`](Self::forward) takes and returns one tensor. Models
+/// with several inputs or outputs are not supported yet (slicing ops are not lifted); trace a
+/// closure that feeds the model one tensor and returns one.
 #[derive(Module, Debug)]
 pub struct QatGraph {
     /// The modules, in the order the program first runs them.
