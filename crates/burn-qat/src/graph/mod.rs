@@ -51,13 +51,7 @@
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
 //! else is an error naming the op, the nearest layer and what to do.
 
-mod capture;
-mod ir;
-mod lift;
-mod module;
 mod prepare;
-mod rewrite;
-mod write_back;
 
 use std::collections::HashMap;
 
@@ -65,34 +59,9 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn_qat_core::QatError;
 
-pub use capture::{Trace, TracedParam, trace};
-pub use ir::{Dim, GridRole, LayerKind, Node, Op, Program};
-pub use module::{GraphLayer, QatGraph};
+pub use burn_qat_graph::*;
 
 use crate::model::{QatConfig, plan};
-
-fn model_device<M: Module>(model: &M) -> Device {
-    model.devices().into_iter().next().unwrap_or_default()
-}
-
-/// The model's forward as a float [`QatGraph`], op for op (no fake-quant, BatchNorm unfolded):
-/// on flex its forward equals the model's bit for bit. It lives on the model's device.
-///
-/// # Errors
-///
-/// See [`trace`]; also an op graph mode does not support, named with its nearest layer.
-pub fn build<M, const DI: usize, const DO: usize, F>(
-    model: &M,
-    input_dims: &[usize],
-    forward: F,
-) -> Result<QatGraph, QatError>
-where
-    M: Module,
-    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
-{
-    let trace = trace(model, input_dims, forward)?;
-    lift::lift(&trace, &model_device(model))
-}
 
 /// Records the model's forward and prepares it for QAT following `config`: BatchNorm folded
 /// (`config.bn_fold`), activations fused, weights fake-quantized as [`plan`] decides for the
@@ -118,7 +87,7 @@ where
     let planned = plan(model, config)?;
     let trace = trace(model, input_dims, forward)?;
     let device = model_device(model);
-    let float = lift::lift(&trace, &device)?;
+    let float = lift(&trace, &device)?;
     let by_path: HashMap<&str, &crate::model::PlannedParam> =
         planned.iter().map(|p| (p.path.as_str(), p)).collect();
     let by_id = trace

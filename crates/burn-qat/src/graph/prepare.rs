@@ -8,9 +8,9 @@ use burn_qat_core::QatError;
 use burn_qat_nn::{ActQuant, WeightFakeQuantConfig};
 use burn_qat_transform::{Activation, Fusable, Fused};
 
-use super::ir::{GridRole, LayerKind, Node, Op};
-use super::module::{GraphLayer, QatGraph};
-use super::rewrite::Editor;
+use burn_qat_graph::{GridRole, LayerKind, Node, Op, Program};
+use burn_qat_graph::{GraphLayer, QatGraph};
+use burn_qat_graph::rewrite::Editor;
 use crate::model::plan::glob;
 use crate::model::{ActivationQuant, PlannedParam, QatConfig, Selector};
 
@@ -256,7 +256,7 @@ pub(crate) fn prepare_graph(
     }
     let graph = QatGraph {
         layers,
-        program: super::ir::Program {
+        program: Program {
             nodes: out_nodes,
             output: remap[old_output],
         },

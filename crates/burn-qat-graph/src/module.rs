@@ -104,8 +104,8 @@ impl GraphLayer {
 /// `ParamId`s, activation fake-quantizers, BatchNorms) and the parameter-free ops between them.
 ///
 /// It is a Burn [`Module`]: optimizers, records (`save_file`/`load_file`), `valid()`,
-/// `to_device`, burn-train's `Learner`, [`switches`](crate::switches) and
-/// [`QatSchedule`](crate::transform::QatSchedule) work on it as on any module. The structure
+/// `to_device`, burn-train's `Learner`, `burn_qat::switches` and
+/// [`QatSchedule`](burn_qat_transform::QatSchedule) work on it as on any module. The structure
 /// ([`program`](Self::program)) is not recorded: load a record into a graph prepared from the
 /// same model with the same configuration (a record of another graph is refused by Burn's
 /// path check).

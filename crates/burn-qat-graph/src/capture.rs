@@ -32,7 +32,7 @@ impl TracedParam {
 }
 
 /// A recorded forward: the op list, the values of every parameter, and which parameter each
-/// recorded value is. Made by [`trace`](crate::graph::trace).
+/// recorded value is. Made by [`trace`](crate::trace).
 #[derive(Clone, Debug)]
 pub struct Trace {
     /// The recorded ops, in execution order, at [`input_dims`](Self::input_dims).

@@ -602,7 +602,7 @@ fn activation_out(a: &ActivationOperationIr) -> &TensorIr {
 }
 
 /// Lifts `trace` into a float [`QatGraph`] on `device`: the user's forward, op for op.
-pub(crate) fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
+pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
     let input_shape = trace.input_dims.clone();
     let mut lifter = Lifter {
         trace,

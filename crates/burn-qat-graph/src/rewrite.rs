@@ -4,14 +4,17 @@ use super::ir::{Op, Program};
 use super::module::{GraphLayer, QatGraph};
 
 /// A graph being rewritten: layers can be taken out, nodes bypassed.
-pub(crate) struct Editor {
+pub struct Editor {
+    /// The graph's layers; `None` once taken out.
     pub layers: Vec<Option<GraphLayer>>,
+    /// The program being edited (node indices stay valid until [`finish`](Self::finish)).
     pub program: Program,
     /// `redirect[i] = j`: readers of node `i` read node `j` instead.
     redirect: Vec<usize>,
 }
 
 impl Editor {
+    /// Starts editing `graph`.
     pub fn new(graph: QatGraph) -> Self {
         let n = graph.program.nodes.len();
         Self {
