@@ -8,7 +8,8 @@ use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_qat::export::requant::FixedMultiplier;
-use burn_qat::export::{ActQ, IntConv2d, IntLayer, IntLinear, IntegerModel, Output, convert};
+use burn_qat::export::{Grid, IntConv2d, IntLinear, IntNode, IntOp, IntegerModel, Output, convert};
+use burn_qat::graph::{Dim, from_sequential};
 use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, QuantSpec};
 use burn_qat_tests::values;
@@ -77,7 +78,7 @@ fn calibrated(quantized_output: bool) -> (Sequential, Device) {
 #[test]
 fn every_quantized_output_is_within_one_lsb_of_the_fake_quant_model() {
     let (model, _) = calibrated(true);
-    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 2, 10, 10]).unwrap()).unwrap();
     let plain = Device::flex();
     let x = Tensor::<4>::random([16, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
     let fq = values(model.forward(x.clone()));
@@ -102,7 +103,7 @@ fn every_quantized_output_is_within_one_lsb_of_the_fake_quant_model() {
 #[test]
 fn float_logits_match_and_predictions_agree() {
     let (model, _) = calibrated(false);
-    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 2, 10, 10]).unwrap()).unwrap();
     let plain = Device::flex();
     let x = Tensor::<4>::random([64, 2, 10, 10], Distribution::Normal(0.0, 1.5), &plain);
     let fq = values(model.forward(x.clone()));
@@ -147,13 +148,13 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
         ),
         SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
     ]);
-    let err = convert(&float, &[1, 5, 5]).unwrap_err().to_string();
+    let err = convert(&from_sequential(&float, &[1, 1, 5, 5]).unwrap()).unwrap_err().to_string();
     assert!(
         err.starts_with("`layers.1` (Conv2d) cannot be converted to integers: an unfused layer"),
         "{err}"
     );
     let no_input = Sequential::new(vec![SeqLayer::Flatten(Default::default())]);
-    let err = convert(&no_input, &[1, 5, 5]).unwrap_err().to_string();
+    let err = convert(&from_sequential(&no_input, &[1, 1, 5, 5]).unwrap()).unwrap_err().to_string();
     assert!(err.contains("start the model with a FakeQuant"), "{err}");
     // A bias that overflows int32 in units of s_in * s_w.
     let lin = LinearConfig::new(2, 2).init(&device);
@@ -172,7 +173,7 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
     ])
     .fuse(&FusedConfig::new())
     .unwrap();
-    let err = convert(&model, &[2]).unwrap_err().to_string();
+    let err = convert(&from_sequential(&model, &[1, 2]).unwrap()).unwrap_err().to_string();
     assert!(
         err.starts_with("`layers.1`: bias 1000000000 of channel 0")
             && err.contains("overflows int32"),
@@ -205,13 +206,13 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                 0..3,
             )
                 .prop_map(move |(weight, bias, mult, input, mode)| {
-                    let input_q = ActQ {
+                    let input_q = Grid {
                         scale: 0.05,
                         zero_point: zp,
                         qmin: -128,
                         qmax: 127,
                     };
-                    let out_q = ActQ {
+                    let out_q = Grid {
                         scale: 0.1,
                         zero_point: (-zp).min(127),
                         qmin: -128,
@@ -219,7 +220,7 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                     };
                     let output = match mode {
                         0 | 1 => Output::Quantized {
-                            act: out_q,
+                            grid: out_q,
                             requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
                             lo: if mode == 1 { out_q.zero_point } else { -128 },
                             hi: 127,
@@ -244,21 +245,37 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         bias,
                         input: input_q,
                         output,
-                        packed: Default::default(),
                     };
-                    let model = IntegerModel {
-                        input_shape: vec![cin, hw, hw],
-                        layers: vec![IntLayer::Quantize(input_q), IntLayer::Conv2d(conv)],
-                    };
-                    (model, input)
+                    let fits = hw + 2 * pad >= dil * (k - 1) + 1;
+                    let oh = if fits { (hw + 2 * pad - dil * (k - 1) - 1) / stride + 1 } else { 0 };
+                    let out = [cout, oh, oh];
+                    let model = single_op(&[cin, hw, hw], input_q, IntOp::Conv2d(conv), &out);
+                    (model, input, fits)
                 })
         })
-        .prop_filter("kernel fits", |(m, _)| match &m.layers[1] {
-            IntLayer::Conv2d(c) => {
-                m.input_shape[1] + 2 * c.padding[0] >= c.dilation[0] * (c.kernel[0] - 1) + 1
-            }
-            _ => false,
-        })
+        .prop_filter("kernel fits", |(_, _, fits)| *fits)
+        .prop_map(|(m, x, _)| (m, x))
+}
+
+/// `input -> Quantize(input_q) -> op` with output shape `out` (batch excluded).
+fn single_op(input: &[usize], input_q: Grid, op: IntOp, out: &[usize]) -> IntegerModel {
+    let dims = |s: &[usize]| -> Vec<Dim> {
+        std::iter::once(Dim::Batch(1)).chain(s.iter().map(|d| Dim::Fixed(*d))).collect()
+    };
+    let grid = match &op {
+        IntOp::Conv2d(c) => c.output.grid(),
+        IntOp::Linear(l) => l.output.grid(),
+        _ => None,
+    };
+    let node = |name: &str, op, inputs, shape, grid| IntNode { name: name.into(), op, inputs, shape, grid };
+    IntegerModel::new(
+        vec![
+            node("input", IntOp::Input, vec![], dims(input), None),
+            node("quant", IntOp::Quantize(input_q), vec![0], dims(input), Some(input_q)),
+            node("op", op, vec![1], dims(out), grid),
+        ],
+        2,
+    )
 }
 
 /// A random integer linear layer (batch 1 takes the GEMV path, larger batches packed weights).
@@ -272,7 +289,7 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
             any::<bool>(),
         )
             .prop_map(move |(weight, bias, mult, input, float)| {
-                let input_q = ActQ {
+                let input_q = Grid {
                     scale: 0.05,
                     zero_point: zp,
                     qmin: -128,
@@ -286,7 +303,7 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                     }
                 } else {
                     Output::Quantized {
-                        act: ActQ {
+                        grid: Grid {
                             scale: 0.1,
                             zero_point: 3,
                             qmin: -128,
@@ -306,12 +323,8 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                     bias,
                     input: input_q,
                     output,
-                    packed: Default::default(),
                 };
-                let model = IntegerModel {
-                    input_shape: vec![fin],
-                    layers: vec![IntLayer::Quantize(input_q), IntLayer::Linear(linear)],
-                };
+                let model = single_op(&[fin], input_q, IntOp::Linear(linear), &[fout]);
                 (model, input)
             })
     })
@@ -331,7 +344,7 @@ proptest! {
     fn fast_linear_equals_scalar_reference((model, input) in linear_case()) {
         let reference = model.forward_reference(&input).unwrap();
         prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
-        prop_assert_eq!(&model.forward(&input[..model.input_shape[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]]);
+        prop_assert_eq!(&model.forward(&input[..model.input_shape()[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]]);
     }
 }
 
@@ -339,7 +352,7 @@ proptest! {
 fn bad_inputs_and_hand_edited_models_are_errors() {
     use burn_qat::export::RunError;
     let (model, _) = calibrated(false);
-    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 2, 10, 10]).unwrap()).unwrap();
     let err = int.forward(&[0.0; 199]).unwrap_err();
     assert_eq!(
         err,
@@ -351,12 +364,12 @@ fn bad_inputs_and_hand_edited_models_are_errors() {
     assert!(err.to_string().contains("199 values"), "{err}");
     assert_eq!(int.forward(&[]).unwrap().0, Vec::<f32>::new());
     let mut edited = int.clone();
-    if let Some(IntLayer::Conv2d(c)) = edited.layers.iter_mut().find(|l| l.kind() == "Conv2d") {
+    if let Some(IntOp::Conv2d(c)) = edited.nodes.iter_mut().map(|n| &mut n.op).find(|o| o.kind() == "Conv2d") {
         c.weight.pop();
     }
     let err = edited.forward(&[0.0; 200]).unwrap_err();
     assert!(
-        matches!(&err, RunError::Model(m) if m.contains("sizes disagree")),
+        matches!(&err, RunError::Model(m) if m.what.contains("weights for")),
         "{err}"
     );
 }
@@ -365,7 +378,7 @@ fn bad_inputs_and_hand_edited_models_are_errors() {
 fn file_round_trip_and_damaged_files() {
     use burn_qat::export::format;
     let (model, _) = calibrated(false);
-    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 2, 10, 10]).unwrap()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.bqi");
     format::save(&int, &path).unwrap();
@@ -414,12 +427,12 @@ fn file_round_trip_and_damaged_files() {
     );
     // A well-formed file whose layers do not fit together: rejected at load.
     let mut crafted = int.clone();
-    crafted.input_shape = vec![3, 10, 10];
+    crafted.nodes[0].shape[1] = Dim::Fixed(3);
     let err = format::from_bytes(&format::to_bytes(&crafted))
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("does not accept input of shape [3, 10, 10]"),
+        err.contains("convolution of 2 channels on input [1, 3, 10, 10]"),
         "{err}"
     );
 }
@@ -472,7 +485,7 @@ fn residual_add_is_within_one_lsb_and_round_trips() {
         ));
     }
     let model = model.valid();
-    let int = convert(&model, &[1, 8, 8]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 1, 8, 8]).unwrap()).unwrap();
     let x = Tensor::<4>::random(
         [32, 1, 8, 8],
         Distribution::Normal(0.0, 1.0),
@@ -527,7 +540,7 @@ fn check_within_one_lsb<const D: usize>(
         )));
     }
     let model = model.valid();
-    let int = convert(&model, &input[1..]).unwrap();
+    let int = convert(&from_sequential(&model, &input).unwrap()).unwrap();
     let x = Tensor::<D>::random(input, Distribution::Normal(0.0, 1.0), &Device::flex());
     let fq = match model.forward_flow(wrap(x.clone())) {
         burn_qat::transform::Flow::Features(t) => values(t),
@@ -597,7 +610,7 @@ fn avg_pool_model_is_within_one_lsb() {
 fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
     use burn_qat::onnx::{OnnxOptions, decode_model, save, to_model_proto};
     let (model, _) = calibrated(false);
-    let int = convert(&model, &[2, 10, 10]).unwrap();
+    let int = convert(&from_sequential(&model, &[1, 2, 10, 10]).unwrap()).unwrap();
     let proto = to_model_proto(&int, &OnnxOptions::default()).unwrap();
     let ops: Vec<String> = proto
         .graph

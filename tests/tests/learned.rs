@@ -394,7 +394,7 @@ mod sequential {
     use burn::optim::{AdamConfig, GradientsParams};
     use burn::prelude::*;
     use burn::tensor::Distribution;
-    use burn_qat::export::{IntLayer, convert};
+    use burn_qat::export::{IntOp, convert};
     use burn_qat::nn::learned::range_params;
     use burn_qat::nn::{ActQuant, LearnedRange, start_learning};
     use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
@@ -544,7 +544,7 @@ mod sequential {
                 let trained = train(model(method, bits, &device), 5, 1e-2, &device)
                     .0
                     .valid();
-                let int = convert(&trained, &[2, 10, 10]).unwrap();
+                let int = convert(&burn_qat::graph::from_sequential(&trained, &[1, 2, 10, 10]).unwrap()).unwrap();
                 let x = batch(&Device::flex());
                 let fq = values(trained.forward(x.clone()));
                 let (q, _, a) = int.forward_int(&values(x)).unwrap().unwrap();
@@ -573,8 +573,8 @@ mod sequential {
                     q.len()
                 );
                 // Sub-8-bit grids in int8 containers, and said so.
-                for layer in &int.layers {
-                    if let IntLayer::Linear(l) = layer {
+                for node in &int.nodes {
+                    if let IntOp::Linear(l) = &node.op {
                         assert_eq!(l.weight_bits, bits);
                         let m = (1i32 << (bits - 1)) - 1;
                         assert!(

@@ -30,11 +30,13 @@
 #![warn(missing_docs)]
 
 mod error;
+mod grid;
 mod qparams;
 pub mod reference;
 mod spec;
 pub mod tensor;
 
 pub use error::QatError;
+pub use grid::Grid;
 pub use qparams::{MIN_SCALE, QParams, ema, qparams_from_range};
 pub use spec::{Granularity, QuantSpec, RoundingMode};

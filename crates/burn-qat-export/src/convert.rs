@@ -1,24 +1,37 @@
-//! Conversion of a trained QAT [`Sequential`] into an [`IntegerModel`].
+//! Conversion of a trained [`QatGraph`] into an [`IntegerModel`]: one small function per
+//! integer op, each built from its QAT twin (PyTorch's `from_float`), walking the graph once.
+//!
+//! Patterns (the graph as `prepare` leaves it): an op that computes new values (conv/linear
+//! with its folded BatchNorm and fused activation, add, sub, mul, concat, average pooling,
+//! mean, elementwise functions) is followed by an optional ReLU/clamp and its activation
+//! fake-quantizer, whose grid becomes the integer op's output grid; max pooling, reshape and
+//! permute keep their input's grid; a fake-quantizer on the float input becomes `Quantize`.
 
+use burn::module::Module;
 use burn::nn::{PaddingConfig1d, PaddingConfig2d};
-use burn_qat_core::{QParams, QuantSpec, reference};
-use burn_qat_nn::{ActQuant, FakeQuant};
-use burn_qat_transform::{Activation, Fusable, Fused, SeqLayer, Sequential, fold};
+use burn::prelude::*;
+use burn_qat_core::{Grid, QParams, QuantSpec, reference};
+use burn_qat_graph::{GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
+use burn_qat_nn::ActQuant;
+use burn_qat_transform::{Activation, Fusable, Fused, fold};
 use thiserror::Error;
 
-use crate::model::{ActQ, IntConv2d, IntLayer, IntLinear, IntegerModel, Output};
+use crate::model::{
+    IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output, Window,
+};
 use crate::requant::FixedMultiplier;
 
-/// Why a model cannot become an integer model; each names the module path.
+/// Why a model cannot become an integer model; each names the graph node (the user's module
+/// path) and says what to do.
 #[derive(Debug, Error, PartialEq)]
 #[non_exhaustive]
 pub enum ExportError {
-    /// A layer kind with no integer implementation.
+    /// An op or layer with no integer implementation, or not quantized where it must be.
     #[error("`{path}` ({kind}) cannot be converted to integers: {hint}")]
     Unsupported {
-        /// Module path, e.g. `layers.3`.
+        /// Graph node name (module path), e.g. `layer1.0.conv1`.
         path: String,
-        /// The layer kind.
+        /// The op or layer kind.
         kind: String,
         /// What to do.
         hint: String,
@@ -26,59 +39,516 @@ pub enum ExportError {
     /// A value that the integer format cannot represent.
     #[error("`{path}`: {what}")]
     NotRepresentable {
-        /// Module path.
+        /// Graph node name.
         path: String,
         /// What overflowed.
         what: String,
     },
 }
 
-fn act_of(fq: &FakeQuant, path: &str) -> Result<ActQ, ExportError> {
-    act_of_grid(fq.spec, fq.qparams().map(|q| (fq.spec, q)), path)
+fn unsupported(node: &Node, kind: impl Into<String>, hint: impl Into<String>) -> ExportError {
+    ExportError::Unsupported {
+        path: node.name.clone(),
+        kind: kind.into(),
+        hint: hint.into(),
+    }
 }
 
-/// The 8-bit container form of an activation grid: sub-8-bit grids keep their narrower
-/// `[qmin, qmax]`, unsigned grids move down by 128 (zero point included).
-fn act_of_grid(
-    configured: QuantSpec,
-    grid: Option<(QuantSpec, Vec<QParams>)>,
-    path: &str,
-) -> Result<ActQ, ExportError> {
+/// The grid of an activation fake-quantizer and its spec (for rounding), in its 8-bit
+/// container.
+fn grid_of(q: &ActQuant, node: &Node) -> Result<(Grid, QuantSpec, QParams), ExportError> {
+    let configured = q.spec();
     if configured.axis().is_some() {
-        return Err(ExportError::Unsupported {
-            path: path.into(),
-            kind: "per-channel FakeQuant".into(),
-            hint: "activations must be quantized per tensor".into(),
-        });
+        return Err(unsupported(node, "per-channel activation quantizer", "activations must be quantized per tensor"));
     }
     if configured.bits > 8 {
-        return Err(ExportError::Unsupported {
-            path: path.into(),
-            kind: format!("{}-bit FakeQuant", configured.bits),
-            hint: "the integer model keeps activations in 8-bit containers: use at most 8 bits"
-                .into(),
-        });
+        return Err(unsupported(
+            node,
+            format!("{}-bit activation quantizer", configured.bits),
+            "the integer model keeps activations in 8-bit containers: use at most 8 bits",
+        ));
     }
-    let Some((spec, qps)) = grid else {
-        return Err(ExportError::Unsupported {
-            path: path.into(),
-            kind: "FakeQuant".into(),
-            hint: "its observer has seen no data: train (or calibrate) before converting".into(),
-        });
+    if !q.observer().is_enabled() {
+        return Err(unsupported(
+            node,
+            "disabled activation quantizer",
+            "enable fake quantization (switches::set_fake_quant_enabled) and train before converting: the integer model must compute what the QAT model computes",
+        ));
+    }
+    let Some((spec, qps)) = q.grid() else {
+        return Err(unsupported(
+            node,
+            "activation quantizer",
+            "its observer has seen no data: train (or calibrate) before converting",
+        ));
     };
-    let qp = qps[0];
-    // Shift unsigned grids into i8 containers: q - 128 with zero point - 128.
-    let shift = if spec.signed { 0 } else { 128 };
-    Ok(ActQ {
-        scale: qp.scale,
-        zero_point: qp.zero_point - shift,
-        qmin: spec.qmin() - shift,
-        qmax: spec.qmax() - shift,
-    })
+    Ok((Grid::from_spec(&spec, qps[0]), spec, qps[0]))
 }
 
-fn act_of_quant(fq: &ActQuant, path: &str) -> Result<ActQ, ExportError> {
-    act_of_grid(fq.spec(), fq.grid(), path)
+/// A float `[lo, hi]` clamp on the grid of `g` as integers (ReLU: `lo = zero_point`).
+fn clamp_bounds(activation: Activation, g: &Grid) -> (i32, i32) {
+    match activation {
+        Activation::Identity => (g.qmin, g.qmax),
+        Activation::Relu => (g.zero_point.max(g.qmin), g.qmax),
+        Activation::Relu6 => (g.zero_point.max(g.qmin), g.quantize(6.0)),
+        Activation::Clamp { min, max } => (g.quantize(min), g.quantize(max)),
+    }
+}
+
+/// The activation a ReLU/clamp node applies.
+fn activation_of(op: &Op) -> Option<Activation> {
+    match *op {
+        Op::Relu => Some(Activation::Relu),
+        Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
+        Op::Clamp { min, max } => Some(Activation::Clamp {
+            min: if min.is_finite() { min as f32 } else { f32::NEG_INFINITY },
+            max: if max.is_finite() { max as f32 } else { f32::INFINITY },
+        }),
+        _ => None,
+    }
+}
+
+/// What follows a computing node: an optional fused activation and the quantizer of the
+/// result (node indices).
+struct Tail {
+    activation: Option<usize>,
+    quant: Option<usize>,
+}
+
+struct Converter<'a> {
+    graph: &'a QatGraph,
+    users: Vec<Vec<usize>>,
+    device: Device,
+    nodes: Vec<IntNode>,
+    /// Graph node to integer node.
+    map: Vec<Option<usize>>,
+}
+
+impl<'a> Converter<'a> {
+    fn gnode(&self, i: usize) -> &'a Node {
+        &self.graph.program.nodes[i]
+    }
+
+    fn quant_layer(&self, i: usize) -> Option<&'a ActQuant> {
+        match self.gnode(i).op {
+            Op::Layer {
+                index,
+                kind: LayerKind::Quant,
+            } => match &self.graph.layers[index] {
+                GraphLayer::Quant(q) => Some(q),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn tail(&self, i: usize) -> Tail {
+        let single = |j: usize| (self.users[j].len() == 1 && self.graph.program.output != j).then(|| self.users[j][0]);
+        let mut at = i;
+        let mut activation = None;
+        if let Some(u) = single(at)
+            && self.gnode(u).op.grid_role() == GridRole::FusableActivation
+        {
+            activation = Some(u);
+            at = u;
+        }
+        let quant = single(at).filter(|u| self.quant_layer(*u).is_some());
+        Tail { activation, quant }
+    }
+
+    /// The integer node of graph node `j` and its grid (`None`: float).
+    fn input(&self, i: usize, k: usize) -> (usize, Option<Grid>) {
+        let j = self.gnode(i).inputs[k];
+        let m = self.map[j].expect("inputs are converted first");
+        (m, self.nodes[m].grid)
+    }
+
+    fn int_input(&self, i: usize, k: usize) -> Result<(usize, Grid), ExportError> {
+        match self.input(i, k) {
+            (m, Some(g)) => Ok((m, g)),
+            (_, None) => Err(unsupported(
+                self.gnode(i),
+                self.gnode(i).op.name(),
+                format!(
+                    "its input `{}` is float: quantize it (do not skip the layer before, keep activation quantization enabled)",
+                    self.gnode(self.gnode(i).inputs[k]).name
+                ),
+            )),
+        }
+    }
+
+    fn push(&mut self, i: usize, op: IntOp, inputs: Vec<usize>, grid: Option<Grid>) -> usize {
+        let node = self.gnode(i);
+        self.nodes.push(IntNode {
+            name: node.name.clone(),
+            op,
+            inputs,
+            shape: node.shape.clone(),
+            grid,
+        });
+        let m = self.nodes.len() - 1;
+        self.map[i] = Some(m);
+        m
+    }
+
+    /// The quantizer after node `i` (required), with the fused activation before it.
+    fn required_tail(&self, i: usize) -> Result<(Activation, usize, Grid, QuantSpec, QParams), ExportError> {
+        let t = self.tail(i);
+        let node = self.gnode(i);
+        let Some(q) = t.quant else {
+            return Err(unsupported(
+                node,
+                node.op.name(),
+                "its output has no activation quantizer (skipped layer or activations disabled for it): the integer model quantizes every computed tensor",
+            ));
+        };
+        let activation = t
+            .activation
+            .and_then(|a| activation_of(&self.gnode(a).op))
+            .unwrap_or(Activation::Identity);
+        let (grid, spec, qp) = grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
+        Ok((activation, q, grid, spec, qp))
+    }
+
+    /// Maps the tail's nodes to integer node `m`.
+    fn cover(&mut self, i: usize, m: usize) {
+        let t = self.tail(i);
+        for j in [t.activation, t.quant].into_iter().flatten() {
+            self.map[j] = Some(m);
+        }
+    }
+
+    fn convert_node(&mut self, i: usize) -> Result<(), ExportError> {
+        let node = self.gnode(i);
+        match &node.op {
+            Op::Input => {
+                self.push(i, IntOp::Input, vec![], None);
+            }
+            Op::Layer { index, kind } => match (&self.graph.layers[*index], kind) {
+                (GraphLayer::Quant(q), _) => self.quantize_from_float(i, q)?,
+                (GraphLayer::Conv2d(f), _) => {
+                    let (geometry, padding) = conv2d_geometry(f, node)?;
+                    self.conv_from_float(i, f, f.layer.groups, geometry, padding, 4)?
+                }
+                (GraphLayer::Conv1d(f), _) => {
+                    let (left, right) = match f.layer.padding {
+                        PaddingConfig1d::Valid => (0, 0),
+                        PaddingConfig1d::Explicit(l, r) => (l, r),
+                        _ => return Err(unsupported(node, "Conv1d with Same padding", "use PaddingConfig1d::Explicit")),
+                    };
+                    let geometry = ([1, f.layer.stride], [1, f.layer.dilation]);
+                    self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right], 3)?
+                }
+                (GraphLayer::Linear(f), _) => self.linear_from_float(i, f)?,
+                (GraphLayer::BatchNorm(_), _) => {
+                    return Err(unsupported(
+                        node,
+                        "BatchNorm",
+                        "a BatchNorm that follows no conv or linear layer has no integer kernel; put it after a conv/linear so that it folds",
+                    ));
+                }
+            },
+            Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i)?,
+            Op::Concat { axis } => self.concat_from_float(i, *axis)?,
+            op if op.is_unary() => self.lut_from_float(i)?,
+            Op::MaxPool1d { kernel, stride, padding, dilation, ceil_mode } => {
+                let w = Window { kernel: [1, *kernel], stride: [1, *stride], padding: [0, 0, *padding, *padding], dilation: [1, *dilation] };
+                self.max_pool_from_float(i, w, *ceil_mode)?
+            }
+            Op::MaxPool2d { kernel, stride, padding, dilation, ceil_mode } => {
+                let w = Window { kernel: *kernel, stride: *stride, padding: [padding[0], padding[0], padding[1], padding[1]], dilation: *dilation };
+                self.max_pool_from_float(i, w, *ceil_mode)?
+            }
+            Op::AvgPool1d { kernel, stride, padding, count_include_pad, ceil_mode } => {
+                let w = Window { kernel: [1, *kernel], stride: [1, *stride], padding: [0, 0, *padding, *padding], dilation: [1, 1] };
+                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
+            }
+            Op::AvgPool2d { kernel, stride, padding, count_include_pad, ceil_mode } => {
+                let w = Window { kernel: *kernel, stride: *stride, padding: [padding[0], padding[0], padding[1], padding[1]], dilation: [1, 1] };
+                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
+            }
+            Op::AdaptiveAvgPool1d { output } => self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool { output: [1, *output], input })?,
+            Op::AdaptiveAvgPool2d { output } => self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool { output: *output, input })?,
+            Op::MeanDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce { axis: *axis, mean: true, input })?,
+            Op::SumDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce { axis: *axis, mean: false, input })?,
+            Op::Reshape { .. } => {
+                let (m, g) = self.input(i, 0);
+                self.push(i, IntOp::Reshape, vec![m], g);
+            }
+            Op::SwapDims { a, b } => {
+                let mut perm: Vec<usize> = (0..node.shape.len()).collect();
+                perm.swap(*a, *b);
+                let (m, g) = self.input(i, 0);
+                self.push(i, IntOp::Permute { perm }, vec![m], g);
+            }
+            Op::Permute { axes } => {
+                let (m, g) = self.input(i, 0);
+                self.push(i, IntOp::Permute { perm: axes.clone() }, vec![m], g);
+            }
+            op => {
+                return Err(unsupported(
+                    node,
+                    op.name(),
+                    "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `Quantize` of the float input, or a requantization of an integer tensor.
+    fn quantize_from_float(&mut self, i: usize, q: &ActQuant) -> Result<(), ExportError> {
+        let (grid, spec, qp) = grid_of(q, self.gnode(i))?;
+        match self.input(i, 0) {
+            (m, None) => {
+                self.push(i, IntOp::Quantize(grid), vec![m], Some(grid));
+            }
+            (m, Some(g)) if g == grid => self.map[i] = Some(m),
+            (m, Some(g)) => {
+                let lut = self.table("Requantize", g, grid, &spec, qp, |x| x)?;
+                self.push(i, IntOp::Lut(lut), vec![m], Some(grid));
+            }
+        }
+        Ok(())
+    }
+
+    /// A 256-entry table: `quantize(f(dequantize(q)))` with the output quantizer's own
+    /// rounding, `f` evaluated with the graph's Burn ops on the graph's device.
+    fn table(
+        &self,
+        function: &str,
+        input: Grid,
+        output: Grid,
+        spec: &QuantSpec,
+        qp: QParams,
+        f: impl FnOnce(Tensor<1>) -> Tensor<1>,
+    ) -> Result<Lut, ExportError> {
+        let xs: Vec<f32> = (-128..=127).map(|q| input.dequantize(q)).collect();
+        let x = Tensor::<1>::from_floats(xs.as_slice(), &self.device);
+        let ys: Vec<f32> = f(x).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let shift = if spec.signed { 0 } else { 128 };
+        let table = ys
+            .iter()
+            .map(|y| (reference::quantize(*y, qp, spec) - shift).clamp(output.qmin, output.qmax) as i8)
+            .collect();
+        Ok(Lut {
+            function: function.into(),
+            input,
+            output,
+            table,
+        })
+    }
+
+    fn lut_from_float(&mut self, i: usize) -> Result<(), ExportError> {
+        let node = self.gnode(i);
+        let (m, g_in) = self.int_input(i, 0)?;
+        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
+        let op = node.op.clone();
+        let lut = self.table(&op.name(), g_in, grid, &spec, qp, |x| {
+            activation.forward(apply_unary(&op, x).expect("a unary op"))
+        })?;
+        let n = self.push(i, IntOp::Lut(lut), vec![m], Some(grid));
+        self.cover(i, n);
+        Ok(())
+    }
+
+    fn binary_from_float(&mut self, i: usize) -> Result<(), ExportError> {
+        let node = self.gnode(i);
+        let (ma, a) = self.int_input(i, 0)?;
+        let (mb, b) = self.int_input(i, 1)?;
+        let (activation, _, out, _, _) = self.required_tail(i)?;
+        let (lo, hi) = clamp_bounds(activation, &out);
+        let op = match node.op {
+            Op::Mul => IntOp::Mul(IntMul {
+                a,
+                b,
+                out,
+                multiplier: FixedMultiplier::new(a.scale as f64 * b.scale as f64 / out.scale as f64),
+                lo,
+                hi,
+            }),
+            _ => {
+                const SHIFT: u32 = 40;
+                let fixed = |s: f32| {
+                    let m = (s as f64 / out.scale as f64 * (1u64 << SHIFT) as f64).round();
+                    if m.abs() < (1u64 << 62) as f64 / 512.0 {
+                        Ok(m as i64)
+                    } else {
+                        Err(ExportError::NotRepresentable {
+                            path: node.name.clone(),
+                            what: format!("add input scale {s} is {} times its output scale", s / out.scale),
+                        })
+                    }
+                };
+                let sign = if node.op == Op::Sub { -1 } else { 1 };
+                IntOp::Add(IntAdd {
+                    a,
+                    b,
+                    out,
+                    ma: fixed(a.scale)?,
+                    mb: sign * fixed(b.scale)?,
+                    shift: SHIFT,
+                    lo,
+                    hi,
+                })
+            }
+        };
+        let n = self.push(i, op, vec![ma, mb], Some(out));
+        self.cover(i, n);
+        Ok(())
+    }
+
+    fn concat_from_float(&mut self, i: usize, axis: usize) -> Result<(), ExportError> {
+        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
+        let mut inputs = Vec::new();
+        let mut requantize = Vec::new();
+        for k in 0..self.gnode(i).inputs.len() {
+            let (m, g) = self.int_input(i, k)?;
+            inputs.push(m);
+            requantize.push(if g == grid && activation == Activation::Identity {
+                None
+            } else {
+                Some(self.table("Requantize", g, grid, &spec, qp, |x| activation.forward(x))?)
+            });
+        }
+        let n = self.push(i, IntOp::Concat { axis, requantize }, inputs, Some(grid));
+        self.cover(i, n);
+        Ok(())
+    }
+
+    fn max_pool_from_float(&mut self, i: usize, window: Window, ceil_mode: bool) -> Result<(), ExportError> {
+        if ceil_mode {
+            return Err(unsupported(self.gnode(i), "max pooling with ceil_mode", "use ceil_mode false"));
+        }
+        let (m, g) = self.int_input(i, 0)?;
+        self.push(i, IntOp::MaxPool(window), vec![m], Some(g));
+        Ok(())
+    }
+
+    fn avg_pool_from_float(&mut self, i: usize, window: Window, count_include_pad: bool, ceil_mode: bool) -> Result<(), ExportError> {
+        if ceil_mode {
+            return Err(unsupported(self.gnode(i), "average pooling with ceil_mode", "use ceil_mode false"));
+        }
+        self.averaging_from_float(i, |input| IntOp::AvgPool { window, count_include_pad, input })
+    }
+
+    /// Average pooling, adaptive pooling and reductions: an integer sum requantized to the
+    /// quantizer after them, then the fused activation as a table on that grid.
+    fn averaging_from_float(&mut self, i: usize, op: impl FnOnce(Grid) -> IntOp) -> Result<(), ExportError> {
+        let (m, g_in) = self.int_input(i, 0)?;
+        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
+        let mut n = self.push(i, op(g_in), vec![m], Some(grid));
+        if activation != Activation::Identity {
+            let lut = self.table(&format!("{activation:?}"), grid, grid, &spec, qp, |x| activation.forward(x))?;
+            n = self.push(i, IntOp::Lut(lut), vec![n], Some(grid));
+        }
+        self.cover(i, n);
+        Ok(())
+    }
+
+    fn conv_from_float<L, const DI: usize, const DW: usize>(
+        &mut self,
+        i: usize,
+        f: &Fused<L>,
+        groups: usize,
+        (stride, dilation): ([usize; 2], [usize; 2]),
+        padding: [usize; 4],
+        weight_rank: usize,
+    ) -> Result<(), ExportError>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let (m, input) = self.int_input(i, 0)?;
+        let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
+        let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
+        let kernel = if weight_rank == 3 { [1, dims[2]] } else { [dims[2], dims[3]] };
+        let grid = output.grid();
+        let conv = IntConv2d {
+            in_channels: dims[1] * groups,
+            out_channels: dims[0],
+            groups,
+            kernel,
+            stride,
+            dilation,
+            padding,
+            weight: affine.weight,
+            weight_bits: affine.weight_bits,
+            weight_scale: affine.weight_scale,
+            bias: affine.bias,
+            input,
+            output,
+        };
+        let n = self.push(i, IntOp::Conv2d(conv), vec![m], grid);
+        self.cover(i, n);
+        Ok(())
+    }
+
+    fn linear_from_float(&mut self, i: usize, f: &Fused<burn::nn::Linear>) -> Result<(), ExportError> {
+        let (m, input) = self.int_input(i, 0)?;
+        let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
+        let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
+        let grid = output.grid();
+        let linear = IntLinear {
+            in_features: dims[0],
+            out_features: dims[1],
+            weight: affine.weight,
+            weight_bits: affine.weight_bits,
+            weight_scale: affine.weight_scale,
+            bias: affine.bias,
+            input,
+            output,
+        };
+        let n = self.push(i, IntOp::Linear(linear), vec![m], grid);
+        self.cover(i, n);
+        Ok(())
+    }
+
+    /// A conv/linear output: requantized to the quantizer after it, or float if it is the
+    /// model's output and has none.
+    fn output_of(&self, i: usize, activation: Activation, input: &Grid, weight_scale: &[f32]) -> Result<Output, ExportError> {
+        let t = self.tail(i);
+        if t.quant.is_none() && self.graph.program.output == i {
+            let (lo, hi) = match activation {
+                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                Activation::Relu => (0.0, f32::INFINITY),
+                Activation::Relu6 => (0.0, 6.0),
+                Activation::Clamp { min, max } => (min, max),
+            };
+            return Ok(Output::Float {
+                scale: weight_scale.iter().map(|sw| input.scale * sw).collect(),
+                lo,
+                hi,
+            });
+        }
+        let (extra, _, grid, _, _) = self.required_tail(i)?;
+        if extra != Activation::Identity && activation != Activation::Identity {
+            return Err(unsupported(self.gnode(i), "two fused activations", "prepare the graph with burn_qat::graph::prepare"));
+        }
+        let activation = if extra != Activation::Identity { extra } else { activation };
+        let (lo, hi) = clamp_bounds(activation, &grid);
+        Ok(Output::Quantized {
+            grid,
+            requant: weight_scale
+                .iter()
+                .map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / grid.scale as f64))
+                .collect(),
+            lo,
+            hi,
+        })
+    }
+}
+
+fn conv2d_geometry(
+    f: &burn_qat_transform::FusedConv2d,
+    node: &Node,
+) -> Result<(([usize; 2], [usize; 2]), [usize; 4]), ExportError> {
+    let conv = &f.layer;
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [top, bottom, left, right],
+        _ => return Err(unsupported(node, "Conv2d with Same padding", "use PaddingConfig2d::Explicit")),
+    };
+    Ok((([conv.stride[0], conv.stride[1]], [conv.dilation[0], conv.dilation[1]]), padding))
 }
 
 struct Affine {
@@ -88,32 +558,30 @@ struct Affine {
     bias: Vec<i32>,
 }
 
-/// Folded, quantized weights (output channel along `axis`) and int32 bias with scale `s_in * s_w`.
+/// Folded, quantized weights (output channel along `L::WEIGHT_AXIS`) and int32 bias with
+/// scale `s_in * s_w`.
 fn quantize_affine<L, const DI: usize, const DW: usize>(
     f: &Fused<L>,
-    input: &ActQ,
-    path: &str,
+    input: &Grid,
+    node: &Node,
 ) -> Result<(Affine, Vec<usize>), ExportError>
 where
     L: Fusable<DI, DW>,
 {
-    let Some(wq) = &f.weight_quant else {
-        return Err(ExportError::Unsupported {
-            path: path.into(),
-            kind: "Fused layer with float weights".into(),
-            hint: "give it a weight spec (FusedConfig::with_weight)".into(),
-        });
+    let Some(wq) = f.weight_quant.as_ref().filter(|w| w.is_enabled()) else {
+        return Err(unsupported(
+            node,
+            "layer with float weights",
+            "quantize its weights (do not skip it in QatConfig; keep weight fake-quant enabled)",
+        ));
     };
     let spec: QuantSpec = wq.spec;
     if spec.bits > 8 || !spec.symmetric || !spec.signed {
-        return Err(ExportError::Unsupported {
-            path: path.into(),
-            kind: format!(
-                "{}-bit weights (symmetric: {}, signed: {})",
-                spec.bits, spec.symmetric, spec.signed
-            ),
-            hint: "the integer model takes signed symmetric weights of at most 8 bits".into(),
-        });
+        return Err(unsupported(
+            node,
+            format!("{}-bit weights (symmetric: {}, signed: {})", spec.bits, spec.symmetric, spec.signed),
+            "the integer model takes signed symmetric weights of at most 8 bits",
+        ));
     }
     let (w, b) = match &f.bn {
         Some(bn) => {
@@ -124,34 +592,18 @@ where
     };
     let dims = w.dims().to_vec();
     let qps: Vec<QParams> = wq.qparams_for(w.clone());
-    let values = w
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default();
+    let values = w.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
-    let channel_of = |i: usize| {
-        if qps.len() == 1 {
-            0
-        } else {
-            (i / after) % channels
-        }
-    };
+    let channel_of = |i: usize| if qps.len() == 1 { 0 } else { (i / after) % channels };
     let weight: Vec<i8> = values
         .iter()
         .enumerate()
         .map(|(i, v)| reference::quantize(*v, qps[channel_of(i)], &spec) as i8)
         .collect();
-    let weight_scale: Vec<f32> = (0..channels)
-        .map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale)
-        .collect();
+    let weight_scale: Vec<f32> = (0..channels).map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale).collect();
     let bias_f: Vec<f32> = match b {
-        Some(b) => b
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default(),
+        Some(b) => b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(),
         None => vec![0.0; channels],
     };
     let mut bias = Vec::with_capacity(channels);
@@ -160,7 +612,7 @@ where
         let q = (bias_f[c] as f64 / s).round_ties_even();
         if !q.is_finite() || q.abs() > i32::MAX as f64 {
             return Err(ExportError::NotRepresentable {
-                path: path.into(),
+                path: node.name.clone(),
                 what: format!(
                     "bias {} of channel {c} is {q:.3e} in units of s_in * s_w = {s:.3e}: it overflows int32",
                     bias_f[c]
@@ -169,376 +621,45 @@ where
         }
         bias.push(q as i32);
     }
-    Ok((
-        Affine {
-            weight,
-            weight_bits: spec.bits,
-            weight_scale,
-            bias,
-        },
-        dims,
-    ))
+    Ok((Affine { weight, weight_bits: spec.bits, weight_scale, bias }, dims))
 }
 
-fn output(
-    f_output: Option<&ActQuant>,
-    activation: Activation,
-    input: &ActQ,
-    weight_scale: &[f32],
-    path: &str,
-) -> Result<Output, ExportError> {
-    match f_output {
-        Some(fq) => {
-            let act = act_of_quant(fq, &format!("{path}.output"))?;
-            let (lo, hi) = clamp_bounds(activation, &act);
-            let requant = weight_scale
-                .iter()
-                .map(|sw| FixedMultiplier::new(input.scale as f64 * *sw as f64 / act.scale as f64))
-                .collect();
-            Ok(Output::Quantized {
-                act,
-                requant,
-                lo,
-                hi,
-            })
-        }
-        None => {
-            let (lo, hi) = match activation {
-                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-                Activation::Relu => (0.0, f32::INFINITY),
-                Activation::Relu6 => (0.0, 6.0),
-                Activation::Clamp { min, max } => (min, max),
-            };
-            Ok(Output::Float {
-                scale: weight_scale.iter().map(|sw| input.scale * sw).collect(),
-                lo,
-                hi,
-            })
-        }
-    }
-}
-
-/// Converts a trained QAT model (a [`Sequential`] fused with `Sequential::fuse`, starting with a
-/// `FakeQuant` of its input) for inputs of shape `input_shape` (`[c, h, w]`, no batch).
+/// Converts a trained QAT graph (from `burn_qat::graph::prepare`, or a `Sequential` lowered
+/// with `burn_qat::graph::from_sequential`) into an integer model; the input shape is the
+/// traced one (any batch size runs). Pass `graph.valid()` (converting never trains, and the
+/// lookup tables are evaluated on the graph's device without recording gradients).
 ///
-/// Supported: `FakeQuant` (first layer), `FusedConv2d` and `FusedLinear` (with or without
-/// BatchNorm, any fused activation; int8 per-channel symmetric weights), `FusedConv1d`,
-/// `MaxPool2d`, `AvgPool2d` (output on the input's grid, as in TFLite),
-/// `Flatten`, `Relu`/`Relu6` on quantized values, `Dropout` (identity), `Residual` blocks
-/// (integer `Add` with its fused activation). Anything else is an error naming its path.
-pub fn convert(model: &Sequential, input_shape: &[usize]) -> Result<IntegerModel, ExportError> {
-    let mut current: Option<ActQ> = None;
-    let mut shape: Vec<usize> = input_shape.to_vec();
-    let layers = convert_layers(&model.layers, "layers", &mut current, &mut shape, true)?;
-    if layers
-        .first()
-        .is_none_or(|l| !matches!(l, IntLayer::Quantize(_)))
-    {
-        return Err(ExportError::Unsupported {
-            path: "layers.0".into(),
-            kind: "model input".into(),
-            hint: "start the model with a FakeQuant of its input".into(),
-        });
-    }
-    Ok(IntegerModel {
-        input_shape: input_shape.to_vec(),
-        layers,
-    })
-}
-
-fn convert_layers(
-    seq: &[SeqLayer],
-    prefix: &str,
-    current: &mut Option<ActQ>,
-    shape: &mut Vec<usize>,
-    top: bool,
-) -> Result<Vec<IntLayer>, ExportError> {
-    let mut layers = Vec::new();
-    for (i, layer) in seq.iter().enumerate() {
-        let path = format!("{prefix}.{i}");
-        let unsupported = |kind: &str, hint: &str| ExportError::Unsupported {
-            path: path.clone(),
-            kind: kind.into(),
-            hint: hint.into(),
-        };
-        let input = current.ok_or_else(|| {
-            unsupported(
-                &layer.name(),
-                "its input is not quantized: start the model with a FakeQuant of its input",
-            )
-        });
-        let int = match layer {
-            SeqLayer::FakeQuant(fq) if current.is_none() => IntLayer::Quantize(act_of(fq, &path)?),
-            SeqLayer::FakeQuant(_) => {
-                return Err(unsupported(
-                    "FakeQuant",
-                    "a FakeQuant between layers (requantization) is not supported; \
-                     quantize outputs through the fused layers",
-                ));
-            }
-            SeqLayer::FusedConv2d(f) => {
-                let conv = &f.layer;
-                let padding = match conv.padding {
-                    PaddingConfig2d::Valid => [0; 4],
-                    PaddingConfig2d::Explicit(top, left, bottom, right) => {
-                        [top, bottom, left, right]
-                    }
-                    PaddingConfig2d::Same => {
-                        return Err(unsupported(
-                            "Conv2d with Same padding",
-                            "use PaddingConfig2d::Explicit",
-                        ));
-                    }
-                };
-                let geometry = (
-                    [conv.stride[0], conv.stride[1]],
-                    [conv.dilation[0], conv.dilation[1]],
-                );
-                IntLayer::Conv2d(int_conv(
-                    f,
-                    conv.groups,
-                    geometry,
-                    padding,
-                    4,
-                    &input?,
-                    &path,
-                )?)
-            }
-            SeqLayer::FusedConv1d(f) => {
-                let conv = &f.layer;
-                let (left, right) = match conv.padding {
-                    PaddingConfig1d::Valid => (0, 0),
-                    PaddingConfig1d::Explicit(l, r) => (l, r),
-                    PaddingConfig1d::Same => {
-                        return Err(unsupported(
-                            "Conv1d with Same padding",
-                            "use PaddingConfig1d::Explicit",
-                        ));
-                    }
-                };
-                let geometry = ([1, conv.stride], [1, conv.dilation]);
-                IntLayer::Conv2d(int_conv(
-                    f,
-                    conv.groups,
-                    geometry,
-                    [0, 0, left, right],
-                    3,
-                    &input?,
-                    &path,
-                )?)
-            }
-            SeqLayer::FusedLinear(f) => {
-                let input = input?;
-                let (affine, dims) = quantize_affine(f, &input, &path)?;
-                let output = output(
-                    f.output.as_ref(),
-                    f.activation,
-                    &input,
-                    &affine.weight_scale,
-                    &path,
-                )?;
-                IntLayer::Linear(IntLinear {
-                    in_features: dims[0],
-                    out_features: dims[1],
-                    weight: affine.weight,
-                    weight_bits: affine.weight_bits,
-                    weight_scale: affine.weight_scale,
-                    bias: affine.bias,
-                    input,
-                    output,
-                    packed: Default::default(),
-                })
-            }
-            SeqLayer::MaxPool2d(p) => {
-                input?;
-                if !matches!(p.padding, PaddingConfig2d::Valid)
-                    || p.dilation != [1, 1]
-                    || p.ceil_mode
-                {
-                    return Err(unsupported(
-                        "MaxPool2d with padding, dilation or ceil mode",
-                        "use valid padding, dilation 1",
-                    ));
-                }
-                IntLayer::MaxPool2d {
-                    kernel: p.kernel_size,
-                    stride: p.stride,
-                }
-            }
-            SeqLayer::AvgPool2d(p) => {
-                input?;
-                if !matches!(p.padding, PaddingConfig2d::Valid) || p.ceil_mode {
-                    return Err(unsupported(
-                        "AvgPool2d with padding or ceil mode",
-                        "use valid padding",
-                    ));
-                }
-                IntLayer::AvgPool2d {
-                    kernel: p.kernel_size,
-                    stride: p.stride,
-                }
-            }
-            SeqLayer::Flatten(_) => IntLayer::Flatten,
-            SeqLayer::Relu(_) | SeqLayer::Relu6(_) => {
-                let q = input?;
-                let activation = if matches!(layer, SeqLayer::Relu6(_)) {
-                    Activation::Relu6
-                } else {
-                    Activation::Relu
-                };
-                let (lo, hi) = clamp_bounds(activation, &q);
-                IntLayer::Clamp { lo, hi }
-            }
-            SeqLayer::Residual(r) => {
-                let a = input?;
-                let mut inner = Some(a);
-                let mut body_shape = shape.clone();
-                let body = convert_layers(
-                    &r.body.layers,
-                    &format!("{path}.body.layers"),
-                    &mut inner,
-                    &mut body_shape,
-                    false,
-                )?;
-                let Some(b) = inner else {
-                    return Err(unsupported(
-                        "Residual",
-                        "its body must end with a quantized output",
-                    ));
-                };
-                let Some(fq) = &r.add.output else {
-                    return Err(unsupported(
-                        "Residual without output FakeQuant",
-                        "fuse the model (Sequential::fuse) so the add is quantized",
-                    ));
-                };
-                let out = act_of_quant(fq, &format!("{path}.add.output"))?;
-                const SHIFT: u32 = 40;
-                let fixed = |s: f32| {
-                    let m = (s as f64 / out.scale as f64 * (1u64 << SHIFT) as f64).round();
-                    if m.abs() < i64::MAX as f64 / 512.0 {
-                        Ok(m as i64)
-                    } else {
-                        Err(ExportError::NotRepresentable {
-                            path: path.clone(),
-                            what: format!(
-                                "add input scale {s} is {} times its output scale",
-                                s / out.scale
-                            ),
-                        })
-                    }
-                };
-                let (lo, hi) = clamp_bounds(r.add.activation, &out);
-                let add = crate::model::IntAdd {
-                    a,
-                    b,
-                    out,
-                    ma: fixed(a.scale)?,
-                    mb: fixed(b.scale)?,
-                    shift: SHIFT,
-                    lo,
-                    hi,
-                };
-                IntLayer::Residual { body, add }
-            }
-            SeqLayer::Dropout(_) => continue,
-            other => {
-                let kind = match other {
-                    SeqLayer::Conv1d(_)
-                    | SeqLayer::Conv2d(_)
-                    | SeqLayer::Linear(_)
-                    | SeqLayer::BatchNorm(_) => "an unfused layer",
-                    _ => "a layer without an integer kernel",
-                };
-                return Err(unsupported(
-                    &other.name(),
-                    &format!("{kind}: fuse the model (Sequential::fuse) before QAT and conversion"),
-                ));
-            }
-        };
-        let Some(next) = int.output_shape(shape) else {
-            return Err(unsupported(
-                &layer.name(),
-                &format!("it does not accept its input of shape {shape:?}"),
-            ));
-        };
-        *shape = next;
-        *current = match &int {
-            IntLayer::Quantize(q) => Some(*q),
-            IntLayer::Conv2d(IntConv2d { output, .. })
-            | IntLayer::Linear(IntLinear { output, .. }) => output.act(),
-            IntLayer::Residual { add, .. } => Some(add.out),
-            _ => *current,
-        };
-        if current.is_none() && !(top && i + 1 == seq.len()) {
-            return Err(unsupported(
-                &format!("{} without output FakeQuant", layer.name()),
-                "only the last layer of the model may output float",
-            ));
+/// Integer ops: conv (depthwise included) and linear with folded BatchNorm and fused
+/// ReLU/ReLU6/clamp, add/sub with fixed-point rescaling of both inputs, mul, concat
+/// (requantized to the output grid), max/average/adaptive-average pooling, mean/sum along an
+/// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
+/// hard-swish, leaky ReLU, exp, scalar arithmetic), reshape/flatten/permute.
+///
+/// # Errors
+///
+/// [`ExportError`] naming the node (the user's module path): an op with no integer kernel
+/// (softmax, division, a lone BatchNorm), a tensor that is not quantized (a skipped layer,
+/// activations disabled), a quantizer that has seen no data, weights wider than 8 bits.
+pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
+    let graph = graph.valid();
+    let mut c = Converter {
+        graph: &graph,
+        users: graph.program.consumers(),
+        device: burn_qat_graph::model_device(&graph),
+        nodes: Vec::new(),
+        map: vec![None; graph.program.nodes.len()],
+    };
+    for i in 0..graph.program.nodes.len() {
+        if c.map[i].is_none() {
+            c.convert_node(i)?;
         }
-        layers.push(int);
     }
-    Ok(layers)
-}
-
-/// The integer convolution of a fused `Conv1d` (`weight_rank` 3, run as a convolution of height 1)
-/// or `Conv2d` (`weight_rank` 4).
-fn int_conv<L, const DI: usize, const DW: usize>(
-    f: &Fused<L>,
-    groups: usize,
-    (stride, dilation): ([usize; 2], [usize; 2]),
-    padding: [usize; 4],
-    weight_rank: usize,
-    input: &ActQ,
-    path: &str,
-) -> Result<IntConv2d, ExportError>
-where
-    L: Fusable<DI, DW>,
-{
-    let (affine, dims) = quantize_affine(f, input, path)?;
-    let output = output(
-        f.output.as_ref(),
-        f.activation,
-        input,
-        &affine.weight_scale,
-        path,
-    )?;
-    let kernel = if weight_rank == 3 {
-        [1, dims[2]]
-    } else {
-        [dims[2], dims[3]]
-    };
-    Ok(IntConv2d {
-        in_channels: dims[1] * groups,
-        out_channels: dims[0],
-        groups,
-        kernel,
-        stride,
-        dilation,
-        padding,
-        weight: affine.weight,
-        weight_bits: affine.weight_bits,
-        weight_scale: affine.weight_scale,
-        bias: affine.bias,
-        input: *input,
-        output,
-        packed: Default::default(),
-    })
-}
-
-/// The integer clamp of a fused activation on the grid of `act` (ReLU: `lo = zero_point`).
-fn clamp_bounds(activation: Activation, act: &ActQ) -> (i32, i32) {
-    let q = |v: f32| {
-        reference::quantize(
-            v,
-            act.qparams(),
-            &QuantSpec::int8_act_per_tensor_asymmetric().with_bits(16),
-        )
-    };
-    match activation {
-        Activation::Identity => (act.qmin, act.qmax),
-        Activation::Relu => (act.zero_point.max(act.qmin), act.qmax),
-        Activation::Relu6 => (act.zero_point.max(act.qmin), q(6.0).min(act.qmax)),
-        Activation::Clamp { min, max } => (q(min).max(act.qmin), q(max).min(act.qmax)),
-    }
+    let output = c.map[graph.program.output].expect("every node is converted");
+    let model = IntegerModel::new(c.nodes, output);
+    model.validate().map_err(|e| ExportError::Unsupported {
+        path: e.name.clone(),
+        kind: "converted node".into(),
+        hint: format!("the converted model is inconsistent ({e}); please report this"),
+    })?;
+    Ok(model)
 }

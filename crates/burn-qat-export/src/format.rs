@@ -4,21 +4,25 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `BQATINT8` |
-//! | 4 | format version, little-endian (`2`; version 1 had no weight bit widths) |
+//! | 4 | format version, little-endian (`3`: the integer model as a graph of nodes; versions 1 and 2 held a list of layers and are refused with a message) |
 //! | 8 | payload length, little-endian |
 //! | 4 | CRC-32 of the payload |
 //! | n | payload |
 //!
-//! Loading checks every field before use: a truncated, corrupted or foreign file is an error,
-//! never a panic, and nothing larger than the file itself is allocated. The model is written to
+//! Loading checks every field before use ([`IntegerModel::validate`]): a truncated,
+//! corrupted, foreign or inconsistent file is an error, never a panic, and nothing larger than
+//! the file itself is allocated while decoding. The model is written to
 //! a temporary file and renamed, so a failed save leaves no partial file.
 //!
 //! ```
 //! use burn_qat_export::format;
-//! use burn_qat_export::model::{ActQ, IntLayer, IntegerModel};
+//! use burn_qat_export::model::{Dim, Grid, IntNode, IntOp, IntegerModel};
 //!
-//! let q = ActQ { scale: 0.1, zero_point: 0, qmin: -128, qmax: 127 };
-//! let model = IntegerModel { input_shape: vec![4], layers: vec![IntLayer::Quantize(q)] };
+//! let g = Grid { scale: 0.1, zero_point: 0, qmin: -128, qmax: 127 };
+//! let shape = vec![Dim::Batch(1), Dim::Fixed(4)];
+//! let input = IntNode { name: "input".into(), op: IntOp::Input, inputs: vec![], shape: shape.clone(), grid: None };
+//! let quant = IntNode { name: "quant".into(), op: IntOp::Quantize(g), inputs: vec![0], shape, grid: Some(g) };
+//! let model = IntegerModel::new(vec![input, quant], 1);
 //! let bytes = format::to_bytes(&model);
 //! assert_eq!(format::from_bytes(&bytes).unwrap(), model);
 //! assert!(format::from_bytes(&bytes[..bytes.len() - 1]).is_err());
@@ -33,7 +37,7 @@ use crate::model::IntegerModel;
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BQATINT8";
 /// Current format version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 /// Why an integer model file cannot be read or written.
@@ -51,9 +55,10 @@ pub enum FormatError {
     /// Not an integer model file, or a damaged one.
     #[error("not a valid burn-qat integer model: {0}")]
     Invalid(String),
-    /// Another format version.
+    /// Another format version (versions 1 and 2 held the older list-of-layers model).
     #[error(
-        "integer model format version {found}; this build reads version {VERSION} only: \
+        "integer model format version {found}; this build reads version {VERSION} only \
+         (versions 1 and 2 stored a list of layers, version 3 a graph of nodes): \
          convert the QAT model again with this build (or use the build that wrote the file)"
     )]
     Version {
@@ -107,91 +112,10 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
     }
     let model: IntegerModel =
         postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
-    validate(&model)?;
+    model
+        .validate()
+        .map_err(|e| FormatError::Invalid(e.to_string()))?;
     Ok(model)
-}
-
-/// Checks the invariants the kernels rely on (sizes agree), so a crafted file cannot make them
-/// index out of bounds.
-pub fn validate(model: &IntegerModel) -> Result<(), FormatError> {
-    let shape = model.input_shape.clone();
-    if shape.is_empty() || shape.len() > 3 || shape.contains(&0) {
-        return Err(FormatError::Invalid(format!(
-            "input shape {shape:?} is not [features] or [c, h, w]"
-        )));
-    }
-    validate_layers(&model.layers, shape).map(|_| ())
-}
-
-fn validate_layers(
-    layers: &[crate::model::IntLayer],
-    shape: Vec<usize>,
-) -> Result<Vec<usize>, FormatError> {
-    use crate::model::{IntLayer, Output};
-    let bad = |m: String| Err(FormatError::Invalid(m));
-    let out_len = |o: &Output| match o {
-        Output::Quantized { requant, .. } => requant.len(),
-        Output::Float { scale, .. } => scale.len(),
-    };
-    let mut shape = shape;
-    for (i, layer) in layers.iter().enumerate() {
-        if let IntLayer::Residual { body, add } = layer {
-            validate_layers(body, shape.clone())?;
-            if add.shift == 0 || add.shift > 100 {
-                return bad(format!(
-                    "layer {i}: residual add shift {} out of 1..=100",
-                    add.shift
-                ));
-            }
-        }
-        let Some(next) = layer.output_shape(&shape) else {
-            return bad(format!(
-                "layer {i} ({}) does not accept input of shape {shape:?}",
-                layer.kind()
-            ));
-        };
-        shape = next;
-        match layer {
-            IntLayer::Conv2d(c) => {
-                if c.groups == 0
-                    || c.in_channels % c.groups != 0
-                    || c.out_channels % c.groups != 0
-                    || c.stride.contains(&0)
-                    || c.dilation.contains(&0)
-                    || c.kernel.contains(&0)
-                {
-                    return bad(format!("layer {i}: inconsistent convolution geometry"));
-                }
-                let wlen = c
-                    .out_channels
-                    .checked_mul(c.in_channels / c.groups)
-                    .and_then(|v| v.checked_mul(c.kernel[0] * c.kernel[1]));
-                if wlen != Some(c.weight.len())
-                    || c.bias.len() != c.out_channels
-                    || c.weight_scale.len() != c.out_channels
-                    || out_len(&c.output) != c.out_channels
-                {
-                    return bad(format!("layer {i}: convolution parameter sizes disagree"));
-                }
-            }
-            IntLayer::Linear(l) => {
-                if l.in_features.checked_mul(l.out_features) != Some(l.weight.len())
-                    || l.bias.len() != l.out_features
-                    || l.weight_scale.len() != l.out_features
-                    || out_len(&l.output) != l.out_features
-                {
-                    return bad(format!("layer {i}: linear parameter sizes disagree"));
-                }
-            }
-            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } => {
-                if kernel.contains(&0) || stride.contains(&0) {
-                    return bad(format!("layer {i}: zero pooling size"));
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(shape)
 }
 
 /// Writes `model` to `path` (through a temporary file in the same directory).

@@ -9,7 +9,10 @@ use rten_gemm::{
 };
 use rten_tensor::NdTensorView;
 
-use crate::model::{IntConv2d, IntLinear, Output, Values, conv_output_len};
+use std::sync::OnceLock;
+
+use crate::model::{IntConv2d, IntLinear, Output, conv_output_len};
+use crate::run::Values;
 
 /// Shapes were checked when the model was converted or loaded (`IntLayer::output_shape`).
 fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: usize) -> usize {
@@ -22,7 +25,7 @@ fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: us
 /// own fixed-point multiplier, into `dst` (same layout).
 fn requantize_rows(acc: &[i32], inner: usize, output: &Output, dst: &mut [i8]) {
     let Output::Quantized {
-        act,
+        grid,
         requant,
         lo,
         hi,
@@ -31,7 +34,7 @@ fn requantize_rows(acc: &[i32], inner: usize, output: &Output, dst: &mut [i8]) {
         unreachable!("called for quantized outputs")
     };
     for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
-        requant[i % requant.len()].requantize(row, act.zero_point, *lo, *hi, dst);
+        requant[i % requant.len()].requantize(row, grid.zero_point, *lo, *hi, dst);
     }
 }
 
@@ -51,13 +54,13 @@ fn scale_rows(acc: &[i32], inner: usize, output: &Output, dst: &mut [f32]) {
 /// The layer's output values from accumulators laid out `[.., channels, inner]`.
 fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) -> Values {
     match output {
-        Output::Quantized { act, .. } => {
+        Output::Quantized { grid, .. } => {
             let mut data = vec![0i8; acc.len()];
             requantize_rows(acc, inner, output, &mut data);
             Values::Int {
                 data,
                 shape,
-                q: *act,
+                grid: *grid,
             }
         }
         Output::Float { .. } => {
@@ -77,7 +80,7 @@ fn with_gemm<R>(f: impl FnOnce(&GemmExecutor<u8, i8, i32>) -> R) -> R {
     GEMM.with(f)
 }
 
-/// Weights packed for the GEMM, once per layer (see [`crate::model::PackedWeights`]).
+/// Weights packed for the GEMM, once per node, kept by the model's weight cache (not saved).
 pub enum Packed {
     /// The `[cout, cin_g * kh * kw]` weights as the u8 left operand (int8 + 128, zero point
     /// 128). Not packed: rten-gemm's int8 kernels take the left operand's zero points from the
@@ -109,26 +112,26 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 /// while packing; the image is first padded with the input zero point), with the bias added by
 /// the GEMM: the result is `[cout, oh * ow]`, already NCHW, and each output channel is
 /// requantized as one contiguous row with one multiplier. Images run in parallel.
-pub fn conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
+pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
     let plan = ConvPlan::new(c, shape);
     let per_image = c.out_channels * plan.p;
     let n = shape[0];
     let shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
     match &c.output {
-        Output::Quantized { act, .. } => {
+        Output::Quantized { grid, .. } => {
             let mut data = vec![0i8; n * per_image];
-            plan.run(c, x, &mut data, |acc, dst| {
+            plan.run(c, cache, x, &mut data, |acc, dst| {
                 requantize_rows(acc, plan.p, &c.output, dst)
             });
             Values::Int {
                 data,
                 shape,
-                q: *act,
+                grid: *grid,
             }
         }
         Output::Float { .. } => {
             let mut data = vec![0f32; n * per_image];
-            plan.run(c, x, &mut data, |acc, dst| {
+            plan.run(c, cache, x, &mut data, |acc, dst| {
                 scale_rows(acc, plan.p, &c.output, dst)
             });
             Values::Float { data, shape }
@@ -221,6 +224,7 @@ impl ConvPlan {
     fn run<T: Send>(
         &self,
         c: &IntConv2d,
+        cache: &OnceLock<Packed>,
         x: &[i8],
         out: &mut [T],
         write: impl Fn(&[i32], &mut [T]) + Sync,
@@ -229,10 +233,7 @@ impl ConvPlan {
         if per_image == 0 || self.n == 0 {
             return;
         }
-        let packed = c
-            .packed
-            .0
-            .get_or_init(|| Packed::Conv(c.weight.iter().map(|v| (*v as u8) ^ 0x80).collect()));
+        let packed = cache.get_or_init(|| Packed::Conv(c.weight.iter().map(|v| (*v as u8) ^ 0x80).collect()));
         let Packed::Conv(weights) = packed else {
             unreachable!("a convolution keeps its weights as Packed::Conv")
         };
@@ -385,8 +386,8 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
 /// Fully connected layer, fast path: `x [n, in]` (as u8, int8 + 128) times the `[in, out]`
 /// weights (packed once; a single row takes rten-gemm's matrix-vector kernel on the unpacked
 /// weights), the bias added by the GEMM.
-pub fn linear(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
-    let n = shape[0];
+pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
+    let n = x.len() / l.in_features.max(1);
     let out = l.out_features;
     with_gemm(|gemm| {
         let a: Vec<u8> = x.iter().map(|v| (*v as u8) ^ 0x80).collect();
@@ -395,10 +396,7 @@ pub fn linear(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
         let b = if n == 1 {
             GemmInputB::Unpacked(weights)
         } else {
-            let Packed::Linear(packed) = l
-                .packed
-                .0
-                .get_or_init(|| Packed::Linear(gemm.prepack_b(weights)))
+            let Packed::Linear(packed) = cache.get_or_init(|| Packed::Linear(gemm.prepack_b(weights)))
             else {
                 unreachable!("a linear layer packs its weights as Packed::Linear")
             };
@@ -418,13 +416,13 @@ pub fn linear(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
             },
         )
         .expect("shapes are consistent by construction");
-        output_values(&l.output, &acc, 1, vec![n, out])
+        output_values(&l.output, &acc, 1, linear_shape(shape, out))
     })
 }
 
 /// Fully connected layer, scalar reference.
 pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
-    let n = shape[0];
+    let n = x.len() / l.in_features.max(1);
     let out = l.out_features;
     let mut acc = vec![0i32; n * out];
     for r in 0..n {
@@ -437,81 +435,75 @@ pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
             acc[r * out + c] = sum;
         }
     }
-    output_values(&l.output, &acc, 1, vec![n, out])
+    output_values(&l.output, &acc, 1, linear_shape(shape, out))
 }
 
-/// Max pooling (no padding) on integers, one output row at a time.
-pub fn max_pool2d(
-    x: &[i8],
-    shape: &[usize],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-) -> (Vec<i8>, Vec<usize>) {
-    let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
-    let oh = out_size(h, 0, 1, kernel[0], stride[0]);
-    let ow = out_size(w, 0, 1, kernel[1], stride[1]);
-    let mut out = vec![i8::MIN; n * c * oh * ow];
-    // Per output row: the column-wise max of the window's rows (contiguous, vectorized), then
-    // the max along each window's columns.
-    let mut rows_max = vec![i8::MIN; w];
-    for (plane, dst_plane) in x.chunks(h * w).zip(out.chunks_mut(oh * ow)) {
-        for (oy, dst) in dst_plane.chunks_mut(ow).enumerate() {
-            let first = oy * stride[0];
-            rows_max.copy_from_slice(&plane[first * w..(first + 1) * w]);
-            for ky in 1..kernel[0] {
-                let row = &plane[(first + ky) * w..(first + ky + 1) * w];
-                for (m, v) in rows_max.iter_mut().zip(row) {
-                    *m = (*m).max(*v);
-                }
-            }
-            if kernel[1] == 2 && stride[1] == 2 {
-                for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
-                    *d = pair[0].max(pair[1]);
-                }
-            } else {
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let window = &rows_max[ox * stride[1]..ox * stride[1] + kernel[1]];
-                    *d = window.iter().copied().fold(i8::MIN, i8::max);
-                }
+fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(last) = s.last_mut() {
+        *last = out;
+    }
+    s
+}
+
+/// Depthwise convolution (one input and one output channel per group), direct: per plane, the
+/// input minus its zero point (padding contributes 0) in `i16`, then one multiply-add of a
+/// weight with a whole output row per kernel tap, in `i32`; planes run in parallel. The
+/// MobileNet hot spot: a GEMM per channel would run `n * c` tiny matrix products.
+pub fn depthwise_conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
+    let [n, ch, h, w] = nchw(shape);
+    let [kh, kw] = c.kernel;
+    let [top, bottom, left, right] = c.padding;
+    let oh = out_size(h, top + bottom, c.dilation[0], kh, c.stride[0]);
+    let ow = out_size(w, left + right, c.dilation[1], kw, c.stride[1]);
+    let (ph, pw) = (h + top + bottom, w + left + right);
+    let zp = c.input.zero_point;
+    let mut acc = vec![0i32; n * ch * oh * ow];
+    if acc.is_empty() {
+        return output_values(&c.output, &acc, oh * ow, out_shape(shape, c.out_channels, oh, ow));
+    }
+    let plane = |(p, dst): (usize, &mut [i32]), padded: &mut Vec<i16>| {
+        let chan = p % ch;
+        padded.clear();
+        padded.resize(ph * pw, 0);
+        let src = &x[p * h * w..(p + 1) * h * w];
+        for (y, row) in src.chunks(w).enumerate() {
+            let at = (top + y) * pw + left;
+            for (d, v) in padded[at..at + w].iter_mut().zip(row) {
+                *d = *v as i16 - zp as i16;
             }
         }
-    }
-    (out, vec![n, c, oh, ow])
-}
-
-/// Average pooling (no padding) on integers, on the input's grid, rounding half to even.
-pub fn avg_pool2d(
-    x: &[i8],
-    shape: &[usize],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-    zero_point: i32,
-) -> (Vec<i8>, Vec<usize>) {
-    let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
-    let oh = out_size(h, 0, 1, kernel[0], stride[0]);
-    let ow = out_size(w, 0, 1, kernel[1], stride[1]);
-    let count = (kernel[0] * kernel[1]) as i32;
-    let mut out = vec![0i8; n * c * oh * ow];
-    for p in 0..n * c {
+        dst.fill(c.bias[chan]);
+        let taps = &c.weight[chan * kh * kw..(chan + 1) * kh * kw];
         for oy in 0..oh {
-            for ox in 0..ow {
-                let mut sum = 0i32;
-                for ky in 0..kernel[0] {
-                    for kx in 0..kernel[1] {
-                        sum += x[(p * h + oy * stride[0] + ky) * w + ox * stride[1] + kx] as i32
-                            - zero_point;
+            let out_row = &mut dst[oy * ow..(oy + 1) * ow];
+            for ky in 0..kh {
+                let row = &padded[(oy * c.stride[0] + ky * c.dilation[0]) * pw..];
+                for kx in 0..kw {
+                    let wv = taps[ky * kw + kx] as i32;
+                    let start = kx * c.dilation[1];
+                    if c.stride[1] == 1 {
+                        for (o, v) in out_row.iter_mut().zip(&row[start..start + ow]) {
+                            *o += wv * *v as i32;
+                        }
+                    } else {
+                        for (ox, o) in out_row.iter_mut().enumerate() {
+                            *o += wv * row[start + ox * c.stride[1]] as i32;
+                        }
                     }
                 }
-                let floor = sum.div_euclid(count);
-                let rem2 = 2 * sum.rem_euclid(count);
-                let q = if rem2 > count || (rem2 == count && floor & 1 == 1) {
-                    floor + 1
-                } else {
-                    floor
-                };
-                out[(p * oh + oy) * ow + ox] = (q + zero_point).clamp(-128, 127) as i8;
             }
         }
+    };
+    if n * ch * oh * ow < 1 << 14 {
+        let mut padded = Vec::new();
+        acc.chunks_mut(oh * ow.max(1))
+            .enumerate()
+            .for_each(|item| plane(item, &mut padded));
+    } else {
+        acc.par_chunks_mut(oh * ow.max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |padded, item| plane(item, padded));
     }
-    (out, vec![n, c, oh, ow])
+    output_values(&c.output, &acc, oh * ow, out_shape(shape, c.out_channels, oh, ow))
 }

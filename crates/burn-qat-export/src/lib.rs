@@ -1,15 +1,29 @@
 //! # burn-qat-export
 //!
-//! The top layer of burn-qat's library crates: a trained QAT model becomes a real integer model
-//! with int8 weights, int32 biases, 8-bit activations and fixed-point requantization, equal to
-//! the fake-quant model by construction (same grids, same rounding) and by test.
+//! A trained QAT graph becomes a real integer model: int8 weights, int32 biases, 8-bit
+//! activations, fixed-point requantization and lookup tables, equal to the fake-quant graph
+//! within one step of its grid (same grids, same rounding) by construction and by test.
+//!
+//! - [`model`]: the integer model as plain data (a DAG of [`IntOp`]s) and its
+//!   [`validate`](IntegerModel::validate);
+//! - [`convert()`]: from a [`burn_qat_graph::QatGraph`], one small function per op;
+//! - running it: [`IntegerModel::forward`] (GEMM kernels with a packed-weight cache beside the
+//!   data, a direct depthwise kernel, scalar references for tests);
+//! - [`format`]: the versioned, checksummed file.
 #![warn(missing_docs)]
 
 mod convert;
 pub mod format;
 mod kernels;
 pub mod model;
+pub mod ops;
 pub mod requant;
+mod run;
+mod validate;
 
 pub use convert::{ExportError, convert};
-pub use model::{ActQ, IntAdd, IntConv2d, IntLayer, IntLinear, IntegerModel, Output, RunError};
+pub use model::{
+    Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, ModelError,
+    Output, RunError, Window,
+};
+pub use run::WeightCache;

@@ -1,48 +1,21 @@
-//! The integer model: int8 weights, int32 biases, 8-bit activations, fixed-point requantization.
+//! The integer model as plain data: a DAG of integer ops (int8 weights, int32 biases, 8-bit
+//! activations, fixed-point requantization), each node with its explicit inputs, its shape
+//! (batch symbolic) and the grid of its output. Running it is [`crate::run`]; its invariants
+//! are [`IntegerModel::validate`].
 
-use burn_qat_core::{QParams, reference};
+pub use burn_qat_core::Grid;
+pub use burn_qat_graph::Dim;
 
-use crate::kernels;
 use crate::requant::FixedMultiplier;
 
-/// Quantization of an activation tensor: `real = scale * (q - zero_point)`, `q` in
-/// `[qmin, qmax]` (sub-8-bit grids are kept in 8-bit containers with their narrower range).
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ActQ {
-    /// Scale.
-    pub scale: f32,
-    /// Zero point.
-    pub zero_point: i32,
-    /// Smallest integer.
-    pub qmin: i32,
-    /// Largest integer.
-    pub qmax: i32,
-}
-
-impl ActQ {
-    /// Bits of the grid: `ceil(log2(qmax - qmin + 1))` (8 for a full int8 grid; fewer for a
-    /// sub-8-bit grid kept in an int8 container).
-    pub fn bits(&self) -> u32 {
-        let levels = (self.qmax - self.qmin + 1).max(1) as u32;
-        levels.next_power_of_two().trailing_zeros()
-    }
-
-    pub(crate) fn qparams(&self) -> QParams {
-        QParams {
-            scale: self.scale,
-            zero_point: self.zero_point,
-        }
-    }
-}
-
-/// What a Conv/Linear layer produces.
+/// What a Conv/Linear node produces.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Output {
     /// 8-bit activations: `clamp(requant[c](acc) + zero_point, lo, hi)`; the clamp is the
     /// fused activation (ReLU: `lo = zero_point`).
     Quantized {
-        /// The output's quantization.
-        act: ActQ,
+        /// The output's grid.
+        grid: Grid,
         /// Per output channel, `s_in * s_w[c] / s_out` in fixed point.
         requant: Vec<FixedMultiplier>,
         /// Lower clamp.
@@ -50,7 +23,8 @@ pub enum Output {
         /// Upper clamp.
         hi: i32,
     },
-    /// Float logits (the model's last layer): `acc * scale[c]`, then `activation` bounds.
+    /// Float output (a last layer whose output is not quantized): `acc * scale[c]`, then the
+    /// fused activation's bounds.
     Float {
         /// Per output channel, `s_in * s_w[c]`.
         scale: Vec<f32>,
@@ -62,11 +36,19 @@ pub enum Output {
 }
 
 impl Output {
-    /// The output's quantization, `None` for float logits.
-    pub fn act(&self) -> Option<ActQ> {
+    /// The output's grid, `None` for a float output.
+    pub fn grid(&self) -> Option<Grid> {
         match self {
-            Output::Quantized { act, .. } => Some(*act),
+            Output::Quantized { grid, .. } => Some(*grid),
             Output::Float { .. } => None,
+        }
+    }
+
+    /// Number of per-channel multipliers or scales.
+    pub fn channels(&self) -> usize {
+        match self {
+            Output::Quantized { requant, .. } => requant.len(),
+            Output::Float { scale, .. } => scale.len(),
         }
     }
 }
@@ -79,7 +61,7 @@ pub struct IntConv2d {
     pub in_channels: usize,
     /// Output channels.
     pub out_channels: usize,
-    /// Groups.
+    /// Groups (`groups == in_channels == out_channels`: depthwise).
     pub groups: usize,
     /// `[kh, kw]`.
     pub kernel: [usize; 2],
@@ -91,23 +73,27 @@ pub struct IntConv2d {
     pub padding: [usize; 4],
     /// `[out, in / groups, kh, kw]`, symmetric (zero point 0).
     pub weight: Vec<i8>,
-    /// Bits of the weight grid (values in `[-(2^(b-1) - 1), 2^(b-1) - 1]` for narrow grids),
-    /// stored in `i8`.
+    /// Bits of the weight grid (values in `[-(2^(b-1) - 1), 2^(b-1) - 1]`), stored in `i8`.
     pub weight_bits: u32,
     /// Per output channel weight scale.
     pub weight_scale: Vec<f32>,
     /// Per output channel, scale `s_in * s_w[c]`, zero point 0.
     pub bias: Vec<i32>,
-    /// Input quantization.
-    pub input: ActQ,
+    /// Input grid.
+    pub input: Grid,
     /// Output.
     pub output: Output,
-    /// `weight` laid out for the GEMM kernel, on first use (leave it `Default`).
-    #[serde(skip)]
-    pub packed: PackedWeights,
 }
 
-/// An integer fully connected layer, weight `[in, out]` as Burn's `Linear`.
+impl IntConv2d {
+    /// Whether this is a depthwise convolution (one input channel per group, one output
+    /// channel per group).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+}
+
+/// An integer fully connected layer on the last axis, weight `[in, out]` as Burn's `Linear`.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntLinear {
     /// Input features.
@@ -122,102 +108,27 @@ pub struct IntLinear {
     pub weight_scale: Vec<f32>,
     /// Scale `s_in * s_w[c]`.
     pub bias: Vec<i32>,
-    /// Input quantization.
-    pub input: ActQ,
+    /// Input grid.
+    pub input: Grid,
     /// Output.
     pub output: Output,
-    /// `weight` laid out for the GEMM kernel, on first use (leave it `Default`).
-    #[serde(skip)]
-    pub packed: PackedWeights,
 }
 
-/// A layer's weights laid out for the GEMM kernel of this machine, built on the first forward
-/// and kept: not saved, not compared, not cloned (a clone packs again on its first forward).
-/// Build a layer with `PackedWeights::default()`; after changing a layer's `weight`, reset it
-/// to `PackedWeights::default()` so that the next forward packs the new values.
-#[derive(Default)]
-pub struct PackedWeights(pub(crate) std::sync::OnceLock<kernels::Packed>);
-
-impl Clone for PackedWeights {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl PartialEq for PackedWeights {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for PackedWeights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = if self.0.get().is_some() {
-            "packed"
-        } else {
-            "not packed yet"
-        };
-        write!(f, "PackedWeights({state})")
-    }
-}
-
-/// One layer of an [`IntegerModel`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum IntLayer {
-    /// Float input to 8-bit.
-    Quantize(ActQ),
-    /// Integer convolution.
-    Conv2d(IntConv2d),
-    /// Integer fully connected layer.
-    Linear(IntLinear),
-    /// Max pooling on integers (quantization unchanged).
-    MaxPool2d {
-        /// `[kh, kw]`.
-        kernel: [usize; 2],
-        /// `[sh, sw]`.
-        stride: [usize; 2],
-    },
-    /// Average pooling on integers, output on the input's grid (TFLite's AVERAGE_POOL_2D):
-    /// `round_half_even(sum(q - zp) / count) + zp`.
-    AvgPool2d {
-        /// `[kh, kw]`.
-        kernel: [usize; 2],
-        /// `[sh, sw]`.
-        stride: [usize; 2],
-    },
-    /// `max(q, lo)`, `min(q, hi)`: ReLU/ReLU6 on quantized values.
-    Clamp {
-        /// Lower bound.
-        lo: i32,
-        /// Upper bound.
-        hi: i32,
-    },
-    /// `[n, c, h, w]` to `[n, c * h * w]`.
-    Flatten,
-    /// A residual block: `add(x, body(x))`.
-    Residual {
-        /// The branch, run on a copy of the input.
-        body: Vec<IntLayer>,
-        /// The add.
-        add: IntAdd,
-    },
-}
-
-/// Integer addition of two quantized tensors into a third quantization, with a fused clamp:
-/// `q = round((qa - zpa) * ma / 2^shift + (qb - zpb) * mb / 2^shift) + zp_out`, where
-/// `ma = s_a / s_out * 2^shift` (and `mb`) are integers; with `shift = 40` the rounding
-/// equals the fake-quant model's except on exact ties.
+/// Integer addition (or subtraction, with `mb < 0`) of two quantized tensors into a third grid,
+/// with a fused clamp: `q = round((qa - zpa) * ma / 2^shift + (qb - zpb) * mb / 2^shift) + zp_out`,
+/// where `ma = s_a / s_out * 2^shift` (and `mb`) are integers; with `shift = 40` the rounding
+/// equals the fake-quant model's except on exact ties. Inputs broadcast as NumPy does.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntAdd {
-    /// Quantization of the block input.
-    pub a: ActQ,
-    /// Quantization of the body output.
-    pub b: ActQ,
-    /// Output quantization.
-    pub out: ActQ,
+    /// Grid of the first input.
+    pub a: Grid,
+    /// Grid of the second input.
+    pub b: Grid,
+    /// Output grid.
+    pub out: Grid,
     /// `s_a / s_out` in fixed point.
     pub ma: i64,
-    /// `s_b / s_out` in fixed point.
+    /// `± s_b / s_out` in fixed point (negative for a subtraction).
     pub mb: i64,
     /// Fixed-point shift.
     pub shift: u32,
@@ -228,56 +139,208 @@ pub struct IntAdd {
 }
 
 impl IntAdd {
-    /// Adds `a` and `b`, elementwise.
-    pub fn apply(&self, a: &[i8], b: &[i8]) -> Vec<i8> {
-        let half = 1i128 << (self.shift - 1);
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| {
-                let t = (*x as i128 - self.a.zero_point as i128) * self.ma as i128
-                    + (*y as i128 - self.b.zero_point as i128) * self.mb as i128;
-                let floor = t >> self.shift;
-                let rem = t - (floor << self.shift);
-                let r = if rem > half || (rem == half && floor & 1 == 1) {
-                    floor + 1
-                } else {
-                    floor
-                };
-                ((r as i64).saturating_add(self.out.zero_point as i64))
-                    .clamp(self.lo as i64, self.hi as i64) as i8
-            })
-            .collect()
+    /// One output value from one value of each input.
+    #[inline]
+    pub fn apply(&self, x: i8, y: i8) -> i8 {
+        let t = (x as i128 - self.a.zero_point as i128) * self.ma as i128
+            + (y as i128 - self.b.zero_point as i128) * self.mb as i128;
+        let r = crate::requant::round_shift_i128(t, self.shift);
+        ((r as i64).saturating_add(self.out.zero_point as i64)).clamp(self.lo as i64, self.hi as i64)
+            as i8
     }
 }
 
-/// A tensor flowing through the integer model.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Values {
-    /// 8-bit values with their quantization, and the shape.
-    Int {
-        /// Values (`i8` containers).
-        data: Vec<i8>,
-        /// Shape, batch first.
-        shape: Vec<usize>,
-        /// Quantization.
-        q: ActQ,
+/// Integer multiplication of two quantized tensors:
+/// `q = clamp(round((qa - zpa) * (qb - zpb) * s_a * s_b / s_out) + zp_out, lo, hi)`, inputs
+/// broadcast as NumPy does.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntMul {
+    /// Grid of the first input.
+    pub a: Grid,
+    /// Grid of the second input.
+    pub b: Grid,
+    /// Output grid.
+    pub out: Grid,
+    /// `s_a * s_b / s_out` in fixed point.
+    pub multiplier: FixedMultiplier,
+    /// Lower clamp.
+    pub lo: i32,
+    /// Upper clamp.
+    pub hi: i32,
+}
+
+impl IntMul {
+    /// One output value from one value of each input.
+    #[inline]
+    pub fn apply(&self, x: i8, y: i8) -> i8 {
+        let p = (x as i32 - self.a.zero_point) * (y as i32 - self.b.zero_point);
+        (self.multiplier.apply(p).saturating_add(self.out.zero_point)).clamp(self.lo, self.hi)
+            as i8
+    }
+}
+
+/// A 256-entry lookup table on 8-bit values: `out = table[q + 128]`. Elementwise float
+/// functions (GELU, sigmoid, tanh, SiLU, hard-swish, exp, scalar arithmetic, requantization
+/// to another grid) are tables built from the float function on the 256 input values, as int8
+/// runtimes do; `function` names it (for plans and the ONNX writer).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Lut {
+    /// What the table computes, e.g. `Gelu` or `Requantize`.
+    pub function: String,
+    /// Input grid.
+    pub input: Grid,
+    /// Output grid.
+    pub output: Grid,
+    /// 256 values, indexed by `q + 128`.
+    pub table: Vec<i8>,
+}
+
+impl Lut {
+    /// The table entry of `q`.
+    #[inline]
+    pub fn apply(&self, q: i8) -> i8 {
+        self.table[(q as i32 + 128) as usize]
+    }
+}
+
+/// Window geometry of a pooling op on `[n, c, h, w]` (a 1-D pool has height 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// `[top, bottom, left, right]`.
+    pub padding: [usize; 4],
+    /// `[dh, dw]`.
+    pub dilation: [usize; 2],
+}
+
+/// One integer op.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum IntOp {
+    /// The model's float input (node 0, no inputs).
+    Input,
+    /// Float to 8-bit on `grid`, rounding half to even.
+    Quantize(Grid),
+    /// Integer convolution.
+    Conv2d(IntConv2d),
+    /// Integer fully connected layer on the last axis.
+    Linear(IntLinear),
+    /// Integer add or subtract with a fused clamp.
+    Add(IntAdd),
+    /// Integer multiply.
+    Mul(IntMul),
+    /// Concatenation along `axis`; each input first mapped to the output grid by its table
+    /// (`None`: already on it).
+    Concat {
+        /// Axis (batch included).
+        axis: usize,
+        /// Per input, its requantization table.
+        requantize: Vec<Option<Lut>>,
     },
-    /// Float values (model input or logits).
-    Float {
-        /// Values.
-        data: Vec<f32>,
-        /// Shape, batch first.
-        shape: Vec<usize>,
+    /// Max pooling on integers (grid unchanged; padding never wins).
+    MaxPool(Window),
+    /// Average pooling: `round(sum(q - zp_in) * s_in / (count * s_out)) + zp_out`.
+    AvgPool {
+        /// Window.
+        window: Window,
+        /// Whether padded positions count in the divisor.
+        count_include_pad: bool,
+        /// Input grid.
+        input: Grid,
+    },
+    /// Adaptive average pooling to `output` (`[1, out]` for 1-D), windows as PyTorch's.
+    AdaptiveAvgPool {
+        /// Output `[h, w]`.
+        output: [usize; 2],
+        /// Input grid.
+        input: Grid,
+    },
+    /// Mean (or sum) along `axis`, requantized to the node's grid.
+    Reduce {
+        /// Axis (batch included).
+        axis: usize,
+        /// Mean (true) or sum.
+        mean: bool,
+        /// Input grid.
+        input: Grid,
+    },
+    /// An elementwise function as a lookup table.
+    Lut(Lut),
+    /// Same values, the node's shape.
+    Reshape,
+    /// Axes permuted: output axis `i` is input axis `perm[i]`.
+    Permute {
+        /// The permutation.
+        perm: Vec<usize>,
     },
 }
 
-/// An integer model: the layers in order, and the input shape `[c, h, w]` (without batch).
+impl IntOp {
+    /// The op's name, for messages and plans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IntOp::Input => "Input",
+            IntOp::Quantize(_) => "Quantize",
+            IntOp::Conv2d(c) if c.is_depthwise() => "DepthwiseConv2d",
+            IntOp::Conv2d(_) => "Conv2d",
+            IntOp::Linear(_) => "Linear",
+            IntOp::Add(a) if a.mb < 0 => "Sub",
+            IntOp::Add(_) => "Add",
+            IntOp::Mul(_) => "Mul",
+            IntOp::Concat { .. } => "Concat",
+            IntOp::MaxPool(_) => "MaxPool",
+            IntOp::AvgPool { .. } => "AvgPool",
+            IntOp::AdaptiveAvgPool { .. } => "AdaptiveAvgPool",
+            IntOp::Reduce { mean: true, .. } => "Mean",
+            IntOp::Reduce { .. } => "Sum",
+            IntOp::Lut(_) => "Lut",
+            IntOp::Reshape => "Reshape",
+            IntOp::Permute { .. } => "Permute",
+        }
+    }
+}
+
+/// One node of an [`IntegerModel`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntNode {
+    /// The QAT graph node it came from (the user's module path).
+    pub name: String,
+    /// What it computes.
+    pub op: IntOp,
+    /// The nodes it reads, all earlier.
+    pub inputs: Vec<usize>,
+    /// Its output shape; `Dim::Batch(k)` is `k` times the batch size.
+    pub shape: Vec<Dim>,
+    /// Its output grid; `None` for float values (the input, a float last layer).
+    pub grid: Option<Grid>,
+}
+
+/// An integer model: nodes in execution order (node 0 is the float input), and the output node.
+/// Plain data (saved by [`crate::format`], written to ONNX by `burn-qat-onnx`), plus a cache of
+/// weights packed for this machine's kernels that is filled on the first forward and never
+/// saved.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct IntegerModel {
-    /// Input shape without the batch dimension.
-    pub input_shape: Vec<usize>,
-    /// Layers.
-    pub layers: Vec<IntLayer>,
+    /// Nodes, each reading only earlier ones.
+    pub nodes: Vec<IntNode>,
+    /// The node whose values the model returns (dequantized if they are integers).
+    pub output: usize,
+    #[serde(skip)]
+    pub(crate) cache: crate::run::WeightCache,
+}
+
+/// Why an integer model is inconsistent (a file edited by hand, a model built by hand).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("integer model node {node} ({name}): {what}")]
+pub struct ModelError {
+    /// Node index.
+    pub node: usize,
+    /// Node name.
+    pub name: String,
+    /// What is wrong.
+    pub what: String,
 }
 
 /// Why [`IntegerModel::forward`] could not run.
@@ -291,9 +354,9 @@ pub enum RunError {
         /// The model's input shape (one item).
         input_shape: Vec<usize>,
     },
-    /// The model's layers disagree (see [`crate::format::validate`]).
-    #[error("model: {0}")]
-    Model(String),
+    /// The model is inconsistent.
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// Output length of a convolution or pooling window along one axis, `None` if the window does
@@ -305,7 +368,7 @@ pub fn conv_output_len(
     kernel: usize,
     stride: usize,
 ) -> Option<usize> {
-    if kernel == 0 || stride == 0 {
+    if kernel == 0 || stride == 0 || dilation == 0 {
         return None;
     }
     (input + pad)
@@ -313,296 +376,121 @@ pub fn conv_output_len(
         .map(|v| v / stride + 1)
 }
 
-impl IntLayer {
-    /// The layer's kind, for messages.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            IntLayer::Quantize(_) => "Quantize",
-            IntLayer::Conv2d(_) => "Conv2d",
-            IntLayer::Linear(_) => "Linear",
-            IntLayer::MaxPool2d { .. } => "MaxPool2d",
-            IntLayer::AvgPool2d { .. } => "AvgPool2d",
-            IntLayer::Clamp { .. } => "Clamp",
-            IntLayer::Flatten => "Flatten",
-            IntLayer::Residual { .. } => "Residual",
-        }
-    }
-
-    /// The shape this layer produces from `input` (both without the batch dimension), or `None`
-    /// if it does not accept that input. A convolution takes `[c, h, w]`, or `[c, length]` when its
-    /// kernel height is 1 and it has no vertical padding (a 1-D convolution); a residual body must
-    /// preserve the shape. The single place where shapes are propagated: the converter, the file
-    /// check, the kernels and the ONNX writer all use it.
-    pub fn output_shape(&self, input: &[usize]) -> Option<Vec<usize>> {
-        match self {
-            IntLayer::Quantize(_) | IntLayer::Clamp { .. } => Some(input.to_vec()),
-            IntLayer::Flatten => Some(vec![input.iter().product()]),
-            IntLayer::Conv2d(c) if input.first() == Some(&c.in_channels) => match input.len() {
-                2 if c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0 => {
-                    let pad = c.padding[2] + c.padding[3];
-                    let len =
-                        conv_output_len(input[1], pad, c.dilation[1], c.kernel[1], c.stride[1])?;
-                    Some(vec![c.out_channels, len])
-                }
-                3 => {
-                    let (ph, pw) = (c.padding[0] + c.padding[1], c.padding[2] + c.padding[3]);
-                    let h = conv_output_len(input[1], ph, c.dilation[0], c.kernel[0], c.stride[0])?;
-                    let w = conv_output_len(input[2], pw, c.dilation[1], c.kernel[1], c.stride[1])?;
-                    Some(vec![c.out_channels, h, w])
-                }
-                _ => None,
-            },
-            IntLayer::Linear(l) if input == [l.in_features] => Some(vec![l.out_features]),
-            IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride }
-                if input.len() == 3 =>
-            {
-                let h = conv_output_len(input[1], 0, 1, kernel[0], stride[0])?;
-                let w = conv_output_len(input[2], 0, 1, kernel[1], stride[1])?;
-                Some(vec![input[0], h, w])
-            }
-            IntLayer::Residual { body, .. } => {
-                let out = body
-                    .iter()
-                    .try_fold(input.to_vec(), |shape, l| l.output_shape(&shape))?;
-                (out == input).then_some(out)
-            }
-            _ => None,
-        }
-    }
-}
+/// The largest tensor (values per batch item) a model may declare: 2^31 (an 8 GiB int32
+/// accumulator at batch 1), so that a crafted file cannot request absurd allocations.
+pub const MAX_ITEM_VALUES: usize = 1 << 31;
 
 impl IntegerModel {
-    /// Runs the model on a batch of float inputs `[n, ..input_shape]`, returning the float
-    /// outputs (dequantized if the last layer is quantized) and their shape. Integer arithmetic
-    /// only between the input quantization and the output; images run in parallel on Rayon's
-    /// thread pool.
-    ///
-    /// # Errors
-    ///
-    /// [`RunError::Input`] if `input.len()` is not a whole batch; [`RunError::Model`] if the
-    /// layers' sizes disagree (a model edited by hand).
-    pub fn forward(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.run(input, false).map(to_float)
+    /// A model from its nodes (node 0 the [`IntOp::Input`]) and its output node. Check it with
+    /// [`validate`](Self::validate) (every run does).
+    pub fn new(nodes: Vec<IntNode>, output: usize) -> Self {
+        Self {
+            nodes,
+            output,
+            cache: Default::default(),
+        }
     }
 
-    /// Like [`forward`](Self::forward), with the slow scalar reference kernels (nested loops).
-    pub fn forward_reference(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.run(input, true).map(to_float)
-    }
-
-    /// Runs the model and returns the raw integer output of the last layer with its shape and
-    /// quantization, or `None` if the model ends in float.
-    pub fn forward_int(
-        &self,
-        input: &[f32],
-    ) -> Result<Option<(Vec<i8>, Vec<usize>, ActQ)>, RunError> {
-        Ok(match self.run(input, false)? {
-            Values::Int { data, shape, q } => Some((data, shape, q)),
-            Values::Float { .. } => None,
-        })
-    }
-
-    fn run(&self, input: &[f32], reference_kernels: bool) -> Result<Values, RunError> {
-        crate::format::validate(self).map_err(|e| RunError::Model(e.to_string()))?;
-        let item: usize = self.input_shape.iter().product();
-        if input.len() % item != 0 {
-            return Err(RunError::Input {
-                len: input.len(),
-                input_shape: self.input_shape.clone(),
-            });
-        }
-        let mut shape = vec![input.len() / item];
-        shape.extend(&self.input_shape);
-        let mut v = Values::Float {
-            data: input.to_vec(),
-            shape,
-        };
-        if reference_kernels {
-            for layer in &self.layers {
-                v = run_layer(layer, v, true);
-            }
-            return Ok(v);
-        }
-        // On a pool thread, so that the kernels' parallel loops split without a hand-off per
-        // layer.
-        Ok(rayon::scope(move |_| {
-            for layer in &self.layers {
-                v = run_layer(layer, v, false);
-            }
-            v
-        }))
-    }
-
-    /// One line per weighted layer and per quantized activation: its bit width and the range
-    /// its values use in their 8-bit container (for weights, the values present; for
-    /// activations, the grid), e.g.
-    /// `layers.1 Conv2d: weights 4-bit in int8 (values -7..=7), output 4-bit in int8 [-128, -113]`.
-    pub fn precision(&self) -> Vec<String> {
-        fn weight_range(w: &[i8]) -> (i8, i8) {
-            (
-                w.iter().copied().min().unwrap_or(0),
-                w.iter().copied().max().unwrap_or(0),
-            )
-        }
-        fn act(q: &ActQ) -> String {
-            format!("{}-bit in int8 [{}, {}]", q.bits(), q.qmin, q.qmax)
-        }
-        fn output(o: &Output) -> String {
-            match o {
-                Output::Quantized { act: q, .. } => act(q),
-                Output::Float { .. } => "float".into(),
-            }
-        }
-        fn walk(layers: &[IntLayer], prefix: &str, out: &mut Vec<String>) {
-            for (i, layer) in layers.iter().enumerate() {
-                let path = format!("{prefix}.{i}");
-                match layer {
-                    IntLayer::Quantize(q) => out.push(format!("{path} Quantize: {}", act(q))),
-                    IntLayer::Conv2d(IntConv2d {
-                        weight,
-                        weight_bits,
-                        output: o,
-                        ..
+    /// The input shape of one item (batch axis removed).
+    pub fn input_shape(&self) -> Vec<usize> {
+        self.nodes
+            .first()
+            .map(|n| {
+                n.shape
+                    .iter()
+                    .filter_map(|d| match d {
+                        Dim::Fixed(v) => Some(*v),
+                        Dim::Batch(_) => None,
                     })
-                    | IntLayer::Linear(IntLinear {
-                        weight,
-                        weight_bits,
-                        output: o,
-                        ..
-                    }) => {
-                        let (lo, hi) = weight_range(weight);
-                        out.push(format!(
-                            "{path} {}: weights {weight_bits}-bit in int8 (values {lo}..={hi}), output {}",
-                            layer.kind(),
-                            output(o)
-                        ));
-                    }
-                    IntLayer::Residual { body, add } => {
-                        walk(body, &format!("{path}.body"), out);
-                        out.push(format!("{path} Add: output {}", act(&add.out)));
-                    }
-                    _ => {}
-                }
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// One line per weighted node and per quantizing node: its bit width and the range its
+    /// values use in their 8-bit container (for weights, the values present; for activations,
+    /// the grid), e.g.
+    /// `conv1 Conv2d: weights 4-bit in int8 (values -7..=7), output 4-bit in int8 [-128, -113]`.
+    pub fn precision(&self) -> Vec<String> {
+        fn grid(g: Option<Grid>) -> String {
+            match g {
+                Some(q) => format!("{}-bit in int8 [{}, {}]", q.bits(), q.qmin, q.qmax),
+                None => "float".into(),
             }
         }
         let mut out = Vec::new();
-        walk(&self.layers, "layers", &mut out);
+        for n in &self.nodes {
+            let weights = match &n.op {
+                IntOp::Conv2d(IntConv2d {
+                    weight,
+                    weight_bits,
+                    ..
+                })
+                | IntOp::Linear(IntLinear {
+                    weight,
+                    weight_bits,
+                    ..
+                }) => Some((weight, weight_bits)),
+                _ => None,
+            };
+            match weights {
+                Some((w, bits)) => {
+                    let lo = w.iter().copied().min().unwrap_or(0);
+                    let hi = w.iter().copied().max().unwrap_or(0);
+                    out.push(format!(
+                        "{} {}: weights {bits}-bit in int8 (values {lo}..={hi}), output {}",
+                        n.name,
+                        n.op.kind(),
+                        grid(n.grid)
+                    ));
+                }
+                None if !matches!(
+                    n.op,
+                    IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::MaxPool(_)
+                ) =>
+                {
+                    out.push(format!("{} {}: output {}", n.name, n.op.kind(), grid(n.grid)))
+                }
+                None => {}
+            }
+        }
         out
     }
 
-    /// Bytes of parameters: int8 weights, int32 biases, f32 scales.
+    /// Bytes of parameters: int8 weights, int32 biases, f32 scales, lookup tables.
     pub fn parameter_bytes(&self) -> usize {
-        self.layers
+        self.nodes
             .iter()
-            .map(|l| match l {
-                IntLayer::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
-                IntLayer::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
-                IntLayer::Residual { body, .. } => IntegerModel {
-                    input_shape: vec![],
-                    layers: body.clone(),
+            .map(|n| match &n.op {
+                IntOp::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
+                IntOp::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
+                IntOp::Lut(l) => l.table.len(),
+                IntOp::Concat { requantize, .. } => {
+                    requantize.iter().flatten().map(|l| l.table.len()).sum()
                 }
-                .parameter_bytes(),
                 _ => 0,
             })
             .sum()
     }
-}
 
-fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {
-    match v {
-        Values::Float { data, shape } => (data, shape),
-        Values::Int { data, shape, q } => (
-            data.iter()
-                .map(|x| reference::dequantize(*x as i32, q.qparams()))
-                .collect(),
-            shape,
-        ),
-    }
-}
-
-fn run_layer(layer: &IntLayer, v: Values, reference_kernels: bool) -> Values {
-    match (layer, v) {
-        (IntLayer::Quantize(q), Values::Float { data, shape }) => {
-            let spec = burn_qat_core::QuantSpec::int8_act_per_tensor_asymmetric();
-            let data = data
-                .iter()
-                .map(|x| reference::quantize(*x, q.qparams(), &spec).clamp(q.qmin, q.qmax) as i8)
-                .collect();
-            Values::Int { data, shape, q: *q }
-        }
-        (IntLayer::Quantize(_), v @ Values::Int { .. }) => v,
-        (IntLayer::Conv2d(c), Values::Int { data, shape, .. }) => {
-            if reference_kernels {
-                kernels::conv2d_reference(c, &data, &shape)
-            } else {
-                kernels::conv2d(c, &data, &shape)
-            }
-        }
-        (IntLayer::Linear(l), Values::Int { data, shape, .. }) => {
-            if reference_kernels {
-                kernels::linear_reference(l, &data, &shape)
-            } else {
-                kernels::linear(l, &data, &shape)
-            }
-        }
-        (IntLayer::MaxPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
-            let (data, shape) = kernels::max_pool2d(&data, &shape, *kernel, *stride);
-            Values::Int { data, shape, q }
-        }
-        (IntLayer::AvgPool2d { kernel, stride }, Values::Int { data, shape, q }) => {
-            let (data, shape) = kernels::avg_pool2d(&data, &shape, *kernel, *stride, q.zero_point);
-            Values::Int { data, shape, q }
-        }
-        (IntLayer::Clamp { lo, hi }, Values::Int { data, shape, q }) => {
-            let data = data
-                .iter()
-                .map(|x| (*x as i32).clamp(*lo, *hi) as i8)
-                .collect();
-            Values::Int { data, shape, q }
-        }
-        (IntLayer::Flatten, Values::Int { data, shape, q }) => {
-            let n = shape[0];
-            let rest = shape[1..].iter().product();
-            Values::Int {
-                data,
-                shape: vec![n, rest],
-                q,
-            }
-        }
-        (IntLayer::Residual { body, add }, Values::Int { data, shape, q }) => {
-            let mut v = Values::Int {
-                data: data.clone(),
-                shape: shape.clone(),
-                q,
+    /// A table of the nodes: index, op, inputs, shape, grid.
+    pub fn plan(&self) -> String {
+        let mut s = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let shape: Vec<String> = n.shape.iter().map(|d| d.to_string()).collect();
+            let grid = match n.grid {
+                Some(g) => format!("{}-bit s={:.4e} zp={}", g.bits(), g.scale, g.zero_point),
+                None => "float".into(),
             };
-            for layer in body {
-                v = run_layer(layer, v, reference_kernels);
-            }
-            match v {
-                Values::Int { data: branch, .. } => Values::Int {
-                    data: add.apply(&data, &branch),
-                    shape,
-                    q: add.out,
-                },
-                Values::Float { .. } => {
-                    panic!(
-                        "a residual body ends in float: the conversion guarantees this cannot happen"
-                    )
-                }
-            }
+            s.push_str(&format!(
+                "%{i:<3} {:<16} {:<24} <- {:?}  [{}]  {grid}\n",
+                n.op.kind(),
+                n.name,
+                n.inputs,
+                shape.join(", ")
+            ));
         }
-        (IntLayer::Flatten, Values::Float { data, shape }) => {
-            let n = shape[0];
-            let rest = shape[1..].iter().product();
-            Values::Float {
-                data,
-                shape: vec![n, rest],
-            }
-        }
-        (layer, _) => {
-            panic!(
-                "integer model: {layer:?} received float values: the conversion guarantees this cannot happen"
-            )
-        }
+        s.push_str(&format!("output: %{}\n", self.output));
+        s
     }
 }

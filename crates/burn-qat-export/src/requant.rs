@@ -161,6 +161,19 @@ fn requantize_avx2(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64))
     requantize_shift(acc, out, args)
 }
 
+/// `round_half_even(t / 2^shift)` for `shift >= 1`.
+#[inline]
+pub fn round_shift_i128(t: i128, shift: u32) -> i128 {
+    let half = 1i128 << (shift - 1);
+    let floor = t >> shift;
+    let rem = t - (floor << shift);
+    if rem > half || (rem == half && floor & 1 == 1) {
+        floor + 1
+    } else {
+        floor
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

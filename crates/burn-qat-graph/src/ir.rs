@@ -244,6 +244,28 @@ impl Op {
         }
     }
 
+    /// Whether the op is elementwise on one input (an activation or scalar arithmetic): on
+    /// 8-bit values, a 256-entry lookup table.
+    pub fn is_unary(&self) -> bool {
+        matches!(
+            self,
+            Op::Relu
+                | Op::Clamp { .. }
+                | Op::LeakyRelu { .. }
+                | Op::Gelu
+                | Op::Sigmoid
+                | Op::HardSigmoid { .. }
+                | Op::Silu
+                | Op::HardSwish
+                | Op::Tanh
+                | Op::Exp
+                | Op::AddScalar(_)
+                | Op::SubScalar(_)
+                | Op::MulScalar(_)
+                | Op::DivScalar(_)
+        )
+    }
+
     /// A short name for plans and messages.
     pub fn name(&self) -> String {
         match self {

@@ -13,6 +13,7 @@ mod capture;
 mod ir;
 mod lift;
 mod module;
+mod lower;
 pub mod rewrite;
 mod write_back;
 
@@ -23,7 +24,8 @@ use burn_qat_core::QatError;
 pub use capture::{Trace, TracedParam, trace};
 pub use ir::{Dim, GridRole, LayerKind, Node, Op, Program};
 pub use lift::lift;
-pub use module::{GraphLayer, MAX_RANK, QatGraph};
+pub use lower::from_sequential;
+pub use module::{GraphLayer, MAX_RANK, QatGraph, apply_unary};
 
 /// The device of a model's first parameter (the default device for a model without any).
 pub fn model_device<M: Module>(model: &M) -> Device {

@@ -238,93 +238,12 @@ impl QatGraph {
     }
 
     fn eval(&self, node: &Node, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
-        let x = args.swap_remove(0);
         let rank = node.inputs.first().map(|&j| self.rank_of(j)).unwrap_or(0);
-        let second = || args[0].clone();
         match &node.op {
-            Op::Input => x,
-            Op::Layer { index, .. } => self.eval_layer(&self.layers[*index], x, rank),
-            Op::Relu => Dispatch::relu(x),
-            Op::Clamp { min, max } => clamp(x, *min, *max),
-            Op::LeakyRelu { slope } => Dispatch::leaky_relu(x, (*slope).into()),
-            Op::Gelu => Dispatch::gelu(x),
-            Op::Sigmoid => Dispatch::sigmoid(x),
-            Op::HardSigmoid { alpha, beta } => {
-                Dispatch::hard_sigmoid(x, (*alpha).into(), (*beta).into())
+            Op::Layer { index, .. } => {
+                self.eval_layer(&self.layers[*index], args.swap_remove(0), rank)
             }
-            Op::Silu => Dispatch::float_mul(x.clone(), Dispatch::sigmoid(x)),
-            Op::HardSwish => Dispatch::float_mul(
-                x.clone(),
-                Dispatch::hard_sigmoid(x, (1.0f64 / 6.0).into(), 0.5f64.into()),
-            ),
-            Op::Tanh => Dispatch::float_tanh(x),
-            Op::Exp => Dispatch::float_exp(x),
-            Op::Softmax { axis } => Dispatch::softmax(x, *axis),
-            Op::Add => Dispatch::float_add(x, second()),
-            Op::Sub => Dispatch::float_sub(x, second()),
-            Op::Mul => Dispatch::float_mul(x, second()),
-            Op::Div => Dispatch::float_div(x, second()),
-            Op::AddScalar(c) => Dispatch::float_add_scalar(x, (*c).into()),
-            Op::SubScalar(c) => Dispatch::float_sub_scalar(x, (*c).into()),
-            Op::MulScalar(c) => Dispatch::float_mul_scalar(x, (*c).into()),
-            Op::DivScalar(c) => Dispatch::float_div_scalar(x, (*c).into()),
-            Op::Concat { axis } => {
-                let mut all = vec![x];
-                all.extend(args);
-                Dispatch::float_cat(all, *axis)
-            }
-            Op::Reshape { shape } => Dispatch::float_reshape(
-                x,
-                Shape::from(shape.iter().map(|d| d.at(batch)).collect::<Vec<_>>()),
-            ),
-            Op::SwapDims { a, b } => Dispatch::float_swap_dims(x, *a, *b),
-            Op::Permute { axes } => Dispatch::float_permute(x, axes),
-            Op::MeanDim { axis } => Dispatch::float_mean_dim(x, *axis),
-            Op::SumDim { axis } => Dispatch::float_sum_dim(x, *axis),
-            Op::MaxPool1d {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => Dispatch::max_pool1d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
-            Op::MaxPool2d {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => Dispatch::max_pool2d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
-            Op::AvgPool1d {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-                ceil_mode,
-            } => Dispatch::avg_pool1d(
-                x,
-                *kernel,
-                *stride,
-                *padding,
-                *count_include_pad,
-                *ceil_mode,
-            ),
-            Op::AvgPool2d {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-                ceil_mode,
-            } => Dispatch::avg_pool2d(
-                x,
-                *kernel,
-                *stride,
-                *padding,
-                *count_include_pad,
-                *ceil_mode,
-            ),
-            Op::AdaptiveAvgPool1d { output } => Dispatch::adaptive_avg_pool1d(x, *output),
-            Op::AdaptiveAvgPool2d { output } => Dispatch::adaptive_avg_pool2d(x, *output),
+            op => eval_op(op, args, batch),
         }
     }
 
@@ -370,6 +289,105 @@ impl QatGraph {
             })
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// Applies an elementwise op of one input (activations, scalar arithmetic, [`Op::is_unary`])
+/// to `x` with the same Burn ops the graph's forward uses, so that a lookup table built from it
+/// equals the graph; `None` for any other op.
+pub fn apply_unary<const D: usize>(op: &Op, x: Tensor<D>) -> Option<Tensor<D>> {
+    op.is_unary()
+        .then(|| Tensor::from_dispatch(eval_op(op, vec![x.into_dispatch()], 1)))
+}
+
+/// One parameter-free op on its arguments.
+fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
+    let x = args.swap_remove(0);
+    let second = || args[0].clone();
+    match op {
+        Op::Input => x,
+        Op::Layer { .. } => unreachable!("layers run in QatGraph::eval"),
+        Op::Relu => Dispatch::relu(x),
+        Op::Clamp { min, max } => clamp(x, *min, *max),
+        Op::LeakyRelu { slope } => Dispatch::leaky_relu(x, (*slope).into()),
+        Op::Gelu => Dispatch::gelu(x),
+        Op::Sigmoid => Dispatch::sigmoid(x),
+        Op::HardSigmoid { alpha, beta } => {
+            Dispatch::hard_sigmoid(x, (*alpha).into(), (*beta).into())
+        }
+        Op::Silu => Dispatch::float_mul(x.clone(), Dispatch::sigmoid(x)),
+        Op::HardSwish => Dispatch::float_mul(
+            x.clone(),
+            Dispatch::hard_sigmoid(x, (1.0f64 / 6.0).into(), 0.5f64.into()),
+        ),
+        Op::Tanh => Dispatch::float_tanh(x),
+        Op::Exp => Dispatch::float_exp(x),
+        Op::Softmax { axis } => Dispatch::softmax(x, *axis),
+        Op::Add => Dispatch::float_add(x, second()),
+        Op::Sub => Dispatch::float_sub(x, second()),
+        Op::Mul => Dispatch::float_mul(x, second()),
+        Op::Div => Dispatch::float_div(x, second()),
+        Op::AddScalar(c) => Dispatch::float_add_scalar(x, (*c).into()),
+        Op::SubScalar(c) => Dispatch::float_sub_scalar(x, (*c).into()),
+        Op::MulScalar(c) => Dispatch::float_mul_scalar(x, (*c).into()),
+        Op::DivScalar(c) => Dispatch::float_div_scalar(x, (*c).into()),
+        Op::Concat { axis } => {
+            let mut all = vec![x];
+            all.extend(args);
+            Dispatch::float_cat(all, *axis)
+        }
+        Op::Reshape { shape } => Dispatch::float_reshape(
+            x,
+            Shape::from(shape.iter().map(|d| d.at(batch)).collect::<Vec<_>>()),
+        ),
+        Op::SwapDims { a, b } => Dispatch::float_swap_dims(x, *a, *b),
+        Op::Permute { axes } => Dispatch::float_permute(x, axes),
+        Op::MeanDim { axis } => Dispatch::float_mean_dim(x, *axis),
+        Op::SumDim { axis } => Dispatch::float_sum_dim(x, *axis),
+        Op::MaxPool1d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        } => Dispatch::max_pool1d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
+        Op::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            ceil_mode,
+        } => Dispatch::max_pool2d(x, *kernel, *stride, *padding, *dilation, *ceil_mode),
+        Op::AvgPool1d {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+            ceil_mode,
+        } => Dispatch::avg_pool1d(
+            x,
+            *kernel,
+            *stride,
+            *padding,
+            *count_include_pad,
+            *ceil_mode,
+        ),
+        Op::AvgPool2d {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+            ceil_mode,
+        } => Dispatch::avg_pool2d(
+            x,
+            *kernel,
+            *stride,
+            *padding,
+            *count_include_pad,
+            *ceil_mode,
+        ),
+        Op::AdaptiveAvgPool1d { output } => Dispatch::adaptive_avg_pool1d(x, *output),
+        Op::AdaptiveAvgPool2d { output } => Dispatch::adaptive_avg_pool2d(x, *output),
     }
 }
 

@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use burn_qat_export::model::{ActQ, IntConv2d, IntLayer, IntLinear, IntegerModel, Output};
+use burn_qat_export::model::{Dim, Grid, IntConv2d, IntLinear, IntOp, IntegerModel, Lut, Output, Window};
 use prost::Message;
 use thiserror::Error;
 
@@ -33,9 +33,19 @@ pub enum OnnxError {
     /// Conversion to the integer model failed (it names the module path).
     #[error(transparent)]
     Convert(#[from] burn_qat_export::ExportError),
-    /// The integer model is inconsistent (its layers do not fit together).
+    /// The integer model is inconsistent (its nodes do not fit together).
     #[error("{0}")]
     Invalid(String),
+    /// A node with no ONNX form, named.
+    #[error("node `{node}` ({kind}) cannot be written to ONNX: {hint}")]
+    Unsupported {
+        /// Node name.
+        node: String,
+        /// Op kind.
+        kind: String,
+        /// Why, and what to do.
+        hint: String,
+    },
     /// Writing the file failed; nothing is left at the output path.
     #[error("writing {path}: {source}")]
     Io {
@@ -48,6 +58,7 @@ pub enum OnnxError {
 
 #[derive(Default)]
 struct Graph {
+    opset: i64,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     count: usize,
@@ -132,7 +143,7 @@ impl Graph {
 
     /// Quantize then dequantize `x` with `q` (per tensor): the activation edge. A grid
     /// narrower than int8 (fewer bits) says so in the `QuantizeLinear` node's doc string.
-    fn qdq(&mut self, x: String, q: &ActQ) -> String {
+    fn qdq(&mut self, x: String, q: &Grid) -> String {
         let s = self.f32s("scale", &[], &[q.scale]);
         let z = self.i8s("zero_point", &[], &[q.zero_point as i8]);
         let xq = self.node("QuantizeLinear", vec![x, s.clone(), z.clone()], vec![]);
@@ -156,7 +167,7 @@ impl Graph {
         dims: &[usize],
         scale: &[f32],
         bias: &[i32],
-        input: &ActQ,
+        input: &Grid,
         axis: i64,
     ) -> (String, String) {
         let c = scale.len();
@@ -183,7 +194,7 @@ impl Graph {
     /// The fused activation as float bounds, then the output edge.
     fn finish(&mut self, y: String, output: &Output) -> String {
         match output {
-            Output::Quantized { act, lo, hi, .. } => {
+            Output::Quantized { grid: act, lo, hi, .. } => {
                 let y = self.clip_int(y, *lo, *hi, act);
                 self.qdq(y, act)
             }
@@ -197,7 +208,7 @@ impl Graph {
 
     /// The integer clamp `[lo, hi]` on the grid of `act` as a float `Relu`/`Clip` (nothing where
     /// a bound is int8's own: `QuantizeLinear` saturates there; sub-8-bit grids are clipped).
-    fn clip_int(&mut self, y: String, lo: i32, hi: i32, act: &ActQ) -> String {
+    fn clip_int(&mut self, y: String, lo: i32, hi: i32, act: &Grid) -> String {
         let lower = (lo > -128).then(|| (lo - act.zero_point) as f32 * act.scale);
         let upper = (hi < 127).then(|| (hi - act.zero_point) as f32 * act.scale);
         self.clip(y, lower, upper)
@@ -261,7 +272,7 @@ impl Graph {
         self.finish(y, &c.output)
     }
 
-    fn linear(&mut self, x: String, l: &IntLinear) -> String {
+    fn linear(&mut self, x: String, l: &IntLinear, rank: usize) -> String {
         let (w, b) = self.weights(
             &l.weight,
             &[l.in_features, l.out_features],
@@ -270,75 +281,174 @@ impl Graph {
             &l.input,
             1,
         );
-        let y = self.node("Gemm", vec![x, w, b], vec![]);
+        let y = if rank == 2 {
+            self.node("Gemm", vec![x, w, b], vec![])
+        } else {
+            let y = self.node("MatMul", vec![x, w], vec![]);
+            self.node("Add", vec![y, b], vec![])
+        };
         self.finish(y, &l.output)
     }
 
-    /// Returns the output name, the output's quantization (if quantized) and its shape.
-    fn layers(
-        &mut self,
-        mut x: String,
-        layers: &[IntLayer],
-        mut q: Option<ActQ>,
-        mut shape: Vec<usize>,
-    ) -> (String, Option<ActQ>, Vec<usize>) {
-        for layer in layers {
-            let next = layer.output_shape(&shape).expect("the model was validated");
-            match layer {
-                IntLayer::Quantize(a) => {
-                    x = self.clip_int(x, a.qmin, a.qmax, a);
-                    x = self.qdq(x, a);
-                    q = Some(*a);
-                }
-                IntLayer::Conv2d(c) => {
-                    x = self.conv(x, c, shape.len() == 2);
-                    q = c.output.act();
-                }
-                IntLayer::Linear(l) => {
-                    x = self.linear(x, l);
-                    q = l.output.act();
-                }
-                IntLayer::MaxPool2d { kernel, stride } | IntLayer::AvgPool2d { kernel, stride } => {
-                    let op = if matches!(layer, IntLayer::MaxPool2d { .. }) {
-                        "MaxPool"
-                    } else {
-                        "AveragePool"
-                    };
-                    let k: Vec<i64> = kernel.iter().map(|v| *v as i64).collect();
-                    let s: Vec<i64> = stride.iter().map(|v| *v as i64).collect();
-                    x = self.node(
-                        op,
-                        vec![x],
-                        vec![attr_ints("kernel_shape", &k), attr_ints("strides", &s)],
-                    );
-                    if let Some(a) = &q {
-                        x = self.qdq(x, a);
-                    }
-                }
-                IntLayer::Clamp { lo, hi } => {
-                    if let Some(a) = q {
-                        x = self.clip_int(x, *lo, *hi, &a);
-                        x = self.qdq(x, &a);
-                    }
-                }
-                IntLayer::Flatten => {
-                    x = self.node("Flatten", vec![x], vec![attr_int("axis", 1)]);
-                    if let Some(a) = &q {
-                        x = self.qdq(x, a);
-                    }
-                }
-                IntLayer::Residual { body, add } => {
-                    let (b, _, _) = self.layers(x.clone(), body, q, shape.clone());
-                    let y = self.node("Add", vec![x, b], vec![]);
-                    let y = self.clip_int(y, add.lo, add.hi, &add.out);
-                    x = self.qdq(y, &add.out);
-                    q = Some(add.out);
-                }
-            }
-            shape = next;
+    /// A lookup table on the int8 values of `x` (float, on `lut.input`'s grid): quantize
+    /// (exact, `x` is on the grid), index the table with `q + 128` (`Gather`), dequantize on the
+    /// output grid. Exactly the integer model's table, whatever function it holds.
+    fn lut(&mut self, x: String, lut: &Lut) -> String {
+        let s = self.f32s("scale", &[], &[lut.input.scale]);
+        let z = self.i8s("zero_point", &[], &[lut.input.zero_point as i8]);
+        let q = self.node("QuantizeLinear", vec![x, s, z], vec![]);
+        let q32 = self.node("Cast", vec![q], vec![attr_int("to", DataType::Int32 as i64)]);
+        let offset = self.i32s("lut_offset", &[], &[128]);
+        let index = self.node("Add", vec![q32, offset], vec![]);
+        let table = self.i8s(&format!("lut_{}", lut.function.to_lowercase()), &[256], &lut.table);
+        let y = self.node("Gather", vec![table, index], vec![attr_int("axis", 0)]);
+        if let Some(node) = self.nodes.last_mut() {
+            node.doc_string = Some(format!("{} as a 256-entry table on int8 values", lut.function));
         }
-        (x, q, shape)
+        let s = self.f32s("scale", &[], &[lut.output.scale]);
+        let z = self.i8s("zero_point", &[], &[lut.output.zero_point as i8]);
+        self.node("DequantizeLinear", vec![y, s, z], vec![])
     }
+
+    fn pool(&mut self, op: &str, x: String, w: &Window, rank: usize, extra: Vec<AttributeProto>) -> String {
+        let mut attrs = if rank == 3 {
+            vec![
+                attr_ints("kernel_shape", &[w.kernel[1] as i64]),
+                attr_ints("strides", &[w.stride[1] as i64]),
+                attr_ints("pads", &[w.padding[2] as i64, w.padding[3] as i64]),
+            ]
+        } else {
+            vec![
+                attr_ints("kernel_shape", &[w.kernel[0] as i64, w.kernel[1] as i64]),
+                attr_ints("strides", &[w.stride[0] as i64, w.stride[1] as i64]),
+                attr_ints(
+                    "pads",
+                    &[w.padding[0] as i64, w.padding[2] as i64, w.padding[1] as i64, w.padding[3] as i64],
+                ),
+            ]
+        };
+        if w.dilation != [1, 1] {
+            let d: Vec<i64> = if rank == 3 { vec![w.dilation[1] as i64] } else { w.dilation.iter().map(|v| *v as i64).collect() };
+            attrs.push(attr_ints("dilations", &d));
+        }
+        attrs.extend(extra);
+        self.node(op, vec![x], attrs)
+    }
+
+    fn reduce(&mut self, op: &str, x: String, axis: usize) -> String {
+        // ReduceSum takes its axes as an input from opset 13, ReduceMean from opset 18.
+        if op == "ReduceSum" || self.opset >= 18 {
+            let axes = self.init("axes", DataType::Int64, &[1], (axis as i64).to_le_bytes().to_vec());
+            self.node(op, vec![x, axes], vec![attr_int("keepdims", 1)])
+        } else {
+            self.node(op, vec![x], vec![attr_ints("axes", &[axis as i64]), attr_int("keepdims", 1)])
+        }
+    }
+}
+
+fn dim_text(d: &Dim) -> Option<usize> {
+    match d {
+        Dim::Fixed(v) => Some(*v),
+        Dim::Batch(_) => None,
+    }
+}
+
+/// The float name of every node's values (dequantized for integer nodes).
+fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxError> {
+    let mut names: Vec<String> = Vec::with_capacity(model.nodes.len());
+    for node in &model.nodes {
+        let x = |k: usize| names[node.inputs[k]].clone();
+        let in_rank = |k: usize| model.nodes[node.inputs[k]].shape.len();
+        let grid_in = |k: usize| model.nodes[node.inputs[k]].grid;
+        let unsupported = |hint: &str| OnnxError::Unsupported {
+            node: node.name.clone(),
+            kind: node.op.kind().into(),
+            hint: hint.into(),
+        };
+        let requant = |g: &mut Graph, y: String| match node.grid {
+            Some(q) => g.qdq(y, &q),
+            None => y,
+        };
+        let out = match &node.op {
+            IntOp::Input => "input".to_string(),
+            IntOp::Quantize(a) => {
+                let y = g.clip_int(x(0), a.qmin, a.qmax, a);
+                g.qdq(y, a)
+            }
+            IntOp::Conv2d(c) => g.conv(x(0), c, in_rank(0) == 3),
+            IntOp::Linear(l) => g.linear(x(0), l, in_rank(0)),
+            IntOp::Add(a) => {
+                let op = if a.mb < 0 { "Sub" } else { "Add" };
+                let y = g.node(op, vec![x(0), x(1)], vec![]);
+                let y = g.clip_int(y, a.lo, a.hi, &a.out);
+                g.qdq(y, &a.out)
+            }
+            IntOp::Mul(m) => {
+                let y = g.node("Mul", vec![x(0), x(1)], vec![]);
+                let y = g.clip_int(y, m.lo, m.hi, &m.out);
+                g.qdq(y, &m.out)
+            }
+            IntOp::Lut(t) => g.lut(x(0), t),
+            IntOp::Concat { axis, requantize } => {
+                let mut parts = Vec::new();
+                for (k, t) in requantize.iter().enumerate() {
+                    parts.push(match t {
+                        Some(t) => g.lut(x(k), t),
+                        None => x(k),
+                    });
+                }
+                let y = g.node("Concat", parts, vec![attr_int("axis", *axis as i64)]);
+                requant(g, y)
+            }
+            IntOp::MaxPool(w) => {
+                let y = g.pool("MaxPool", x(0), w, in_rank(0), vec![]);
+                requant(g, y)
+            }
+            IntOp::AvgPool { window, count_include_pad, .. } => {
+                let y = g.pool("AveragePool", x(0), window, in_rank(0), vec![attr_int("count_include_pad", *count_include_pad as i64)]);
+                requant(g, y)
+            }
+            IntOp::AdaptiveAvgPool { output, .. } => {
+                let shape = &model.nodes[node.inputs[0]].shape;
+                let rank = shape.len();
+                let (h, w) = if rank == 3 { (Some(1), dim_text(&shape[2])) } else { (dim_text(&shape[2]), dim_text(&shape[3])) };
+                let (Some(h), Some(w)) = (h, w) else {
+                    return Err(unsupported("adaptive pooling over a batch-dependent axis"));
+                };
+                let y = if output == &[1, 1] {
+                    g.node("GlobalAveragePool", vec![x(0)], vec![])
+                } else if h % output[0] == 0 && w % output[1] == 0 {
+                    let (kh, kw) = (h / output[0], w / output[1]);
+                    let win = Window { kernel: [kh, kw], stride: [kh, kw], padding: [0; 4], dilation: [1, 1] };
+                    g.pool("AveragePool", x(0), &win, rank, vec![])
+                } else {
+                    return Err(unsupported("ONNX has no adaptive pooling: the output size must divide the input size (or be 1)"));
+                };
+                requant(g, y)
+            }
+            IntOp::Reduce { axis, mean, .. } => {
+                let y = g.reduce(if *mean { "ReduceMean" } else { "ReduceSum" }, x(0), *axis);
+                requant(g, y)
+            }
+            IntOp::Reshape => {
+                let batch_dims = node.shape.iter().filter(|d| matches!(d, Dim::Batch(_))).count();
+                if batch_dims > 1 {
+                    return Err(unsupported("a reshape with several batch-dependent axes"));
+                }
+                let target: Vec<i64> = node.shape.iter().map(|d| match d { Dim::Fixed(v) => *v as i64, Dim::Batch(_) => -1 }).collect();
+                let s = g.init("shape", DataType::Int64, &[target.len()], target.iter().flat_map(|v| v.to_le_bytes()).collect());
+                let y = g.node("Reshape", vec![x(0), s], vec![]);
+                match grid_in(0) { Some(q) => g.qdq(y, &q), None => y }
+            }
+            IntOp::Permute { perm } => {
+                let p: Vec<i64> = perm.iter().map(|v| *v as i64).collect();
+                let y = g.node("Transpose", vec![x(0)], vec![attr_ints("perm", &p)]);
+                match grid_in(0) { Some(q) => g.qdq(y, &q), None => y }
+            }
+        };
+        names.push(out);
+    }
+    Ok(names)
 }
 
 fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
@@ -369,7 +479,8 @@ fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
 ///
 /// # Errors
 ///
-/// An opset other than 13 or 21.
+/// An opset other than 13 or 21, an inconsistent model, or a node ONNX cannot express
+/// (adaptive pooling whose output size does not divide its input).
 pub fn to_model_proto(
     model: &IntegerModel,
     options: &OnnxOptions,
@@ -377,14 +488,15 @@ pub fn to_model_proto(
     if options.opset != 13 && options.opset != 21 {
         return Err(OnnxError::Opset(options.opset));
     }
-    burn_qat_export::format::validate(model).map_err(|e| OnnxError::Invalid(e.to_string()))?;
-    let mut g = Graph::default();
-    let (out, _, shape) = g.layers(
-        "input".into(),
-        &model.layers,
-        None,
-        model.input_shape.clone(),
-    );
+    model
+        .validate()
+        .map_err(|e| OnnxError::Invalid(e.to_string()))?;
+    let mut g = Graph {
+        opset: options.opset,
+        ..Default::default()
+    };
+    let names = write_nodes(&mut g, model)?;
+    let out = names[model.output].clone();
     let identity = NodeProto {
         name: Some("output".into()),
         op_type: Some("Identity".into()),
@@ -393,10 +505,9 @@ pub fn to_model_proto(
         ..Default::default()
     };
     g.nodes.push(identity);
-    let mut input_dims = vec![None];
-    input_dims.extend(model.input_shape.iter().map(|d| Some(*d)));
-    let mut output_dims = vec![None];
-    output_dims.extend(shape.iter().map(|d| Some(*d)));
+    let input_dims: Vec<Option<usize>> = model.nodes[0].shape.iter().map(dim_text).collect();
+    let output_dims: Vec<Option<usize>> =
+        model.nodes[model.output].shape.iter().map(dim_text).collect();
     Ok(ModelProto {
         ir_version: Some(if options.opset >= 21 { 10 } else { 7 }),
         opset_import: vec![OperatorSetIdProto {

@@ -78,7 +78,8 @@ fn bench(c: &mut Criterion) {
             &device,
         ));
     }
-    let int = burn_qat::export::convert(&qat.valid(), &[1, 28, 28]).unwrap();
+    let graph = burn_qat::graph::from_sequential(&qat.valid(), &[1, 1, 28, 28]).unwrap();
+    let int = burn_qat::export::convert(&graph).unwrap();
     let plain = Device::flex();
     for batch in [1usize, 256] {
         let x = Tensor::<4>::random([batch, 1, 28, 28], Distribution::Uniform(0.0, 1.0), &plain);

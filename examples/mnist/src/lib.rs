@@ -118,7 +118,8 @@ pub fn run(
     }
     let qat_eval = qat.valid();
     let qat_acc = evaluate(&qat_eval, &test, &eval_device);
-    let int8 = burn_qat::export::convert(&qat_eval, &[1, data::SIDE, data::SIDE])?;
+    let graph = burn_qat::graph::from_sequential(&qat_eval, &[1, 1, data::SIDE, data::SIDE])?;
+    let int8 = burn_qat::export::convert(&graph)?;
     let int8_bytes = burn_qat::export::format::to_bytes(&int8);
     let int8_acc = evaluate_int8(&int8, &test)?;
     let folded = qat_eval.folded();

@@ -1,0 +1,289 @@
+//! Integer kernels other than the GEMM ones: broadcasting add/mul, lookup tables, pooling,
+//! reductions, concat and permute. Plain loops over `i8` buffers (the compiler vectorizes the
+//! contiguous ones); each is its own definition, checked against the fake-quant graph.
+
+use crate::model::{Grid, IntAdd, IntMul, Lut, Window, conv_output_len};
+use crate::requant::FixedMultiplier;
+
+/// Row-major strides of `shape`.
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// NumPy broadcast of two shapes of the same rank, `None` if they do not broadcast.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    if a.len() != b.len() {
+        return None;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| match (x, y) {
+            _ if x == y => Some(*x),
+            (1, _) => Some(*y),
+            (_, 1) => Some(*x),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `f(a[i], b[i])` over the broadcast of `a` and `b` (shapes checked by the caller).
+fn binary(
+    a: &[i8],
+    sa: &[usize],
+    b: &[i8],
+    sb: &[usize],
+    out_shape: &[usize],
+    f: impl Fn(i8, i8) -> i8,
+) -> Vec<i8> {
+    if sa == sb {
+        return a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect();
+    }
+    let total: usize = out_shape.iter().product();
+    let so = strides(out_shape);
+    let (ta, tb) = (strides(sa), strides(sb));
+    let mut out = Vec::with_capacity(total);
+    for i in 0..total {
+        let (mut ia, mut ib) = (0, 0);
+        for d in 0..out_shape.len() {
+            let c = (i / so[d]) % out_shape[d];
+            if sa[d] != 1 {
+                ia += c * ta[d];
+            }
+            if sb[d] != 1 {
+                ib += c * tb[d];
+            }
+        }
+        out.push(f(a[ia], b[ib]));
+    }
+    out
+}
+
+/// Integer add/subtract with broadcasting.
+pub fn add(op: &IntAdd, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &[usize]) -> Vec<i8> {
+    binary(a, sa, b, sb, out, |x, y| op.apply(x, y))
+}
+
+/// Integer multiply with broadcasting.
+pub fn mul(op: &IntMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &[usize]) -> Vec<i8> {
+    binary(a, sa, b, sb, out, |x, y| op.apply(x, y))
+}
+
+/// A lookup table on every value.
+pub fn lut(table: &Lut, x: &[i8]) -> Vec<i8> {
+    x.iter().map(|q| table.apply(*q)).collect()
+}
+
+/// Float to 8-bit on `grid`.
+pub fn quantize(grid: &Grid, x: &[f32]) -> Vec<i8> {
+    x.iter().map(|v| grid.quantize(*v) as i8).collect()
+}
+
+/// `[n, c, h, w]` of a rank-4 shape, or of a rank-3 `[n, c, l]` read as `h = 1`.
+pub fn nchw(shape: &[usize]) -> [usize; 4] {
+    if shape.len() == 3 {
+        [shape[0], shape[1], 1, shape[2]]
+    } else {
+        [shape[0], shape[1], shape[2], shape[3]]
+    }
+}
+
+/// The output shape of a pooling window on `shape` (rank 4, or rank 3 with a height-1 window).
+pub fn pool_shape(w: &Window, shape: &[usize]) -> Option<Vec<usize>> {
+    let one_d = shape.len() == 3;
+    if !(shape.len() == 4 || one_d && w.kernel[0] == 1 && w.padding[0] + w.padding[1] == 0) {
+        return None;
+    }
+    let [n, c, h, wd] = nchw(shape);
+    let oh = conv_output_len(h, w.padding[0] + w.padding[1], w.dilation[0], w.kernel[0], w.stride[0])?;
+    let ow = conv_output_len(wd, w.padding[2] + w.padding[3], w.dilation[1], w.kernel[1], w.stride[1])?;
+    Some(if one_d { vec![n, c, ow] } else { vec![n, c, oh, ow] })
+}
+
+/// For every output position of every plane, `f(plane, oy, ox, values in the window)`.
+fn windows(
+    w: &Window,
+    x: &[i8],
+    shape: &[usize],
+    mut f: impl FnMut(&mut dyn Iterator<Item = Option<i8>>) -> i8,
+) -> (Vec<i8>, Vec<usize>) {
+    let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
+    let [n, c, h, wd] = nchw(shape);
+    let [_, _, oh, ow] = nchw(&out_shape);
+    let mut out = Vec::with_capacity(n * c * oh * ow);
+    for plane in x.chunks(h * wd).take(n * c) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut it = (0..w.kernel[0]).flat_map(|ky| {
+                    (0..w.kernel[1]).map(move |kx| {
+                        let iy = (oy * w.stride[0] + ky * w.dilation[0]) as isize
+                            - w.padding[0] as isize;
+                        let ix = (ox * w.stride[1] + kx * w.dilation[1]) as isize
+                            - w.padding[2] as isize;
+                        (iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd)
+                            .then(|| plane[iy as usize * wd + ix as usize])
+                    })
+                });
+                out.push(f(&mut it));
+            }
+        }
+    }
+    (out, out_shape)
+}
+
+/// Max pooling; padded positions never win (they are `-inf` in the float model).
+pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> (Vec<i8>, Vec<usize>) {
+    windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max))
+}
+
+/// Requantizes `sum` of `count` values from `input` to `out`: `round(sum * s_in / (count *
+/// s_out)) + zp_out`, one fixed-point multiplier per distinct count.
+struct Averager {
+    out: Grid,
+    ratio: f64,
+    by_count: Vec<Option<FixedMultiplier>>,
+}
+
+impl Averager {
+    fn new(input: &Grid, out: &Grid, max_count: usize) -> Self {
+        Self {
+            out: *out,
+            ratio: input.scale as f64 / out.scale as f64,
+            by_count: vec![None; max_count + 1],
+        }
+    }
+
+    fn apply(&mut self, sum: i32, count: usize) -> i8 {
+        let ratio = self.ratio;
+        let m = *self.by_count[count].get_or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
+        (m.apply(sum).saturating_add(self.out.zero_point)).clamp(self.out.qmin, self.out.qmax) as i8
+    }
+}
+
+/// Average pooling, requantized to `out`.
+pub fn avg_pool(
+    w: &Window,
+    count_include_pad: bool,
+    input: &Grid,
+    out: &Grid,
+    x: &[i8],
+    shape: &[usize],
+) -> (Vec<i8>, Vec<usize>) {
+    let full = w.kernel[0] * w.kernel[1];
+    let mut avg = Averager::new(input, out, full);
+    let zp = input.zero_point;
+    windows(w, x, shape, |it| {
+        let (mut sum, mut count) = (0i32, 0usize);
+        for v in it.flatten() {
+            sum += v as i32 - zp;
+            count += 1;
+        }
+        avg.apply(sum, if count_include_pad { full } else { count })
+    })
+}
+
+/// PyTorch's adaptive window `[start, end)` of output `i` of `out` over `len`.
+fn adaptive_range(i: usize, len: usize, out: usize) -> (usize, usize) {
+    (i * len / out, ((i + 1) * len).div_ceil(out))
+}
+
+/// Adaptive average pooling to `size` (`[1, l]` for rank-3 inputs), requantized to `out`.
+pub fn adaptive_avg_pool(
+    size: [usize; 2],
+    input: &Grid,
+    out: &Grid,
+    x: &[i8],
+    shape: &[usize],
+) -> (Vec<i8>, Vec<usize>) {
+    let [n, c, h, wd] = nchw(shape);
+    let [oh, ow] = size;
+    let max_count = h * wd;
+    let mut avg = Averager::new(input, out, max_count);
+    let zp = input.zero_point;
+    let mut data = Vec::with_capacity(n * c * oh * ow);
+    for plane in x.chunks(h * wd).take(n * c) {
+        for oy in 0..oh {
+            let (y0, y1) = adaptive_range(oy, h, oh);
+            for ox in 0..ow {
+                let (x0, x1) = adaptive_range(ox, wd, ow);
+                let mut sum = 0i32;
+                for y in y0..y1 {
+                    for v in &plane[y * wd + x0..y * wd + x1] {
+                        sum += *v as i32 - zp;
+                    }
+                }
+                data.push(avg.apply(sum, (y1 - y0) * (x1 - x0)));
+            }
+        }
+    }
+    let out_shape = if shape.len() == 3 {
+        vec![n, c, ow]
+    } else {
+        vec![n, c, oh, ow]
+    };
+    (data, out_shape)
+}
+
+/// Mean or sum along `axis` (kept with size 1, as Burn's `mean_dim`), requantized to `out`.
+pub fn reduce(
+    axis: usize,
+    mean: bool,
+    input: &Grid,
+    out: &Grid,
+    x: &[i8],
+    shape: &[usize],
+) -> (Vec<i8>, Vec<usize>) {
+    let outer: usize = shape[..axis].iter().product();
+    let len = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let mut avg = Averager::new(input, out, len);
+    let zp = input.zero_point;
+    let mut data = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        for i in 0..inner {
+            let sum: i32 = (0..len)
+                .map(|k| x[(o * len + k) * inner + i] as i32 - zp)
+                .sum();
+            data.push(avg.apply(sum, if mean { len } else { 1 }));
+        }
+    }
+    let mut out_shape = shape.to_vec();
+    out_shape[axis] = 1;
+    (data, out_shape)
+}
+
+/// Concatenation along `axis` of inputs already on the output grid.
+pub fn concat(axis: usize, inputs: &[(&[i8], &[usize])]) -> (Vec<i8>, Vec<usize>) {
+    let first = inputs[0].1;
+    let outer: usize = first[..axis].iter().product();
+    let mut out_shape = first.to_vec();
+    out_shape[axis] = inputs.iter().map(|(_, s)| s[axis]).sum();
+    let mut data = Vec::with_capacity(out_shape.iter().product());
+    for o in 0..outer {
+        for (x, s) in inputs {
+            let chunk: usize = s[axis..].iter().product();
+            data.extend_from_slice(&x[o * chunk..(o + 1) * chunk]);
+        }
+    }
+    (data, out_shape)
+}
+
+/// Axes permuted: output axis `i` is input axis `perm[i]`.
+pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize]) -> (Vec<T>, Vec<usize>) {
+    let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
+    let si = strides(shape);
+    let so = strides(&out_shape);
+    let total = x.len();
+    let mut data = Vec::with_capacity(total);
+    for i in 0..total {
+        let mut src = 0;
+        for d in 0..perm.len() {
+            src += ((i / so[d]) % out_shape[d]) * si[perm[d]];
+        }
+        data.push(x[src]);
+    }
+    (data, out_shape)
+}

@@ -1,0 +1,362 @@
+//! [`IntegerModel::validate`]: the invariants the kernels rely on, so that a model read from a
+//! file or built by hand is refused with a message instead of panicking or allocating without
+//! bound.
+
+use crate::model::{Dim, Grid, IntOp, IntegerModel, MAX_ITEM_VALUES, ModelError, Output};
+use crate::ops;
+use crate::requant::FixedMultiplier;
+
+fn multiplier_ok(m: &FixedMultiplier) -> bool {
+    (-31..=62).contains(&m.shift) && m.m0 >= 0
+}
+
+fn grid_ok(g: &Grid, what: &str) -> Result<(), String> {
+    if g.is_valid() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} grid {g:?} is not usable (scale must be finite and > 0, -128 <= qmin < qmax <= 127)"
+        ))
+    }
+}
+
+fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
+    match o {
+        Output::Quantized {
+            grid,
+            requant,
+            lo,
+            hi,
+        } => {
+            grid_ok(grid, "output")?;
+            if requant.len() != channels || !requant.iter().all(multiplier_ok) {
+                return Err(format!(
+                    "{} requantization multipliers for {channels} channels (or one out of range)",
+                    requant.len()
+                ));
+            }
+            if lo > hi || *lo < -128 || *hi > 127 {
+                return Err(format!("clamp [{lo}, {hi}] is not within int8"));
+            }
+        }
+        Output::Float { scale, .. } => {
+            if scale.len() != channels {
+                return Err(format!("{} output scales for {channels} channels", scale.len()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The output shape of node `op` at one batch size, from its inputs' shapes.
+fn infer(op: &IntOp, inputs: &[Vec<usize>], declared: &[usize]) -> Result<Vec<usize>, String> {
+    let x = || inputs[0].clone();
+    Ok(match op {
+        IntOp::Input => declared.to_vec(),
+        IntOp::Quantize(_) | IntOp::Lut(_) => x(),
+        IntOp::Conv2d(c) => {
+            let s = x();
+            let one_d = s.len() == 3 && c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0;
+            if !(s.len() == 4 || one_d) || s[1] != c.in_channels {
+                return Err(format!("convolution of {} channels on input {s:?}", c.in_channels));
+            }
+            let w = crate::model::Window {
+                kernel: c.kernel,
+                stride: c.stride,
+                padding: c.padding,
+                dilation: c.dilation,
+            };
+            let mut out = ops::pool_shape(&w, &s).ok_or(format!("kernel does not fit {s:?}"))?;
+            out[1] = c.out_channels;
+            out
+        }
+        IntOp::Linear(l) => {
+            let mut s = x();
+            match s.last_mut() {
+                Some(last) if *last == l.in_features => *last = l.out_features,
+                _ => return Err(format!("linear of {} features on {s:?}", l.in_features)),
+            }
+            s
+        }
+        IntOp::Add(_) | IntOp::Mul(_) => ops::broadcast_shape(&inputs[0], &inputs[1])
+            .ok_or(format!("{:?} and {:?} do not broadcast", inputs[0], inputs[1]))?,
+        IntOp::Concat { axis, .. } => {
+            let mut out = x();
+            if *axis >= out.len() {
+                return Err(format!("axis {axis} of {out:?}"));
+            }
+            out[*axis] = 0;
+            for s in inputs {
+                let fits = s.len() == out.len()
+                    && s.iter().zip(&inputs[0]).enumerate().all(|(d, (a, b))| d == *axis || a == b);
+                if !fits {
+                    return Err(format!("{s:?} does not concatenate with {:?}", inputs[0]));
+                }
+                out[*axis] += s[*axis];
+            }
+            out
+        }
+        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. } => {
+            ops::pool_shape(w, &x()).ok_or(format!("window does not fit {:?}", x()))?
+        }
+        IntOp::AdaptiveAvgPool { output, .. } => {
+            let s = x();
+            match s.len() {
+                4 => vec![s[0], s[1], output[0], output[1]],
+                3 if output[0] == 1 => vec![s[0], s[1], output[1]],
+                _ => return Err(format!("adaptive pooling to {output:?} of {s:?}")),
+            }
+        }
+        IntOp::Reduce { axis, .. } => {
+            let mut s = x();
+            if *axis >= s.len() {
+                return Err(format!("axis {axis} of {s:?}"));
+            }
+            s[*axis] = 1;
+            s
+        }
+        IntOp::Reshape => {
+            let (a, b): (usize, usize) = (x().iter().product(), declared.iter().product());
+            if a != b {
+                return Err(format!("reshape of {:?} ({a} values) to {declared:?}", x()));
+            }
+            declared.to_vec()
+        }
+        IntOp::Permute { perm } => {
+            let s = x();
+            let mut seen = vec![false; s.len()];
+            for p in perm {
+                if *p >= s.len() || std::mem::replace(&mut seen[*p], true) {
+                    return Err(format!("{perm:?} is not a permutation of {} axes", s.len()));
+                }
+            }
+            if perm.len() != s.len() {
+                return Err(format!("{perm:?} is not a permutation of {} axes", s.len()));
+            }
+            perm.iter().map(|p| s[*p]).collect()
+        }
+    })
+}
+
+/// Structural checks of one node: its parameters agree with each other.
+fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
+    let arity = match op {
+        IntOp::Input => 0,
+        IntOp::Add(_) | IntOp::Mul(_) => 2,
+        IntOp::Concat { requantize, .. } => requantize.len().max(1),
+        _ => 1,
+    };
+    if n_inputs != arity {
+        return Err(format!("{n_inputs} inputs, the op takes {arity}"));
+    }
+    match op {
+        IntOp::Quantize(g) => grid_ok(g, "quantization")?,
+        IntOp::Conv2d(c) => {
+            let g = c.groups;
+            if g == 0 || c.in_channels % g != 0 || c.out_channels % g != 0 {
+                return Err(format!(
+                    "{} groups do not divide {} input and {} output channels",
+                    g, c.in_channels, c.out_channels
+                ));
+            }
+            let len = c
+                .out_channels
+                .checked_mul(c.in_channels / g)
+                .and_then(|v| v.checked_mul(c.kernel[0]))
+                .and_then(|v| v.checked_mul(c.kernel[1]));
+            if len != Some(c.weight.len()) {
+                return Err(format!(
+                    "{} weights for [{}, {}, {}, {}]",
+                    c.weight.len(),
+                    c.out_channels,
+                    c.in_channels / g,
+                    c.kernel[0],
+                    c.kernel[1]
+                ));
+            }
+            if c.bias.len() != c.out_channels || c.weight_scale.len() != c.out_channels {
+                return Err("bias or weight scales do not have one value per output channel".into());
+            }
+            if c.stride.contains(&0) || c.dilation.contains(&0) || c.kernel.contains(&0) {
+                return Err("zero stride, dilation or kernel".into());
+            }
+            grid_ok(&c.input, "input")?;
+            output_ok(&c.output, c.out_channels)?;
+        }
+        IntOp::Linear(l) => {
+            if l.in_features.checked_mul(l.out_features) != Some(l.weight.len()) {
+                return Err(format!(
+                    "{} weights for [{}, {}]",
+                    l.weight.len(),
+                    l.in_features,
+                    l.out_features
+                ));
+            }
+            if l.bias.len() != l.out_features || l.weight_scale.len() != l.out_features {
+                return Err("bias or weight scales do not have one value per output feature".into());
+            }
+            grid_ok(&l.input, "input")?;
+            output_ok(&l.output, l.out_features)?;
+        }
+        IntOp::Add(a) => {
+            for g in [&a.a, &a.b, &a.out] {
+                grid_ok(g, "add")?;
+            }
+            let bound = 1i64 << 62;
+            if !(1..=62).contains(&a.shift) || a.ma.abs() >= bound || a.mb.abs() >= bound {
+                return Err(format!("fixed-point add shift {} or multipliers out of range", a.shift));
+            }
+        }
+        IntOp::Mul(m) => {
+            for g in [&m.a, &m.b, &m.out] {
+                grid_ok(g, "mul")?;
+            }
+            if !multiplier_ok(&m.multiplier) {
+                return Err("multiplier out of range".into());
+            }
+        }
+        IntOp::Lut(t) => {
+            if t.table.len() != 256 {
+                return Err(format!("lookup table of {} entries, not 256", t.table.len()));
+            }
+        }
+        IntOp::Concat { requantize, .. } => {
+            if requantize.iter().flatten().any(|t| t.table.len() != 256) {
+                return Err("a requantization table does not have 256 entries".into());
+            }
+        }
+        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. } => {
+            if w.stride.contains(&0) || w.dilation.contains(&0) || w.kernel.contains(&0) {
+                return Err("zero stride, dilation or kernel".into());
+            }
+        }
+        IntOp::AdaptiveAvgPool { output, .. } => {
+            if output.contains(&0) {
+                return Err("adaptive pooling to an empty output".into());
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+impl IntegerModel {
+    /// Checks every invariant the kernels rely on: node 0 is the only input, every node reads
+    /// earlier nodes with the right number of inputs, parameters agree with each other (weight
+    /// and bias lengths, groups, 256-entry tables, multipliers in range, usable grids), every
+    /// declared shape follows from its inputs' at two batch sizes, no tensor exceeds
+    /// [`MAX_ITEM_VALUES`] values per item, and integer ops read integer tensors.
+    ///
+    /// # Errors
+    ///
+    /// The first problem, naming the node.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let fail = |i: usize, what: String| ModelError {
+            node: i,
+            name: self.nodes.get(i).map_or_else(String::new, |n| n.name.clone()),
+            what,
+        };
+        if !matches!(self.nodes.first().map(|n| &n.op), Some(IntOp::Input)) {
+            return Err(fail(0, "the first node must be the input".into()));
+        }
+        if self.output >= self.nodes.len() {
+            return Err(fail(self.output, format!("output node {} does not exist", self.output)));
+        }
+        let input = &self.nodes[0].shape;
+        if input.first() != Some(&Dim::Batch(1)) || input[1..].iter().any(|d| !matches!(d, Dim::Fixed(v) if *v > 0)) {
+            return Err(fail(0, format!("input shape {input:?} is not [batch, fixed sizes > 0]")));
+        }
+        let mut int = vec![false; self.nodes.len()];
+        let mut grids: Vec<Option<Grid>> = Vec::with_capacity(self.nodes.len());
+        let mut shapes: [Vec<Vec<usize>>; 2] = [Vec::new(), Vec::new()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            if i > 0 && matches!(node.op, IntOp::Input) {
+                return Err(fail(i, "a second input".into()));
+            }
+            if let Some(j) = node.inputs.iter().find(|j| **j >= i) {
+                return Err(fail(i, format!("reads node {j}, which does not run before it")));
+            }
+            check_params(&node.op, node.inputs.len()).map_err(|e| fail(i, e))?;
+            if node.shape.len() > 8 {
+                return Err(fail(i, format!("rank {} is above 8", node.shape.len())));
+            }
+            let mut item = 1usize;
+            for d in &node.shape {
+                let v = match d {
+                    Dim::Fixed(v) | Dim::Batch(v) => *v,
+                };
+                item = item.checked_mul(v.max(1)).filter(|v| *v <= MAX_ITEM_VALUES).ok_or_else(|| {
+                    fail(i, format!("shape {:?} is above {MAX_ITEM_VALUES} values per item", node.shape))
+                })?;
+            }
+            for (b, batch) in [1usize, 2].into_iter().enumerate() {
+                let declared: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
+                let ins: Vec<Vec<usize>> = node.inputs.iter().map(|j| shapes[b][*j].clone()).collect();
+                let got = infer(&node.op, &ins, &declared).map_err(|e| fail(i, e))?;
+                if got != declared {
+                    return Err(fail(i, format!("computes shape {got:?} at batch {batch}, declares {declared:?}")));
+                }
+                shapes[b].push(got);
+            }
+            // Which inputs must be integers, and whether the output is.
+            let (needs_int, out_int) = match &node.op {
+                IntOp::Input => (false, false),
+                IntOp::Quantize(_) => {
+                    if int[node.inputs[0]] {
+                        return Err(fail(i, "quantizes an integer tensor".into()));
+                    }
+                    (false, true)
+                }
+                IntOp::Reshape | IntOp::Permute { .. } => (false, int[node.inputs[0]]),
+                IntOp::Conv2d(c) => (true, matches!(c.output, Output::Quantized { .. })),
+                IntOp::Linear(l) => (true, matches!(l.output, Output::Quantized { .. })),
+                _ => (true, true),
+            };
+            if needs_int && let Some(j) = node.inputs.iter().find(|j| !int[**j]) {
+                return Err(fail(i, format!("reads node {j}, which is not an integer tensor")));
+            }
+            if out_int != node.grid.is_some() {
+                return Err(fail(i, "its grid does not say whether its output is an integer tensor".into()));
+            }
+            if let Some(g) = &node.grid {
+                grid_ok(g, "output").map_err(|e| fail(i, e))?;
+            }
+            let declared = match &node.op {
+                IntOp::Quantize(g) => Some(*g),
+                IntOp::Conv2d(c) => c.output.grid(),
+                IntOp::Linear(l) => l.output.grid(),
+                IntOp::Add(a) => Some(a.out),
+                IntOp::Mul(m) => Some(m.out),
+                IntOp::Lut(t) => Some(t.output),
+                IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } => grids[node.inputs[0]],
+                _ => node.grid,
+            };
+            if declared != node.grid {
+                return Err(fail(i, format!("output grid {:?} differs from its op's {declared:?}", node.grid)));
+            }
+            let reads = |k: usize| grids[node.inputs[k]];
+            let expected_inputs: Vec<(usize, Grid)> = match &node.op {
+                IntOp::Conv2d(c) => vec![(0, c.input)],
+                IntOp::Linear(l) => vec![(0, l.input)],
+                IntOp::Add(a) => vec![(0, a.a), (1, a.b)],
+                IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
+                IntOp::Lut(t) => vec![(0, t.input)],
+                IntOp::AvgPool { input, .. } | IntOp::AdaptiveAvgPool { input, .. } | IntOp::Reduce { input, .. } => vec![(0, *input)],
+                IntOp::Concat { requantize, .. } => requantize
+                    .iter()
+                    .enumerate()
+                    .map(|(k, t)| (k, t.as_ref().map_or(node.grid.unwrap_or(Grid { scale: 1.0, zero_point: 0, qmin: -128, qmax: 127 }), |t| t.input)))
+                    .collect(),
+                _ => vec![],
+            };
+            for (k, g) in expected_inputs {
+                if reads(k) != Some(g) {
+                    return Err(fail(i, format!("input {k} is on grid {:?}, the op expects {g:?}", reads(k))));
+                }
+            }
+            grids.push(node.grid);
+            int[i] = out_int;
+        }
+        Ok(())
+    }
+}
