@@ -19,7 +19,7 @@ use burn::tensor::Distribution;
 use burn_qat::graph::{self, GraphLayer, LayerKind, Op, QatGraph};
 use burn_qat::model::{ActivationQuant, QatConfig, WeightQuant};
 use burn_qat::{QatError, switches};
-use burn_qat_tests::{Backend, backends, values};
+use burn_qat_tests::{Backend, backends, values, write_npy};
 
 // ---------------------------------------------------------------- (a) ResNet, basic blocks
 
@@ -558,10 +558,72 @@ fn resume<M: UserModel>() {
     }
 }
 
+/// The deploy path: the trained QAT graph becomes an integer model whose quantized output is
+/// within 1 LSB of the fake-quant graph's, that saves and loads as a file, and that exports to
+/// ONNX. With `BURN_QAT_ONNX_DIR` set, the ONNX file, an input batch and the integer model's
+/// outputs are written there for `.ci/onnx_models.py` to check in onnxruntime.
+fn deploy<M: UserModel>() {
+    let device = flex_autodiff();
+    device.seed(21);
+    let model = warm_up(M::make(&device), &device);
+    let mut qat = prepared(&model);
+    let (x, y) = (input(&device, 16), labels(&device, 16));
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..6 {
+        let l = loss(qat.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(l.backward(), &qat);
+        qat = optim.step(1e-2, qat, grads);
+    }
+    let eval = qat.valid();
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    let plain = Device::flex();
+    let n = 32;
+    let x = Tensor::<4>::random([n, 1, 8, 8], Distribution::Normal(0.0, 1.2), &plain);
+    let pixels = values(x.clone());
+    let fq = values(eval.forward::<4, 2>(x));
+    let (q, shape, grid) = int8.forward_int(&pixels).unwrap().expect("a quantized output");
+    assert_eq!(shape.len(), 2);
+    assert_eq!(shape[0], n);
+    let mut exact = 0;
+    for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
+        let want = grid.quantize(*f);
+        let d = (want - *qi as i32).abs();
+        assert!(d <= 1, "{}: output {i}: fake-quant {want}, integer {qi}\n{}", M::NAME, int8.plan());
+        exact += usize::from(d == 0);
+    }
+    assert!(exact * 10 >= q.len() * 9, "{}: only {exact} of {} outputs exact", M::NAME, q.len());
+    // The reference kernels agree with the fast ones exactly.
+    assert_eq!(int8.forward(&pixels).unwrap(), int8.forward_reference(&pixels).unwrap());
+    // Any batch size, including 1.
+    let (one, _) = int8.forward(&pixels[..64]).unwrap();
+    let (all, _) = int8.forward(&pixels).unwrap();
+    assert_eq!(one[..], all[..one.len()]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.bqi");
+    burn_qat::export::format::save(&int8, &path).unwrap();
+    let loaded = burn_qat::export::format::load(&path).unwrap();
+    assert_eq!(loaded.forward(&pixels).unwrap(), int8.forward(&pixels).unwrap());
+
+    let proto = burn_qat::onnx::to_model_proto(&int8, &Default::default()).unwrap();
+    assert!(proto.graph.unwrap().node.iter().any(|n| n.op_type.as_deref() == Some("QuantizeLinear")));
+    if let Ok(out) = std::env::var("BURN_QAT_ONNX_DIR") {
+        let out = std::path::Path::new(&out).join(M::NAME);
+        std::fs::create_dir_all(&out).unwrap();
+        burn_qat::onnx::save(&int8, &out.join("model.onnx"), &Default::default()).unwrap();
+        write_npy(&out.join("input.npy"), &pixels, &[n, 1, 8, 8]).unwrap();
+        write_npy(&out.join("int8_out.npy"), &all, &shape).unwrap();
+    }
+}
+
 macro_rules! model_tests {
     ($m:ident, $ty:ident) => {
         mod $m {
             use super::*;
+            #[test]
+            fn converts_to_an_integer_model_and_onnx() {
+                deploy::<$ty>();
+            }
             #[test]
             fn float_graph_equals_the_user_forward() {
                 float_graph_equals_user_forward::<$ty>();

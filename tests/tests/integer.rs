@@ -148,11 +148,8 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
         ),
         SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
     ]);
-    let err = convert(&from_sequential(&float, &[1, 1, 5, 5]).unwrap()).unwrap_err().to_string();
-    assert!(
-        err.starts_with("`layers.1` (Conv2d) cannot be converted to integers: an unfused layer"),
-        "{err}"
-    );
+    let err = from_sequential(&float, &[1, 1, 5, 5]).unwrap_err().to_string();
+    assert!(err.contains("`layers.1` (Conv2d): an unfused layer"), "{err}");
     let no_input = Sequential::new(vec![SeqLayer::Flatten(Default::default())]);
     let err = convert(&from_sequential(&no_input, &[1, 1, 5, 5]).unwrap()).unwrap_err().to_string();
     assert!(err.contains("start the model with a FakeQuant"), "{err}");
@@ -432,7 +429,7 @@ fn file_round_trip_and_damaged_files() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("convolution of 2 channels on input [1, 3, 10, 10]"),
+        err.contains("computes shape [1, 3, 10, 10] at batch 1, declares [1, 2, 10, 10]"),
         "{err}"
     );
 }
@@ -625,7 +622,7 @@ fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
         "DequantizeLinear",
         "Conv",
         "MaxPool",
-        "Flatten",
+        "Reshape",
         "Gemm",
     ] {
         assert!(ops.iter().any(|o| o == op), "{op} missing from {ops:?}");

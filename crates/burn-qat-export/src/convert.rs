@@ -429,6 +429,13 @@ impl<'a> Converter<'a> {
         if ceil_mode {
             return Err(unsupported(self.gnode(i), "average pooling with ceil_mode", "use ceil_mode false"));
         }
+        if self.tail(i).quant.is_none() && self.graph.program.output != i {
+            // No quantizer after it (a lowered `Sequential`): the output stays on the input's
+            // grid, as TFLite's AVERAGE_POOL_2D.
+            let (m, input) = self.int_input(i, 0)?;
+            self.push(i, IntOp::AvgPool { window, count_include_pad, input }, vec![m], Some(input));
+            return Ok(());
+        }
         self.averaging_from_float(i, |input| IntOp::AvgPool { window, count_include_pad, input })
     }
 
@@ -653,6 +660,13 @@ pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
         if c.map[i].is_none() {
             c.convert_node(i)?;
         }
+    }
+    if !c.nodes.iter().any(|n| matches!(n.op, IntOp::Quantize(_))) {
+        return Err(ExportError::Unsupported {
+            path: "input".into(),
+            kind: "model input".into(),
+            hint: "the input is never quantized: start the model with a FakeQuant of its input (graph::prepare places one)".into(),
+        });
     }
     let output = c.map[graph.program.output].expect("every node is converted");
     let model = IntegerModel::new(c.nodes, output);
