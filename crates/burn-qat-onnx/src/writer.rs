@@ -59,6 +59,8 @@ pub enum OnnxError {
 #[derive(Default)]
 struct Graph {
     opset: i64,
+    /// For a dequantized tensor, the int8 tensor it was dequantized from.
+    int8_of: std::collections::HashMap<String, String>,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     count: usize,
@@ -157,7 +159,9 @@ impl Graph {
                 q.qmax
             ));
         }
-        self.node("DequantizeLinear", vec![xq, s, z], vec![])
+        let xd = self.node("DequantizeLinear", vec![xq.clone(), s, z], vec![]);
+        self.int8_of.insert(xd.clone(), xq);
+        xd
     }
 
     /// Per-channel dequantized weight and bias initializers.
@@ -290,16 +294,18 @@ impl Graph {
         self.finish(y, &l.output)
     }
 
-    /// A lookup table on the int8 values of `x` (float, on `lut.input`'s grid): quantize
-    /// (exact, `x` is on the grid), index the table with `q + 128` (`Gather`), dequantize on the
+    /// A lookup table on the int8 values of `x` (float, on `lut.input`'s grid): the index
+    /// `round(x / scale) + zero_point + 128` (exact: `x` is on the grid; computed in float so that
+    /// the producer's `QuantizeLinear -> DequantizeLinear` pair stays a standard QDQ unit that
+    /// onnxruntime fuses into its int8 kernel), `Gather` from the table, dequantize on the
     /// output grid. Exactly the integer model's table, whatever function it holds.
     fn lut(&mut self, x: String, lut: &Lut) -> String {
-        let s = self.f32s("scale", &[], &[lut.input.scale]);
-        let z = self.i8s("zero_point", &[], &[lut.input.zero_point as i8]);
-        let q = self.node("QuantizeLinear", vec![x, s, z], vec![]);
-        let q32 = self.node("Cast", vec![q], vec![attr_int("to", DataType::Int32 as i64)]);
-        let offset = self.i32s("lut_offset", &[], &[128]);
-        let index = self.node("Add", vec![q32, offset], vec![]);
+        let s = self.f32s("lut_scale", &[], &[lut.input.scale]);
+        let v = self.node("Div", vec![x, s], vec![]);
+        let r = self.node("Round", vec![v], vec![]);
+        let offset = self.f32s("lut_offset", &[], &[(lut.input.zero_point + 128) as f32]);
+        let shifted = self.node("Add", vec![r, offset], vec![]);
+        let index = self.node("Cast", vec![shifted], vec![attr_int("to", DataType::Int64 as i64)]);
         let table = self.i8s(&format!("lut_{}", lut.function.to_lowercase()), &[256], &lut.table);
         let y = self.node("Gather", vec![table, index], vec![attr_int("axis", 0)]);
         if let Some(node) = self.nodes.last_mut() {
@@ -307,7 +313,9 @@ impl Graph {
         }
         let s = self.f32s("scale", &[], &[lut.output.scale]);
         let z = self.i8s("zero_point", &[], &[lut.output.zero_point as i8]);
-        self.node("DequantizeLinear", vec![y, s, z], vec![])
+        let yd = self.node("DequantizeLinear", vec![y.clone(), s, z], vec![]);
+        self.int8_of.insert(yd.clone(), y);
+        yd
     }
 
     fn pool(&mut self, op: &str, x: String, w: &Window, rank: usize, extra: Vec<AttributeProto>) -> String {

@@ -1,0 +1,64 @@
+"""Checks the ONNX files of the graph-mode test models in onnxruntime.
+
+Usage: onnx_models.py DIR
+
+DIR holds one folder per model (written by `cargo test --test graph` with BURN_QAT_ONNX_DIR):
+model.onnx, input.npy and int8_out.npy (the burn-qat integer model's dequantized output).
+
+Per model: (a) onnx.checker full_check; (b) with all graph optimizations, the optimized graph
+runs int8 kernels (QLinearConv / QGemm / QLinearMatMul / QLinearAdd / ...); (c) its outputs
+equal the integer model's within 2 steps of the output grid on >= 99% of values (float
+accumulation and float requantization in onnxruntime can land on the other side of a rounding
+tie), and the predictions (argmax) agree on every row but at most one.
+"""
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+INT8_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool",
+                "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearLeakyRelu"}
+
+
+def check(folder):
+    name = os.path.basename(folder)
+    path = os.path.join(folder, "model.onnx")
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.load(os.path.join(folder, "input.npy"))
+    want = np.load(os.path.join(folder, "int8_out.npy"))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimized = os.path.join(folder, "model.optimized.onnx")
+    so.optimized_model_filepath = optimized
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})[0]
+    ops = sorted({n.op_type for n in onnx.load(optimized).graph.node})
+    kernels = INT8_KERNELS & set(ops)
+    # The output grid's step: the smallest nonzero gap between distinct output values.
+    levels = np.unique(want)
+    step = float(np.min(np.diff(levels))) if len(levels) > 1 else 1.0
+    close = float((np.abs(got - want) <= 2 * step + 1e-6).mean())
+    agree = int((got.argmax(1) == want.argmax(1)).sum())
+    print(f"{name}: checker ok, int8 kernels {sorted(kernels)}, {close:.2%} of outputs within 2 steps, "
+          f"predictions agree on {agree}/{len(want)}")
+    assert kernels, f"{name}: no int8 kernels in the optimized graph: {ops}"
+    assert close >= 0.99, f"{name}: onnxruntime disagrees with the integer model"
+    assert agree >= len(want) - 1, f"{name}: predictions disagree"
+
+
+def main():
+    root = sys.argv[1]
+    folders = sorted(os.path.join(root, d) for d in os.listdir(root))
+    assert len(folders) >= 6, f"expected the six graph-mode models in {root}, found {folders}"
+    for folder in folders:
+        check(folder)
+    print("onnx models check: passed")
+
+
+if __name__ == "__main__":
+    main()
