@@ -642,6 +642,27 @@ where
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
 /// hard-swish, leaky ReLU, exp, scalar arithmetic), reshape/flatten/permute.
 ///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig, Relu};
+/// use burn::prelude::*;
+/// use burn_qat::graph;
+/// use burn_qat::model::QatConfig;
+///
+/// #[derive(Module, Debug)]
+/// struct Mlp { fc1: Linear, relu: Relu, fc2: Linear }
+///
+/// let device = Device::flex().autodiff();
+/// let model = Mlp { fc1: LinearConfig::new(4, 8).init(&device), relu: Relu::new(), fc2: LinearConfig::new(8, 3).init(&device) };
+/// let run = |m: &Mlp, x: Tensor<2>| m.fc2.forward(m.relu.forward(m.fc1.forward(x)));
+/// let qat = graph::prepare(&model, &[1, 4], run, &QatConfig::new()).unwrap();
+/// let _ = qat.forward::<2, 2>(Tensor::ones([8, 4], &device)); // calibrates the quantizers
+/// let int8 = burn_qat_export::convert(&qat.valid()).unwrap();
+/// let (out, shape) = int8.forward(&[1.0; 4]).unwrap();
+/// assert_eq!(shape, vec![1, 3]);
+/// # let _ = out;
+/// ```
+///
 /// # Errors
 ///
 /// [`ExportError`] naming the node (the user's module path): an op with no integer kernel

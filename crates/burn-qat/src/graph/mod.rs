@@ -14,6 +14,7 @@
 //! use burn::nn::conv::{Conv2d, Conv2dConfig};
 //! use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, Relu};
 //! use burn::prelude::*;
+//! use burn::tensor::Distribution;
 //! use burn_qat::graph::{self, QatGraph};
 //! use burn_qat::model::QatConfig;
 //!
@@ -38,8 +39,15 @@
 //!     graph::prepare(&model, &[1, 1, 8, 8], |m: &Net, x: Tensor<4>| m.forward(x), &QatConfig::new())
 //!         .unwrap();
 //! println!("{}", qat.plan()); // input quant, conv+bn+relu (folded), fc, output quant
-//! let logits: Tensor<2> = qat.forward(Tensor::<4>::ones([3, 1, 8, 8], &device)); // any batch
-//! assert_eq!(logits.dims(), [3, 10]);
+//! let logits: Tensor<2> = qat.forward(Tensor::<4>::random([3, 1, 8, 8], Distribution::Default, &device)); // any batch
+//! assert_eq!(logits.dims(), [3, 10]); // (training on autodiff also calibrates the quantizers)
+//!
+//! // Deploy: an integer model (input shape from the trace), its file, ONNX.
+//! let int8 = burn_qat::export::convert(&qat.valid()).unwrap();
+//! let (out, shape) = int8.forward(&[0.5; 2 * 64]).unwrap(); // two images
+//! assert_eq!((out.len(), shape), (20, vec![2, 10]));
+//! let proto = burn_qat::onnx::to_model_proto(&int8, &Default::default()).unwrap();
+//! # let _ = proto;
 //! let back: Net = qat.write_back(model).unwrap(); // trained weights in the user's type
 //! # let _ = back;
 //! ```
