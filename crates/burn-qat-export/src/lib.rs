@@ -9,7 +9,7 @@
 //! - [`convert()`]: from a [`burn_qat_graph::QatGraph`], one small function per op;
 //! - running it: [`IntegerModel::forward`] (GEMM kernels with a packed-weight cache beside the
 //!   data, a direct depthwise kernel, scalar references for tests);
-//! - [`format`]: the versioned, checksummed file.
+//! - [`format`](mod@format): the versioned, checksummed file.
 #![warn(missing_docs)]
 
 mod convert;

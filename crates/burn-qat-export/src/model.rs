@@ -1,6 +1,6 @@
 //! The integer model as plain data: a DAG of integer ops (int8 weights, int32 biases, 8-bit
 //! activations, fixed-point requantization), each node with its explicit inputs, its shape
-//! (batch symbolic) and the grid of its output. Running it is [`crate::run`]; its invariants
+//! (batch symbolic) and the grid of its output. Running it is [`IntegerModel::forward`]; its invariants
 //! are [`IntegerModel::validate`].
 
 pub use burn_qat_core::Grid;
