@@ -581,20 +581,36 @@ fn deploy<M: UserModel>() {
     let x = Tensor::<4>::random([n, 1, 8, 8], Distribution::Normal(0.0, 1.2), &plain);
     let pixels = values(x.clone());
     let fq = values(eval.forward::<4, 2>(x));
-    let (q, shape, grid) = int8.forward_int(&pixels).unwrap().expect("a quantized output");
+    let (q, shape, grid) = int8
+        .forward_int(&pixels)
+        .unwrap()
+        .expect("a quantized output");
     assert_eq!(shape.len(), 2);
     assert_eq!(shape[0], n);
     let mut exact = 0;
     for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
         let want = grid.quantize(*f);
         let d = (want - *qi as i32).abs();
-        assert!(d <= 1, "{}: output {i}: fake-quant {want}, integer {qi}\n{}", M::NAME, int8.plan());
+        assert!(
+            d <= 1,
+            "{}: output {i}: fake-quant {want}, integer {qi}\n{}",
+            M::NAME,
+            int8.plan()
+        );
         exact += usize::from(d == 0);
     }
     // Ties between grid steps round differently in float and fixed point: most, not all, exact.
-    assert!(exact * 4 >= q.len() * 3, "{}: only {exact} of {} outputs exact", M::NAME, q.len());
+    assert!(
+        exact * 4 >= q.len() * 3,
+        "{}: only {exact} of {} outputs exact",
+        M::NAME,
+        q.len()
+    );
     // The reference kernels agree with the fast ones exactly.
-    assert_eq!(int8.forward(&pixels).unwrap(), int8.forward_reference(&pixels).unwrap());
+    assert_eq!(
+        int8.forward(&pixels).unwrap(),
+        int8.forward_reference(&pixels).unwrap()
+    );
     // Any batch size, including 1.
     let (one, _) = int8.forward(&pixels[..64]).unwrap();
     let (all, _) = int8.forward(&pixels).unwrap();
@@ -604,10 +620,20 @@ fn deploy<M: UserModel>() {
     let path = dir.path().join("model.bqi");
     burn_qat::export::format::save(&int8, &path).unwrap();
     let loaded = burn_qat::export::format::load(&path).unwrap();
-    assert_eq!(loaded.forward(&pixels).unwrap(), int8.forward(&pixels).unwrap());
+    assert_eq!(
+        loaded.forward(&pixels).unwrap(),
+        int8.forward(&pixels).unwrap()
+    );
 
     let proto = burn_qat::onnx::to_model_proto(&int8, &Default::default()).unwrap();
-    assert!(proto.graph.unwrap().node.iter().any(|n| n.op_type.as_deref() == Some("QuantizeLinear")));
+    assert!(
+        proto
+            .graph
+            .unwrap()
+            .node
+            .iter()
+            .any(|n| n.op_type.as_deref() == Some("QuantizeLinear"))
+    );
     if let Ok(out) = std::env::var("BURN_QAT_ONNX_DIR") {
         let out = std::path::Path::new(&out).join(M::NAME);
         std::fs::create_dir_all(&out).unwrap();

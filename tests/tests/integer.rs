@@ -148,10 +148,17 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
         ),
         SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
     ]);
-    let err = from_sequential(&float, &[1, 1, 5, 5]).unwrap_err().to_string();
-    assert!(err.contains("`layers.1` (Conv2d): an unfused layer"), "{err}");
+    let err = from_sequential(&float, &[1, 1, 5, 5])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`layers.1` (Conv2d): an unfused layer"),
+        "{err}"
+    );
     let no_input = Sequential::new(vec![SeqLayer::Flatten(Default::default())]);
-    let err = convert(&from_sequential(&no_input, &[1, 1, 5, 5]).unwrap()).unwrap_err().to_string();
+    let err = convert(&from_sequential(&no_input, &[1, 1, 5, 5]).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("start the model with a FakeQuant"), "{err}");
     // A bias that overflows int32 in units of s_in * s_w.
     let lin = LinearConfig::new(2, 2).init(&device);
@@ -170,7 +177,9 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
     ])
     .fuse(&FusedConfig::new())
     .unwrap();
-    let err = convert(&from_sequential(&model, &[1, 2]).unwrap()).unwrap_err().to_string();
+    let err = convert(&from_sequential(&model, &[1, 2]).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(
         err.starts_with("`layers.1`: bias 1000000000 of channel 0")
             && err.contains("overflows int32"),
@@ -244,7 +253,11 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         output,
                     };
                     let fits = hw + 2 * pad >= dil * (k - 1) + 1;
-                    let oh = if fits { (hw + 2 * pad - dil * (k - 1) - 1) / stride + 1 } else { 0 };
+                    let oh = if fits {
+                        (hw + 2 * pad - dil * (k - 1) - 1) / stride + 1
+                    } else {
+                        0
+                    };
                     let out = [cout, oh, oh];
                     let model = single_op(&[cin, hw, hw], input_q, IntOp::Conv2d(conv), &out);
                     (model, input, fits)
@@ -257,18 +270,32 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
 /// `input -> Quantize(input_q) -> op` with output shape `out` (batch excluded).
 fn single_op(input: &[usize], input_q: Grid, op: IntOp, out: &[usize]) -> IntegerModel {
     let dims = |s: &[usize]| -> Vec<Dim> {
-        std::iter::once(Dim::Batch(1)).chain(s.iter().map(|d| Dim::Fixed(*d))).collect()
+        std::iter::once(Dim::Batch(1))
+            .chain(s.iter().map(|d| Dim::Fixed(*d)))
+            .collect()
     };
     let grid = match &op {
         IntOp::Conv2d(c) => c.output.grid(),
         IntOp::Linear(l) => l.output.grid(),
         _ => None,
     };
-    let node = |name: &str, op, inputs, shape, grid| IntNode { name: name.into(), op, inputs, shape, grid };
+    let node = |name: &str, op, inputs, shape, grid| IntNode {
+        name: name.into(),
+        op,
+        inputs,
+        shape,
+        grid,
+    };
     IntegerModel::new(
         vec![
             node("input", IntOp::Input, vec![], dims(input), None),
-            node("quant", IntOp::Quantize(input_q), vec![0], dims(input), Some(input_q)),
+            node(
+                "quant",
+                IntOp::Quantize(input_q),
+                vec![0],
+                dims(input),
+                Some(input_q),
+            ),
             node("op", op, vec![1], dims(out), grid),
         ],
         2,
@@ -361,7 +388,12 @@ fn bad_inputs_and_hand_edited_models_are_errors() {
     assert!(err.to_string().contains("199 values"), "{err}");
     assert_eq!(int.forward(&[]).unwrap().0, Vec::<f32>::new());
     let mut edited = int.clone();
-    if let Some(IntOp::Conv2d(c)) = edited.nodes.iter_mut().map(|n| &mut n.op).find(|o| o.kind() == "Conv2d") {
+    if let Some(IntOp::Conv2d(c)) = edited
+        .nodes
+        .iter_mut()
+        .map(|n| &mut n.op)
+        .find(|o| o.kind() == "Conv2d")
+    {
         c.weight.pop();
     }
     let err = edited.forward(&[0.0; 200]).unwrap_err();

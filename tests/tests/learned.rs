@@ -544,7 +544,9 @@ mod sequential {
                 let trained = train(model(method, bits, &device), 5, 1e-2, &device)
                     .0
                     .valid();
-                let int = convert(&burn_qat::graph::from_sequential(&trained, &[1, 2, 10, 10]).unwrap()).unwrap();
+                let int =
+                    convert(&burn_qat::graph::from_sequential(&trained, &[1, 2, 10, 10]).unwrap())
+                        .unwrap();
                 let x = batch(&Device::flex());
                 let fq = values(trained.forward(x.clone()));
                 let (q, _, a) = int.forward_int(&values(x)).unwrap().unwrap();

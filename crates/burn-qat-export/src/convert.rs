@@ -59,7 +59,11 @@ fn unsupported(node: &Node, kind: impl Into<String>, hint: impl Into<String>) ->
 fn grid_of(q: &ActQuant, node: &Node) -> Result<(Grid, QuantSpec, QParams), ExportError> {
     let configured = q.spec();
     if configured.axis().is_some() {
-        return Err(unsupported(node, "per-channel activation quantizer", "activations must be quantized per tensor"));
+        return Err(unsupported(
+            node,
+            "per-channel activation quantizer",
+            "activations must be quantized per tensor",
+        ));
     }
     if configured.bits > 8 {
         return Err(unsupported(
@@ -101,8 +105,16 @@ fn activation_of(op: &Op) -> Option<Activation> {
         Op::Relu => Some(Activation::Relu),
         Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
         Op::Clamp { min, max } => Some(Activation::Clamp {
-            min: if min.is_finite() { min as f32 } else { f32::NEG_INFINITY },
-            max: if max.is_finite() { max as f32 } else { f32::INFINITY },
+            min: if min.is_finite() {
+                min as f32
+            } else {
+                f32::NEG_INFINITY
+            },
+            max: if max.is_finite() {
+                max as f32
+            } else {
+                f32::INFINITY
+            },
         }),
         _ => None,
     }
@@ -143,7 +155,9 @@ impl<'a> Converter<'a> {
     }
 
     fn tail(&self, i: usize) -> Tail {
-        let single = |j: usize| (self.users[j].len() == 1 && self.graph.program.output != j).then(|| self.users[j][0]);
+        let single = |j: usize| {
+            (self.users[j].len() == 1 && self.graph.program.output != j).then(|| self.users[j][0])
+        };
         let mut at = i;
         let mut activation = None;
         if let Some(u) = single(at)
@@ -192,7 +206,10 @@ impl<'a> Converter<'a> {
     }
 
     /// The quantizer after node `i` (required), with the fused activation before it.
-    fn required_tail(&self, i: usize) -> Result<(Activation, usize, Grid, QuantSpec, QParams), ExportError> {
+    fn required_tail(
+        &self,
+        i: usize,
+    ) -> Result<(Activation, usize, Grid, QuantSpec, QParams), ExportError> {
         let t = self.tail(i);
         let node = self.gnode(i);
         let Some(q) = t.quant else {
@@ -206,7 +223,8 @@ impl<'a> Converter<'a> {
             .activation
             .and_then(|a| activation_of(&self.gnode(a).op))
             .unwrap_or(Activation::Identity);
-        let (grid, spec, qp) = grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
+        let (grid, spec, qp) =
+            grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
         Ok((activation, q, grid, spec, qp))
     }
 
@@ -234,7 +252,13 @@ impl<'a> Converter<'a> {
                     let (left, right) = match f.layer.padding {
                         PaddingConfig1d::Valid => (0, 0),
                         PaddingConfig1d::Explicit(l, r) => (l, r),
-                        _ => return Err(unsupported(node, "Conv1d with Same padding", "use PaddingConfig1d::Explicit")),
+                        _ => {
+                            return Err(unsupported(
+                                node,
+                                "Conv1d with Same padding",
+                                "use PaddingConfig1d::Explicit",
+                            ));
+                        }
                     };
                     let geometry = ([1, f.layer.stride], [1, f.layer.dilation]);
                     self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right], 3)?
@@ -251,26 +275,88 @@ impl<'a> Converter<'a> {
             Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i)?,
             Op::Concat { axis } => self.concat_from_float(i, *axis)?,
             op if op.is_unary() => self.lut_from_float(i)?,
-            Op::MaxPool1d { kernel, stride, padding, dilation, ceil_mode } => {
-                let w = Window { kernel: [1, *kernel], stride: [1, *stride], padding: [0, 0, *padding, *padding], dilation: [1, *dilation] };
+            Op::MaxPool1d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let w = Window {
+                    kernel: [1, *kernel],
+                    stride: [1, *stride],
+                    padding: [0, 0, *padding, *padding],
+                    dilation: [1, *dilation],
+                };
                 self.max_pool_from_float(i, w, *ceil_mode)?
             }
-            Op::MaxPool2d { kernel, stride, padding, dilation, ceil_mode } => {
-                let w = Window { kernel: *kernel, stride: *stride, padding: [padding[0], padding[0], padding[1], padding[1]], dilation: *dilation };
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let w = Window {
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: [padding[0], padding[0], padding[1], padding[1]],
+                    dilation: *dilation,
+                };
                 self.max_pool_from_float(i, w, *ceil_mode)?
             }
-            Op::AvgPool1d { kernel, stride, padding, count_include_pad, ceil_mode } => {
-                let w = Window { kernel: [1, *kernel], stride: [1, *stride], padding: [0, 0, *padding, *padding], dilation: [1, 1] };
+            Op::AvgPool1d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => {
+                let w = Window {
+                    kernel: [1, *kernel],
+                    stride: [1, *stride],
+                    padding: [0, 0, *padding, *padding],
+                    dilation: [1, 1],
+                };
                 self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
             }
-            Op::AvgPool2d { kernel, stride, padding, count_include_pad, ceil_mode } => {
-                let w = Window { kernel: *kernel, stride: *stride, padding: [padding[0], padding[0], padding[1], padding[1]], dilation: [1, 1] };
+            Op::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => {
+                let w = Window {
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: [padding[0], padding[0], padding[1], padding[1]],
+                    dilation: [1, 1],
+                };
                 self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
             }
-            Op::AdaptiveAvgPool1d { output } => self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool { output: [1, *output], input })?,
-            Op::AdaptiveAvgPool2d { output } => self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool { output: *output, input })?,
-            Op::MeanDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce { axis: *axis, mean: true, input })?,
-            Op::SumDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce { axis: *axis, mean: false, input })?,
+            Op::AdaptiveAvgPool1d { output } => {
+                self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool {
+                    output: [1, *output],
+                    input,
+                })?
+            }
+            Op::AdaptiveAvgPool2d { output } => {
+                self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool {
+                    output: *output,
+                    input,
+                })?
+            }
+            Op::MeanDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce {
+                axis: *axis,
+                mean: true,
+                input,
+            })?,
+            Op::SumDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce {
+                axis: *axis,
+                mean: false,
+                input,
+            })?,
             Op::Reshape { .. } => {
                 let (m, g) = self.input(i, 0);
                 self.push(i, IntOp::Reshape, vec![m], g);
@@ -325,11 +411,17 @@ impl<'a> Converter<'a> {
     ) -> Result<Lut, ExportError> {
         let xs: Vec<f32> = (-128..=127).map(|q| input.dequantize(q)).collect();
         let x = Tensor::<1>::from_floats(xs.as_slice(), &self.device);
-        let ys: Vec<f32> = f(x).into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+        let ys: Vec<f32> = f(x)
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default();
         let shift = if spec.signed { 0 } else { 128 };
         let table = ys
             .iter()
-            .map(|y| (reference::quantize(*y, qp, spec) - shift).clamp(output.qmin, output.qmax) as i8)
+            .map(|y| {
+                (reference::quantize(*y, qp, spec) - shift).clamp(output.qmin, output.qmax) as i8
+            })
             .collect();
         Ok(Lut {
             function: function.into(),
@@ -363,7 +455,9 @@ impl<'a> Converter<'a> {
                 a,
                 b,
                 out,
-                multiplier: FixedMultiplier::new(a.scale as f64 * b.scale as f64 / out.scale as f64),
+                multiplier: FixedMultiplier::new(
+                    a.scale as f64 * b.scale as f64 / out.scale as f64,
+                ),
                 lo,
                 hi,
             }),
@@ -376,7 +470,10 @@ impl<'a> Converter<'a> {
                     } else {
                         Err(ExportError::NotRepresentable {
                             path: node.name.clone(),
-                            what: format!("add input scale {s} is {} times its output scale", s / out.scale),
+                            what: format!(
+                                "add input scale {s} is {} times its output scale",
+                                s / out.scale
+                            ),
                         })
                     }
                 };
@@ -416,37 +513,75 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
-    fn max_pool_from_float(&mut self, i: usize, window: Window, ceil_mode: bool) -> Result<(), ExportError> {
+    fn max_pool_from_float(
+        &mut self,
+        i: usize,
+        window: Window,
+        ceil_mode: bool,
+    ) -> Result<(), ExportError> {
         if ceil_mode {
-            return Err(unsupported(self.gnode(i), "max pooling with ceil_mode", "use ceil_mode false"));
+            return Err(unsupported(
+                self.gnode(i),
+                "max pooling with ceil_mode",
+                "use ceil_mode false",
+            ));
         }
         let (m, g) = self.int_input(i, 0)?;
         self.push(i, IntOp::MaxPool(window), vec![m], Some(g));
         Ok(())
     }
 
-    fn avg_pool_from_float(&mut self, i: usize, window: Window, count_include_pad: bool, ceil_mode: bool) -> Result<(), ExportError> {
+    fn avg_pool_from_float(
+        &mut self,
+        i: usize,
+        window: Window,
+        count_include_pad: bool,
+        ceil_mode: bool,
+    ) -> Result<(), ExportError> {
         if ceil_mode {
-            return Err(unsupported(self.gnode(i), "average pooling with ceil_mode", "use ceil_mode false"));
+            return Err(unsupported(
+                self.gnode(i),
+                "average pooling with ceil_mode",
+                "use ceil_mode false",
+            ));
         }
         if self.tail(i).quant.is_none() && self.graph.program.output != i {
             // No quantizer after it (a lowered `Sequential`): the output stays on the input's
             // grid, as TFLite's AVERAGE_POOL_2D.
             let (m, input) = self.int_input(i, 0)?;
-            self.push(i, IntOp::AvgPool { window, count_include_pad, input }, vec![m], Some(input));
+            self.push(
+                i,
+                IntOp::AvgPool {
+                    window,
+                    count_include_pad,
+                    input,
+                },
+                vec![m],
+                Some(input),
+            );
             return Ok(());
         }
-        self.averaging_from_float(i, |input| IntOp::AvgPool { window, count_include_pad, input })
+        self.averaging_from_float(i, |input| IntOp::AvgPool {
+            window,
+            count_include_pad,
+            input,
+        })
     }
 
     /// Average pooling, adaptive pooling and reductions: an integer sum requantized to the
     /// quantizer after them, then the fused activation as a table on that grid.
-    fn averaging_from_float(&mut self, i: usize, op: impl FnOnce(Grid) -> IntOp) -> Result<(), ExportError> {
+    fn averaging_from_float(
+        &mut self,
+        i: usize,
+        op: impl FnOnce(Grid) -> IntOp,
+    ) -> Result<(), ExportError> {
         let (m, g_in) = self.int_input(i, 0)?;
         let (activation, _, grid, spec, qp) = self.required_tail(i)?;
         let mut n = self.push(i, op(g_in), vec![m], Some(grid));
         if activation != Activation::Identity {
-            let lut = self.table(&format!("{activation:?}"), grid, grid, &spec, qp, |x| activation.forward(x))?;
+            let lut = self.table(&format!("{activation:?}"), grid, grid, &spec, qp, |x| {
+                activation.forward(x)
+            })?;
             n = self.push(i, IntOp::Lut(lut), vec![n], Some(grid));
         }
         self.cover(i, n);
@@ -468,7 +603,11 @@ impl<'a> Converter<'a> {
         let (m, input) = self.int_input(i, 0)?;
         let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
         let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
-        let kernel = if weight_rank == 3 { [1, dims[2]] } else { [dims[2], dims[3]] };
+        let kernel = if weight_rank == 3 {
+            [1, dims[2]]
+        } else {
+            [dims[2], dims[3]]
+        };
         let grid = output.grid();
         let conv = IntConv2d {
             in_channels: dims[1] * groups,
@@ -490,7 +629,11 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
-    fn linear_from_float(&mut self, i: usize, f: &Fused<burn::nn::Linear>) -> Result<(), ExportError> {
+    fn linear_from_float(
+        &mut self,
+        i: usize,
+        f: &Fused<burn::nn::Linear>,
+    ) -> Result<(), ExportError> {
         let (m, input) = self.int_input(i, 0)?;
         let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
         let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
@@ -512,7 +655,13 @@ impl<'a> Converter<'a> {
 
     /// A conv/linear output: requantized to the quantizer after it, or float if it is the
     /// model's output and has none.
-    fn output_of(&self, i: usize, activation: Activation, input: &Grid, weight_scale: &[f32]) -> Result<Output, ExportError> {
+    fn output_of(
+        &self,
+        i: usize,
+        activation: Activation,
+        input: &Grid,
+        weight_scale: &[f32],
+    ) -> Result<Output, ExportError> {
         let t = self.tail(i);
         if t.quant.is_none() && self.graph.program.output == i {
             let (lo, hi) = match activation {
@@ -529,9 +678,17 @@ impl<'a> Converter<'a> {
         }
         let (extra, _, grid, _, _) = self.required_tail(i)?;
         if extra != Activation::Identity && activation != Activation::Identity {
-            return Err(unsupported(self.gnode(i), "two fused activations", "prepare the graph with burn_qat::graph::prepare"));
+            return Err(unsupported(
+                self.gnode(i),
+                "two fused activations",
+                "prepare the graph with burn_qat::graph::prepare",
+            ));
         }
-        let activation = if extra != Activation::Identity { extra } else { activation };
+        let activation = if extra != Activation::Identity {
+            extra
+        } else {
+            activation
+        };
         let (lo, hi) = clamp_bounds(activation, &grid);
         Ok(Output::Quantized {
             grid,
@@ -553,9 +710,21 @@ fn conv2d_geometry(
     let padding = match conv.padding {
         PaddingConfig2d::Valid => [0; 4],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [top, bottom, left, right],
-        _ => return Err(unsupported(node, "Conv2d with Same padding", "use PaddingConfig2d::Explicit")),
+        _ => {
+            return Err(unsupported(
+                node,
+                "Conv2d with Same padding",
+                "use PaddingConfig2d::Explicit",
+            ));
+        }
     };
-    Ok((([conv.stride[0], conv.stride[1]], [conv.dilation[0], conv.dilation[1]]), padding))
+    Ok((
+        (
+            [conv.stride[0], conv.stride[1]],
+            [conv.dilation[0], conv.dilation[1]],
+        ),
+        padding,
+    ))
 }
 
 struct Affine {
@@ -586,7 +755,10 @@ where
     if spec.bits > 8 || !spec.symmetric || !spec.signed {
         return Err(unsupported(
             node,
-            format!("{}-bit weights (symmetric: {}, signed: {})", spec.bits, spec.symmetric, spec.signed),
+            format!(
+                "{}-bit weights (symmetric: {}, signed: {})",
+                spec.bits, spec.symmetric, spec.signed
+            ),
             "the integer model takes signed symmetric weights of at most 8 bits",
         ));
     }
@@ -599,18 +771,34 @@ where
     };
     let dims = w.dims().to_vec();
     let qps: Vec<QParams> = wq.qparams_for(w.clone());
-    let values = w.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let values = w
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
-    let channel_of = |i: usize| if qps.len() == 1 { 0 } else { (i / after) % channels };
+    let channel_of = |i: usize| {
+        if qps.len() == 1 {
+            0
+        } else {
+            (i / after) % channels
+        }
+    };
     let weight: Vec<i8> = values
         .iter()
         .enumerate()
         .map(|(i, v)| reference::quantize(*v, qps[channel_of(i)], &spec) as i8)
         .collect();
-    let weight_scale: Vec<f32> = (0..channels).map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale).collect();
+    let weight_scale: Vec<f32> = (0..channels)
+        .map(|c| qps[if qps.len() == 1 { 0 } else { c }].scale)
+        .collect();
     let bias_f: Vec<f32> = match b {
-        Some(b) => b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default(),
+        Some(b) => b
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default(),
         None => vec![0.0; channels],
     };
     let mut bias = Vec::with_capacity(channels);
@@ -628,7 +816,15 @@ where
         }
         bias.push(q as i32);
     }
-    Ok((Affine { weight, weight_bits: spec.bits, weight_scale, bias }, dims))
+    Ok((
+        Affine {
+            weight,
+            weight_bits: spec.bits,
+            weight_scale,
+            bias,
+        },
+        dims,
+    ))
 }
 
 /// Converts a trained QAT graph (from `burn_qat::graph::prepare`, or a `Sequential` lowered

@@ -233,7 +233,8 @@ impl ConvPlan {
         if per_image == 0 || self.n == 0 {
             return;
         }
-        let packed = cache.get_or_init(|| Packed::Conv(c.weight.iter().map(|v| (*v as u8) ^ 0x80).collect()));
+        let packed = cache
+            .get_or_init(|| Packed::Conv(c.weight.iter().map(|v| (*v as u8) ^ 0x80).collect()));
         let Packed::Conv(weights) = packed else {
             unreachable!("a convolution keeps its weights as Packed::Conv")
         };
@@ -396,7 +397,8 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
         let b = if n == 1 {
             GemmInputB::Unpacked(weights)
         } else {
-            let Packed::Linear(packed) = cache.get_or_init(|| Packed::Linear(gemm.prepack_b(weights)))
+            let Packed::Linear(packed) =
+                cache.get_or_init(|| Packed::Linear(gemm.prepack_b(weights)))
             else {
                 unreachable!("a linear layer packs its weights as Packed::Linear")
             };
@@ -460,7 +462,12 @@ pub fn depthwise_conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     let zp = c.input.zero_point;
     let mut acc = vec![0i32; n * ch * oh * ow];
     if acc.is_empty() {
-        return output_values(&c.output, &acc, oh * ow, out_shape(shape, c.out_channels, oh, ow));
+        return output_values(
+            &c.output,
+            &acc,
+            oh * ow,
+            out_shape(shape, c.out_channels, oh, ow),
+        );
     }
     let plane = |(p, dst): (usize, &mut [i32]), padded: &mut Vec<i16>| {
         let chan = p % ch;
@@ -505,5 +512,10 @@ pub fn depthwise_conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
             .enumerate()
             .for_each_init(Vec::new, |padded, item| plane(item, padded));
     }
-    output_values(&c.output, &acc, oh * ow, out_shape(shape, c.out_channels, oh, ow))
+    output_values(
+        &c.output,
+        &acc,
+        oh * ow,
+        out_shape(shape, c.out_channels, oh, ow),
+    )
 }

@@ -145,8 +145,8 @@ impl IntAdd {
         let t = (x as i128 - self.a.zero_point as i128) * self.ma as i128
             + (y as i128 - self.b.zero_point as i128) * self.mb as i128;
         let r = crate::requant::round_shift_i128(t, self.shift);
-        ((r as i64).saturating_add(self.out.zero_point as i64)).clamp(self.lo as i64, self.hi as i64)
-            as i8
+        ((r as i64).saturating_add(self.out.zero_point as i64))
+            .clamp(self.lo as i64, self.hi as i64) as i8
     }
 }
 
@@ -174,8 +174,7 @@ impl IntMul {
     #[inline]
     pub fn apply(&self, x: i8, y: i8) -> i8 {
         let p = (x as i32 - self.a.zero_point) * (y as i32 - self.b.zero_point);
-        (self.multiplier.apply(p).saturating_add(self.out.zero_point)).clamp(self.lo, self.hi)
-            as i8
+        (self.multiplier.apply(p).saturating_add(self.out.zero_point)).clamp(self.lo, self.hi) as i8
     }
 }
 
@@ -449,7 +448,12 @@ impl IntegerModel {
                     IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::MaxPool(_)
                 ) =>
                 {
-                    out.push(format!("{} {}: output {}", n.name, n.op.kind(), grid(n.grid)))
+                    out.push(format!(
+                        "{} {}: output {}",
+                        n.name,
+                        n.op.kind(),
+                        grid(n.grid)
+                    ))
                 }
                 None => {}
             }

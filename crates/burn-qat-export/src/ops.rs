@@ -98,9 +98,25 @@ pub fn pool_shape(w: &Window, shape: &[usize]) -> Option<Vec<usize>> {
         return None;
     }
     let [n, c, h, wd] = nchw(shape);
-    let oh = conv_output_len(h, w.padding[0] + w.padding[1], w.dilation[0], w.kernel[0], w.stride[0])?;
-    let ow = conv_output_len(wd, w.padding[2] + w.padding[3], w.dilation[1], w.kernel[1], w.stride[1])?;
-    Some(if one_d { vec![n, c, ow] } else { vec![n, c, oh, ow] })
+    let oh = conv_output_len(
+        h,
+        w.padding[0] + w.padding[1],
+        w.dilation[0],
+        w.kernel[0],
+        w.stride[0],
+    )?;
+    let ow = conv_output_len(
+        wd,
+        w.padding[2] + w.padding[3],
+        w.dilation[1],
+        w.kernel[1],
+        w.stride[1],
+    )?;
+    Some(if one_d {
+        vec![n, c, ow]
+    } else {
+        vec![n, c, oh, ow]
+    })
 }
 
 /// For every output position of every plane, `f(plane, oy, ox, values in the window)`.
@@ -158,7 +174,8 @@ impl Averager {
 
     fn apply(&mut self, sum: i32, count: usize) -> i8 {
         let ratio = self.ratio;
-        let m = *self.by_count[count].get_or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
+        let m = *self.by_count[count]
+            .get_or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
         (m.apply(sum).saturating_add(self.out.zero_point)).clamp(self.out.qmin, self.out.qmax) as i8
     }
 }

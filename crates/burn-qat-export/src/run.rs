@@ -35,7 +35,9 @@ pub struct WeightCache(OnceLock<Vec<OnceLock<Packed>>>);
 
 impl WeightCache {
     fn slot(&self, node: usize, nodes: usize) -> &OnceLock<Packed> {
-        &self.0.get_or_init(|| (0..nodes).map(|_| OnceLock::new()).collect())[node]
+        &self
+            .0
+            .get_or_init(|| (0..nodes).map(|_| OnceLock::new()).collect())[node]
     }
 }
 
@@ -64,7 +66,10 @@ impl std::fmt::Debug for WeightCache {
 fn err(model: &IntegerModel, node: usize, what: String) -> RunError {
     RunError::Model(ModelError {
         node,
-        name: model.nodes.get(node).map_or_else(String::new, |n| n.name.clone()),
+        name: model
+            .nodes
+            .get(node)
+            .map_or_else(String::new, |n| n.name.clone()),
         what,
     })
 }
@@ -163,7 +168,10 @@ impl IntegerModel {
                 _ => Err(err(self, i, format!("input {k} is not an integer tensor"))),
             }
         };
-        let grid = || node.grid.ok_or_else(|| err(self, i, "has no output grid".into()));
+        let grid = || {
+            node.grid
+                .ok_or_else(|| err(self, i, "has no output grid".into()))
+        };
         let with = |data: Vec<i8>, shape: Vec<usize>| -> Result<Values, RunError> {
             Ok(Values::Int {
                 data,
@@ -198,7 +206,11 @@ impl IntegerModel {
             IntOp::Linear(l) => {
                 let (x, shape, _) = int(0)?;
                 if shape.last() != Some(&l.in_features) {
-                    return Err(err(self, i, format!("input {shape:?} does not end in {}", l.in_features)));
+                    return Err(err(
+                        self,
+                        i,
+                        format!("input {shape:?} does not end in {}", l.in_features),
+                    ));
                 }
                 if reference {
                     kernels::linear_reference(l, x, shape)
@@ -225,9 +237,18 @@ impl IntegerModel {
                     let first = parts.first().map(|p| p.1).unwrap_or(s);
                     let fits = s.len() == first.len()
                         && *axis < s.len()
-                        && s.iter().zip(first).enumerate().all(|(d, (a, b))| d == *axis || a == b);
+                        && s.iter()
+                            .zip(first)
+                            .enumerate()
+                            .all(|(d, (a, b))| d == *axis || a == b);
                     if !fits {
-                        return Err(err(self, i, format!("input {k} of shape {s:?} does not concatenate with {first:?} on axis {axis}")));
+                        return Err(err(
+                            self,
+                            i,
+                            format!(
+                                "input {k} of shape {s:?} does not concatenate with {first:?} on axis {axis}"
+                            ),
+                        ));
                     }
                     parts.push((
                         match table {
@@ -237,15 +258,21 @@ impl IntegerModel {
                         s,
                     ));
                 }
-                let refs: Vec<(&[i8], &[usize])> = parts.iter().map(|(d, s)| (&d[..], *s)).collect();
+                let refs: Vec<(&[i8], &[usize])> =
+                    parts.iter().map(|(d, s)| (&d[..], *s)).collect();
                 let (data, shape) = ops::concat(*axis, &refs);
                 with(data, shape)?
             }
             IntOp::MaxPool(w) => {
                 let (x, shape, g) = int(0)?;
-                ops::pool_shape(w, shape).ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
+                ops::pool_shape(w, shape)
+                    .ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
                 let (data, shape) = ops::max_pool(w, x, shape);
-                Values::Int { data, shape, grid: g }
+                Values::Int {
+                    data,
+                    shape,
+                    grid: g,
+                }
             }
             IntOp::AvgPool {
                 window,
@@ -253,11 +280,16 @@ impl IntegerModel {
                 input: g_in,
             } => {
                 let (x, shape, _) = int(0)?;
-                ops::pool_shape(window, shape).ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
-                let (data, shape) = ops::avg_pool(window, *count_include_pad, g_in, &grid()?, x, shape);
+                ops::pool_shape(window, shape)
+                    .ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
+                let (data, shape) =
+                    ops::avg_pool(window, *count_include_pad, g_in, &grid()?, x, shape);
                 with(data, shape)?
             }
-            IntOp::AdaptiveAvgPool { output, input: g_in } => {
+            IntOp::AdaptiveAvgPool {
+                output,
+                input: g_in,
+            } => {
                 let (x, shape, _) = int(0)?;
                 if !(shape.len() == 4 || shape.len() == 3 && output[0] == 1) {
                     return Err(err(self, i, format!("adaptive pooling of {shape:?}")));
@@ -265,7 +297,11 @@ impl IntegerModel {
                 let (data, shape) = ops::adaptive_avg_pool(*output, g_in, &grid()?, x, shape);
                 with(data, shape)?
             }
-            IntOp::Reduce { axis, mean, input: g_in } => {
+            IntOp::Reduce {
+                axis,
+                mean,
+                input: g_in,
+            } => {
                 let (x, shape, _) = int(0)?;
                 if *axis >= shape.len() {
                     return Err(err(self, i, format!("axis {axis} of {shape:?}")));
@@ -280,25 +316,52 @@ impl IntegerModel {
             IntOp::Reshape => {
                 let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
                 match values[node.inputs[0]].as_ref() {
-                    Some(Values::Int { data, grid, .. }) if data.len() == shape.iter().product::<usize>() => {
-                        Values::Int { data: data.clone(), shape, grid: *grid }
+                    Some(Values::Int { data, grid, .. })
+                        if data.len() == shape.iter().product::<usize>() =>
+                    {
+                        Values::Int {
+                            data: data.clone(),
+                            shape,
+                            grid: *grid,
+                        }
                     }
-                    Some(Values::Float { data, .. }) if data.len() == shape.iter().product::<usize>() => {
-                        Values::Float { data: data.clone(), shape }
+                    Some(Values::Float { data, .. })
+                        if data.len() == shape.iter().product::<usize>() =>
+                    {
+                        Values::Float {
+                            data: data.clone(),
+                            shape,
+                        }
                     }
-                    _ => return Err(err(self, i, format!("cannot reshape its input to {shape:?}"))),
+                    _ => {
+                        return Err(err(
+                            self,
+                            i,
+                            format!("cannot reshape its input to {shape:?}"),
+                        ));
+                    }
                 }
             }
             IntOp::Permute { perm } => match values[node.inputs[0]].as_ref() {
                 Some(Values::Int { data, shape, grid }) if perm.len() == shape.len() => {
                     let (data, shape) = ops::permute(perm, data, shape);
-                    Values::Int { data, shape, grid: *grid }
+                    Values::Int {
+                        data,
+                        shape,
+                        grid: *grid,
+                    }
                 }
                 Some(Values::Float { data, shape }) if perm.len() == shape.len() => {
                     let (data, shape) = ops::permute(perm, data, shape);
                     Values::Float { data, shape }
                 }
-                _ => return Err(err(self, i, "permutation rank differs from its input's".into())),
+                _ => {
+                    return Err(err(
+                        self,
+                        i,
+                        "permutation rank differs from its input's".into(),
+                    ));
+                }
             },
         })
     }
@@ -317,10 +380,27 @@ fn check_conv(c: &crate::model::IntConv2d, shape: &[usize]) -> Result<(), String
         ));
     }
     let [_, _, h, w] = ops::nchw(shape);
-    let fits = crate::model::conv_output_len(h, c.padding[0] + c.padding[1], c.dilation[0], c.kernel[0], c.stride[0]).is_some()
-        && crate::model::conv_output_len(w, c.padding[2] + c.padding[3], c.dilation[1], c.kernel[1], c.stride[1]).is_some();
+    let fits = crate::model::conv_output_len(
+        h,
+        c.padding[0] + c.padding[1],
+        c.dilation[0],
+        c.kernel[0],
+        c.stride[0],
+    )
+    .is_some()
+        && crate::model::conv_output_len(
+            w,
+            c.padding[2] + c.padding[3],
+            c.dilation[1],
+            c.kernel[1],
+            c.stride[1],
+        )
+        .is_some();
     if !fits {
-        return Err(format!("kernel {:?} does not fit input {shape:?}", c.kernel));
+        return Err(format!(
+            "kernel {:?} does not fit input {shape:?}",
+            c.kernel
+        ));
     }
     Ok(())
 }

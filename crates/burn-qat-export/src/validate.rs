@@ -41,7 +41,10 @@ fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
         }
         Output::Float { scale, .. } => {
             if scale.len() != channels {
-                return Err(format!("{} output scales for {channels} channels", scale.len()));
+                return Err(format!(
+                    "{} output scales for {channels} channels",
+                    scale.len()
+                ));
             }
         }
     }
@@ -58,7 +61,10 @@ fn infer(op: &IntOp, inputs: &[Vec<usize>], declared: &[usize]) -> Result<Vec<us
             let s = x();
             let one_d = s.len() == 3 && c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0;
             if !(s.len() == 4 || one_d) || s[1] != c.in_channels {
-                return Err(format!("convolution of {} channels on input {s:?}", c.in_channels));
+                return Err(format!(
+                    "convolution of {} channels on input {s:?}",
+                    c.in_channels
+                ));
             }
             let w = crate::model::Window {
                 kernel: c.kernel,
@@ -78,8 +84,9 @@ fn infer(op: &IntOp, inputs: &[Vec<usize>], declared: &[usize]) -> Result<Vec<us
             }
             s
         }
-        IntOp::Add(_) | IntOp::Mul(_) => ops::broadcast_shape(&inputs[0], &inputs[1])
-            .ok_or(format!("{:?} and {:?} do not broadcast", inputs[0], inputs[1]))?,
+        IntOp::Add(_) | IntOp::Mul(_) => ops::broadcast_shape(&inputs[0], &inputs[1]).ok_or(
+            format!("{:?} and {:?} do not broadcast", inputs[0], inputs[1]),
+        )?,
         IntOp::Concat { axis, .. } => {
             let mut out = x();
             if *axis >= out.len() {
@@ -88,7 +95,10 @@ fn infer(op: &IntOp, inputs: &[Vec<usize>], declared: &[usize]) -> Result<Vec<us
             out[*axis] = 0;
             for s in inputs {
                 let fits = s.len() == out.len()
-                    && s.iter().zip(&inputs[0]).enumerate().all(|(d, (a, b))| d == *axis || a == b);
+                    && s.iter()
+                        .zip(&inputs[0])
+                        .enumerate()
+                        .all(|(d, (a, b))| d == *axis || a == b);
                 if !fits {
                     return Err(format!("{s:?} does not concatenate with {:?}", inputs[0]));
                 }
@@ -175,7 +185,9 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 ));
             }
             if c.bias.len() != c.out_channels || c.weight_scale.len() != c.out_channels {
-                return Err("bias or weight scales do not have one value per output channel".into());
+                return Err(
+                    "bias or weight scales do not have one value per output channel".into(),
+                );
             }
             if c.stride.contains(&0) || c.dilation.contains(&0) || c.kernel.contains(&0) {
                 return Err("zero stride, dilation or kernel".into());
@@ -193,7 +205,9 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 ));
             }
             if l.bias.len() != l.out_features || l.weight_scale.len() != l.out_features {
-                return Err("bias or weight scales do not have one value per output feature".into());
+                return Err(
+                    "bias or weight scales do not have one value per output feature".into(),
+                );
             }
             grid_ok(&l.input, "input")?;
             output_ok(&l.output, l.out_features)?;
@@ -204,7 +218,10 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
             }
             let bound = 1i64 << 62;
             if !(1..=62).contains(&a.shift) || a.ma.abs() >= bound || a.mb.abs() >= bound {
-                return Err(format!("fixed-point add shift {} or multipliers out of range", a.shift));
+                return Err(format!(
+                    "fixed-point add shift {} or multipliers out of range",
+                    a.shift
+                ));
             }
         }
         IntOp::Mul(m) => {
@@ -217,7 +234,10 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
         }
         IntOp::Lut(t) => {
             if t.table.len() != 256 {
-                return Err(format!("lookup table of {} entries, not 256", t.table.len()));
+                return Err(format!(
+                    "lookup table of {} entries, not 256",
+                    t.table.len()
+                ));
             }
         }
         IntOp::Concat { requantize, .. } => {
@@ -253,18 +273,31 @@ impl IntegerModel {
     pub fn validate(&self) -> Result<(), ModelError> {
         let fail = |i: usize, what: String| ModelError {
             node: i,
-            name: self.nodes.get(i).map_or_else(String::new, |n| n.name.clone()),
+            name: self
+                .nodes
+                .get(i)
+                .map_or_else(String::new, |n| n.name.clone()),
             what,
         };
         if !matches!(self.nodes.first().map(|n| &n.op), Some(IntOp::Input)) {
             return Err(fail(0, "the first node must be the input".into()));
         }
         if self.output >= self.nodes.len() {
-            return Err(fail(self.output, format!("output node {} does not exist", self.output)));
+            return Err(fail(
+                self.output,
+                format!("output node {} does not exist", self.output),
+            ));
         }
         let input = &self.nodes[0].shape;
-        if input.first() != Some(&Dim::Batch(1)) || input[1..].iter().any(|d| !matches!(d, Dim::Fixed(v) if *v > 0)) {
-            return Err(fail(0, format!("input shape {input:?} is not [batch, fixed sizes > 0]")));
+        if input.first() != Some(&Dim::Batch(1))
+            || input[1..]
+                .iter()
+                .any(|d| !matches!(d, Dim::Fixed(v) if *v > 0))
+        {
+            return Err(fail(
+                0,
+                format!("input shape {input:?} is not [batch, fixed sizes > 0]"),
+            ));
         }
         let mut int = vec![false; self.nodes.len()];
         let mut grids: Vec<Option<Grid>> = Vec::with_capacity(self.nodes.len());
@@ -274,7 +307,10 @@ impl IntegerModel {
                 return Err(fail(i, "a second input".into()));
             }
             if let Some(j) = node.inputs.iter().find(|j| **j >= i) {
-                return Err(fail(i, format!("reads node {j}, which does not run before it")));
+                return Err(fail(
+                    i,
+                    format!("reads node {j}, which does not run before it"),
+                ));
             }
             check_params(&node.op, node.inputs.len()).map_err(|e| fail(i, e))?;
             if node.shape.len() > 8 {
@@ -285,16 +321,29 @@ impl IntegerModel {
                 let v = match d {
                     Dim::Fixed(v) | Dim::Batch(v) => *v,
                 };
-                item = item.checked_mul(v.max(1)).filter(|v| *v <= MAX_ITEM_VALUES).ok_or_else(|| {
-                    fail(i, format!("shape {:?} is above {MAX_ITEM_VALUES} values per item", node.shape))
-                })?;
+                item = item
+                    .checked_mul(v.max(1))
+                    .filter(|v| *v <= MAX_ITEM_VALUES)
+                    .ok_or_else(|| {
+                        fail(
+                            i,
+                            format!(
+                                "shape {:?} is above {MAX_ITEM_VALUES} values per item",
+                                node.shape
+                            ),
+                        )
+                    })?;
             }
             for (b, batch) in [1usize, 2].into_iter().enumerate() {
                 let declared: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
-                let ins: Vec<Vec<usize>> = node.inputs.iter().map(|j| shapes[b][*j].clone()).collect();
+                let ins: Vec<Vec<usize>> =
+                    node.inputs.iter().map(|j| shapes[b][*j].clone()).collect();
                 let got = infer(&node.op, &ins, &declared).map_err(|e| fail(i, e))?;
                 if got != declared {
-                    return Err(fail(i, format!("computes shape {got:?} at batch {batch}, declares {declared:?}")));
+                    return Err(fail(
+                        i,
+                        format!("computes shape {got:?} at batch {batch}, declares {declared:?}"),
+                    ));
                 }
                 shapes[b].push(got);
             }
@@ -313,10 +362,16 @@ impl IntegerModel {
                 _ => (true, true),
             };
             if needs_int && let Some(j) = node.inputs.iter().find(|j| !int[**j]) {
-                return Err(fail(i, format!("reads node {j}, which is not an integer tensor")));
+                return Err(fail(
+                    i,
+                    format!("reads node {j}, which is not an integer tensor"),
+                ));
             }
             if out_int != node.grid.is_some() {
-                return Err(fail(i, "its grid does not say whether its output is an integer tensor".into()));
+                return Err(fail(
+                    i,
+                    "its grid does not say whether its output is an integer tensor".into(),
+                ));
             }
             if let Some(g) = &node.grid {
                 grid_ok(g, "output").map_err(|e| fail(i, e))?;
@@ -332,7 +387,13 @@ impl IntegerModel {
                 _ => node.grid,
             };
             if declared != node.grid {
-                return Err(fail(i, format!("output grid {:?} differs from its op's {declared:?}", node.grid)));
+                return Err(fail(
+                    i,
+                    format!(
+                        "output grid {:?} differs from its op's {declared:?}",
+                        node.grid
+                    ),
+                ));
             }
             let reads = |k: usize| grids[node.inputs[k]];
             let expected_inputs: Vec<(usize, Grid)> = match &node.op {
@@ -341,17 +402,35 @@ impl IntegerModel {
                 IntOp::Add(a) => vec![(0, a.a), (1, a.b)],
                 IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
                 IntOp::Lut(t) => vec![(0, t.input)],
-                IntOp::AvgPool { input, .. } | IntOp::AdaptiveAvgPool { input, .. } | IntOp::Reduce { input, .. } => vec![(0, *input)],
+                IntOp::AvgPool { input, .. }
+                | IntOp::AdaptiveAvgPool { input, .. }
+                | IntOp::Reduce { input, .. } => vec![(0, *input)],
                 IntOp::Concat { requantize, .. } => requantize
                     .iter()
                     .enumerate()
-                    .map(|(k, t)| (k, t.as_ref().map_or(node.grid.unwrap_or(Grid { scale: 1.0, zero_point: 0, qmin: -128, qmax: 127 }), |t| t.input)))
+                    .map(|(k, t)| {
+                        (
+                            k,
+                            t.as_ref().map_or(
+                                node.grid.unwrap_or(Grid {
+                                    scale: 1.0,
+                                    zero_point: 0,
+                                    qmin: -128,
+                                    qmax: 127,
+                                }),
+                                |t| t.input,
+                            ),
+                        )
+                    })
                     .collect(),
                 _ => vec![],
             };
             for (k, g) in expected_inputs {
                 if reads(k) != Some(g) {
-                    return Err(fail(i, format!("input {k} is on grid {:?}, the op expects {g:?}", reads(k))));
+                    return Err(fail(
+                        i,
+                        format!("input {k} is on grid {:?}, the op expects {g:?}", reads(k)),
+                    ));
                 }
             }
             grids.push(node.grid);

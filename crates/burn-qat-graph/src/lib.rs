@@ -12,8 +12,8 @@
 mod capture;
 mod ir;
 mod lift;
-mod module;
 mod lower;
+mod module;
 pub mod rewrite;
 mod write_back;
 

@@ -15,7 +15,13 @@ struct Lowering {
     nodes: Vec<Node>,
 }
 
-fn out_len(input: usize, pad: usize, dilation: usize, kernel: usize, stride: usize) -> Option<usize> {
+fn out_len(
+    input: usize,
+    pad: usize,
+    dilation: usize,
+    kernel: usize,
+    stride: usize,
+) -> Option<usize> {
     (input + pad)
         .checked_sub(dilation * (kernel.max(1) - 1) + 1)
         .map(|v| v / stride.max(1) + 1)
@@ -30,7 +36,12 @@ fn fixed(shape: &[Dim], k: usize) -> usize {
 
 impl Lowering {
     fn push(&mut self, op: Op, inputs: Vec<usize>, name: String, shape: Vec<Dim>) -> usize {
-        self.nodes.push(Node { op, inputs, name, shape });
+        self.nodes.push(Node {
+            op,
+            inputs,
+            name,
+            shape,
+        });
         self.nodes.len() - 1
     }
 
@@ -57,7 +68,10 @@ impl Lowering {
             Activation::Identity => return input,
             Activation::Relu => Op::Relu,
             Activation::Relu6 => Op::Clamp { min: 0.0, max: 6.0 },
-            Activation::Clamp { min, max } => Op::Clamp { min: min as f64, max: max as f64 },
+            Activation::Clamp { min, max } => Op::Clamp {
+                min: min as f64,
+                max: max as f64,
+            },
         };
         self.push(op, vec![input], format!("{name}.activation"), shape)
     }
@@ -77,9 +91,12 @@ impl Lowering {
             let shape = self.nodes[at].shape.clone();
             let bad = |what: &str| QatError::Model(format!("`{name}` ({}): {what}", layer.name()));
             at = match layer {
-                SeqLayer::FakeQuant(fq) => {
-                    self.layer(GraphLayer::Quant(ActQuant::Observed(fq.clone())), at, name, shape)
-                }
+                SeqLayer::FakeQuant(fq) => self.layer(
+                    GraphLayer::Quant(ActQuant::Observed(fq.clone())),
+                    at,
+                    name,
+                    shape,
+                ),
                 SeqLayer::FusedConv2d(f) => {
                     let conv: &Conv2d = &f.layer;
                     let [_, _, kh, kw] = conv.weight.dims();
@@ -88,14 +105,31 @@ impl Lowering {
                         PaddingConfig2d::Explicit(t, l, b, r) => (t, l, b, r),
                         _ => return Err(bad("Same padding: use PaddingConfig2d::Explicit")),
                     };
-                    let h = out_len(fixed(&shape, 2), t + b, conv.dilation[0], kh, conv.stride[0]);
-                    let w = out_len(fixed(&shape, 3), l + r, conv.dilation[1], kw, conv.stride[1]);
+                    let h = out_len(
+                        fixed(&shape, 2),
+                        t + b,
+                        conv.dilation[0],
+                        kh,
+                        conv.stride[0],
+                    );
+                    let w = out_len(
+                        fixed(&shape, 3),
+                        l + r,
+                        conv.dilation[1],
+                        kw,
+                        conv.stride[1],
+                    );
                     let (Some(h), Some(w)) = (h, w) else {
                         return Err(bad(&format!("the kernel does not fit its input {shape:?}")));
                     };
                     let cout = conv.weight.dims()[0];
                     let (layer, output) = Self::fused(f);
-                    let out = vec![Dim::Batch(1), Dim::Fixed(cout), Dim::Fixed(h), Dim::Fixed(w)];
+                    let out = vec![
+                        Dim::Batch(1),
+                        Dim::Fixed(cout),
+                        Dim::Fixed(h),
+                        Dim::Fixed(w),
+                    ];
                     let c = self.layer(GraphLayer::Conv2d(layer), at, name.clone(), out);
                     self.quant(output, c, &name)
                 }
@@ -107,7 +141,8 @@ impl Lowering {
                         burn::nn::PaddingConfig1d::Explicit(l, r) => (l, r),
                         _ => return Err(bad("Same padding: use PaddingConfig1d::Explicit")),
                     };
-                    let Some(len) = out_len(fixed(&shape, 2), l + r, conv.dilation, k, conv.stride) else {
+                    let Some(len) = out_len(fixed(&shape, 2), l + r, conv.dilation, k, conv.stride)
+                    else {
                         return Err(bad(&format!("the kernel does not fit its input {shape:?}")));
                     };
                     let (layer, output) = Self::fused(f);
@@ -132,8 +167,20 @@ impl Lowering {
                     let PaddingConfig2d::Valid = p.padding else {
                         return Err(bad("only valid padding is lowered"));
                     };
-                    let h = out_len(fixed(&shape, 2), 0, p.dilation[0], p.kernel_size[0], p.stride[0]);
-                    let w = out_len(fixed(&shape, 3), 0, p.dilation[1], p.kernel_size[1], p.stride[1]);
+                    let h = out_len(
+                        fixed(&shape, 2),
+                        0,
+                        p.dilation[0],
+                        p.kernel_size[0],
+                        p.stride[0],
+                    );
+                    let w = out_len(
+                        fixed(&shape, 3),
+                        0,
+                        p.dilation[1],
+                        p.kernel_size[1],
+                        p.stride[1],
+                    );
                     let (Some(h), Some(w)) = (h, w) else {
                         return Err(bad(&format!("the window does not fit its input {shape:?}")));
                     };
@@ -172,7 +219,9 @@ impl Lowering {
                     self.push(Op::Reshape { shape: out.clone() }, vec![at], name, out)
                 }
                 SeqLayer::Relu(_) => self.push(Op::Relu, vec![at], name, shape),
-                SeqLayer::Relu6(_) => self.push(Op::Clamp { min: 0.0, max: 6.0 }, vec![at], name, shape),
+                SeqLayer::Relu6(_) => {
+                    self.push(Op::Clamp { min: 0.0, max: 6.0 }, vec![at], name, shape)
+                }
                 SeqLayer::Dropout(_) => at,
                 SeqLayer::Residual(r) => {
                     let body = self.lower(&r.body.layers, &format!("{name}.body.layers"), at)?;

@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use burn_qat_export::model::{Dim, Grid, IntConv2d, IntLinear, IntOp, IntegerModel, Lut, Output, Window};
+use burn_qat_export::model::{
+    Dim, Grid, IntConv2d, IntLinear, IntOp, IntegerModel, Lut, Output, Window,
+};
 use prost::Message;
 use thiserror::Error;
 
@@ -198,7 +200,9 @@ impl Graph {
     /// The fused activation as float bounds, then the output edge.
     fn finish(&mut self, y: String, output: &Output) -> String {
         match output {
-            Output::Quantized { grid: act, lo, hi, .. } => {
+            Output::Quantized {
+                grid: act, lo, hi, ..
+            } => {
                 let y = self.clip_int(y, *lo, *hi, act);
                 self.qdq(y, act)
             }
@@ -305,11 +309,22 @@ impl Graph {
         let r = self.node("Round", vec![v], vec![]);
         let offset = self.f32s("lut_offset", &[], &[(lut.input.zero_point + 128) as f32]);
         let shifted = self.node("Add", vec![r, offset], vec![]);
-        let index = self.node("Cast", vec![shifted], vec![attr_int("to", DataType::Int64 as i64)]);
-        let table = self.i8s(&format!("lut_{}", lut.function.to_lowercase()), &[256], &lut.table);
+        let index = self.node(
+            "Cast",
+            vec![shifted],
+            vec![attr_int("to", DataType::Int64 as i64)],
+        );
+        let table = self.i8s(
+            &format!("lut_{}", lut.function.to_lowercase()),
+            &[256],
+            &lut.table,
+        );
         let y = self.node("Gather", vec![table, index], vec![attr_int("axis", 0)]);
         if let Some(node) = self.nodes.last_mut() {
-            node.doc_string = Some(format!("{} as a 256-entry table on int8 values", lut.function));
+            node.doc_string = Some(format!(
+                "{} as a 256-entry table on int8 values",
+                lut.function
+            ));
         }
         let s = self.f32s("scale", &[], &[lut.output.scale]);
         let z = self.i8s("zero_point", &[], &[lut.output.zero_point as i8]);
@@ -318,7 +333,14 @@ impl Graph {
         yd
     }
 
-    fn pool(&mut self, op: &str, x: String, w: &Window, rank: usize, extra: Vec<AttributeProto>) -> String {
+    fn pool(
+        &mut self,
+        op: &str,
+        x: String,
+        w: &Window,
+        rank: usize,
+        extra: Vec<AttributeProto>,
+    ) -> String {
         let mut attrs = if rank == 3 {
             vec![
                 attr_ints("kernel_shape", &[w.kernel[1] as i64]),
@@ -331,12 +353,21 @@ impl Graph {
                 attr_ints("strides", &[w.stride[0] as i64, w.stride[1] as i64]),
                 attr_ints(
                     "pads",
-                    &[w.padding[0] as i64, w.padding[2] as i64, w.padding[1] as i64, w.padding[3] as i64],
+                    &[
+                        w.padding[0] as i64,
+                        w.padding[2] as i64,
+                        w.padding[1] as i64,
+                        w.padding[3] as i64,
+                    ],
                 ),
             ]
         };
         if w.dilation != [1, 1] {
-            let d: Vec<i64> = if rank == 3 { vec![w.dilation[1] as i64] } else { w.dilation.iter().map(|v| *v as i64).collect() };
+            let d: Vec<i64> = if rank == 3 {
+                vec![w.dilation[1] as i64]
+            } else {
+                w.dilation.iter().map(|v| *v as i64).collect()
+            };
             attrs.push(attr_ints("dilations", &d));
         }
         attrs.extend(extra);
@@ -346,10 +377,19 @@ impl Graph {
     fn reduce(&mut self, op: &str, x: String, axis: usize) -> String {
         // ReduceSum takes its axes as an input from opset 13, ReduceMean from opset 18.
         if op == "ReduceSum" || self.opset >= 18 {
-            let axes = self.init("axes", DataType::Int64, &[1], (axis as i64).to_le_bytes().to_vec());
+            let axes = self.init(
+                "axes",
+                DataType::Int64,
+                &[1],
+                (axis as i64).to_le_bytes().to_vec(),
+            );
             self.node(op, vec![x, axes], vec![attr_int("keepdims", 1)])
         } else {
-            self.node(op, vec![x], vec![attr_ints("axes", &[axis as i64]), attr_int("keepdims", 1)])
+            self.node(
+                op,
+                vec![x],
+                vec![attr_ints("axes", &[axis as i64]), attr_int("keepdims", 1)],
+            )
         }
     }
 }
@@ -412,14 +452,28 @@ fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxE
                 let y = g.pool("MaxPool", x(0), w, in_rank(0), vec![]);
                 requant(g, y)
             }
-            IntOp::AvgPool { window, count_include_pad, .. } => {
-                let y = g.pool("AveragePool", x(0), window, in_rank(0), vec![attr_int("count_include_pad", *count_include_pad as i64)]);
+            IntOp::AvgPool {
+                window,
+                count_include_pad,
+                ..
+            } => {
+                let y = g.pool(
+                    "AveragePool",
+                    x(0),
+                    window,
+                    in_rank(0),
+                    vec![attr_int("count_include_pad", *count_include_pad as i64)],
+                );
                 requant(g, y)
             }
             IntOp::AdaptiveAvgPool { output, .. } => {
                 let shape = &model.nodes[node.inputs[0]].shape;
                 let rank = shape.len();
-                let (h, w) = if rank == 3 { (Some(1), dim_text(&shape[2])) } else { (dim_text(&shape[2]), dim_text(&shape[3])) };
+                let (h, w) = if rank == 3 {
+                    (Some(1), dim_text(&shape[2]))
+                } else {
+                    (dim_text(&shape[2]), dim_text(&shape[3]))
+                };
                 let (Some(h), Some(w)) = (h, w) else {
                     return Err(unsupported("adaptive pooling over a batch-dependent axis"));
                 };
@@ -427,10 +481,17 @@ fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxE
                     g.node("GlobalAveragePool", vec![x(0)], vec![])
                 } else if h % output[0] == 0 && w % output[1] == 0 {
                     let (kh, kw) = (h / output[0], w / output[1]);
-                    let win = Window { kernel: [kh, kw], stride: [kh, kw], padding: [0; 4], dilation: [1, 1] };
+                    let win = Window {
+                        kernel: [kh, kw],
+                        stride: [kh, kw],
+                        padding: [0; 4],
+                        dilation: [1, 1],
+                    };
                     g.pool("AveragePool", x(0), &win, rank, vec![])
                 } else {
-                    return Err(unsupported("ONNX has no adaptive pooling: the output size must divide the input size (or be 1)"));
+                    return Err(unsupported(
+                        "ONNX has no adaptive pooling: the output size must divide the input size (or be 1)",
+                    ));
                 };
                 requant(g, y)
             }
@@ -439,19 +500,41 @@ fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxE
                 requant(g, y)
             }
             IntOp::Reshape => {
-                let batch_dims = node.shape.iter().filter(|d| matches!(d, Dim::Batch(_))).count();
+                let batch_dims = node
+                    .shape
+                    .iter()
+                    .filter(|d| matches!(d, Dim::Batch(_)))
+                    .count();
                 if batch_dims > 1 {
                     return Err(unsupported("a reshape with several batch-dependent axes"));
                 }
-                let target: Vec<i64> = node.shape.iter().map(|d| match d { Dim::Fixed(v) => *v as i64, Dim::Batch(_) => -1 }).collect();
-                let s = g.init("shape", DataType::Int64, &[target.len()], target.iter().flat_map(|v| v.to_le_bytes()).collect());
+                let target: Vec<i64> = node
+                    .shape
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(v) => *v as i64,
+                        Dim::Batch(_) => -1,
+                    })
+                    .collect();
+                let s = g.init(
+                    "shape",
+                    DataType::Int64,
+                    &[target.len()],
+                    target.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                );
                 let y = g.node("Reshape", vec![x(0), s], vec![]);
-                match grid_in(0) { Some(q) => g.qdq(y, &q), None => y }
+                match grid_in(0) {
+                    Some(q) => g.qdq(y, &q),
+                    None => y,
+                }
             }
             IntOp::Permute { perm } => {
                 let p: Vec<i64> = perm.iter().map(|v| *v as i64).collect();
                 let y = g.node("Transpose", vec![x(0)], vec![attr_ints("perm", &p)]);
-                match grid_in(0) { Some(q) => g.qdq(y, &q), None => y }
+                match grid_in(0) {
+                    Some(q) => g.qdq(y, &q),
+                    None => y,
+                }
             }
         };
         names.push(out);
@@ -514,8 +597,11 @@ pub fn to_model_proto(
     };
     g.nodes.push(identity);
     let input_dims: Vec<Option<usize>> = model.nodes[0].shape.iter().map(dim_text).collect();
-    let output_dims: Vec<Option<usize>> =
-        model.nodes[model.output].shape.iter().map(dim_text).collect();
+    let output_dims: Vec<Option<usize>> = model.nodes[model.output]
+        .shape
+        .iter()
+        .map(dim_text)
+        .collect();
     Ok(ModelProto {
         ir_version: Some(if options.opset >= 21 { 10 } else { 7 }),
         opset_import: vec![OperatorSetIdProto {

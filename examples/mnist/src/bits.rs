@@ -228,7 +228,10 @@ pub fn sweep(
             }
             let eval = qat.valid();
             let qat_acc = evaluate(&eval, &test, &eval_device);
-            let int = burn_qat::export::convert(&burn_qat::graph::from_sequential(&eval, &[1, 1, SIDE, SIDE])?)?;
+            let int = burn_qat::export::convert(&burn_qat::graph::from_sequential(
+                &eval,
+                &[1, 1, SIDE, SIDE],
+            )?)?;
             let int_acc = evaluate_int8(&int, &test)?;
             println!(
                 "{ranges:?} W{bits}A{bits}: QAT {:.2}%, integer {:.2}%",

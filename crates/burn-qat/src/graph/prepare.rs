@@ -8,11 +8,11 @@ use burn_qat_core::QatError;
 use burn_qat_nn::{ActQuant, WeightFakeQuantConfig};
 use burn_qat_transform::{Activation, Fusable, Fused};
 
-use burn_qat_graph::{GridRole, LayerKind, Node, Op, Program};
-use burn_qat_graph::{GraphLayer, QatGraph};
-use burn_qat_graph::rewrite::Editor;
 use crate::model::plan::glob;
 use crate::model::{ActivationQuant, PlannedParam, QatConfig, Selector};
+use burn_qat_graph::rewrite::Editor;
+use burn_qat_graph::{GraphLayer, QatGraph};
+use burn_qat_graph::{GridRole, LayerKind, Node, Op, Program};
 
 fn is_foldable(kind: LayerKind, rank: usize) -> bool {
     matches!(kind, LayerKind::Conv1d | LayerKind::Conv2d)
