@@ -19,7 +19,8 @@ use burn::tensor::Distribution;
 use burn_qat::graph::{self, GraphLayer, LayerKind, Op, QatGraph};
 use burn_qat::model::{ActivationQuant, QatConfig, WeightQuant};
 use burn_qat::{QatError, switches};
-use burn_qat_tests::{Backend, backends, values, write_npy};
+use burn_qat_tests::{Backend, backends, values};
+use mnist::write_npy;
 
 // ---------------------------------------------------------------- (a) ResNet, basic blocks
 

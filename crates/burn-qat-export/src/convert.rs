@@ -54,9 +54,17 @@ fn unsupported(node: &Node, kind: impl Into<String>, hint: impl Into<String>) ->
     }
 }
 
-/// The grid of an activation fake-quantizer and its spec (for rounding), in its 8-bit
-/// container.
-fn grid_of(q: &ActQuant, node: &Node) -> Result<(Grid, QuantSpec, QParams), ExportError> {
+/// An activation fake-quantizer as the integer model sees it: its grid in the 8-bit container,
+/// and its spec and parameters (for its rounding, when tables are built).
+#[derive(Clone, Copy)]
+struct Quantizer {
+    grid: Grid,
+    spec: QuantSpec,
+    qp: QParams,
+}
+
+/// The [`Quantizer`] of an activation fake-quantizer; errors name `node`.
+fn grid_of(q: &ActQuant, node: &Node) -> Result<Quantizer, ExportError> {
     let configured = q.spec();
     if configured.axis().is_some() {
         return Err(unsupported(
@@ -86,7 +94,11 @@ fn grid_of(q: &ActQuant, node: &Node) -> Result<(Grid, QuantSpec, QParams), Expo
             "its observer has seen no data: train (or calibrate) before converting",
         ));
     };
-    Ok((Grid::from_spec(&spec, qps[0]), spec, qps[0]))
+    Ok(Quantizer {
+        grid: Grid::from_spec(&spec, qps[0]),
+        spec,
+        qp: qps[0],
+    })
 }
 
 /// A float `[lo, hi]` clamp on the grid of `g` as integers (ReLU: `lo = zero_point`).
@@ -96,27 +108,6 @@ fn clamp_bounds(activation: Activation, g: &Grid) -> (i32, i32) {
         Activation::Relu => (g.zero_point.max(g.qmin), g.qmax),
         Activation::Relu6 => (g.zero_point.max(g.qmin), g.quantize(6.0)),
         Activation::Clamp { min, max } => (g.quantize(min), g.quantize(max)),
-    }
-}
-
-/// The activation a ReLU/clamp node applies.
-fn activation_of(op: &Op) -> Option<Activation> {
-    match *op {
-        Op::Relu => Some(Activation::Relu),
-        Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
-        Op::Clamp { min, max } => Some(Activation::Clamp {
-            min: if min.is_finite() {
-                min as f32
-            } else {
-                f32::NEG_INFINITY
-            },
-            max: if max.is_finite() {
-                max as f32
-            } else {
-                f32::INFINITY
-            },
-        }),
-        _ => None,
     }
 }
 
@@ -206,10 +197,7 @@ impl<'a> Converter<'a> {
     }
 
     /// The quantizer after node `i` (required), with the fused activation before it.
-    fn required_tail(
-        &self,
-        i: usize,
-    ) -> Result<(Activation, usize, Grid, QuantSpec, QParams), ExportError> {
+    fn required_tail(&self, i: usize) -> Result<(Activation, Quantizer), ExportError> {
         let t = self.tail(i);
         let node = self.gnode(i);
         let Some(q) = t.quant else {
@@ -221,19 +209,26 @@ impl<'a> Converter<'a> {
         };
         let activation = t
             .activation
-            .and_then(|a| activation_of(&self.gnode(a).op))
+            .and_then(|a| self.gnode(a).op.activation())
             .unwrap_or(Activation::Identity);
-        let (grid, spec, qp) =
-            grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
-        Ok((activation, q, grid, spec, qp))
+        let quantizer = grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
+        Ok((activation, quantizer))
     }
 
-    /// Maps the tail's nodes to integer node `m`.
-    fn cover(&mut self, i: usize, m: usize) {
+    /// Maps the activation and quantizer after graph node `i` to integer node `n`.
+    fn emit_cover(&mut self, i: usize, n: usize) {
         let t = self.tail(i);
         for j in [t.activation, t.quant].into_iter().flatten() {
-            self.map[j] = Some(m);
+            self.map[j] = Some(n);
         }
+    }
+
+    /// Pushes the integer node of graph node `i` and maps the activation and quantizer after
+    /// `i` (which it computes too) to it.
+    fn emit(&mut self, i: usize, op: IntOp, inputs: Vec<usize>, grid: Option<Grid>) -> usize {
+        let n = self.push(i, op, inputs, grid);
+        self.emit_cover(i, n);
+        n
     }
 
     fn convert_node(&mut self, i: usize) -> Result<(), ExportError> {
@@ -246,7 +241,7 @@ impl<'a> Converter<'a> {
                 (GraphLayer::Quant(q), _) => self.quantize_from_float(i, q)?,
                 (GraphLayer::Conv2d(f), _) => {
                     let (geometry, padding) = conv2d_geometry(f, node)?;
-                    self.conv_from_float(i, f, f.layer.groups, geometry, padding, 4)?
+                    self.conv_from_float(i, f, f.layer.groups, geometry, padding)?
                 }
                 (GraphLayer::Conv1d(f), _) => {
                     let (left, right) = match f.layer.padding {
@@ -261,7 +256,7 @@ impl<'a> Converter<'a> {
                         }
                     };
                     let geometry = ([1, f.layer.stride], [1, f.layer.dilation]);
-                    self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right], 3)?
+                    self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right])?
                 }
                 (GraphLayer::Linear(f), _) => self.linear_from_float(i, f)?,
                 (GraphLayer::BatchNorm(_), _) => {
@@ -336,23 +331,23 @@ impl<'a> Converter<'a> {
                 self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
             }
             Op::AdaptiveAvgPool1d { output } => {
-                self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool {
+                self.averaging_from_float(i, true, |input| IntOp::AdaptiveAvgPool {
                     output: [1, *output],
                     input,
                 })?
             }
             Op::AdaptiveAvgPool2d { output } => {
-                self.averaging_from_float(i, |input| IntOp::AdaptiveAvgPool {
+                self.averaging_from_float(i, true, |input| IntOp::AdaptiveAvgPool {
                     output: *output,
                     input,
                 })?
             }
-            Op::MeanDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce {
+            Op::MeanDim { axis } => self.averaging_from_float(i, true, |input| IntOp::Reduce {
                 axis: *axis,
                 mean: true,
                 input,
             })?,
-            Op::SumDim { axis } => self.averaging_from_float(i, |input| IntOp::Reduce {
+            Op::SumDim { axis } => self.averaging_from_float(i, false, |input| IntOp::Reduce {
                 axis: *axis,
                 mean: false,
                 input,
@@ -384,15 +379,15 @@ impl<'a> Converter<'a> {
 
     /// `Quantize` of the float input, or a requantization of an integer tensor.
     fn quantize_from_float(&mut self, i: usize, q: &ActQuant) -> Result<(), ExportError> {
-        let (grid, spec, qp) = grid_of(q, self.gnode(i))?;
+        let out = grid_of(q, self.gnode(i))?;
         match self.input(i, 0) {
             (m, None) => {
-                self.push(i, IntOp::Quantize(grid), vec![m], Some(grid));
+                self.push(i, IntOp::Quantize(out.grid), vec![m], Some(out.grid));
             }
-            (m, Some(g)) if g == grid => self.map[i] = Some(m),
+            (m, Some(g)) if g == out.grid => self.map[i] = Some(m),
             (m, Some(g)) => {
-                let lut = self.table("Requantize", g, grid, &spec, qp, |x| x)?;
-                self.push(i, IntOp::Lut(lut), vec![m], Some(grid));
+                let lut = self.table(i, "Requantize", g, &out, |x| x)?;
+                self.push(i, IntOp::Lut(lut), vec![m], Some(out.grid));
             }
         }
         Ok(())
@@ -402,11 +397,10 @@ impl<'a> Converter<'a> {
     /// rounding, `f` evaluated with the graph's Burn ops on the graph's device.
     fn table(
         &self,
+        i: usize,
         function: &str,
         input: Grid,
-        output: Grid,
-        spec: &QuantSpec,
-        qp: QParams,
+        out: &Quantizer,
         f: impl FnOnce(Tensor<1>) -> Tensor<1>,
     ) -> Result<Lut, ExportError> {
         let xs: Vec<f32> = (-128..=127).map(|q| input.dequantize(q)).collect();
@@ -416,31 +410,39 @@ impl<'a> Converter<'a> {
             .convert::<f32>()
             .try_to_vec::<f32>()
             .unwrap_or_default();
-        let shift = if spec.signed { 0 } else { 128 };
+        if ys.len() != 256 {
+            return Err(ExportError::NotRepresentable {
+                path: self.gnode(i).name.clone(),
+                what: format!(
+                    "its {function} table came back with {} of 256 values",
+                    ys.len()
+                ),
+            });
+        }
+        let shift = if out.spec.signed { 0 } else { 128 };
         let table = ys
             .iter()
             .map(|y| {
-                (reference::quantize(*y, qp, spec) - shift).clamp(output.qmin, output.qmax) as i8
+                (reference::quantize(*y, out.qp, &out.spec) - shift)
+                    .clamp(out.grid.qmin, out.grid.qmax) as i8
             })
             .collect();
         Ok(Lut {
             function: function.into(),
             input,
-            output,
+            output: out.grid,
             table,
         })
     }
 
     fn lut_from_float(&mut self, i: usize) -> Result<(), ExportError> {
-        let node = self.gnode(i);
+        let op = self.gnode(i).op.clone();
         let (m, g_in) = self.int_input(i, 0)?;
-        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
-        let op = node.op.clone();
-        let lut = self.table(&op.name(), g_in, grid, &spec, qp, |x| {
+        let (activation, out) = self.required_tail(i)?;
+        let lut = self.table(i, &op.name(), g_in, &out, |x| {
             activation.forward(apply_unary(&op, x).expect("a unary op"))
         })?;
-        let n = self.push(i, IntOp::Lut(lut), vec![m], Some(grid));
-        self.cover(i, n);
+        self.emit(i, IntOp::Lut(lut), vec![m], Some(out.grid));
         Ok(())
     }
 
@@ -448,7 +450,7 @@ impl<'a> Converter<'a> {
         let node = self.gnode(i);
         let (ma, a) = self.int_input(i, 0)?;
         let (mb, b) = self.int_input(i, 1)?;
-        let (activation, _, out, _, _) = self.required_tail(i)?;
+        let (activation, Quantizer { grid: out, .. }) = self.required_tail(i)?;
         let (lo, hi) = clamp_bounds(activation, &out);
         let op = match node.op {
             Op::Mul => IntOp::Mul(IntMul {
@@ -490,26 +492,29 @@ impl<'a> Converter<'a> {
                 })
             }
         };
-        let n = self.push(i, op, vec![ma, mb], Some(out));
-        self.cover(i, n);
+        self.emit(i, op, vec![ma, mb], Some(out));
         Ok(())
     }
 
     fn concat_from_float(&mut self, i: usize, axis: usize) -> Result<(), ExportError> {
-        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
+        let (activation, out) = self.required_tail(i)?;
         let mut inputs = Vec::new();
         let mut requantize = Vec::new();
         for k in 0..self.gnode(i).inputs.len() {
             let (m, g) = self.int_input(i, k)?;
             inputs.push(m);
-            requantize.push(if g == grid && activation == Activation::Identity {
+            requantize.push(if g == out.grid && activation == Activation::Identity {
                 None
             } else {
-                Some(self.table("Requantize", g, grid, &spec, qp, |x| activation.forward(x))?)
+                Some(self.table(i, "Requantize", g, &out, |x| activation.forward(x))?)
             });
         }
-        let n = self.push(i, IntOp::Concat { axis, requantize }, inputs, Some(grid));
-        self.cover(i, n);
+        self.emit(
+            i,
+            IntOp::Concat { axis, requantize },
+            inputs,
+            Some(out.grid),
+        );
         Ok(())
     }
 
@@ -545,23 +550,7 @@ impl<'a> Converter<'a> {
                 "use ceil_mode false",
             ));
         }
-        if self.tail(i).quant.is_none() && self.graph.program.output != i {
-            // No quantizer after it (a lowered `Sequential`): the output stays on the input's
-            // grid, as TFLite's AVERAGE_POOL_2D.
-            let (m, input) = self.int_input(i, 0)?;
-            self.push(
-                i,
-                IntOp::AvgPool {
-                    window,
-                    count_include_pad,
-                    input,
-                },
-                vec![m],
-                Some(input),
-            );
-            return Ok(());
-        }
-        self.averaging_from_float(i, |input| IntOp::AvgPool {
+        self.averaging_from_float(i, true, |input| IntOp::AvgPool {
             window,
             count_include_pad,
             input,
@@ -569,23 +558,45 @@ impl<'a> Converter<'a> {
     }
 
     /// Average pooling, adaptive pooling and reductions: an integer sum requantized to the
-    /// quantizer after them, then the fused activation as a table on that grid.
+    /// quantizer after them, then the fused activation as a table on that grid. An average
+    /// (`mean`) with no quantizer after it keeps its input's grid, as TFLite's AVERAGE_POOL_2D
+    /// (a lowered `Sequential` pools that way); a sum needs its own grid.
     fn averaging_from_float(
         &mut self,
         i: usize,
+        mean: bool,
         op: impl FnOnce(Grid) -> IntOp,
     ) -> Result<(), ExportError> {
         let (m, g_in) = self.int_input(i, 0)?;
-        let (activation, _, grid, spec, qp) = self.required_tail(i)?;
-        let mut n = self.push(i, op(g_in), vec![m], Some(grid));
-        if activation != Activation::Identity {
-            let lut = self.table(&format!("{activation:?}"), grid, grid, &spec, qp, |x| {
-                activation.forward(x)
-            })?;
-            n = self.push(i, IntOp::Lut(lut), vec![n], Some(grid));
+        if mean && self.tail(i).quant.is_none() && self.graph.program.output != i {
+            self.push(i, op(g_in), vec![m], Some(g_in));
+            return Ok(());
         }
-        self.cover(i, n);
+        let (activation, out) = self.required_tail(i)?;
+        let mut n = self.push(i, op(g_in), vec![m], Some(out.grid));
+        if activation != Activation::Identity {
+            let name = format!("{activation:?}");
+            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
+            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
+        }
+        self.emit_cover(i, n);
         Ok(())
+    }
+
+    /// The parts every conv/linear node shares: its input, the folded and quantized weights,
+    /// and its output.
+    fn affine_from_float<L, const DI: usize, const DW: usize>(
+        &self,
+        i: usize,
+        f: &Fused<L>,
+    ) -> Result<(usize, Grid, Affine, Output), ExportError>
+    where
+        L: Fusable<DI, DW>,
+    {
+        let (m, input) = self.int_input(i, 0)?;
+        let affine = quantize_affine(f, &input, self.gnode(i))?;
+        let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
+        Ok((m, input, affine, output))
     }
 
     fn conv_from_float<L, const DI: usize, const DW: usize>(
@@ -595,37 +606,33 @@ impl<'a> Converter<'a> {
         groups: usize,
         (stride, dilation): ([usize; 2], [usize; 2]),
         padding: [usize; 4],
-        weight_rank: usize,
     ) -> Result<(), ExportError>
     where
         L: Fusable<DI, DW>,
     {
-        let (m, input) = self.int_input(i, 0)?;
-        let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
-        let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
-        let kernel = if weight_rank == 3 {
-            [1, dims[2]]
-        } else {
-            [dims[2], dims[3]]
+        let (m, input, a, output) = self.affine_from_float(i, f)?;
+        let kernel = match a.dims[..] {
+            [_, _, k] => [1, k],
+            [_, _, kh, kw] => [kh, kw],
+            _ => unreachable!("conv weights have rank 3 or 4"),
         };
         let grid = output.grid();
         let conv = IntConv2d {
-            in_channels: dims[1] * groups,
-            out_channels: dims[0],
+            in_channels: a.dims[1] * groups,
+            out_channels: a.dims[0],
             groups,
             kernel,
             stride,
             dilation,
             padding,
-            weight: affine.weight,
-            weight_bits: affine.weight_bits,
-            weight_scale: affine.weight_scale,
-            bias: affine.bias,
+            weight: a.weight,
+            weight_bits: a.weight_bits,
+            weight_scale: a.weight_scale,
+            bias: a.bias,
             input,
             output,
         };
-        let n = self.push(i, IntOp::Conv2d(conv), vec![m], grid);
-        self.cover(i, n);
+        self.emit(i, IntOp::Conv2d(conv), vec![m], grid);
         Ok(())
     }
 
@@ -634,22 +641,19 @@ impl<'a> Converter<'a> {
         i: usize,
         f: &Fused<burn::nn::Linear>,
     ) -> Result<(), ExportError> {
-        let (m, input) = self.int_input(i, 0)?;
-        let (affine, dims) = quantize_affine(f, &input, self.gnode(i))?;
-        let output = self.output_of(i, f.activation, &input, &affine.weight_scale)?;
+        let (m, input, a, output) = self.affine_from_float(i, f)?;
         let grid = output.grid();
         let linear = IntLinear {
-            in_features: dims[0],
-            out_features: dims[1],
-            weight: affine.weight,
-            weight_bits: affine.weight_bits,
-            weight_scale: affine.weight_scale,
-            bias: affine.bias,
+            in_features: a.dims[0],
+            out_features: a.dims[1],
+            weight: a.weight,
+            weight_bits: a.weight_bits,
+            weight_scale: a.weight_scale,
+            bias: a.bias,
             input,
             output,
         };
-        let n = self.push(i, IntOp::Linear(linear), vec![m], grid);
-        self.cover(i, n);
+        self.emit(i, IntOp::Linear(linear), vec![m], grid);
         Ok(())
     }
 
@@ -662,8 +666,7 @@ impl<'a> Converter<'a> {
         input: &Grid,
         weight_scale: &[f32],
     ) -> Result<Output, ExportError> {
-        let t = self.tail(i);
-        if t.quant.is_none() && self.graph.program.output == i {
+        if self.tail(i).quant.is_none() && self.graph.program.output == i {
             let (lo, hi) = match activation {
                 Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
                 Activation::Relu => (0.0, f32::INFINITY),
@@ -676,18 +679,16 @@ impl<'a> Converter<'a> {
                 hi,
             });
         }
-        let (extra, _, grid, _, _) = self.required_tail(i)?;
-        if extra != Activation::Identity && activation != Activation::Identity {
-            return Err(unsupported(
-                self.gnode(i),
-                "two fused activations",
-                "prepare the graph with burn_qat::graph::prepare",
-            ));
-        }
-        let activation = if extra != Activation::Identity {
-            extra
-        } else {
-            activation
+        let (extra, Quantizer { grid, .. }) = self.required_tail(i)?;
+        let activation = match (activation, extra) {
+            (a, Activation::Identity) | (Activation::Identity, a) => a,
+            _ => {
+                return Err(unsupported(
+                    self.gnode(i),
+                    "two fused activations",
+                    "prepare the graph with burn_qat::graph::prepare",
+                ));
+            }
         };
         let (lo, hi) = clamp_bounds(activation, &grid);
         Ok(Output::Quantized {
@@ -728,6 +729,8 @@ fn conv2d_geometry(
 }
 
 struct Affine {
+    /// Weight shape.
+    dims: Vec<usize>,
     weight: Vec<i8>,
     weight_bits: u32,
     weight_scale: Vec<f32>,
@@ -740,7 +743,7 @@ fn quantize_affine<L, const DI: usize, const DW: usize>(
     f: &Fused<L>,
     input: &Grid,
     node: &Node,
-) -> Result<(Affine, Vec<usize>), ExportError>
+) -> Result<Affine, ExportError>
 where
     L: Fusable<DI, DW>,
 {
@@ -816,15 +819,13 @@ where
         }
         bias.push(q as i32);
     }
-    Ok((
-        Affine {
-            weight,
-            weight_bits: spec.bits,
-            weight_scale,
-            bias,
-        },
+    Ok(Affine {
         dims,
-    ))
+        weight,
+        weight_bits: spec.bits,
+        weight_scale,
+        bias,
+    })
 }
 
 /// Converts a trained QAT graph (from `burn_qat::graph::prepare`, or a `Sequential` lowered

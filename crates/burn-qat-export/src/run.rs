@@ -1,10 +1,12 @@
 //! Running an [`IntegerModel`]: shape checks, the weight cache, and one kernel per node.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use crate::kernels::{self, Packed};
 use crate::model::{Grid, IntOp, IntegerModel, ModelError, RunError};
 use crate::ops;
+use crate::validate::infer;
 
 /// A tensor flowing through the integer model.
 #[derive(Clone, Debug, PartialEq)]
@@ -131,18 +133,31 @@ impl IntegerModel {
         let mut values: Vec<Option<Values>> = vec![None; self.nodes.len()];
         // On a pool thread, so that the kernels' parallel loops split without a hand-off per node.
         rayon::scope(|_| {
-            for i in 0..self.nodes.len() {
-                let v = self.node(i, batch, input, &values, reference)?;
-                let want: Vec<usize> = self.nodes[i].shape.iter().map(|d| d.at(batch)).collect();
-                if v.shape() != want {
-                    return Err(err(
-                        self,
-                        i,
-                        format!("computes shape {:?}, declares {want:?}", v.shape()),
-                    ));
+            for (i, node) in self.nodes.iter().enumerate() {
+                // The shape rule of `validate`, at this batch size: the kernels rely on it.
+                let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
+                let ins: Vec<Vec<usize>> = node
+                    .inputs
+                    .iter()
+                    .map(|j| {
+                        values[*j]
+                            .as_ref()
+                            .map_or_else(Vec::new, |v| v.shape().to_vec())
+                    })
+                    .collect();
+                match infer(&node.op, &ins, &shape) {
+                    Ok(got) if got == shape => {}
+                    Ok(got) => {
+                        return Err(err(
+                            self,
+                            i,
+                            format!("computes {got:?}, declares {shape:?}"),
+                        ));
+                    }
+                    Err(e) => return Err(err(self, i, e)),
                 }
-                values[i] = Some(v);
-                for j in &self.nodes[i].inputs {
+                values[i] = Some(self.node(i, shape, input, &values, reference)?);
+                for j in &node.inputs {
                     if last_use[*j] == i {
                         values[*j] = None;
                     }
@@ -153,10 +168,11 @@ impl IntegerModel {
         Ok(values[self.output].take().expect("the output is kept"))
     }
 
+    /// Runs node `i`, whose output shape (checked against its inputs') is `shape`.
     fn node(
         &self,
         i: usize,
-        batch: usize,
+        shape: Vec<usize>,
         input: &[f32],
         values: &[Option<Values>],
         reference: bool,
@@ -168,241 +184,132 @@ impl IntegerModel {
                 _ => Err(err(self, i, format!("input {k} is not an integer tensor"))),
             }
         };
-        let grid = || {
-            node.grid
-                .ok_or_else(|| err(self, i, "has no output grid".into()))
-        };
-        let with = |data: Vec<i8>, shape: Vec<usize>| -> Result<Values, RunError> {
+        let grid = node
+            .grid
+            .ok_or_else(|| err(self, i, "has no output grid".into()));
+        let int_out = |data: Vec<i8>| -> Result<Values, RunError> {
             Ok(Values::Int {
                 data,
-                shape,
-                grid: grid()?,
+                shape: shape.clone(),
+                grid: grid.clone()?,
             })
         };
-        Ok(match &node.op {
-            IntOp::Input => Values::Float {
+        let slot = || self.cache.slot(i, self.nodes.len());
+        match &node.op {
+            IntOp::Input => Ok(Values::Float {
                 data: input.to_vec(),
-                shape: node.shape.iter().map(|d| d.at(batch)).collect(),
-            },
+                shape,
+            }),
             IntOp::Quantize(g) => match values[node.inputs[0]].as_ref() {
-                Some(Values::Float { data, shape }) => Values::Int {
+                Some(Values::Float { data, .. }) => Ok(Values::Int {
                     data: ops::quantize(g, data),
-                    shape: shape.clone(),
+                    shape,
                     grid: *g,
-                },
-                _ => return Err(err(self, i, "quantizes a non-float tensor".into())),
+                }),
+                _ => Err(err(self, i, "quantizes a non-float tensor".into())),
             },
             IntOp::Conv2d(c) => {
-                let (x, shape, _) = int(0)?;
-                check_conv(c, shape).map_err(|e| err(self, i, e))?;
-                if reference {
-                    kernels::conv2d_reference(c, x, shape)
+                let (x, s, _) = int(0)?;
+                Ok(if reference {
+                    kernels::conv2d_reference(c, x, s)
                 } else if c.is_depthwise() {
-                    kernels::depthwise_conv2d(c, x, shape)
+                    kernels::depthwise_conv2d(c, x, s)
                 } else {
-                    kernels::conv2d(c, self.cache.slot(i, self.nodes.len()), x, shape)
-                }
+                    kernels::conv2d(c, slot(), x, s)
+                })
             }
             IntOp::Linear(l) => {
-                let (x, shape, _) = int(0)?;
-                if shape.last() != Some(&l.in_features) {
-                    return Err(err(
-                        self,
-                        i,
-                        format!("input {shape:?} does not end in {}", l.in_features),
-                    ));
-                }
-                if reference {
-                    kernels::linear_reference(l, x, shape)
+                let (x, s, _) = int(0)?;
+                Ok(if reference {
+                    kernels::linear_reference(l, x, s)
                 } else {
-                    kernels::linear(l, self.cache.slot(i, self.nodes.len()), x, shape)
-                }
+                    kernels::linear(l, slot(), x, s)
+                })
             }
             IntOp::Add(a) => {
                 let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                let out = ops::broadcast_shape(sx, sy)
-                    .ok_or_else(|| err(self, i, format!("{sx:?} and {sy:?} do not broadcast")))?;
-                with(ops::add(a, x, sx, y, sy, &out), out)?
+                int_out(ops::add(a, x, sx, y, sy, &shape))
             }
             IntOp::Mul(m) => {
                 let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                let out = ops::broadcast_shape(sx, sy)
-                    .ok_or_else(|| err(self, i, format!("{sx:?} and {sy:?} do not broadcast")))?;
-                with(ops::mul(m, x, sx, y, sy, &out), out)?
+                int_out(ops::mul(m, x, sx, y, sy, &shape))
             }
             IntOp::Concat { axis, requantize } => {
-                let mut parts: Vec<(std::borrow::Cow<[i8]>, &[usize])> = Vec::new();
+                let mut parts: Vec<(Cow<[i8]>, &[usize])> = Vec::new();
                 for (k, table) in requantize.iter().enumerate() {
                     let (x, s, _) = int(k)?;
-                    let first = parts.first().map(|p| p.1).unwrap_or(s);
-                    let fits = s.len() == first.len()
-                        && *axis < s.len()
-                        && s.iter()
-                            .zip(first)
-                            .enumerate()
-                            .all(|(d, (a, b))| d == *axis || a == b);
-                    if !fits {
-                        return Err(err(
-                            self,
-                            i,
-                            format!(
-                                "input {k} of shape {s:?} does not concatenate with {first:?} on axis {axis}"
-                            ),
-                        ));
-                    }
-                    parts.push((
-                        match table {
-                            Some(t) => std::borrow::Cow::Owned(ops::lut(t, x)),
-                            None => std::borrow::Cow::Borrowed(x),
-                        },
-                        s,
-                    ));
+                    let x = match table {
+                        Some(t) => Cow::Owned(ops::lut(t, x)),
+                        None => Cow::Borrowed(x),
+                    };
+                    parts.push((x, s));
                 }
                 let refs: Vec<(&[i8], &[usize])> =
                     parts.iter().map(|(d, s)| (&d[..], *s)).collect();
-                let (data, shape) = ops::concat(*axis, &refs);
-                with(data, shape)?
+                int_out(ops::concat(*axis, &refs).0)
             }
             IntOp::MaxPool(w) => {
-                let (x, shape, g) = int(0)?;
-                ops::pool_shape(w, shape)
-                    .ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
-                let (data, shape) = ops::max_pool(w, x, shape);
-                Values::Int {
-                    data,
+                let (x, s, g) = int(0)?;
+                Ok(Values::Int {
+                    data: ops::max_pool(w, x, s).0,
                     shape,
                     grid: g,
-                }
+                })
             }
             IntOp::AvgPool {
                 window,
                 count_include_pad,
                 input: g_in,
             } => {
-                let (x, shape, _) = int(0)?;
-                ops::pool_shape(window, shape)
-                    .ok_or_else(|| err(self, i, format!("window does not fit {shape:?}")))?;
-                let (data, shape) =
-                    ops::avg_pool(window, *count_include_pad, g_in, &grid()?, x, shape);
-                with(data, shape)?
+                let (x, s, _) = int(0)?;
+                int_out(ops::avg_pool(window, *count_include_pad, g_in, &grid.clone()?, x, s).0)
             }
             IntOp::AdaptiveAvgPool {
                 output,
                 input: g_in,
             } => {
-                let (x, shape, _) = int(0)?;
-                if !(shape.len() == 4 || shape.len() == 3 && output[0] == 1) {
-                    return Err(err(self, i, format!("adaptive pooling of {shape:?}")));
-                }
-                let (data, shape) = ops::adaptive_avg_pool(*output, g_in, &grid()?, x, shape);
-                with(data, shape)?
+                let (x, s, _) = int(0)?;
+                int_out(ops::adaptive_avg_pool(*output, g_in, &grid.clone()?, x, s).0)
             }
             IntOp::Reduce {
                 axis,
                 mean,
                 input: g_in,
             } => {
-                let (x, shape, _) = int(0)?;
-                if *axis >= shape.len() {
-                    return Err(err(self, i, format!("axis {axis} of {shape:?}")));
-                }
-                let (data, shape) = ops::reduce(*axis, *mean, g_in, &grid()?, x, shape);
-                with(data, shape)?
+                let (x, s, _) = int(0)?;
+                int_out(ops::reduce(*axis, *mean, g_in, &grid.clone()?, x, s).0)
             }
-            IntOp::Lut(t) => {
-                let (x, shape, _) = int(0)?;
-                with(ops::lut(t, x), shape.to_vec())?
-            }
-            IntOp::Reshape => {
-                let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
-                match values[node.inputs[0]].as_ref() {
-                    Some(Values::Int { data, grid, .. })
-                        if data.len() == shape.iter().product::<usize>() =>
-                    {
-                        Values::Int {
-                            data: data.clone(),
-                            shape,
-                            grid: *grid,
-                        }
-                    }
-                    Some(Values::Float { data, .. })
-                        if data.len() == shape.iter().product::<usize>() =>
-                    {
-                        Values::Float {
-                            data: data.clone(),
-                            shape,
-                        }
-                    }
-                    _ => {
-                        return Err(err(
-                            self,
-                            i,
-                            format!("cannot reshape its input to {shape:?}"),
-                        ));
-                    }
-                }
-            }
-            IntOp::Permute { perm } => match values[node.inputs[0]].as_ref() {
-                Some(Values::Int { data, shape, grid }) if perm.len() == shape.len() => {
-                    let (data, shape) = ops::permute(perm, data, shape);
-                    Values::Int {
-                        data,
-                        shape,
-                        grid: *grid,
-                    }
-                }
-                Some(Values::Float { data, shape }) if perm.len() == shape.len() => {
-                    let (data, shape) = ops::permute(perm, data, shape);
-                    Values::Float { data, shape }
-                }
-                _ => {
-                    return Err(err(
-                        self,
-                        i,
-                        "permutation rank differs from its input's".into(),
-                    ));
-                }
-            },
-        })
+            IntOp::Lut(t) => int_out(ops::lut(t, int(0)?.0)),
+            IntOp::Reshape => Ok(match values[node.inputs[0]].as_ref() {
+                Some(Values::Int { data, grid, .. }) => Values::Int {
+                    data: data.clone(),
+                    shape,
+                    grid: *grid,
+                },
+                Some(Values::Float { data, .. }) => Values::Float {
+                    data: data.clone(),
+                    shape,
+                },
+                None => return Err(err(self, i, "its input was not computed".into())),
+            }),
+            IntOp::Permute { perm } => Ok(match values[node.inputs[0]].as_ref() {
+                Some(Values::Int {
+                    data,
+                    shape: s,
+                    grid,
+                }) => Values::Int {
+                    data: ops::permute(perm, data, s).0,
+                    shape,
+                    grid: *grid,
+                },
+                Some(Values::Float { data, shape: s }) => Values::Float {
+                    data: ops::permute(perm, data, s).0,
+                    shape,
+                },
+                None => return Err(err(self, i, "its input was not computed".into())),
+            }),
+        }
     }
-}
-
-fn check_conv(c: &crate::model::IntConv2d, shape: &[usize]) -> Result<(), String> {
-    let ok = match shape.len() {
-        4 => true,
-        3 => c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0,
-        _ => false,
-    };
-    if !ok || shape[1] != c.in_channels {
-        return Err(format!(
-            "input {shape:?} is not [n, {}, h, w] (or [n, {}, l] for a 1-D convolution)",
-            c.in_channels, c.in_channels
-        ));
-    }
-    let [_, _, h, w] = ops::nchw(shape);
-    let fits = crate::model::conv_output_len(
-        h,
-        c.padding[0] + c.padding[1],
-        c.dilation[0],
-        c.kernel[0],
-        c.stride[0],
-    )
-    .is_some()
-        && crate::model::conv_output_len(
-            w,
-            c.padding[2] + c.padding[3],
-            c.dilation[1],
-            c.kernel[1],
-            c.stride[1],
-        )
-        .is_some();
-    if !fits {
-        return Err(format!(
-            "kernel {:?} does not fit input {shape:?}",
-            c.kernel
-        ));
-    }
-    Ok(())
 }
 
 fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {

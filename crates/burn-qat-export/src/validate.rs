@@ -51,8 +51,13 @@ fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// The output shape of node `op` at one batch size, from its inputs' shapes.
-fn infer(op: &IntOp, inputs: &[Vec<usize>], declared: &[usize]) -> Result<Vec<usize>, String> {
+/// The output shape of node `op` at one batch size, from its inputs' shapes: the one shape
+/// rule, used by [`IntegerModel::validate`] (at batch 1 and 2) and before every kernel runs.
+pub(crate) fn infer(
+    op: &IntOp,
+    inputs: &[Vec<usize>],
+    declared: &[usize],
+) -> Result<Vec<usize>, String> {
     let x = || inputs[0].clone();
     Ok(match op {
         IntOp::Input => declared.to_vec(),

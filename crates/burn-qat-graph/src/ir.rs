@@ -266,6 +266,21 @@ impl Op {
         )
     }
 
+    /// The activation a ReLU/clamp node applies, as fused layers hold it (an infinite clamp
+    /// bound stays infinite); `None` for other ops.
+    pub fn activation(&self) -> Option<burn_qat_transform::Activation> {
+        use burn_qat_transform::Activation;
+        match *self {
+            Op::Relu => Some(Activation::Relu),
+            Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
+            Op::Clamp { min, max } => Some(Activation::Clamp {
+                min: min as f32,
+                max: max as f32,
+            }),
+            _ => None,
+        }
+    }
+
     /// A short name for plans and messages.
     pub fn name(&self) -> String {
         match self {

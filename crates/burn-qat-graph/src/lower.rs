@@ -34,6 +34,18 @@ fn fixed(shape: &[Dim], k: usize) -> usize {
     }
 }
 
+/// The `[n, c, h, w]` output of a valid 2-D pooling window on `shape`, `None` if it does not fit.
+fn pooled(
+    shape: &[Dim],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+) -> Option<Vec<Dim>> {
+    let h = out_len(fixed(shape, 2), 0, dilation[0], kernel[0], stride[0])?;
+    let w = out_len(fixed(shape, 3), 0, dilation[1], kernel[1], stride[1])?;
+    Some(vec![shape[0], shape[1], Dim::Fixed(h), Dim::Fixed(w)])
+}
+
 impl Lowering {
     fn push(&mut self, op: Op, inputs: Vec<usize>, name: String, shape: Vec<Dim>) -> usize {
         self.nodes.push(Node {
@@ -167,24 +179,10 @@ impl Lowering {
                     let PaddingConfig2d::Valid = p.padding else {
                         return Err(bad("only valid padding is lowered"));
                     };
-                    let h = out_len(
-                        fixed(&shape, 2),
-                        0,
-                        p.dilation[0],
-                        p.kernel_size[0],
-                        p.stride[0],
-                    );
-                    let w = out_len(
-                        fixed(&shape, 3),
-                        0,
-                        p.dilation[1],
-                        p.kernel_size[1],
-                        p.stride[1],
-                    );
-                    let (Some(h), Some(w)) = (h, w) else {
-                        return Err(bad(&format!("the window does not fit its input {shape:?}")));
-                    };
-                    let out = vec![shape[0], shape[1], Dim::Fixed(h), Dim::Fixed(w)];
+                    let out =
+                        pooled(&shape, p.kernel_size, p.stride, p.dilation).ok_or_else(|| {
+                            bad(&format!("the window does not fit its input {shape:?}"))
+                        })?;
                     let op = Op::MaxPool2d {
                         kernel: p.kernel_size,
                         stride: p.stride,
@@ -198,12 +196,9 @@ impl Lowering {
                     let PaddingConfig2d::Valid = p.padding else {
                         return Err(bad("only valid padding is lowered"));
                     };
-                    let h = out_len(fixed(&shape, 2), 0, 1, p.kernel_size[0], p.stride[0]);
-                    let w = out_len(fixed(&shape, 3), 0, 1, p.kernel_size[1], p.stride[1]);
-                    let (Some(h), Some(w)) = (h, w) else {
-                        return Err(bad(&format!("the window does not fit its input {shape:?}")));
-                    };
-                    let out = vec![shape[0], shape[1], Dim::Fixed(h), Dim::Fixed(w)];
+                    let out = pooled(&shape, p.kernel_size, p.stride, [1, 1]).ok_or_else(|| {
+                        bad(&format!("the window does not fit its input {shape:?}"))
+                    })?;
                     let op = Op::AvgPool2d {
                         kernel: p.kernel_size,
                         stride: p.stride,

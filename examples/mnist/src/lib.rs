@@ -171,17 +171,19 @@ pub fn run(
         )?;
         // The integer model's logits on the test images, for checks in other runtimes.
         let (logits, _) = int8.forward(&test.pixels(0..test.len()))?;
-        write_npy(&dir.join("int8_logits.npy"), &logits, [test.len(), 10])?;
+        write_npy(&dir.join("int8_logits.npy"), &logits, &[test.len(), 10])?;
     }
     Ok(report)
 }
 
-/// Writes a float32 array in NumPy's `.npy` format.
-pub fn write_npy(path: &Path, data: &[f32], shape: [usize; 2]) -> std::io::Result<()> {
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}",
-        shape[0], shape[1]
-    );
+/// Writes a float32 array in NumPy's `.npy` format (any shape).
+pub fn write_npy(path: &Path, data: &[f32], shape: &[usize]) -> std::io::Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }

@@ -19,16 +19,13 @@ fn is_foldable(kind: LayerKind, rank: usize) -> bool {
         || (kind == LayerKind::Linear && rank == 2)
 }
 
+/// The activation a node can fuse into the conv/linear before it: ReLU, ReLU6, a clamp with
+/// both bounds finite.
 fn fused_activation(op: &Op) -> Option<Activation> {
-    match *op {
-        Op::Relu => Some(Activation::Relu),
-        Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
-        Op::Clamp { min, max } if min.is_finite() && max.is_finite() => Some(Activation::Clamp {
-            min: min as f32,
-            max: max as f32,
-        }),
-        _ => None,
-    }
+    op.activation().filter(|a| match a {
+        Activation::Clamp { min, max } => min.is_finite() && max.is_finite(),
+        _ => true,
+    })
 }
 
 fn set_weight_quant<L, const DI: usize, const DW: usize>(
