@@ -273,6 +273,24 @@ impl QatGraph {
         }
     }
 
+    /// The graph for inference: every conv/linear holds its BatchNorm-folded, fake-quantized
+    /// weight and folded bias for good (`Fused::folded` on each layer), activation quantizers
+    /// kept. The same outputs as this graph in evaluation, with fewer ops; for evaluation, not
+    /// for further training.
+    pub fn folded(mut self) -> Self {
+        self.layers = self
+            .layers
+            .into_iter()
+            .map(|layer| match layer {
+                GraphLayer::Conv1d(f) => GraphLayer::Conv1d(f.folded::<3, 3>()),
+                GraphLayer::Conv2d(f) => GraphLayer::Conv2d(f.folded::<4, 4>()),
+                GraphLayer::Linear(f) => GraphLayer::Linear(f.folded::<2, 2>()),
+                other => other,
+            })
+            .collect();
+        self
+    }
+
     /// The nodes and their connections, one line per node, read from the model: op, inputs,
     /// output shape, the user's module path, and for layers what they do now (`W8 per-channel,
     /// BN folded, Relu`; `A8 asym [-1.2, 3.4]`).

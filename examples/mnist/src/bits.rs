@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Mnist, SIDE, Split};
 use crate::evaluate_int8;
-use crate::model::ModelKind;
+use crate::model::Classifier;
 use crate::training::{adam, evaluate, train_epoch};
 
 /// How the quantization ranges are found.
@@ -136,9 +136,34 @@ pub fn prepare(
 /// A copy of `model` that shares no state with it (Burn's `RunningState` buffers are shared by
 /// clones, so each configuration starts from a fresh model loaded with the trained values).
 fn fresh_copy(model: &Sequential, device: &Device) -> Sequential {
-    ModelKind::Bn
-        .init(device)
-        .load_record(model.clone().into_record())
+    bn_sequential(device).load_record(model.clone().into_record())
+}
+
+/// The `bn` architecture (`model::BnNet`) as burn-qat's `Sequential`, whose per-layer fusion
+/// (`fuse_by`) the sweep uses to keep the first and last layers at 8 bits.
+pub fn bn_sequential(device: &Device) -> Sequential {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::pool::MaxPool2dConfig;
+    use burn::nn::{BatchNormConfig, LinearConfig, Relu};
+    Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([1, 32], [3, 3]).init(device)),
+        SeqLayer::BatchNorm(BatchNormConfig::new(32).init(device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Conv2d(Conv2dConfig::new([32, 64], [3, 3]).init(device)),
+        SeqLayer::BatchNorm(BatchNormConfig::new(64).init(device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::MaxPool2d(MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init()),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(64 * 12 * 12, 128).init(device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::Linear(LinearConfig::new(128, 10).init(device)),
+    ])
+}
+
+impl Classifier for Sequential {
+    fn logits(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward(x)
+    }
 }
 
 /// Runs the sweep.
@@ -156,7 +181,7 @@ pub fn sweep(
     let test = limit(&data.test, config.test_limit);
     let eval_device = device.clone().inner();
 
-    let mut float = ModelKind::Bn.init(&device);
+    let mut float = bn_sequential(&device);
     let mut optim = adam();
     for epoch in 0..config.epochs_float {
         let (m, stats) = train_epoch(

@@ -1,5 +1,5 @@
-//! The burn-qat MNIST example as a library: data loading, models, training and the report. The
-//! binary (`src/main.rs`) is a thin command line over it.
+//! The burn-qat MNIST example as a library: data loading, models (plain Burn structs), graph-mode
+//! QAT, training and the report. The binary (`src/main.rs`) is a thin command line over it.
 #![warn(missing_docs)]
 
 pub mod bits;
@@ -14,7 +14,9 @@ use std::path::Path;
 use burn::module::Module;
 
 use crate::data::Mnist;
-use crate::model::{ModelKind, prepare_qat};
+use burn::prelude::Device;
+
+use crate::model::{BnNet, Classifier, MobileNet, ModelKind, ResNet, ResidualNet, Tutorial, prepare_qat};
 use crate::report::Report;
 use crate::training::{adam, evaluate, float_size_bytes, train_epoch};
 
@@ -45,7 +47,8 @@ pub struct RunConfig {
     pub activation_bits: u32,
 }
 
-/// Trains the float model, prepares and fine-tunes it with QAT, evaluates, and returns the report.
+/// Trains the float model, prepares and fine-tunes it with QAT (graph mode), evaluates,
+/// converts it to an integer model, and returns the report.
 pub fn run(
     config: &RunConfig,
     data: &Mnist,
@@ -53,6 +56,23 @@ pub fn run(
 ) -> Result<Report, Box<dyn std::error::Error>> {
     let device = burn_qat::backend::device(&config.device)?.autodiff();
     device.seed(config.seed);
+    match config.model {
+        ModelKind::Tutorial => run_model(config, data, out, Tutorial::new(&device), &device),
+        ModelKind::Bn => run_model(config, data, out, BnNet::new(&device), &device),
+        ModelKind::Residual => run_model(config, data, out, ResidualNet::new(&device), &device),
+        ModelKind::Mobile => run_model(config, data, out, MobileNet::new(&device), &device),
+        ModelKind::Resnet => run_model(config, data, out, ResNet::new(&device), &device),
+    }
+}
+
+/// [`run`] on a freshly initialized `model`.
+fn run_model<M: Classifier>(
+    config: &RunConfig,
+    data: &Mnist,
+    out: Option<&Path>,
+    model: M,
+    device: &Device,
+) -> Result<Report, Box<dyn std::error::Error>> {
     let train = match config.train_limit {
         Some(n) => data.train.take(n),
         None => data.train.clone(),
@@ -63,7 +83,7 @@ pub fn run(
     };
     let eval_device = device.clone().inner();
 
-    let mut model = config.model.init(&device);
+    let mut model = model;
     let mut optim = adam();
     let mut float_speed = 0.0;
     for epoch in 0..config.epochs_float {
@@ -74,7 +94,7 @@ pub fn run(
             config.batch_size,
             config.learning_rate,
             config.seed + epoch as u64,
-            &device,
+            device,
             &format!("float {}/{}", epoch + 1, config.epochs_float),
         );
         model = m;
@@ -91,8 +111,8 @@ pub fn run(
     println!("float test accuracy {:.2}%", float_acc * 100.0);
     let float_bytes = float_size_bytes(&model);
 
-    let mut qat = prepare_qat(model, config.weight_bits, config.activation_bits, &device)?;
-    println!("QAT model: {}", qat.describe().join(" -> "));
+    let mut qat = prepare_qat(&model, config.weight_bits, config.activation_bits)?;
+    println!("QAT graph:\n{}", qat.plan());
     let mut optim = adam();
     let mut qat_speed = 0.0;
     for epoch in 0..config.epochs_qat {
@@ -103,7 +123,7 @@ pub fn run(
             config.batch_size,
             config.learning_rate,
             config.seed + 1000 + epoch as u64,
-            &device,
+            device,
             &format!("QAT {}/{}", epoch + 1, config.epochs_qat),
         );
         qat = m;
@@ -118,12 +138,12 @@ pub fn run(
     }
     let qat_eval = qat.valid();
     let qat_acc = evaluate(&qat_eval, &test, &eval_device);
-    let graph = burn_qat::graph::from_sequential(&qat_eval, &[1, 1, data::SIDE, data::SIDE])?;
-    let int8 = burn_qat::export::convert(&graph)?;
+    let int8 = burn_qat::export::convert(&qat_eval)?;
     let int8_bytes = burn_qat::export::format::to_bytes(&int8);
     let int8_acc = evaluate_int8(&int8, &test)?;
-    let folded = qat_eval.folded();
-    let folded_acc = evaluate(&folded, &test, &eval_device);
+    let folded_acc = evaluate(&qat_eval.clone().folded(), &test, &eval_device);
+    // The trained weights back in the user's own type (BatchNorm unfolded).
+    let _trained: M = qat.write_back(model)?;
     println!(
         "QAT test accuracy {:.2}%, integer model {:.2}% ({} bytes)",
         qat_acc * 100.0,
@@ -205,9 +225,8 @@ pub fn evaluate_int8(
         let end = (start + 1000).min(split.len());
         let (logits, _) = model.forward(&split.pixels(start..end))?;
         for (i, row) in logits.chunks(10).enumerate() {
-            let pred = (0..10)
-                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
-                .unwrap_or(0);
+            // The first largest logit, as Burn's `argmax` picks.
+            let pred = (1..10).fold(0, |best, c| if row[c] > row[best] { c } else { best });
             correct += usize::from(pred == split.labels[start + i] as usize);
         }
     }

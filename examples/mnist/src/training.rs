@@ -7,10 +7,10 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
-use burn_qat::transform::Sequential;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::{SIDE, Split};
+use crate::model::Classifier;
 
 /// Deterministic shuffling (SplitMix64 + Fisher-Yates), independent of the backend.
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
@@ -54,8 +54,8 @@ pub struct EpochStats {
 }
 
 /// Trains `model` for one epoch over `split` in the order given by `seed`.
-pub fn train_epoch(
-    model: Sequential,
+pub fn train_epoch<M: Classifier>(
+    model: M,
     optim: &mut burn::optim::ModuleOptimizer,
     split: &Split,
     batch_size: usize,
@@ -63,7 +63,7 @@ pub fn train_epoch(
     seed: u64,
     device: &Device,
     label: &str,
-) -> (Sequential, EpochStats) {
+) -> (M, EpochStats) {
     let order = permutation(split.len(), seed);
     let steps = order.len().div_ceil(batch_size);
     let bar = ProgressBar::new(steps as u64).with_style(
@@ -78,7 +78,7 @@ pub fn train_epoch(
     let start = Instant::now();
     for (step, chunk) in order.chunks(batch_size).enumerate() {
         let (x, y) = batch(split, chunk, device);
-        let logits = model.forward(x);
+        let logits = model.logits(x);
         let hits = logits
             .clone()
             .argmax(1)
@@ -122,13 +122,13 @@ pub fn adam() -> burn::optim::ModuleOptimizer {
 }
 
 /// Accuracy of `model` (evaluated as given: call `valid()` first) over `split`.
-pub fn evaluate(model: &Sequential, split: &Split, device: &Device) -> f64 {
+pub fn evaluate<M: Classifier>(model: &M, split: &Split, device: &Device) -> f64 {
     let mut correct = 0usize;
     let all: Vec<usize> = (0..split.len()).collect();
     for chunk in all.chunks(1000) {
         let (x, y) = batch(split, chunk, device);
         let hits = model
-            .forward(x)
+            .logits(x)
             .argmax(1)
             .reshape([chunk.len()])
             .equal(y)
@@ -141,6 +141,6 @@ pub fn evaluate(model: &Sequential, split: &Split, device: &Device) -> f64 {
 }
 
 /// Bytes of the float model's parameters (f32).
-pub fn float_size_bytes(model: &Sequential) -> usize {
+pub fn float_size_bytes<M: Module>(model: &M) -> usize {
     model.num_params() * 4
 }

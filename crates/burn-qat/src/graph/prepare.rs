@@ -221,6 +221,14 @@ pub(crate) fn prepare_graph(
             }
         } && !skipped[i];
     }
+    if config.float_output {
+        // The node that computes the output, through the ops that keep their input's grid.
+        let mut at = graph.program.output;
+        while role(at) == GridRole::Inherit {
+            at = nodes[at].inputs[0];
+        }
+        quant_after[at] = false;
+    }
     let old_output = graph.program.output;
     let mut layers = graph.layers;
     let mut out_nodes: Vec<Node> = Vec::new();

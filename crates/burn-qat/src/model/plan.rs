@@ -241,6 +241,12 @@ pub struct QatConfig {
     /// Graph mode: how BatchNorm is folded into the conv/linear before it while training.
     #[serde(default)]
     pub bn_fold: BnFoldMode,
+    /// Graph mode: leave the model's output in float (no activation quantizer after the layer
+    /// that computes it, nor after the reshapes/permutes between). A conv/linear output then
+    /// becomes exact float logits in the integer model (`acc * s_in * s_w`), as classifiers
+    /// want: 8-bit logits tie and cost accuracy. Default: quantized, as TFLite and PyTorch FX.
+    #[serde(default)]
+    pub float_output: bool,
 }
 
 /// Activation fake-quant settings for graph mode: the grid after each conv/linear (+ its fused
@@ -327,6 +333,7 @@ impl QatConfig {
             activations: ActivationQuant::int8(),
             activation_rules: vec![],
             bn_fold: BnFoldMode::Approximate,
+            float_output: false,
         }
     }
     /// Graph mode: the default activation settings.
@@ -339,6 +346,11 @@ impl QatConfig {
     pub fn with_layer_activations(mut self, pattern: &str, activations: ActivationQuant) -> Self {
         self.activation_rules
             .push((Selector::Path(pattern.to_string()), activations));
+        self
+    }
+    /// Graph mode: keep the model's output in float (see [`float_output`](Self::float_output)).
+    pub fn with_float_output(mut self, float: bool) -> Self {
+        self.float_output = float;
         self
     }
     /// Graph mode: the BatchNorm folding mode in training.
