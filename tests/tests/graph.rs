@@ -1008,3 +1008,46 @@ fn bad_settings_and_inputs_are_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("output rank"), "{err}");
 }
+
+#[test]
+fn float_output_keeps_logits_float_and_folded_graph_matches() {
+    let device = flex_autodiff();
+    device.seed(31);
+    let model = warm_up(BurnMnist::new(&device), &device);
+    let config = QatConfig::new().with_float_output(true);
+    let mut qat = graph::prepare(&model, &DIMS, |m: &BurnMnist, x| m.forward(x), &config).unwrap();
+    // No quantizer after the last linear layer: the output node is `fc2` itself.
+    let out = qat.program.output;
+    assert_eq!(qat.program.nodes[out].name, "fc2", "{}", qat.plan());
+    assert!(!quant_follows(&qat, out));
+    let (x, y) = (input(&device, 16), labels(&device, 16));
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..4 {
+        let l = loss(qat.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(l.backward(), &qat);
+        qat = optim.step(1e-2, qat, grads);
+    }
+    let eval = qat.valid();
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    let x = input(&Device::flex(), 24);
+    let pixels = values(x.clone());
+    assert!(int8.forward_int(&pixels).unwrap().is_none(), "float logits");
+    let (logits, shape) = int8.forward(&pixels).unwrap();
+    assert_eq!(shape, vec![24, 4]);
+    let want = values(eval.forward::<4, 2>(x.clone()));
+    // Same grids, same rounding; only the int32 bias rounding and float summation order differ.
+    let span = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(&logits, &want);
+    assert!(d <= 0.02 * span, "max difference {d} of {span}");
+
+    // Folding BatchNorm for good changes nothing in evaluation (up to float rounding that can
+    // move an activation by one step of its grid).
+    let folded = eval.clone().folded();
+    assert!(folded.layers.iter().all(|l| match l {
+        GraphLayer::Conv2d(f) => f.bn.is_none() && f.weight_quant.is_none(),
+        _ => true,
+    }));
+    let got = values(folded.forward::<4, 2>(x));
+    let d = max_abs_diff(&got, &want);
+    assert!(d <= 0.02 * span, "folded: max difference {d} of {span}");
+}

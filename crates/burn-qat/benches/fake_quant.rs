@@ -6,8 +6,6 @@
 //! cargo bench -p burn-qat --features ndarray,wgpu --bench fake_quant
 //! ```
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
@@ -15,26 +13,10 @@ use burn_qat::core::{qparams_from_range, tensor};
 use burn_qat::{QuantSpec, backend};
 use criterion::{Criterion, criterion_group, criterion_main};
 
+mod common;
+use common::*;
+
 const SHAPE: [usize; 2] = [2048, 2048]; // 4,194,304 elements
-
-static TIMES: Mutex<Option<HashMap<String, (Duration, u64)>>> = Mutex::new(None);
-
-fn record(key: &str, elapsed: Duration, iters: u64) {
-    let mut map = TIMES.lock().unwrap();
-    let entry = map
-        .get_or_insert_with(HashMap::new)
-        .entry(key.to_string())
-        .or_default();
-    entry.0 += elapsed;
-    entry.1 += iters;
-}
-
-fn mean(key: &str) -> Option<f64> {
-    let map = TIMES.lock().unwrap();
-    map.as_ref()?
-        .get(key)
-        .map(|(d, n)| d.as_secs_f64() / *n as f64)
-}
 
 fn step(x: &Tensor<2>, device: &Device, op: &dyn Fn(Tensor<2>) -> Tensor<2>) {
     let x = x.clone().require_grad();

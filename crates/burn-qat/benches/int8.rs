@@ -5,9 +5,7 @@
 //! cargo bench -p burn-qat --bench int8
 //! ```
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::module::Module;
 use burn::nn::conv::Conv2dConfig;
@@ -19,29 +17,8 @@ use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, QuantSpec};
 use criterion::{Criterion, criterion_group, criterion_main};
 
-static TIMES: Mutex<Option<HashMap<String, (Duration, u64)>>> = Mutex::new(None);
-
-fn timed(key: &str, iters: u64, mut f: impl FnMut()) -> Duration {
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    let d = start.elapsed();
-    let mut map = TIMES.lock().unwrap();
-    let e = map
-        .get_or_insert_with(HashMap::new)
-        .entry(key.to_string())
-        .or_default();
-    e.0 += d;
-    e.1 += iters;
-    d
-}
-
-fn mean(key: &str) -> f64 {
-    let map = TIMES.lock().unwrap();
-    let (d, n) = map.as_ref().unwrap()[key];
-    d.as_secs_f64() / n as f64
-}
+mod common;
+use common::*;
 
 fn bn_model(device: &Device) -> Sequential {
     let pool = MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init();
@@ -103,7 +80,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| timed(&ki, iters, || drop(int.forward(&host).unwrap())))
         });
         group.finish();
-        let (f, i) = (mean(&kf), mean(&ki));
+        let (f, i) = (mean(&kf).unwrap(), mean(&ki).unwrap());
         println!(
             "RATIO batch {batch}: float (flex) {:.3} ms / int8 {:.3} ms = int8 is {:.2}x faster",
             f * 1e3,

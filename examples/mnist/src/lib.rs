@@ -16,7 +16,9 @@ use burn::module::Module;
 use crate::data::Mnist;
 use burn::prelude::Device;
 
-use crate::model::{BnNet, Classifier, MobileNet, ModelKind, ResNet, ResidualNet, Tutorial, prepare_qat};
+use crate::model::{
+    BnNet, Classifier, MobileNet, ModelKind, ResNet, ResidualNet, Tutorial, prepare_qat,
+};
 use crate::report::Report;
 use crate::training::{adam, evaluate, float_size_bytes, train_epoch};
 

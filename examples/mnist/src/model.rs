@@ -187,7 +187,9 @@ impl ResidualNet {
     /// - x: `[n, 1, 28, 28]`
     /// - output: `[n, 10]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        let x = self.pool.forward(relu(self.stem_bn.forward(self.stem.forward(x))));
+        let x = self
+            .pool
+            .forward(relu(self.stem_bn.forward(self.stem.forward(x))));
         let y = relu(self.bn1.forward(self.conv1.forward(x.clone())));
         let y = self.bn2.forward(self.conv2.forward(y));
         let x = self.pool.forward(relu(x + y));
