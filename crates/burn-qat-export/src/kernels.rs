@@ -1,6 +1,9 @@
-//! Integer kernels: the fast path (im2col + `rten-gemm`'s u8 x i8 -> i32 GEMM, VNNI/AVX2/NEON
-//! kernels) and the scalar reference (nested loops) it is tested against. No float arithmetic
-//! between quantized input and requantized output, except in a `Float` last layer.
+//! Integer kernels of convolutions and linear layers: the fast path (im2col + `rten-gemm`'s
+//! u8 x i8 -> i32 GEMM, VNNI/AVX2/NEON kernels; a direct kernel for depthwise convolutions) and
+//! the scalar reference (nested loops) they are tested against. No float arithmetic between
+//! quantized input and requantized output, except in a `Float` last layer. Public for
+//! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
+//! kernel and checks the shapes first (these functions expect shapes that fit the layer).
 
 use rayon::prelude::*;
 use rten_gemm::{

@@ -14,7 +14,7 @@
 
 mod convert;
 pub mod format;
-mod kernels;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod requant;
@@ -26,4 +26,4 @@ pub use model::{
     Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, ModelError,
     Output, RunError, Window,
 };
-pub use run::WeightCache;
+pub use run::{Values, WeightCache};

@@ -125,7 +125,7 @@ fn windows(
     x: &[i8],
     shape: &[usize],
     mut f: impl FnMut(&mut dyn Iterator<Item = Option<i8>>) -> i8,
-) -> (Vec<i8>, Vec<usize>) {
+) -> Vec<i8> {
     let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
     let [n, c, h, wd] = nchw(shape);
     let [_, _, oh, ow] = nchw(&out_shape);
@@ -147,12 +147,50 @@ fn windows(
             }
         }
     }
-    (out, out_shape)
+    out
 }
 
-/// Max pooling; padded positions never win (they are `-inf` in the float model).
-pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> (Vec<i8>, Vec<usize>) {
+/// Max pooling; padded positions never win (they are `-inf` in the float model). Windows
+/// without padding or dilation (the common case) take a row-wise fast path.
+pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
+    if w.padding == [0; 4] && w.dilation == [1, 1] {
+        return max_pool_valid(w, x, shape);
+    }
     windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max))
+}
+
+/// Max pooling without padding or dilation, one output row at a time: the column-wise max of
+/// the window's rows (contiguous, vectorized), then the max along each window's columns.
+fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
+    let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
+    let [n, c, h, wd] = nchw(shape);
+    let [_, _, oh, ow] = nchw(&out_shape);
+    let (kernel, stride) = (w.kernel, w.stride);
+    let mut out = vec![i8::MIN; n * c * oh * ow];
+    let mut rows_max = vec![i8::MIN; wd];
+    for (plane, dst_plane) in x.chunks(h * wd).zip(out.chunks_mut(oh * ow)) {
+        for (oy, dst) in dst_plane.chunks_mut(ow).enumerate() {
+            let first = oy * stride[0];
+            rows_max.copy_from_slice(&plane[first * wd..(first + 1) * wd]);
+            for ky in 1..kernel[0] {
+                let row = &plane[(first + ky) * wd..(first + ky + 1) * wd];
+                for (m, v) in rows_max.iter_mut().zip(row) {
+                    *m = (*m).max(*v);
+                }
+            }
+            if kernel[1] == 2 && stride[1] == 2 {
+                for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
+                    *d = pair[0].max(pair[1]);
+                }
+            } else {
+                for (ox, d) in dst.iter_mut().enumerate() {
+                    let window = &rows_max[ox * stride[1]..ox * stride[1] + kernel[1]];
+                    *d = window.iter().copied().fold(i8::MIN, i8::max);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Requantizes `sum` of `count` values from `input` to `out`: `round(sum * s_in / (count *
@@ -188,7 +226,7 @@ pub fn avg_pool(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> (Vec<i8>, Vec<usize>) {
+) -> Vec<i8> {
     let full = w.kernel[0] * w.kernel[1];
     let mut avg = Averager::new(input, out, full);
     let zp = input.zero_point;
@@ -214,7 +252,7 @@ pub fn adaptive_avg_pool(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> (Vec<i8>, Vec<usize>) {
+) -> Vec<i8> {
     let [n, c, h, wd] = nchw(shape);
     let [oh, ow] = size;
     let max_count = h * wd;
@@ -236,12 +274,7 @@ pub fn adaptive_avg_pool(
             }
         }
     }
-    let out_shape = if shape.len() == 3 {
-        vec![n, c, ow]
-    } else {
-        vec![n, c, oh, ow]
-    };
-    (data, out_shape)
+    data
 }
 
 /// Mean or sum along `axis` (kept with size 1, as Burn's `mean_dim`), requantized to `out`.
@@ -252,7 +285,7 @@ pub fn reduce(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> (Vec<i8>, Vec<usize>) {
+) -> Vec<i8> {
     let outer: usize = shape[..axis].iter().product();
     let len = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
@@ -267,29 +300,24 @@ pub fn reduce(
             data.push(avg.apply(sum, if mean { len } else { 1 }));
         }
     }
-    let mut out_shape = shape.to_vec();
-    out_shape[axis] = 1;
-    (data, out_shape)
+    data
 }
 
 /// Concatenation along `axis` of inputs already on the output grid.
-pub fn concat(axis: usize, inputs: &[(&[i8], &[usize])]) -> (Vec<i8>, Vec<usize>) {
-    let first = inputs[0].1;
-    let outer: usize = first[..axis].iter().product();
-    let mut out_shape = first.to_vec();
-    out_shape[axis] = inputs.iter().map(|(_, s)| s[axis]).sum();
-    let mut data = Vec::with_capacity(out_shape.iter().product());
+pub fn concat(axis: usize, inputs: &[(&[i8], &[usize])]) -> Vec<i8> {
+    let outer: usize = inputs[0].1[..axis].iter().product();
+    let mut data = Vec::with_capacity(inputs.iter().map(|(x, _)| x.len()).sum());
     for o in 0..outer {
         for (x, s) in inputs {
             let chunk: usize = s[axis..].iter().product();
             data.extend_from_slice(&x[o * chunk..(o + 1) * chunk]);
         }
     }
-    (data, out_shape)
+    data
 }
 
 /// Axes permuted: output axis `i` is input axis `perm[i]`.
-pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize]) -> (Vec<T>, Vec<usize>) {
+pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize]) -> Vec<T> {
     let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
     let si = strides(shape);
     let so = strides(&out_shape);
@@ -302,5 +330,29 @@ pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize]) -> (Vec<T>, Ve
         }
         data.push(x[src]);
     }
-    (data, out_shape)
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fast_max_pool_equals_the_window_definition(
+            n in 1usize..3, c in 1usize..4, h in 2usize..9, w in 2usize..9,
+            kh in 1usize..4, kw in 1usize..4, sh in 1usize..3, sw in 1usize..3,
+            seed in any::<u64>(),
+        ) {
+            prop_assume!(kh <= h && kw <= w);
+            let win = Window { kernel: [kh, kw], stride: [sh, sw], padding: [0; 4], dilation: [1, 1] };
+            let shape = [n, c, h, w];
+            let x: Vec<i8> = (0..n * c * h * w)
+                .map(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 56) as i8)
+                .collect();
+            let slow = windows(&win, &x, &shape, |it| it.flatten().fold(i8::MIN, i8::max));
+            prop_assert_eq!(max_pool(&win, &x, &shape), slow);
+        }
+    }
 }

@@ -8,21 +8,30 @@ use crate::model::{Grid, IntOp, IntegerModel, ModelError, RunError};
 use crate::ops;
 use crate::validate::infer;
 
-/// A tensor flowing through the integer model.
+/// A tensor flowing through the integer model (what the [`kernels`](crate::kernels) return).
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Values {
+pub enum Values {
     /// 8-bit values on a grid.
     Int {
+        /// Values, row-major.
         data: Vec<i8>,
+        /// Shape, batch first.
         shape: Vec<usize>,
+        /// Their grid.
         grid: Grid,
     },
     /// Float values (model input, a float last layer).
-    Float { data: Vec<f32>, shape: Vec<usize> },
+    Float {
+        /// Values, row-major.
+        data: Vec<f32>,
+        /// Shape, batch first.
+        shape: Vec<usize>,
+    },
 }
 
 impl Values {
-    fn shape(&self) -> &[usize] {
+    /// The shape, batch first.
+    pub fn shape(&self) -> &[usize] {
         match self {
             Values::Int { shape, .. } | Values::Float { shape, .. } => shape,
         }
@@ -246,12 +255,12 @@ impl IntegerModel {
                 }
                 let refs: Vec<(&[i8], &[usize])> =
                     parts.iter().map(|(d, s)| (&d[..], *s)).collect();
-                int_out(ops::concat(*axis, &refs).0)
+                int_out(ops::concat(*axis, &refs))
             }
             IntOp::MaxPool(w) => {
                 let (x, s, g) = int(0)?;
                 Ok(Values::Int {
-                    data: ops::max_pool(w, x, s).0,
+                    data: ops::max_pool(w, x, s),
                     shape,
                     grid: g,
                 })
@@ -262,14 +271,21 @@ impl IntegerModel {
                 input: g_in,
             } => {
                 let (x, s, _) = int(0)?;
-                int_out(ops::avg_pool(window, *count_include_pad, g_in, &grid.clone()?, x, s).0)
+                int_out(ops::avg_pool(
+                    window,
+                    *count_include_pad,
+                    g_in,
+                    &grid.clone()?,
+                    x,
+                    s,
+                ))
             }
             IntOp::AdaptiveAvgPool {
                 output,
                 input: g_in,
             } => {
                 let (x, s, _) = int(0)?;
-                int_out(ops::adaptive_avg_pool(*output, g_in, &grid.clone()?, x, s).0)
+                int_out(ops::adaptive_avg_pool(*output, g_in, &grid.clone()?, x, s))
             }
             IntOp::Reduce {
                 axis,
@@ -277,7 +293,7 @@ impl IntegerModel {
                 input: g_in,
             } => {
                 let (x, s, _) = int(0)?;
-                int_out(ops::reduce(*axis, *mean, g_in, &grid.clone()?, x, s).0)
+                int_out(ops::reduce(*axis, *mean, g_in, &grid.clone()?, x, s))
             }
             IntOp::Lut(t) => int_out(ops::lut(t, int(0)?.0)),
             IntOp::Reshape => Ok(match values[node.inputs[0]].as_ref() {
@@ -298,12 +314,12 @@ impl IntegerModel {
                     shape: s,
                     grid,
                 }) => Values::Int {
-                    data: ops::permute(perm, data, s).0,
+                    data: ops::permute(perm, data, s),
                     shape,
                     grid: *grid,
                 },
                 Some(Values::Float { data, shape: s }) => Values::Float {
-                    data: ops::permute(perm, data, s).0,
+                    data: ops::permute(perm, data, s),
                     shape,
                 },
                 None => return Err(err(self, i, "its input was not computed".into())),
