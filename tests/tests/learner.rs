@@ -63,22 +63,29 @@ impl Batcher<Item, Batch> for ItemBatcher {
     }
 }
 
-impl TrainStep for Net {
-    type Input = Batch;
-    type Output = ClassificationOutput;
-    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
-        let item = self.classify(batch);
-        TrainOutput::new(self, item.loss.backward(), item)
-    }
+/// burn-train's step traits for a model with `classify`.
+macro_rules! learner_steps {
+    ($ty:ty) => {
+        impl TrainStep for $ty {
+            type Input = Batch;
+            type Output = ClassificationOutput;
+            fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+                let item = self.classify(batch);
+                TrainOutput::new(self, item.loss.backward(), item)
+            }
+        }
+
+        impl InferenceStep for $ty {
+            type Input = Batch;
+            type Output = ClassificationOutput;
+            fn step(&self, batch: Batch) -> ClassificationOutput {
+                self.classify(batch)
+            }
+        }
+    };
 }
 
-impl InferenceStep for Net {
-    type Input = Batch;
-    type Output = ClassificationOutput;
-    fn step(&self, batch: Batch) -> ClassificationOutput {
-        self.classify(batch)
-    }
-}
+learner_steps!(Net);
 
 fn items(n: usize, seed: u64) -> Vec<Item> {
     // Deterministic pseudo-random points; the class is the sign pattern of two projections.
@@ -187,22 +194,7 @@ impl GraphNet {
     }
 }
 
-impl TrainStep for GraphNet {
-    type Input = Batch;
-    type Output = ClassificationOutput;
-    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
-        let item = self.classify(batch);
-        TrainOutput::new(self, item.loss.backward(), item)
-    }
-}
-
-impl InferenceStep for GraphNet {
-    type Input = Batch;
-    type Output = ClassificationOutput;
-    fn step(&self, batch: Batch) -> ClassificationOutput {
-        self.classify(batch)
-    }
-}
+learner_steps!(GraphNet);
 
 #[test]
 fn learner_trains_a_qat_graph() {

@@ -38,11 +38,15 @@ impl Values {
     }
 }
 
-/// Weights laid out for this machine's GEMM kernels, one slot per node, filled on first use.
-/// Kept beside the model's data, never saved or compared; a clone starts empty. After editing
-/// a model's nodes in place, call [`IntegerModel::clear_cache`].
+/// What a model learns about itself on its first forward: that it is valid, and its weights
+/// laid out for this machine's GEMM kernels (one slot per node, filled on first use). Kept
+/// beside the model's data, never saved or compared; a clone starts empty. After editing a
+/// model's nodes in place, call [`IntegerModel::clear_cache`].
 #[derive(Default)]
-pub struct WeightCache(OnceLock<Vec<OnceLock<Packed>>>);
+pub struct WeightCache(
+    OnceLock<Vec<OnceLock<Packed>>>,
+    OnceLock<Result<(), ModelError>>,
+);
 
 impl WeightCache {
     fn slot(&self, node: usize, nodes: usize) -> &OnceLock<Packed> {
@@ -117,13 +121,13 @@ impl IntegerModel {
         })
     }
 
-    /// Forgets the packed weights (after editing nodes in place).
+    /// Forgets the packed weights and the validation (after editing nodes in place).
     pub fn clear_cache(&mut self) {
         self.cache = WeightCache::default();
     }
 
     fn run(&self, input: &[f32], reference: bool) -> Result<Values, RunError> {
-        self.validate()?;
+        self.cache.1.get_or_init(|| self.validate()).clone()?;
         let item: usize = self.input_shape().iter().product();
         if item == 0 || input.len() % item != 0 {
             return Err(RunError::Input {
@@ -164,6 +168,17 @@ impl IntegerModel {
                         ));
                     }
                     Err(e) => return Err(err(self, i, e)),
+                }
+                // A reshape of a value nobody else reads moves it instead of copying it.
+                if matches!(node.op, IntOp::Reshape)
+                    && last_use[node.inputs[0]] == i
+                    && let Some(mut v) = values[node.inputs[0]].take()
+                {
+                    match &mut v {
+                        Values::Int { shape: s, .. } | Values::Float { shape: s, .. } => *s = shape,
+                    }
+                    values[i] = Some(v);
+                    continue;
                 }
                 values[i] = Some(self.node(i, shape, input, &values, reference)?);
                 for j in &node.inputs {
