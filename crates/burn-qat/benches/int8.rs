@@ -2,7 +2,7 @@
 //! batch 1 and batch 256; prints the ratios. Both timed by criterion in this process.
 //!
 //! ```sh
-//! cargo bench -p burn-qat --bench int8
+//! cargo bench -p burn-qat -p mnist --all-features --bench int8   # reuses CI's release build
 //! ```
 
 use std::time::Duration;
