@@ -8,7 +8,7 @@
 //! permute keep their input's grid; a fake-quantizer on the float input becomes `Quantize`.
 
 use burn::module::Module;
-use burn::nn::{PaddingConfig1d, PaddingConfig2d};
+use burn::nn::{BatchNorm, PaddingConfig1d, PaddingConfig2d};
 use burn::prelude::*;
 use burn_qat_core::{Grid, QParams, QuantSpec, reference};
 use burn_qat_graph::{GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
@@ -259,13 +259,7 @@ impl<'a> Converter<'a> {
                     self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right])?
                 }
                 (GraphLayer::Linear(f), _) => self.linear_from_float(i, f)?,
-                (GraphLayer::BatchNorm(_), _) => {
-                    return Err(unsupported(
-                        node,
-                        "BatchNorm",
-                        "a BatchNorm that follows no conv or linear layer has no integer kernel; put it after a conv/linear so that it folds",
-                    ));
-                }
+                (GraphLayer::BatchNorm(bn), _) => self.batch_norm_from_float(i, bn)?,
             },
             Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i)?,
             Op::Concat { axis } => self.concat_from_float(i, *axis)?,
@@ -405,34 +399,76 @@ impl<'a> Converter<'a> {
     ) -> Result<Lut, ExportError> {
         let xs: Vec<f32> = (-128..=127).map(|q| input.dequantize(q)).collect();
         let x = Tensor::<1>::from_floats(xs.as_slice(), &self.device);
-        let ys: Vec<f32> = f(x)
+        Ok(Lut {
+            function: function.into(),
+            input,
+            output: out.grid,
+            table: self.quantized(i, function, f(x), 256, out)?,
+        })
+    }
+
+    /// `values` (a tensor of `expected` values) quantized by `out`, with its own rounding, in
+    /// its 8-bit container.
+    fn quantized<const D: usize>(
+        &self,
+        i: usize,
+        function: &str,
+        values: Tensor<D>,
+        expected: usize,
+        out: &Quantizer,
+    ) -> Result<Vec<i8>, ExportError> {
+        let ys: Vec<f32> = values
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
             .unwrap_or_default();
-        if ys.len() != 256 {
+        if ys.len() != expected {
             return Err(ExportError::NotRepresentable {
                 path: self.gnode(i).name.clone(),
                 what: format!(
-                    "its {function} table came back with {} of 256 values",
+                    "its {function} table came back with {} of {expected} values",
                     ys.len()
                 ),
             });
         }
         let shift = if out.spec.signed { 0 } else { 128 };
-        let table = ys
+        Ok(ys
             .iter()
             .map(|y| {
                 (reference::quantize(*y, out.qp, &out.spec) - shift)
                     .clamp(out.grid.qmin, out.grid.qmax) as i8
             })
+            .collect())
+    }
+
+    /// A BatchNorm that follows no conv/linear (after a concat or an add, say): in evaluation a
+    /// per-channel affine map, so on 8-bit input one table per channel, built by running the
+    /// graph's BatchNorm (running statistics) and its fused activation on the 256 values.
+    fn batch_norm_from_float(&mut self, i: usize, bn: &BatchNorm) -> Result<(), ExportError> {
+        let (m, input) = self.int_input(i, 0)?;
+        let (activation, out) = self.required_tail(i)?;
+        let channels = bn.gamma.val().dims()[0];
+        // x[q, c, 0] = dequantize(q) for every channel.
+        let xs: Vec<f32> = (-128..=127)
+            .flat_map(|q| std::iter::repeat_n(input.dequantize(q), channels))
             .collect();
-        Ok(Lut {
-            function: function.into(),
+        let x = Tensor::<1>::from_floats(xs.as_slice(), &self.device).reshape([256, channels, 1]);
+        let y = activation.forward(bn.forward(x));
+        // Channel-major: table[c * 256 + q + 128].
+        let y = y.reshape([256, channels]).transpose();
+        let lut = Lut {
+            function: "BatchNorm".into(),
             input,
             output: out.grid,
-            table,
-        })
+            table: self.quantized(i, "BatchNorm", y, 256 * channels, &out)?,
+        };
+        self.emit(
+            i,
+            IntOp::ChannelLut { lut, channels },
+            vec![m],
+            Some(out.grid),
+        );
+        Ok(())
     }
 
     fn lut_from_float(&mut self, i: usize) -> Result<(), ExportError> {
@@ -837,7 +873,8 @@ where
 /// ReLU/ReLU6/clamp, add/sub with fixed-point rescaling of both inputs, mul, concat
 /// (requantized to the output grid), max/average/adaptive-average pooling, mean/sum along an
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
-/// hard-swish, leaky ReLU, exp, scalar arithmetic), reshape/flatten/permute.
+/// hard-swish, leaky ReLU, exp, scalar arithmetic), a BatchNorm that follows no conv/linear
+/// (one table per channel), reshape/flatten/permute.
 ///
 /// ```
 /// use burn::module::Module;
@@ -863,7 +900,7 @@ where
 /// # Errors
 ///
 /// [`ExportError`] naming the node (the user's module path): an op with no integer kernel
-/// (softmax, division, a lone BatchNorm), a tensor that is not quantized (a skipped layer,
+/// (softmax, division), a tensor that is not quantized (a skipped layer,
 /// activations disabled), a quantizer that has seen no data, weights wider than 8 bits.
 pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
     let graph = graph.valid();

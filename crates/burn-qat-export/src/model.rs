@@ -267,6 +267,14 @@ pub enum IntOp {
     },
     /// An elementwise function as a lookup table.
     Lut(Lut),
+    /// A per-channel elementwise function (a BatchNorm that follows no conv/linear, with its
+    /// activation) as one 256-entry table per channel along axis 1: `table[c * 256 + q + 128]`.
+    ChannelLut {
+        /// The tables, `channels * 256` entries.
+        lut: Lut,
+        /// Channels (axis 1).
+        channels: usize,
+    },
     /// Same values, the node's shape.
     Reshape,
     /// Axes permuted: output axis `i` is input axis `perm[i]`.
@@ -295,6 +303,7 @@ impl IntOp {
             IntOp::Reduce { mean: true, .. } => "Mean",
             IntOp::Reduce { .. } => "Sum",
             IntOp::Lut(_) => "Lut",
+            IntOp::ChannelLut { .. } => "ChannelLut",
             IntOp::Reshape => "Reshape",
             IntOp::Permute { .. } => "Permute",
         }
@@ -468,7 +477,7 @@ impl IntegerModel {
             .map(|n| match &n.op {
                 IntOp::Conv2d(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
                 IntOp::Linear(c) => c.weight.len() + 4 * c.bias.len() + 4 * c.weight_scale.len(),
-                IntOp::Lut(l) => l.table.len(),
+                IntOp::Lut(l) | IntOp::ChannelLut { lut: l, .. } => l.table.len(),
                 IntOp::Concat { requantize, .. } => {
                     requantize.iter().flatten().map(|l| l.table.len()).sum()
                 }

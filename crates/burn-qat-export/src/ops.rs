@@ -77,6 +77,20 @@ pub fn lut(table: &Lut, x: &[i8]) -> Vec<i8> {
     x.iter().map(|q| table.apply(*q)).collect()
 }
 
+/// One table per channel (axis 1 of `shape`): `table[c * 256 + q + 128]`.
+pub fn channel_lut(table: &Lut, channels: usize, x: &[i8], shape: &[usize]) -> Vec<i8> {
+    let inner: usize = shape[2..].iter().product();
+    x.chunks(inner.max(1))
+        .enumerate()
+        .flat_map(|(row, values)| {
+            let base = (row % channels) * 256;
+            values
+                .iter()
+                .map(move |q| table.table[base + (*q as i32 + 128) as usize])
+        })
+        .collect()
+}
+
 /// Float to 8-bit on `grid`.
 pub fn quantize(grid: &Grid, x: &[f32]) -> Vec<i8> {
     x.iter().map(|v| grid.quantize(*v) as i8).collect()

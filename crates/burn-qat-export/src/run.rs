@@ -311,6 +311,10 @@ impl IntegerModel {
                 int_out(ops::reduce(*axis, *mean, g_in, &grid.clone()?, x, s))
             }
             IntOp::Lut(t) => int_out(ops::lut(t, int(0)?.0)),
+            IntOp::ChannelLut { lut, channels } => {
+                let (x, s, _) = int(0)?;
+                int_out(ops::channel_lut(lut, *channels, x, s))
+            }
             IntOp::Reshape => Ok(match values[node.inputs[0]].as_ref() {
                 Some(Values::Int { data, grid, .. }) => Values::Int {
                     data: data.clone(),

@@ -62,6 +62,13 @@ pub(crate) fn infer(
     Ok(match op {
         IntOp::Input => declared.to_vec(),
         IntOp::Quantize(_) | IntOp::Lut(_) => x(),
+        IntOp::ChannelLut { channels, .. } => {
+            let s = x();
+            if s.len() < 2 || s[1] != *channels {
+                return Err(format!("{channels} per-channel tables for input {s:?}"));
+            }
+            s
+        }
         IntOp::Conv2d(c) => {
             let s = x();
             let one_d = s.len() == 3 && c.kernel[0] == 1 && c.padding[0] + c.padding[1] == 0;
@@ -237,6 +244,14 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 return Err("multiplier out of range".into());
             }
         }
+        IntOp::ChannelLut { lut, channels } => {
+            if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) {
+                return Err(format!(
+                    "{} table entries for {channels} channels of 256",
+                    lut.table.len()
+                ));
+            }
+        }
         IntOp::Lut(t) => {
             if t.table.len() != 256 {
                 return Err(format!(
@@ -387,7 +402,7 @@ impl IntegerModel {
                 IntOp::Linear(l) => l.output.grid(),
                 IntOp::Add(a) => Some(a.out),
                 IntOp::Mul(m) => Some(m.out),
-                IntOp::Lut(t) => Some(t.output),
+                IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
                 IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } => grids[node.inputs[0]],
                 _ => node.grid,
             };
@@ -406,7 +421,7 @@ impl IntegerModel {
                 IntOp::Linear(l) => vec![(0, l.input)],
                 IntOp::Add(a) => vec![(0, a.a), (1, a.b)],
                 IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
-                IntOp::Lut(t) => vec![(0, t.input)],
+                IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => vec![(0, t.input)],
                 IntOp::AvgPool { input, .. }
                 | IntOp::AdaptiveAvgPool { input, .. }
                 | IntOp::Reduce { input, .. } => vec![(0, *input)],

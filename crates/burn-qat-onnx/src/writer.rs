@@ -304,10 +304,30 @@ impl Graph {
     /// onnxruntime fuses into its int8 kernel), `Gather` from the table, dequantize on the
     /// output grid. Exactly the integer model's table, whatever function it holds.
     fn lut(&mut self, x: String, lut: &Lut) -> String {
+        self.lut_per_channel(x, lut, None)
+    }
+
+    /// [`lut`](Self::lut) with one table per channel (axis 1 of a rank-`rank` input): the index
+    /// moves by `256 * c` in channel `c`.
+    fn lut_per_channel(
+        &mut self,
+        x: String,
+        lut: &Lut,
+        channels: Option<(usize, usize)>,
+    ) -> String {
         let s = self.f32s("lut_scale", &[], &[lut.input.scale]);
         let v = self.node("Div", vec![x, s], vec![]);
         let r = self.node("Round", vec![v], vec![]);
-        let offset = self.f32s("lut_offset", &[], &[(lut.input.zero_point + 128) as f32]);
+        let base = (lut.input.zero_point + 128) as f32;
+        let offset = match channels {
+            None => self.f32s("lut_offset", &[], &[base]),
+            Some((c, rank)) => {
+                let mut dims = vec![1; rank];
+                dims[1] = c;
+                let offsets: Vec<f32> = (0..c).map(|k| base + 256.0 * k as f32).collect();
+                self.f32s("lut_offset", &dims, &offsets)
+            }
+        };
         let shifted = self.node("Add", vec![r, offset], vec![]);
         let index = self.node(
             "Cast",
@@ -316,7 +336,7 @@ impl Graph {
         );
         let table = self.i8s(
             &format!("lut_{}", lut.function.to_lowercase()),
-            &[256],
+            &[lut.table.len()],
             &lut.table,
         );
         let y = self.node("Gather", vec![table, index], vec![attr_int("axis", 0)]);
@@ -437,6 +457,9 @@ fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxE
                 g.qdq(y, &m.out)
             }
             IntOp::Lut(t) => g.lut(x(0), t),
+            IntOp::ChannelLut { lut, channels } => {
+                g.lut_per_channel(x(0), lut, Some((*channels, in_rank(0))))
+            }
             IntOp::Concat { axis, requantize } => {
                 let mut parts = Vec::new();
                 for (k, t) in requantize.iter().enumerate() {
