@@ -19,6 +19,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::Distribution;
+use burn_qat::export::{Grid, IntNode, IntOp, IntegerModel};
 use burn_qat::graph::{self, GraphLayer, LayerKind, Op, QatGraph};
 use burn_qat::model::{ActivationQuant, QatConfig, WeightQuant};
 use burn_qat::{QatError, switches};
@@ -601,6 +602,126 @@ fn resume<M: UserModel>() {
     }
 }
 
+/// The QAT graph's values at node `k` (a copy of the graph that returns node `k`).
+fn graph_values(eval: &QatGraph, k: usize, x: Tensor<4>) -> Vec<f32> {
+    let mut g = eval.clone();
+    g.program.output = k;
+    match g.program.nodes[k].shape.len() {
+        2 => values(g.forward::<4, 2>(x)),
+        3 => values(g.forward::<4, 3>(x)),
+        4 => values(g.forward::<4, 4>(x)),
+        r => panic!("rank {r}"),
+    }
+}
+
+/// Each single-input integer op on its own: fed the QAT graph's own (quantized) input, its
+/// output is within 1 LSB of the QAT graph's output there. Returns how many ops were checked
+/// and how many of their values were bit-exact, of how many.
+fn per_op_within_one_lsb(
+    eval: &QatGraph,
+    int8: &IntegerModel,
+    x: Tensor<4>,
+) -> (usize, usize, usize) {
+    // The graph's activation quantizers by grid (each quantizer has its own scale and zero point).
+    let quants: Vec<(usize, Grid)> = eval
+        .program
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match (&n.op, &eval.layers) {
+            (
+                Op::Layer {
+                    index,
+                    kind: LayerKind::Quant,
+                },
+                layers,
+            ) => match &layers[*index] {
+                GraphLayer::Quant(q) => q
+                    .grid()
+                    .map(|(spec, qps)| (i, Grid::from_spec(&spec, qps[0]))),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let find = |g: Grid| {
+        let hits: Vec<usize> = quants
+            .iter()
+            .filter(|(_, q)| *q == g)
+            .map(|(i, _)| *i)
+            .collect();
+        (hits.len() == 1).then(|| hits[0])
+    };
+    let (mut ops, mut exact, mut total) = (0, 0, 0);
+    for node in &int8.nodes {
+        let single = matches!(
+            node.op,
+            IntOp::Conv2d(_)
+                | IntOp::Linear(_)
+                | IntOp::Lut(_)
+                | IntOp::ChannelLut { .. }
+                | IntOp::AvgPool { .. }
+                | IntOp::AdaptiveAvgPool { .. }
+                | IntOp::Reduce { .. }
+        );
+        let src = &int8.nodes[node.inputs.first().copied().unwrap_or(0)];
+        let fresh = !matches!(
+            src.op,
+            IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::MaxPool(_)
+        );
+        let (Some(g_in), Some(g_out)) = (src.grid, node.grid) else {
+            continue;
+        };
+        let (Some(gi), Some(go)) = (find(g_in), find(g_out)) else {
+            continue;
+        };
+        if !single || !fresh {
+            continue;
+        }
+        let input = graph_values(eval, gi, x.clone());
+        let want = graph_values(eval, go, x.clone());
+        let alone = IntegerModel::new(
+            vec![
+                IntNode {
+                    name: "input".into(),
+                    op: IntOp::Input,
+                    inputs: vec![],
+                    shape: src.shape.clone(),
+                    grid: None,
+                },
+                IntNode {
+                    name: "quant".into(),
+                    op: IntOp::Quantize(g_in),
+                    inputs: vec![0],
+                    shape: src.shape.clone(),
+                    grid: Some(g_in),
+                },
+                IntNode {
+                    inputs: vec![1],
+                    ..node.clone()
+                },
+            ],
+            2,
+        );
+        let (q, _, grid) = alone.forward_int(&input).unwrap().expect("a quantized op");
+        assert_eq!(q.len(), want.len(), "{}", node.name);
+        for (v, qi) in want.iter().zip(&q) {
+            let d = (grid.quantize(*v) - *qi as i32).abs();
+            assert!(
+                d <= 1,
+                "{} ({}): fake-quant {}, integer {qi}",
+                node.name,
+                node.op.kind(),
+                grid.quantize(*v)
+            );
+            exact += usize::from(d == 0);
+        }
+        total += q.len();
+        ops += 1;
+    }
+    (ops, exact, total)
+}
+
 /// The deploy path: the trained QAT graph becomes an integer model whose quantized output is
 /// within 1 LSB of the fake-quant graph's, that saves and loads as a file, and that exports to
 /// ONNX. With `BURN_QAT_ONNX_DIR` set, the ONNX file, an input batch and the integer model's
@@ -650,6 +771,22 @@ fn deploy<M: UserModel>() {
         "{}: only {exact} of {} outputs exact",
         M::NAME,
         q.len()
+    );
+    // Op by op, on the QAT graph's own inputs: within 1 LSB.
+    let (ops, exact_op, total) = per_op_within_one_lsb(
+        &eval,
+        &int8,
+        Tensor::random([8, 1, 8, 8], Distribution::Normal(0.0, 1.2), &plain),
+    );
+    assert!(
+        ops >= 2,
+        "{}: only {ops} ops checked alone\n{}",
+        M::NAME,
+        int8.plan()
+    );
+    println!(
+        "{}: {ops} ops checked alone, {exact_op} of {total} values bit-exact",
+        M::NAME
     );
     // The reference kernels agree with the fast ones exactly.
     assert_eq!(
