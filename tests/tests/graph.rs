@@ -1091,9 +1091,9 @@ fn qat_schedule_freezes_batch_norm_statistics_in_a_graph() {
     };
     assert_eq!(frozen(&g), [false; 6]);
     let schedule = burn_qat::transform::QatSchedule::new(None, Some(2));
-    schedule.step(&g);
+    let g = schedule.step(g);
     assert_eq!(frozen(&g), [false; 6]);
-    schedule.step(&g);
+    let g = schedule.step(g);
     assert_eq!(frozen(&g), [true; 6], "{}", g.plan());
     // The plan reads the model: folded BatchNorm, weight bits, frozen statistics.
     let plan = g.plan();

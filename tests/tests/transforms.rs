@@ -324,7 +324,7 @@ fn schedule_freezes_observers_and_bn_from_a_hand_loop_and_from_shared_self() {
         for step in 1..=4 {
             // `&model` only, as in burn-train's `TrainStep::step(&self, ..)`.
             let _ = model.conv.forward(model.act.forward(x.clone()));
-            schedule.step(&model);
+            schedule.step_in_place(&model);
             if frozen_at.0.is_none() && model.act.is_frozen() {
                 frozen_at.0 = Some(step);
             }
@@ -437,7 +437,7 @@ fn fused_qat_cnn_on_mnist_folds_to_the_same_predictions() {
             .forward(model.forward(x), y);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(2e-3, model, grads);
-        schedule.step(&model);
+        model = schedule.step(model);
     }
     let qat = model.valid();
     let folded = qat.clone().folded();

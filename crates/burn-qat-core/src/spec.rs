@@ -75,6 +75,38 @@ pub struct QuantSpec {
     pub rounding: RoundingMode,
 }
 
+/// `8-bit signed symmetric narrow per-channel(axis 0)`: what summaries and module displays
+/// print.
+///
+/// ```
+/// use burn_qat_core::QuantSpec;
+///
+/// assert_eq!(
+///     QuantSpec::int8_act_per_tensor_asymmetric().to_string(),
+///     "8-bit signed asymmetric per-tensor"
+/// );
+/// ```
+impl std::fmt::Display for QuantSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}-bit {} {}{}",
+            self.bits,
+            if self.signed { "signed" } else { "unsigned" },
+            if self.symmetric { "symmetric" } else { "asymmetric" },
+            if self.narrow_range { " narrow" } else { "" },
+        )?;
+        match self.axis() {
+            Some(a) => write!(f, " per-channel(axis {a})")?,
+            None => write!(f, " per-tensor")?,
+        }
+        if self.rounding == RoundingMode::TfHalfUp {
+            write!(f, " tf-rounding")?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for QuantSpec {
     fn default() -> Self {
         Self::int8_act_per_tensor_asymmetric()

@@ -101,7 +101,11 @@ impl Lowering {
         for (i, layer) in seq.iter().enumerate() {
             let name = format!("{prefix}.{i}");
             let shape = self.nodes[at].shape.clone();
-            let bad = |what: &str| QatError::Model(format!("`{name}` ({}): {what}", layer.name()));
+            let bad = |what: &str| QatError::UnsupportedLayer {
+                layer: name.clone(),
+                kind: layer.name().to_string(),
+                problem: what.to_string(),
+            };
             at = match layer {
                 SeqLayer::FakeQuant(fq) => self.layer(
                     GraphLayer::Quant(ActQuant::Observed(fq.clone())),
@@ -248,7 +252,7 @@ impl Lowering {
 ///
 /// # Errors
 ///
-/// [`QatError::Model`] naming the layer: unfused `Conv`/`Linear`/`BatchNorm` layers, `Same`
+/// [`QatError::UnsupportedLayer`] naming the layer: unfused `Conv`/`Linear`/`BatchNorm` layers, `Same`
 /// padding, pooling with padding, a window that does not fit.
 pub fn from_sequential(model: &Sequential, input_dims: &[usize]) -> Result<QatGraph, QatError> {
     if input_dims.len() < 2 || input_dims.contains(&0) {

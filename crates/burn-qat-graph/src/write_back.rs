@@ -32,11 +32,13 @@ impl ModuleVisitor for Check<'_> {
         };
         let shape = param.lazy_shape().dims::<D>().to_vec();
         if &shape != dims {
-            self.error.get_or_insert(QatError::Model(format!(
-                "`{}` has shape {shape:?} in the model but {dims:?} in the graph: write back into the \
-                 model the graph was prepared from",
-                self.stack.join(".")
-            )));
+            self.error.get_or_insert(QatError::WriteBack {
+                problem: format!(
+                    "`{}` has shape {shape:?} in the model but {dims:?} in the graph: write back into the \
+                     model the graph was prepared from",
+                    self.stack.join(".")
+                ),
+            });
         }
         self.found += 1;
     }
@@ -205,11 +207,11 @@ fn write_into<M: Module>(
         return Err(e);
     }
     if check.found == 0 && !values.is_empty() {
-        return Err(QatError::Model(
-            "the model holds none of the graph's parameters (matched by ParamId): write back into the model \
-             the graph was prepared from, a clone of it, or one loaded from its record"
+        return Err(QatError::WriteBack {
+            problem: "the model holds none of the graph's parameters (matched by ParamId): write back into the \
+                      model the graph was prepared from, a clone of it, or one loaded from its record"
                 .into(),
-        ));
+        });
     }
     Ok(model.map(&mut Values { values }))
 }

@@ -1,5 +1,5 @@
 use burn::config::Config;
-use burn::module::{Module, Param, RunningState};
+use burn::module::{Content, Module, ModuleDisplay, Param, RunningState};
 use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec, ema, tensor};
 use serde::{Deserialize, Serialize};
@@ -112,10 +112,14 @@ impl FakeQuantConfig {
 ///
 /// Should be created with [`FakeQuantConfig`].
 ///
-/// The state is a [`RunningState`], which averages the updates of several threads: observe
-/// from one device/thread at a time (data-parallel training would average the per-device
-/// ranges).
+/// The state is a [`RunningState`]: the forward pass updates it from `&self` (as BatchNorm's
+/// statistics), so a training step sees the update in every clone of the module. The setters
+/// and the [`switches`](crate::switches) return modules with their own state: switching a
+/// clone leaves the original untouched. A `RunningState` averages the updates of several
+/// threads: observe from one device/thread at a time (data-parallel training would average
+/// the per-device ranges).
 #[derive(Module, Debug)]
+#[module(custom_display)]
 pub struct FakeQuant {
     /// Observed minimum, `[channels]`, always `<= 0`.
     pub min: RunningState<Tensor<1>>,
@@ -125,8 +129,8 @@ pub struct FakeQuant {
     pub observed: RunningState<Tensor<1>>,
     /// `[1]`: 1 if fake quantization is applied, 0 to pass values through.
     pub enabled: RunningState<Tensor<1>>,
-    /// `[1]`: 1 once the observer is frozen (kept across `valid()`/`train()`, shared by clones
-    /// and recorded, so a schedule can freeze it from `&self` and a resumed run stays frozen).
+    /// `[1]`: 1 once the observer is frozen (kept across `valid()`/`train()` and recorded, so a
+    /// resumed run stays frozen).
     pub frozen: RunningState<Tensor<1>>,
     /// `[6]`: the spec, recorded so that a saved model says how it was quantized
     /// (see [`encode_spec`](crate::encode_spec)).
@@ -145,7 +149,36 @@ pub struct FakeQuant {
     pub channels: usize,
 }
 
+/// `println!("{model}")` shows what the quantizer does now: its spec, observer, switches and
+/// range, read from the module's state.
+impl ModuleDisplay for FakeQuant {
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        content
+            .add("spec", &self.spec.to_string())
+            .add("observer", &format!("{:?}", self.observer))
+            .add("enabled", &self.is_enabled())
+            .add("frozen", &self.is_frozen())
+            .add("range", &crate::tree::describe_range(self.observed_range()))
+            .optional()
+    }
+}
+
 impl FakeQuant {
+    /// The container type Burn's visitors report for this module (see [`tree`](crate::tree)).
+    pub const TYPE: &'static str = "Struct:FakeQuant";
+    /// Field name of [`min`](FakeQuant::min).
+    pub const MIN: &'static str = "min";
+    /// Field name of [`max`](FakeQuant::max).
+    pub const MAX: &'static str = "max";
+    /// Field name of [`observed`](FakeQuant::observed).
+    pub const OBSERVED: &'static str = "observed";
+    /// Field name of [`enabled`](FakeQuant::enabled).
+    pub const ENABLED: &'static str = "enabled";
+    /// Field name of [`frozen`](FakeQuant::frozen).
+    pub const FROZEN: &'static str = "frozen";
+    /// Field name of [`spec_code`](FakeQuant::spec_code).
+    pub const SPEC_CODE: &'static str = "spec_code";
+
     /// Observes (in training) and fake-quantizes `input`.
     ///
     /// # Shapes
@@ -180,7 +213,7 @@ impl FakeQuant {
     }
 
     /// `[enabled, observed, frozen]`, read from the device in one transfer.
-    fn switches(&self) -> [bool; 3] {
+    pub(crate) fn switches(&self) -> [bool; 3] {
         let device = self.enabled.value().device();
         let states =
             [&self.enabled, &self.observed, &self.frozen].map(|s| s.value().to_device(&device));
@@ -266,13 +299,15 @@ impl FakeQuant {
         self.observed.value().into_scalar::<f32>() > 0.5
     }
 
-    /// Turns fake quantization on or off (the observer keeps observing in training).
+    /// Turns fake quantization on or off (the observer keeps observing in training). The
+    /// returned module has its own state: clones of `self` are left as they were.
     pub fn set_enabled(self, enabled: bool) -> Self {
-        let device = self.enabled.value().device();
-        self.enabled
+        let fq = crate::tree::own_state(self);
+        let device = fq.enabled.value().device();
+        fq.enabled
             .update(Tensor::from_floats([f32::from(enabled)], &device));
-        let _ = self.enabled.value_sync();
-        self
+        let _ = fq.enabled.value_sync();
+        fq
     }
 
     /// Whether the observer is frozen (keeps its range in training).
@@ -281,16 +316,18 @@ impl FakeQuant {
     }
 
     /// Freezes (`false`) or unfreezes (`true`) the observer; a frozen observer keeps its range.
-    /// Writes the shared state: clones of this module see the change too.
+    /// The returned module has its own state: clones of `self` are left as they were.
     pub fn set_observing(self, observing: bool) -> Self {
-        let device = self.frozen.value().device();
-        self.frozen
+        let fq = crate::tree::own_state(self);
+        let device = fq.frozen.value().device();
+        fq.frozen
             .update(Tensor::from_floats([f32::from(!observing)], &device));
-        let _ = self.frozen.value_sync();
-        self
+        let _ = fq.frozen.value_sync();
+        fq
     }
 
-    /// Sets the range by hand (e.g. from a calibration run) and marks it observed.
+    /// Sets the range by hand (e.g. from a calibration run) and marks it observed. The returned
+    /// module has its own state: clones of `self` keep their range.
     ///
     /// # Panics
     ///
@@ -303,18 +340,19 @@ impl FakeQuant {
             min.len(),
             max.len()
         );
-        let device = self.min.value().device();
+        let fq = crate::tree::own_state(self);
+        let device = fq.min.value().device();
         let min = Tensor::<1>::from_floats(min, &device).clamp_max(0.0);
         let max = Tensor::<1>::from_floats(max, &device).clamp_min(0.0);
-        self.min.update(min);
-        self.max.update(max);
-        self.observed.update(Tensor::ones([1], &device));
+        fq.min.update(min);
+        fq.max.update(max);
+        fq.observed.update(Tensor::ones([1], &device));
         let _ = (
-            self.min.value_sync(),
-            self.max.value_sync(),
-            self.observed.value_sync(),
+            fq.min.value_sync(),
+            fq.max.value_sync(),
+            fq.observed.value_sync(),
         );
-        self
+        fq
     }
 }
 

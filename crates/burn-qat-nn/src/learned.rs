@@ -9,12 +9,15 @@
 //! `ParamGroup` can give them their own learning rate.
 
 use burn::config::Config;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, RunningState};
+use std::collections::BTreeMap;
+
+use burn::module::{Content, Module, ModuleDisplay, Param, RunningState};
 use burn::prelude::*;
 use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::{FakeQuant, FakeQuantConfig, Observer};
+use crate::tree::{self, QuantizerKind};
+use crate::{FakeQuant, FakeQuantConfig, Observer, WeightFakeQuant};
 
 /// Which range is learned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +77,12 @@ impl LearnedFakeQuantConfig {
 }
 
 /// Fake quantization with a learned range. Created by [`LearnedFakeQuantConfig`].
+///
+/// It obeys the [`switches`](crate::switches) of its observer in both phases: with fake
+/// quantization disabled it passes values through; with the observer frozen, the observe phase
+/// keeps its range and the learn phase keeps its learned range (no gradient reaches it).
 #[derive(Module, Debug)]
+#[module(custom_display)]
 pub struct LearnedFakeQuant {
     /// The observe-phase quantizer (its range initializes the learned parameters).
     pub observer: FakeQuant,
@@ -98,7 +106,55 @@ pub struct LearnedFakeQuant {
     pub method: LearnedRange,
 }
 
+/// `println!("{model}")` shows the method, phase, switches and the range in use.
+impl ModuleDisplay for LearnedFakeQuant {
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        let learned = |p: &Option<Param<Tensor<1>>>| {
+            p.as_ref().map(|p| format!("{:?}", tree::to_vec(p.val())))
+        };
+        let mut content = content
+            .add("spec", &self.spec.to_string())
+            .add("method", &format!("{:?}", self.method))
+            .add("phase", if self.is_learning() { "learning" } else { "observing" })
+            .add("enabled", &self.observer.is_enabled())
+            .add("frozen", &self.observer.is_frozen())
+            .add("observed", &tree::describe_range(self.observer.observed_range()));
+        for (name, p) in [
+            (Self::SCALE, &self.scale),
+            (Self::OFFSET, &self.offset),
+            (Self::ALPHA, &self.alpha),
+            (Self::MIN, &self.min),
+            (Self::MAX, &self.max),
+        ] {
+            if let Some(v) = learned(p) {
+                content = content.add(name, &v);
+            }
+        }
+        content.optional()
+    }
+}
+
 impl LearnedFakeQuant {
+    /// The container type Burn's visitors report for this module (see [`tree`](crate::tree)).
+    pub const TYPE: &'static str = "Struct:LearnedFakeQuant";
+    /// Field name of [`observer`](LearnedFakeQuant::observer).
+    pub const OBSERVER: &'static str = "observer";
+    /// Field name of [`scale`](LearnedFakeQuant::scale).
+    pub const SCALE: &'static str = "scale";
+    /// Field name of [`offset`](LearnedFakeQuant::offset).
+    pub const OFFSET: &'static str = "offset";
+    /// Field name of [`alpha`](LearnedFakeQuant::alpha).
+    pub const ALPHA: &'static str = "alpha";
+    /// Field name of [`min`](LearnedFakeQuant::min).
+    pub const MIN: &'static str = "min";
+    /// Field name of [`max`](LearnedFakeQuant::max).
+    pub const MAX: &'static str = "max";
+    /// Field name of [`learning`](LearnedFakeQuant::learning).
+    pub const LEARNING: &'static str = "learning";
+    /// The learned range parameters' field names.
+    pub const RANGE_PARAMS: [&'static str; 5] =
+        [Self::SCALE, Self::OFFSET, Self::ALPHA, Self::MIN, Self::MAX];
+
     /// Whether the learned parameters are in use.
     pub fn is_learning(&self) -> bool {
         self.learning.value().into_scalar::<f32>() > 0.5
@@ -114,8 +170,15 @@ impl LearnedFakeQuant {
         if !self.is_learning() {
             return self.observer.forward(input);
         }
-        let val =
-            |p: &Option<Param<Tensor<1>>>| p.as_ref().expect("parameter of this method").val();
+        let [enabled, _, frozen] = self.observer.switches();
+        if !enabled {
+            return input;
+        }
+        // A frozen range gets no gradient, so the optimizer leaves it as it is.
+        let val = |p: &Option<Param<Tensor<1>>>| {
+            let v = p.as_ref().expect("parameter of this method").val();
+            if frozen { v.detach() } else { v }
+        };
         match self.method {
             LearnedRange::Lsq | LearnedRange::LsqPlus => {
                 let n = input.dims().iter().product::<usize>() / self.observer.channels.max(1);
@@ -184,24 +247,26 @@ impl LearnedFakeQuant {
     /// The observe -> learn hand-off for this module: the learned parameters take the values
     /// that reproduce the observed range (LSQ: its scale; LSQ+: scale and offset
     /// `-zero_point * scale`; PACT: `alpha = max`; MinMax: `[min, max]`). Parameter ids are kept.
-    /// Before any observation nothing changes.
-    pub fn start_learning(mut self) -> Self {
-        let Some((lo, hi)) = self.observer.observed_range() else {
-            return self;
+    /// Before any observation nothing changes. The returned module has its own state: clones
+    /// of `self` stay in their phase.
+    pub fn start_learning(self) -> Self {
+        let mut s = tree::own_state(self);
+        let Some((lo, hi)) = s.observer.observed_range() else {
+            return s;
         };
-        let device = self.learning.value().device();
-        let start = Handoff::new(&self.spec, self.offset.is_some(), &lo, &hi);
+        let device = s.learning.value().device();
+        let start = Handoff::new(&s.spec, s.offset.is_some(), &lo, &hi);
         let set = |p: Option<Param<Tensor<1>>>, v: &[f32]| {
             p.map(|p| crate::param_with(Some(&p), Tensor::from_floats(v, &device)))
         };
-        self.scale = set(self.scale, &start.scale);
-        self.offset = set(self.offset, &start.offset);
-        self.alpha = set(self.alpha, &[start.top]);
-        self.min = set(self.min, &[start.bottom]);
-        self.max = set(self.max, &[start.top]);
-        self.learning.update(Tensor::ones([1], &device));
-        let _ = self.learning.value_sync();
-        self
+        s.scale = set(s.scale, &start.scale);
+        s.offset = set(s.offset, &start.offset);
+        s.alpha = set(s.alpha, &[start.top]);
+        s.min = set(s.min, &[start.bottom]);
+        s.max = set(s.max, &[start.top]);
+        s.learning.update(Tensor::ones([1], &device));
+        let _ = s.learning.value_sync();
+        s
     }
 }
 
@@ -247,118 +312,33 @@ impl Handoff {
 
 /// Hands every [`LearnedFakeQuant`] of `model` over from observing to learning (see
 /// [`LearnedFakeQuant::start_learning`]), keeping parameter ids so optimizer state and records
-/// line up.
+/// line up. The returned model has its own state: clones of `model` stay in their phase.
 pub fn start_learning<M: Module>(model: M) -> M {
-    struct Ranges {
-        stack: Vec<(String, String)>,
-        found: std::collections::BTreeMap<String, (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
-        offsets: std::collections::BTreeSet<String>,
-    }
-    impl ModuleVisitor for Ranges {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.stack.push((name.into(), container_type.into()));
+    let model = tree::own_state(model);
+    let starts: BTreeMap<String, Handoff> = tree::quantizers(&model)
+        .into_iter()
+        .filter(|q| q.kind == QuantizerKind::Learned)
+        .filter_map(|q| {
+            let spec = q.spec?;
+            let (lo, hi) = q.range?;
+            let offset = q.learned.contains_key(LearnedFakeQuant::OFFSET);
+            Some((q.path, Handoff::new(&spec, offset, &lo, &hi)))
+        })
+        .collect();
+    tree::map_values(model, |at, _| {
+        let (field, holder) = at.up(0)?;
+        if holder != LearnedFakeQuant::TYPE {
+            return None;
         }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let n = self.stack.len();
-            let _ = param.id;
-            if n >= 1
-                && self.stack[n - 1].1 == "Struct:LearnedFakeQuant"
-                && self.stack[n - 1].0 == "offset"
-            {
-                let key: Vec<&str> = self.stack[..n - 1]
-                    .iter()
-                    .map(|(s, _)| s.as_str())
-                    .collect();
-                self.offsets.insert(key.join("."));
-            }
-            if n >= 3
-                && self.stack[n - 2].1 == "Struct:LearnedFakeQuant"
-                && self.stack[n - 1].1 == "Struct:FakeQuant"
-            {
-                let key: Vec<&str> = self.stack[..n - 2]
-                    .iter()
-                    .map(|(s, _)| s.as_str())
-                    .collect();
-                let v = param
-                    .val()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .unwrap_or_default();
-                let e = self.found.entry(key.join(".")).or_default();
-                match self.stack[n - 1].0.as_str() {
-                    "min" => e.0 = v,
-                    "max" => e.1 = v,
-                    "observed" => e.2 = v,
-                    "spec_code" => e.3 = v,
-                    _ => {}
-                }
-            }
-        }
-    }
-    struct Set {
-        stack: Vec<(String, String)>,
-        found: std::collections::BTreeMap<String, (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)>,
-        offsets: std::collections::BTreeSet<String>,
-    }
-    impl ModuleMapper for Set {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.stack.push((name.into(), container_type.into()));
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            let n = self.stack.len();
-            if n < 1 || self.stack[n - 1].1 != "Struct:LearnedFakeQuant" {
-                return param;
-            }
-            let key: Vec<&str> = self.stack[..n - 1]
-                .iter()
-                .map(|(s, _)| s.as_str())
-                .collect();
-            let Some((lo, hi, observed, code)) = self.found.get(&key.join(".")) else {
-                return param;
-            };
-            if observed.first().copied().unwrap_or(0.0) < 0.5 {
-                return param;
-            }
-            let Some(spec) = crate::decode_spec(code) else {
-                return param;
-            };
-            let start = Handoff::new(&spec, self.offsets.contains(&key.join(".")), lo, hi);
-            let values: Vec<f32> = match self.stack[n - 1].0.as_str() {
-                "scale" => start.scale,
-                "offset" => start.offset,
-                "alpha" | "max" => vec![start.top],
-                "min" => vec![start.bottom],
-                "learning" => vec![1.0],
-                _ => return param,
-            };
-            param.map(move |old| {
-                let t =
-                    Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
-                if old.is_require_grad() {
-                    t.detach().require_grad()
-                } else {
-                    t.detach()
-                }
-            })
-        }
-    }
-    let mut ranges = Ranges {
-        stack: vec![],
-        found: Default::default(),
-        offsets: Default::default(),
-    };
-    model.visit(&mut ranges);
-    model.map(&mut Set {
-        stack: vec![],
-        found: ranges.found,
-        offsets: ranges.offsets,
+        let start = starts.get(&at.prefix(1))?;
+        Some(match field {
+            LearnedFakeQuant::SCALE => start.scale.clone(),
+            LearnedFakeQuant::OFFSET => start.offset.clone(),
+            LearnedFakeQuant::ALPHA | LearnedFakeQuant::MAX => vec![start.top],
+            LearnedFakeQuant::MIN => vec![start.bottom],
+            LearnedFakeQuant::LEARNING => vec![1.0],
+            _ => return None,
+        })
     })
 }
 
@@ -388,34 +368,12 @@ pub fn start_learning<M: Module>(model: M) -> M {
 /// assert_eq!(lr.lr_from_param(alpha.id, None), 1e-2);
 /// ```
 pub fn range_params<M: Module>(model: &M) -> burn::module::ParamGroup {
-    struct Collect {
-        stack: Vec<(String, String)>,
-        ids: Vec<ParamId>,
-    }
-    impl ModuleVisitor for Collect {
-        fn enter_module(&mut self, name: &str, container_type: &str) {
-            self.stack.push((name.into(), container_type.into()));
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            // The stack holds (field name, type of the struct holding the field).
-            let Some((name, parent)) = self.stack.last() else {
-                return;
-            };
-            let learned = parent == "Struct:LearnedFakeQuant"
-                && matches!(name.as_str(), "scale" | "offset" | "alpha" | "min" | "max");
-            let weight_step = parent == "Struct:WeightFakeQuant" && name == "scale";
-            if learned || weight_step {
-                self.ids.push(param.id);
-            }
-        }
-    }
-    let mut c = Collect {
-        stack: vec![],
-        ids: vec![],
-    };
-    model.visit(&mut c);
-    burn::module::ParamGroup::from_ids(c.ids)
+    let ids = tree::read(model, |at| {
+        at.is_any(LearnedFakeQuant::TYPE, &LearnedFakeQuant::RANGE_PARAMS)
+            || at.is(WeightFakeQuant::TYPE, WeightFakeQuant::SCALE)
+    })
+    .into_iter()
+    .map(|v| v.id)
+    .collect::<Vec<_>>();
+    burn::module::ParamGroup::from_ids(ids)
 }

@@ -9,6 +9,8 @@
 //! - [`WeightFakeQuant`]: weight fake-quant attached to a parameter through Burn's
 //!   `Reparameterization` API, so a model's own `forward` sees quantized weights.
 //! - [`switches`]: model-wide switches (freeze observers, disable fake-quant).
+//! - [`record`]: loading records checked against the model's quantizers.
+//! - [`tree`]: the one home of module-tree wiring (path stack, quantizer state, own state).
 //!
 //! ```
 //! use burn::prelude::*;
@@ -30,7 +32,9 @@
 mod act_quant;
 mod fake_quant;
 pub mod learned;
+pub mod record;
 pub mod switches;
+pub mod tree;
 mod weight;
 
 mod spec_code;

@@ -2,8 +2,9 @@
 //! [`WeightFakeQuant`](crate::WeightFakeQuant) inside any module tree.
 //!
 //! These are PyTorch's `model.apply(disable_observer)` / `disable_fake_quant` for Burn models.
-//! The switches write into the quantizers' shared state (`RunningState` is shared by clones),
-//! so apply them to the model you train.
+//! Each switch returns the switched model with its own state: switching `model.clone()` to
+//! compare leaves `model` as it was (Burn's `RunningState` is otherwise shared by clones).
+//! [`in_place`] has the same switches for code that holds only `&model`.
 //!
 //! ```
 //! use burn::prelude::*;
@@ -18,67 +19,86 @@
 //! assert!(!fq.is_enabled());
 //! ```
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::prelude::*;
+use std::collections::BTreeSet;
 
-const QUANTIZERS: [&str; 2] = ["Struct:FakeQuant", "Struct:WeightFakeQuant"];
+use burn::module::Module;
 
-struct Switch {
-    stack: Vec<(String, String)>,
-    observing: Option<bool>,
-    enabled: Option<bool>,
+use crate::tree::{self, TreePath};
+use crate::{FakeQuant, WeightFakeQuant};
+
+fn is_flag(at: &TreePath, fq_field: &str, w_field: &str) -> bool {
+    at.is(FakeQuant::TYPE, fq_field) || at.is(WeightFakeQuant::TYPE, w_field)
 }
 
-impl Switch {
-    fn at(&self, field: &str) -> bool {
-        self.stack.last().is_some_and(|(name, container)| {
-            name == field && QUANTIZERS.contains(&container.as_str())
-        })
-    }
-}
-
-impl ModuleMapper for Switch {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let set = |param: Param<Tensor<D>>, v: bool| {
-            param.map(|t| t.zeros_like().add_scalar(f32::from(v)))
-        };
-        match (self.enabled, self.observing) {
-            (Some(on), _) if self.at("enabled") => set(param, on),
-            (_, Some(on)) if self.at("frozen") => set(param, !on),
-            _ => param,
+/// Freezes in the cells `model` holds (shared with its clones).
+fn freeze_shared<M: Module>(model: M, observing: bool) -> M {
+    // A weight quantizer frozen already keeps the range it captured.
+    let already: BTreeSet<String> =
+        tree::read(&model, |at| at.is(WeightFakeQuant::TYPE, WeightFakeQuant::FROZEN))
+            .into_iter()
+            .filter(|v| v.values.first().is_some_and(|x| *x > 0.5))
+            .map(|v| v.at.prefix(1))
+            .collect();
+    tree::fill(model, |at| {
+        if is_flag(at, FakeQuant::FROZEN, WeightFakeQuant::FROZEN) {
+            Some(f32::from(!observing))
+        } else if at.is(WeightFakeQuant::TYPE, WeightFakeQuant::OBSERVED)
+            && (observing || !already.contains(&at.prefix(1)))
+        {
+            Some(0.0)
+        } else {
+            None
         }
-    }
-}
-
-fn apply<M: Module>(model: M, observing: Option<bool>, enabled: Option<bool>) -> M {
-    model.map(&mut Switch {
-        stack: Vec::new(),
-        observing,
-        enabled,
     })
 }
 
-/// Stops every observer in `model` from updating its range (it keeps the range it has).
-/// The freeze survives `valid()` / `train()`, is recorded with the model, and is shared by
-/// clones: calling it on `model.clone()` from a `&self` training step freezes the model.
+fn enable_shared<M: Module>(model: M, enabled: bool) -> M {
+    tree::fill(model, |at| {
+        is_flag(at, FakeQuant::ENABLED, WeightFakeQuant::ENABLED).then_some(f32::from(enabled))
+    })
+}
+
+/// Stops every observer in `model` from updating its range: activation quantizers keep the
+/// range they have, learned ranges stop receiving gradients, weight quantizers keep the range of
+/// the weight they see next. The freeze survives `valid()` / `train()` and is recorded with the
+/// model. The returned model has its own state: clones of `model` are left as they were.
 pub fn freeze_observers<M: Module>(model: M) -> M {
-    apply(model, Some(false), None)
+    freeze_shared(tree::own_state(model), false)
 }
 
-/// Lets every observer in `model` update again in training.
+/// Lets every observer in `model` update again in training (weight quantizers follow their
+/// weight again). The returned model has its own state.
 pub fn unfreeze_observers<M: Module>(model: M) -> M {
-    apply(model, Some(true), None)
+    freeze_shared(tree::own_state(model), true)
 }
 
-/// Turns fake quantization of every quantizer in `model` on or off (weights and activations).
-/// With `false` the model computes in float, as before QAT.
+/// Turns fake quantization of every quantizer in `model` on or off (weights and activations,
+/// observed and learned). With `false` the model computes in float, as before QAT; observers
+/// keep observing in training. The returned model has its own state: clones of `model` are left
+/// as they were.
 pub fn set_fake_quant_enabled<M: Module>(model: M, enabled: bool) -> M {
-    apply(model, None, Some(enabled))
+    enable_shared(tree::own_state(model), enabled)
+}
+
+/// The same switches, written into the state `model` shares with its clones, for code that
+/// only holds `&model`: burn-train's `TrainStep::step(&self, ..)` (the learner keeps the
+/// model whose state is written), or a schedule. Everywhere else use the switches above, which
+/// leave clones alone.
+pub mod in_place {
+    use burn::module::Module;
+
+    /// [`freeze_observers`](super::freeze_observers) through `model`'s shared state.
+    pub fn freeze_observers<M: Module>(model: &M) {
+        let _ = super::freeze_shared(model.clone(), false);
+    }
+
+    /// [`unfreeze_observers`](super::unfreeze_observers) through `model`'s shared state.
+    pub fn unfreeze_observers<M: Module>(model: &M) {
+        let _ = super::freeze_shared(model.clone(), true);
+    }
+
+    /// [`set_fake_quant_enabled`](super::set_fake_quant_enabled) through `model`'s shared state.
+    pub fn set_fake_quant_enabled<M: Module>(model: &M, enabled: bool) {
+        let _ = super::enable_shared(model.clone(), enabled);
+    }
 }

@@ -1,5 +1,7 @@
 use burn::config::Config;
-use burn::module::{Module, Param, Reparameterization, Reparameterizer, RunningState};
+use burn::module::{
+    Content, Module, ModuleDisplay, Param, Reparameterization, Reparameterizer, RunningState,
+};
 use burn::prelude::*;
 use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 
@@ -11,14 +13,35 @@ pub struct WeightFakeQuantConfig {
     /// Whether fake quantization starts enabled.
     #[config(default = true)]
     pub enabled: bool,
+    /// Output channels of the weight along the spec's axis (1 for per-tensor specs): the size
+    /// of the range kept while the quantizer is frozen.
+    #[config(default = 1)]
+    pub channels: usize,
 }
 
 impl WeightFakeQuantConfig {
-    /// Initializes a [`WeightFakeQuant`] on `device` after validating the spec.
+    /// Initializes a [`WeightFakeQuant`] on `device` after validating the spec and channels.
     pub fn init(&self, device: &Device) -> Result<WeightFakeQuant, QatError> {
         self.spec.validate()?;
+        let per_channel = self.spec.axis().is_some();
+        if self.channels == 0 || (!per_channel && self.channels != 1) {
+            return Err(QatError::InvalidConfig {
+                field: "WeightFakeQuantConfig.channels".into(),
+                value: self.channels.to_string(),
+                allowed: if per_channel {
+                    "at least 1: the weight's size along the per-channel axis".into()
+                } else {
+                    "1 for a per-tensor spec".into()
+                },
+            });
+        }
+        let zeros = Tensor::<1>::zeros([self.channels], device);
         Ok(WeightFakeQuant {
             enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
+            frozen: RunningState::new(Tensor::zeros([1], device)),
+            observed: RunningState::new(Tensor::zeros([1], device)),
+            min: RunningState::new(zeros.clone()),
+            max: RunningState::new(zeros),
             spec_code: RunningState::new(Tensor::from_floats(
                 crate::encode_spec(&self.spec),
                 device,
@@ -34,7 +57,10 @@ impl WeightFakeQuantConfig {
 /// the optimizer updates, and `module.materialize()` bakes the quantized values in.
 ///
 /// The range is the weight's own current min/max (tfmot's `LastValueQuantizer`): recomputed on
-/// every forward, in training and in evaluation alike, so nothing can go stale.
+/// every forward, in training and in evaluation alike, so nothing can go stale. Frozen
+/// ([`switches::freeze_observers`](crate::switches::freeze_observers), PyTorch's
+/// `disable_observer`), it keeps the range of the weight it first sees after the freeze; a
+/// learned LSQ step stops receiving gradients.
 ///
 /// Attach it with [`WeightFakeQuantizer`] (or the whole-model API of the `burn-qat` crate).
 ///
@@ -60,9 +86,18 @@ impl WeightFakeQuantConfig {
 /// assert!(column.len() <= 3);
 /// ```
 #[derive(Module, Debug)]
+#[module(custom_display)]
 pub struct WeightFakeQuant {
     /// `[1]`: 1 if fake quantization is applied, 0 to pass the float weight through.
     pub enabled: RunningState<Tensor<1>>,
+    /// `[1]`: 1 while the range is frozen.
+    pub frozen: RunningState<Tensor<1>>,
+    /// `[1]`: 1 once a frozen range has been captured in `min`/`max`.
+    pub observed: RunningState<Tensor<1>>,
+    /// The frozen range's minimum, `[channels]`.
+    pub min: RunningState<Tensor<1>>,
+    /// The frozen range's maximum, `[channels]`.
+    pub max: RunningState<Tensor<1>>,
     /// `[6]`: the spec, recorded with the model (see [`encode_spec`](crate::encode_spec)).
     pub spec_code: RunningState<Tensor<1>>,
     /// LSQ: a learned step size per output channel (`[channels]`, or `[1]`); `None` uses the
@@ -73,20 +108,112 @@ pub struct WeightFakeQuant {
     pub spec: QuantSpec,
 }
 
+/// `println!("{model}")` shows the spec, the switches and the step or frozen range in use.
+impl ModuleDisplay for WeightFakeQuant {
+    fn custom_content(&self, content: Content) -> Option<Content> {
+        let [_, frozen, observed] = self.switches();
+        let range = if self.scale.is_some() {
+            "learned step".to_string()
+        } else if frozen && observed {
+            let read = |t: Tensor<1>| crate::tree::to_vec(t);
+            crate::tree::describe_range(Some((read(self.min.value()), read(self.max.value()))))
+        } else {
+            "the weight's own min/max".to_string()
+        };
+        let content = content
+            .add("spec", &self.spec.to_string())
+            .add("enabled", &self.is_enabled())
+            .add("frozen", &frozen)
+            .add("range", &range);
+        match &self.scale {
+            Some(s) => content.add("scale", &format!("{:?}", crate::tree::to_vec(s.val()))),
+            None => content,
+        }
+        .optional()
+    }
+}
+
 impl WeightFakeQuant {
+    /// The container type Burn's visitors report for this module (see [`tree`](crate::tree)).
+    pub const TYPE: &'static str = "Struct:WeightFakeQuant";
+    /// Field name of [`enabled`](WeightFakeQuant::enabled).
+    pub const ENABLED: &'static str = "enabled";
+    /// Field name of [`frozen`](WeightFakeQuant::frozen).
+    pub const FROZEN: &'static str = "frozen";
+    /// Field name of [`observed`](WeightFakeQuant::observed).
+    pub const OBSERVED: &'static str = "observed";
+    /// Field name of [`min`](WeightFakeQuant::min).
+    pub const MIN: &'static str = "min";
+    /// Field name of [`max`](WeightFakeQuant::max).
+    pub const MAX: &'static str = "max";
+    /// Field name of [`spec_code`](WeightFakeQuant::spec_code).
+    pub const SPEC_CODE: &'static str = "spec_code";
+    /// Field name of [`scale`](WeightFakeQuant::scale).
+    pub const SCALE: &'static str = "scale";
+
     /// Whether fake quantization is applied.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.value().into_scalar::<f32>() > 0.5
+        self.switches()[0]
     }
 
-    /// The quantization parameters for `weight` (one per output channel for per-channel specs).
+    /// Whether the range is frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.switches()[1]
+    }
+
+    /// `[enabled, frozen, observed]`, read from the device in one transfer.
+    fn switches(&self) -> [bool; 3] {
+        let device = self.enabled.value().device();
+        let states =
+            [&self.enabled, &self.frozen, &self.observed].map(|s| s.value().to_device(&device));
+        let v = crate::tree::to_vec(Tensor::cat(states.to_vec(), 0));
+        [0, 1, 2].map(|i| v.get(i).is_some_and(|x| *x > 0.5))
+    }
+
+    /// The range that quantizes `weight`: the frozen one when there is one, else the weight's
+    /// own min/max (captured as the frozen range when frozen and none is held yet).
+    fn range_of<const D: usize>(&self, weight: Tensor<D>) -> (Tensor<1>, Tensor<1>) {
+        let [_, frozen, observed] = self.switches();
+        self.range_with(weight, frozen, observed)
+    }
+
+    fn range_with<const D: usize>(
+        &self,
+        weight: Tensor<D>,
+        frozen: bool,
+        observed: bool,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let device = weight.device();
+        if frozen && observed {
+            return (
+                self.min.value().to_device(&device),
+                self.max.value().to_device(&device),
+            );
+        }
+        let (min, max) = tensor::min_max(weight, self.spec.granularity);
+        if frozen && min.dims() == self.min.value().dims() {
+            let state = self.min.value().device();
+            self.min.update(min.clone().detach().to_device(&state));
+            self.max.update(max.clone().detach().to_device(&state));
+            self.observed.update(Tensor::ones([1], &state));
+            let _ = (
+                self.min.value_sync(),
+                self.max.value_sync(),
+                self.observed.value_sync(),
+            );
+        }
+        (min, max)
+    }
+
+    /// The quantization parameters for `weight` (one per output channel for per-channel specs),
+    /// as the forward pass computes them.
     pub fn qparams_for<const D: usize>(&self, weight: Tensor<D>) -> Vec<QParams> {
         if let Some(scale) = &self.scale {
             let s = tensor::lsq_step(scale.val());
             let z = s.zeros_like();
             return tensor::to_qparams(&s, &z);
         }
-        let (min, max) = tensor::min_max(weight, self.spec.granularity);
+        let (min, max) = self.range_of(weight);
         let (s, z) = tensor::qparams(min, max, &self.spec);
         tensor::to_qparams(&s, &z)
     }
@@ -99,9 +226,10 @@ impl WeightFakeQuant {
         self
     }
 
-    /// The observed range `(min, max)` of `weight`, per channel.
+    /// The range `(min, max)` that quantizes `weight`, per channel: the frozen one when there is
+    /// one, else the weight's own.
     pub fn range_for<const D: usize>(&self, weight: Tensor<D>) -> (Vec<f32>, Vec<f32>) {
-        let (min, max) = tensor::min_max(weight, self.spec.granularity);
+        let (min, max) = self.range_of(weight);
         let read = |t: Tensor<1>| {
             t.into_data()
                 .convert::<f32>()
@@ -116,17 +244,23 @@ impl Reparameterization for WeightFakeQuant {
     const NAME: &'static str = "weight_fake_quant";
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
-        if !self.is_enabled() {
+        // One host read for the three switches (a device sync on GPU backends).
+        let [enabled, frozen, observed] = self.switches();
+        if !enabled {
             return base;
         }
         if let Some(scale) = &self.scale {
-            let scale = scale.val();
+            let scale = if frozen {
+                scale.val().detach()
+            } else {
+                scale.val()
+            };
             let channels = scale.dims()[0];
             let n = base.dims().iter().product::<usize>() / channels.max(1);
             let g = tensor::lsq_grad_factor(n, self.spec.qmax());
             return tensor::fake_quant_lsq(base, scale, None, &self.spec, g);
         }
-        let (min, max) = tensor::min_max(base.clone(), self.spec.granularity);
+        let (min, max) = self.range_with(base.clone(), frozen, observed);
         let (scale, zero_point) = tensor::qparams(min, max, &self.spec);
         tensor::fake_quant(base, scale, zero_point, &self.spec)
     }
@@ -176,7 +310,11 @@ impl<F: FnMut(&str, &[usize]) -> Option<QuantSpec>> Reparameterizer for WeightFa
         let Some(spec) = (self.rule)(path, &dims) else {
             return (param, None);
         };
-        match WeightFakeQuantConfig::new(spec).init(&device) {
+        let channels = spec.axis().and_then(|a| dims.get(a)).copied().unwrap_or(1);
+        match WeightFakeQuantConfig::new(spec)
+            .with_channels(channels)
+            .init(&device)
+        {
             Ok(mut wfq) if spec.validate_for_rank(D).is_ok() => {
                 if self.learned.contains(path) {
                     wfq.scale = Some(Param::from_tensor(lsq_init(param.val(), &spec)));

@@ -220,7 +220,10 @@ impl FusedConfig {
         let mut fused = Fused {
             weight_quant: self
                 .weight
-                .map(|s| WeightFakeQuantConfig::new(s).init(&device))
+                .map(|s| {
+                    let c = if s.axis().is_some() { channels } else { 1 };
+                    WeightFakeQuantConfig::new(s).with_channels(c).init(&device)
+                })
                 .transpose()?,
             output: self.init_output(&device)?,
             bn_frozen: RunningState::new(Tensor::zeros([1], &device)),
@@ -294,6 +297,22 @@ fn channel_shape<const D: usize>(channels: usize, axis: usize) -> [usize; D] {
     shape
 }
 
+impl<L> Fused<L> {
+    /// The container type Burn's visitors report for any `Fused<L>` (see
+    /// [`burn_qat_nn::tree`]).
+    pub const TYPE: &'static str = "Struct:Fused";
+    /// Field name of [`layer`](Fused::layer).
+    pub const LAYER: &'static str = "layer";
+    /// Field name of [`bn`](Fused::bn).
+    pub const BN: &'static str = "bn";
+    /// Field name of [`weight_quant`](Fused::weight_quant).
+    pub const WEIGHT_QUANT: &'static str = "weight_quant";
+    /// Field name of [`output`](Fused::output).
+    pub const OUTPUT: &'static str = "output";
+    /// Field name of [`bn_frozen`](Fused::bn_frozen).
+    pub const BN_FROZEN: &'static str = "bn_frozen";
+}
+
 impl<L: Module> Fused<L> {
     /// Whether BatchNorm statistics are frozen.
     pub fn is_bn_frozen(&self) -> bool {
@@ -301,13 +320,18 @@ impl<L: Module> Fused<L> {
     }
 
     /// Freezes (`true`) BatchNorm statistics: training then uses the running statistics, as
-    /// PyTorch's `freeze_bn_stats`. Shared by clones and recorded.
-    pub fn set_bn_frozen(self, frozen: bool) -> Self {
-        let device = self.bn_frozen.value().device();
-        self.bn_frozen
+    /// PyTorch's `freeze_bn_stats`. Recorded; the returned module has its own state, so clones
+    /// of `self` are left as they were.
+    pub fn set_bn_frozen(self, frozen: bool) -> Self
+    where
+        Self: Module,
+    {
+        let fused = burn_qat_nn::tree::own_state(self);
+        let device = fused.bn_frozen.value().device();
+        fused.bn_frozen
             .update(Tensor::from_floats([f32::from(frozen)], &device));
-        let _ = self.bn_frozen.value_sync();
-        self
+        let _ = fused.bn_frozen.value_sync();
+        fused
     }
 
     fn quantize_weight<const DW: usize>(&self, w: Tensor<DW>) -> Tensor<DW> {

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn_qat_core::QatError;
+use burn_qat_nn::tree::{self, burn_types};
 
 /// Folds BatchNorms into the layers before them, in place, in any model: for each
 /// `(layer, batch_norm)` pair of module paths, the layer (`Conv1d`, `Conv2d` or `Linear`, with a
@@ -55,35 +56,41 @@ pub fn fuse_batch_norms<M: Module>(
             .cloned()
             .unwrap_or_default();
         let axis = match ty.as_str() {
-            "Struct:Conv2d" | "Struct:Conv1d" => 0,
-            "Struct:Linear" => 1,
+            burn_types::CONV2D | burn_types::CONV1D => 0,
+            burn_types::LINEAR => 1,
             _ => {
-                return Err(QatError::Model(format!(
-                    "fuse_batch_norms: `{layer}` is not a Conv1d, Conv2d or Linear module of this model (found {})",
-                    if ty.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        ty
-                    }
-                )));
+                return Err(QatError::CannotFold {
+                    layer: layer.to_string(),
+                    problem: format!(
+                        "is not a Conv1d, Conv2d or Linear module of this model (found {})",
+                        if ty.is_empty() {
+                            "nothing"
+                        } else {
+                            tree::short_type(&ty)
+                        }
+                    ),
+                });
             }
         };
         if tensors
             .types
             .get(&format!("{bn}.gamma"))
             .map(String::as_str)
-            != Some("Struct:BatchNorm")
+            != Some(burn_types::BATCH_NORM)
         {
-            return Err(QatError::Model(format!(
-                "fuse_batch_norms: `{bn}` is not a BatchNorm module of this model"
-            )));
+            return Err(QatError::CannotFold {
+                layer: bn.to_string(),
+                problem: "is not a BatchNorm module of this model".into(),
+            });
         }
         let (dims, w) = get(format!("{layer}.weight")).unwrap();
         let Some((_, b)) = get(format!("{layer}.bias")) else {
-            return Err(QatError::Model(format!(
-                "fuse_batch_norms: `{layer}` has no bias to receive the folded BatchNorm shift: create it with a bias \
-                 (`with_bias(true)`), or fuse it for QAT with `FusedConfig::init(layer, Some(bn))`"
-            )));
+            return Err(QatError::CannotFold {
+                layer: layer.to_string(),
+                problem: "has no bias to receive the folded BatchNorm shift: create it with a bias \
+                          (`with_bias(true)`), or fuse it for QAT with `FusedConfig::init(layer, Some(bn))`"
+                    .into(),
+            });
         };
         let (_, gamma) = get(format!("{bn}.gamma")).unwrap();
         let (_, beta) = get(format!("{bn}.beta")).unwrap();

@@ -28,5 +28,5 @@ pub use fused::{
     FusedLinear,
 };
 pub use inplace::fuse_batch_norms;
-pub use schedule::QatSchedule;
+pub use schedule::{QatSchedule, set_bn_frozen};
 pub use sequential::{Flatten, Flow, Relu6, Residual, SeqLayer, Sequential};

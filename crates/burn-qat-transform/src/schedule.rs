@@ -1,16 +1,20 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::prelude::*;
+use burn::module::Module;
+use burn_qat_nn::{switches, tree};
+
+use crate::fused::Fused;
 
 /// Freeze observers after `freeze_observers_after` steps and BatchNorm statistics after
 /// `freeze_bn_after` steps (PyTorch's tutorial: observers after 4 epochs, BN after 3).
 ///
-/// The schedule counts steps itself; call [`step`](QatSchedule::step) once per optimizer step
-/// with the model. It works from a hand-written loop and from burn-train's `TrainStep::step`
-/// (`&self`): the freezes write into the model's shared, recorded state, so they reach the
-/// trained model and survive save/load. Clones of a schedule share its counter.
+/// The schedule counts steps itself; call it once per optimizer step. In a hand-written loop,
+/// [`step`](QatSchedule::step) returns the model with the freezes that are due (a copy: clones
+/// of the model are left alone). From burn-train's `TrainStep::step(&self, ..)`, which holds
+/// only `&model`, [`step_in_place`](QatSchedule::step_in_place) writes the freezes into the
+/// state the model shares with the learner's copy. Either way the freezes are recorded with
+/// the model and survive save/load. Clones of a schedule share its counter.
 ///
 /// ```
 /// use burn::prelude::*;
@@ -21,10 +25,13 @@ use burn::prelude::*;
 /// let device = Device::flex().autodiff();
 /// let fq = FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap();
 /// let schedule = QatSchedule::new(Some(2), None);
-/// schedule.step(&fq);
+/// let fq = schedule.step(fq);
 /// assert!(!fq.is_frozen());
-/// schedule.step(&fq);
+/// let fq = schedule.step(fq);
 /// assert!(fq.is_frozen());
+/// // From a `&self` training step:
+/// schedule.step_in_place(&fq);
+/// assert_eq!(schedule.steps(), 3);
 /// ```
 #[derive(Clone, Debug)]
 pub struct QatSchedule {
@@ -55,47 +62,57 @@ impl QatSchedule {
         self.steps.store(steps, Ordering::SeqCst);
     }
 
-    /// Counts one step and applies the freezes that are due to `model` (through its shared
-    /// state, so `&self` suffices). Returns the new step count.
-    pub fn step<M: Module>(&self, model: &M) -> usize {
+    /// Counts one step; returns how many steps are counted and which freezes are due.
+    fn count(&self) -> (usize, bool, bool) {
         let n = self.steps.fetch_add(1, Ordering::SeqCst) + 1;
         let observers = self.freeze_observers_after.is_some_and(|k| n >= k);
         let bn = self.freeze_bn_after.is_some_and(|k| n >= k);
-        if observers || bn {
-            let _ = model.clone().map(&mut Freeze {
-                stack: vec![],
-                observers,
-                bn,
-            });
+        (n, observers, bn)
+    }
+
+    /// Counts one step and returns `model` with the freezes that are due (observers after
+    /// `freeze_observers_after` steps, BatchNorm statistics after `freeze_bn_after`). The
+    /// returned model has its own state: clones of `model` are left as they were.
+    pub fn step<M: Module>(&self, model: M) -> M {
+        let (_, observers, bn) = self.count();
+        if !(observers || bn) {
+            return model;
+        }
+        let mut model = tree::own_state(model);
+        if observers {
+            switches::in_place::freeze_observers(&model);
+        }
+        if bn {
+            model = set_bn_frozen_shared(model, true);
+        }
+        model
+    }
+
+    /// Counts one step and writes the freezes that are due into the state `model` shares with
+    /// its clones: for burn-train's `TrainStep::step(&self, ..)`, where the learner's model is
+    /// the one to freeze. Returns the new step count.
+    pub fn step_in_place<M: Module>(&self, model: &M) -> usize {
+        let (n, observers, bn) = self.count();
+        if observers {
+            switches::in_place::freeze_observers(model);
+        }
+        if bn {
+            let _ = set_bn_frozen_shared(model.clone(), true);
         }
         n
     }
 }
 
-struct Freeze {
-    stack: Vec<(String, String)>,
-    observers: bool,
-    bn: bool,
+fn set_bn_frozen_shared<M: Module>(model: M, frozen: bool) -> M {
+    tree::fill(model, |at| {
+        at.is(Fused::<()>::TYPE, Fused::<()>::BN_FROZEN)
+            .then_some(f32::from(frozen))
+    })
 }
 
-impl ModuleMapper for Freeze {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some((name, container)) = self.stack.last() else {
-            return param;
-        };
-        let hit = (self.observers && name == "frozen" && container == "Struct:FakeQuant")
-            || (self.bn && name == "bn_frozen" && container == "Struct:Fused");
-        if hit {
-            param.map(|t| t.ones_like())
-        } else {
-            param
-        }
-    }
+/// Freezes (`true`) or unfreezes the BatchNorm statistics of every fused layer of `model`: a
+/// frozen fused layer folds with its running statistics in training too (PyTorch's
+/// `freeze_bn_stats`). The returned model has its own state: clones of `model` are left alone.
+pub fn set_bn_frozen<M: Module>(model: M, frozen: bool) -> M {
+    set_bn_frozen_shared(tree::own_state(model), frozen)
 }

@@ -56,3 +56,4 @@ pub use burn_qat_nn::{
     Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, start_learning,
     switches,
 };
+pub use burn_qat_nn::record::{load_file, load_record};

@@ -102,7 +102,7 @@ fn main() {
         model = optim.step(1e-3, model, grads);
     }
 
-    println!("\n{}", summary(&model, &config).expect("summary"));
+    println!("\n{}", summary(&model));
     let eval = model.valid();
     let qat_acc = accuracy(
         eval.forward(x_test.clone().inner()),

@@ -41,7 +41,13 @@ where
     };
     let spec = settings.spec(Some(L::WEIGHT_AXIS));
     spec.validate_for_rank(DW)?;
-    let mut wq = WeightFakeQuantConfig::new(spec).init(device)?;
+    let channels = match spec.axis() {
+        Some(_) => fused.layer.weight().dims()[L::WEIGHT_AXIS],
+        None => 1,
+    };
+    let mut wq = WeightFakeQuantConfig::new(spec)
+        .with_channels(channels)
+        .init(device)?;
     if settings.learned {
         let (w, _) = fused.folded_params::<DI, DW>();
         wq = wq.with_learned_step(w.detach());
@@ -105,15 +111,20 @@ pub(crate) fn prepare_graph(
             .iter()
             .any(|n| g.is_match(n.name.replace('.', "/")))
         {
-            let names: Vec<&str> = graph
+            let names: Vec<String> = graph
                 .program
                 .nodes
                 .iter()
-                .map(|n| n.name.as_str())
+                .map(|n| n.name.clone())
                 .collect();
-            return Err(QatError::Model(format!(
-                "activation pattern {p:?} matches no node of this graph; its nodes are {names:?}"
-            )));
+            return Err(QatError::MatchesNothing {
+                what: "activation pattern",
+                selector: p.to_string(),
+                among: "node of this graph",
+                listing: "nodes",
+                available: names,
+                hint: "",
+            });
         }
     }
 

@@ -27,7 +27,7 @@
 //!     // ...but 4 bits for fc2.
 //!     .with_layer("fc2", WeightQuant::int4_per_channel());
 //! let qat = quantize(mlp, &config).unwrap();
-//! let report = summary(&qat, &config).unwrap();
+//! let report = summary(&qat);
 //! assert_eq!(report.layers.len(), 2);
 //! assert_eq!(report.layers[1].spec.unwrap().bits, 4);
 //! println!("{report}");

@@ -4,7 +4,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn_qat_core::{Granularity, QatError, QuantSpec, RoundingMode};
 use burn_qat_nn::{FakeQuantConfig, LearnedRange, Observer, WeightFakeQuantizer};
-use burn_qat_transform::BnFoldMode;
+use burn_qat_nn::tree::{self, TreePath, burn_types};
+use burn_qat_transform::{BnFoldMode, Fused};
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
@@ -156,7 +157,7 @@ pub struct CustomLayer {
 /// let layer = Projection { w: Param::from_tensor(Tensor::ones([3, 5], &device)) };
 /// let config = QatConfig::new().register::<Projection>();
 /// let layer = quantize(layer, &config).unwrap();
-/// let report = summary(&layer, &config).unwrap();
+/// let report = summary(&layer);
 /// assert_eq!(report.layers[0].spec.unwrap().axis(), Some(0));
 /// ```
 pub trait QuantizableLayer {
@@ -426,52 +427,37 @@ pub(crate) struct ParamInfo {
 
 #[derive(Default)]
 struct Collect {
-    stack: Vec<(String, String)>,
+    at: TreePath,
     params: Vec<ParamInfo>,
 }
 
 impl ModuleVisitor for Collect {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        if container_type == "Reparameterization"
+        if container_type == burn_types::REPARAMETERIZATION
             && let Some(last) = self.params.last_mut()
         {
             last.reparameterized = true;
         }
-        self.stack
-            .push((name.to_string(), container_type.to_string()));
+        self.at.enter(name, container_type);
     }
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
+        self.at.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.stack.iter().any(|(_, c)| c == "Reparameterization") {
+        if self.at.inside(burn_types::REPARAMETERIZATION) {
             return; // state inside a quantizer
         }
-        let path: Vec<&str> = self.stack.iter().map(|(n, _)| n.as_str()).collect();
-        let (field, layer_type) = self
-            .stack
-            .last()
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    c.strip_prefix("Struct:")
-                        .or(c.strip_prefix("Enum:"))
-                        .unwrap_or(c)
-                        .to_string(),
-                )
-            })
-            .unwrap_or_default();
         let device = param.lazy_device();
         let frozen = device.is_autodiff() && !param.is_require_grad();
         self.params.push(ParamInfo {
-            path: path.join("."),
-            module_path: path[..path.len().saturating_sub(1)].join("."),
-            field,
-            layer_type,
+            path: self.at.path(),
+            module_path: self.at.prefix(1),
+            field: self.at.field().unwrap_or_default().to_string(),
+            layer_type: tree::short_type(self.at.holder().unwrap_or_default()).to_string(),
             dims: param.lazy_shape().dims::<D>().to_vec(),
             frozen,
             reparameterized: false,
-            inside_fused: self.stack.iter().any(|(_, c)| c == "Struct:Fused"),
+            inside_fused: self.at.inside(Fused::<()>::TYPE),
         });
     }
 }
@@ -507,9 +493,10 @@ pub struct PlannedParam {
 pub(crate) fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
     let as_path = pattern.replace('.', "/");
     Glob::new(&as_path).map(|g| g.compile_matcher()).map_err(|e| {
-        QatError::Model(format!(
-            "layer pattern {pattern:?} is not a valid pattern ({e}): use dot-separated names, `*` for one name, `**` for any number"
-        ))
+        QatError::InvalidPattern {
+            pattern: pattern.to_string(),
+            reason: e.to_string(),
+        }
     })
 }
 
@@ -542,11 +529,9 @@ pub(crate) fn plan_with<M: Module>(
 ) -> Result<Vec<PlannedParam>, QatError> {
     let params = collect(model);
     if !allow_quantized && let Some(p) = params.iter().find(|p| p.reparameterized) {
-        return Err(QatError::Model(format!(
-            "parameter `{}` already has a reparameterization (weight fake-quant, LoRA...): quantize a model once, \
-             and call `bake` first to quantize a baked model again",
-            p.path
-        )));
+        return Err(QatError::AlreadyQuantized {
+            param: p.path.clone(),
+        });
     }
     for (i, (_, quant)) in std::iter::once(&(Selector::Path("<default>".into()), config.default))
         .chain(config.rules.iter())
@@ -597,17 +582,25 @@ pub(crate) fn plan_with<M: Module>(
     };
     for m in rules.iter().map(|(m, _)| m).chain(skips.iter()) {
         if !params.iter().any(|p| selects(m, p)) {
-            return Err(QatError::Model(match &m.0 {
-                Selector::Path(pat) => format!(
-                    "layer pattern {pat:?} matches no module of this model; its modules are {all_modules:?}. \
-                     Patterns are dot-separated: `*` matches one name, `**` any number"
-                ),
-                Selector::Type(t) => {
-                    format!(
-                        "layer type {t:?} matches no layer of this model; its layer types are {all_types:?}"
-                    )
-                }
-            }));
+            let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+            return Err(match &m.0 {
+                Selector::Path(pat) => QatError::MatchesNothing {
+                    what: "layer pattern",
+                    selector: pat.clone(),
+                    among: "module of this model",
+                    listing: "modules",
+                    available: owned(&all_modules),
+                    hint: ". Patterns are dot-separated: `*` matches one name, `**` any number",
+                },
+                Selector::Type(t) => QatError::MatchesNothing {
+                    what: "layer type",
+                    selector: t.clone(),
+                    among: "layer of this model",
+                    listing: "layer types",
+                    available: owned(&all_types),
+                    hint: "",
+                },
+            });
         }
     }
 
@@ -693,12 +686,10 @@ pub(crate) fn plan_with<M: Module>(
             .filter(|(m, _)| matches!(m.0, Selector::Type(_)) && selects(m, p))
             .map(|(m, q)| (m.0.clone(), *q))
             .collect();
-        let conflict = |a: &Selector, b: &str| {
-            QatError::Model(format!(
-                "conflicting settings for `{}`: {a} and {b} both select it with different settings; \
-                 make the patterns disjoint or remove one",
-                p.path
-            ))
+        let conflict = |a: &Selector, b: &str| QatError::ConflictingSettings {
+            param: p.path.clone(),
+            first: a.to_string(),
+            second: b.to_string(),
         };
         if let Some(s) = skipped.first() {
             if let Some((sel, _)) = path_rules.first().or(type_rules.first()) {
@@ -754,10 +745,7 @@ pub(crate) fn plan_with<M: Module>(
             .iter()
             .map(|p| format!("{} ({})", p.path, p.reason))
             .collect();
-        return Err(QatError::Model(format!(
-            "nothing to quantize: no parameter of this model is a weight to fake-quantize. Parameters: {listed:?}. \
-             Quantize activations with FakeQuant / Quantized, or register your layer type with QatConfig::register"
-        )));
+        return Err(QatError::NothingToQuantize { params: listed });
     }
     Ok(out)
 }
