@@ -32,11 +32,11 @@ struct Zoo {
 impl Zoo {
     fn new(device: &Device) -> Self {
         let act = QuantSpec::int8_act_per_tensor_asymmetric();
-        let fc = LinearConfig::new(4 * 4 * 4, 8).init(device).apply_reparameterization(
-            WeightFakeQuantizer::new(|path: &str, _: &[usize]| {
+        let fc = LinearConfig::new(4 * 4 * 4, 8)
+            .init(device)
+            .apply_reparameterization(WeightFakeQuantizer::new(|path: &str, _: &[usize]| {
                 (path == "weight").then_some(QuantSpec::int8_weight_per_channel_symmetric(1))
-            }),
-        );
+            }));
         Self {
             input: FakeQuantConfig::new(act).init(device).unwrap(),
             conv: FusedConfig::new()
@@ -100,27 +100,78 @@ fn a_switched_clone_leaves_the_original_untouched() {
         let before = snapshot(&z);
         let frozen = switches::freeze_observers(z.clone());
         let ops: Vec<(&str, Box<dyn Fn(Zoo) -> Zoo>)> = vec![
-            ("set_fake_quant_enabled", Box::new(|m| switches::set_fake_quant_enabled(m, false))),
+            (
+                "set_fake_quant_enabled",
+                Box::new(|m| switches::set_fake_quant_enabled(m, false)),
+            ),
             ("freeze_observers", Box::new(switches::freeze_observers)),
-            ("unfreeze_observers", Box::new(move |_| switches::unfreeze_observers(frozen.clone()))),
+            (
+                "unfreeze_observers",
+                Box::new(move |_| switches::unfreeze_observers(frozen.clone())),
+            ),
             ("set_bn_frozen", Box::new(|m| set_bn_frozen(m, true))),
-            ("schedule.step", Box::new(|m| QatSchedule::new(Some(1), Some(1)).step(m))),
+            (
+                "schedule.step",
+                Box::new(|m| QatSchedule::new(Some(1), Some(1)).step(m)),
+            ),
             ("start_learning", Box::new(start_learning)),
             ("bake", Box::new(|m| bake(m).train())),
-            ("FakeQuant::set_enabled", Box::new(|m: Zoo| Zoo { input: m.input.clone().set_enabled(false), ..m })),
-            ("FakeQuant::set_observing", Box::new(|m: Zoo| Zoo { input: m.input.clone().set_observing(false), ..m })),
-            ("FakeQuant::set_range", Box::new(|m: Zoo| Zoo { input: m.input.clone().set_range(&[-9.0], &[9.0]), ..m })),
-            ("Fused::set_bn_frozen", Box::new(|m: Zoo| Zoo { conv: m.conv.clone().set_bn_frozen(true), ..m })),
-            ("LearnedFakeQuant::start_learning", Box::new(|m: Zoo| Zoo { lsq: m.lsq.clone().start_learning(), ..m })),
+            (
+                "FakeQuant::set_enabled",
+                Box::new(|m: Zoo| Zoo {
+                    input: m.input.clone().set_enabled(false),
+                    ..m
+                }),
+            ),
+            (
+                "FakeQuant::set_observing",
+                Box::new(|m: Zoo| Zoo {
+                    input: m.input.clone().set_observing(false),
+                    ..m
+                }),
+            ),
+            (
+                "FakeQuant::set_range",
+                Box::new(|m: Zoo| Zoo {
+                    input: m.input.clone().set_range(&[-9.0], &[9.0]),
+                    ..m
+                }),
+            ),
+            (
+                "Fused::set_bn_frozen",
+                Box::new(|m: Zoo| Zoo {
+                    conv: m.conv.clone().set_bn_frozen(true),
+                    ..m
+                }),
+            ),
+            (
+                "LearnedFakeQuant::start_learning",
+                Box::new(|m: Zoo| Zoo {
+                    lsq: m.lsq.clone().start_learning(),
+                    ..m
+                }),
+            ),
         ];
         for (name, op) in &ops {
             let switched = op(z.clone());
             let after = snapshot(&z);
-            let changed: Vec<&String> =
-                after.iter().zip(&before).filter(|(a, b)| a != b).map(|(a, _)| &a.0).collect();
-            assert!(changed.is_empty(), "{}: {name} on a clone changed the original: {changed:?}", b.name);
+            let changed: Vec<&String> = after
+                .iter()
+                .zip(&before)
+                .filter(|(a, b)| a != b)
+                .map(|(a, _)| &a.0)
+                .collect();
+            assert!(
+                changed.is_empty(),
+                "{}: {name} on a clone changed the original: {changed:?}",
+                b.name
+            );
             if *name != "bake" && *name != "unfreeze_observers" {
-                assert!(snapshot(&switched) != before, "{}: {name} changed nothing", b.name);
+                assert!(
+                    snapshot(&switched) != before,
+                    "{}: {name} changed nothing",
+                    b.name
+                );
             }
         }
         // The original still trains as before: observers observe, fake quantization is on.
@@ -142,7 +193,8 @@ fn float_forward(z: &Zoo, x: Tensor<4>) -> Tensor<2> {
         ..z.conv.clone()
     };
     let y = conv.forward(x).flatten(1, 3);
-    let y = y.matmul(z.fc.weight.base().unsqueeze()) + z.fc.bias.as_ref().unwrap().val().unsqueeze();
+    let y =
+        y.matmul(z.fc.weight.base().unsqueeze()) + z.fc.bias.as_ref().unwrap().val().unsqueeze();
     Relu::new().forward(y)
 }
 
@@ -169,11 +221,19 @@ fn every_quantizer_obeys_fake_quant_off() {
             ("FakeQuant", off.input.forward(t.clone())),
             ("LearnedFakeQuant observing", off.lsq.forward(t.clone())),
             ("LearnedFakeQuant learning", lsq_learning.forward(t.clone())),
-            ("LearnedFakeQuant (PACT) learning", off.pact.forward(t.clone())),
+            (
+                "LearnedFakeQuant (PACT) learning",
+                off.pact.forward(t.clone()),
+            ),
         ] {
             assert_eq!(values(y), values(t.clone()), "{}: {name}", b.name);
         }
-        assert_eq!(values(off.fc.weight.val()), values(off.fc.weight.base()), "{}", b.name);
+        assert_eq!(
+            values(off.fc.weight.val()),
+            values(off.fc.weight.base()),
+            "{}",
+            b.name
+        );
         // And back on: the same outputs as before.
         let back = switches::set_fake_quant_enabled(off, true);
         assert_eq!(values(back.forward(x)), on, "{}", b.name);
@@ -199,19 +259,46 @@ fn every_quantizer_obeys_frozen_observers() {
         assert_eq!(ranges(&z), before, "{}: a frozen observer moved", b.name);
         // The learned PACT range gets no gradient while frozen (and one when not).
         let alpha = z.pact.alpha.as_ref().unwrap().val();
-        assert!(alpha.grad(&grads).is_none(), "{}: frozen PACT alpha got a gradient", b.name);
+        assert!(
+            alpha.grad(&grads).is_none(),
+            "{}: frozen PACT alpha got a gradient",
+            b.name
+        );
         let live = switches::unfreeze_observers(z.clone());
         let grads = live.forward(input(&device, 1.0)).sum().backward();
-        assert!(live.pact.alpha.as_ref().unwrap().val().grad(&grads).is_some(), "{}", b.name);
+        assert!(
+            live.pact
+                .alpha
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads)
+                .is_some(),
+            "{}",
+            b.name
+        );
         // Weight quantizers keep the range of the weight they saw first after the freeze,
         // however the weight changes afterwards.
-        let wfq = |z: &Zoo| z.fc.weight.reparameterization::<WeightFakeQuant>().unwrap().clone();
+        let wfq = |z: &Zoo| {
+            z.fc.weight
+                .reparameterization::<WeightFakeQuant>()
+                .unwrap()
+                .clone()
+        };
         let q = wfq(&z).qparams_for(z.fc.weight.base());
         let doubled = z.fc.weight.base().mul_scalar(2.0);
-        assert_eq!(wfq(&z).qparams_for(doubled.clone()), q, "{}: frozen weight range moved", b.name);
+        assert_eq!(
+            wfq(&z).qparams_for(doubled.clone()),
+            q,
+            "{}: frozen weight range moved",
+            b.name
+        );
         let live_q = wfq(&live).qparams_for(doubled);
         assert!(
-            live_q.iter().zip(&q).all(|(a, b)| (a.scale - 2.0 * b.scale).abs() < 1e-6 * a.scale.max(1.0)),
+            live_q
+                .iter()
+                .zip(&q)
+                .all(|(a, b)| (a.scale - 2.0 * b.scale).abs() < 1e-6 * a.scale.max(1.0)),
             "{}: an unfrozen weight quantizer follows its weight",
             b.name
         );
@@ -219,9 +306,19 @@ fn every_quantizer_obeys_frozen_observers() {
         let bn = set_bn_frozen(z.clone(), true);
         let mean = values(bn.conv.bn.as_ref().unwrap().running_mean.value());
         let _ = bn.forward(input(&device, 3.0));
-        assert_eq!(values(bn.conv.bn.as_ref().unwrap().running_mean.value()), mean, "{}", b.name);
+        assert_eq!(
+            values(bn.conv.bn.as_ref().unwrap().running_mean.value()),
+            mean,
+            "{}",
+            b.name
+        );
         let _ = live.forward(input(&device, 3.0));
-        assert_ne!(values(live.conv.bn.as_ref().unwrap().running_mean.value()), mean, "{}", b.name);
+        assert_ne!(
+            values(live.conv.bn.as_ref().unwrap().running_mean.value()),
+            mean,
+            "{}",
+            b.name
+        );
     }
 }
 
@@ -247,9 +344,12 @@ impl Mlp {
 #[test]
 fn a_record_must_match_its_skeleton() {
     let device = backends()[0].device.clone().autodiff();
-    let config = |bits: u32| QatConfig::new().with_layer("fc2", WeightQuant::per_channel_bits(bits));
+    let config =
+        |bits: u32| QatConfig::new().with_layer("fc2", WeightQuant::per_channel_bits(bits));
     let saved = quantize(Mlp::new(&device, 8), &config(8)).unwrap();
-    let _ = saved.act.forward(Tensor::<2>::from_floats([[-1.0, 2.0]], &device));
+    let _ = saved
+        .act
+        .forward(Tensor::<2>::from_floats([[-1.0, 2.0]], &device));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mlp.bpk");
     saved.clone().valid().save_file(&path).unwrap();
@@ -262,15 +362,26 @@ fn a_record_must_match_its_skeleton() {
     // 4-bit weights in the skeleton: refused, naming the layer and both specs.
     let skeleton = quantize(Mlp::new(&device, 8), &config(4)).unwrap();
     let err = burn_qat::load_file(skeleton, &path).unwrap_err();
-    let QatError::RecordMismatch { layer, recorded, model } = &err else {
+    let QatError::RecordMismatch {
+        layer,
+        recorded,
+        model,
+    } = &err
+    else {
         panic!("{err}");
     };
     assert_eq!(layer, "fc2.weight");
-    assert!(recorded.starts_with("8-bit") && model.starts_with("4-bit"), "{err}");
+    assert!(
+        recorded.starts_with("8-bit") && model.starts_with("4-bit"),
+        "{err}"
+    );
     // Activation bits differ: refused too.
     let skeleton = quantize(Mlp::new(&device, 6), &config(8)).unwrap();
     let err = burn_qat::load_file(skeleton, &path).unwrap_err();
-    assert!(err.to_string().contains("`act`") && err.to_string().contains("6-bit"), "{err}");
+    assert!(
+        err.to_string().contains("`act`") && err.to_string().contains("6-bit"),
+        "{err}"
+    );
     // A float skeleton does not fit a quantized record.
     let err = burn_qat::load_file(Mlp::new(&device, 8), &path).unwrap_err();
     assert!(matches!(err, QatError::Record { .. }), "{err}");
@@ -285,35 +396,70 @@ fn summary_reads_the_model() {
     let z = zoo(&device);
     let report = summary(&z);
     let weight = |r: &burn_qat::model::QatSummary, p: &str| {
-        r.layers.iter().find(|l| l.path == p).cloned().unwrap_or_else(|| panic!("{p}: {r}"))
+        r.layers
+            .iter()
+            .find(|l| l.path == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("{p}: {r}"))
     };
     let act = |r: &burn_qat::model::QatSummary, p: &str| {
-        r.activations.iter().find(|a| a.path == p).cloned().unwrap_or_else(|| panic!("{p}: {r}"))
+        r.activations
+            .iter()
+            .find(|a| a.path == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("{p}: {r}"))
     };
     // Fused weights and weights with an attached quantizer, with their real specs.
-    assert_eq!(weight(&report, "conv.layer.weight").spec, Some(QuantSpec::int8_weight_per_channel_symmetric(0)));
-    assert_eq!(weight(&report, "fc.weight").spec, Some(QuantSpec::int8_weight_per_channel_symmetric(1)));
+    assert_eq!(
+        weight(&report, "conv.layer.weight").spec,
+        Some(QuantSpec::int8_weight_per_channel_symmetric(0))
+    );
+    assert_eq!(
+        weight(&report, "fc.weight").spec,
+        Some(QuantSpec::int8_weight_per_channel_symmetric(1))
+    );
     assert!(weight(&report, "fc.weight").enabled);
     let input = act(&report, "input");
     assert!(input.enabled && !input.frozen && input.learning.is_none());
     let (lo, hi) = input.range.unwrap();
     let (want_lo, want_hi) = z.input.observed_range().unwrap();
     assert_eq!((lo, hi), (want_lo[0], want_hi[0]));
-    assert_eq!(act(&report, "conv.output.Observed").spec, Some(QuantSpec::int8_act_per_tensor_asymmetric()));
+    assert_eq!(
+        act(&report, "conv.output.Observed").spec,
+        Some(QuantSpec::int8_act_per_tensor_asymmetric())
+    );
     assert_eq!(act(&report, "lsq").learning, Some(false));
     let pact = act(&report, "pact");
     assert_eq!(pact.learning, Some(true));
     assert_eq!(pact.learned.keys().collect::<Vec<_>>(), ["alpha"]);
     // Switches show.
-    let report = summary(&switches::freeze_observers(switches::set_fake_quant_enabled(z.clone(), false)));
-    assert!(report.layers.iter().filter(|l| l.spec.is_some()).all(|l| !l.enabled && l.frozen), "{report}");
-    assert!(report.activations.iter().all(|a| !a.enabled && a.frozen), "{report}");
+    let report = summary(&switches::freeze_observers(
+        switches::set_fake_quant_enabled(z.clone(), false),
+    ));
+    assert!(
+        report
+            .layers
+            .iter()
+            .filter(|l| l.spec.is_some())
+            .all(|l| !l.enabled && l.frozen),
+        "{report}"
+    );
+    assert!(
+        report.activations.iter().all(|a| !a.enabled && a.frozen),
+        "{report}"
+    );
     let text = report.to_string();
     assert!(text.contains("off, frozen"), "{text}");
     // Burn's module display shows the same facts.
     let shown = format!("{z}");
-    assert!(shown.contains("8-bit signed asymmetric per-tensor"), "{shown}");
-    assert!(shown.contains("phase: learning") && shown.contains("frozen: false"), "{shown}");
+    assert!(
+        shown.contains("8-bit signed asymmetric per-tensor"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("phase: learning") && shown.contains("frozen: false"),
+        "{shown}"
+    );
 
     // A graph-mode model.
     #[derive(Module, Debug)]
@@ -329,13 +475,18 @@ fn summary_reads_the_model() {
         &m,
         &[1, 4],
         |m: &WithAVeryLongNameForTheFirstLayerOfTheNetwork, x: Tensor<2>| {
-            m.head.forward(m.a_rather_long_field_name_for_the_projection.forward(x))
+            m.head
+                .forward(m.a_rather_long_field_name_for_the_projection.forward(x))
         },
         &QatConfig::new().with_layer("head", WeightQuant::per_channel_bits(4)),
     )
     .unwrap();
     let report = summary(&g);
-    let quantized: Vec<u32> = report.layers.iter().filter_map(|l| l.spec.map(|s| s.bits)).collect();
+    let quantized: Vec<u32> = report
+        .layers
+        .iter()
+        .filter_map(|l| l.spec.map(|s| s.bits))
+        .collect();
     assert_eq!(quantized, [8, 4], "{report}");
     assert!(!report.activations.is_empty(), "{report}");
     // Long paths widen their column instead of breaking the table: every row's quantization
@@ -345,7 +496,9 @@ fn summary_reads_the_model() {
     let col = lines[0].find("quantization").unwrap();
     for line in &lines[1..] {
         assert!(
-            line[col..].starts_with("8-bit") || line[col..].starts_with("4-bit") || line[col..].starts_with("float"),
+            line[col..].starts_with("8-bit")
+                || line[col..].starts_with("4-bit")
+                || line[col..].starts_with("float"),
             "{text}"
         );
     }
@@ -354,13 +507,30 @@ fn summary_reads_the_model() {
 #[test]
 fn typed_errors_can_be_matched() {
     let device = backends()[0].device.clone().autodiff();
-    let err = quantize(Mlp::new(&device, 8), &QatConfig::new().with_layer("fc9", WeightQuant::int8_per_channel())).unwrap_err();
-    assert!(matches!(&err, QatError::MatchesNothing { selector, available, .. } if selector == "fc9" && available.contains(&"fc1".to_string())), "{err}");
-    let err = quantize(Mlp::new(&device, 8), &QatConfig::new().with_layer("fc[", WeightQuant::int8_per_channel())).unwrap_err();
-    assert!(matches!(&err, QatError::InvalidPattern { pattern, .. } if pattern == "fc["), "{err}");
+    let err = quantize(
+        Mlp::new(&device, 8),
+        &QatConfig::new().with_layer("fc9", WeightQuant::int8_per_channel()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, QatError::MatchesNothing { selector, available, .. } if selector == "fc9" && available.contains(&"fc1".to_string())),
+        "{err}"
+    );
+    let err = quantize(
+        Mlp::new(&device, 8),
+        &QatConfig::new().with_layer("fc[", WeightQuant::int8_per_channel()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, QatError::InvalidPattern { pattern, .. } if pattern == "fc["),
+        "{err}"
+    );
     let q = quantize(Mlp::new(&device, 8), &QatConfig::new()).unwrap();
     let err = quantize(q, &QatConfig::new()).unwrap_err();
-    assert!(matches!(&err, QatError::AlreadyQuantized { param } if param == "fc1.weight"), "{err}");
+    assert!(
+        matches!(&err, QatError::AlreadyQuantized { param } if param == "fc1.weight"),
+        "{err}"
+    );
     #[derive(Module, Debug)]
     struct Two {
         fc: Linear,
@@ -370,8 +540,35 @@ fn typed_errors_can_be_matched() {
         fc: LinearConfig::new(2, 2).with_bias(false).init(&device),
         bn: BatchNormConfig::new(2).init(&device),
     };
-    let err = burn_qat::transform::fuse_batch_norms(two.clone(), &[("fc", "bn")], 1e-5).unwrap_err();
-    assert!(matches!(&err, QatError::CannotFold { layer, .. } if layer == "fc"), "{err}");
+    let err =
+        burn_qat::transform::fuse_batch_norms(two.clone(), &[("fc", "bn")], 1e-5).unwrap_err();
+    assert!(
+        matches!(&err, QatError::CannotFold { layer, .. } if layer == "fc"),
+        "{err}"
+    );
     let err = burn_qat::transform::fuse_batch_norms(two, &[("bn", "fc")], 1e-5).unwrap_err();
-    assert!(matches!(&err, QatError::CannotFold { layer, .. } if layer == "bn"), "{err}");
+    assert!(
+        matches!(&err, QatError::CannotFold { layer, .. } if layer == "bn"),
+        "{err}"
+    );
+}
+
+/// Renaming a field of `Fused` without its constant fails here (the quantizers' own names are
+/// tested in `burn_qat_nn::tree`).
+#[test]
+fn fused_names_match_its_fields() {
+    let device = backends()[0].device.clone();
+    let z = Zoo::new(&device);
+    type F = burn_qat::transform::FusedConv2d;
+    let frames: Vec<(String, String)> = tree::read(&z.conv, |_| true)
+        .into_iter()
+        .map(|v| v.at.frames()[0].clone())
+        .collect();
+    for field in [F::LAYER, F::BN, F::WEIGHT_QUANT, F::OUTPUT, F::BN_FROZEN] {
+        assert!(
+            frames.contains(&(field.to_string(), F::TYPE.to_string())),
+            "`{field}` of {} not in {frames:?}",
+            F::TYPE
+        );
+    }
 }

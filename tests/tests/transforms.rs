@@ -280,15 +280,17 @@ fn fused_module_eval_equals_folded_bit_for_bit_and_freeze_bn_stats() {
 fn fused_config_errors() {
     let d = &backends()[0].device;
     let conv = Conv2dConfig::new([2, 4], [3, 3]).init(d);
-    let err = FusedConfig::new()
+    // Per channel is per output channel of the layer, whatever axis the spec names: one
+    // config serves convolutions (axis 0) and Linear layers (axis 1).
+    let fused = FusedConfig::new()
         .with_weight(Some(QuantSpec::int8_weight_per_channel_symmetric(1)))
         .init(conv.clone(), None)
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("`FusedConfig.weight.granularity` is PerChannel { axis: 1 }"),
-        "{err}"
-    );
+        .unwrap();
+    assert_eq!(fused.weight_quant.unwrap().spec.axis(), Some(0));
+    let linear = FusedConfig::new()
+        .init(LinearConfig::new(3, 5).init(d), None)
+        .unwrap();
+    assert_eq!(linear.weight_quant.unwrap().spec.axis(), Some(1));
     let err = FusedConfig::new()
         .init(conv, Some(random_bn(3, d)))
         .unwrap_err();

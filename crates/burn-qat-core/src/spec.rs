@@ -93,7 +93,11 @@ impl std::fmt::Display for QuantSpec {
             "{}-bit {} {}{}",
             self.bits,
             if self.signed { "signed" } else { "unsigned" },
-            if self.symmetric { "symmetric" } else { "asymmetric" },
+            if self.symmetric {
+                "symmetric"
+            } else {
+                "asymmetric"
+            },
             if self.narrow_range { " narrow" } else { "" },
         )?;
         match self.axis() {

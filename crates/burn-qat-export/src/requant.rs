@@ -23,7 +23,10 @@ impl FixedMultiplier {
     /// assert_eq!(m.apply(-10), -2);
     /// ```
     pub fn new(multiplier: f64) -> Self {
-        if !(multiplier > 0.0) || !multiplier.is_finite() {
+        // NaN compares false: `> 0.0` fails for it too.
+        if !multiplier.is_finite()
+            || multiplier.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return Self { m0: 0, shift: 0 };
         }
         // multiplier = q * 2^e with q in [0.5, 1)

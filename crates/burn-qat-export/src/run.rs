@@ -129,7 +129,7 @@ impl IntegerModel {
     fn run(&self, input: &[f32], reference: bool) -> Result<Values, RunError> {
         self.cache.1.get_or_init(|| self.validate()).clone()?;
         let item: usize = self.input_shape().iter().product();
-        if item == 0 || input.len() % item != 0 {
+        if item == 0 || !input.len().is_multiple_of(item) {
             return Err(RunError::Input {
                 len: input.len(),
                 input_shape: self.input_shape(),

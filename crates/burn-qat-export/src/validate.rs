@@ -244,36 +244,32 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 return Err("multiplier out of range".into());
             }
         }
-        IntOp::ChannelLut { lut, channels } => {
-            if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) {
-                return Err(format!(
-                    "{} table entries for {channels} channels of 256",
-                    lut.table.len()
-                ));
-            }
+        IntOp::ChannelLut { lut, channels }
+            if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) =>
+        {
+            return Err(format!(
+                "{} table entries for {channels} channels of 256",
+                lut.table.len()
+            ));
         }
-        IntOp::Lut(t) => {
-            if t.table.len() != 256 {
-                return Err(format!(
-                    "lookup table of {} entries, not 256",
-                    t.table.len()
-                ));
-            }
+        IntOp::Lut(t) if t.table.len() != 256 => {
+            return Err(format!(
+                "lookup table of {} entries, not 256",
+                t.table.len()
+            ));
         }
-        IntOp::Concat { requantize, .. } => {
-            if requantize.iter().flatten().any(|t| t.table.len() != 256) {
-                return Err("a requantization table does not have 256 entries".into());
-            }
+        IntOp::Concat { requantize, .. }
+            if requantize.iter().flatten().any(|t| t.table.len() != 256) =>
+        {
+            return Err("a requantization table does not have 256 entries".into());
         }
-        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. } => {
-            if w.stride.contains(&0) || w.dilation.contains(&0) || w.kernel.contains(&0) {
-                return Err("zero stride, dilation or kernel".into());
-            }
+        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. }
+            if w.stride.contains(&0) || w.dilation.contains(&0) || w.kernel.contains(&0) =>
+        {
+            return Err("zero stride, dilation or kernel".into());
         }
-        IntOp::AdaptiveAvgPool { output, .. } => {
-            if output.contains(&0) {
-                return Err("adaptive pooling to an empty output".into());
-            }
+        IntOp::AdaptiveAvgPool { output, .. } if output.contains(&0) => {
+            return Err("adaptive pooling to an empty output".into());
         }
         _ => {}
     }

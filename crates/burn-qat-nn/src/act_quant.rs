@@ -24,6 +24,7 @@ use crate::{FakeQuant, FakeQuantConfig, LearnedFakeQuant, LearnedFakeQuantConfig
 /// assert_eq!((spec.bits, qp.len()), (4, 1));
 /// ```
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // Burn modules cannot be boxed; one per quantized layer
 pub enum ActQuant {
     /// Range from an observer.
     Observed(FakeQuant),

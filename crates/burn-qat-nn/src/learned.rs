@@ -115,10 +115,20 @@ impl ModuleDisplay for LearnedFakeQuant {
         let mut content = content
             .add("spec", &self.spec.to_string())
             .add("method", &format!("{:?}", self.method))
-            .add("phase", if self.is_learning() { "learning" } else { "observing" })
+            .add(
+                "phase",
+                if self.is_learning() {
+                    "learning"
+                } else {
+                    "observing"
+                },
+            )
             .add("enabled", &self.observer.is_enabled())
             .add("frozen", &self.observer.is_frozen())
-            .add("observed", &tree::describe_range(self.observer.observed_range()));
+            .add(
+                "observed",
+                &tree::describe_range(self.observer.observed_range()),
+            );
         for (name, p) in [
             (Self::SCALE, &self.scale),
             (Self::OFFSET, &self.offset),

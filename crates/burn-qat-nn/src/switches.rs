@@ -33,12 +33,13 @@ fn is_flag(at: &TreePath, fq_field: &str, w_field: &str) -> bool {
 /// Freezes in the cells `model` holds (shared with its clones).
 fn freeze_shared<M: Module>(model: M, observing: bool) -> M {
     // A weight quantizer frozen already keeps the range it captured.
-    let already: BTreeSet<String> =
-        tree::read(&model, |at| at.is(WeightFakeQuant::TYPE, WeightFakeQuant::FROZEN))
-            .into_iter()
-            .filter(|v| v.values.first().is_some_and(|x| *x > 0.5))
-            .map(|v| v.at.prefix(1))
-            .collect();
+    let already: BTreeSet<String> = tree::read(&model, |at| {
+        at.is(WeightFakeQuant::TYPE, WeightFakeQuant::FROZEN)
+    })
+    .into_iter()
+    .filter(|v| v.values.first().is_some_and(|x| *x > 0.5))
+    .map(|v| v.at.prefix(1))
+    .collect();
     tree::fill(model, |at| {
         if is_flag(at, FakeQuant::FROZEN, WeightFakeQuant::FROZEN) {
             Some(f32::from(!observing))

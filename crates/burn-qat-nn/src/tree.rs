@@ -40,6 +40,18 @@ pub mod burn_types {
     pub const REPARAMETERIZATION: &str = "Reparameterization";
     /// The prefixes Burn puts before a derived type's name.
     pub const PREFIXES: [&str; 2] = ["Struct:", "Enum:"];
+    /// Field of Burn's Linear and convolutions.
+    pub const WEIGHT: &str = "weight";
+    /// Field of Burn's Linear and convolutions.
+    pub const BIAS: &str = "bias";
+    /// Field of Burn's BatchNorm.
+    pub const GAMMA: &str = "gamma";
+    /// Field of Burn's BatchNorm.
+    pub const BETA: &str = "beta";
+    /// Field of Burn's BatchNorm.
+    pub const RUNNING_MEAN: &str = "running_mean";
+    /// Field of Burn's BatchNorm.
+    pub const RUNNING_VAR: &str = "running_var";
 }
 
 /// Where a visited tensor sits: the stack of `(field name, type of the module holding it)`.
@@ -51,7 +63,8 @@ pub struct TreePath {
 impl TreePath {
     /// Enters a field (call from `enter_module`).
     pub fn enter(&mut self, name: &str, container_type: &str) {
-        self.frames.push((name.to_string(), container_type.to_string()));
+        self.frames
+            .push((name.to_string(), container_type.to_string()));
     }
 
     /// Leaves the innermost field (call from `exit_module`).
@@ -205,8 +218,8 @@ pub fn map_values<M: Module>(
                 return param;
             }
             param.map(move |old| {
-                let t = Tensor::<1>::from_floats(values.as_slice(), &old.device())
-                    .reshape(old.dims());
+                let t =
+                    Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
                 if old.is_require_grad() {
                     t.detach().require_grad()
                 } else {
@@ -310,8 +323,13 @@ fn owner(at: &TreePath) -> Option<(String, QuantizerKind)> {
     }
     if holder == WeightFakeQuant::TYPE {
         // Attached to a parameter: `<param>.<reparameterization name>.<field>`.
-        let reparam = at.up(1).is_some_and(|(_, h)| h == burn_types::REPARAMETERIZATION);
-        return Some((at.prefix(if reparam { 2 } else { 1 }), QuantizerKind::Weight));
+        let reparam = at
+            .up(1)
+            .is_some_and(|(_, h)| h == burn_types::REPARAMETERIZATION);
+        return Some((
+            at.prefix(if reparam { 2 } else { 1 }),
+            QuantizerKind::Weight,
+        ));
     }
     None
 }
@@ -331,7 +349,11 @@ pub fn quantizers<M: Module>(model: &M) -> Vec<QuantizerState> {
         });
         let flag = v.values.first().is_some_and(|x| *x > 0.5);
         let is = |holder: &str, fields: &[&str]| v.at.is_any(holder, fields);
-        let (fq, w, l) = (FakeQuant::TYPE, WeightFakeQuant::TYPE, LearnedFakeQuant::TYPE);
+        let (fq, w, l) = (
+            FakeQuant::TYPE,
+            WeightFakeQuant::TYPE,
+            LearnedFakeQuant::TYPE,
+        );
         if is(fq, &[FakeQuant::SPEC_CODE]) || is(w, &[WeightFakeQuant::SPEC_CODE]) {
             state.spec = crate::decode_spec(&v.values);
         } else if is(fq, &[FakeQuant::ENABLED]) || is(w, &[WeightFakeQuant::ENABLED]) {
@@ -387,7 +409,7 @@ mod tests {
         FakeQuantConfig, LearnedFakeQuantConfig, LearnedRange, WeightFakeQuantConfig,
         WeightFakeQuantizer,
     };
-    use burn::nn::{LinearConfig, Linear};
+    use burn::nn::{Linear, LinearConfig};
 
     fn seen<M: Module>(m: &M) -> Vec<(String, String)> {
         read(m, |_| true)
@@ -435,14 +457,25 @@ mod tests {
         let wfq = wfq.with_learned_step(Tensor::<2>::ones([2, 2], &device));
         assert_eq!(
             seen(&wfq).last(),
-            Some(&(WeightFakeQuant::SCALE.to_string(), WeightFakeQuant::TYPE.to_string()))
+            Some(&(
+                WeightFakeQuant::SCALE.to_string(),
+                WeightFakeQuant::TYPE.to_string()
+            ))
         );
 
         for (method, learned) in [
-            (LearnedRange::LsqPlus, [LearnedFakeQuant::SCALE, LearnedFakeQuant::OFFSET]),
-            (LearnedRange::MinMax, [LearnedFakeQuant::MIN, LearnedFakeQuant::MAX]),
+            (
+                LearnedRange::LsqPlus,
+                [LearnedFakeQuant::SCALE, LearnedFakeQuant::OFFSET],
+            ),
+            (
+                LearnedRange::MinMax,
+                [LearnedFakeQuant::MIN, LearnedFakeQuant::MAX],
+            ),
         ] {
-            let lfq = LearnedFakeQuantConfig::new(spec, method).init(&device).unwrap();
+            let lfq = LearnedFakeQuantConfig::new(spec, method)
+                .init(&device)
+                .unwrap();
             let mut want = pairs(FakeQuant::TYPE, &fq_fields);
             want.extend(pairs(LearnedFakeQuant::TYPE, &learned));
             want.extend(pairs(LearnedFakeQuant::TYPE, &[LearnedFakeQuant::LEARNING]));
@@ -450,7 +483,9 @@ mod tests {
             let observer = read(&lfq, |_| true)[0].at.up(1).unwrap().0.to_string();
             assert_eq!(observer, LearnedFakeQuant::OBSERVER);
         }
-        let pact = LearnedFakeQuantConfig::new(spec, LearnedRange::Pact).init(&device).unwrap();
+        let pact = LearnedFakeQuantConfig::new(spec, LearnedRange::Pact)
+            .init(&device)
+            .unwrap();
         assert!(seen(&pact).contains(&(
             LearnedFakeQuant::ALPHA.to_string(),
             LearnedFakeQuant::TYPE.to_string()
@@ -461,37 +496,55 @@ mod tests {
     fn burn_type_names_match_burn() {
         let device = Device::flex();
         let linear: Linear = LinearConfig::new(2, 3).init(&device);
-        let holders: Vec<String> = seen(&linear).into_iter().map(|(_, h)| h).collect();
-        assert_eq!(holders, [burn_types::LINEAR, burn_types::LINEAR]);
+        assert_eq!(
+            seen(&linear),
+            pairs(burn_types::LINEAR, &[burn_types::WEIGHT, burn_types::BIAS])
+        );
         let bn = burn::nn::BatchNormConfig::new(2).init(&device);
-        assert!(seen(&bn).iter().all(|(_, h)| h == burn_types::BATCH_NORM));
+        let bn_fields = [
+            burn_types::GAMMA,
+            burn_types::BETA,
+            burn_types::RUNNING_MEAN,
+            burn_types::RUNNING_VAR,
+        ];
+        assert_eq!(seen(&bn), pairs(burn_types::BATCH_NORM, &bn_fields));
         let conv = burn::nn::conv::Conv2dConfig::new([1, 2], [3, 3]).init(&device);
         assert!(seen(&conv).iter().all(|(_, h)| h == burn_types::CONV2D));
         let conv = burn::nn::conv::Conv1dConfig::new(1, 2, 3).init(&device);
         assert!(seen(&conv).iter().all(|(_, h)| h == burn_types::CONV1D));
         // A weight quantizer attached to a parameter sits under Burn's reparameterization frame,
         // and `quantizers` reports it at the parameter's path.
-        let linear = linear.apply_reparameterization(WeightFakeQuantizer::new(
-            |path: &str, _: &[usize]| (path == "weight").then_some(QuantSpec::default()),
-        ));
+        let linear =
+            linear.apply_reparameterization(WeightFakeQuantizer::new(|path: &str, _: &[usize]| {
+                (path == "weight").then_some(QuantSpec::default())
+            }));
         let inside = read(&linear, |at| at.inside(burn_types::REPARAMETERIZATION));
         assert!(!inside.is_empty());
         let q = quantizers(&linear);
         assert_eq!(q.len(), 1);
-        assert_eq!((q[0].path.as_str(), q[0].kind), ("weight", QuantizerKind::Weight));
+        assert_eq!(
+            (q[0].path.as_str(), q[0].kind),
+            ("weight", QuantizerKind::Weight)
+        );
         assert_eq!(q[0].spec, Some(QuantSpec::default()));
     }
 
     #[test]
     fn own_state_makes_a_clone_a_copy() {
         let device = Device::flex().autodiff();
-        let fq = FakeQuantConfig::new(QuantSpec::default()).init(&device).unwrap();
+        let fq = FakeQuantConfig::new(QuantSpec::default())
+            .init(&device)
+            .unwrap();
         let copy = own_state(fq.clone());
-        let copy = fill(copy, |at| at.is(FakeQuant::TYPE, FakeQuant::ENABLED).then_some(0.0));
+        let copy = fill(copy, |at| {
+            at.is(FakeQuant::TYPE, FakeQuant::ENABLED).then_some(0.0)
+        });
         assert!(!copy.is_enabled());
         assert!(fq.is_enabled());
         // Without own_state, the write reaches every clone (Burn's RunningState).
-        let shared = fill(fq.clone(), |at| at.is(FakeQuant::TYPE, FakeQuant::ENABLED).then_some(0.0));
+        let shared = fill(fq.clone(), |at| {
+            at.is(FakeQuant::TYPE, FakeQuant::ENABLED).then_some(0.0)
+        });
         assert!(!shared.is_enabled());
         assert!(!fq.is_enabled());
     }

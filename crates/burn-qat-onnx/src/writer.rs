@@ -225,7 +225,7 @@ impl Graph {
     fn clip(&mut self, y: String, lower: Option<f32>, upper: Option<f32>) -> String {
         match (lower, upper) {
             (None, None) => y,
-            (Some(l), None) if l == 0.0 => self.node("Relu", vec![y], vec![]),
+            (Some(0.0), None) => self.node("Relu", vec![y], vec![]),
             (l, u) => {
                 let l = self.f32s("clip_min", &[], &[l.unwrap_or(f32::MIN)]);
                 let u = self.f32s("clip_max", &[], &[u.unwrap_or(f32::MAX)]);

@@ -4,7 +4,7 @@ use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
-use burn_qat_core::{QatError, QuantSpec};
+use burn_qat_core::{Granularity, QatError, QuantSpec};
 use burn_qat_nn::{
     ActQuant, FakeQuantConfig, LearnedRange, WeightFakeQuant, WeightFakeQuantConfig, param_with,
 };
@@ -140,8 +140,9 @@ impl Fusable<2, 2> for Linear {
 /// Configuration to create a [`Fused`] module using the [init function](FusedConfig::init).
 #[derive(Config, Debug)]
 pub struct FusedConfig {
-    /// Weight fake-quant (its axis must be the layer's output-channel axis); `None` keeps the
-    /// folded weights in float.
+    /// Weight fake-quant; `None` keeps the folded weights in float. A per-channel spec
+    /// quantizes per output channel of the layer it is applied to (axis 0 of a convolution's
+    /// weight, axis 1 of a `Linear`'s), whatever axis it names, so one config serves both.
     #[config(default = "Some(QuantSpec::int8_weight_per_channel_symmetric(0))")]
     pub weight: Option<QuantSpec>,
     /// The activation after the (folded) layer.
@@ -190,20 +191,16 @@ impl FusedConfig {
         let w = layer.weight();
         let device = w.device();
         let channels = w.dims()[L::WEIGHT_AXIS];
-        if let Some(spec) = &self.weight {
+        // Per channel means per output channel of this layer (the channels BatchNorm folds
+        // into): axis 0 for convolutions, 1 for Burn's `Linear`, whatever the spec named.
+        let weight = self.weight.map(|s| match s.granularity {
+            Granularity::PerChannel { .. } => s.with_granularity(Granularity::PerChannel {
+                axis: L::WEIGHT_AXIS,
+            }),
+            Granularity::PerTensor => s,
+        });
+        if let Some(spec) = &weight {
             spec.validate_for_rank(DW)?;
-            if let Some(axis) = spec.axis()
-                && axis != L::WEIGHT_AXIS
-            {
-                return Err(QatError::InvalidConfig {
-                    field: "FusedConfig.weight.granularity".into(),
-                    value: format!("PerChannel {{ axis: {axis} }}"),
-                    allowed: format!(
-                        "PerTensor or PerChannel {{ axis: {} }}, the output-channel axis of this layer",
-                        L::WEIGHT_AXIS
-                    ),
-                });
-            }
         }
         if let Some(bn) = &bn {
             let c = bn.gamma.val().dims()[0];
@@ -218,8 +215,7 @@ impl FusedConfig {
             }
         }
         let mut fused = Fused {
-            weight_quant: self
-                .weight
+            weight_quant: weight
                 .map(|s| {
                     let c = if s.axis().is_some() { channels } else { 1 };
                     WeightFakeQuantConfig::new(s).with_channels(c).init(&device)
@@ -328,7 +324,8 @@ impl<L: Module> Fused<L> {
     {
         let fused = burn_qat_nn::tree::own_state(self);
         let device = fused.bn_frozen.value().device();
-        fused.bn_frozen
+        fused
+            .bn_frozen
             .update(Tensor::from_floats([f32::from(frozen)], &device));
         let _ = fused.bn_frozen.value_sync();
         fused

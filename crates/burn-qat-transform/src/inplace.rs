@@ -52,7 +52,7 @@ pub fn fuse_batch_norms<M: Module>(
         let get = |key: String| tensors.values.get(&key).cloned();
         let ty = tensors
             .types
-            .get(&format!("{layer}.weight"))
+            .get(&format!("{layer}.{}", burn_types::WEIGHT))
             .cloned()
             .unwrap_or_default();
         let axis = match ty.as_str() {
@@ -74,7 +74,7 @@ pub fn fuse_batch_norms<M: Module>(
         };
         if tensors
             .types
-            .get(&format!("{bn}.gamma"))
+            .get(&format!("{bn}.{}", burn_types::GAMMA))
             .map(String::as_str)
             != Some(burn_types::BATCH_NORM)
         {
@@ -83,8 +83,8 @@ pub fn fuse_batch_norms<M: Module>(
                 problem: "is not a BatchNorm module of this model".into(),
             });
         }
-        let (dims, w) = get(format!("{layer}.weight")).unwrap();
-        let Some((_, b)) = get(format!("{layer}.bias")) else {
+        let (dims, w) = get(format!("{layer}.{}", burn_types::WEIGHT)).unwrap();
+        let Some((_, b)) = get(format!("{layer}.{}", burn_types::BIAS)) else {
             return Err(QatError::CannotFold {
                 layer: layer.to_string(),
                 problem: "has no bias to receive the folded BatchNorm shift: create it with a bias \
@@ -92,10 +92,10 @@ pub fn fuse_batch_norms<M: Module>(
                     .into(),
             });
         };
-        let (_, gamma) = get(format!("{bn}.gamma")).unwrap();
-        let (_, beta) = get(format!("{bn}.beta")).unwrap();
-        let (_, mean) = get(format!("{bn}.running_mean")).unwrap();
-        let (_, var) = get(format!("{bn}.running_var")).unwrap();
+        let (_, gamma) = get(format!("{bn}.{}", burn_types::GAMMA)).unwrap();
+        let (_, beta) = get(format!("{bn}.{}", burn_types::BETA)).unwrap();
+        let (_, mean) = get(format!("{bn}.{}", burn_types::RUNNING_MEAN)).unwrap();
+        let (_, var) = get(format!("{bn}.{}", burn_types::RUNNING_VAR)).unwrap();
         let c = dims[axis];
         if gamma.len() != c {
             return Err(QatError::ChannelMismatch {
@@ -119,16 +119,28 @@ pub fn fuse_batch_norms<M: Module>(
             .map(|i| (b[i] - mean[i]) * mul[i] + beta[i])
             .collect();
         let device = tensors.device.clone().expect("a model with tensors");
-        weight_updates.insert(format!("{layer}.weight"), (dims.clone(), new_w));
+        weight_updates.insert(
+            format!("{layer}.{}", burn_types::WEIGHT),
+            (dims.clone(), new_w),
+        );
         updates.insert(
-            format!("{layer}.bias"),
+            format!("{layer}.{}", burn_types::BIAS),
             Tensor::from_floats(new_b.as_slice(), &device),
         );
-        updates.insert(format!("{bn}.gamma"), Tensor::ones([c], &device));
-        updates.insert(format!("{bn}.beta"), Tensor::zeros([c], &device));
-        updates.insert(format!("{bn}.running_mean"), Tensor::zeros([c], &device));
         updates.insert(
-            format!("{bn}.running_var"),
+            format!("{bn}.{}", burn_types::GAMMA),
+            Tensor::ones([c], &device),
+        );
+        updates.insert(
+            format!("{bn}.{}", burn_types::BETA),
+            Tensor::zeros([c], &device),
+        );
+        updates.insert(
+            format!("{bn}.{}", burn_types::RUNNING_MEAN),
+            Tensor::zeros([c], &device),
+        );
+        updates.insert(
+            format!("{bn}.{}", burn_types::RUNNING_VAR),
             Tensor::ones([c], &device).sub_scalar(epsilon),
         );
     }

@@ -17,15 +17,14 @@ use crate::QatError;
 
 /// Names of the backends compiled into this binary, in the order `flex`, `ndarray`, `wgpu`.
 pub fn enabled() -> Vec<&'static str> {
-    #[allow(unused_mut)]
-    let mut names = Vec::new();
-    #[cfg(feature = "flex")]
-    names.push("flex");
-    #[cfg(feature = "ndarray")]
-    names.push("ndarray");
-    #[cfg(feature = "wgpu")]
-    names.push("wgpu");
-    names
+    [
+        cfg!(feature = "flex").then_some("flex"),
+        cfg!(feature = "ndarray").then_some("ndarray"),
+        cfg!(feature = "wgpu").then_some("wgpu"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// The device of the backend called `name` (`flex`, `ndarray` or `wgpu`), or an error that

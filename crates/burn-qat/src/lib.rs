@@ -51,9 +51,9 @@ pub use burn_qat_transform as transform;
 pub use burn_qat_core::{
     Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range,
 };
+pub use burn_qat_nn::record::{load_file, load_record};
 pub use burn_qat_nn::{
     ActQuant, FakeQuant, FakeQuantConfig, LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange,
     Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, start_learning,
     switches,
 };
-pub use burn_qat_nn::record::{load_file, load_record};

@@ -241,9 +241,8 @@ pub fn table(r: &Report) -> String {
     let opt = |v: Option<f64>| v.map_or("n/a".to_string(), pct);
     let mut s = String::new();
     s += &format!(
-        "{:<34} {}\n",
-        "model / device / seed",
-        format!("{:?} / {} / {}", r.model, r.device, r.seed)
+        "{:<34} {:?} / {} / {}\n",
+        "model / device / seed", r.model, r.device, r.seed
     );
     s += &format!(
         "{:<34} {} float + {} QAT epochs, batch {}, {} train / {} test images\n",

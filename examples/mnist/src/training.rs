@@ -54,6 +54,7 @@ pub struct EpochStats {
 }
 
 /// Trains `model` for one epoch over `split` in the order given by `seed`.
+#[allow(clippy::too_many_arguments)] // the epoch's settings, each a plain value of the report
 pub fn train_epoch<M: Classifier>(
     model: M,
     optim: &mut burn::optim::ModuleOptimizer,

@@ -111,12 +111,7 @@ pub(crate) fn prepare_graph(
             .iter()
             .any(|n| g.is_match(n.name.replace('.', "/")))
         {
-            let names: Vec<String> = graph
-                .program
-                .nodes
-                .iter()
-                .map(|n| n.name.clone())
-                .collect();
+            let names: Vec<String> = graph.program.nodes.iter().map(|n| n.name.clone()).collect();
             return Err(QatError::MatchesNothing {
                 what: "activation pattern",
                 selector: p.to_string(),

@@ -3,8 +3,8 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn_qat_core::{Granularity, QatError, QuantSpec, RoundingMode};
-use burn_qat_nn::{FakeQuantConfig, LearnedRange, Observer, WeightFakeQuantizer};
 use burn_qat_nn::tree::{self, TreePath, burn_types};
+use burn_qat_nn::{FakeQuantConfig, LearnedRange, Observer, WeightFakeQuantizer};
 use burn_qat_transform::{BnFoldMode, Fused};
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
@@ -172,7 +172,7 @@ macro_rules! builtin {
         impl QuantizableLayer for $ty {
             const NAME: &'static str = $name;
             fn quantizable_weights() -> Vec<(&'static str, Option<usize>)> {
-                vec![("weight", $axis)]
+                vec![(burn_types::WEIGHT, $axis)]
             }
         }
     };
@@ -367,8 +367,9 @@ impl QatConfig {
     pub fn int8_weights_per_tensor() -> Self {
         Self::new().with_default(WeightQuant::int8_per_tensor())
     }
-    /// Preset: 4-bit per-channel weights, with the first and last quantized layers at 8 bits
-    /// (add those rules with [`with_layer`](Self::with_layer) once the paths are known).
+    /// Preset: 4-bit per-channel weights for every quantized layer. TFLite and the LSQ paper
+    /// keep the first and last layers at 8 bits; add those rules with
+    /// [`with_layer`](Self::with_layer) (`.with_layer("conv1", WeightQuant::int8_per_channel())`).
     pub fn int4_weights_per_channel() -> Self {
         Self::new().with_default(WeightQuant::int4_per_channel())
     }
@@ -492,12 +493,12 @@ pub struct PlannedParam {
 
 pub(crate) fn glob(pattern: &str) -> Result<GlobMatcher, QatError> {
     let as_path = pattern.replace('.', "/");
-    Glob::new(&as_path).map(|g| g.compile_matcher()).map_err(|e| {
-        QatError::InvalidPattern {
+    Glob::new(&as_path)
+        .map(|g| g.compile_matcher())
+        .map_err(|e| QatError::InvalidPattern {
             pattern: pattern.to_string(),
             reason: e.to_string(),
-        }
-    })
+        })
 }
 
 fn selects(matcher: &(Selector, Option<GlobMatcher>), p: &ParamInfo) -> bool {

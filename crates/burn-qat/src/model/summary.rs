@@ -93,7 +93,9 @@ fn table(f: &mut fmt::Formatter<'_>, rows: &[Vec<String>]) -> fmt::Result {
 impl fmt::Display for QatSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut rows = vec![
-            ["weight", "layer", "shape", "quantization", "state", "range"].map(String::from).to_vec(),
+            ["weight", "layer", "shape", "quantization", "state", "range"]
+                .map(String::from)
+                .to_vec(),
         ];
         for l in &self.layers {
             rows.push(vec![
@@ -113,7 +115,9 @@ impl fmt::Display for QatSummary {
         if !self.activations.is_empty() {
             writeln!(f)?;
             let mut rows = vec![
-                ["activation", "quantization", "state", "phase", "range"].map(String::from).to_vec(),
+                ["activation", "quantization", "state", "phase", "range"]
+                    .map(String::from)
+                    .to_vec(),
             ];
             for a in &self.activations {
                 let range = a.range.map_or("not observed".to_string(), |(lo, hi)| {
@@ -162,8 +166,10 @@ fn hull(range: &Option<(Vec<f32>, Vec<f32>)>) -> Option<(f32, f32)> {
 fn weight_of(q: &QuantizerState) -> String {
     let suffix = format!(".{}", Fused::<()>::WEIGHT_QUANT);
     match q.path.strip_suffix(&suffix) {
-        Some(layer) => format!("{layer}.{}.weight", Fused::<()>::LAYER),
-        None if q.path == Fused::<()>::WEIGHT_QUANT => format!("{}.weight", Fused::<()>::LAYER),
+        Some(layer) => format!("{layer}.{}.{}", Fused::<()>::LAYER, burn_types::WEIGHT),
+        None if q.path == Fused::<()>::WEIGHT_QUANT => {
+            format!("{}.{}", Fused::<()>::LAYER, burn_types::WEIGHT)
+        }
         None => q.path.clone(),
     }
 }
