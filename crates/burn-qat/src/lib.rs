@@ -52,6 +52,11 @@ pub use burn_qat_core::{
     Granularity, QParams, QatError, QuantSpec, RoundingMode, qparams_from_range,
 };
 pub use burn_qat_nn::record::{load_file, load_record};
+
+/// The README's Rust examples, compiled and run by `cargo test` as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 pub use burn_qat_nn::{
     ActQuant, FakeQuant, FakeQuantConfig, LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange,
     Observer, WeightFakeQuant, WeightFakeQuantConfig, WeightFakeQuantizer, start_learning,
