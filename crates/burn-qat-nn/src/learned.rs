@@ -1,5 +1,5 @@
 //! Learned quantization ranges: LSQ / LSQ+ step sizes, PACT clipping, trainable min/max, for
-//! activations ([`LearnedFakeQuant`]); LSQ for weights is [`WeightFakeQuant`](crate::WeightFakeQuant)
+//! activations ([`LearnedFakeQuant`]); LSQ for weights is [`WeightFakeQuant`]
 //! with a learned `scale`.
 //!
 //! Activations start in an *observe* phase (a [`FakeQuant`] with its observer), then
@@ -145,7 +145,7 @@ impl ModuleDisplay for LearnedFakeQuant {
 }
 
 impl LearnedFakeQuant {
-    /// The container type Burn's visitors report for this module (see [`tree`](crate::tree)).
+    /// The container type Burn's visitors report for this module (see [`tree`]).
     pub const TYPE: &'static str = "Struct:LearnedFakeQuant";
     /// Field name of [`observer`](LearnedFakeQuant::observer).
     pub const OBSERVER: &'static str = "observer";
@@ -354,7 +354,7 @@ pub fn start_learning<M: Module>(model: M) -> M {
 
 /// The learned quantization parameters of `model` (LSQ/LSQ+ steps and offsets, PACT `alpha`,
 /// trainable `min`/`max` of every [`LearnedFakeQuant`], and the LSQ `scale` of every
-/// [`WeightFakeQuant`](crate::WeightFakeQuant)) as a Burn `ParamGroup`, to give them their own
+/// [`WeightFakeQuant`]) as a Burn `ParamGroup`, to give them their own
 /// learning rate or optimizer:
 ///
 /// ```

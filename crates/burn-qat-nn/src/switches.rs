@@ -1,5 +1,5 @@
-//! Model-wide switches: reach every [`FakeQuant`](crate::FakeQuant) and
-//! [`WeightFakeQuant`](crate::WeightFakeQuant) inside any module tree.
+//! Model-wide switches: reach every [`FakeQuant`] and
+//! [`WeightFakeQuant`] inside any module tree.
 //!
 //! These are PyTorch's `model.apply(disable_observer)` / `disable_fake_quant` for Burn models.
 //! Each switch returns the switched model with its own state: switching `model.clone()` to
