@@ -93,6 +93,7 @@ impl FakeQuantConfig {
             spec: self.spec,
             observer: self.observer,
             channels: self.channels,
+            step: StepSync::default(),
         })
     }
 }
@@ -115,9 +116,10 @@ impl FakeQuantConfig {
 /// The state is a [`RunningState`]: the forward pass updates it from `&self` (as BatchNorm's
 /// statistics), so a training step sees the update in every clone of the module. The setters
 /// and the [`switches`](crate::switches) return modules with their own state: switching a
-/// clone leaves the original untouched. A `RunningState` averages the updates of several
-/// threads: observe from one device/thread at a time (data-parallel training would average
-/// the per-device ranges).
+/// clone leaves the original untouched. Trained on several devices (replicas that are clones,
+/// one thread each, in lockstep, as burn-train's `ExecutionStrategy::multi`), the replicas'
+/// observations of a step are combined: the stored range is the one a single device observing
+/// the combined batch would store (see [`observe`](FakeQuant::observe)).
 #[derive(Module, Debug)]
 #[module(custom_display)]
 pub struct FakeQuant {
@@ -147,6 +149,41 @@ pub struct FakeQuant {
     /// Channels along the spec's axis (1 per tensor).
     #[module(skip)]
     pub channels: usize,
+    /// The current training step's observations from several replicas (see
+    /// [`observe`](FakeQuant::observe)); transient, not recorded.
+    #[module(skip)]
+    step: StepSync,
+}
+
+/// The observations of one training step, shared by the replicas of a multi-device step.
+#[derive(Clone, Default)]
+struct StepSync(std::sync::Arc<std::sync::Mutex<StepState>>);
+
+#[derive(Default)]
+struct StepState {
+    /// Threads that observed in this step.
+    contributors: Vec<std::thread::ThreadId>,
+    /// How many threads observed in the previous step (`None` before one ended).
+    expected: Option<usize>,
+    /// `[min, max, observed]` as stored before this step.
+    base: Option<[Tensor<1>; 3]>,
+    /// Min of the replicas' batch minima, max of their maxima, so far in this step.
+    combined: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+impl StepSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StepState> {
+        // A replica that panicked mid-step leaves plain data: keep using it.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl std::fmt::Debug for StepSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepSync")
+    }
 }
 
 /// `println!("{model}")` shows what the quantizer does now: its spec, observer, switches and
@@ -226,13 +263,49 @@ impl FakeQuant {
     }
 
     /// Updates the observed range with `input`, whatever the mode.
+    ///
+    /// On several devices (burn-train's `ExecutionStrategy::multi`: one replica per device, one
+    /// thread each, in lockstep) the replicas' observations of one step are combined into one:
+    /// the stored range is the observer rule applied once to the min of their minima and the
+    /// max of their maxima, what one device observing the combined batch would store. A step
+    /// ends when a thread that already contributed to it observes again (on one device: every
+    /// call), or when it has as many contributions as the previous step had. Each replica's
+    /// forward uses the range as it stands after its own contribution.
     pub fn observe<const D: usize>(&self, input: &Tensor<D>) {
         let device = self.min.value().device();
         let (bmin, bmax) = tensor::min_max(input.clone(), self.spec.granularity);
         let (bmin, bmax) = (bmin.to_device(&device), bmax.to_device(&device));
-        let old_min = self.min.value_sync();
-        let old_max = self.max.value_sync();
-        let observed = self.observed.value_sync();
+        // One thread at a time: the step's bookkeeping and the state cells change together.
+        let mut step = self.step.lock();
+        let me = std::thread::current().id();
+        let full = step.expected.is_some_and(|n| step.contributors.len() >= n);
+        if step.base.is_none() || full || step.contributors.contains(&me) {
+            if !step.contributors.is_empty() {
+                step.expected = Some(step.contributors.len());
+            }
+            step.contributors.clear();
+            step.combined = None;
+            step.base = Some([
+                self.min.value_sync(),
+                self.max.value_sync(),
+                self.observed.value_sync(),
+            ]);
+        }
+        step.contributors.push(me);
+        let (bmin, bmax) = match step.combined.take() {
+            None => (bmin, bmax),
+            Some((lo, hi)) => (
+                lo.to_device(&device).min_pair(bmin),
+                hi.to_device(&device).max_pair(bmax),
+            ),
+        };
+        step.combined = Some((bmin.clone(), bmax.clone()));
+        let [old_min, old_max, observed] = step.base.clone().expect("set above");
+        let (old_min, old_max, observed) = (
+            old_min.to_device(&device),
+            old_max.to_device(&device),
+            observed.to_device(&device),
+        );
         let (new_min, new_max) = match self.observer {
             Observer::LastValue => (bmin, bmax),
             // Both ranges contain 0 and start at [0, 0], so min/max needs no first-batch rule.
@@ -251,7 +324,8 @@ impl FakeQuant {
         self.min.update(new_min.detach());
         self.max.update(new_max.detach());
         self.observed.update(Tensor::ones([1], &device));
-        // Flush this thread's update so that records and `value()` see it now.
+        // Flush this thread's update so that records and `value()` see it now (under the lock,
+        // so no other thread's update is waiting to be averaged in).
         let _ = (
             self.min.value_sync(),
             self.max.value_sync(),
