@@ -144,7 +144,8 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
             FakeQuantConfig::new(QuantSpec::default())
                 .init(&device)
                 .unwrap()
-                .set_range(&[-1.0], &[1.0]),
+                .set_range(&[-1.0], &[1.0])
+                .unwrap(),
         ),
         SeqLayer::Conv2d(Conv2dConfig::new([1, 2], [3, 3]).init(&device)),
     ]);
@@ -171,7 +172,8 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
             FakeQuantConfig::new(QuantSpec::default())
                 .init(&device)
                 .unwrap()
-                .set_range(&[-1e-3], &[1e-3]),
+                .set_range(&[-1e-3], &[1e-3])
+                .unwrap(),
         ),
         SeqLayer::Linear(lin),
     ])

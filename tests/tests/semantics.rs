@@ -133,7 +133,7 @@ fn a_switched_clone_leaves_the_original_untouched() {
             (
                 "FakeQuant::set_range",
                 Box::new(|m: Zoo| Zoo {
-                    input: m.input.clone().set_range(&[-9.0], &[9.0]),
+                    input: m.input.clone().set_range(&[-9.0], &[9.0]).unwrap(),
                     ..m
                 }),
             ),

@@ -76,5 +76,6 @@ impl Grid {
             && -128 <= self.qmin
             && self.qmin < self.qmax
             && self.qmax <= 127
+            && (self.qmin..=self.qmax).contains(&self.zero_point)
     }
 }

@@ -66,7 +66,8 @@ pub fn qparams_from_range(min: f32, max: f32, spec: &QuantSpec) -> QParams {
     let steps = (qmax - qmin) as f32;
     if spec.symmetric {
         let m = (-min).max(max);
-        let scale = clamp_scale(2.0 * m / steps);
+        // m / (steps / 2) is 2m / steps exactly, without overflow above f32::MAX / 2.
+        let scale = clamp_scale(m / (steps / 2.0));
         let zero_point = if spec.signed {
             0
         } else {
@@ -74,7 +75,13 @@ pub fn qparams_from_range(min: f32, max: f32, spec: &QuantSpec) -> QParams {
         };
         return QParams { scale, zero_point };
     }
-    let scale = clamp_scale((max - min) / steps);
+    let wide = max - min;
+    // A range wider than f32::MAX: max / steps - min / steps is the representable step.
+    let scale = clamp_scale(if wide.is_finite() {
+        wide / steps
+    } else {
+        max / steps - min / steps
+    });
     let ratio = min / scale;
     let rounded = match spec.rounding {
         RoundingMode::HalfToEven => round_half_even(ratio),

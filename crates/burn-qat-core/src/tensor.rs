@@ -114,7 +114,9 @@ pub fn try_fake_quant<const D: usize>(
             .clone()
             .greater_equal_elem(qmin)
             .bool_and(v.lower_equal_elem(qmax));
-        y + (x - xd) * inside.float()
+        // `x - xd` is 0 with x's gradient; masked (not multiplied) so that +-inf, whose
+        // `x - xd` is NaN, saturate as in evaluation.
+        y + (x - xd).mask_fill(inside.bool_not(), 0.0)
     } else {
         y
     })
@@ -142,7 +144,7 @@ pub fn fake_quant_per_tensor<const D: usize>(
             .clone()
             .greater_equal_elem(qmin)
             .bool_and(v.lower_equal_elem(qmax));
-        y + (x - xd) * inside.float()
+        y + (x - xd).mask_fill(inside.bool_not(), 0.0)
     } else {
         y
     }
@@ -201,10 +203,9 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
     let steps = (qmax - qmin) as f32;
     if spec.symmetric {
         let m = max.max_pair(min.neg());
-        let scale = m
-            .mul_scalar(2.0)
-            .div_scalar(steps)
-            .clamp(MIN_SCALE, f32::MAX);
+        // m / (steps / 2) is 2m / steps exactly (IEEE division is correctly rounded and
+        // doubling is exact), without overflowing for m above f32::MAX / 2.
+        let scale = m.div_scalar(steps / 2.0).clamp(MIN_SCALE, f32::MAX);
         let zp = if spec.signed {
             0.0
         } else {
@@ -213,9 +214,11 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
         let zero_point = scale.zeros_like().add_scalar(zp);
         return (scale, zero_point);
     }
-    let scale = (max - min.clone())
-        .div_scalar(steps)
-        .clamp(MIN_SCALE, f32::MAX);
+    let scale = (max.clone() - min.clone()).div_scalar(steps);
+    // A range wider than f32::MAX: max / steps - min / steps is the representable step.
+    let wide = scale.clone().is_finite().bool_not();
+    let split = max.div_scalar(steps) - min.clone().div_scalar(steps);
+    let scale = scale.mask_where(wide, split).clamp(MIN_SCALE, f32::MAX);
     let ratio = min / scale.clone();
     let rounded = match spec.rounding {
         RoundingMode::HalfToEven => ratio.round(),
@@ -279,7 +282,10 @@ pub fn lsq_grad_factor(n: usize, qmax: i32) -> f32 {
 /// small step through zero; the grid then stays the same size (PyTorch's learnable fake-quant
 /// clamps the parameter instead, which stops its gradient).
 pub fn lsq_step(scale: Tensor<1>) -> Tensor<1> {
-    scale.abs().clamp_min(MIN_SCALE)
+    // A step the optimizer drove to NaN or infinity is repaired to the smallest step: the
+    // outputs stay finite (saturated) instead of poisoning every later layer.
+    let bad = scale.clone().is_finite().bool_not();
+    scale.abs().mask_fill(bad, MIN_SCALE).clamp_min(MIN_SCALE)
 }
 
 /// LSQ / LSQ+ fake quantization with a learnable step size (and, for LSQ+, a learnable float
@@ -314,13 +320,24 @@ pub fn fake_quant_lsq<const D: usize>(
     }
 }
 
+/// `t` with its NaN and infinite values replaced by `value` (gradient kept elsewhere): a learned
+/// range the optimizer broke is repaired instead of poisoning the outputs.
+fn finite_or(t: Tensor<1>, value: f32) -> Tensor<1> {
+    let bad = t.clone().is_finite().bool_not();
+    t.mask_fill(bad, value)
+}
+
 /// PACT's grid for a clipping level `alpha`: the unsigned, asymmetric, per-tensor form of
 /// `spec` and its step `max(alpha / qmax, MIN_SCALE)` (zero point 0).
 pub fn pact_grid(alpha: Tensor<1>, spec: &QuantSpec) -> (QuantSpec, Tensor<1>) {
+    // Unsigned and not narrow: 0.0 is grid point 0, exactly (a narrow unsigned grid would
+    // start at 1 and turn 0.0 into one step).
     let unsigned = spec
         .with_signed(false)
         .with_symmetric(false)
+        .with_narrow_range(false)
         .with_granularity(crate::Granularity::PerTensor);
+    let alpha = finite_or(alpha, 0.0);
     let scale = alpha
         .div_scalar(unsigned.qmax().max(1) as f32)
         .clamp_min(MIN_SCALE);
@@ -336,7 +353,7 @@ pub fn fake_quant_pact<const D: usize>(
     spec: &QuantSpec,
 ) -> Tensor<D> {
     let dims = x.dims();
-    let a: Tensor<D> = alpha.clone().reshape([1; D]).expand(dims);
+    let a: Tensor<D> = finite_or(alpha.clone(), 0.0).reshape([1; D]).expand(dims);
     let y = x.clamp_min(0.0).min_pair(a);
     let (unsigned, scale) = pact_grid(alpha.detach(), spec);
     let zero = scale.zeros_like();
@@ -353,8 +370,8 @@ pub fn fake_quant_min_max<const D: usize>(
     max: Tensor<1>,
     spec: &QuantSpec,
 ) -> Tensor<D> {
-    let lo: Tensor<D> = min.clone().reshape([1; D]);
-    let hi: Tensor<D> = max.clone().reshape([1; D]);
+    let lo: Tensor<D> = finite_or(min.clone(), 0.0).reshape([1; D]);
+    let hi: Tensor<D> = finite_or(max.clone(), 0.0).reshape([1; D]);
     let dims = x.dims();
     let y = x.max_pair(lo.expand(dims)).min_pair(hi.expand(dims));
     let (scale, zp) = qparams(min.detach(), max.detach(), spec);

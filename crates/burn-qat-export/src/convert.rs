@@ -815,6 +815,14 @@ where
         .convert::<f32>()
         .try_to_vec::<f32>()
         .unwrap_or_default();
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(ExportError::NotRepresentable {
+            path: node.name.clone(),
+            what: format!(
+                "weight {i} (after BatchNorm folding) is {v}: weights must be finite (did training diverge?)"
+            ),
+        });
+    }
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
     let channel_of = |i: usize| {
@@ -842,6 +850,15 @@ where
     };
     let mut bias = Vec::with_capacity(channels);
     for c in 0..channels {
+        if !bias_f[c].is_finite() {
+            return Err(ExportError::NotRepresentable {
+                path: node.name.clone(),
+                what: format!(
+                    "bias of channel {c} (after BatchNorm folding) is {}: biases must be finite (did training diverge?)",
+                    bias_f[c]
+                ),
+            });
+        }
         let s = input.scale as f64 * weight_scale[c] as f64;
         let q = (bias_f[c] as f64 / s).round_ties_even();
         if !q.is_finite() || q.abs() > i32::MAX as f64 {
@@ -854,6 +871,19 @@ where
             });
         }
         bias.push(q as i32);
+    }
+    let bound =
+        crate::validate::accumulator_bound(&weight, |i| (i / after) % channels, &bias, input);
+    if bound > i32::MAX as i64 {
+        return Err(ExportError::NotRepresentable {
+            path: node.name.clone(),
+            what: format!(
+                "its int32 accumulator can reach {bound} (bias plus the largest sum of products over the input grid), \
+                 above {}: a bias far larger than the weights' range (in units of s_in * s_w) would wrap around; \
+                 give the weights a wider range or the bias a smaller one",
+                i32::MAX
+            ),
+        });
     }
     Ok(Affine {
         dims,

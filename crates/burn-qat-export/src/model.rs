@@ -379,14 +379,21 @@ pub fn conv_output_len(
     if kernel == 0 || stride == 0 || dilation == 0 {
         return None;
     }
-    (input + pad)
-        .checked_sub(dilation * (kernel - 1) + 1)
+    let span = dilation.checked_mul(kernel - 1)?.checked_add(1)?;
+    input
+        .checked_add(pad)?
+        .checked_sub(span)
         .map(|v| v / stride + 1)
 }
 
 /// The largest tensor (values per batch item) a model may declare: 2^31 (an 8 GiB int32
 /// accumulator at batch 1), so that a crafted file cannot request absurd allocations.
 pub const MAX_ITEM_VALUES: usize = 1 << 31;
+
+/// The most work a model may do per batch item: 2^36 multiply-adds (and window reads) over all
+/// its nodes, about 17 times a ResNet-50 at 224 x 224, so that a crafted file cannot make
+/// `forward` run for hours. [`IntegerModel::validate`] refuses models above it.
+pub const MAX_ITEM_WORK: usize = 1 << 36;
 
 impl IntegerModel {
     /// A model from its nodes (node 0 the [`IntOp::Input`]) and its output node. Check it with

@@ -2,7 +2,9 @@
 //! file or built by hand is refused with a message instead of panicking or allocating without
 //! bound.
 
-use crate::model::{Dim, Grid, IntOp, IntegerModel, MAX_ITEM_VALUES, ModelError, Output};
+use crate::model::{
+    Dim, Grid, IntOp, IntegerModel, MAX_ITEM_VALUES, MAX_ITEM_WORK, ModelError, Output,
+};
 use crate::ops;
 use crate::requant::FixedMultiplier;
 
@@ -15,9 +17,66 @@ fn grid_ok(g: &Grid, what: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} grid {g:?} is not usable (scale must be finite and > 0, -128 <= qmin < qmax <= 127)"
+            "{what} grid {g:?} is not usable (scale must be finite and > 0, -128 <= qmin < qmax <= 127, \
+             qmin <= zero_point <= qmax)"
         ))
     }
+}
+
+fn clamp_ok(lo: i32, hi: i32) -> Result<(), String> {
+    if lo > hi || lo < -128 || hi > 127 {
+        return Err(format!("clamp [{lo}, {hi}] is not an interval within int8"));
+    }
+    Ok(())
+}
+
+/// The largest `|accumulator|` any output channel can reach: `|bias| + sum |w| * max |q - zp|`
+/// over the input grid's integers. Every partial sum is bounded by it too.
+pub(crate) fn accumulator_bound(
+    weight: &[i8],
+    channel_of: impl Fn(usize) -> usize,
+    bias: &[i32],
+    input: &Grid,
+) -> i64 {
+    let mut sums = vec![0i64; bias.len()];
+    for (i, w) in weight.iter().enumerate() {
+        if let Some(s) = sums.get_mut(channel_of(i)) {
+            *s += (*w as i64).abs();
+        }
+    }
+    let x = i64::from((input.qmax - input.zero_point).max(input.zero_point - input.qmin));
+    sums.iter()
+        .zip(bias)
+        .map(|(s, b)| (*b as i64).abs() + s * x)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Weights, their bits and scales, bias and input of a conv/linear, and how its accumulator
+/// stays in int32.
+fn affine_ok(
+    weight: &[i8],
+    bits: u32,
+    scales: &[f32],
+    bias: &[i32],
+    input: &Grid,
+    channel_of: impl Fn(usize) -> usize,
+) -> Result<(), String> {
+    if !(2..=8).contains(&bits) {
+        return Err(format!("{bits}-bit weights: weights have 2 to 8 bits"));
+    }
+    if let Some(s) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(format!("weight scale {s}: scales are finite and > 0"));
+    }
+    grid_ok(input, "input")?;
+    let bound = accumulator_bound(weight, channel_of, bias, input);
+    if bound > i32::MAX as i64 {
+        return Err(format!(
+            "the int32 accumulator can reach {bound} (bias plus the largest sum of products), above {}",
+            i32::MAX
+        ));
+    }
+    Ok(())
 }
 
 fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
@@ -35,16 +94,20 @@ fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
                     requant.len()
                 ));
             }
-            if lo > hi || *lo < -128 || *hi > 127 {
-                return Err(format!("clamp [{lo}, {hi}] is not within int8"));
-            }
+            clamp_ok(*lo, *hi)?;
         }
-        Output::Float { scale, .. } => {
+        Output::Float { scale, lo, hi } => {
             if scale.len() != channels {
                 return Err(format!(
                     "{} output scales for {channels} channels",
                     scale.len()
                 ));
+            }
+            if let Some(s) = scale.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(format!("output scale {s}: scales are finite and > 0"));
+            }
+            if lo.is_nan() || hi.is_nan() || lo > hi {
+                return Err(format!("float clamp [{lo}, {hi}] is not an interval"));
             }
         }
     }
@@ -160,6 +223,64 @@ pub(crate) fn infer(
     })
 }
 
+/// Window sizes small enough that no size computed from them overflows.
+fn window_ok(
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 4],
+    dilation: [usize; 2],
+) -> Result<(), String> {
+    if stride.contains(&0) || dilation.contains(&0) || kernel.contains(&0) {
+        return Err("zero stride, dilation or kernel".into());
+    }
+    let all = kernel
+        .iter()
+        .chain(&stride)
+        .chain(&padding)
+        .chain(&dilation);
+    if let Some(v) = all.into_iter().find(|v| **v > MAX_ITEM_VALUES) {
+        return Err(format!("window size {v} is above {MAX_ITEM_VALUES}"));
+    }
+    Ok(())
+}
+
+/// Multiply-adds (or window reads) per output value of node `op`.
+fn work_per_value(op: &IntOp) -> usize {
+    match op {
+        IntOp::Conv2d(c) => (c.in_channels / c.groups.max(1))
+            .saturating_mul(c.kernel[0])
+            .saturating_mul(c.kernel[1]),
+        IntOp::Linear(l) => l.in_features,
+        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. } => {
+            w.kernel[0].saturating_mul(w.kernel[1])
+        }
+        _ => 1,
+    }
+}
+
+/// A table of `len` entries between two usable grids, its values on the output grid.
+fn table_ok(t: &crate::model::Lut, len: usize) -> Result<(), String> {
+    if t.table.len() != len {
+        return Err(format!(
+            "lookup table of {} entries, not {len}",
+            t.table.len()
+        ));
+    }
+    grid_ok(&t.input, "table input")?;
+    grid_ok(&t.output, "table output")?;
+    if let Some(v) = t
+        .table
+        .iter()
+        .find(|v| !(t.output.qmin..=t.output.qmax).contains(&i32::from(**v)))
+    {
+        return Err(format!(
+            "table value {v} is outside its output grid [{}, {}]",
+            t.output.qmin, t.output.qmax
+        ));
+    }
+    Ok(())
+}
+
 /// Structural checks of one node: its parameters agree with each other.
 fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
     let arity = match op {
@@ -201,10 +322,19 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                     "bias or weight scales do not have one value per output channel".into(),
                 );
             }
-            if c.stride.contains(&0) || c.dilation.contains(&0) || c.kernel.contains(&0) {
-                return Err("zero stride, dilation or kernel".into());
+            window_ok(c.kernel, c.stride, c.padding, c.dilation)?;
+            if c.in_channels == 0 || c.out_channels == 0 {
+                return Err("a convolution without channels".into());
             }
-            grid_ok(&c.input, "input")?;
+            let per = c.weight.len() / c.out_channels;
+            affine_ok(
+                &c.weight,
+                c.weight_bits,
+                &c.weight_scale,
+                &c.bias,
+                &c.input,
+                |i| i / per,
+            )?;
             output_ok(&c.output, c.out_channels)?;
         }
         IntOp::Linear(l) => {
@@ -221,7 +351,18 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                     "bias or weight scales do not have one value per output feature".into(),
                 );
             }
-            grid_ok(&l.input, "input")?;
+            if l.in_features == 0 || l.out_features == 0 {
+                return Err("a linear layer without features".into());
+            }
+            let out = l.out_features;
+            affine_ok(
+                &l.weight,
+                l.weight_bits,
+                &l.weight_scale,
+                &l.bias,
+                &l.input,
+                |i| i % out,
+            )?;
             output_ok(&l.output, l.out_features)?;
         }
         IntOp::Add(a) => {
@@ -235,6 +376,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                     a.shift
                 ));
             }
+            clamp_ok(a.lo, a.hi)?;
         }
         IntOp::Mul(m) => {
             for g in [&m.a, &m.b, &m.out] {
@@ -243,34 +385,37 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
             if !multiplier_ok(&m.multiplier) {
                 return Err("multiplier out of range".into());
             }
+            clamp_ok(m.lo, m.hi)?;
         }
-        IntOp::ChannelLut { lut, channels }
-            if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) =>
-        {
-            return Err(format!(
-                "{} table entries for {channels} channels of 256",
-                lut.table.len()
-            ));
+        IntOp::ChannelLut { lut, channels } => {
+            if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) {
+                return Err(format!(
+                    "{} table entries for {channels} channels of 256",
+                    lut.table.len()
+                ));
+            }
+            table_ok(lut, lut.table.len())?;
         }
-        IntOp::Lut(t) if t.table.len() != 256 => {
-            return Err(format!(
-                "lookup table of {} entries, not 256",
-                t.table.len()
-            ));
+        IntOp::Lut(t) => table_ok(t, 256)?,
+        IntOp::Concat { requantize, .. } => {
+            for t in requantize.iter().flatten() {
+                table_ok(t, 256)?;
+            }
         }
-        IntOp::Concat { requantize, .. }
-            if requantize.iter().flatten().any(|t| t.table.len() != 256) =>
-        {
-            return Err("a requantization table does not have 256 entries".into());
+        IntOp::MaxPool(w) => window_ok(w.kernel, w.stride, w.padding, w.dilation)?,
+        IntOp::AvgPool {
+            window: w, input, ..
+        } => {
+            window_ok(w.kernel, w.stride, w.padding, w.dilation)?;
+            grid_ok(input, "input")?;
         }
-        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. }
-            if w.stride.contains(&0) || w.dilation.contains(&0) || w.kernel.contains(&0) =>
-        {
-            return Err("zero stride, dilation or kernel".into());
+        IntOp::AdaptiveAvgPool { output, input } => {
+            if output.contains(&0) {
+                return Err("adaptive pooling to an empty output".into());
+            }
+            grid_ok(input, "input")?;
         }
-        IntOp::AdaptiveAvgPool { output, .. } if output.contains(&0) => {
-            return Err("adaptive pooling to an empty output".into());
-        }
+        IntOp::Reduce { input, .. } => grid_ok(input, "input")?,
         _ => {}
     }
     Ok(())
@@ -318,6 +463,7 @@ impl IntegerModel {
         let mut int = vec![false; self.nodes.len()];
         let mut grids: Vec<Option<Grid>> = Vec::with_capacity(self.nodes.len());
         let mut shapes: [Vec<Vec<usize>>; 2] = [Vec::new(), Vec::new()];
+        let mut total_work = 0usize;
         for (i, node) in self.nodes.iter().enumerate() {
             if i > 0 && matches!(node.op, IntOp::Input) {
                 return Err(fail(i, "a second input".into()));
@@ -362,6 +508,15 @@ impl IntegerModel {
                     ));
                 }
                 shapes[b].push(got);
+            }
+            let values: usize = shapes[0][i].iter().product();
+            let work = values.saturating_mul(work_per_value(&node.op));
+            total_work = total_work.saturating_add(work);
+            if total_work > MAX_ITEM_WORK {
+                return Err(fail(
+                    i,
+                    format!("the model does more than {MAX_ITEM_WORK} multiply-adds per item"),
+                ));
             }
             // Which inputs must be integers, and whether the output is.
             let (needs_int, out_int) = match &node.op {

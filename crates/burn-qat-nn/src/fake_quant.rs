@@ -400,20 +400,29 @@ impl FakeQuant {
         fq
     }
 
-    /// Sets the range by hand (e.g. from a calibration run) and marks it observed. The returned
-    /// module has its own state: clones of `self` keep their range.
+    /// Sets the range by hand (e.g. from a calibration run) and marks it observed; the range is
+    /// widened to contain 0, as observers do. The returned module has its own state: clones of
+    /// `self` keep their range.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `min` and `max` do not have `channels` values.
-    pub fn set_range(self, min: &[f32], max: &[f32]) -> Self {
-        assert!(
-            min.len() == self.channels && max.len() == self.channels,
-            "FakeQuant::set_range: expected {} values for min and max, got {} and {}",
-            self.channels,
-            min.len(),
-            max.len()
-        );
+    /// [`QatError::InvalidConfig`] if `min` or `max` does not have `channels` values or holds a
+    /// NaN or infinite value (which would stick in the range forever).
+    pub fn set_range(self, min: &[f32], max: &[f32]) -> Result<Self, QatError> {
+        if min.len() != self.channels || max.len() != self.channels {
+            return Err(QatError::InvalidConfig {
+                field: "FakeQuant::set_range".into(),
+                value: format!("{} minima and {} maxima", min.len(), max.len()),
+                allowed: format!("{} of each, one per channel", self.channels),
+            });
+        }
+        if let Some(v) = min.iter().chain(max).find(|v| !v.is_finite()) {
+            return Err(QatError::InvalidConfig {
+                field: "FakeQuant::set_range".into(),
+                value: v.to_string(),
+                allowed: "finite values".into(),
+            });
+        }
         let fq = crate::tree::own_state(self);
         let device = fq.min.value().device();
         let min = Tensor::<1>::from_floats(min, &device).clamp_max(0.0);
@@ -426,7 +435,7 @@ impl FakeQuant {
             fq.max.value_sync(),
             fq.observed.value_sync(),
         );
-        fq
+        Ok(fq)
     }
 }
 

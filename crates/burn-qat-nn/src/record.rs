@@ -58,6 +58,18 @@ pub fn load_record<M: Module>(model: M, record: ModuleRecord) -> Result<M, QatEr
             reason: e.to_string(),
         })?;
     for q in tree::quantizers(&loaded) {
+        let state = q.range.iter().flat_map(|(lo, hi)| lo.iter().chain(hi));
+        if let Some(v) = state
+            .chain(q.learned.values().flatten())
+            .find(|v| !v.is_finite())
+        {
+            return Err(QatError::Record {
+                reason: format!(
+                    "quantizer `{}` holds {v} in its range or learned parameters: a recorded range must be finite",
+                    q.path
+                ),
+            });
+        }
         let Some(want) = expected.get(&q.path) else {
             continue;
         };

@@ -240,7 +240,7 @@ pub fn download(dir: &Path) -> Result<(), DataError> {
             .read_to_end(&mut gz)
             .map_err(|e| fail(format!("{url}: {e}")))?;
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(gz.as_slice())
+        flate2::read::MultiGzDecoder::new(gz.as_slice())
             .take(16 + MAX_IMAGES * (SIDE * SIDE) as u64)
             .read_to_end(&mut raw)
             .map_err(|e| fail(format!("{url}: not gzip: {e}")))?;
@@ -266,7 +266,7 @@ fn read_all(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
     let mut out = Vec::new();
     let gz = path.extension().is_some_and(|e| e == "gz");
     let reader: Box<dyn Read> = if gz {
-        Box::new(flate2::read::GzDecoder::new(file))
+        Box::new(flate2::read::MultiGzDecoder::new(file))
     } else {
         Box::new(file)
     };

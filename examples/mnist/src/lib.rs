@@ -49,6 +49,76 @@ pub struct RunConfig {
     pub activation_bits: u32,
 }
 
+impl RunConfig {
+    /// Checks every field before any work starts: each error names the setting, its value and
+    /// what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |field: &str, value: String, allowed: &str| {
+            Err(format!("--{field} is {value}; allowed: {allowed}"))
+        };
+        if self.batch_size == 0 {
+            return bad("batch-size", "0".into(), "at least 1");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(
+                "lr",
+                self.learning_rate.to_string(),
+                "a finite value > 0, e.g. 1e-3",
+            );
+        }
+        if self.train_limit == Some(0) {
+            return bad("train-limit", "0".into(), "at least 1 image");
+        }
+        if self.test_limit == Some(0) {
+            return bad("test-limit", "0".into(), "at least 1 image");
+        }
+        for (field, bits) in [
+            ("weight-bits", self.weight_bits),
+            ("act-bits", self.activation_bits),
+        ] {
+            if !(2..=8).contains(&bits) {
+                return bad(
+                    field,
+                    bits.to_string(),
+                    "2 to 8 (the integer model stores 8-bit values)",
+                );
+            }
+        }
+        if self.epochs_float + self.epochs_qat == 0 {
+            return bad(
+                "epochs-float/--epochs-qat",
+                "0 and 0".into(),
+                "at least one epoch",
+            );
+        }
+        burn_qat::backend::device(&self.device).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Checks that `out` is a directory that can be written (creating it), before hours of
+/// training would end in a failed write.
+pub fn check_out_dir(out: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| format!("--out {}: cannot create the directory: {e}", out.display()))?;
+    let probe = out.join(".burn-qat-write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| format!("--out {}: cannot write there: {e}", out.display()))
+}
+
+/// Checks that `--data-dir` names a directory.
+pub fn check_data_dir(dir: &Path) -> Result<(), String> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--data-dir {}: not a directory (give the directory holding the four MNIST IDX files)",
+            dir.display()
+        ))
+    }
+}
+
 /// Trains the float model, prepares and fine-tunes it with QAT (graph mode), evaluates,
 /// converts it to an integer model, and returns the report.
 pub fn run(
@@ -56,6 +126,7 @@ pub fn run(
     data: &Mnist,
     out: Option<&Path>,
 ) -> Result<Report, Box<dyn std::error::Error>> {
+    config.validate()?;
     let device = burn_qat::backend::device(&config.device)?.autodiff();
     device.seed(config.seed);
     match config.model {

@@ -80,6 +80,18 @@ fn main() -> ExitCode {
         weight_bits: args.weight_bits,
         activation_bits: args.act_bits,
     };
+    let checks = config
+        .validate()
+        .and_then(|_| {
+            args.data_dir
+                .as_deref()
+                .map_or(Ok(()), mnist::check_data_dir)
+        })
+        .and_then(|_| args.out.as_deref().map_or(Ok(()), mnist::check_out_dir));
+    if let Err(e) = checks {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let data = match Mnist::load_or_download(args.data_dir.as_deref()) {
         Ok(d) => d,
         Err(e) => {

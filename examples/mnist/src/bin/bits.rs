@@ -99,7 +99,38 @@ fn main() -> ExitCode {
     };
     if let Some(b) = config.bits.iter().find(|b| !(2..=8).contains(*b)) {
         eprintln!("error: --bits: {b} is not in 2..=8 (the integer model keeps 8-bit containers)");
-        return ExitCode::FAILURE;
+        return ExitCode::from(2);
+    }
+    let checks = [
+        (config.batch_size == 0).then(|| "--batch-size is 0; allowed: at least 1".to_string()),
+        (!(config.learning_rate.is_finite() && config.learning_rate > 0.0)).then(|| {
+            format!(
+                "--lr is {}; allowed: a finite value > 0",
+                config.learning_rate
+            )
+        }),
+        (!(config.range_learning_rate.is_finite() && config.range_learning_rate >= 0.0)).then(
+            || {
+                format!(
+                    "--range-lr is {}; allowed: a finite value >= 0",
+                    config.range_learning_rate
+                )
+            },
+        ),
+        (config.train_limit == Some(0)).then(|| "--train-limit is 0; allowed: at least 1".into()),
+        (config.test_limit == Some(0)).then(|| "--test-limit is 0; allowed: at least 1".into()),
+        (config.bits.is_empty()).then(|| "--bits is empty; allowed: bit widths in 2..=8".into()),
+        burn_qat::backend::device(&config.device)
+            .err()
+            .map(|e| e.to_string()),
+        args.data_dir
+            .as_deref()
+            .and_then(|d| mnist::check_data_dir(d).err()),
+        mnist::check_out_dir(&args.out).err(),
+    ];
+    if let Some(e) = checks.into_iter().flatten().next() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     let data = match Mnist::load_or_download(args.data_dir.as_deref()) {
         Ok(d) => d,

@@ -1,0 +1,838 @@
+//! Hostile input: an integer model that `validate` (and so `format::load`) accepts never panics,
+//! hangs or disagrees with the reference kernels, whatever its payload says.
+//!
+//! A real model with every integer op is mutated two ways, with a fixed seed: semantic edits of
+//! its fields (every number set to boundary values, list elements deleted, duplicated, swapped,
+//! lists emptied) through its serde form, and byte edits of the file payload with a valid
+//! checksum. Each accepted model runs `forward`, `forward_reference` (which must agree bit for
+//! bit), `forward_int`, the ONNX writer, `precision`, `plan` and a save/load round trip, inside
+//! `catch_unwind`; the test fails listing every panic and disagreement.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::pool::{
+    AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, AvgPool2d, AvgPool2dConfig, MaxPool2d,
+    MaxPool2dConfig,
+};
+use burn::nn::{BatchNorm, BatchNormConfig, Gelu, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::{sigmoid, silu};
+use burn_qat::export::format;
+use burn_qat::export::model::IntegerModel;
+use burn_qat::graph;
+use burn_qat::model::QatConfig;
+use serde_json::Value;
+
+/// Every integer op: conv (padding, BatchNorm, ReLU), depthwise conv (ReLU6), add, mul,
+/// sigmoid (table), concat, BatchNorm after the concat (per-channel tables), max/avg/adaptive
+/// pooling, mean, flatten, linear with GELU, a float head.
+#[derive(Module, Debug)]
+struct Kitchen {
+    c1: Conv2d,
+    bn1: BatchNorm,
+    dw: Conv2d,
+    c2: Conv2d,
+    bn2: BatchNorm,
+    max: MaxPool2d,
+    avg: AvgPool2d,
+    gap: AdaptiveAvgPool2d,
+    fc: Linear,
+    gelu: Gelu,
+    head: Linear,
+    relu: Relu,
+}
+
+impl Kitchen {
+    fn new(device: &Device) -> Self {
+        let pad = PaddingConfig2d::Explicit(1, 1, 1, 1);
+        Self {
+            c1: Conv2dConfig::new([2, 4], [3, 3])
+                .with_padding(pad.clone())
+                .init(device),
+            bn1: BatchNormConfig::new(4).init(device),
+            dw: Conv2dConfig::new([4, 4], [3, 3])
+                .with_groups(4)
+                .with_padding(pad)
+                .init(device),
+            c2: Conv2dConfig::new([2, 4], [1, 1])
+                .with_bias(false)
+                .init(device),
+            bn2: BatchNormConfig::new(8).init(device),
+            max: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
+            avg: AvgPool2dConfig::new([2, 2]).with_strides([1, 1]).init(),
+            gap: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            fc: LinearConfig::new(8 + 8, 6).init(device),
+            gelu: Gelu::new(),
+            head: LinearConfig::new(6, 3).init(device),
+            relu: Relu::new(),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let a = self
+            .relu
+            .forward(self.bn1.forward(self.c1.forward(x.clone())));
+        let b = self.dw.forward(a.clone()).clamp(0.0, 6.0);
+        let s = a + b.clone();
+        let g = s * sigmoid(b);
+        let c = self.c2.forward(x);
+        let n = silu(self.bn2.forward(Tensor::cat(vec![g, c], 1)));
+        let p = self.avg.forward(self.max.forward(n));
+        let pooled = self.gap.forward(p.clone()).flatten::<2>(1, 3);
+        let mean = p.mean_dim(3).mean_dim(2).flatten::<2>(1, 3);
+        let h = self
+            .gelu
+            .forward(self.fc.forward(Tensor::cat(vec![pooled, mean], 1)));
+        self.head.forward(h)
+    }
+}
+
+const DIMS: [usize; 4] = [1, 2, 8, 8];
+
+fn kitchen_model() -> IntegerModel {
+    let device = burn_qat::backend::device("flex").unwrap().autodiff();
+    device.seed(17);
+    let model = Kitchen::new(&device);
+    let qat = graph::prepare(
+        &model,
+        &DIMS,
+        |m: &Kitchen, x: Tensor<4>| m.forward(x),
+        &QatConfig::new(),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let x = Tensor::<4>::random([4, 2, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+        let _: Tensor<2> = qat.forward(x);
+    }
+    let int8 = burn_qat::export::convert(&qat.valid()).unwrap();
+    let kinds: Vec<&str> = int8.nodes.iter().map(|n| n.op.kind()).collect();
+    for kind in [
+        "Quantize",
+        "Conv2d",
+        "DepthwiseConv2d",
+        "Add",
+        "Mul",
+        "Lut",
+        "Concat",
+        "ChannelLut",
+        "MaxPool",
+        "AvgPool",
+        "AdaptiveAvgPool",
+        "Mean",
+        "Reshape",
+        "Linear",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    int8
+}
+
+/// A small deterministic generator (xorshift), so the cases are the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const NUMBERS: [f64; 34] = [
+    0.0,
+    1.0,
+    -1.0,
+    2.0,
+    3.0,
+    -2.0,
+    8.0,
+    9.0,
+    31.0,
+    32.0,
+    40.0,
+    62.0,
+    63.0,
+    64.0,
+    200.0,
+    127.0,
+    128.0,
+    -128.0,
+    -129.0,
+    255.0,
+    256.0,
+    1_048_576.0,
+    2_147_483_647.0,
+    2_147_483_648.0,
+    4_294_967_296.0,
+    1_099_511_627_776.0,
+    4.611_686_018_427_388e18,
+    9.223_372_036_854_776e18,
+    -9.223_372_036_854_776e18,
+    1e-45,
+    1e-30,
+    1e30,
+    3.4e38,
+    -3.4e38,
+];
+
+/// Paths to every number and every array in a JSON value.
+fn leaves(
+    v: &Value,
+    path: &mut Vec<PathStep>,
+    numbers: &mut Vec<Vec<PathStep>>,
+    arrays: &mut Vec<Vec<PathStep>>,
+) {
+    match v {
+        Value::Number(_) => numbers.push(path.clone()),
+        Value::Array(a) => {
+            arrays.push(path.clone());
+            for (i, x) in a.iter().enumerate() {
+                path.push(PathStep::Index(i));
+                leaves(x, path, numbers, arrays);
+                path.pop();
+            }
+        }
+        Value::Object(o) => {
+            for (k, x) in o {
+                path.push(PathStep::Key(k.clone()));
+                leaves(x, path, numbers, arrays);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[derive(Clone, Debug)]
+enum PathStep {
+    Key(String),
+    Index(usize),
+}
+
+fn at<'a>(v: &'a mut Value, path: &[PathStep]) -> Option<&'a mut Value> {
+    let mut v = v;
+    for step in path {
+        v = match step {
+            PathStep::Key(k) => v.get_mut(k.as_str())?,
+            PathStep::Index(i) => v.get_mut(*i)?,
+        };
+    }
+    Some(v)
+}
+
+/// One semantic edit of the model's serde form.
+fn mutate_json(v: &mut Value, rng: &mut Rng) -> String {
+    let (mut numbers, mut arrays) = (vec![], vec![]);
+    leaves(v, &mut vec![], &mut numbers, &mut arrays);
+    if rng.below(3) > 0 && !numbers.is_empty() {
+        let path = &numbers[rng.below(numbers.len())];
+        let n = NUMBERS[rng.below(NUMBERS.len())];
+        let slot = at(v, path).expect("path");
+        let new = if n.fract() == 0.0 && n.abs() < 9.2e18 && slot.is_i64() || slot.is_u64() {
+            if n < 0.0 {
+                Value::from(n as i64)
+            } else {
+                Value::from(n as u64)
+            }
+        } else {
+            serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+        };
+        *slot = new;
+        return format!("{path:?} = {n}");
+    }
+    let path = arrays[rng.below(arrays.len())].clone();
+    let Some(Value::Array(a)) = at(v, &path) else {
+        return String::new();
+    };
+    if a.is_empty() {
+        return String::new();
+    }
+    let i = rng.below(a.len());
+    match rng.below(4) {
+        0 => {
+            a.remove(i);
+            format!("{path:?}: removed {i}")
+        }
+        1 => {
+            let x = a[i].clone();
+            a.insert(i, x);
+            format!("{path:?}: duplicated {i}")
+        }
+        2 => {
+            let j = rng.below(a.len());
+            a.swap(i, j);
+            format!("{path:?}: swapped {i} and {j}")
+        }
+        _ => {
+            a.clear();
+            format!("{path:?}: emptied")
+        }
+    }
+}
+
+/// One byte edit of the file payload, with the checksum recomputed.
+fn mutate_bytes(bytes: &mut [u8], rng: &mut Rng) -> String {
+    const HEADER: usize = 24;
+    let i = HEADER + rng.below(bytes.len() - HEADER);
+    let old = bytes[i];
+    bytes[i] = [
+        0x00,
+        0x01,
+        0x7F,
+        0x80,
+        0xFF,
+        0xFE,
+        old ^ 0x40,
+        old.wrapping_add(1),
+    ][rng.below(8)];
+    let crc = crc32fast::hash(&bytes[HEADER..]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    format!("byte {i}: {old:#04x} -> {:#04x}", bytes[i])
+}
+
+#[derive(Default)]
+struct Tally {
+    cases: usize,
+    refused: usize,
+    accepted: usize,
+    run_errors: usize,
+    findings: Vec<String>,
+    slowest: Duration,
+}
+
+/// Runs everything a user can run on an accepted model.
+fn exercise(model: &IntegerModel, what: &str, input: &[f32], tally: &mut Tally) {
+    if model.validate().is_err() {
+        tally.refused += 1;
+        return;
+    }
+    tally.accepted += 1;
+    let start = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let fast = model.forward(input);
+        let reference = model.forward_reference(input);
+        let _ = model.forward_int(input);
+        let _ = burn_qat::onnx::to_model_proto(model, &Default::default());
+        let _ = (model.precision(), model.plan(), model.parameter_bytes());
+        let again = format::from_bytes(&format::to_bytes(model)).map(|m| m == *model);
+        (fast, reference, again)
+    }));
+    tally.slowest = tally.slowest.max(start.elapsed());
+    match result {
+        Err(_) => tally.findings.push(format!("panic: {what}")),
+        Ok((fast, reference, again)) => {
+            match (&fast, &reference) {
+                (Ok(f), Ok(r))
+                    if f.1 != r.1
+                        || f.0
+                            .iter()
+                            .zip(&r.0)
+                            .any(|(a, b)| a.to_bits() != b.to_bits()) =>
+                {
+                    tally.findings.push(format!("fast != reference: {what}"));
+                }
+                (Ok(_), Err(e)) | (Err(e), Ok(_)) => {
+                    tally
+                        .findings
+                        .push(format!("only one of fast/reference failed ({e}): {what}"));
+                }
+                (Err(_), Err(_)) => tally.run_errors += 1,
+                _ => {}
+            }
+            if !matches!(again, Ok(true)) {
+                tally
+                    .findings
+                    .push(format!("save/load round trip changed the model: {what}"));
+            }
+        }
+    }
+}
+
+fn run(cases: usize, seed: u64) -> Tally {
+    let model = kitchen_model();
+    let json = serde_json::to_value(&model).unwrap();
+    let bytes = format::to_bytes(&model);
+    let mut rng = Rng(seed);
+    let input: Vec<f32> = (0..2 * 2 * 8 * 8)
+        .map(|i| ((i * 37 % 101) as f32 / 25.0) - 2.0)
+        .collect();
+    // Panics are the findings: keep the test output readable.
+    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let hook = std::panic::take_hook();
+    let sink = messages.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        sink.lock().unwrap().push(info.to_string());
+    }));
+    let mut tally = Tally::default();
+    for case in 0..cases {
+        tally.cases += 1;
+        if case % 2 == 0 {
+            let mut v = json.clone();
+            let edits: Vec<String> = (0..1 + rng.below(3))
+                .map(|_| mutate_json(&mut v, &mut rng))
+                .collect();
+            match serde_json::from_value::<IntegerModel>(v) {
+                Ok(m) => exercise(&m, &format!("case {case} {edits:?}"), &input, &mut tally),
+                Err(_) => tally.refused += 1,
+            }
+        } else {
+            let mut b = bytes.clone();
+            let edits: Vec<String> = (0..1 + rng.below(3))
+                .map(|_| mutate_bytes(&mut b, &mut rng))
+                .collect();
+            match format::from_bytes(&b) {
+                Ok(m) => exercise(&m, &format!("case {case} {edits:?}"), &input, &mut tally),
+                Err(_) => tally.refused += 1,
+            }
+        }
+    }
+    std::panic::set_hook(hook);
+    let messages = messages.lock().unwrap();
+    for (f, m) in tally.findings.iter_mut().zip(messages.iter()) {
+        if f.starts_with("panic") {
+            f.push_str(&format!(" -- {m}"));
+        }
+    }
+    tally
+}
+
+#[test]
+fn mutated_models_never_panic_or_disagree() {
+    // More cases: BURN_QAT_HOSTILE_CASES=100000 (and BURN_QAT_HOSTILE_SEED).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let cases = env("BURN_QAT_HOSTILE_CASES").unwrap_or(4000) as usize;
+    let tally = run(
+        cases,
+        env("BURN_QAT_HOSTILE_SEED").unwrap_or(0x9E37_79B9_7F4A_7C15),
+    );
+    println!(
+        "{} cases: {} refused, {} accepted ({} refused at run time), slowest accepted case {:?}",
+        tally.cases, tally.refused, tally.accepted, tally.run_errors, tally.slowest
+    );
+    assert!(
+        tally.accepted > 200,
+        "too few accepted cases to mean anything: {}",
+        tally.accepted
+    );
+    assert!(
+        tally.findings.is_empty(),
+        "{} findings:\n{}",
+        tally.findings.len(),
+        tally
+            .findings
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        tally.slowest < Duration::from_secs(10),
+        "a case took {:?}",
+        tally.slowest
+    );
+}
+
+// ---------------------------------------------------------------- regression tests, one per finding
+
+use burn_qat::core::tensor as qt;
+use burn_qat::export::model::{Dim, Grid, IntLinear, IntNode, IntOp, Output};
+use burn_qat::nn::tree;
+use burn_qat::{FakeQuantConfig, QatError, QuantSpec, qparams_from_range};
+
+fn flex() -> Device {
+    burn_qat::backend::device("flex").unwrap()
+}
+
+#[test]
+fn set_range_refuses_what_would_stick() {
+    let fq = FakeQuantConfig::new(QuantSpec::default())
+        .init(&flex())
+        .unwrap();
+    for (lo, hi) in [
+        (f32::NEG_INFINITY, 2.0),
+        (-1.0, f32::NAN),
+        (-1.0, f32::INFINITY),
+    ] {
+        let err = fq.clone().set_range(&[lo], &[hi]).unwrap_err();
+        assert!(matches!(err, QatError::InvalidConfig { .. }), "{err}");
+    }
+    assert!(fq.clone().set_range(&[-1.0, 0.0], &[1.0, 1.0]).is_err());
+    let fq = fq.set_range(&[-1.0], &[2.0]).unwrap();
+    assert_eq!(fq.observed_range(), Some((vec![-1.0], vec![2.0])));
+}
+
+#[test]
+fn training_saturates_infinity_as_evaluation_does() {
+    let device = flex().autodiff();
+    let fq = FakeQuantConfig::new(QuantSpec::default())
+        .init(&device)
+        .unwrap()
+        .set_range(&[-1.0], &[1.0])
+        .unwrap();
+    let fq = burn_qat::switches::freeze_observers(fq);
+    let x =
+        Tensor::<1>::from_floats([f32::INFINITY, f32::NEG_INFINITY, 0.5], &device).require_grad();
+    let y = fq.forward(x.clone());
+    let eval = fq.valid().forward(x.clone().inner());
+    let (train, eval) = (
+        y.clone().into_data().try_to_vec::<f32>().unwrap(),
+        eval.into_data().try_to_vec::<f32>().unwrap(),
+    );
+    assert!(train.iter().all(|v| v.is_finite()), "{train:?}");
+    assert_eq!(train, eval);
+    let grads = y.sum().backward();
+    let g = x
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    assert_eq!(g, [0.0, 0.0, 1.0], "saturated values pass no gradient");
+}
+
+#[test]
+fn pact_on_a_narrow_spec_keeps_zero_exact() {
+    let spec = QuantSpec::act_per_tensor_asymmetric(4).with_narrow_range(true);
+    let x = Tensor::<1>::from_floats([0.0, 0.3, 2.0], &flex());
+    let y = qt::fake_quant_pact(x, Tensor::from_floats([1.0], &flex()), &spec);
+    let y = y.into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(y[0], 0.0, "{y:?}");
+    assert_eq!(y[2], 1.0, "{y:?}");
+}
+
+#[test]
+fn ranges_wider_than_f32_max_give_the_representable_step() {
+    let spec = QuantSpec::int8_act_per_tensor_asymmetric();
+    let qp = qparams_from_range(-3e38, 3e38, &spec);
+    let want = 6e38f64 / 255.0;
+    assert!(((qp.scale as f64 - want) / want).abs() < 1e-6, "{qp:?}");
+    let (s, z) = qt::qparams(
+        Tensor::from_floats([-3e38], &flex()),
+        Tensor::from_floats([3e38], &flex()),
+        &spec,
+    );
+    assert_eq!(qt::to_qparams(&s, &z), vec![qp]);
+    let sym = QuantSpec::int8_weight_per_tensor_symmetric();
+    let qp = qparams_from_range(-3e38, 3e38, &sym);
+    assert!(
+        ((qp.scale as f64 - 3e38 / 127.0) / (3e38 / 127.0)).abs() < 1e-6,
+        "{qp:?}"
+    );
+    // Ordinary ranges keep their exact f32 step.
+    assert_eq!(qparams_from_range(-1.0, 1.0, &sym).scale, 2.0f32 / 254.0);
+    // qmin/qmax never overflow, whatever `bits` says.
+    for bits in [0, 1, 31, 32, 64, u32::MAX] {
+        let s = spec.with_bits(bits);
+        assert!(s.qmin() < s.qmax(), "{bits}");
+    }
+}
+
+#[test]
+fn broken_learned_ranges_are_repaired_not_propagated() {
+    let x = Tensor::<1>::from_floats([-1.0, 0.25, 3.0], &flex());
+    let spec = QuantSpec::int8_act_per_tensor_asymmetric();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let p = Tensor::<1>::from_floats([bad], &flex());
+        let outs = [
+            qt::fake_quant_lsq(x.clone(), p.clone(), None, &spec, 1.0),
+            qt::fake_quant_pact(x.clone(), p.clone(), &spec),
+            qt::fake_quant_min_max(
+                x.clone(),
+                p.clone(),
+                Tensor::from_floats([1.0], &flex()),
+                &spec,
+            ),
+        ];
+        for y in outs {
+            let y = y.into_data().try_to_vec::<f32>().unwrap();
+            assert!(y.iter().all(|v| v.is_finite()), "{bad}: {y:?}");
+        }
+    }
+}
+
+#[test]
+fn a_record_with_a_non_finite_range_is_refused() {
+    let device = flex();
+    let fq = FakeQuantConfig::new(QuantSpec::default())
+        .init(&device)
+        .unwrap();
+    let fq = fq.set_range(&[-1.0], &[1.0]).unwrap();
+    // Written past `set_range`, as a hand-edited record would be.
+    let poisoned = tree::fill(fq, |at| {
+        at.is("Struct:FakeQuant", "min")
+            .then_some(f32::NEG_INFINITY)
+    });
+    let record = poisoned.into_record();
+    let skeleton = FakeQuantConfig::new(QuantSpec::default())
+        .init(&device)
+        .unwrap();
+    let err = burn_qat::load_record(skeleton, record).unwrap_err();
+    assert!(
+        matches!(err, QatError::Record { .. }) && err.to_string().contains("-inf"),
+        "{err}"
+    );
+}
+
+fn linear_model(weight: Vec<i8>, bias: Vec<i32>) -> IntegerModel {
+    let g = Grid {
+        scale: 0.01,
+        zero_point: 0,
+        qmin: -128,
+        qmax: 127,
+    };
+    let shape = |n| vec![Dim::Batch(1), Dim::Fixed(n)];
+    let (inputs, outputs) = (weight.len() / bias.len().max(1), bias.len());
+    let input = IntNode {
+        name: "input".into(),
+        op: IntOp::Input,
+        inputs: vec![],
+        shape: shape(inputs),
+        grid: None,
+    };
+    let quant = IntNode {
+        name: "q".into(),
+        op: IntOp::Quantize(g),
+        inputs: vec![0],
+        shape: shape(inputs),
+        grid: Some(g),
+    };
+    let fc = IntNode {
+        name: "fc".into(),
+        op: IntOp::Linear(IntLinear {
+            in_features: inputs,
+            out_features: outputs,
+            weight_bits: 8,
+            weight_scale: vec![0.01; outputs],
+            weight,
+            bias,
+            input: g,
+            output: Output::Float {
+                scale: vec![1e-4; outputs],
+                lo: f32::NEG_INFINITY,
+                hi: f32::INFINITY,
+            },
+        }),
+        inputs: vec![1],
+        shape: shape(outputs),
+        grid: None,
+    };
+    IntegerModel::new(vec![input, quant, fc], 2)
+}
+
+#[test]
+fn an_accumulator_that_could_wrap_is_refused() {
+    // 4 inputs of at most |128| times weights 127, plus a bias near i32::MAX: could wrap.
+    let model = linear_model(vec![127; 4], vec![i32::MAX - 1000]);
+    let err = model.validate().unwrap_err();
+    assert!(err.to_string().contains("accumulator"), "{err}");
+    assert!(model.forward(&[100.0; 4]).is_err());
+    // With headroom it runs.
+    assert!(
+        linear_model(vec![127; 4], vec![1_000_000])
+            .forward(&[1.0; 4])
+            .is_ok()
+    );
+    // A linear layer with no outputs, a zero point outside the grid: refused, not run.
+    let mut empty = linear_model(vec![1; 4], vec![0]);
+    if let IntOp::Linear(l) = &mut empty.nodes[2].op {
+        (l.out_features, l.weight, l.bias, l.weight_scale) = (0, vec![], vec![], vec![]);
+        l.output = Output::Float {
+            scale: vec![],
+            lo: 0.0,
+            hi: 1.0,
+        };
+    }
+    empty.nodes[2].shape = vec![Dim::Batch(1), Dim::Fixed(0)];
+    assert!(
+        empty
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("without features")
+    );
+    let mut zp = linear_model(vec![1; 4], vec![0]);
+    if let IntOp::Quantize(g) = &mut zp.nodes[1].op {
+        g.zero_point = 128;
+    }
+    zp.nodes[1].grid = match &zp.nodes[1].op {
+        IntOp::Quantize(g) => Some(*g),
+        _ => None,
+    };
+    assert!(
+        zp.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("zero_point")
+    );
+}
+
+#[derive(Module, Debug)]
+struct Affine {
+    fc: Linear,
+}
+
+/// A QAT graph of one Linear with the given weights and bias, observed on inputs in [-1, 1].
+fn affine_graph(weight: f32, bias: f32) -> burn_qat::graph::QatGraph {
+    let device = flex().autodiff();
+    let mut fc = LinearConfig::new(4, 1).init(&device);
+    fc.weight = fc
+        .weight
+        .map(|w| w.ones_like().mul_scalar(weight).detach().require_grad());
+    fc.bias = fc
+        .bias
+        .map(|b| b.map(|t| t.ones_like().mul_scalar(bias).detach().require_grad()));
+    let model = Affine { fc };
+    let g = graph::prepare(
+        &model,
+        &[1, 4],
+        |m: &Affine, x: Tensor<2>| m.fc.forward(x),
+        &QatConfig::new(),
+    )
+    .unwrap();
+    let _: Tensor<2> =
+        g.forward(Tensor::<1>::from_floats([-1.0, 1.0, 0.5, -0.5], &device).reshape([1, 4]));
+    g.valid()
+}
+
+#[test]
+fn conversion_refuses_what_int32_cannot_hold() {
+    // s_in * s_w = (2 / 255) * (1 / 127): a bias just below i32::MAX in those units leaves no
+    // room for the sum of products (4 * 127 * 255).
+    let s = (2.0f64 / 255.0) as f32 as f64 * (1.0f64 / 127.0) as f32 as f64;
+    let bias = ((i32::MAX - 50_000) as f64 * s) as f32;
+    let err = burn_qat::export::convert(&affine_graph(1.0, bias)).unwrap_err();
+    assert!(err.to_string().contains("accumulator"), "{err}");
+    assert!(burn_qat::export::convert(&affine_graph(1.0, 0.5)).is_ok());
+    // NaN weights or bias: refused, saying so.
+    let err = burn_qat::export::convert(&affine_graph(f32::NAN, 0.5)).unwrap_err();
+    assert!(err.to_string().contains("NaN"), "{err}");
+    let err = burn_qat::export::convert(&affine_graph(1.0, f32::NAN)).unwrap_err();
+    assert!(
+        err.to_string().contains("NaN") && !err.to_string().contains("overflow"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_example_checks_its_settings_before_training() {
+    let good = mnist::RunConfig {
+        model: mnist::model::ModelKind::Bn,
+        device: "flex".into(),
+        seed: 1,
+        epochs_float: 1,
+        epochs_qat: 1,
+        batch_size: 32,
+        learning_rate: 1e-3,
+        train_limit: None,
+        test_limit: None,
+        weight_bits: 8,
+        activation_bits: 8,
+    };
+    assert!(good.validate().is_ok());
+    let cases: Vec<(&str, mnist::RunConfig)> = vec![
+        (
+            "--batch-size",
+            mnist::RunConfig {
+                batch_size: 0,
+                ..good.clone()
+            },
+        ),
+        (
+            "--lr",
+            mnist::RunConfig {
+                learning_rate: -1.0,
+                ..good.clone()
+            },
+        ),
+        (
+            "--lr",
+            mnist::RunConfig {
+                learning_rate: f64::NAN,
+                ..good.clone()
+            },
+        ),
+        (
+            "--test-limit",
+            mnist::RunConfig {
+                test_limit: Some(0),
+                ..good.clone()
+            },
+        ),
+        (
+            "--train-limit",
+            mnist::RunConfig {
+                train_limit: Some(0),
+                ..good.clone()
+            },
+        ),
+        (
+            "--weight-bits",
+            mnist::RunConfig {
+                weight_bits: 12,
+                ..good.clone()
+            },
+        ),
+        (
+            "--act-bits",
+            mnist::RunConfig {
+                activation_bits: 1,
+                ..good.clone()
+            },
+        ),
+        (
+            "device",
+            mnist::RunConfig {
+                device: "tpu".into(),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, config) in cases {
+        let err = config.validate().unwrap_err();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    assert!(
+        mnist::check_data_dir(file.path())
+            .unwrap_err()
+            .contains("--data-dir")
+    );
+    assert!(
+        mnist::check_out_dir(&file.path().join("sub"))
+            .unwrap_err()
+            .contains("--out")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert!(mnist::check_out_dir(&dir.path().join("new")).is_ok());
+}
+
+#[test]
+fn idx_files_gzipped_in_several_members_are_read_whole() {
+    use std::io::Write;
+    let mut idx = vec![0, 0, 8, 1, 0, 0, 0, 10];
+    idx.extend(0..10u8);
+    let member = |bytes: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("labels-idx1-ubyte.gz");
+    let mut two = member(&idx[..12]);
+    two.extend(member(&idx[12..]));
+    std::fs::write(&path, two).unwrap();
+    assert_eq!(
+        mnist::data::read_labels(&path).unwrap(),
+        (0..10u8).collect::<Vec<_>>()
+    );
+}
