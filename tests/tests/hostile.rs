@@ -20,7 +20,7 @@ fn mutated_models_never_panic_or_disagree() {
     // More cases: BURN_QAT_HOSTILE_CASES=100000 (and BURN_QAT_HOSTILE_SEED).
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let cases = env("BURN_QAT_HOSTILE_CASES").unwrap_or(4000) as usize;
-    let tally = run(
+    let tally = harness::run(
         cases,
         env("BURN_QAT_HOSTILE_SEED").unwrap_or(0x9E37_79B9_7F4A_7C15),
     );
