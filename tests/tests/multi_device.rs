@@ -2,7 +2,6 @@
 //! lockstep; the observers must end with the range one device observing each step's combined
 //! batch would have.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
@@ -21,9 +20,10 @@ use burn::train::{
 };
 use burn_qat::{FakeQuant, FakeQuantConfig, Observer, QuantSpec};
 
-/// Every batch a training step saw, by thread (one worker thread per device), in order.
+/// Every batch a training step saw, by thread (one worker thread per device, new threads each
+/// epoch), threads in the order they first trained.
 #[derive(Clone, Debug, Default)]
-struct Log(Arc<Mutex<BTreeMap<String, (ThreadId, Vec<Vec<f32>>)>>>);
+struct Log(Arc<Mutex<Vec<(ThreadId, Vec<Vec<f32>>)>>>);
 
 #[derive(Module, Debug)]
 struct Probe {
@@ -77,10 +77,10 @@ impl TrainStep for Probe {
         let id = std::thread::current().id();
         let x = batch.x.clone().into_data().try_to_vec::<f32>().unwrap();
         let mut log = self.log.0.lock().unwrap();
-        log.entry(format!("{id:?}"))
-            .or_insert((id, vec![]))
-            .1
-            .push(x);
+        match log.iter_mut().find(|(t, _)| *t == id) {
+            Some((_, batches)) => batches.push(x),
+            None => log.push((id, vec![x])),
+        }
         drop(log);
         let item = self.regress(batch);
         TrainOutput::new(self, item.loss.backward(), item)
@@ -138,15 +138,15 @@ fn range(fq: &FakeQuant) -> (f32, f32) {
     (lo[0], hi[0])
 }
 
-/// Trains `Probe` at learning rate 0 on two flex devices and checks every observer against one
-/// device observing each step's combined batch.
-fn run_two_devices(seed: u64) {
+/// Trains `Probe` at learning rate 0 on two flex devices for `epochs` epochs over `n` rows and
+/// checks every observer against one device observing each step's combined batch.
+fn run_two_devices(seed: u64, n: usize, epochs: usize) {
     let device = Device::flex().autodiff();
     let probe = Probe::new(&device);
     let log = probe.log.clone();
     let train = DataLoaderBuilder::new(RowBatcher)
         .batch_size(8)
-        .build(InMemDataset::new(rows(160, seed)));
+        .build(InMemDataset::new(rows(n, seed)));
     let valid = DataLoaderBuilder::new(RowBatcher)
         .batch_size(16)
         .build(InMemDataset::new(rows(16, seed + 1)));
@@ -154,7 +154,7 @@ fn run_two_devices(seed: u64) {
     let devices = vec![Device::flex(), Device::flex()];
     let result = SupervisedTraining::new(dir.path(), train, valid)
         .metrics((LossMetric::new(),))
-        .num_epochs(1)
+        .num_epochs(epochs)
         .with_training_strategy(
             ExecutionStrategy::multi(devices, MultiDeviceOptim::OptimMainDevice).into(),
         )
@@ -163,20 +163,28 @@ fn run_two_devices(seed: u64) {
 
     // The reference: one device, each step's batches concatenated.
     let log = log.0.lock().unwrap();
-    let per_thread: Vec<&Vec<Vec<f32>>> = log.values().map(|(_, v)| v).collect();
-    assert_eq!(per_thread.len(), 2, "one worker thread per device");
-    let steps = per_thread.iter().map(|v| v.len()).max().unwrap();
+    assert_eq!(
+        log.len(),
+        2 * epochs,
+        "one worker thread per device and epoch"
+    );
     let reference = Probe::new(&device);
-    for k in 0..steps {
-        let combined: Vec<f32> = per_thread
-            .iter()
-            .filter_map(|v| v.get(k))
-            .flatten()
-            .copied()
-            .collect();
-        let n = combined.len() / FEATURES;
-        let x = Tensor::<1>::from_floats(combined.as_slice(), &device).reshape([n, FEATURES]);
-        let _ = reference.forward(x);
+    let mut steps = 0;
+    for epoch in log.chunks(2) {
+        let per_thread: Vec<&Vec<Vec<f32>>> = epoch.iter().map(|(_, v)| v).collect();
+        for k in 0..per_thread.iter().map(|v| v.len()).max().unwrap() {
+            let combined: Vec<f32> = per_thread
+                .iter()
+                .filter_map(|v| v.get(k))
+                .flatten()
+                .copied()
+                .collect();
+            let rows = combined.len() / FEATURES;
+            let x =
+                Tensor::<1>::from_floats(combined.as_slice(), &device).reshape([rows, FEATURES]);
+            let _ = reference.forward(x);
+            steps += 1;
+        }
     }
     let mut wrong = vec![];
     for (name, got, want) in [
@@ -197,13 +205,20 @@ fn run_two_devices(seed: u64) {
 
 #[test]
 fn observers_see_every_replicas_batch() {
-    run_two_devices(7);
+    run_two_devices(7, 160, 1);
+}
+
+/// 161 rows split 80 / 81: the second device has one more (one-row) batch, so each epoch ends
+/// with a step of one replica; the next epoch's new worker threads start a new step.
+#[test]
+fn observers_see_every_replicas_batch_over_uneven_epochs() {
+    run_two_devices(9, 161, 3);
 }
 
 /// The combination does not depend on which replica's thread comes first: 20 runs, other data.
 #[test]
 fn observers_see_every_replicas_batch_repeatedly() {
     for seed in 0..20 {
-        run_two_devices(100 + seed);
+        run_two_devices(100 + seed, 160, 1);
     }
 }

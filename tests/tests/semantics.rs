@@ -572,3 +572,27 @@ fn fused_names_match_its_fields() {
         );
     }
 }
+
+#[test]
+fn fuse_batch_norms_on_a_clone_leaves_the_original() {
+    #[derive(Module, Debug)]
+    struct Two {
+        fc: Linear,
+        bn: burn::nn::BatchNorm,
+    }
+    let device = backends()[0].device.clone().autodiff();
+    let two = Two {
+        fc: LinearConfig::new(3, 2).init(&device),
+        bn: BatchNormConfig::new(2).init(&device),
+    };
+    // Running statistics that are not the identity.
+    let _ = two.bn.forward(Tensor::<2>::random(
+        [8, 2],
+        Distribution::Normal(2.0, 3.0),
+        &device,
+    ));
+    let before = snapshot(&two);
+    let folded = burn_qat::transform::fuse_batch_norms(two.clone(), &[("fc", "bn")], 1e-5).unwrap();
+    assert_eq!(snapshot(&two), before);
+    assert_ne!(snapshot(&folded), before);
+}

@@ -212,22 +212,25 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
 struct Averager {
     out: Grid,
     ratio: f64,
-    by_count: Vec<Option<FixedMultiplier>>,
+    /// Multipliers by window count, made on first use (a window has few distinct counts).
+    by_count: std::collections::HashMap<usize, FixedMultiplier>,
 }
 
 impl Averager {
-    fn new(input: &Grid, out: &Grid, max_count: usize) -> Self {
+    fn new(input: &Grid, out: &Grid, _max_count: usize) -> Self {
         Self {
             out: *out,
             ratio: input.scale as f64 / out.scale as f64,
-            by_count: vec![None; max_count + 1],
+            by_count: Default::default(),
         }
     }
 
     fn apply(&mut self, sum: i32, count: usize) -> i8 {
         let ratio = self.ratio;
-        let m = *self.by_count[count]
-            .get_or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
+        let m = *self
+            .by_count
+            .entry(count)
+            .or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
         (m.apply(sum).saturating_add(self.out.zero_point)).clamp(self.out.qmin, self.out.qmax) as i8
     }
 }

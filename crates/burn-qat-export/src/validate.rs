@@ -30,6 +30,22 @@ fn clamp_ok(lo: i32, hi: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// A clamp that keeps values on the output grid (the next layer's accumulator bound assumes
+/// its inputs are).
+fn within(lo: i32, hi: i32, g: &Grid) -> Result<(), String> {
+    if lo < g.qmin || hi > g.qmax {
+        return Err(format!(
+            "clamp [{lo}, {hi}] leaves the output grid [{}, {}]",
+            g.qmin, g.qmax
+        ));
+    }
+    Ok(())
+}
+
+/// Largest number of 8-bit differences `q - zp` (each at most 255 in magnitude) an int32 sum
+/// of a pooling window or reduction may add up.
+const MAX_SUM_TERMS: usize = (i32::MAX / 255) as usize;
+
 /// The largest `|accumulator|` any output channel can reach: `|bias| + sum |w| * max |q - zp|`
 /// over the input grid's integers. Every partial sum is bounded by it too.
 pub(crate) fn accumulator_bound(
@@ -95,6 +111,7 @@ fn output_ok(o: &Output, channels: usize) -> Result<(), String> {
                 ));
             }
             clamp_ok(*lo, *hi)?;
+            within(*lo, *hi, grid)?;
         }
         Output::Float { scale, lo, hi } => {
             if scale.len() != channels {
@@ -244,6 +261,54 @@ fn window_ok(
     Ok(())
 }
 
+/// What a kernel allocates or sums for input shape `s` (batch 1) stays bounded: the padded
+/// image a convolution builds (and indexes with i32 offsets), and the int32 sums of pooling
+/// windows and reductions.
+fn resources_ok(op: &IntOp, s: &[usize]) -> Result<(), String> {
+    let padded_plane = |padding: [usize; 4]| -> Option<usize> {
+        let [_, _, h, w] = ops::nchw(s);
+        h.checked_add(padding[0] + padding[1])?
+            .checked_mul(w.checked_add(padding[2] + padding[3])?)
+    };
+    match op {
+        IntOp::Conv2d(c) if s.len() >= 3 => {
+            let image = padded_plane(c.padding).and_then(|p| p.checked_mul(c.in_channels));
+            if image.is_none_or(|v| v > i32::MAX as usize) {
+                return Err(format!(
+                    "the padded input ({} channels of {s:?} with padding {:?}) is above {} values",
+                    c.in_channels,
+                    c.padding,
+                    i32::MAX
+                ));
+            }
+        }
+        IntOp::AvgPool { window: w, .. }
+            if w.kernel[0].saturating_mul(w.kernel[1]) > MAX_SUM_TERMS =>
+        {
+            return Err(format!(
+                "an average over a {:?} window sums more than {MAX_SUM_TERMS} values in int32",
+                w.kernel
+            ));
+        }
+        IntOp::AdaptiveAvgPool { .. } if s.len() >= 3 => {
+            let [_, _, h, w] = ops::nchw(s);
+            if h.saturating_mul(w) > MAX_SUM_TERMS {
+                return Err(format!(
+                    "adaptive pooling of {h} x {w} planes can sum more than {MAX_SUM_TERMS} values in int32"
+                ));
+            }
+        }
+        IntOp::Reduce { axis, .. } if s.get(*axis).is_some_and(|n| *n > MAX_SUM_TERMS) => {
+            return Err(format!(
+                "a reduction over {} values sums more than {MAX_SUM_TERMS} values in int32",
+                s[*axis]
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Multiply-adds (or window reads) per output value of node `op`.
 fn work_per_value(op: &IntOp) -> usize {
     match op {
@@ -286,7 +351,10 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
     let arity = match op {
         IntOp::Input => 0,
         IntOp::Add(_) | IntOp::Mul(_) => 2,
-        IntOp::Concat { requantize, .. } => requantize.len().max(1),
+        IntOp::Concat { requantize, .. } if requantize.is_empty() => {
+            return Err("a concatenation of no inputs".into());
+        }
+        IntOp::Concat { requantize, .. } => requantize.len(),
         _ => 1,
     };
     if n_inputs != arity {
@@ -377,6 +445,12 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 ));
             }
             clamp_ok(a.lo, a.hi)?;
+            within(a.lo, a.hi, &a.out)?;
+            // The rescaled sum must fit i64 after the shift (and an int8 before the clamp).
+            let reach = (a.ma.unsigned_abs() as u128 + a.mb.unsigned_abs() as u128) * 256;
+            if reach >> a.shift > i32::MAX as u128 {
+                return Err("fixed-point add multipliers too large for their shift".into());
+            }
         }
         IntOp::Mul(m) => {
             for g in [&m.a, &m.b, &m.out] {
@@ -386,6 +460,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
                 return Err("multiplier out of range".into());
             }
             clamp_ok(m.lo, m.hi)?;
+            within(m.lo, m.hi, &m.out)?;
         }
         IntOp::ChannelLut { lut, channels } => {
             if *channels == 0 || channels.checked_mul(256) != Some(lut.table.len()) {
@@ -509,6 +584,9 @@ impl IntegerModel {
                 }
                 shapes[b].push(got);
             }
+            if let Some(j) = node.inputs.first() {
+                resources_ok(&node.op, &shapes[0][*j]).map_err(|e| fail(i, e))?;
+            }
             let values: usize = shapes[0][i].iter().product();
             let work = values.saturating_mul(work_per_value(&node.op));
             total_work = total_work.saturating_add(work);
@@ -596,6 +674,17 @@ impl IntegerModel {
                     .collect(),
                 _ => vec![],
             };
+            if let IntOp::Concat { requantize, .. } = &node.op
+                && requantize
+                    .iter()
+                    .flatten()
+                    .any(|t| Some(t.output) != node.grid)
+            {
+                return Err(fail(
+                    i,
+                    "a requantization table does not map to the concatenation's grid".into(),
+                ));
+            }
             for (k, g) in expected_inputs {
                 if reads(k) != Some(g) {
                     return Err(fail(

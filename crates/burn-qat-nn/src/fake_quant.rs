@@ -163,8 +163,9 @@ struct StepSync(std::sync::Arc<std::sync::Mutex<StepState>>);
 struct StepState {
     /// Threads that observed in this step.
     contributors: Vec<std::thread::ThreadId>,
-    /// How many threads observed in the previous step (`None` before one ended).
-    expected: Option<usize>,
+    /// The threads of the last complete step (`None` before one ended, or after a new set of
+    /// threads came).
+    known: Option<Vec<std::thread::ThreadId>>,
     /// `[min, max, observed]` as stored before this step.
     base: Option<[Tensor<1>; 3]>,
     /// Min of the replicas' batch minima, max of their maxima, so far in this step.
@@ -269,8 +270,10 @@ impl FakeQuant {
     /// the stored range is the observer rule applied once to the min of their minima and the
     /// max of their maxima, what one device observing the combined batch would store. A step
     /// ends when a thread that already contributed to it observes again (on one device: every
-    /// call), or when it has as many contributions as the previous step had. Each replica's
-    /// forward uses the range as it stands after its own contribution.
+    /// call), when it has as many threads as the last complete step, or when a thread that was
+    /// not in that step comes (new worker threads, a new epoch). Each replica's forward uses the
+    /// range as it stands after its own contribution. A quantizer called twice in one forward
+    /// counts as two steps, on one device as on several.
     pub fn observe<const D: usize>(&self, input: &Tensor<D>) {
         let device = self.min.value().device();
         let (bmin, bmax) = tensor::min_max(input.clone(), self.spec.granularity);
@@ -278,11 +281,22 @@ impl FakeQuant {
         // One thread at a time: the step's bookkeeping and the state cells change together.
         let mut step = self.step.lock();
         let me = std::thread::current().id();
-        let full = step.expected.is_some_and(|n| step.contributors.len() >= n);
-        if step.base.is_none() || full || step.contributors.contains(&me) {
-            if !step.contributors.is_empty() {
-                step.expected = Some(step.contributors.len());
-            }
+        // A step ends when a thread that already observed in it observes again, when it has as
+        // many threads as the last complete step, or when a thread that was not in that step
+        // comes (burn-train starts new worker threads every epoch; an epoch's last step may
+        // have fewer replicas).
+        let repeat = step.contributors.contains(&me);
+        let known = step.known.as_ref();
+        let stranger = known.is_some_and(|k| !k.contains(&me));
+        let full = known.is_some_and(|k| step.contributors.len() >= k.len());
+        if step.base.is_none() || repeat || stranger || full {
+            step.known = if stranger {
+                None
+            } else if step.contributors.is_empty() {
+                step.known.take()
+            } else {
+                Some(std::mem::take(&mut step.contributors))
+            };
             step.contributors.clear();
             step.combined = None;
             step.base = Some([

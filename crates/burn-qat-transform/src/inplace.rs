@@ -145,7 +145,8 @@ pub fn fuse_batch_norms<M: Module>(
         );
     }
     let bns: Vec<String> = pairs.iter().map(|(_, bn)| bn.to_string()).collect();
-    Ok(model.map(&mut Replace {
+    // BatchNorm statistics are shared by clones: give the result its own state.
+    Ok(tree::own_state(model).map(&mut Replace {
         stack: vec![],
         updates,
         weight_updates,

@@ -94,7 +94,7 @@ impl Kitchen {
 
 const DIMS: [usize; 4] = [1, 2, 8, 8];
 
-fn kitchen_model() -> IntegerModel {
+pub fn kitchen_model() -> IntegerModel {
     let device = burn_qat::backend::device("flex").unwrap().autodiff();
     device.seed(17);
     let model = Kitchen::new(&device);
@@ -299,6 +299,11 @@ fn mutate_bytes(bytes: &mut [u8], rng: &mut Rng) -> String {
     format!("byte {i}: {old:#04x} -> {:#04x}", bytes[i])
 }
 
+thread_local! {
+    /// Messages of the panics caught on the harness thread, latest last.
+    static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Default)]
 pub struct Tally {
     pub cases: usize,
@@ -328,7 +333,10 @@ fn exercise(model: &IntegerModel, what: &str, input: &[f32], tally: &mut Tally) 
     }));
     tally.slowest = tally.slowest.max(start.elapsed());
     match result {
-        Err(_) => tally.findings.push(format!("panic: {what}")),
+        Err(_) => {
+            let message = PANICS.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+            tally.findings.push(format!("panic: {what} -- {message}"));
+        }
         Ok((fast, reference, again)) => {
             match (&fast, &reference) {
                 (Ok(f), Ok(r))
@@ -365,12 +373,27 @@ pub fn run(cases: usize, seed: u64) -> Tally {
     let input: Vec<f32> = (0..2 * 2 * 8 * 8)
         .map(|i| ((i * 37 % 101) as f32 / 25.0) - 2.0)
         .collect();
-    // Panics are the findings: keep the test output readable.
-    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
-    let hook = std::panic::take_hook();
-    let sink = messages.clone();
+    // Panics are the findings: their messages go with them instead of into the output. Panics
+    // of other threads (other tests running beside this one) go to the usual hook.
+    let previous = Arc::new(std::panic::take_hook());
+    let forward = previous.clone();
+    let me = std::thread::current().id();
+    let workers = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = workers.clone();
     std::panic::set_hook(Box::new(move |info| {
-        sink.lock().unwrap().push(info.to_string());
+        let thread = std::thread::current();
+        if thread.id() == me {
+            PANICS.with(|p| p.borrow_mut().push(info.to_string()));
+        } else if thread
+            .name()
+            .is_some_and(|n| n != "main" && !n.contains("rayon"))
+        {
+            forward(info);
+        } else {
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(info.to_string());
+        }
     }));
     let mut tally = Tally::default();
     for case in 0..cases {
@@ -395,12 +418,15 @@ pub fn run(cases: usize, seed: u64) -> Tally {
             }
         }
     }
-    std::panic::set_hook(hook);
-    let messages = messages.lock().unwrap();
-    for (f, m) in tally.findings.iter_mut().zip(messages.iter()) {
-        if f.starts_with("panic") {
-            f.push_str(&format!(" -- {m}"));
-        }
+    drop(std::panic::take_hook());
+    let previous = Arc::try_unwrap(previous).unwrap_or_else(|_| Box::new(|_| {}));
+    std::panic::set_hook(previous);
+    let workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+    if !workers.is_empty() {
+        tally.findings.push(format!(
+            "panics on worker threads: {:?}",
+            &workers[..workers.len().min(5)]
+        ));
     }
     tally
 }

@@ -23,7 +23,8 @@ pub struct LayerSummary {
     pub frozen: bool,
     /// Whether its step size is learned (LSQ).
     pub learned: bool,
-    /// Current min and max of the float weight.
+    /// The range that quantizes the weight: the frozen range of a frozen weight quantizer, else
+    /// the float weight's current min and max.
     pub range: (f32, f32),
 }
 
@@ -203,6 +204,7 @@ pub fn summary<M: Module>(model: &M) -> QatSummary {
             let q = weights.get(&path);
             let lo = v.values.iter().copied().fold(f32::INFINITY, f32::min);
             let hi = v.values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let frozen_range = q.filter(|q| q.frozen).and_then(|q| hull(&q.range));
             LayerSummary {
                 layer_type: tree::short_type(v.at.holder().unwrap_or_default()).to_string(),
                 dims: v.dims,
@@ -210,7 +212,7 @@ pub fn summary<M: Module>(model: &M) -> QatSummary {
                 enabled: q.is_some_and(|q| q.enabled),
                 frozen: q.is_some_and(|q| q.frozen),
                 learned: q.is_some_and(|q| !q.learned.is_empty()),
-                range: (lo, hi),
+                range: frozen_range.unwrap_or((lo, hi)),
                 path,
             }
         })
