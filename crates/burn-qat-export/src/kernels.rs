@@ -7,8 +7,7 @@
 
 use rayon::prelude::*;
 use rten_gemm::{
-    BiasVector, ColOffsets, GemmExecutor, GemmInputA, GemmInputB, GemmOptions, Im2Col,
-    PackedBMatrix, QuantParams, RowOffsets,
+    BiasVector, GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix, QuantParams,
 };
 use rten_tensor::NdTensorView;
 
@@ -111,10 +110,11 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 }
 
 /// Convolution, fast path. Per image and group, `weights [cout_g, cin_g * kh * kw]` times the
-/// virtual im2col matrix `[cin_g * kh * kw, oh * ow]` of the image (rten-gemm builds its blocks
-/// while packing; the image is first padded with the input zero point), with the bias added by
-/// the GEMM: the result is `[cout, oh * ow]`, already NCHW, and each output channel is
-/// requantized as one contiguous row with one multiplier. Images run in parallel.
+/// im2col matrix `[cin_g * kh * kw, oh * ow]` of the image (built row by row with slice copies
+/// from the image padded with the input zero point; rten-gemm's own im2col gather through
+/// offsets cost three times the multiply-adds), with the bias added by the GEMM: the result is
+/// `[cout, oh * ow]`, already NCHW, and each output channel is requantized as one contiguous row
+/// with one multiplier. Images run in parallel.
 pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
     let plan = ConvPlan::new(c, shape);
     let per_image = c.out_channels * plan.p;
@@ -182,46 +182,6 @@ impl ConvPlan {
         }
     }
 
-    /// The im2col map: rows `(ic, ky, kx)` and columns `(oy, ox)` as offsets into a padded
-    /// `[cin_g, ph, pw]` image, padded to the kernel's steps with never-valid offsets.
-    fn offsets(&self, c: &IntConv2d, gemm: &GemmExecutor<u8, i8, i32>) -> (RowOffsets, ColOffsets) {
-        let (k, p, ph, pw) = (self.k, self.p, self.ph, self.pw);
-        let mut rows = RowOffsets {
-            chan: Vec::with_capacity(k),
-            y: Vec::with_capacity(k),
-            x: Vec::with_capacity(k),
-        };
-        for ic in 0..self.cin_g {
-            for ky in 0..c.kernel[0] {
-                for kx in 0..c.kernel[1] {
-                    rows.chan.push((ic * ph * pw) as i32);
-                    rows.y.push((ky * c.dilation[0] * pw) as i32);
-                    rows.x.push((kx * c.dilation[1]) as i32);
-                }
-            }
-        }
-        for _ in k..k.next_multiple_of(gemm.im2col_row_count_step()) {
-            rows.chan.push(i32::MAX);
-            rows.y.push(i32::MAX);
-            rows.x.push(i32::MAX);
-        }
-        let mut cols = ColOffsets {
-            y: Vec::with_capacity(p),
-            x: Vec::with_capacity(p),
-        };
-        for oy in 0..self.oh {
-            for ox in 0..self.ow {
-                cols.y.push((oy * c.stride[0] * pw) as i32);
-                cols.x.push((ox * c.stride[1]) as i32);
-            }
-        }
-        for _ in p..p.next_multiple_of(gemm.im2col_col_count_step()) {
-            cols.y.push(i32::MAX);
-            cols.x.push(i32::MAX);
-        }
-        (rows, cols)
-    }
-
     /// Runs every image (in parallel), handing each image's `[cout, p]` accumulators and its
     /// slice of `out` to `write`.
     fn run<T: Send>(
@@ -244,20 +204,16 @@ impl ConvPlan {
         let image_len = self.cin * self.h * self.w;
         if self.n == 1 {
             // One image: no hand-off to the thread pool (the GEMM still splits its blocks).
-            let offsets = with_gemm(|gemm| self.offsets(c, gemm));
             let mut acc = vec![0i32; per_image];
-            self.image(c, weights, x, &mut acc, &mut Vec::new(), &mut Some(offsets));
+            self.image(c, weights, x, &mut acc, &mut Vec::new(), &mut Vec::new());
             write(&acc, out);
             return;
         }
         out.par_chunks_mut(per_image).enumerate().for_each_init(
-            || {
-                let offsets = with_gemm(|gemm| self.offsets(c, gemm));
-                (vec![0i32; per_image], Vec::new(), Some(offsets))
-            },
-            |(acc, padded, offsets), (img, dst)| {
+            || (vec![0i32; per_image], Vec::new(), Vec::new()),
+            |(acc, padded, cols), (img, dst)| {
                 let image = &x[img * image_len..(img + 1) * image_len];
-                self.image(c, weights, image, acc, padded, offsets);
+                self.image(c, weights, image, acc, padded, cols);
                 write(acc, dst);
             },
         );
@@ -271,7 +227,7 @@ impl ConvPlan {
         image: &[i8],
         acc: &mut [i32],
         padded: &mut Vec<i8>,
-        offsets: &mut Option<(RowOffsets, ColOffsets)>,
+        cols: &mut Vec<i8>,
     ) {
         let [top, bottom, left, right] = c.padding;
         let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
@@ -292,21 +248,32 @@ impl ConvPlan {
         let b_zero = vec![zp; p];
         let a_zero = vec![128u8; self.cout_g];
         let group_len = self.cin_g * ph * pw;
+        let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
+        let (oh, ow) = (self.oh, self.ow);
         with_gemm(|gemm| {
             for g in 0..c.groups {
-                let (row_offsets, col_offsets) = offsets.take().expect("offsets are put back");
-                let im2col = Im2Col {
-                    image: NdTensorView::from_data(
-                        [self.cin_g, ph, pw],
-                        &image[g * group_len..(g + 1) * group_len],
-                    ),
-                    row_offsets,
-                    col_offsets,
-                    n_cols: p,
-                    n_rows: self.k,
-                    max_y_offset: ((ph - 1) * pw) as i32,
-                    max_x_offset: (pw - 1) as i32,
-                };
+                // The im2col rows `(ic, ky, kx)`, columns `(oy, ox)`.
+                let group = &image[g * group_len..(g + 1) * group_len];
+                cols.clear();
+                cols.resize(self.k * p, 0);
+                let mut rows = cols.chunks_exact_mut(p.max(1));
+                for ic in 0..self.cin_g {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let row = rows.next().expect("k rows of p columns");
+                            for (oy, out) in row.chunks_exact_mut(ow.max(1)).enumerate().take(oh) {
+                                let at = (ic * ph + oy * sh + ky * dh) * pw + kx * dw;
+                                if sw == 1 {
+                                    out.copy_from_slice(&group[at..at + ow]);
+                                } else {
+                                    for (ox, v) in out.iter_mut().enumerate() {
+                                        *v = group[at + ox * sw];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
                 let groups = g * self.cout_g..(g + 1) * self.cout_g;
                 gemm.gemm(
                     &mut acc[groups.start * p..groups.end * p],
@@ -314,7 +281,7 @@ impl ConvPlan {
                         [self.cout_g, self.k],
                         &weights[groups.start * self.k..groups.end * self.k],
                     )),
-                    GemmInputB::Im2Col(&im2col),
+                    GemmInputB::Unpacked(NdTensorView::from_data([self.k, p], &cols[..])),
                     GemmOptions {
                         bias: Some(BiasVector::Column(&c.bias[groups])),
                         a_quant: Some(QuantParams {
@@ -327,7 +294,6 @@ impl ConvPlan {
                     },
                 )
                 .expect("shapes are consistent by construction");
-                *offsets = Some((im2col.row_offsets, im2col.col_offsets));
             }
         });
     }
