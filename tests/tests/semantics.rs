@@ -596,3 +596,21 @@ fn fuse_batch_norms_on_a_clone_leaves_the_original() {
     assert_eq!(snapshot(&two), before);
     assert_ne!(snapshot(&folded), before);
 }
+
+#[test]
+fn a_hand_built_per_channel_weight_quantizer_freezes_too() {
+    let device = backends()[0].device.clone().autodiff();
+    // Built by hand with the default `channels` (1) for a per-channel spec.
+    let wfq = burn_qat::WeightFakeQuantConfig::new(QuantSpec::int8_weight_per_channel_symmetric(0))
+        .init(&device)
+        .unwrap();
+    let wfq = switches::freeze_observers(wfq);
+    let w = Tensor::<2>::random([3, 4], Distribution::Normal(0.0, 1.0), &device);
+    let q = wfq.qparams_for(w.clone());
+    assert_eq!(q.len(), 3);
+    assert_eq!(
+        wfq.qparams_for(w.mul_scalar(5.0)),
+        q,
+        "the frozen per-channel range holds"
+    );
+}

@@ -14,7 +14,8 @@ pub struct WeightFakeQuantConfig {
     #[config(default = true)]
     pub enabled: bool,
     /// Output channels of the weight along the spec's axis (1 for per-tensor specs): the size
-    /// of the range kept while the quantizer is frozen.
+    /// of the range kept while the quantizer is frozen, so that a skeleton's record matches a
+    /// frozen model's. `quantize`, fused layers and graph mode set it.
     #[config(default = 1)]
     pub channels: usize,
 }
@@ -191,7 +192,9 @@ impl WeightFakeQuant {
             );
         }
         let (min, max) = tensor::min_max(weight, self.spec.granularity);
-        if frozen && min.dims() == self.min.value().dims() {
+        // Captured whatever `channels` said (a hand-built per-channel quantizer left at the
+        // default 1 still freezes; its record then has the weight's channel count).
+        if frozen {
             let state = self.min.value().device();
             self.min.update(min.clone().detach().to_device(&state));
             self.max.update(max.clone().detach().to_device(&state));
