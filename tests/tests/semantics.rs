@@ -481,7 +481,17 @@ fn summary_reads_the_model() {
         &QatConfig::new().with_layer("head", WeightQuant::per_channel_bits(4)),
     )
     .unwrap();
-    let report = summary(&g);
+    let report = graph::summary(&g);
+    let paths: Vec<&str> = report.layers.iter().map(|l| l.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "a_rather_long_field_name_for_the_projection.weight",
+            "head.weight"
+        ],
+        "{report}"
+    );
+    assert!(summary(&g).layers[0].path.starts_with("layers."));
     let quantized: Vec<u32> = report
         .layers
         .iter()

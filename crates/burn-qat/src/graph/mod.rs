@@ -105,3 +105,65 @@ where
         .collect();
     prepare::prepare_graph(float, &by_id, config, &device)
 }
+
+/// [`model::summary`](crate::model::summary) of a graph, with *your* module paths: the graph's
+/// own paths (`layers.3.Linear.layer.weight`, `layers.4.Quant.Observed`) become the names of the
+/// nodes that use those layers (`fc1.weight`, `fc1/output`), as in [`QatGraph::plan`].
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::prelude::*;
+/// use burn_qat::graph;
+/// use burn_qat::model::QatConfig;
+///
+/// #[derive(Module, Debug)]
+/// struct Net { encoder: Linear, head: Linear }
+///
+/// let device = Device::flex().autodiff();
+/// let net = Net { encoder: LinearConfig::new(4, 8).init(&device), head: LinearConfig::new(8, 2).init(&device) };
+/// let run = |m: &Net, x: Tensor<2>| m.head.forward(m.encoder.forward(x));
+/// let g = graph::prepare(&net, &[1, 4], run, &QatConfig::new()).unwrap();
+/// let report = graph::summary(&g);
+/// let paths: Vec<&str> = report.layers.iter().map(|l| l.path.as_str()).collect();
+/// assert_eq!(paths, ["encoder.weight", "head.weight"]);
+/// ```
+pub fn summary(graph: &QatGraph) -> crate::model::QatSummary {
+    let names: HashMap<usize, &str> = graph
+        .program
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            Op::Layer { index, .. } => Some((index, n.name.as_str())),
+            _ => None,
+        })
+        .collect();
+    // `layers.<index>.<variant>[.<rest>]` -> `<name>[.<rest>]`, the fused layer's own `layer.`
+    // level dropped (`.layer.weight` -> `.weight`).
+    let rename = |path: &str| -> String {
+        let mut parts = path.splitn(4, '.');
+        let (Some("layers"), Some(index), Some(_variant)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return path.to_string();
+        };
+        let Some(name) = index.parse::<usize>().ok().and_then(|i| names.get(&i)) else {
+            return path.to_string();
+        };
+        match parts.next() {
+            None | Some("Observed") | Some("Learned") => name.to_string(),
+            Some(rest) => {
+                let layer = format!("{}.", burn_qat_transform::Fused::<()>::LAYER);
+                format!("{name}.{}", rest.strip_prefix(&layer).unwrap_or(rest))
+            }
+        }
+    };
+    let mut report = crate::model::summary(graph);
+    for l in &mut report.layers {
+        l.path = rename(&l.path);
+    }
+    for a in &mut report.activations {
+        a.path = rename(&a.path);
+    }
+    report
+}
