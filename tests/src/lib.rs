@@ -69,3 +69,15 @@ pub fn cases(backend: &Backend, cpu: u32) -> u32 {
         cpu
     }
 }
+
+/// A deterministic stream of values in `[-1, 1)` (a 64-bit LCG): test data that is the same on
+/// every run and machine.
+pub fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+}

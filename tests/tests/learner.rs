@@ -89,13 +89,7 @@ learner_steps!(Net);
 
 fn items(n: usize, seed: u64) -> Vec<Item> {
     // Deterministic pseudo-random points; the class is the sign pattern of two projections.
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    };
+    let mut next = burn_qat_tests::uniform(seed);
     (0..n)
         .map(|_| {
             let x: [f32; 8] = std::array::from_fn(|_| next());

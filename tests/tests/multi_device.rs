@@ -118,13 +118,7 @@ impl Batcher<[f32; FEATURES], Batch> for RowBatcher {
 /// Rows whose extremes move around: each batch has its own range, and some extremes appear in
 /// one replica's batch only.
 fn rows(n: usize, seed: u64) -> Vec<[f32; FEATURES]> {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    };
+    let mut next = burn_qat_tests::uniform(seed);
     (0..n)
         .map(|i| {
             let spread = 1.0 + (i % 7) as f32 * (1.0 + (i % 3) as f32);

@@ -282,14 +282,6 @@ fn resources_ok(op: &IntOp, s: &[usize]) -> Result<(), String> {
                 ));
             }
         }
-        IntOp::AvgPool { window: w, .. }
-            if w.kernel[0].saturating_mul(w.kernel[1]) > MAX_SUM_TERMS =>
-        {
-            return Err(format!(
-                "an average over a {:?} window sums more than {MAX_SUM_TERMS} values in int32",
-                w.kernel
-            ));
-        }
         IntOp::AdaptiveAvgPool { .. } if s.len() >= 3 => {
             let [_, _, h, w] = ops::nchw(s);
             if h.saturating_mul(w) > MAX_SUM_TERMS {
@@ -482,6 +474,12 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
             window: w, input, ..
         } => {
             window_ok(w.kernel, w.stride, w.padding, w.dilation)?;
+            if w.kernel[0].saturating_mul(w.kernel[1]) > MAX_SUM_TERMS {
+                return Err(format!(
+                    "an average over a {:?} window sums more than {MAX_SUM_TERMS} values in int32",
+                    w.kernel
+                ));
+            }
             grid_ok(input, "input")?;
         }
         IntOp::AdaptiveAvgPool { output, input } => {

@@ -251,16 +251,8 @@ impl FakeQuant {
     }
 
     /// `[enabled, observed, frozen]`, read from the device in one transfer.
-    pub(crate) fn switches(&self) -> [bool; 3] {
-        let device = self.enabled.value().device();
-        let states =
-            [&self.enabled, &self.observed, &self.frozen].map(|s| s.value().to_device(&device));
-        let v = Tensor::cat(states.to_vec(), 0)
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default();
-        [0, 1, 2].map(|i| v.get(i).is_some_and(|x| *x > 0.5))
+    fn switches(&self) -> [bool; 3] {
+        crate::tree::read_flags([&self.enabled, &self.observed, &self.frozen])
     }
 
     /// Updates the observed range with `input`, whatever the mode.
@@ -368,12 +360,7 @@ impl FakeQuant {
         if !self.is_observed() {
             return None;
         }
-        let read = |t: Tensor<1>| {
-            t.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap_or_default()
-        };
+        let read = crate::tree::to_vec::<1>;
         Some((read(self.min.value()), read(self.max.value())))
     }
 

@@ -177,10 +177,12 @@ impl LearnedFakeQuant {
     /// - input: any shape (`channels` along the spec's axis for per-channel LSQ)
     /// - output: same as input
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        if !self.is_learning() {
+        // The phase and the observer's switches in one host read.
+        let o = &self.observer;
+        let [learning, enabled, frozen] = tree::read_flags([&self.learning, &o.enabled, &o.frozen]);
+        if !learning {
             return self.observer.forward(input);
         }
-        let [enabled, _, frozen] = self.observer.switches();
         if !enabled {
             return input;
         }
@@ -215,12 +217,7 @@ impl LearnedFakeQuant {
         if !self.is_learning() {
             return self.observer.qparams().map(|q| (self.spec, q));
         }
-        let read = |t: Tensor<1>| -> Vec<f32> {
-            t.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap_or_default()
-        };
+        let read = tree::to_vec::<1>;
         let (qmin, qmax) = (self.spec.qmin(), self.spec.qmax());
         Some(match self.method {
             LearnedRange::Lsq | LearnedRange::LsqPlus => {

@@ -154,6 +154,17 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
+/// One-value flags (`[1]` states such as `enabled`, `frozen`), read from the device in one
+/// transfer (a single sync on GPU backends): `true` where the value is above 0.5.
+pub fn read_flags<const N: usize>(
+    states: [&burn::module::RunningState<Tensor<1>>; N],
+) -> [bool; N] {
+    let device = states[0].value().device();
+    let values = states.map(|s| s.value().to_device(&device));
+    let v = to_vec(Tensor::cat(values.to_vec(), 0));
+    std::array::from_fn(|i| v.get(i).is_some_and(|x| *x > 0.5))
+}
+
 /// Visits every float tensor of `model` and returns those `wanted` selects, with their values.
 pub fn read<M: Module>(model: &M, wanted: impl FnMut(&TreePath) -> bool) -> Vec<Visited> {
     struct Reader<F> {

@@ -116,7 +116,7 @@ impl ModuleDisplay for WeightFakeQuant {
         let range = if self.scale.is_some() {
             "learned step".to_string()
         } else if frozen && observed {
-            let read = |t: Tensor<1>| crate::tree::to_vec(t);
+            let read = crate::tree::to_vec::<1>;
             crate::tree::describe_range(Some((read(self.min.value()), read(self.max.value()))))
         } else {
             "the weight's own min/max".to_string()
@@ -164,11 +164,7 @@ impl WeightFakeQuant {
 
     /// `[enabled, frozen, observed]`, read from the device in one transfer.
     fn switches(&self) -> [bool; 3] {
-        let device = self.enabled.value().device();
-        let states =
-            [&self.enabled, &self.frozen, &self.observed].map(|s| s.value().to_device(&device));
-        let v = crate::tree::to_vec(Tensor::cat(states.to_vec(), 0));
-        [0, 1, 2].map(|i| v.get(i).is_some_and(|x| *x > 0.5))
+        crate::tree::read_flags([&self.enabled, &self.frozen, &self.observed])
     }
 
     /// The range that quantizes `weight`: the frozen one when there is one, else the weight's
@@ -233,13 +229,7 @@ impl WeightFakeQuant {
     /// one, else the weight's own.
     pub fn range_for<const D: usize>(&self, weight: Tensor<D>) -> (Vec<f32>, Vec<f32>) {
         let (min, max) = self.range_of(weight);
-        let read = |t: Tensor<1>| {
-            t.into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap_or_default()
-        };
-        (read(min), read(max))
+        (crate::tree::to_vec(min), crate::tree::to_vec(max))
     }
 }
 
