@@ -190,22 +190,19 @@ fn unsupported_layers_and_unrepresentable_values_name_the_path() {
 }
 
 fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
+    // Channel counts on both sides of the fast path's choices (channel words need stride 1 and
+    // a multiple of 4 or at least 16 channels per group), output channels across tile rows (8)
+    // and images across tile columns (48 lanes), rectangular kernels, strides and padding.
     (
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        1usize..3,
-        1usize..3,
-        0usize..2,
-        4usize..9,
-        -128i32..128,
+        (1usize..4, 1usize..4, prop::sample::select(vec![1usize, 2, 3, 4, 5, 8, 16, 17]), 1usize..20),
+        (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
+        (proptest::array::uniform4(0usize..3), 4usize..20, -128i32..128),
     )
-        .prop_flat_map(|(n, g, cin_g, cout_g, k, stride, dil, pad, hw, zp)| {
+        .prop_flat_map(|((n, g, cin_g, cout_g), (kh, kw, sh, sw, dil), (pad, hw, zp))| {
+            let k = [kh, kw];
             let cin = g * cin_g;
             let cout = g * cout_g;
-            let wlen = cout * cin_g * k * k;
+            let wlen = cout * cin_g * kh * kw;
             (
                 proptest::collection::vec(any::<i8>(), wlen),
                 proptest::collection::vec(-5000i32..5000, cout),
@@ -243,10 +240,10 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         in_channels: cin,
                         out_channels: cout,
                         groups: g,
-                        kernel: [k, k],
-                        stride: [stride, stride],
+                        kernel: k,
+                        stride: [sh, sw],
                         dilation: [dil, dil],
-                        padding: [pad, pad, pad, pad],
+                        padding: pad,
                         weight,
                         weight_bits: 8,
                         weight_scale: vec![0.01; cout],
@@ -254,13 +251,12 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
                         input: input_q,
                         output,
                     };
-                    let fits = hw + 2 * pad > dil * (k - 1);
-                    let oh = if fits {
-                        (hw + 2 * pad - dil * (k - 1) - 1) / stride + 1
-                    } else {
-                        0
+                    let len = |pad: usize, k: usize, s: usize| {
+                        (hw + pad > dil * (k - 1)).then(|| (hw + pad - dil * (k - 1) - 1) / s + 1)
                     };
-                    let out = [cout, oh, oh];
+                    let (oh, ow) = (len(pad[0] + pad[1], kh, sh), len(pad[2] + pad[3], kw, sw));
+                    let fits = oh.is_some() && ow.is_some();
+                    let out = [cout, oh.unwrap_or(0), ow.unwrap_or(0)];
                     let model = single_op(&[cin, hw, hw], input_q, IntOp::Conv2d(conv), &out);
                     (model, input, fits)
                 })
@@ -306,7 +302,8 @@ fn single_op(input: &[usize], input_q: Grid, op: IntOp, out: &[usize]) -> Intege
 
 /// A random integer linear layer (batch 1 takes the GEMV path, larger batches packed weights).
 fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
-    (1usize..5, 1usize..70, 1usize..40, -128i32..128).prop_flat_map(|(n, fin, fout, zp)| {
+    // Rows across tile rows (8), outputs across one-row tiles (128 lanes).
+    (1usize..20, 1usize..70, 1usize..150, -128i32..128).prop_flat_map(|(n, fin, fout, zp)| {
         (
             proptest::collection::vec(any::<i8>(), fin * fout),
             proptest::collection::vec(-5000i32..5000, fout),
@@ -359,7 +356,10 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn fast_conv_equals_scalar_reference((model, input) in conv_case()) {
+    fn fast_conv_equals_scalar_reference((model, input) in conv_case(), portable in any::<bool>()) {
+        // Both implementations of the integer product (the choice is per process: cases
+        // running in parallel may flip it, and both give the same bits).
+        burn_qat::export::kernels::force_portable(portable);
         // Twice: the second forward runs on the weights packed by the first.
         let reference = model.forward_reference(&input).unwrap();
         prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
@@ -367,7 +367,8 @@ proptest! {
     }
 
     #[test]
-    fn fast_linear_equals_scalar_reference((model, input) in linear_case()) {
+    fn fast_linear_equals_scalar_reference((model, input) in linear_case(), portable in any::<bool>()) {
+        burn_qat::export::kernels::force_portable(portable);
         let reference = model.forward_reference(&input).unwrap();
         prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
         prop_assert_eq!(&model.forward(&input[..model.input_shape()[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]]);
@@ -701,4 +702,70 @@ fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
     save(&int, &ok, &OnnxOptions { opset: 21 }).unwrap();
     let back = decode_model(&std::fs::read(&ok).unwrap()).unwrap();
     assert_eq!(back.opset_import[0].version, Some(21));
+}
+
+/// Layers large enough that one image (or one row) is split across threads, on both
+/// implementations of the integer product: equal to the scalar reference.
+#[test]
+fn large_layers_split_across_threads_equal_scalar_reference() {
+    let mut r = burn_qat_tests::uniform(17);
+    let mut bytes = |n: usize| -> Vec<i8> { (0..n).map(|_| (r() * 127.0) as i8).collect() };
+    let grid = |zero_point| Grid {
+        scale: 0.05,
+        zero_point,
+        qmin: -128,
+        qmax: 127,
+    };
+    let quantized = |n: usize| Output::Quantized {
+        grid: grid(-5),
+        requant: (0..n)
+            .map(|i| FixedMultiplier::new(0.0002 + i as f64 * 1e-5))
+            .collect(),
+        lo: -128,
+        hi: 127,
+    };
+    let (cin, cout, hw) = (16, 40, 24);
+    let conv = IntConv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups: 1,
+        kernel: [3, 3],
+        stride: [1, 1],
+        dilation: [1, 1],
+        padding: [1, 1, 1, 1],
+        weight: bytes(cout * cin * 9),
+        weight_bits: 8,
+        weight_scale: vec![0.01; cout],
+        bias: (0..cout as i32).map(|i| i * 37 - 700).collect(),
+        input: grid(7),
+        output: quantized(cout),
+    };
+    let conv = single_op(&[cin, hw, hw], grid(7), IntOp::Conv2d(conv), &[cout, hw, hw]);
+    let (fin, fout) = (700, 500);
+    let linear = IntLinear {
+        in_features: fin,
+        out_features: fout,
+        weight: bytes(fin * fout),
+        weight_bits: 8,
+        weight_scale: vec![0.01; fout],
+        bias: (0..fout as i32).map(|i| 400 - i * 3).collect(),
+        input: grid(-20),
+        output: quantized(fout),
+    };
+    let linear = single_op(&[fin], grid(-20), IntOp::Linear(linear), &[fout]);
+    let mut r = burn_qat_tests::uniform(3);
+    let mut input = |n: usize| -> Vec<f32> { (0..n).map(|_| r() * 6.0).collect() };
+    let cases = [
+        (&conv, input(cin * hw * hw)),
+        (&conv, input(3 * cin * hw * hw)),
+        (&linear, input(fin)),
+        (&linear, input(37 * fin)),
+    ];
+    for portable in [false, true] {
+        burn_qat::export::kernels::force_portable(portable);
+        for (model, x) in &cases {
+            let reference = model.forward_reference(x).unwrap();
+            assert_eq!(model.forward(x).unwrap(), reference, "portable: {portable}");
+        }
+    }
 }

@@ -4,6 +4,7 @@
 
 use crate::model::{Grid, IntAdd, IntMul, Lut, Window, conv_output_len};
 use crate::requant::FixedMultiplier;
+use crate::kernels::for_each_chunk;
 
 /// Row-major strides of `shape`.
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -175,13 +176,47 @@ pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
 
 /// Max pooling without padding or dilation, one output row at a time: the column-wise max of
 /// the window's rows (contiguous, vectorized), then the max along each window's columns.
+/// Planes run in parallel in chunks when the tensor is large.
 fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
     let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
     let [n, c, h, wd] = nchw(shape);
     let [_, _, oh, ow] = nchw(&out_shape);
-    let (kernel, stride) = (w.kernel, w.stride);
     let mut out = vec![i8::MIN; n * c * oh * ow];
-    let mut rows_max = vec![i8::MIN; wd];
+    if out.is_empty() {
+        return out;
+    }
+    // Planes per chunk: about 64 KiB of input.
+    let planes = ((1 << 16) / (h * wd).max(1)).max(1);
+    for_each_chunk(&mut out, planes * oh * ow, |i, dst, rows_max: &mut Vec<i8>| {
+        let first = i * planes;
+        let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
+        rows_max.resize(wd, 0);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the feature was detected just above.
+            return unsafe { max_planes_avx2(w, src, [h, wd, oh, ow], rows_max, dst) };
+        }
+        max_planes(w, src, [h, wd, oh, ow], rows_max, dst)
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_planes_avx2(w: &Window, x: &[i8], dims: [usize; 4], rows: &mut [i8], out: &mut [i8]) {
+    max_planes(w, x, dims, rows, out)
+}
+
+/// [`max_pool_valid`] on whole planes `x` (`[.., h, wd]`) into `out` (`[.., oh, ow]`).
+#[inline(always)]
+fn max_planes(
+    w: &Window,
+    x: &[i8],
+    [h, wd, oh, ow]: [usize; 4],
+    rows_max: &mut [i8],
+    out: &mut [i8],
+) {
+    let (kernel, stride) = (w.kernel, w.stride);
     for (plane, dst_plane) in x.chunks(h * wd).zip(out.chunks_mut(oh * ow)) {
         for (oy, dst) in dst_plane.chunks_mut(ow).enumerate() {
             let first = oy * stride[0];
@@ -204,7 +239,6 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
             }
         }
     }
-    out
 }
 
 /// Requantizes `sum` of `count` values from `input` to `out`: `round(sum * s_in / (count *

@@ -144,51 +144,47 @@ impl IntegerModel {
         }
         last_use[self.output] = usize::MAX;
         let mut values: Vec<Option<Values>> = vec![None; self.nodes.len()];
-        // On a pool thread, so that the kernels' parallel loops split without a hand-off per node.
-        rayon::scope(|_| {
-            for (i, node) in self.nodes.iter().enumerate() {
-                // The shape rule of `validate`, at this batch size: the kernels rely on it.
-                let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
-                let ins: Vec<Vec<usize>> = node
-                    .inputs
-                    .iter()
-                    .map(|j| {
-                        values[*j]
-                            .as_ref()
-                            .map_or_else(Vec::new, |v| v.shape().to_vec())
-                    })
-                    .collect();
-                match infer(&node.op, &ins, &shape) {
-                    Ok(got) if got == shape => {}
-                    Ok(got) => {
-                        return Err(err(
-                            self,
-                            i,
-                            format!("computes {got:?}, declares {shape:?}"),
-                        ));
-                    }
-                    Err(e) => return Err(err(self, i, e)),
+        for (i, node) in self.nodes.iter().enumerate() {
+            // The shape rule of `validate`, at this batch size: the kernels rely on it.
+            let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
+            let ins: Vec<Vec<usize>> = node
+                .inputs
+                .iter()
+                .map(|j| {
+                    values[*j]
+                        .as_ref()
+                        .map_or_else(Vec::new, |v| v.shape().to_vec())
+                })
+                .collect();
+            match infer(&node.op, &ins, &shape) {
+                Ok(got) if got == shape => {}
+                Ok(got) => {
+                    return Err(err(
+                        self,
+                        i,
+                        format!("computes {got:?}, declares {shape:?}"),
+                    ));
                 }
-                // A reshape of a value nobody else reads moves it instead of copying it.
-                if matches!(node.op, IntOp::Reshape)
-                    && last_use[node.inputs[0]] == i
-                    && let Some(mut v) = values[node.inputs[0]].take()
-                {
-                    match &mut v {
-                        Values::Int { shape: s, .. } | Values::Float { shape: s, .. } => *s = shape,
-                    }
-                    values[i] = Some(v);
-                    continue;
+                Err(e) => return Err(err(self, i, e)),
+            }
+            // A reshape of a value nobody else reads moves it instead of copying it.
+            if matches!(node.op, IntOp::Reshape)
+                && last_use[node.inputs[0]] == i
+                && let Some(mut v) = values[node.inputs[0]].take()
+            {
+                match &mut v {
+                    Values::Int { shape: s, .. } | Values::Float { shape: s, .. } => *s = shape,
                 }
-                values[i] = Some(self.node(i, shape, input, &values, reference)?);
-                for j in &node.inputs {
-                    if last_use[*j] == i {
-                        values[*j] = None;
-                    }
+                values[i] = Some(v);
+                continue;
+            }
+            values[i] = Some(self.node(i, shape, input, &values, reference)?);
+            for j in &node.inputs {
+                if last_use[*j] == i {
+                    values[*j] = None;
                 }
             }
-            Ok(())
-        })?;
+        }
         Ok(values[self.output].take().expect("the output is kept"))
     }
 

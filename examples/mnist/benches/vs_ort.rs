@@ -6,6 +6,7 @@
 //!
 //! ```sh
 //! cargo bench -p burn-qat -p mnist --all-features --bench vs_ort   # reuses CI's release build
+//! VS_ORT_MODELS=bn,mobile cargo bench -p burn-qat -p mnist --all-features --bench vs_ort
 //! ```
 
 use std::path::PathBuf;
@@ -48,7 +49,12 @@ fn export<M: Classifier>(
         &Default::default(),
     )
     .expect("onnx");
+    // `VS_ORT_BATCH=1`: time only this batch size (for profiling; the other reads 0).
+    let only: Option<usize> = std::env::var("VS_ORT_BATCH").ok().and_then(|b| b.parse().ok());
     let times = [1usize, 256].map(|batch| {
+        if only.is_some_and(|b| b != batch) {
+            return 0.0;
+        }
         let x: Vec<f32> = (0..batch * 28 * 28)
             .map(|i| (i % 255) as f32 / 255.0)
             .collect();
@@ -67,13 +73,25 @@ fn main() {
     device.seed(0);
     let dir = tempfile_dir();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let ours = vec![
-        export("tutorial", Tutorial::new(&device), &device, &dir),
-        export("bn", BnNet::new(&device), &device, &dir),
-        export("residual", ResidualNet::new(&device), &device, &dir),
-        export("mobile", MobileNet::new(&device), &device, &dir),
-        export("resnet", ResNet::new(&device), &device, &dir),
-    ];
+    // `VS_ORT_MODELS=bn,mobile`: only these (for profiling one model).
+    let only = std::env::var("VS_ORT_MODELS").ok();
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|m| m == name));
+    let mut ours = vec![];
+    if wanted("tutorial") {
+        ours.push(export("tutorial", Tutorial::new(&device), &device, &dir));
+    }
+    if wanted("bn") {
+        ours.push(export("bn", BnNet::new(&device), &device, &dir));
+    }
+    if wanted("residual") {
+        ours.push(export("residual", ResidualNet::new(&device), &device, &dir));
+    }
+    if wanted("mobile") {
+        ours.push(export("mobile", MobileNet::new(&device), &device, &dir));
+    }
+    if wanted("resnet") {
+        ours.push(export("resnet", ResNet::new(&device), &device, &dir));
+    }
     let venv = std::env::var("BURN_QAT_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|_| {

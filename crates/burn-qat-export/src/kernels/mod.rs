@@ -1,0 +1,706 @@
+//! Integer kernels of convolutions and linear layers: the fast path (a u8 x i8 -> i32 product
+//! on 4-byte words, AVX-512 VNNI tiles or portable loops, see `gemm`; a direct kernel for
+//! depthwise convolutions) and
+//! the scalar reference (nested loops) they are tested against. No float arithmetic between
+//! quantized input and requantized output, except in a `Float` last layer. Public for
+//! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
+//! kernel and checks the shapes first (these functions expect shapes that fit the layer).
+
+mod gemm;
+mod parallel;
+
+pub use gemm::{force_portable, uses_vnni};
+pub use parallel::threads;
+
+use gemm::Bias;
+pub(crate) use parallel::for_each_chunk;
+
+use std::sync::OnceLock;
+
+use crate::model::{IntConv2d, IntLinear, Output, conv_output_len};
+use crate::run::Values;
+
+/// Shapes were checked when the model was converted or loaded (`IntLayer::output_shape`).
+fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: usize) -> usize {
+    conv_output_len(input, pad, dilation, kernel, stride)
+        .expect("shapes checked at conversion or load")
+}
+
+/// Requantizes accumulators (bias included) laid out `[.., channels, inner]` (each channel's
+/// `inner` values contiguous, the channels repeating from `first`) to the output grid, each
+/// channel with its own fixed-point multiplier, into `dst` (same layout).
+fn requantize_rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [i8]) {
+    let Output::Quantized {
+        grid,
+        requant,
+        lo,
+        hi,
+    } = output
+    else {
+        unreachable!("called for quantized outputs")
+    };
+    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+        requant[(first + i) % requant.len()].requantize(row, grid.zero_point, *lo, *hi, dst);
+    }
+}
+
+/// [`requantize_rows`] for a float last layer: each channel scaled by `s_in * s_w`, clamped.
+fn scale_rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [f32]) {
+    let Output::Float { scale, lo, hi } = output else {
+        unreachable!("called for float outputs")
+    };
+    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+        let s = scale[(first + i) % scale.len()];
+        for (o, a) in dst.iter_mut().zip(row) {
+            *o = (*a as f32 * s).clamp(*lo, *hi);
+        }
+    }
+}
+
+/// The layer's output values from accumulators laid out `[.., channels, inner]`.
+fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) -> Values {
+    match output {
+        Output::Quantized { grid, .. } => {
+            let mut data = vec![0i8; acc.len()];
+            requantize_rows(acc, inner, output, 0, &mut data);
+            Values::Int {
+                data,
+                shape,
+                grid: *grid,
+            }
+        }
+        Output::Float { .. } => {
+            let mut data = vec![0f32; acc.len()];
+            scale_rows(acc, inner, output, 0, &mut data);
+            Values::Float { data, shape }
+        }
+    }
+}
+
+/// Multiply-adds below which a single image or row is not split across threads.
+const SPLIT_WORK: usize = 1 << 18;
+
+/// Weights prepared for the integer product, once per node, kept by the model's weight cache
+/// (not saved).
+pub enum Packed {
+    /// A convolution's.
+    Conv(ConvWeights),
+    /// A linear layer's.
+    Linear(LinearWeights),
+}
+
+/// A convolution's weights as words of four `i8` (see `gemm`), with the bias that also
+/// removes the input zero point.
+pub struct ConvWeights {
+    /// Channel words (stride 1): word `(q, ky, kx)` holds input channels `4q..4q + 4` of one
+    /// tap, and the product reads the image in place. Otherwise tap words: four consecutive
+    /// values of the flattened `(ic, ky, kx)` axis, against an im2col matrix.
+    channel_words: bool,
+    /// Words per output channel.
+    k4: usize,
+    /// `[cout, k4]`.
+    words: Vec<u32>,
+    /// `bias - (zp + 128) * sum(w)` per output channel, wrapping: activations enter as
+    /// `q + 128`, and padding (the zero point) then contributes nothing.
+    bias: Vec<i32>,
+}
+
+impl ConvWeights {
+    fn new(c: &IntConv2d) -> Self {
+        let taps = c.kernel[0] * c.kernel[1];
+        let cin_g = c.in_channels / c.groups;
+        let per_out = cin_g * taps;
+        let channel_words = c.stride == [1, 1] && (cin_g % 4 == 0 || cin_g >= 16);
+        let k4 = if channel_words {
+            cin_g.div_ceil(4) * taps
+        } else {
+            per_out.div_ceil(4)
+        };
+        let shift = c.input.zero_point.wrapping_add(128);
+        let mut words = Vec::with_capacity(c.out_channels * k4);
+        let mut bias = Vec::with_capacity(c.out_channels);
+        for (oc, w) in c.weight.chunks_exact(per_out.max(1)).enumerate() {
+            for k in 0..k4 {
+                let byte = |j: usize| -> u8 {
+                    let v = if channel_words {
+                        let ic = 4 * (k / taps) + j;
+                        if ic < cin_g { w[ic * taps + k % taps] } else { 0 }
+                    } else {
+                        w.get(4 * k + j).copied().unwrap_or(0)
+                    };
+                    v as u8
+                };
+                words.push(u32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]));
+            }
+            let sum = w.iter().fold(0i32, |s, v| s.wrapping_add(*v as i32));
+            bias.push(c.bias[oc].wrapping_sub(shift.wrapping_mul(sum)));
+        }
+        Self {
+            channel_words,
+            k4,
+            words,
+            bias,
+        }
+    }
+}
+
+/// `[n, c, h, w]`, with `[n, c, length]` read as `h = 1`.
+fn nchw(shape: &[usize]) -> [usize; 4] {
+    if shape.len() == 3 {
+        [shape[0], shape[1], 1, shape[2]]
+    } else {
+        [shape[0], shape[1], shape[2], shape[3]]
+    }
+}
+
+fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
+    if input.len() == 3 {
+        vec![input[0], cout, ow]
+    } else {
+        vec![input[0], cout, oh, ow]
+    }
+}
+
+/// Convolution, fast path. Per image and group, the `[cout_g, k]` weight words times the image
+/// as words (see `gemm`): with stride 1 the padded image itself, four channels interleaved per
+/// word, read at one offset per kernel tap (over "virtual" output columns spanning the padded
+/// width, the extra ones dropped); otherwise an im2col matrix of tap words. The result is
+/// `[cout, oh * ow]`, already NCHW, each output channel requantized as one row with one
+/// multiplier. Images run in parallel; a single large image splits its output channels.
+pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
+    let plan = ConvPlan::new(c, shape);
+    let per_image = c.out_channels * plan.p;
+    let n = shape[0];
+    let shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
+    match &c.output {
+        Output::Quantized { grid, .. } => {
+            let mut data = vec![0i8; n * per_image];
+            plan.run(c, cache, x, &mut data, |acc, channel, dst| {
+                requantize_rows(acc, acc.len(), &c.output, channel, dst)
+            });
+            Values::Int {
+                data,
+                shape,
+                grid: *grid,
+            }
+        }
+        Output::Float { .. } => {
+            let mut data = vec![0f32; n * per_image];
+            plan.run(c, cache, x, &mut data, |acc, channel, dst| {
+                scale_rows(acc, acc.len(), &c.output, channel, dst)
+            });
+            Values::Float { data, shape }
+        }
+    }
+}
+
+/// The geometry of one convolution call.
+struct ConvPlan {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    ph: usize,
+    pw: usize,
+    oh: usize,
+    ow: usize,
+    cin_g: usize,
+    cout_g: usize,
+    p: usize,
+}
+
+/// One worker's buffers.
+#[derive(Default)]
+struct ConvScratch {
+    acc: Vec<i32>,
+    b: Vec<u32>,
+    b_off: Vec<usize>,
+    padded: Vec<i8>,
+    cols: Vec<i8>,
+}
+
+impl ConvPlan {
+    fn new(c: &IntConv2d, shape: &[usize]) -> Self {
+        let [n, cin, h, w] = nchw(shape);
+        let [kh, kw] = c.kernel;
+        let [top, bottom, left, right] = c.padding;
+        let oh = out_size(h, top + bottom, c.dilation[0], kh, c.stride[0]);
+        let ow = out_size(w, left + right, c.dilation[1], kw, c.stride[1]);
+        Self {
+            n,
+            cin,
+            h,
+            w,
+            ph: h + top + bottom,
+            pw: w + left + right,
+            oh,
+            ow,
+            cin_g: cin / c.groups,
+            cout_g: c.out_channels / c.groups,
+            p: oh * ow,
+        }
+    }
+
+    /// Runs every image, handing each output channel's accumulators (bias included), the
+    /// channel and its place in `out` to `write`.
+    fn run<T: Send + Copy + Default>(
+        &self,
+        c: &IntConv2d,
+        cache: &OnceLock<Packed>,
+        x: &[i8],
+        out: &mut [T],
+        write: impl Fn(&[i32], usize, &mut [T]) + Sync,
+    ) {
+        let per_image = c.out_channels * self.p;
+        if per_image == 0 || self.n == 0 {
+            return;
+        }
+        let packed = cache.get_or_init(|| Packed::Conv(ConvWeights::new(c)));
+        let Packed::Conv(weights) = packed else {
+            unreachable!("a convolution keeps its weights as Packed::Conv")
+        };
+        let image_len = self.cin * self.h * self.w;
+        let work = per_image * weights.k4 * 4;
+        let threads = threads();
+        let rows = if self.n == 1 && threads > 1 && work >= SPLIT_WORK {
+            c.out_channels
+                .div_ceil(threads)
+                .next_multiple_of(gemm::MR)
+                .min(c.out_channels)
+        } else {
+            c.out_channels
+        };
+        let chunks_per_image = c.out_channels.div_ceil(rows);
+        // Chunks of `rows` channels never straddle images: either one chunk per image or one
+        // image.
+        for_each_chunk(
+            out,
+            rows * self.p,
+            |i, dst, s: &mut ConvScratch| {
+                let (img, part) = (i / chunks_per_image, i % chunks_per_image);
+                let first = part * rows;
+                let channels = first..(first + rows).min(c.out_channels);
+                let image = &x[img * image_len..(img + 1) * image_len];
+                self.channels(c, weights, image, channels, dst, s, &write);
+            },
+        );
+    }
+
+    /// Output channels `channels` of one image into `dst` (`[channels, p]`), through
+    /// `write`.
+    #[allow(clippy::too_many_arguments)]
+    fn channels<T: Copy + Default>(
+        &self,
+        c: &IntConv2d,
+        weights: &ConvWeights,
+        image: &[i8],
+        channels: std::ops::Range<usize>,
+        dst: &mut [T],
+        s: &mut ConvScratch,
+        write: &impl Fn(&[i32], usize, &mut [T]),
+    ) {
+        // `[channels, stride]`, every row written whole by the product: the buffer only grows.
+        let lanes = if weights.channel_words {
+            self.oh * self.pw
+        } else {
+            self.p
+        };
+        let stride = lanes.next_multiple_of(16);
+        let len = channels.len() * stride;
+        if s.acc.len() < len {
+            s.acc.resize(len, 0);
+        }
+        let first_group = channels.start / self.cout_g.max(1);
+        for g in first_group..c.groups {
+            let start = (g * self.cout_g).max(channels.start);
+            let end = ((g + 1) * self.cout_g).min(channels.end);
+            if start >= end {
+                break;
+            }
+            if weights.channel_words {
+                self.image_words(c, image, g, s);
+            } else {
+                self.im2col_words(c, image, g, s);
+            }
+            let words = gemm::Words {
+                a: &weights.words,
+                a_row: weights.k4,
+                b: &s.b,
+                b_off: &s.b_off,
+                a_signed: true,
+                bias: Bias::Rows(&weights.bias),
+            };
+            let at = (start - channels.start) * stride;
+            gemm::product(&words, start..end, 0..lanes, &mut s.acc[at..], stride);
+        }
+        let (p, ow, pw) = (self.p, self.ow, self.pw);
+        let virtual_columns = weights.channel_words && pw != ow;
+        let mut tmp = Vec::new();
+        for (i, dst) in dst.chunks_exact_mut(p.max(1)).enumerate() {
+            let acc = &s.acc[i * stride..];
+            if !virtual_columns {
+                write(&acc[..p], channels.start + i, dst);
+                continue;
+            }
+            // Virtual columns: lane `n` is output `(n / pw, n % pw)`, kept when `n % pw < ow`.
+            tmp.resize(self.oh * pw, T::default());
+            write(&acc[..self.oh * pw], channels.start + i, &mut tmp);
+            for (row, src) in dst.chunks_exact_mut(ow).zip(tmp.chunks_exact(pw)) {
+                row.copy_from_slice(&src[..ow]);
+            }
+        }
+    }
+
+    /// Group `g` of the image, padded with the input zero point, as channel words
+    /// `[cin_g / 4, ph, pw]` in `s.b`, with one offset per `(q, ky, kx)` word in `s.b_off`,
+    /// read over the virtual output columns `oh * pw`.
+    fn image_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
+        let [kh, kw] = c.kernel;
+        let [dh, dw] = c.dilation;
+        let [top, _, left, _] = c.padding;
+        let (h, w, ph, pw) = (self.h, self.w, self.ph, self.pw);
+        let quads = self.cin_g.div_ceil(4);
+        let plane = ph * pw;
+        let lanes = self.oh * pw;
+        s.b_off.clear();
+        for q in 0..quads {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    s.b_off.push(q * plane + ky * dh * pw + kx * dw);
+                }
+            }
+        }
+        let last = s.b_off.iter().copied().max().unwrap_or(0);
+        let pad = (c.input.zero_point as u8 ^ 0x80) as u32 * 0x0101_0101;
+        s.b.clear();
+        s.b.resize((quads * plane).max(last + lanes.next_multiple_of(16)), pad);
+        s.padded.clear();
+        s.padded.resize(w, 0);
+        let zeros = &s.padded[..];
+        for q in 0..quads {
+            for y in 0..h {
+                let row = |j: usize| -> &[i8] {
+                    let ic = 4 * q + j;
+                    if ic < self.cin_g {
+                        let at = ((g * self.cin_g + ic) * h + y) * w;
+                        &image[at..at + w]
+                    } else {
+                        zeros
+                    }
+                };
+                let at = q * plane + (top + y) * pw + left;
+                gemm::interleave4([row(0), row(1), row(2), row(3)], &mut s.b[at..at + w]);
+            }
+        }
+    }
+
+    /// Group `g`'s im2col matrix `[cin_g * kh * kw, p]` (from the image padded with the input
+    /// zero point) as tap words `[k4, p]` in `s.b`.
+    fn im2col_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
+        let [top, bottom, left, right] = c.padding;
+        let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
+        let zp = c.input.zero_point as i8;
+        let group = &image[g * self.cin_g * h * w..(g + 1) * self.cin_g * h * w];
+        let group = if top + bottom + left + right > 0 {
+            s.padded.clear();
+            s.padded.resize(self.cin_g * ph * pw, zp);
+            for (ch, plane) in group.chunks(h * w).enumerate() {
+                for (y, row) in plane.chunks(w).enumerate() {
+                    let at = (ch * ph + top + y) * pw + left;
+                    s.padded[at..at + w].copy_from_slice(row);
+                }
+            }
+            &s.padded[..]
+        } else {
+            group
+        };
+        let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
+        let (oh, ow) = (self.oh, self.ow);
+        let k = self.cin_g * kh * kw;
+        let k4 = k.div_ceil(4);
+        // The im2col rows `(ic, ky, kx)`, columns `(oy, ox)`, then rows of zeros to `4 k4`.
+        s.cols.clear();
+        s.cols.resize(4 * k4 * p, 0);
+        let mut rows = s.cols.chunks_exact_mut(p.max(1));
+        for ic in 0..self.cin_g {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = rows.next().expect("k rows of p columns");
+                    for (oy, out) in row.chunks_exact_mut(ow.max(1)).enumerate().take(oh) {
+                        let at = (ic * ph + oy * sh + ky * dh) * pw + kx * dw;
+                        if sw == 1 {
+                            out.copy_from_slice(&group[at..at + ow]);
+                        } else {
+                            for (ox, v) in out.iter_mut().enumerate() {
+                                *v = group[at + ox * sw];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let stride = p.next_multiple_of(16);
+        s.b.clear();
+        s.b.resize(k4 * stride, 0);
+        s.b_off.clear();
+        for (q, quad) in s.cols.chunks_exact(4 * p.max(1)).take(k4).enumerate() {
+            let r: Vec<&[i8]> = quad.chunks_exact(p.max(1)).collect();
+            gemm::interleave4(
+                [r[0], r[1], r[2], r[3]],
+                &mut s.b[q * stride..q * stride + p],
+            );
+            s.b_off.push(q * stride);
+        }
+    }
+}
+
+/// Convolution, scalar reference: the definition, one multiply-add at a time, in `i32`.
+pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
+    let [n, cin, h, w] = nchw(shape);
+    let [kh, kw] = c.kernel;
+    let oh = out_size(
+        h,
+        c.padding[0] + c.padding[1],
+        c.dilation[0],
+        kh,
+        c.stride[0],
+    );
+    let ow = out_size(
+        w,
+        c.padding[2] + c.padding[3],
+        c.dilation[1],
+        kw,
+        c.stride[1],
+    );
+    let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
+    let cout = c.out_channels;
+    let mut acc = vec![0i32; n * oh * ow * cout];
+    for img in 0..n {
+        for oc in 0..cout {
+            let g = oc / cout_g;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut sum = c.bias[oc];
+                    for ic in 0..cin_g {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * c.stride[0] + ky * c.dilation[0]) as isize
+                                    - c.padding[0] as isize;
+                                let ix = (ox * c.stride[1] + kx * c.dilation[1]) as isize
+                                    - c.padding[2] as isize;
+                                let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                {
+                                    c.input.zero_point
+                                } else {
+                                    x[((img * cin + g * cin_g + ic) * h + iy as usize) * w
+                                        + ix as usize] as i32
+                                };
+                                let wv = c.weight[((oc * cin_g + ic) * kh + ky) * kw + kx] as i32;
+                                sum += (v - c.input.zero_point) * wv;
+                            }
+                        }
+                    }
+                    acc[((img * cout + oc) * oh + oy) * ow + ox] = sum;
+                }
+            }
+        }
+    }
+    output_values(&c.output, &acc, oh * ow, out_shape(shape, cout, oh, ow))
+}
+
+/// A linear layer's weights as words of four `i8` inputs, `[k4, out]` (lanes padded to 16),
+/// with the bias that also removes the input zero point.
+pub struct LinearWeights {
+    /// `[k4, stride]`.
+    words: Vec<u32>,
+    /// Offset of each word row.
+    offsets: Vec<usize>,
+    /// `bias - (zp + 128) * sum(w)` per output feature, wrapping, padded to `stride`.
+    bias: Vec<i32>,
+}
+
+impl LinearWeights {
+    fn new(l: &IntLinear) -> Self {
+        let (inp, out) = (l.in_features, l.out_features);
+        let k4 = inp.div_ceil(4);
+        let stride = out.next_multiple_of(16);
+        let mut words = vec![0u32; k4 * stride];
+        for (k, row) in words.chunks_exact_mut(stride.max(1)).enumerate() {
+            for (o, word) in row.iter_mut().enumerate().take(out) {
+                let byte = |j: usize| {
+                    let i = 4 * k + j;
+                    if i < inp { l.weight[i * out + o] as u8 } else { 0 }
+                };
+                *word = u32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]);
+            }
+        }
+        let shift = l.input.zero_point.wrapping_add(128);
+        let bias = (0..stride)
+            .map(|o| {
+                if o >= out {
+                    return 0;
+                }
+                let sum = (0..inp).fold(0i32, |s, i| s.wrapping_add(l.weight[i * out + o] as i32));
+                l.bias[o].wrapping_sub(shift.wrapping_mul(sum))
+            })
+            .collect();
+        Self {
+            words,
+            offsets: (0..k4).map(|k| k * stride).collect(),
+            bias,
+        }
+    }
+}
+
+/// Fully connected layer, fast path: the `[n, in]` input as `u8` words (`int8 + 128`) times
+/// the `[in, out]` weight words (prepared once), bias added. Rows run in parallel in chunks; a
+/// single large row splits its outputs.
+pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
+    let inp = l.in_features;
+    let n = x.len() / inp.max(1);
+    let out = l.out_features;
+    let Packed::Linear(weights) = cache.get_or_init(|| Packed::Linear(LinearWeights::new(l)))
+    else {
+        unreachable!("a linear layer keeps its weights as Packed::Linear")
+    };
+    let k4 = inp.div_ceil(4);
+    let mut a = Vec::with_capacity(n * k4);
+    let mut row = Vec::new();
+    for r in x.chunks_exact(inp.max(1)).take(n) {
+        gemm::unsigned_words(r, 0x80, &mut row);
+        a.extend_from_slice(&row);
+    }
+    let words = gemm::Words {
+        a: &a,
+        a_row: k4,
+        b: &weights.words,
+        b_off: &weights.offsets,
+        a_signed: false,
+        bias: Bias::Lanes(&weights.bias),
+    };
+    // `[n, stride]`: the product stores whole rows of 16 lanes.
+    let stride = out.next_multiple_of(16);
+    let mut acc = vec![0i32; n * stride];
+    let threads = threads();
+    if n == 1 {
+        let lanes = if threads > 1 && inp * out >= SPLIT_WORK {
+            out.div_ceil(threads).next_multiple_of(16)
+        } else {
+            stride
+        };
+        for_each_chunk(&mut acc, lanes, |i, dst, _: &mut ()| {
+            let first = i * lanes;
+            let end = (first + dst.len()).min(out);
+            gemm::product(&words, 0..1, first..end, dst, dst.len());
+        });
+    } else {
+        let rows = n.div_ceil(threads).next_multiple_of(gemm::MR).min(n);
+        for_each_chunk(&mut acc, rows * stride, |i, dst, _: &mut ()| {
+            let first = i * rows;
+            let count = dst.len() / stride;
+            gemm::product(&words, first..first + count, 0..out, dst, stride);
+        });
+    }
+    if stride != out {
+        acc = acc.chunks_exact(stride).flat_map(|r| &r[..out]).copied().collect();
+    }
+    output_values(&l.output, &acc, 1, linear_shape(shape, out))
+}
+
+/// Fully connected layer, scalar reference.
+pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
+    let n = x.len() / l.in_features.max(1);
+    let out = l.out_features;
+    let mut acc = vec![0i32; n * out];
+    for r in 0..n {
+        for c in 0..out {
+            let mut sum = l.bias[c];
+            for i in 0..l.in_features {
+                sum += (x[r * l.in_features + i] as i32 - l.input.zero_point)
+                    * l.weight[i * out + c] as i32;
+            }
+            acc[r * out + c] = sum;
+        }
+    }
+    output_values(&l.output, &acc, 1, linear_shape(shape, out))
+}
+
+fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    if let Some(last) = s.last_mut() {
+        *last = out;
+    }
+    s
+}
+
+/// Depthwise convolution (one input and one output channel per group), direct: per plane, the
+/// input minus its zero point (padding contributes 0) in `i16`, then one multiply-add of a
+/// weight with a whole output row per kernel tap, in `i32`; planes run in parallel. The
+/// MobileNet hot spot: a GEMM per channel would run `n * c` tiny matrix products.
+pub fn depthwise_conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
+    let [n, ch, h, w] = nchw(shape);
+    let [kh, kw] = c.kernel;
+    let [top, bottom, left, right] = c.padding;
+    let oh = out_size(h, top + bottom, c.dilation[0], kh, c.stride[0]);
+    let ow = out_size(w, left + right, c.dilation[1], kw, c.stride[1]);
+    let (ph, pw) = (h + top + bottom, w + left + right);
+    let zp = c.input.zero_point;
+    let mut acc = vec![0i32; n * ch * oh * ow];
+    if acc.is_empty() {
+        return output_values(
+            &c.output,
+            &acc,
+            oh * ow,
+            out_shape(shape, c.out_channels, oh, ow),
+        );
+    }
+    let plane = |(p, dst): (usize, &mut [i32]), padded: &mut Vec<i16>| {
+        let chan = p % ch;
+        padded.clear();
+        padded.resize(ph * pw, 0);
+        let src = &x[p * h * w..(p + 1) * h * w];
+        for (y, row) in src.chunks(w).enumerate() {
+            let at = (top + y) * pw + left;
+            for (d, v) in padded[at..at + w].iter_mut().zip(row) {
+                *d = *v as i16 - zp as i16;
+            }
+        }
+        dst.fill(c.bias[chan]);
+        let taps = &c.weight[chan * kh * kw..(chan + 1) * kh * kw];
+        for oy in 0..oh {
+            let out_row = &mut dst[oy * ow..(oy + 1) * ow];
+            for ky in 0..kh {
+                let row = &padded[(oy * c.stride[0] + ky * c.dilation[0]) * pw..];
+                for kx in 0..kw {
+                    let wv = taps[ky * kw + kx] as i32;
+                    let start = kx * c.dilation[1];
+                    if c.stride[1] == 1 {
+                        for (o, v) in out_row.iter_mut().zip(&row[start..start + ow]) {
+                            *o += wv * *v as i32;
+                        }
+                    } else {
+                        for (ox, o) in out_row.iter_mut().enumerate() {
+                            *o += wv * row[start + ox * c.stride[1]] as i32;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if n * ch * oh * ow < 1 << 14 {
+        let mut padded = Vec::new();
+        acc.chunks_mut(oh * ow.max(1))
+            .enumerate()
+            .for_each(|item| plane(item, &mut padded));
+    } else {
+        for_each_chunk(&mut acc, oh * ow.max(1), |i, dst, padded: &mut Vec<i16>| {
+            plane((i, dst), padded)
+        });
+    }
+    output_values(
+        &c.output,
+        &acc,
+        oh * ow,
+        out_shape(shape, c.out_channels, oh, ow),
+    )
+}
