@@ -1,13 +1,21 @@
-//! The integer model's threads: the calling thread plus a pool of `threads - 1` workers
-//! (`threads`: `RAYON_NUM_THREADS` when set, else the machine's parallelism), as onnxruntime
-//! counts its intra-op threads. Work is split into chunks handed out one at a time to whichever
-//! thread is free, the caller included; the caller spins briefly for the last chunks instead
-//! of sleeping on a lock (at batch 1 a layer takes tens of microseconds, a wake-up about as
-//! long).
+//! The integer model's threads: the calling thread plus `threads - 1` workers (`threads`:
+//! `RAYON_NUM_THREADS` when set, else the machine's parallelism), as onnxruntime counts its
+//! intra-op threads. Work is split into chunks handed out one at a time to whichever thread is
+//! free, the caller included.
+//!
+//! At batch 1 a layer takes tens of microseconds and waking a sleeping thread about as long,
+//! so workers spin for [`SPIN`] after each job before they sleep (onnxruntime's threads spin
+//! too), and the caller spins while the last chunks finish. A forward running while another
+//! thread's forward holds the workers runs on its own thread alone.
 
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// How long an idle worker spins for the next job before it sleeps.
+const SPIN: Duration = Duration::from_micros(500);
 
 /// Threads that run a forward, the caller included.
 pub fn threads() -> usize {
@@ -21,25 +29,133 @@ pub fn threads() -> usize {
     })
 }
 
-/// The workers besides the caller (`None` with one thread).
-fn pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        (threads() > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads() - 1)
-                    .thread_name(|i| format!("burn-qat-int-{i}"))
-                    .build()
-                    .ok()
-            })
-            .flatten()
-    })
-    .as_ref()
+/// A job as the workers see it: a borrowed closure with its lifetime erased. [`Pool::run`]
+/// does not return before every worker is done with it.
+type Job = *const (dyn Fn() + Sync + 'static);
+
+struct Pool {
+    /// Held by the thread whose job the workers run.
+    busy: Mutex<()>,
+    /// Bumped once per job, after `job_meta` is set.
+    epoch: AtomicUsize,
+    /// The current job (a fat pointer: behind a lock rather than in one atomic).
+    job_meta: Mutex<Option<JobBox>>,
+    /// Workers not yet done with the current job.
+    pending: AtomicUsize,
+    /// A worker's panic, handed to the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Sleeping workers wait here for the epoch to move.
+    sleep: Mutex<()>,
+    wake: Condvar,
+    sleeping: AtomicUsize,
+    workers: usize,
 }
 
-/// How long the caller spins for helpers still working before it blocks.
-const SPIN: Duration = Duration::from_micros(200);
+/// The current job's pointer, sendable to workers (the pool's protocol keeps it alive).
+#[derive(Clone, Copy)]
+struct JobBox(Job);
+// SAFETY: the pointee is `Sync` and outlives every use (see `Pool::run`).
+unsafe impl Send for JobBox {}
+
+impl Pool {
+    fn get() -> Option<&'static Pool> {
+        static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
+        *POOL.get_or_init(|| {
+            let workers = threads().saturating_sub(1);
+            if workers == 0 {
+                return None;
+            }
+            let pool: &'static Pool = Box::leak(Box::new(Pool {
+                busy: Mutex::new(()),
+                epoch: AtomicUsize::new(0),
+                job_meta: Mutex::new(None),
+                pending: AtomicUsize::new(0),
+                panic: Mutex::new(None),
+                sleep: Mutex::new(()),
+                wake: Condvar::new(),
+                sleeping: AtomicUsize::new(0),
+                workers,
+            }));
+            for i in 0..workers {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("burn-qat-int-{i}"))
+                    .spawn(move || pool.work());
+                if spawned.is_err() {
+                    // No workers at all rather than a pool that waits for missing ones.
+                    return None;
+                }
+            }
+            Some(pool)
+        })
+    }
+
+    /// A worker: waits for each new epoch (spinning, then sleeping) and runs its job.
+    fn work(&self) {
+        let mut seen = 0;
+        loop {
+            let start = Instant::now();
+            loop {
+                if self.epoch.load(Ordering::Acquire) != seen {
+                    break;
+                }
+                if start.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                let mut guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+                self.sleeping.fetch_add(1, Ordering::SeqCst);
+                while self.epoch.load(Ordering::SeqCst) == seen {
+                    guard = self.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+                self.sleeping.fetch_sub(1, Ordering::SeqCst);
+                break;
+            }
+            seen = self.epoch.load(Ordering::Acquire);
+            let job = self.job_meta.lock().unwrap_or_else(|e| e.into_inner()).map(|j| j.0);
+            if let Some(job) = job {
+                // SAFETY: the job outlives this call: `run` waits for `pending` to reach 0.
+                let job = unsafe { &*job };
+                if let Err(p) = catch_unwind(AssertUnwindSafe(job)) {
+                    *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                }
+            }
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs `job` on the caller and every worker at once; returns when all are done. `None`
+    /// when another thread holds the workers (the caller then runs alone).
+    fn run(&self, job: &(dyn Fn() + Sync)) -> Option<()> {
+        let _busy = self.busy.try_lock().ok()?;
+        // SAFETY: only the lifetime is erased; the workers drop every use of the pointer
+        // before `pending` reaches 0, and this function waits for that below.
+        let erased: Job = unsafe { std::mem::transmute::<&(dyn Fn() + Sync), Job>(job) };
+        *self.job_meta.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobBox(erased));
+        self.pending.store(self.workers, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
+            let _guard = self.sleep.lock().unwrap_or_else(|e| e.into_inner());
+            self.wake.notify_all();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(job));
+        let start = Instant::now();
+        while self.pending.load(Ordering::Acquire) > 0 {
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        *self.job_meta.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Err(p) = mine {
+            resume_unwind(p);
+        }
+        if let Some(p) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            resume_unwind(p);
+        }
+        Some(())
+    }
+}
 
 /// Splits `out` into chunks of `chunk` values and runs `f(index, chunk, scratch)` on every
 /// chunk, on up to [`threads`] threads (the caller is one), each with its own `S` scratch.
@@ -50,17 +166,7 @@ pub(crate) fn for_each_chunk<T: Send, S: Default>(
 ) {
     let chunk = chunk.max(1);
     let count = out.len().div_ceil(chunk);
-    let helpers = threads().min(count).saturating_sub(1);
-    let pool = pool().filter(|_| helpers > 0);
-    let Some(pool) = pool else {
-        let mut scratch = S::default();
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            f(i, c, &mut scratch);
-        }
-        return;
-    };
     let chunks = Mutex::new(out.chunks_mut(chunk).enumerate());
-    let finished = AtomicUsize::new(0);
     let work = || {
         let mut scratch = S::default();
         loop {
@@ -68,17 +174,13 @@ pub(crate) fn for_each_chunk<T: Send, S: Default>(
             let next = chunks.lock().unwrap_or_else(|e| e.into_inner()).next();
             let Some((i, c)) = next else { break };
             f(i, c, &mut scratch);
-            finished.fetch_add(1, Ordering::Release);
         }
     };
-    pool.in_place_scope(|scope| {
-        for _ in 0..helpers {
-            scope.spawn(|_| work());
-        }
-        work();
-        let start = Instant::now();
-        while finished.load(Ordering::Acquire) < count && start.elapsed() < SPIN {
-            std::hint::spin_loop();
-        }
-    });
+    if count > 1
+        && let Some(pool) = Pool::get()
+        && pool.run(&work).is_some()
+    {
+        return;
+    }
+    work();
 }
