@@ -1,6 +1,6 @@
 """Times onnxruntime on every `*.onnx` in a directory, batch 1 and 256, with a given number of
 intra-op threads and all graph optimizations; prints `name seconds_batch1 seconds_batch256`
-(median over about 3 s each). Called by `examples/mnist/benches/vs_ort.rs`."""
+(median over about `seconds` each, default 3). Called by `examples/mnist/benches/vs_ort.rs`."""
 import pathlib
 import sys
 import time
@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 directory, threads = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 3.0
 for path in sorted(directory.glob("*.onnx")):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -21,7 +22,7 @@ for path in sorted(directory.glob("*.onnx")):
         x = (np.arange(batch * 28 * 28) % 255).astype(np.float32).reshape(batch, 1, 28, 28) / 255.0
         session.run(None, {name: x})
         times, start = [], time.perf_counter()
-        while time.perf_counter() - start < 3.0 or len(times) < 5:
+        while time.perf_counter() - start < seconds or len(times) < 5:
             t = time.perf_counter()
             session.run(None, {name: x})
             times.append(time.perf_counter() - t)

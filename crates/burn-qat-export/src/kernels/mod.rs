@@ -273,17 +273,17 @@ impl ConvPlan {
         let chunks_per_image = c.out_channels.div_ceil(rows);
         // Chunks of `rows` channels never straddle images: either one chunk per image or one
         // image.
-        for_each_chunk(
-            out,
-            rows * self.p,
-            |i, dst, s: &mut ConvScratch| {
-                let (img, part) = (i / chunks_per_image, i % chunks_per_image);
-                let first = part * rows;
-                let channels = first..(first + rows).min(c.out_channels);
-                let image = &x[img * image_len..(img + 1) * image_len];
-                self.channels(c, weights, image, channels, dst, s, &write);
-            },
-        );
+        thread_local! {
+            // Kept between calls: the buffers of a layer at batch 1 are allocated once.
+            static SCRATCH: std::cell::RefCell<ConvScratch> = Default::default();
+        }
+        for_each_chunk(out, rows * self.p, |i, dst, _: &mut ()| {
+            let (img, part) = (i / chunks_per_image, i % chunks_per_image);
+            let first = part * rows;
+            let channels = first..(first + rows).min(c.out_channels);
+            let image = &x[img * image_len..(img + 1) * image_len];
+            SCRATCH.with_borrow_mut(|s| self.channels(c, weights, image, channels, dst, s, &write));
+        });
     }
 
     /// Output channels `channels` of one image into `dst` (`[channels, p]`), through

@@ -94,11 +94,14 @@ impl Pool {
         let mut seen = 0;
         loop {
             let start = Instant::now();
+            let mut spins = 0u32;
             loop {
                 if self.epoch.load(Ordering::Acquire) != seen {
                     break;
                 }
-                if start.elapsed() < SPIN {
+                spins = spins.wrapping_add(1);
+                // The clock is read once per 256 spins.
+                if spins % 256 != 0 || start.elapsed() < SPIN {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -139,8 +142,10 @@ impl Pool {
         }
         let mine = catch_unwind(AssertUnwindSafe(job));
         let start = Instant::now();
+        let mut spins = 0u32;
         while self.pending.load(Ordering::Acquire) > 0 {
-            if start.elapsed() < SPIN {
+            spins = spins.wrapping_add(1);
+            if spins % 256 != 0 || start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
