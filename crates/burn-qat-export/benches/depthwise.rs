@@ -1,6 +1,6 @@
-//! The depthwise convolution kernel against the grouped GEMM path (one im2col GEMM per
-//! channel) on MobileNet-v2's depthwise layers (3x3, batch 1 and 8), same process; prints the
-//! ratios.
+//! MobileNet-v2's depthwise layers (3x3, batch 1 and 8) on the integer product's two
+//! implementations, AVX-512 VNNI tiles against the portable loops, same process; prints the
+//! ratios (only the portable loops where the CPU lacks VNNI).
 //!
 //! ```sh
 //! cargo bench -p burn-qat-export --bench depthwise
@@ -66,8 +66,11 @@ fn bench(c: &mut Criterion) {
             let x: Vec<i8> = (0..shape.iter().product::<usize>())
                 .map(|i| (i * 31 % 251) as i8)
                 .collect();
+            kernels::force_portable(false);
+            let vnni = kernels::uses_vnni();
+            let cache = OnceLock::new();
             assert_eq!(
-                kernels::depthwise_conv2d(&conv, &x, &shape),
+                kernels::conv2d(&conv, &cache, &x, &shape),
                 kernels::conv2d_reference(&conv, &x, &shape)
             );
             let name = format!("depthwise_{ch}x{side}x{side}_s{stride}_batch_{batch}");
@@ -75,28 +78,33 @@ fn bench(c: &mut Criterion) {
             g.sample_size(10)
                 .measurement_time(Duration::from_secs(2))
                 .warm_up_time(Duration::from_millis(500));
-            let cache = OnceLock::new();
-            let (kg, kd) = (format!("{name}/gemm"), format!("{name}/direct"));
-            g.bench_function("grouped_gemm", |b| {
-                b.iter_custom(|n| {
-                    timed(&kg, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
-                })
-            });
-            g.bench_function("direct", |b| {
-                b.iter_custom(|n| {
-                    timed(&kd, n, || {
-                        drop(kernels::depthwise_conv2d(&conv, &x, &shape))
+            let (kv, kp) = (format!("{name}/vnni"), format!("{name}/portable"));
+            if vnni {
+                g.bench_function("vnni", |b| {
+                    b.iter_custom(|n| {
+                        kernels::force_portable(false);
+                        timed(&kv, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
                     })
+                });
+            }
+            g.bench_function("portable", |b| {
+                b.iter_custom(|n| {
+                    kernels::force_portable(true);
+                    timed(&kp, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
                 })
             });
             g.finish();
-            let (tg, td) = (mean(&kg).unwrap(), mean(&kd).unwrap());
-            println!(
-                "RATIO {name}: grouped GEMM {:.3} ms, direct {:.3} ms: direct is {:.2}x faster",
-                tg * 1e3,
-                td * 1e3,
-                tg / td
-            );
+            kernels::force_portable(false);
+            let tp = mean(&kp).unwrap();
+            match mean(&kv) {
+                Some(tv) => println!(
+                    "RATIO {name}: VNNI {:.3} ms, portable {:.3} ms: VNNI is {:.2}x faster",
+                    tv * 1e3,
+                    tp * 1e3,
+                    tp / tv
+                ),
+                None => println!("RATIO {name}: portable {:.3} ms (no AVX-512 VNNI here)", tp * 1e3),
+            }
         }
     }
 }

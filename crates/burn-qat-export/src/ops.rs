@@ -63,6 +63,29 @@ fn binary(
     out
 }
 
+/// Every output of a two-input integer op, `table[(x + 128) * 256 + y + 128] = f(x, y)`: 64 KiB
+/// that replace the op's wide arithmetic with one lookup (built once per node).
+pub fn pair_table(f: impl Fn(i8, i8) -> i8) -> Vec<i8> {
+    (0..=u16::MAX)
+        .map(|i| f((i >> 8) as u8 as i8 ^ i8::MIN, i as u8 as i8 ^ i8::MIN))
+        .collect()
+}
+
+/// A two-input op through its [`pair_table`], with broadcasting.
+pub fn binary_lookup(
+    table: &[i8],
+    a: &[i8],
+    sa: &[usize],
+    b: &[i8],
+    sb: &[usize],
+    out: &[usize],
+) -> Vec<i8> {
+    let table: &[i8; 1 << 16] = table.try_into().expect("a pair table has 65536 entries");
+    binary(a, sa, b, sb, out, |x, y| {
+        table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize]
+    })
+}
+
 /// Integer add/subtract with broadcasting.
 pub fn add(op: &IntAdd, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &[usize]) -> Vec<i8> {
     binary(a, sa, b, sb, out, |x, y| op.apply(x, y))

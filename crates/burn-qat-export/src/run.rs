@@ -232,8 +232,6 @@ impl IntegerModel {
                 let (x, s, _) = int(0)?;
                 Ok(if reference {
                     kernels::conv2d_reference(c, x, s)
-                } else if c.is_depthwise() {
-                    kernels::depthwise_conv2d(c, x, s)
                 } else {
                     kernels::conv2d(c, slot(), x, s)
                 })
@@ -248,11 +246,21 @@ impl IntegerModel {
             }
             IntOp::Add(a) => {
                 let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                int_out(ops::add(a, x, sx, y, sy, &shape))
+                int_out(if reference {
+                    ops::add(a, x, sx, y, sy, &shape)
+                } else {
+                    let table = pair_table(slot(), |x, y| a.apply(x, y));
+                    ops::binary_lookup(table, x, sx, y, sy, &shape)
+                })
             }
             IntOp::Mul(m) => {
                 let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                int_out(ops::mul(m, x, sx, y, sy, &shape))
+                int_out(if reference {
+                    ops::mul(m, x, sx, y, sy, &shape)
+                } else {
+                    let table = pair_table(slot(), |x, y| m.apply(x, y));
+                    ops::binary_lookup(table, x, sx, y, sy, &shape)
+                })
             }
             IntOp::Concat { axis, requantize } => {
                 let mut parts: Vec<(Cow<[i8]>, &[usize])> = Vec::new();
@@ -351,4 +359,12 @@ fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {
             shape,
         ),
     }
+}
+
+/// The node's table of every output of a two-input op (kept by the weight cache).
+fn pair_table(slot: &OnceLock<Packed>, f: impl Fn(i8, i8) -> i8) -> &[i8] {
+    let Packed::Table(table) = slot.get_or_init(|| Packed::Table(ops::pair_table(f))) else {
+        unreachable!("a two-input op keeps its table as Packed::Table")
+    };
+    table
 }

@@ -80,13 +80,14 @@ fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) 
 /// Multiply-adds below which a single image or row is not split across threads.
 const SPLIT_WORK: usize = 1 << 18;
 
-/// Weights prepared for the integer product, once per node, kept by the model's weight cache
-/// (not saved).
+/// What a node prepares once and keeps in the model's weight cache (not saved).
 pub enum Packed {
-    /// A convolution's.
+    /// A convolution's weights.
     Conv(ConvWeights),
-    /// A linear layer's.
+    /// A linear layer's weights.
     Linear(LinearWeights),
+    /// A two-input op's table of every output ([`crate::ops::pair_table`]).
+    Table(Vec<i8>),
 }
 
 /// A convolution's weights as words of four `i8` (see `gemm`), with the bias that also
@@ -300,7 +301,9 @@ impl ConvPlan {
         write: &impl Fn(&[i32], usize, &mut [T]),
     ) {
         // `[channels, stride]`, every row written whole by the product: the buffer only grows.
-        let lanes = if weights.channel_words {
+        // Stride 1 runs over virtual columns (see `image_words`).
+        let virtual_columns = c.stride == [1, 1];
+        let lanes = if virtual_columns {
             self.oh * self.pw
         } else {
             self.p
@@ -334,7 +337,7 @@ impl ConvPlan {
             gemm::product(&words, start..end, 0..lanes, &mut s.acc[at..], stride);
         }
         let (p, ow, pw) = (self.p, self.ow, self.pw);
-        let virtual_columns = weights.channel_words && pw != ow;
+        let virtual_columns = virtual_columns && pw != ow;
         let mut tmp = Vec::new();
         for (i, dst) in dst.chunks_exact_mut(p.max(1)).enumerate() {
             let acc = &s.acc[i * stride..];
@@ -395,12 +398,52 @@ impl ConvPlan {
     }
 
     /// Group `g`'s im2col matrix `[cin_g * kh * kw, p]` (from the image padded with the input
-    /// zero point) as tap words `[k4, p]` in `s.b`.
+    /// zero point) as tap words `[k4, p]` in `s.b` (`[k4, oh * pw]` virtual columns at stride
+    /// 1).
     fn im2col_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
         let [top, bottom, left, right] = c.padding;
         let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
         let zp = c.input.zero_point as i8;
         let group = &image[g * self.cin_g * h * w..(g + 1) * self.cin_g * h * w];
+        let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
+        let k = self.cin_g * kh * kw;
+        let k4 = k.div_ceil(4);
+        if [sh, sw] == [1, 1] {
+            // Virtual columns `oh * pw`: row `(ic, ky, kx)` of the im2col matrix is the padded
+            // group itself from offset `(ic * ph + ky * dh) * pw + kx * dw` on, so each word
+            // row interleaves four slices of it (the last tap reads `(kw - 1) * dw` past the
+            // last plane: slack).
+            let lanes = self.oh * pw;
+            let stride = lanes.next_multiple_of(16);
+            s.padded.clear();
+            s.padded.resize(self.cin_g * ph * pw + (kw - 1) * dw, zp);
+            for (ch, plane) in group.chunks(h * w).enumerate() {
+                for (y, row) in plane.chunks(w).enumerate() {
+                    let at = (ch * ph + top + y) * pw + left;
+                    s.padded[at..at + w].copy_from_slice(row);
+                }
+            }
+            s.cols.clear();
+            s.cols.resize(lanes, 0);
+            s.b.clear();
+            s.b.resize(k4 * stride, 0);
+            s.b_off.clear();
+            let taps = kh * kw;
+            let row = |t: usize| -> &[i8] {
+                if t >= k {
+                    return &s.cols[..];
+                }
+                let (ic, ky, kx) = (t / taps, t % taps / kw, t % kw);
+                let at = (ic * ph + ky * dh) * pw + kx * dw;
+                &s.padded[at..at + lanes]
+            };
+            for q in 0..k4 {
+                let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
+                gemm::interleave4(rows, &mut s.b[q * stride..q * stride + lanes]);
+            }
+            s.b_off.extend((0..k4).map(|q| q * stride));
+            return;
+        }
         let group = if top + bottom + left + right > 0 {
             s.padded.clear();
             s.padded.resize(self.cin_g * ph * pw, zp);
@@ -414,10 +457,7 @@ impl ConvPlan {
         } else {
             group
         };
-        let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
         let (oh, ow) = (self.oh, self.ow);
-        let k = self.cin_g * kh * kw;
-        let k4 = k.div_ceil(4);
         // The im2col rows `(ic, ky, kx)`, columns `(oy, ox)`, then rows of zeros to `4 k4`.
         s.cols.clear();
         s.cols.resize(4 * k4 * p, 0);
@@ -631,76 +671,4 @@ fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
         *last = out;
     }
     s
-}
-
-/// Depthwise convolution (one input and one output channel per group), direct: per plane, the
-/// input minus its zero point (padding contributes 0) in `i16`, then one multiply-add of a
-/// weight with a whole output row per kernel tap, in `i32`; planes run in parallel. The
-/// MobileNet hot spot: a GEMM per channel would run `n * c` tiny matrix products.
-pub fn depthwise_conv2d(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
-    let [n, ch, h, w] = nchw(shape);
-    let [kh, kw] = c.kernel;
-    let [top, bottom, left, right] = c.padding;
-    let oh = out_size(h, top + bottom, c.dilation[0], kh, c.stride[0]);
-    let ow = out_size(w, left + right, c.dilation[1], kw, c.stride[1]);
-    let (ph, pw) = (h + top + bottom, w + left + right);
-    let zp = c.input.zero_point;
-    let mut acc = vec![0i32; n * ch * oh * ow];
-    if acc.is_empty() {
-        return output_values(
-            &c.output,
-            &acc,
-            oh * ow,
-            out_shape(shape, c.out_channels, oh, ow),
-        );
-    }
-    let plane = |(p, dst): (usize, &mut [i32]), padded: &mut Vec<i16>| {
-        let chan = p % ch;
-        padded.clear();
-        padded.resize(ph * pw, 0);
-        let src = &x[p * h * w..(p + 1) * h * w];
-        for (y, row) in src.chunks(w).enumerate() {
-            let at = (top + y) * pw + left;
-            for (d, v) in padded[at..at + w].iter_mut().zip(row) {
-                *d = *v as i16 - zp as i16;
-            }
-        }
-        dst.fill(c.bias[chan]);
-        let taps = &c.weight[chan * kh * kw..(chan + 1) * kh * kw];
-        for oy in 0..oh {
-            let out_row = &mut dst[oy * ow..(oy + 1) * ow];
-            for ky in 0..kh {
-                let row = &padded[(oy * c.stride[0] + ky * c.dilation[0]) * pw..];
-                for kx in 0..kw {
-                    let wv = taps[ky * kw + kx] as i32;
-                    let start = kx * c.dilation[1];
-                    if c.stride[1] == 1 {
-                        for (o, v) in out_row.iter_mut().zip(&row[start..start + ow]) {
-                            *o += wv * *v as i32;
-                        }
-                    } else {
-                        for (ox, o) in out_row.iter_mut().enumerate() {
-                            *o += wv * row[start + ox * c.stride[1]] as i32;
-                        }
-                    }
-                }
-            }
-        }
-    };
-    if n * ch * oh * ow < 1 << 14 {
-        let mut padded = Vec::new();
-        acc.chunks_mut(oh * ow.max(1))
-            .enumerate()
-            .for_each(|item| plane(item, &mut padded));
-    } else {
-        for_each_chunk(&mut acc, oh * ow.max(1), |i, dst, padded: &mut Vec<i16>| {
-            plane((i, dst), padded)
-        });
-    }
-    output_values(
-        &c.output,
-        &acc,
-        oh * ow,
-        out_shape(shape, c.out_channels, oh, ow),
-    )
 }
