@@ -115,9 +115,16 @@ pub fn channel_lut(table: &Lut, channels: usize, x: &[i8], shape: &[usize]) -> V
         .collect()
 }
 
-/// Float to 8-bit on `grid`.
+/// Float to 8-bit on `grid` (in parallel chunks when large).
 pub fn quantize(grid: &Grid, x: &[f32]) -> Vec<i8> {
-    x.iter().map(|v| grid.quantize(*v) as i8).collect()
+    let mut out = vec![0i8; x.len()];
+    let chunk = 1 << 14;
+    for_each_chunk(&mut out, chunk, |i, dst, _: &mut ()| {
+        for (o, v) in dst.iter_mut().zip(&x[i * chunk..]) {
+            *o = grid.quantize(*v) as i8;
+        }
+    });
+    out
 }
 
 /// `[n, c, h, w]` of a rank-4 shape, or of a rank-3 `[n, c, l]` read as `h = 1`.
@@ -208,8 +215,8 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
     if out.is_empty() {
         return out;
     }
-    // Planes per chunk: about 64 KiB of input.
-    let planes = ((1 << 16) / (h * wd).max(1)).max(1);
+    // Planes per chunk: about 16 KiB of input.
+    let planes = ((1 << 14) / (h * wd).max(1)).max(1);
     for_each_chunk(&mut out, planes * oh * ow, |i, dst, rows_max: &mut Vec<i8>| {
         let first = i * planes;
         let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];

@@ -78,7 +78,7 @@ fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) 
 }
 
 /// Multiply-adds below which a single image or row is not split across threads.
-const SPLIT_WORK: usize = 1 << 18;
+const SPLIT_WORK: usize = 1 << 16;
 
 /// What a node prepares once and keeps in the model's weight cache (not saved).
 pub enum Packed {
@@ -604,25 +604,33 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
         unreachable!("a linear layer keeps its weights as Packed::Linear")
     };
     let k4 = inp.div_ceil(4);
-    let mut a = Vec::with_capacity(n * k4);
-    let mut row = Vec::new();
-    for r in x.chunks_exact(inp.max(1)).take(n) {
-        gemm::unsigned_words(r, 0x80, &mut row);
-        a.extend_from_slice(&row);
-    }
-    let words = gemm::Words {
-        a: &a,
-        a_row: k4,
-        b: &weights.words,
-        b_off: &weights.offsets,
-        a_signed: false,
-        bias: Bias::Lanes(&weights.bias),
+    // Rows of `x` as `u8` words, `[rows, k4]`.
+    let unsigned = |x: &[i8]| -> Vec<u32> {
+        let mut a = Vec::with_capacity(x.len().div_ceil(4) + k4);
+        let mut row = Vec::new();
+        for r in x.chunks_exact(inp.max(1)) {
+            gemm::unsigned_words(r, 0x80, &mut row);
+            a.extend_from_slice(&row);
+        }
+        a
     };
+    fn words<'a>(a: &'a [u32], k4: usize, weights: &'a LinearWeights) -> gemm::Words<'a> {
+        gemm::Words {
+            a,
+            a_row: k4,
+            b: &weights.words,
+            b_off: &weights.offsets,
+            a_signed: false,
+            bias: Bias::Lanes(&weights.bias),
+        }
+    }
     // `[n, stride]`: the product stores whole rows of 16 lanes.
     let stride = out.next_multiple_of(16);
     let mut acc = vec![0i32; n * stride];
     let threads = threads();
     if n == 1 {
+        let a = unsigned(x);
+        let words = words(&a, k4, weights);
         let lanes = if threads > 1 && inp * out >= SPLIT_WORK {
             out.div_ceil(threads).next_multiple_of(16)
         } else {
@@ -634,17 +642,43 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
             gemm::product(&words, 0..1, first..end, dst, dst.len());
         });
     } else {
+        // Chunks of rows, each converting its own rows.
         let rows = n.div_ceil(threads).next_multiple_of(gemm::MR).min(n);
         for_each_chunk(&mut acc, rows * stride, |i, dst, _: &mut ()| {
             let first = i * rows;
             let count = dst.len() / stride;
-            gemm::product(&words, first..first + count, 0..out, dst, stride);
+            let a = unsigned(&x[first * inp..(first + count) * inp]);
+            gemm::product(&words(&a, k4, weights), 0..count, 0..out, dst, stride);
         });
     }
-    if stride != out {
-        acc = acc.chunks_exact(stride).flat_map(|r| &r[..out]).copied().collect();
+    // Requantized in chunks of rows too.
+    let shape = linear_shape(shape, out);
+    let rows = 64;
+    let rows_of = |i: usize, dst_len: usize| i * rows..i * rows + dst_len / out.max(1);
+    match &l.output {
+        Output::Quantized { grid, .. } => {
+            let mut data = vec![0i8; n * out];
+            for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
+                for (r, d) in rows_of(i, dst.len()).zip(dst.chunks_exact_mut(out.max(1))) {
+                    requantize_rows(&acc[r * stride..r * stride + out], 1, &l.output, 0, d);
+                }
+            });
+            Values::Int {
+                data,
+                shape,
+                grid: *grid,
+            }
+        }
+        Output::Float { .. } => {
+            let mut data = vec![0f32; n * out];
+            for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
+                for (r, d) in rows_of(i, dst.len()).zip(dst.chunks_exact_mut(out.max(1))) {
+                    scale_rows(&acc[r * stride..r * stride + out], 1, &l.output, 0, d);
+                }
+            });
+            Values::Float { data, shape }
+        }
     }
-    output_values(&l.output, &acc, 1, linear_shape(shape, out))
 }
 
 /// Fully connected layer, scalar reference.
