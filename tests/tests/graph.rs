@@ -742,9 +742,18 @@ fn deploy<M: UserModel>() {
     let int8 = burn_qat::export::convert(&eval).unwrap();
     let plain = Device::flex();
     let n = 32;
-    let x = Tensor::<4>::random([n, 1, 8, 8], Distribution::Normal(0.0, 1.2), &plain);
+    // Deterministic (the backend's random stream is shared with tests running alongside).
+    let mut r = burn_qat_tests::uniform(21);
+    let data: Vec<f32> = (0..n * 64).map(|_| r() * 2.4).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(data, [n, 1, 8, 8]), &plain);
     let pixels = values(x.clone());
     let fq = values(eval.forward::<4, 2>(x));
+    assert_eq!(
+        int8.forward(&pixels).unwrap(),
+        int8.forward_reference(&pixels).unwrap(),
+        "{}: fast kernels against the scalar reference",
+        M::NAME
+    );
     let (q, shape, grid) = int8
         .forward_int(&pixels)
         .unwrap()

@@ -769,3 +769,58 @@ fn large_layers_split_across_threads_equal_scalar_reference() {
         }
     }
 }
+
+/// Forwards from several threads at once (they share the integer runtime's workers, or run
+/// alone while another holds them), at batch sizes that split images, rows and channels
+/// differently: every result equals the scalar reference.
+#[test]
+fn concurrent_forwards_equal_scalar_reference() {
+    let mut r = burn_qat_tests::uniform(29);
+    let (cin, cout, hw) = (8, 24, 12);
+    let grid = |zero_point| Grid {
+        scale: 0.05,
+        zero_point,
+        qmin: -128,
+        qmax: 127,
+    };
+    let conv = IntConv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups: 1,
+        kernel: [3, 3],
+        stride: [1, 1],
+        dilation: [1, 1],
+        padding: [1, 1, 1, 1],
+        weight: (0..cout * cin * 9).map(|_| (r() * 127.0) as i8).collect(),
+        weight_bits: 8,
+        weight_scale: vec![0.01; cout],
+        bias: (0..cout as i32).map(|i| i * 13 - 100).collect(),
+        input: grid(3),
+        output: Output::Quantized {
+            grid: grid(-2),
+            requant: vec![FixedMultiplier::new(0.003); cout],
+            lo: -128,
+            hi: 127,
+        },
+    };
+    let model = single_op(&[cin, hw, hw], grid(3), IntOp::Conv2d(conv), &[cout, hw, hw]);
+    let cases: Vec<(Vec<f32>, _)> = [1usize, 2, 5, 17]
+        .iter()
+        .map(|n| {
+            let x: Vec<f32> = (0..n * cin * hw * hw).map(|_| r() * 4.0).collect();
+            let want = model.forward_reference(&x).unwrap();
+            (x, want)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (model, cases) = (&model, &cases);
+            s.spawn(move || {
+                for i in 0..40 {
+                    let (x, want) = &cases[(t + i) % cases.len()];
+                    assert_eq!(&model.forward(x).unwrap(), want, "thread {t} call {i}");
+                }
+            });
+        }
+    });
+}
