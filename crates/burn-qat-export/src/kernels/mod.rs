@@ -203,6 +203,9 @@ struct ConvPlan {
     w: usize,
     ph: usize,
     pw: usize,
+    /// Virtual output columns per row: `ceil(pw / sw)` (outputs `ow..pwv` are computed and
+    /// dropped, so that each tap reads contiguous memory).
+    pwv: usize,
     oh: usize,
     ow: usize,
     cin_g: usize,
@@ -234,6 +237,7 @@ impl ConvPlan {
             w,
             ph: h + top + bottom,
             pw: w + left + right,
+            pwv: (w + left + right).div_ceil(c.stride[1]),
             oh,
             ow,
             cin_g: cin / c.groups,
@@ -300,14 +304,9 @@ impl ConvPlan {
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
     ) {
-        // `[channels, stride]`, every row written whole by the product: the buffer only grows.
-        // Stride 1 runs over virtual columns (see `image_words`).
-        let virtual_columns = c.stride == [1, 1];
-        let lanes = if virtual_columns {
-            self.oh * self.pw
-        } else {
-            self.p
-        };
+        // `[channels, stride]` over virtual columns, every row written whole by the product:
+        // the buffer only grows.
+        let lanes = self.oh * self.pwv;
         let stride = lanes.next_multiple_of(16);
         let len = channels.len() * stride;
         if s.acc.len() < len {
@@ -336,8 +335,8 @@ impl ConvPlan {
             let at = (start - channels.start) * stride;
             gemm::product(&words, start..end, 0..lanes, &mut s.acc[at..], stride);
         }
-        let (p, ow, pw) = (self.p, self.ow, self.pw);
-        let virtual_columns = virtual_columns && pw != ow;
+        let (p, ow, pwv) = (self.p, self.ow, self.pwv);
+        let virtual_columns = pwv != ow;
         let mut tmp = Vec::new();
         for (i, dst) in dst.chunks_exact_mut(p.max(1)).enumerate() {
             let acc = &s.acc[i * stride..];
@@ -345,10 +344,11 @@ impl ConvPlan {
                 write(&acc[..p], channels.start + i, dst);
                 continue;
             }
-            // Virtual columns: lane `n` is output `(n / pw, n % pw)`, kept when `n % pw < ow`.
-            tmp.resize(self.oh * pw, T::default());
-            write(&acc[..self.oh * pw], channels.start + i, &mut tmp);
-            for (row, src) in dst.chunks_exact_mut(ow).zip(tmp.chunks_exact(pw)) {
+            // Virtual columns: lane `n` is output `(n / pwv, n % pwv)`, kept when
+            // `n % pwv < ow`.
+            tmp.resize(self.oh * pwv, T::default());
+            write(&acc[..self.oh * pwv], channels.start + i, &mut tmp);
+            for (row, src) in dst.chunks_exact_mut(ow.max(1)).zip(tmp.chunks_exact(pwv.max(1))) {
                 row.copy_from_slice(&src[..ow]);
             }
         }
@@ -397,100 +397,65 @@ impl ConvPlan {
         }
     }
 
-    /// Group `g`'s im2col matrix `[cin_g * kh * kw, p]` (from the image padded with the input
-    /// zero point) as tap words `[k4, p]` in `s.b` (`[k4, oh * pw]` virtual columns at stride
-    /// 1).
+    /// Group `g`'s im2col matrix (from the image padded with the input zero point) as tap
+    /// words `[k4, oh * pwv]` in `s.b`, over virtual columns. The padded image is first split
+    /// into `sh * sw` stride phases (`phase[ry][rx][y][x] = padded[y * sh + ry][x * sw + rx]`,
+    /// each `ceil(ph / sh) x pwv`), so that at any stride the im2col row of tap `(ic, ky, kx)`
+    /// is one contiguous slice of a phase from `(ky dh / sh) * pwv + kx dw / sw` on: each word
+    /// row interleaves four slices (the last taps read a few bytes past the last phase: slack).
     fn im2col_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
-        let [top, bottom, left, right] = c.padding;
-        let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
-        let zp = c.input.zero_point as i8;
-        let group = &image[g * self.cin_g * h * w..(g + 1) * self.cin_g * h * w];
+        let [top, _, left, _] = c.padding;
+        let (h, w, pwv) = (self.h, self.w, self.pwv);
         let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
+        let phv = self.ph.div_ceil(sh);
+        let phase_len = phv * pwv;
+        let channel_len = sh * sw * phase_len;
+        let group = &image[g * self.cin_g * h * w..(g + 1) * self.cin_g * h * w];
         let k = self.cin_g * kh * kw;
         let k4 = k.div_ceil(4);
-        if [sh, sw] == [1, 1] {
-            // Virtual columns `oh * pw`: row `(ic, ky, kx)` of the im2col matrix is the padded
-            // group itself from offset `(ic * ph + ky * dh) * pw + kx * dw` on, so each word
-            // row interleaves four slices of it (the last tap reads `(kw - 1) * dw` past the
-            // last plane: slack).
-            let lanes = self.oh * pw;
-            let stride = lanes.next_multiple_of(16);
-            s.padded.clear();
-            s.padded.resize(self.cin_g * ph * pw + (kw - 1) * dw, zp);
-            for (ch, plane) in group.chunks(h * w).enumerate() {
-                for (y, row) in plane.chunks(w).enumerate() {
-                    let at = (ch * ph + top + y) * pw + left;
+        let lanes = self.oh * pwv;
+        let stride = lanes.next_multiple_of(16);
+        s.padded.clear();
+        s.padded
+            .resize(self.cin_g * channel_len + (kw - 1) * dw / sw + 1, c.input.zero_point as i8);
+        for (ch, plane) in group.chunks(h * w).enumerate() {
+            let base = ch * channel_len;
+            for (y, row) in plane.chunks(w).enumerate() {
+                let (ry, yv) = ((top + y) % sh, (top + y) / sh);
+                if sw == 1 {
+                    let at = base + ry * phase_len + yv * pwv + left;
                     s.padded[at..at + w].copy_from_slice(row);
+                    continue;
+                }
+                for (x, v) in row.iter().enumerate() {
+                    let (rx, xv) = ((left + x) % sw, (left + x) / sw);
+                    s.padded[base + (ry * sw + rx) * phase_len + yv * pwv + xv] = *v;
                 }
             }
-            s.cols.clear();
-            s.cols.resize(lanes, 0);
-            s.b.clear();
-            s.b.resize(k4 * stride, 0);
-            s.b_off.clear();
-            let taps = kh * kw;
-            let row = |t: usize| -> &[i8] {
-                if t >= k {
-                    return &s.cols[..];
-                }
-                let (ic, ky, kx) = (t / taps, t % taps / kw, t % kw);
-                let at = (ic * ph + ky * dh) * pw + kx * dw;
-                &s.padded[at..at + lanes]
-            };
-            for q in 0..k4 {
-                let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
-                gemm::interleave4(rows, &mut s.b[q * stride..q * stride + lanes]);
-            }
-            s.b_off.extend((0..k4).map(|q| q * stride));
-            return;
         }
-        let group = if top + bottom + left + right > 0 {
-            s.padded.clear();
-            s.padded.resize(self.cin_g * ph * pw, zp);
-            for (ch, plane) in group.chunks(h * w).enumerate() {
-                for (y, row) in plane.chunks(w).enumerate() {
-                    let at = (ch * ph + top + y) * pw + left;
-                    s.padded[at..at + w].copy_from_slice(row);
-                }
-            }
-            &s.padded[..]
-        } else {
-            group
-        };
-        let (oh, ow) = (self.oh, self.ow);
-        // The im2col rows `(ic, ky, kx)`, columns `(oy, ox)`, then rows of zeros to `4 k4`.
         s.cols.clear();
-        s.cols.resize(4 * k4 * p, 0);
-        let mut rows = s.cols.chunks_exact_mut(p.max(1));
-        for ic in 0..self.cin_g {
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let row = rows.next().expect("k rows of p columns");
-                    for (oy, out) in row.chunks_exact_mut(ow.max(1)).enumerate().take(oh) {
-                        let at = (ic * ph + oy * sh + ky * dh) * pw + kx * dw;
-                        if sw == 1 {
-                            out.copy_from_slice(&group[at..at + ow]);
-                        } else {
-                            for (ox, v) in out.iter_mut().enumerate() {
-                                *v = group[at + ox * sw];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let stride = p.next_multiple_of(16);
+        s.cols.resize(lanes, 0);
         s.b.clear();
         s.b.resize(k4 * stride, 0);
         s.b_off.clear();
-        for (q, quad) in s.cols.chunks_exact(4 * p.max(1)).take(k4).enumerate() {
-            let r: Vec<&[i8]> = quad.chunks_exact(p.max(1)).collect();
-            gemm::interleave4(
-                [r[0], r[1], r[2], r[3]],
-                &mut s.b[q * stride..q * stride + p],
-            );
-            s.b_off.push(q * stride);
+        let taps = kh * kw;
+        let row = |t: usize| -> &[i8] {
+            if t >= k {
+                return &s.cols[..];
+            }
+            let (ic, ky, kx) = (t / taps, t % taps / kw, t % kw);
+            let (ry, rx) = ((ky * dh) % sh, (kx * dw) % sw);
+            let at = ic * channel_len
+                + (ry * sw + rx) * phase_len
+                + (ky * dh / sh) * pwv
+                + kx * dw / sw;
+            &s.padded[at..at + lanes]
+        };
+        for q in 0..k4 {
+            let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
+            gemm::interleave4(rows, &mut s.b[q * stride..q * stride + lanes]);
         }
+        s.b_off.extend((0..k4).map(|q| q * stride));
     }
 }
 
