@@ -418,18 +418,34 @@ impl ConvPlan {
         s.padded.clear();
         s.padded
             .resize(self.cin_g * channel_len + (kw - 1) * dw / sw + 1, c.input.zero_point as i8);
+        // Per column phase: the first column taken, where it lands, how many (no division in
+        // the loops below).
+        let column_phases: Vec<(usize, usize, usize)> = (0..sw)
+            .map(|rx| {
+                let x0 = (rx + sw - left % sw) % sw;
+                (x0, (left + x0) / sw, w.saturating_sub(x0).div_ceil(sw))
+            })
+            .collect();
         for (ch, plane) in group.chunks(h * w).enumerate() {
             let base = ch * channel_len;
-            for (y, row) in plane.chunks(w).enumerate() {
-                let (ry, yv) = ((top + y) % sh, (top + y) / sh);
+            let (mut ry, mut yv) = (top % sh, top / sh);
+            for row in plane.chunks(w) {
                 if sw == 1 {
                     let at = base + ry * phase_len + yv * pwv + left;
                     s.padded[at..at + w].copy_from_slice(row);
-                    continue;
+                } else {
+                    // Phase `rx` takes the columns `x` with `(left + x) % sw == rx`, in order.
+                    for (rx, &(x0, xv0, count)) in column_phases.iter().enumerate() {
+                        let at = base + (ry * sw + rx) * phase_len + yv * pwv + xv0;
+                        let src = row.iter().skip(x0).step_by(sw);
+                        for (d, v) in s.padded[at..at + count].iter_mut().zip(src) {
+                            *d = *v;
+                        }
+                    }
                 }
-                for (x, v) in row.iter().enumerate() {
-                    let (rx, xv) = ((left + x) % sw, (left + x) / sw);
-                    s.padded[base + (ry * sw + rx) * phase_len + yv * pwv + xv] = *v;
+                ry += 1;
+                if ry == sh {
+                    (ry, yv) = (0, yv + 1);
                 }
             }
         }
@@ -438,18 +454,26 @@ impl ConvPlan {
         s.b.clear();
         s.b.resize(k4 * stride, 0);
         s.b_off.clear();
-        let taps = kh * kw;
-        let row = |t: usize| -> &[i8] {
-            if t >= k {
-                return &s.cols[..];
+        // Where each tap's row starts, in `(ic, ky, kx)` order.
+        let mut starts = Vec::with_capacity(4 * k4);
+        for ic in 0..self.cin_g {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let (ry, rx) = ((ky * dh) % sh, (kx * dw) % sw);
+                    starts.push(
+                        ic * channel_len
+                            + (ry * sw + rx) * phase_len
+                            + (ky * dh / sh) * pwv
+                            + kx * dw / sw,
+                    );
+                }
             }
-            let (ic, ky, kx) = (t / taps, t % taps / kw, t % kw);
-            let (ry, rx) = ((ky * dh) % sh, (kx * dw) % sw);
-            let at = ic * channel_len
-                + (ry * sw + rx) * phase_len
-                + (ky * dh / sh) * pwv
-                + kx * dw / sw;
-            &s.padded[at..at + lanes]
+        }
+        let row = |t: usize| -> &[i8] {
+            match starts.get(t) {
+                Some(at) => &s.padded[*at..*at + lanes],
+                None => &s.cols[..],
+            }
         };
         for q in 0..k4 {
             let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
