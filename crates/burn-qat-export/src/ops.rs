@@ -237,6 +237,38 @@ unsafe fn max_planes_avx2(w: &Window, x: &[i8], dims: [usize; 4], rows: &mut [i8
     max_planes(w, x, dims, rows, out)
 }
 
+/// `dst[i] = max(row[2i], row[2i + 1])`, sixteen at a time: the odd and even bytes
+/// sign-extended to `i16`, their max packed back to bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pair_max_avx2(row: &[i8], dst: &mut [i8]) {
+    use std::arch::x86_64::*;
+    let n = dst.len().min(row.len() / 2);
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: `2 (i + 16) <= row.len()` and `i + 16 <= dst.len()`.
+        let m = unsafe { _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i) };
+        let odd = _mm256_srai_epi16(m, 8);
+        let even = _mm256_srai_epi16(_mm256_slli_epi16(m, 8), 8);
+        let packed = _mm256_packs_epi16(_mm256_max_epi16(even, odd), _mm256_setzero_si256());
+        let bytes = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, bytes) };
+        i += 16;
+    }
+    if i + 8 <= n {
+        // SAFETY: `2 (i + 8) <= row.len()` and `i + 8 <= dst.len()`.
+        let m = unsafe { _mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i) };
+        let odd = _mm_srai_epi16(m, 8);
+        let even = _mm_srai_epi16(_mm_slli_epi16(m, 8), 8);
+        let packed = _mm_packs_epi16(_mm_max_epi16(even, odd), _mm_setzero_si128());
+        unsafe { _mm_storel_epi64(dst.as_mut_ptr().add(i) as *mut __m128i, packed) };
+        i += 8;
+    }
+    for (d, pair) in dst[i..n].iter_mut().zip(row[2 * i..].chunks_exact(2)) {
+        *d = pair[0].max(pair[1]);
+    }
+}
+
 /// [`max_pool_valid`] on whole planes `x` (`[.., h, wd]`) into `out` (`[.., oh, ow]`).
 #[inline(always)]
 fn max_planes(
@@ -258,6 +290,12 @@ fn max_planes(
                 }
             }
             if kernel[1] == 2 && stride[1] == 2 {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the feature was detected just above.
+                    unsafe { pair_max_avx2(rows_max, dst) };
+                    continue;
+                }
                 for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
                     *d = pair[0].max(pair[1]);
                 }

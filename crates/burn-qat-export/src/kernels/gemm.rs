@@ -193,10 +193,9 @@ pub(crate) fn interleave4(rows: [&[i8]; 4], dst: &mut [u32]) {
     }
 }
 
-/// `int8` values as `u8` words (`int8 + 128`, four per word), the last word padded with
-/// `pad` bytes.
+/// `int8` values as `u8` words (`int8 + 128`, four per word) appended to `dst`, the last word
+/// padded with `pad` bytes.
 pub(crate) fn unsigned_words(x: &[i8], pad: u8, dst: &mut Vec<u32>) {
-    dst.clear();
     let mut chunks = x.chunks_exact(4);
     dst.extend(chunks.by_ref().map(|c| {
         u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ 0x8080_8080

@@ -77,6 +77,21 @@ fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) 
     }
 }
 
+/// Rows of `width` values taken from `src` every `src_stride` values, packed into `dst`. A
+/// short row is copied as one block of 32 values when that fits (spilling into the next row,
+/// which is written right after): no `memcpy` call per row.
+fn compact_rows<T: Copy>(src: &[T], src_stride: usize, width: usize, dst: &mut [T]) {
+    const BLOCK: usize = 32;
+    for (r, at) in (0..dst.len()).step_by(width.max(1)).enumerate() {
+        let from = &src[r * src_stride..];
+        if width <= BLOCK && at + BLOCK <= dst.len() && from.len() >= BLOCK {
+            dst[at..at + BLOCK].copy_from_slice(&from[..BLOCK]);
+        } else {
+            dst[at..at + width].copy_from_slice(&from[..width]);
+        }
+    }
+}
+
 /// Multiply-adds below which a single image or row is not split across threads.
 const SPLIT_WORK: usize = 1 << 16;
 
@@ -348,9 +363,7 @@ impl ConvPlan {
             // `n % pwv < ow`.
             tmp.resize(self.oh * pwv, T::default());
             write(&acc[..self.oh * pwv], channels.start + i, &mut tmp);
-            for (row, src) in dst.chunks_exact_mut(ow.max(1)).zip(tmp.chunks_exact(pwv.max(1))) {
-                row.copy_from_slice(&src[..ow]);
-            }
+            compact_rows(&tmp, pwv, ow, dst);
         }
     }
 
@@ -596,10 +609,8 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     // Rows of `x` as `u8` words, `[rows, k4]`.
     let unsigned = |x: &[i8]| -> Vec<u32> {
         let mut a = Vec::with_capacity(x.len().div_ceil(4) + k4);
-        let mut row = Vec::new();
         for r in x.chunks_exact(inp.max(1)) {
-            gemm::unsigned_words(r, 0x80, &mut row);
-            a.extend_from_slice(&row);
+            gemm::unsigned_words(r, 0x80, &mut a);
         }
         a
     };
