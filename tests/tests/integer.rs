@@ -194,73 +194,85 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
     // a multiple of 4 or at least 16 channels per group), output channels across tile rows (8)
     // and images across tile columns (48 lanes), rectangular kernels, strides and padding.
     (
-        (1usize..4, 1usize..4, prop::sample::select(vec![1usize, 2, 3, 4, 5, 8, 16, 17]), 1usize..20),
+        (
+            1usize..4,
+            1usize..4,
+            prop::sample::select(vec![1usize, 2, 3, 4, 5, 8, 16, 17]),
+            1usize..20,
+        ),
         (1usize..4, 1usize..4, 1usize..3, 1usize..3, 1usize..3),
-        (proptest::array::uniform4(0usize..3), 4usize..20, -128i32..128),
+        (
+            proptest::array::uniform4(0usize..3),
+            4usize..20,
+            -128i32..128,
+        ),
     )
-        .prop_flat_map(|((n, g, cin_g, cout_g), (kh, kw, sh, sw, dil), (pad, hw, zp))| {
-            let k = [kh, kw];
-            let cin = g * cin_g;
-            let cout = g * cout_g;
-            let wlen = cout * cin_g * kh * kw;
-            (
-                proptest::collection::vec(any::<i8>(), wlen),
-                proptest::collection::vec(-5000i32..5000, cout),
-                proptest::collection::vec(1e-4f64..0.05, cout),
-                proptest::collection::vec(-3.0f32..3.0, n * cin * hw * hw),
-                0..3,
-            )
-                .prop_map(move |(weight, bias, mult, input, mode)| {
-                    let input_q = Grid {
-                        scale: 0.05,
-                        zero_point: zp,
-                        qmin: -128,
-                        qmax: 127,
-                    };
-                    let out_q = Grid {
-                        scale: 0.1,
-                        zero_point: (-zp).min(127),
-                        qmin: -128,
-                        qmax: 127,
-                    };
-                    let output = match mode {
-                        0 | 1 => Output::Quantized {
-                            grid: out_q,
-                            requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
-                            lo: if mode == 1 { out_q.zero_point } else { -128 },
-                            hi: 127,
-                        },
-                        _ => Output::Float {
-                            scale: mult.iter().map(|m| *m as f32).collect(),
-                            lo: f32::MIN,
-                            hi: f32::MAX,
-                        },
-                    };
-                    let conv = IntConv2d {
-                        in_channels: cin,
-                        out_channels: cout,
-                        groups: g,
-                        kernel: k,
-                        stride: [sh, sw],
-                        dilation: [dil, dil],
-                        padding: pad,
-                        weight,
-                        weight_bits: 8,
-                        weight_scale: vec![0.01; cout],
-                        bias,
-                        input: input_q,
-                        output,
-                    };
-                    let len = |pad: usize, k: usize, s: usize| {
-                        (hw + pad > dil * (k - 1)).then(|| (hw + pad - dil * (k - 1) - 1) / s + 1)
-                    };
-                    let (oh, ow) = (len(pad[0] + pad[1], kh, sh), len(pad[2] + pad[3], kw, sw));
-                    let fits = oh.is_some() && ow.is_some();
-                    let out = [cout, oh.unwrap_or(0), ow.unwrap_or(0)];
-                    let model = single_op(&[cin, hw, hw], input_q, IntOp::Conv2d(conv), &out);
-                    (model, input, fits)
-                })
-        })
+        .prop_flat_map(
+            |((n, g, cin_g, cout_g), (kh, kw, sh, sw, dil), (pad, hw, zp))| {
+                let k = [kh, kw];
+                let cin = g * cin_g;
+                let cout = g * cout_g;
+                let wlen = cout * cin_g * kh * kw;
+                (
+                    proptest::collection::vec(any::<i8>(), wlen),
+                    proptest::collection::vec(-5000i32..5000, cout),
+                    proptest::collection::vec(1e-4f64..0.05, cout),
+                    proptest::collection::vec(-3.0f32..3.0, n * cin * hw * hw),
+                    0..3,
+                )
+                    .prop_map(move |(weight, bias, mult, input, mode)| {
+                        let input_q = Grid {
+                            scale: 0.05,
+                            zero_point: zp,
+                            qmin: -128,
+                            qmax: 127,
+                        };
+                        let out_q = Grid {
+                            scale: 0.1,
+                            zero_point: (-zp).min(127),
+                            qmin: -128,
+                            qmax: 127,
+                        };
+                        let output = match mode {
+                            0 | 1 => Output::Quantized {
+                                grid: out_q,
+                                requant: mult.iter().map(|m| FixedMultiplier::new(*m)).collect(),
+                                lo: if mode == 1 { out_q.zero_point } else { -128 },
+                                hi: 127,
+                            },
+                            _ => Output::Float {
+                                scale: mult.iter().map(|m| *m as f32).collect(),
+                                lo: f32::MIN,
+                                hi: f32::MAX,
+                            },
+                        };
+                        let conv = IntConv2d {
+                            in_channels: cin,
+                            out_channels: cout,
+                            groups: g,
+                            kernel: k,
+                            stride: [sh, sw],
+                            dilation: [dil, dil],
+                            padding: pad,
+                            weight,
+                            weight_bits: 8,
+                            weight_scale: vec![0.01; cout],
+                            bias,
+                            input: input_q,
+                            output,
+                        };
+                        let len = |pad: usize, k: usize, s: usize| {
+                            (hw + pad > dil * (k - 1))
+                                .then(|| (hw + pad - dil * (k - 1) - 1) / s + 1)
+                        };
+                        let (oh, ow) = (len(pad[0] + pad[1], kh, sh), len(pad[2] + pad[3], kw, sw));
+                        let fits = oh.is_some() && ow.is_some();
+                        let out = [cout, oh.unwrap_or(0), ow.unwrap_or(0)];
+                        let model = single_op(&[cin, hw, hw], input_q, IntOp::Conv2d(conv), &out);
+                        (model, input, fits)
+                    })
+            },
+        )
         .prop_filter("kernel fits", |(_, _, fits)| *fits)
         .prop_map(|(m, x, _)| (m, x))
 }
@@ -740,7 +752,12 @@ fn large_layers_split_across_threads_equal_scalar_reference() {
         input: grid(7),
         output: quantized(cout),
     };
-    let conv = single_op(&[cin, hw, hw], grid(7), IntOp::Conv2d(conv), &[cout, hw, hw]);
+    let conv = single_op(
+        &[cin, hw, hw],
+        grid(7),
+        IntOp::Conv2d(conv),
+        &[cout, hw, hw],
+    );
     let (fin, fout) = (700, 500);
     let linear = IntLinear {
         in_features: fin,
@@ -803,7 +820,12 @@ fn concurrent_forwards_equal_scalar_reference() {
             hi: 127,
         },
     };
-    let model = single_op(&[cin, hw, hw], grid(3), IntOp::Conv2d(conv), &[cout, hw, hw]);
+    let model = single_op(
+        &[cin, hw, hw],
+        grid(3),
+        IntOp::Conv2d(conv),
+        &[cout, hw, hw],
+    );
     let cases: Vec<(Vec<f32>, _)> = [1usize, 2, 5, 17]
         .iter()
         .map(|n| {

@@ -103,7 +103,10 @@ fn bench(c: &mut Criterion) {
                     tp * 1e3,
                     tp / tv
                 ),
-                None => println!("RATIO {name}: portable {:.3} ms (no AVX-512 VNNI here)", tp * 1e3),
+                None => println!(
+                    "RATIO {name}: portable {:.3} ms (no AVX-512 VNNI here)",
+                    tp * 1e3
+                ),
             }
         }
     }

@@ -2,9 +2,9 @@
 //! reductions, concat and permute. Plain loops over `i8` buffers (the compiler vectorizes the
 //! contiguous ones); each is its own definition, checked against the fake-quant graph.
 
+use crate::kernels::for_each_chunk;
 use crate::model::{Grid, IntAdd, IntMul, Lut, Window, conv_output_len};
 use crate::requant::FixedMultiplier;
-use crate::kernels::for_each_chunk;
 
 /// Row-major strides of `shape`.
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -217,17 +217,21 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
     }
     // Planes per chunk: about 16 KiB of input.
     let planes = ((1 << 14) / (h * wd).max(1)).max(1);
-    for_each_chunk(&mut out, planes * oh * ow, |i, dst, rows_max: &mut Vec<i8>| {
-        let first = i * planes;
-        let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
-        rows_max.resize(wd, 0);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the feature was detected just above.
-            return unsafe { max_planes_avx2(w, src, [h, wd, oh, ow], rows_max, dst) };
-        }
-        max_planes(w, src, [h, wd, oh, ow], rows_max, dst)
-    });
+    for_each_chunk(
+        &mut out,
+        planes * oh * ow,
+        |i, dst, rows_max: &mut Vec<i8>| {
+            let first = i * planes;
+            let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
+            rows_max.resize(wd, 0);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the feature was detected just above.
+                return unsafe { max_planes_avx2(w, src, [h, wd, oh, ow], rows_max, dst) };
+            }
+            max_planes(w, src, [h, wd, oh, ow], rows_max, dst)
+        },
+    );
     out
 }
 

@@ -61,7 +61,9 @@ fn export<M: Classifier>(
 /// Median seconds per call of the integer model at batch 1 and 256 (`None` for a batch
 /// `VS_ORT_BATCH` leaves out), about `budget` each.
 fn ours(int8: &burn_qat::export::IntegerModel, budget: Duration) -> [Option<f64>; 2] {
-    let only: Option<usize> = std::env::var("VS_ORT_BATCH").ok().and_then(|b| b.parse().ok());
+    let only: Option<usize> = std::env::var("VS_ORT_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok());
     [1usize, 256].map(|batch| {
         if only.is_some_and(|b| b != batch) {
             return None;
@@ -114,7 +116,10 @@ fn main() {
     let threads = burn_qat::export::kernels::threads();
     // `VS_ORT_MODELS=bn,mobile`: only these (for profiling one model).
     let only = std::env::var("VS_ORT_MODELS").ok();
-    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.split(',').any(|m| m == name));
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|m| m == name))
+    };
     let mut models = vec![];
     if wanted("tutorial") {
         models.push(export("tutorial", Tutorial::new(&device), &device, &dir));

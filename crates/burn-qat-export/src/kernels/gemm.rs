@@ -79,10 +79,10 @@ pub(crate) enum Bias<'a> {
     Lanes(&'a [i32]),
 }
 
-/// `C[m][n]` for `m` in `rows`, `n` in `lanes`, stored to `out[(m - rows.start) * row_stride
-/// + n - lanes.start]`. Whole tiles are stored: each row's lanes run to the next multiple of 16
-/// (`row_stride` leaves room for them). Tiles are `MR x 16 NR`, or one row of `16 NR_ROW`
-/// lanes for a single row (a matrix-vector product).
+/// `C[m][n]` for `m` in `rows`, `n` in `lanes`, stored to
+/// `out[(m - rows.start) * row_stride + n - lanes.start]`. Whole tiles are stored: each row's
+/// lanes run to the next multiple of 16 (`row_stride` leaves room for them). Tiles are
+/// `MR x 16 NR`, or one row of `16 NR_ROW` lanes for a single row (a matrix-vector product).
 ///
 /// # Panics
 /// If the operands or `out` are shorter than `rows`, `lanes` and `b_off` say (a caller's bug:
@@ -107,7 +107,11 @@ pub(crate) fn product(
         Bias::Lanes(b) => b.len() >= lanes_end16,
     });
     assert!(row_stride >= width && out.len() >= (rows.len() - 1) * row_stride + width);
-    let (mr, nr) = if rows.len() == 1 { (1, NR_ROW) } else { (MR, NR) };
+    let (mr, nr) = if rows.len() == 1 {
+        (1, NR_ROW)
+    } else {
+        (MR, NR)
+    };
     let vnni = uses_vnni();
     let mut n0 = lanes.start;
     while n0 < lanes.end {
@@ -328,7 +332,12 @@ mod x86 {
                     )
                 };
             }
-            let (r0, r1, r2, r3) = (load!(rows[0]), load!(rows[1]), load!(rows[2]), load!(rows[3]));
+            let (r0, r1, r2, r3) = (
+                load!(rows[0]),
+                load!(rows[1]),
+                load!(rows[2]),
+                load!(rows[3]),
+            );
             let (lo01, hi01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
             let (lo23, hi23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
             let words = [
@@ -343,7 +352,9 @@ mod x86 {
                     break;
                 }
                 let m: __mmask8 = ((1u16 << (n - start).min(4)) - 1) as u8;
-                unsafe { _mm_mask_storeu_epi32(dst.as_mut_ptr().add(x + start) as *mut i32, m, *v) };
+                unsafe {
+                    _mm_mask_storeu_epi32(dst.as_mut_ptr().add(x + start) as *mut i32, m, *v)
+                };
             }
             x += 16;
         }

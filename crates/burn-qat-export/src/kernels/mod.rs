@@ -126,7 +126,7 @@ impl ConvWeights {
         let taps = c.kernel[0] * c.kernel[1];
         let cin_g = c.in_channels / c.groups;
         let per_out = cin_g * taps;
-        let channel_words = c.stride == [1, 1] && (cin_g % 4 == 0 || cin_g >= 16);
+        let channel_words = c.stride == [1, 1] && (cin_g.is_multiple_of(4) || cin_g >= 16);
         let k4 = if channel_words {
             cin_g.div_ceil(4) * taps
         } else {
@@ -140,7 +140,11 @@ impl ConvWeights {
                 let byte = |j: usize| -> u8 {
                     let v = if channel_words {
                         let ic = 4 * (k / taps) + j;
-                        if ic < cin_g { w[ic * taps + k % taps] } else { 0 }
+                        if ic < cin_g {
+                            w[ic * taps + k % taps]
+                        } else {
+                            0
+                        }
                     } else {
                         w.get(4 * k + j).copied().unwrap_or(0)
                     };
@@ -429,8 +433,10 @@ impl ConvPlan {
         let lanes = self.oh * pwv;
         let stride = lanes.next_multiple_of(16);
         s.padded.clear();
-        s.padded
-            .resize(self.cin_g * channel_len + (kw - 1) * dw / sw + 1, c.input.zero_point as i8);
+        s.padded.resize(
+            self.cin_g * channel_len + (kw - 1) * dw / sw + 1,
+            c.input.zero_point as i8,
+        );
         // Per column phase: the first column taken, where it lands, how many (no division in
         // the loops below).
         let column_phases: Vec<(usize, usize, usize)> = (0..sw)
@@ -571,7 +577,11 @@ impl LinearWeights {
             for (o, word) in row.iter_mut().enumerate().take(out) {
                 let byte = |j: usize| {
                     let i = 4 * k + j;
-                    if i < inp { l.weight[i * out + o] as u8 } else { 0 }
+                    if i < inp {
+                        l.weight[i * out + o] as u8
+                    } else {
+                        0
+                    }
                 };
                 *word = u32::from_le_bytes([byte(0), byte(1), byte(2), byte(3)]);
             }

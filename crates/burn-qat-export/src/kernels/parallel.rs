@@ -101,7 +101,7 @@ impl Pool {
                 }
                 spins = spins.wrapping_add(1);
                 // The clock is read once per 256 spins.
-                if spins % 256 != 0 || start.elapsed() < SPIN {
+                if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -114,7 +114,11 @@ impl Pool {
                 break;
             }
             seen = self.epoch.load(Ordering::Acquire);
-            let job = self.job_meta.lock().unwrap_or_else(|e| e.into_inner()).map(|j| j.0);
+            let job = self
+                .job_meta
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|j| j.0);
             if let Some(job) = job {
                 // SAFETY: the job outlives this call: `run` waits for `pending` to reach 0.
                 let job = unsafe { &*job };
@@ -145,7 +149,7 @@ impl Pool {
         let mut spins = 0u32;
         while self.pending.load(Ordering::Acquire) > 0 {
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
