@@ -8,7 +8,9 @@ use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_qat::export::requant::FixedMultiplier;
-use burn_qat::export::{Grid, IntConv2d, IntLinear, IntNode, IntOp, IntegerModel, Output, convert};
+use burn_qat::export::{
+    Grid, IntConv2d, IntLinear, IntNode, IntOp, IntegerModel, Output, Window, convert,
+};
 use burn_qat::graph::{Dim, from_sequential};
 use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, QuantSpec};
@@ -845,4 +847,60 @@ fn concurrent_forwards_equal_scalar_reference() {
             });
         }
     });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    /// A convolution read only by a max pooling runs fused with it (pooled while in cache):
+    /// equal to the scalar reference, which runs them one after the other.
+    #[test]
+    fn fused_conv_max_pool_equals_scalar_reference(
+        (n, cin, cout, hw) in (1usize..4, 1usize..9, 1usize..20, 6usize..16),
+        (k, pk, ps) in (1usize..4, 1usize..4, 1usize..3),
+        seed in any::<u64>(),
+    ) {
+        let mut r = burn_qat_tests::uniform(seed);
+        let grid = |zero_point| Grid { scale: 0.05, zero_point, qmin: -128, qmax: 127 };
+        let conv = IntConv2d {
+            in_channels: cin,
+            out_channels: cout,
+            groups: 1,
+            kernel: [k, k],
+            stride: [1, 1],
+            dilation: [1, 1],
+            padding: [1, 1, 1, 1],
+            weight: (0..cout * cin * k * k).map(|_| (r() * 127.0) as i8).collect(),
+            weight_bits: 8,
+            weight_scale: vec![0.01; cout],
+            bias: (0..cout).map(|_| (r() * 2000.0) as i32).collect(),
+            input: grid(4),
+            output: Output::Quantized {
+                grid: grid(-7),
+                requant: (0..cout).map(|i| FixedMultiplier::new(0.002 + i as f64 * 1e-4)).collect(),
+                lo: -128,
+                hi: 127,
+            },
+        };
+        let side = hw + 2 - k + 1;
+        prop_assume!(side >= pk);
+        let pooled = (side - pk) / ps + 1;
+        let window = Window { kernel: [pk, pk], stride: [ps, ps], padding: [0; 4], dilation: [1, 1] };
+        let dims = |s: &[usize]| -> Vec<Dim> {
+            std::iter::once(Dim::Batch(1)).chain(s.iter().map(|d| Dim::Fixed(*d))).collect()
+        };
+        let node = |name: &str, op, inputs, shape, grid| IntNode { name: name.into(), op, inputs, shape, grid };
+        let model = IntegerModel::new(
+            vec![
+                node("input", IntOp::Input, vec![], dims(&[cin, hw, hw]), None),
+                node("quant", IntOp::Quantize(grid(4)), vec![0], dims(&[cin, hw, hw]), Some(grid(4))),
+                node("conv", IntOp::Conv2d(conv), vec![1], dims(&[cout, side, side]), Some(grid(-7))),
+                node("pool", IntOp::MaxPool(window), vec![2], dims(&[cout, pooled, pooled]), Some(grid(-7))),
+            ],
+            3,
+        );
+        let x: Vec<f32> = (0..n * cin * hw * hw).map(|_| r() * 4.0).collect();
+        let reference = model.forward_reference(&x).unwrap();
+        prop_assert_eq!(&model.forward(&x).unwrap(), &reference);
+        prop_assert_eq!(&model.forward(&x[..cin * hw * hw]).unwrap().0[..], &reference.0[..reference.0.len() / n]);
+    }
 }

@@ -224,15 +224,27 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
             let first = i * planes;
             let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
             rows_max.resize(wd, 0);
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the feature was detected just above.
-                return unsafe { max_planes_avx2(w, src, [h, wd, oh, ow], rows_max, dst) };
-            }
-            max_planes(w, src, [h, wd, oh, ow], rows_max, dst)
+            max_pool_planes(w, src, [h, wd, oh, ow], rows_max, dst)
         },
     );
     out
+}
+
+/// Max pooling without padding or dilation of whole planes `x` (`[.., h, wd]`) into `out`
+/// (`[.., oh, ow]`), with `rows_max` (`wd` values) as scratch.
+pub(crate) fn max_pool_planes(
+    w: &Window,
+    x: &[i8],
+    dims: [usize; 4],
+    rows_max: &mut [i8],
+    out: &mut [i8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the feature was detected just above.
+        return unsafe { max_planes_avx2(w, x, dims, rows_max, out) };
+    }
+    max_planes(w, x, dims, rows_max, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use crate::kernels::{self, Packed};
-use crate::model::{Grid, IntOp, IntegerModel, ModelError, RunError};
+use crate::model::{Grid, IntOp, IntegerModel, ModelError, RunError, Window};
 use crate::ops;
 use crate::validate::infer;
 
@@ -144,7 +144,11 @@ impl IntegerModel {
         }
         last_use[self.output] = usize::MAX;
         let mut values: Vec<Option<Values>> = vec![None; self.nodes.len()];
+        let mut fused = None;
         for (i, node) in self.nodes.iter().enumerate() {
+            if fused == Some(i) {
+                continue;
+            }
             // The shape rule of `validate`, at this batch size: the kernels rely on it.
             let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
             let ins: Vec<Vec<usize>> = node
@@ -178,7 +182,27 @@ impl IntegerModel {
                 values[i] = Some(v);
                 continue;
             }
-            values[i] = Some(self.node(i, shape, input, &values, reference)?);
+            // A convolution whose only reader is the max pooling right after it: both at once
+            // (`kernels::conv2d_max_pool`), the pooled output stored as the pooling's.
+            if !reference
+                && let Some((w, pooled)) = self.pool_after(i, batch, &last_use)
+                && let (IntOp::Conv2d(c), Some(Values::Int { data, shape: s, .. })) =
+                    (&node.op, values[node.inputs[0]].as_ref())
+            {
+                match infer(&self.nodes[i + 1].op, &[shape], &pooled) {
+                    Ok(got) if got == pooled => {}
+                    Ok(got) => {
+                        let what = format!("computes {got:?}, declares {pooled:?}");
+                        return Err(err(self, i + 1, what));
+                    }
+                    Err(e) => return Err(err(self, i + 1, e)),
+                }
+                let slot = self.cache.slot(i, self.nodes.len());
+                values[i + 1] = Some(kernels::conv2d_max_pool(c, slot, data, s, w));
+                fused = Some(i + 1);
+            } else {
+                values[i] = Some(self.node(i, shape, input, &values, reference)?);
+            }
             for j in &node.inputs {
                 if last_use[*j] == i {
                     values[*j] = None;
@@ -186,6 +210,30 @@ impl IntegerModel {
             }
         }
         Ok(values[self.output].take().expect("the output is kept"))
+    }
+
+    /// The pooling window and output shape (at `batch`) of node `i + 1` when node `i` is a
+    /// convolution with a quantized output read only by it, and it is a max pooling without
+    /// padding or dilation.
+    fn pool_after(
+        &self,
+        i: usize,
+        batch: usize,
+        last_use: &[usize],
+    ) -> Option<(&Window, Vec<usize>)> {
+        let IntOp::Conv2d(c) = &self.nodes[i].op else {
+            return None;
+        };
+        let next = self.nodes.get(i + 1)?;
+        let IntOp::MaxPool(w) = &next.op else {
+            return None;
+        };
+        let only_reader = next.inputs == [i]
+            && last_use[i] == i + 1
+            && self.nodes.iter().filter(|n| n.inputs.contains(&i)).count() == 1;
+        let plain = w.padding == [0; 4] && w.dilation == [1, 1];
+        (only_reader && plain && c.output.grid().is_some())
+            .then(|| (w, next.shape.iter().map(|d| d.at(batch)).collect()))
     }
 
     /// Runs node `i`, whose output shape (checked against its inputs') is `shape`.

@@ -15,9 +15,10 @@ pub use parallel::threads;
 use gemm::Bias;
 pub(crate) use parallel::for_each_chunk;
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
-use crate::model::{IntConv2d, IntLinear, Output, conv_output_len};
+use crate::model::{IntConv2d, IntLinear, Output, Window, conv_output_len};
 use crate::run::Values;
 
 /// Shapes were checked when the model was converted or loaded (`IntLayer::output_shape`).
@@ -214,6 +215,59 @@ pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     }
 }
 
+/// A convolution with a quantized output followed by max pooling without padding or dilation
+/// (a pooling window `w` whose input is this convolution alone), fused: each chunk of output
+/// channels of an image is pooled while it is still in cache, and only the pooled tensor is
+/// written. Equal to [`conv2d`] then [`crate::ops::max_pool`] (max commutes with nothing
+/// here: the pooled values are the convolution's own requantized outputs).
+pub fn conv2d_max_pool(
+    c: &IntConv2d,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    shape: &[usize],
+    w: &Window,
+) -> Values {
+    let Output::Quantized { grid, .. } = &c.output else {
+        unreachable!("fused only for quantized outputs")
+    };
+    let plan = ConvPlan::new(c, shape);
+    let conv_shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
+    let pooled_shape =
+        crate::ops::pool_shape(w, &conv_shape).expect("shapes checked by the runner");
+    let [_, _, poh, pow] = nchw(&pooled_shape);
+    let mut data = vec![0i8; plan.n * c.out_channels * poh * pow];
+    let dims = [plan.oh, plan.ow, poh, pow];
+    plan.chunks(
+        c,
+        cache,
+        x,
+        &mut data,
+        poh * pow,
+        |weights, image, channels, dst, s| {
+            let mut unpooled = std::mem::take(&mut s.unpooled);
+            let mut rows_max = std::mem::take(&mut s.rows_max);
+            unpooled.resize(channels.len() * plan.p, 0);
+            rows_max.resize(plan.ow, 0);
+            plan.channels(
+                c,
+                weights,
+                image,
+                channels,
+                &mut unpooled,
+                s,
+                &|acc, channel, dst| requantize_rows(acc, acc.len(), &c.output, channel, dst),
+            );
+            crate::ops::max_pool_planes(w, &unpooled, dims, &mut rows_max, dst);
+            (s.unpooled, s.rows_max) = (unpooled, rows_max);
+        },
+    );
+    Values::Int {
+        data,
+        shape: pooled_shape,
+        grid: *grid,
+    }
+}
+
 /// The geometry of one convolution call.
 struct ConvPlan {
     n: usize,
@@ -236,6 +290,10 @@ struct ConvPlan {
 #[derive(Default)]
 struct ConvScratch {
     acc: Vec<i32>,
+    /// A chunk's convolution output before pooling (`conv2d_max_pool`).
+    unpooled: Vec<i8>,
+    /// A pooled row's column maxima.
+    rows_max: Vec<i8>,
     b: Vec<u32>,
     b_off: Vec<usize>,
     padded: Vec<i8>,
@@ -275,8 +333,32 @@ impl ConvPlan {
         out: &mut [T],
         write: impl Fn(&[i32], usize, &mut [T]) + Sync,
     ) {
+        self.chunks(
+            c,
+            cache,
+            x,
+            out,
+            self.p,
+            |weights, image, channels, dst, s| {
+                self.channels(c, weights, image, channels, dst, s, &write)
+            },
+        );
+    }
+
+    /// Splits the output into chunks of channels of one image (`per_channel` values of `out`
+    /// per channel) and runs `body(weights, image, channels, chunk, scratch)` on each, in
+    /// parallel: a batch by images, a single large image by channels.
+    fn chunks<T: Send>(
+        &self,
+        c: &IntConv2d,
+        cache: &OnceLock<Packed>,
+        x: &[i8],
+        out: &mut [T],
+        per_channel: usize,
+        body: impl Fn(&ConvWeights, &[i8], Range<usize>, &mut [T], &mut ConvScratch) + Sync,
+    ) {
         let per_image = c.out_channels * self.p;
-        if per_image == 0 || self.n == 0 {
+        if per_image == 0 || self.n == 0 || per_channel == 0 {
             return;
         }
         let packed = cache.get_or_init(|| Packed::Conv(ConvWeights::new(c)));
@@ -301,12 +383,12 @@ impl ConvPlan {
             // Kept between calls: the buffers of a layer at batch 1 are allocated once.
             static SCRATCH: std::cell::RefCell<ConvScratch> = Default::default();
         }
-        for_each_chunk(out, rows * self.p, |i, dst, _: &mut ()| {
+        for_each_chunk(out, rows * per_channel, |i, dst, _: &mut ()| {
             let (img, part) = (i / chunks_per_image, i % chunks_per_image);
             let first = part * rows;
             let channels = first..(first + rows).min(c.out_channels);
             let image = &x[img * image_len..(img + 1) * image_len];
-            SCRATCH.with_borrow_mut(|s| self.channels(c, weights, image, channels, dst, s, &write));
+            SCRATCH.with_borrow_mut(|s| body(weights, image, channels, dst, s));
         });
     }
 
