@@ -386,7 +386,7 @@ pub fn run(cases: usize, seed: u64) -> Tally {
             PANICS.with(|p| p.borrow_mut().push(info.to_string()));
         } else if thread
             .name()
-            .is_some_and(|n| n != "main" && !n.contains("rayon"))
+            .is_some_and(|n| n != "main" && !n.contains("rayon") && !n.starts_with("burn-qat-int"))
         {
             forward(info);
         } else {

@@ -1,7 +1,6 @@
 //! Integer kernels of convolutions and linear layers: the fast path (a u8 x i8 -> i32 product
-//! on 4-byte words, AVX-512 VNNI tiles or portable loops, see `gemm`; a direct kernel for
-//! depthwise convolutions) and
-//! the scalar reference (nested loops) they are tested against. No float arithmetic between
+//! on 4-byte words, AVX-512 VNNI tiles or portable loops, see `gemm`, on the caller plus worker
+//! threads of `parallel`) and the scalar reference (nested loops) they are tested against. No float arithmetic between
 //! quantized input and requantized output, except in a `Float` last layer. Public for
 //! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
 //! kernel and checks the shapes first (these functions expect shapes that fit the layer).
