@@ -904,3 +904,76 @@ proptest! {
         prop_assert_eq!(&model.forward(&x[..cin * hw * hw]).unwrap().0[..], &reference.0[..reference.0.len() / n]);
     }
 }
+
+/// Strides far beyond the image and dilations that leave one output column: the fast path
+/// neither allocates by stride (stride phases beyond the padded size are empty) nor computes
+/// the dilated kernel's whole span per output (real columns when virtual ones would more than
+/// double a row), and equals the reference.
+#[test]
+fn huge_strides_and_dilations_stay_small_and_exact() {
+    let grid = |zero_point| Grid {
+        scale: 0.05,
+        zero_point,
+        qmin: -128,
+        qmax: 127,
+    };
+    let conv = |cin: usize, cout: usize, kernel, stride, dilation| IntConv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups: 1,
+        kernel,
+        stride,
+        dilation,
+        padding: [0; 4],
+        weight: (0..cout * cin * kernel[0] * kernel[1])
+            .map(|i| (i * 37 % 251) as i8)
+            .collect(),
+        weight_bits: 8,
+        weight_scale: vec![0.01; cout],
+        bias: vec![17; cout],
+        input: grid(2),
+        output: Output::Quantized {
+            grid: grid(-1),
+            requant: vec![FixedMultiplier::new(0.004); cout],
+            lo: -128,
+            hi: 127,
+        },
+    };
+    let cases = [
+        (
+            conv(8, 8, [1, 1], [1 << 20, 1 << 20], [1, 1]),
+            [8, 8, 8],
+            [8, 1, 1],
+        ),
+        (
+            conv(1, 4, [2, 2], [1 << 31, 1 << 31], [1, 1]),
+            [1, 8, 8],
+            [4, 1, 1],
+        ),
+        (
+            conv(16, 32, [1, 2], [1, 1], [1, 4095]),
+            [16, 1, 4096],
+            [32, 1, 1],
+        ),
+        (
+            conv(3, 8, [1, 2], [1, 1], [1, 999]),
+            [3, 2, 1000],
+            [8, 2, 1],
+        ),
+    ];
+    for (c, input, out) in cases {
+        let model = single_op(&input, grid(2), IntOp::Conv2d(c), &out);
+        let x: Vec<f32> = (0..input.iter().product::<usize>())
+            .map(|i| (i % 97) as f32 / 20.0 - 2.0)
+            .collect();
+        let reference = model.forward_reference(&x).unwrap();
+        for portable in [false, true] {
+            burn_qat::export::kernels::force_portable(portable);
+            assert_eq!(
+                model.forward(&x).unwrap(),
+                reference,
+                "{input:?} -> {out:?}"
+            );
+        }
+    }
+}

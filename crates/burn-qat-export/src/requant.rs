@@ -102,6 +102,9 @@ impl FixedMultiplier {
     /// assert_eq!(out, [5, 7, 1, 127]);
     /// ```
     pub fn requantize(&self, acc: &[i32], zero_point: i32, lo: i32, hi: i32, out: &mut [i8]) {
+        // The bounds of an 8-bit output, as an interval (every path below clamps alike).
+        let lo = lo.clamp(-128, 127);
+        let hi = hi.clamp(lo, 127);
         let total = 31 + self.shift;
         if !(1..=62).contains(&total) {
             for (o, a) in out.iter_mut().zip(acc) {

@@ -98,15 +98,34 @@ pub(crate) fn product(
     if rows.is_empty() || lanes.is_empty() {
         return;
     }
+    // Checked arithmetic: these bounds guard the unchecked loads and stores below for any
+    // arguments.
+    let fits = |a: Option<usize>, len: usize| a.is_some_and(|a| a <= len);
     let width = lanes.len().next_multiple_of(16);
-    let lanes_end16 = lanes.start + width;
-    assert!(w.a_row >= k4 && w.a.len() >= (rows.end - 1) * w.a_row + k4);
-    assert!(w.b_off.iter().all(|o| o + lanes_end16 <= w.b.len()));
+    let lanes_end16 = lanes.start.checked_add(width);
+    assert!(k4 > 0 && w.a_row >= k4);
+    assert!(fits(
+        (rows.end - 1)
+            .checked_mul(w.a_row)
+            .and_then(|a| a.checked_add(k4)),
+        w.a.len()
+    ));
+    assert!(
+        w.b_off
+            .iter()
+            .all(|o| fits(lanes_end16.and_then(|e| e.checked_add(*o)), w.b.len()))
+    );
     assert!(match w.bias {
         Bias::Rows(b) => b.len() >= rows.end,
-        Bias::Lanes(b) => b.len() >= lanes_end16,
+        Bias::Lanes(b) => fits(lanes_end16, b.len()),
     });
-    assert!(row_stride >= width && out.len() >= (rows.len() - 1) * row_stride + width);
+    assert!(row_stride >= width);
+    assert!(fits(
+        (rows.len() - 1)
+            .checked_mul(row_stride)
+            .and_then(|a| a.checked_add(width)),
+        out.len()
+    ));
     let (mr, nr) = if rows.len() == 1 {
         (1, NR_ROW)
     } else {
@@ -180,7 +199,7 @@ fn portable_tile(
 /// `dst[x]` = the word of `rows[0][x], .., rows[3][x]` (byte `j` from row `j`), each byte
 /// `int8 + 128`. Rows are as long as `dst`.
 pub(crate) fn interleave4(rows: [&[i8]; 4], dst: &mut [u32]) {
-    debug_assert!(rows.iter().all(|r| r.len() == dst.len()));
+    assert!(rows.iter().all(|r| r.len() == dst.len()));
     #[cfg(target_arch = "x86_64")]
     if uses_vnni() {
         // SAFETY: the CPU has AVX-512 BW/VL (`uses_vnni`); every row is as long as `dst`.

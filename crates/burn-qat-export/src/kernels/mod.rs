@@ -92,6 +92,10 @@ fn compact_rows<T: Copy>(src: &[T], src_stride: usize, width: usize, dst: &mut [
     }
 }
 
+/// Extra columns per output row up to which virtual columns are used whatever the width
+/// (beyond, only while they at most double the row).
+const VIRTUAL_EXTRA: usize = 16;
+
 /// Multiply-adds below which a single image or row is not split across threads.
 const SPLIT_WORK: usize = 1 << 16;
 
@@ -126,7 +130,10 @@ impl ConvWeights {
         let taps = c.kernel[0] * c.kernel[1];
         let cin_g = c.in_channels / c.groups;
         let per_out = cin_g * taps;
-        let channel_words = c.stride == [1, 1] && (cin_g.is_multiple_of(4) || cin_g >= 16);
+        // Channel words read over virtual columns: only when they add few (`(kw - 1) dw`).
+        let channel_words = c.stride == [1, 1]
+            && (c.kernel[1] - 1) * c.dilation[1] <= VIRTUAL_EXTRA
+            && (cin_g.is_multiple_of(4) || cin_g >= 16);
         let k4 = if channel_words {
             cin_g.div_ceil(4) * taps
         } else {
@@ -278,6 +285,9 @@ struct ConvPlan {
     /// Virtual output columns per row: `ceil(pw / sw)` (outputs `ow..pwv` are computed and
     /// dropped, so that each tap reads contiguous memory).
     pwv: usize,
+    /// Whether the product runs over the virtual columns (they add at most `VIRTUAL_EXTRA`
+    /// per row or double it at most; otherwise tap rows are gathered over the real columns).
+    virtual_columns: bool,
     oh: usize,
     ow: usize,
     cin_g: usize,
@@ -314,6 +324,10 @@ impl ConvPlan {
             ph: h + top + bottom,
             pw: w + left + right,
             pwv: (w + left + right).div_ceil(c.stride[1]),
+            virtual_columns: {
+                let pwv = (w + left + right).div_ceil(c.stride[1]);
+                pwv - ow.min(pwv) <= VIRTUAL_EXTRA || pwv <= 2 * ow
+            },
             oh,
             ow,
             cin_g: cin / c.groups,
@@ -404,9 +418,14 @@ impl ConvPlan {
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
     ) {
-        // `[channels, stride]` over virtual columns, every row written whole by the product:
-        // the buffer only grows.
-        let lanes = self.oh * self.pwv;
+        // `[channels, stride]` (over virtual columns, see `virtual_columns`), every row written
+        // whole by the product: the buffer only grows.
+        let virtual_columns = weights.channel_words || self.virtual_columns;
+        let lanes = if virtual_columns {
+            self.oh * self.pwv
+        } else {
+            self.p
+        };
         let stride = lanes.next_multiple_of(16);
         let len = channels.len() * stride;
         if s.acc.len() < len {
@@ -436,7 +455,7 @@ impl ConvPlan {
             gemm::product(&words, start..end, 0..lanes, &mut s.acc[at..], stride);
         }
         let (p, ow, pwv) = (self.p, self.ow, self.pwv);
-        let virtual_columns = pwv != ow;
+        let virtual_columns = virtual_columns && pwv != ow;
         let mut tmp = Vec::new();
         for (i, dst) in dst.chunks_exact_mut(p.max(1)).enumerate() {
             let acc = &s.acc[i * stride..];
@@ -507,11 +526,18 @@ impl ConvPlan {
         let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
         let phv = self.ph.div_ceil(sh);
         let phase_len = phv * pwv;
-        let channel_len = sh * sw * phase_len;
+        // Phases that hold any column: a stride beyond the padded size leaves one per row or
+        // column (`ry = y` when `y < ph <= sh`).
+        let (row_phases, column_phases_n) = (sh.min(self.ph), sw.min(self.pw));
+        let channel_len = row_phases * column_phases_n * phase_len;
         let group = &image[g * self.cin_g * h * w..(g + 1) * self.cin_g * h * w];
         let k = self.cin_g * kh * kw;
         let k4 = k.div_ceil(4);
-        let lanes = self.oh * pwv;
+        let lanes = if self.virtual_columns {
+            self.oh * pwv
+        } else {
+            self.p
+        };
         let stride = lanes.next_multiple_of(16);
         s.padded.clear();
         s.padded.resize(
@@ -520,7 +546,7 @@ impl ConvPlan {
         );
         // Per column phase: the first column taken, where it lands, how many (no division in
         // the loops below).
-        let column_phases: Vec<(usize, usize, usize)> = (0..sw)
+        let column_phases: Vec<(usize, usize, usize)> = (0..column_phases_n)
             .map(|rx| {
                 let x0 = (rx + sw - left % sw) % sw;
                 (x0, (left + x0) / sw, w.saturating_sub(x0).div_ceil(sw))
@@ -531,12 +557,12 @@ impl ConvPlan {
             let (mut ry, mut yv) = (top % sh, top / sh);
             for row in plane.chunks(w) {
                 if sw == 1 {
-                    let at = base + ry * phase_len + yv * pwv + left;
+                    let at = base + ry * column_phases_n * phase_len + yv * pwv + left;
                     s.padded[at..at + w].copy_from_slice(row);
                 } else {
                     // Phase `rx` takes the columns `x` with `(left + x) % sw == rx`, in order.
                     for (rx, &(x0, xv0, count)) in column_phases.iter().enumerate() {
-                        let at = base + (ry * sw + rx) * phase_len + yv * pwv + xv0;
+                        let at = base + (ry * column_phases_n + rx) * phase_len + yv * pwv + xv0;
                         let src = row.iter().skip(x0).step_by(sw);
                         for (d, v) in s.padded[at..at + count].iter_mut().zip(src) {
                             *d = *v;
@@ -562,22 +588,48 @@ impl ConvPlan {
                     let (ry, rx) = ((ky * dh) % sh, (kx * dw) % sw);
                     starts.push(
                         ic * channel_len
-                            + (ry * sw + rx) * phase_len
+                            + (ry * column_phases_n + rx) * phase_len
                             + (ky * dh / sh) * pwv
                             + kx * dw / sw,
                     );
                 }
             }
         }
-        let row = |t: usize| -> &[i8] {
-            match starts.get(t) {
-                Some(at) => &s.padded[*at..*at + lanes],
-                None => &s.cols[..],
+        if self.virtual_columns {
+            let row = |t: usize| -> &[i8] {
+                match starts.get(t) {
+                    Some(at) => &s.padded[*at..*at + lanes],
+                    None => &s.cols[..],
+                }
+            };
+            for q in 0..k4 {
+                let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
+                gemm::interleave4(rows, &mut s.b[q * stride..q * stride + lanes]);
             }
-        };
-        for q in 0..k4 {
-            let rows = [row(4 * q), row(4 * q + 1), row(4 * q + 2), row(4 * q + 3)];
-            gemm::interleave4(rows, &mut s.b[q * stride..q * stride + lanes]);
+        } else {
+            // Real columns: each tap row gathered from its phase one output row at a time
+            // (rows `0..4` of `s.cols`; row 4 stays zero for taps past `k`).
+            let (p, ow) = (self.p, self.ow);
+            s.cols.resize(5 * p, 0);
+            for q in 0..k4 {
+                for j in 0..4 {
+                    let Some(at) = starts.get(4 * q + j) else {
+                        s.cols.copy_within(4 * p..5 * p, j * p);
+                        continue;
+                    };
+                    for oy in 0..self.oh {
+                        let from = at + oy * pwv;
+                        let to = j * p + oy * ow;
+                        s.cols[to..to + ow].copy_from_slice(&s.padded[from..from + ow]);
+                    }
+                }
+                let (rows, _) = s.cols.split_at(4 * p);
+                let r: Vec<&[i8]> = rows.chunks_exact(p.max(1)).collect();
+                gemm::interleave4(
+                    [r[0], r[1], r[2], r[3]],
+                    &mut s.b[q * stride..q * stride + lanes],
+                );
+            }
         }
         s.b_off.extend((0..k4).map(|q| q * stride));
     }

@@ -11,7 +11,7 @@
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins for the next job before it sleeps.
@@ -123,7 +123,14 @@ impl Pool {
                 // SAFETY: the job outlives this call: `run` waits for `pending` to reach 0.
                 let job = unsafe { &*job };
                 if let Err(p) = catch_unwind(AssertUnwindSafe(job)) {
-                    *self.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+                    // The first panic of a job is kept (the slot is emptied by every `run`).
+                    let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(p);
+                    } else {
+                        drop(slot);
+                        std::mem::forget(p);
+                    }
                 }
             }
             self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -133,7 +140,12 @@ impl Pool {
     /// Runs `job` on the caller and every worker at once; returns when all are done. `None`
     /// when another thread holds the workers (the caller then runs alone).
     fn run(&self, job: &(dyn Fn() + Sync)) -> Option<()> {
-        let _busy = self.busy.try_lock().ok()?;
+        // A panic re-raised below poisons `busy`; the pool stays usable.
+        let _busy = match self.busy.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
         // SAFETY: only the lifetime is erased; the workers drop every use of the pointer
         // before `pending` reaches 0, and this function waits for that below.
         let erased: Job = unsafe { std::mem::transmute::<&(dyn Fn() + Sync), Job>(job) };
@@ -156,10 +168,13 @@ impl Pool {
             }
         }
         *self.job_meta.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Always taken, so that a worker's panic never surfaces in a later job.
+        let theirs = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Err(p) = mine {
+            drop(theirs);
             resume_unwind(p);
         }
-        if let Some(p) = self.panic.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(p) = theirs {
             resume_unwind(p);
         }
         Some(())
