@@ -977,3 +977,64 @@ fn huge_strides_and_dilations_stay_small_and_exact() {
         }
     }
 }
+
+/// Depthwise layers (the direct VNNI/VBMI kernel where the CPU has it, the word GEMM
+/// otherwise) over kernels, strides, dilations and padding: equal to the scalar reference.
+#[test]
+fn depthwise_layers_equal_scalar_reference() {
+    let grid = |zero_point| Grid {
+        scale: 0.05,
+        zero_point,
+        qmin: -128,
+        qmax: 127,
+    };
+    let mut r = burn_qat_tests::uniform(41);
+    for (kernel, stride, dilation, pad) in [
+        ([3, 3], 1, 1, 1),
+        ([3, 3], 2, 1, 1),
+        ([5, 5], 1, 2, 2),
+        ([1, 7], 3, 1, 0),
+        ([3, 3], 2, 3, 0),
+    ] {
+        for portable in [false, true] {
+            burn_qat::export::kernels::force_portable(portable);
+            let (c, hw) = (20, 23);
+            let conv = IntConv2d {
+                in_channels: c,
+                out_channels: c,
+                groups: c,
+                kernel,
+                stride: [stride, stride],
+                dilation: [dilation, dilation],
+                padding: [pad; 4],
+                weight: (0..c * kernel[0] * kernel[1])
+                    .map(|_| (r() * 127.0) as i8)
+                    .collect(),
+                weight_bits: 8,
+                weight_scale: vec![0.01; c],
+                bias: (0..c).map(|_| (r() * 3000.0) as i32).collect(),
+                input: grid(-9),
+                output: Output::Quantized {
+                    grid: grid(4),
+                    requant: (0..c)
+                        .map(|i| FixedMultiplier::new(0.003 + i as f64 * 1e-4))
+                        .collect(),
+                    lo: -128,
+                    hi: 127,
+                },
+            };
+            let len = |k: usize| (hw + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
+            let out = [c, len(kernel[0]), len(kernel[1])];
+            let model = single_op(&[c, hw, hw], grid(-9), IntOp::Conv2d(conv), &out);
+            for n in [1usize, 3] {
+                let x: Vec<f32> = (0..n * c * hw * hw).map(|_| r() * 5.0).collect();
+                let reference = model.forward_reference(&x).unwrap();
+                assert_eq!(
+                    model.forward(&x).unwrap(),
+                    reference,
+                    "{kernel:?} stride {stride} dilation {dilation} pad {pad} portable {portable}"
+                );
+            }
+        }
+    }
+}

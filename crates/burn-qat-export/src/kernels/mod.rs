@@ -5,6 +5,7 @@
 //! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
 //! kernel and checks the shapes first (these functions expect shapes that fit the layer).
 
+mod depthwise;
 mod gemm;
 mod parallel;
 
@@ -123,6 +124,8 @@ pub struct ConvWeights {
     /// `bias - (zp + 128) * sum(w)` per output channel, wrapping: activations enter as
     /// `q + 128`, and padding (the zero point) then contributes nothing.
     bias: Vec<i32>,
+    /// A depthwise layer's words for the direct kernel, where it runs (see `depthwise`).
+    depthwise: Option<depthwise::DepthwiseWords>,
 }
 
 impl ConvWeights {
@@ -167,6 +170,7 @@ impl ConvWeights {
             k4,
             words,
             bias,
+            depthwise: depthwise::DepthwiseWords::new(c),
         }
     }
 }
@@ -418,6 +422,9 @@ impl ConvPlan {
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
     ) {
+        if let Some(dw) = weights.depthwise.as_ref().filter(|_| uses_vnni()) {
+            return self.depthwise(c, weights, dw, image, channels, dst, s, write);
+        }
         // `[channels, stride]` (over virtual columns, see `virtual_columns`), every row written
         // whole by the product: the buffer only grows.
         let virtual_columns = weights.channel_words || self.virtual_columns;
@@ -469,6 +476,59 @@ impl ConvPlan {
             write(&acc[..self.oh * pwv], channels.start + i, &mut tmp);
             compact_rows(&tmp, pwv, ow, dst);
         }
+    }
+
+    /// Output channels `channels` of one image of a depthwise layer, on the direct kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn depthwise<T>(
+        &self,
+        c: &IntConv2d,
+        weights: &ConvWeights,
+        dw: &depthwise::DepthwiseWords,
+        image: &[i8],
+        channels: Range<usize>,
+        dst: &mut [T],
+        s: &mut ConvScratch,
+        write: &impl Fn(&[i32], usize, &mut [T]),
+    ) {
+        let [top, _, left, _] = c.padding;
+        let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
+        let geometry = depthwise::Plane {
+            oh: self.oh,
+            ow: self.ow,
+            pw,
+            kh: c.kernel[0],
+            stride: c.stride,
+            dilation: c.dilation,
+        };
+        let pad = c.input.zero_point as u8 ^ 0x80;
+        let per_channel = c.kernel[0] * dw.groups;
+        s.acc.resize(p.max(1), 0);
+        let mut padded = std::mem::take(&mut s.cols);
+        for (i, dst) in channels.clone().zip(dst.chunks_exact_mut(p.max(1))) {
+            padded.clear();
+            padded.resize(ph * pw + depthwise::slack(c), pad as i8);
+            let plane = &image[i * h * w..(i + 1) * h * w];
+            for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
+                let at = (top + y) * pw + left;
+                for (d, v) in padded[at..at + w].iter_mut().zip(row) {
+                    *d = (*v as u8 ^ 0x80) as i8;
+                }
+            }
+            // The same bytes, read as `u8` (`int8 + 128`).
+            let unsigned = bytemuck_u8(&padded);
+            let words = &dw.words[i * per_channel..(i + 1) * per_channel];
+            depthwise::plane(
+                unsigned,
+                words,
+                dw.groups,
+                weights.bias[i],
+                &geometry,
+                &mut s.acc,
+            );
+            write(&s.acc[..p], i, dst);
+        }
+        s.cols = padded;
     }
 
     /// Group `g` of the image, padded with the input zero point, as channel words
@@ -848,4 +908,11 @@ fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
         *last = out;
     }
     s
+}
+
+/// `i8` bytes as `u8` (same size and alignment, every bit pattern valid).
+fn bytemuck_u8(x: &[i8]) -> &[u8] {
+    // SAFETY: `i8` and `u8` have the same size and alignment, and every bit pattern is valid
+    // for both.
+    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) }
 }
