@@ -81,9 +81,20 @@ pub fn binary_lookup(
     out: &[usize],
 ) -> Vec<i8> {
     let table: &[i8; 1 << 16] = table.try_into().expect("a pair table has 65536 entries");
-    binary(a, sa, b, sb, out, |x, y| {
-        table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize]
-    })
+    let look = |x: i8, y: i8| table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize];
+    if sa != sb {
+        return binary(a, sa, b, sb, out, look);
+    }
+    // Same shapes: in parallel chunks.
+    let mut data = vec![0i8; a.len()];
+    let chunk = 1 << 15;
+    for_each_chunk(&mut data, chunk, |i, dst, _: &mut ()| {
+        let (a, b) = (&a[i * chunk..], &b[i * chunk..]);
+        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *d = look(*x, *y);
+        }
+    });
+    data
 }
 
 /// Integer add/subtract with broadcasting.
@@ -390,25 +401,36 @@ pub fn adaptive_avg_pool(
 ) -> Vec<i8> {
     let [n, c, h, wd] = nchw(shape);
     let [oh, ow] = size;
-    let max_count = h * wd;
-    let mut avg = Averager::new(input, out, max_count);
     let zp = input.zero_point;
-    let mut data = Vec::with_capacity(n * c * oh * ow);
-    for plane in x.chunks(h * wd).take(n * c) {
-        for oy in 0..oh {
-            let (y0, y1) = adaptive_range(oy, h, oh);
-            for ox in 0..ow {
-                let (x0, x1) = adaptive_range(ox, wd, ow);
-                let mut sum = 0i32;
-                for y in y0..y1 {
-                    for v in &plane[y * wd + x0..y * wd + x1] {
-                        sum += *v as i32 - zp;
+    let mut data = vec![0i8; n * c * oh * ow];
+    if data.is_empty() {
+        return data;
+    }
+    // Planes in parallel chunks of about 16 KiB of input, each with its own averager.
+    let planes = ((1 << 14) / (h * wd).max(1)).max(1);
+    for_each_chunk(&mut data, planes * oh * ow, |i, dst, _: &mut ()| {
+        let mut avg = Averager::new(input, out, h * wd);
+        let first = i * planes;
+        let src = x.chunks(h * wd).skip(first);
+        for (plane, dst) in src.zip(dst.chunks_mut(oh * ow)) {
+            let mut dst = dst.iter_mut();
+            for oy in 0..oh {
+                let (y0, y1) = adaptive_range(oy, h, oh);
+                for ox in 0..ow {
+                    let (x0, x1) = adaptive_range(ox, wd, ow);
+                    let mut sum = 0i32;
+                    for y in y0..y1 {
+                        for v in &plane[y * wd + x0..y * wd + x1] {
+                            sum += *v as i32 - zp;
+                        }
+                    }
+                    if let Some(d) = dst.next() {
+                        *d = avg.apply(sum, (y1 - y0) * (x1 - x0));
                     }
                 }
-                data.push(avg.apply(sum, (y1 - y0) * (x1 - x0)));
             }
         }
-    }
+    });
     data
 }
 
