@@ -1,6 +1,7 @@
-//! MobileNet-v2's depthwise layers (3x3, batch 1 and 8) on the integer product's two
-//! implementations, AVX-512 VNNI tiles against the portable loops, same process; prints the
-//! ratios (only the portable loops where the CPU lacks VNNI).
+//! MobileNet-v2's depthwise layers (3x3, batch 1 and 8): the integer runtime's fast path (the
+//! direct AVX-512 VNNI + VBMI kernel, or the word GEMM on VNNI tiles where VBMI is missing)
+//! against the portable loops, same process; prints the ratios (only the portable loops where
+//! the CPU lacks VNNI).
 //!
 //! ```sh
 //! cargo bench -p burn-qat-export --bench depthwise
