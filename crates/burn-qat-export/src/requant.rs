@@ -262,8 +262,11 @@ mod tests {
     proptest! {
         #[test]
         fn requantize_equals_apply(
-            m in prop_oneof![1e-9f64..4.0, 1e-12f64..1e-9, 1e9f64..1e12],
-            acc in proptest::collection::vec(any::<i32>(), 1..200),
+            m in prop_oneof![1e-9f64..4.0, 1e-5f64..1e-1, 1e-12f64..1e-9, 1e9f64..1e12],
+            acc in proptest::collection::vec(
+                prop_oneof![any::<i32>(), -5000i32..5000, -(1i32 << 23)..(1 << 23)],
+                1..200,
+            ),
             zp in -128i32..128,
         ) {
             let f = FixedMultiplier::new(m);
@@ -272,6 +275,24 @@ mod tests {
             for (o, a) in out.iter().zip(&acc) {
                 let want = f.apply(*a).saturating_add(zp).clamp(-100, 120) as i8;
                 prop_assert_eq!(*o, want, "acc {} m {}", a, m);
+            }
+        }
+    }
+
+    /// Multipliers that are short binary fractions make exact ties: every path rounds them
+    /// half to even, as `apply` does.
+    #[test]
+    fn ties_round_half_to_even_on_every_path() {
+        for m in [0.5, 0.25, 0.125, 0.375, 0.1875, 1.0 / 1024.0, 3.0 / 4096.0] {
+            let f = FixedMultiplier::new(m);
+            let acc: Vec<i32> = (-70_000..70_000).collect();
+            for zp in [-128, -3, 0, 5, 127] {
+                let mut out = vec![0i8; acc.len()];
+                f.requantize(&acc, zp, -128, 127, &mut out);
+                for (o, a) in out.iter().zip(&acc) {
+                    let want = f.apply(*a).saturating_add(zp).clamp(-128, 127) as i8;
+                    assert_eq!(*o, want, "acc {a} m {m} zp {zp}");
+                }
             }
         }
     }
