@@ -281,37 +281,93 @@ fn conv_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
 
 /// `input -> Quantize(input_q) -> op` with output shape `out` (batch excluded).
 fn single_op(input: &[usize], input_q: Grid, op: IntOp, out: &[usize]) -> IntegerModel {
+    chain(input, input_q, vec![(op, out.to_vec())])
+}
+
+/// `input -> Quantize(input_q) -> ops[0] -> ops[1] -> ..`, each op with its output shape
+/// (batch excluded); a max pooling keeps its input's grid.
+fn chain(input: &[usize], input_q: Grid, ops: Vec<(IntOp, Vec<usize>)>) -> IntegerModel {
     let dims = |s: &[usize]| -> Vec<Dim> {
         std::iter::once(Dim::Batch(1))
             .chain(s.iter().map(|d| Dim::Fixed(*d)))
             .collect()
     };
-    let grid = match &op {
-        IntOp::Conv2d(c) => c.output.grid(),
-        IntOp::Linear(l) => l.output.grid(),
-        _ => None,
-    };
-    let node = |name: &str, op, inputs, shape, grid| IntNode {
-        name: name.into(),
+    let node = |name: String, op, inputs, shape, grid| IntNode {
+        name,
         op,
         inputs,
         shape,
         grid,
     };
-    IntegerModel::new(
-        vec![
-            node("input", IntOp::Input, vec![], dims(input), None),
-            node(
-                "quant",
-                IntOp::Quantize(input_q),
-                vec![0],
-                dims(input),
-                Some(input_q),
-            ),
-            node("op", op, vec![1], dims(out), grid),
-        ],
-        2,
-    )
+    let mut nodes = vec![
+        node("input".into(), IntOp::Input, vec![], dims(input), None),
+        node(
+            "quant".into(),
+            IntOp::Quantize(input_q),
+            vec![0],
+            dims(input),
+            Some(input_q),
+        ),
+    ];
+    let mut grid = Some(input_q);
+    for (k, (op, out)) in ops.into_iter().enumerate() {
+        grid = match &op {
+            IntOp::Conv2d(c) => c.output.grid(),
+            IntOp::Linear(l) => l.output.grid(),
+            IntOp::MaxPool(_) => grid,
+            _ => None,
+        };
+        nodes.push(node(format!("op{k}"), op, vec![k + 1], dims(&out), grid));
+    }
+    let output = nodes.len() - 1;
+    IntegerModel::new(nodes, output)
+}
+
+/// The 8-bit grid of the hand-built layers below (scale 0.05).
+fn grid8(zero_point: i32) -> Grid {
+    Grid {
+        scale: 0.05,
+        zero_point,
+        qmin: -128,
+        qmax: 127,
+    }
+}
+
+/// A quantized output on `grid8(zero_point)`, channel `i` with multiplier `m(i)`.
+fn quantized(zero_point: i32, channels: usize, m: impl Fn(usize) -> f64) -> Output {
+    Output::Quantized {
+        grid: grid8(zero_point),
+        requant: (0..channels).map(|i| FixedMultiplier::new(m(i))).collect(),
+        lo: -128,
+        hi: 127,
+    }
+}
+
+/// A convolution `cin -> cout` with `kernel`, these weights and biases, its input on
+/// `grid8(input_zp)`: groups, stride and dilation 1, padding 1 (others by struct update).
+fn conv_layer(
+    [cin, cout]: [usize; 2],
+    kernel: [usize; 2],
+    weight: Vec<i8>,
+    bias: Vec<i32>,
+    input_zp: i32,
+    output: Output,
+) -> IntConv2d {
+    IntConv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups: 1,
+        kernel,
+        stride: [1, 1],
+        dilation: [1, 1],
+        padding: [1; 4],
+        weight,
+        weight_bits: 8,
+        weight_scale: vec![0.01; cout],
+        bias,
+        input: grid8(input_zp),
+        output,
+    }
 }
 
 /// A random integer linear layer (batch 1 takes the GEMV path, larger batches packed weights).
@@ -724,39 +780,19 @@ fn onnx_export_writes_a_qdq_graph_and_fails_cleanly() {
 fn large_layers_split_across_threads_equal_scalar_reference() {
     let mut r = burn_qat_tests::uniform(17);
     let mut bytes = |n: usize| -> Vec<i8> { (0..n).map(|_| (r() * 127.0) as i8).collect() };
-    let grid = |zero_point| Grid {
-        scale: 0.05,
-        zero_point,
-        qmin: -128,
-        qmax: 127,
-    };
-    let quantized = |n: usize| Output::Quantized {
-        grid: grid(-5),
-        requant: (0..n)
-            .map(|i| FixedMultiplier::new(0.0002 + i as f64 * 1e-5))
-            .collect(),
-        lo: -128,
-        hi: 127,
-    };
+    let multiplier = |i: usize| 0.0002 + i as f64 * 1e-5;
     let (cin, cout, hw) = (16, 40, 24);
-    let conv = IntConv2d {
-        in_channels: cin,
-        out_channels: cout,
-        groups: 1,
-        kernel: [3, 3],
-        stride: [1, 1],
-        dilation: [1, 1],
-        padding: [1, 1, 1, 1],
-        weight: bytes(cout * cin * 9),
-        weight_bits: 8,
-        weight_scale: vec![0.01; cout],
-        bias: (0..cout as i32).map(|i| i * 37 - 700).collect(),
-        input: grid(7),
-        output: quantized(cout),
-    };
+    let conv = conv_layer(
+        [cin, cout],
+        [3, 3],
+        bytes(cout * cin * 9),
+        (0..cout as i32).map(|i| i * 37 - 700).collect(),
+        7,
+        quantized(-5, cout, multiplier),
+    );
     let conv = single_op(
         &[cin, hw, hw],
-        grid(7),
+        grid8(7),
         IntOp::Conv2d(conv),
         &[cout, hw, hw],
     );
@@ -768,10 +804,10 @@ fn large_layers_split_across_threads_equal_scalar_reference() {
         weight_bits: 8,
         weight_scale: vec![0.01; fout],
         bias: (0..fout as i32).map(|i| 400 - i * 3).collect(),
-        input: grid(-20),
-        output: quantized(fout),
+        input: grid8(-20),
+        output: quantized(-5, fout, multiplier),
     };
-    let linear = single_op(&[fin], grid(-20), IntOp::Linear(linear), &[fout]);
+    let linear = single_op(&[fin], grid8(-20), IntOp::Linear(linear), &[fout]);
     let mut r = burn_qat_tests::uniform(3);
     let mut input = |n: usize| -> Vec<f32> { (0..n).map(|_| r() * 6.0).collect() };
     let cases = [
@@ -796,35 +832,17 @@ fn large_layers_split_across_threads_equal_scalar_reference() {
 fn concurrent_forwards_equal_scalar_reference() {
     let mut r = burn_qat_tests::uniform(29);
     let (cin, cout, hw) = (8, 24, 12);
-    let grid = |zero_point| Grid {
-        scale: 0.05,
-        zero_point,
-        qmin: -128,
-        qmax: 127,
-    };
-    let conv = IntConv2d {
-        in_channels: cin,
-        out_channels: cout,
-        groups: 1,
-        kernel: [3, 3],
-        stride: [1, 1],
-        dilation: [1, 1],
-        padding: [1, 1, 1, 1],
-        weight: (0..cout * cin * 9).map(|_| (r() * 127.0) as i8).collect(),
-        weight_bits: 8,
-        weight_scale: vec![0.01; cout],
-        bias: (0..cout as i32).map(|i| i * 13 - 100).collect(),
-        input: grid(3),
-        output: Output::Quantized {
-            grid: grid(-2),
-            requant: vec![FixedMultiplier::new(0.003); cout],
-            lo: -128,
-            hi: 127,
-        },
-    };
+    let conv = conv_layer(
+        [cin, cout],
+        [3, 3],
+        (0..cout * cin * 9).map(|_| (r() * 127.0) as i8).collect(),
+        (0..cout as i32).map(|i| i * 13 - 100).collect(),
+        3,
+        quantized(-2, cout, |_| 0.003),
+    );
     let model = single_op(
         &[cin, hw, hw],
-        grid(3),
+        grid8(3),
         IntOp::Conv2d(conv),
         &[cout, hw, hw],
     );
@@ -860,44 +878,22 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let mut r = burn_qat_tests::uniform(seed);
-        let grid = |zero_point| Grid { scale: 0.05, zero_point, qmin: -128, qmax: 127 };
-        let conv = IntConv2d {
-            in_channels: cin,
-            out_channels: cout,
-            groups: 1,
-            kernel: [k, k],
-            stride: [1, 1],
-            dilation: [1, 1],
-            padding: [1, 1, 1, 1],
-            weight: (0..cout * cin * k * k).map(|_| (r() * 127.0) as i8).collect(),
-            weight_bits: 8,
-            weight_scale: vec![0.01; cout],
-            bias: (0..cout).map(|_| (r() * 2000.0) as i32).collect(),
-            input: grid(4),
-            output: Output::Quantized {
-                grid: grid(-7),
-                requant: (0..cout).map(|i| FixedMultiplier::new(0.002 + i as f64 * 1e-4)).collect(),
-                lo: -128,
-                hi: 127,
-            },
-        };
+        let conv = conv_layer(
+            [cin, cout],
+            [k, k],
+            (0..cout * cin * k * k).map(|_| (r() * 127.0) as i8).collect(),
+            (0..cout).map(|_| (r() * 2000.0) as i32).collect(),
+            4,
+            quantized(-7, cout, |i| 0.002 + i as f64 * 1e-4),
+        );
         let side = hw + 2 - k + 1;
         prop_assume!(side >= pk);
         let pooled = (side - pk) / ps + 1;
         let window = Window { kernel: [pk, pk], stride: [ps, ps], padding: [0; 4], dilation: [1, 1] };
-        let dims = |s: &[usize]| -> Vec<Dim> {
-            std::iter::once(Dim::Batch(1)).chain(s.iter().map(|d| Dim::Fixed(*d))).collect()
-        };
-        let node = |name: &str, op, inputs, shape, grid| IntNode { name: name.into(), op, inputs, shape, grid };
-        let model = IntegerModel::new(
-            vec![
-                node("input", IntOp::Input, vec![], dims(&[cin, hw, hw]), None),
-                node("quant", IntOp::Quantize(grid(4)), vec![0], dims(&[cin, hw, hw]), Some(grid(4))),
-                node("conv", IntOp::Conv2d(conv), vec![1], dims(&[cout, side, side]), Some(grid(-7))),
-                node("pool", IntOp::MaxPool(window), vec![2], dims(&[cout, pooled, pooled]), Some(grid(-7))),
-            ],
-            3,
-        );
+        let model = chain(&[cin, hw, hw], grid8(4), vec![
+            (IntOp::Conv2d(conv), vec![cout, side, side]),
+            (IntOp::MaxPool(window), vec![cout, pooled, pooled]),
+        ]);
         let x: Vec<f32> = (0..n * cin * hw * hw).map(|_| r() * 4.0).collect();
         let reference = model.forward_reference(&x).unwrap();
         prop_assert_eq!(&model.forward(&x).unwrap(), &reference);
@@ -905,39 +901,25 @@ proptest! {
     }
 }
 
-/// Strides far beyond the image and dilations that leave one output column: the fast path
-/// neither allocates by stride (stride phases beyond the padded size are empty) nor computes
-/// the dilated kernel's whole span per output (real columns when virtual ones would more than
-/// double a row), and equals the reference.
+/// Strides far beyond the image and dilations that leave one output column run (they used to
+/// allocate by stride, gigabytes to an abort, or compute the dilated kernel's whole span per
+/// output) and equal the reference.
 #[test]
-fn huge_strides_and_dilations_stay_small_and_exact() {
-    let grid = |zero_point| Grid {
-        scale: 0.05,
-        zero_point,
-        qmin: -128,
-        qmax: 127,
-    };
-    let conv = |cin: usize, cout: usize, kernel, stride, dilation| IntConv2d {
-        in_channels: cin,
-        out_channels: cout,
-        groups: 1,
-        kernel,
+fn huge_strides_and_dilations_run_and_equal_the_reference() {
+    let conv = |cin: usize, cout: usize, kernel: [usize; 2], stride, dilation| IntConv2d {
         stride,
         dilation,
         padding: [0; 4],
-        weight: (0..cout * cin * kernel[0] * kernel[1])
-            .map(|i| (i * 37 % 251) as i8)
-            .collect(),
-        weight_bits: 8,
-        weight_scale: vec![0.01; cout],
-        bias: vec![17; cout],
-        input: grid(2),
-        output: Output::Quantized {
-            grid: grid(-1),
-            requant: vec![FixedMultiplier::new(0.004); cout],
-            lo: -128,
-            hi: 127,
-        },
+        ..conv_layer(
+            [cin, cout],
+            kernel,
+            (0..cout * cin * kernel[0] * kernel[1])
+                .map(|i| (i * 37 % 251) as i8)
+                .collect(),
+            vec![17; cout],
+            2,
+            quantized(-1, cout, |_| 0.004),
+        )
     };
     let cases = [
         (
@@ -962,7 +944,7 @@ fn huge_strides_and_dilations_stay_small_and_exact() {
         ),
     ];
     for (c, input, out) in cases {
-        let model = single_op(&input, grid(2), IntOp::Conv2d(c), &out);
+        let model = single_op(&input, grid8(2), IntOp::Conv2d(c), &out);
         let x: Vec<f32> = (0..input.iter().product::<usize>())
             .map(|i| (i % 97) as f32 / 20.0 - 2.0)
             .collect();
@@ -982,12 +964,6 @@ fn huge_strides_and_dilations_stay_small_and_exact() {
 /// otherwise) over kernels, strides, dilations and padding: equal to the scalar reference.
 #[test]
 fn depthwise_layers_equal_scalar_reference() {
-    let grid = |zero_point| Grid {
-        scale: 0.05,
-        zero_point,
-        qmin: -128,
-        qmax: 127,
-    };
     let mut r = burn_qat_tests::uniform(41);
     for (kernel, stride, dilation, pad) in [
         ([3, 3], 1, 1, 1),
@@ -1000,32 +976,24 @@ fn depthwise_layers_equal_scalar_reference() {
             burn_qat::export::kernels::force_portable(portable);
             let (c, hw) = (20, 23);
             let conv = IntConv2d {
-                in_channels: c,
-                out_channels: c,
                 groups: c,
-                kernel,
                 stride: [stride, stride],
                 dilation: [dilation, dilation],
                 padding: [pad; 4],
-                weight: (0..c * kernel[0] * kernel[1])
-                    .map(|_| (r() * 127.0) as i8)
-                    .collect(),
-                weight_bits: 8,
-                weight_scale: vec![0.01; c],
-                bias: (0..c).map(|_| (r() * 3000.0) as i32).collect(),
-                input: grid(-9),
-                output: Output::Quantized {
-                    grid: grid(4),
-                    requant: (0..c)
-                        .map(|i| FixedMultiplier::new(0.003 + i as f64 * 1e-4))
+                ..conv_layer(
+                    [c, c],
+                    kernel,
+                    (0..c * kernel[0] * kernel[1])
+                        .map(|_| (r() * 127.0) as i8)
                         .collect(),
-                    lo: -128,
-                    hi: 127,
-                },
+                    (0..c).map(|_| (r() * 3000.0) as i32).collect(),
+                    -9,
+                    quantized(4, c, |i| 0.003 + i as f64 * 1e-4),
+                )
             };
             let len = |k: usize| (hw + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
             let out = [c, len(kernel[0]), len(kernel[1])];
-            let model = single_op(&[c, hw, hw], grid(-9), IntOp::Conv2d(conv), &out);
+            let model = single_op(&[c, hw, hw], grid8(-9), IntOp::Conv2d(conv), &out);
             for n in [1usize, 3] {
                 let x: Vec<f32> = (0..n * c * hw * hw).map(|_| r() * 5.0).collect();
                 let reference = model.forward_reference(&x).unwrap();

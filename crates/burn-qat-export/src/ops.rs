@@ -38,10 +38,19 @@ fn binary(
     b: &[i8],
     sb: &[usize],
     out_shape: &[usize],
-    f: impl Fn(i8, i8) -> i8,
+    f: impl Fn(i8, i8) -> i8 + Sync,
 ) -> Vec<i8> {
     if sa == sb {
-        return a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect();
+        // Same shapes: in parallel chunks.
+        let mut data = vec![0i8; a.len()];
+        let chunk = 1 << 15;
+        for_each_chunk(&mut data, chunk, |i, dst, _: &mut ()| {
+            let (a, b) = (&a[i * chunk..], &b[i * chunk..]);
+            for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+                *d = f(*x, *y);
+            }
+        });
+        return data;
     }
     let total: usize = out_shape.iter().product();
     let so = strides(out_shape);
@@ -81,20 +90,9 @@ pub fn binary_lookup(
     out: &[usize],
 ) -> Vec<i8> {
     let table: &[i8; 1 << 16] = table.try_into().expect("a pair table has 65536 entries");
-    let look = |x: i8, y: i8| table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize];
-    if sa != sb {
-        return binary(a, sa, b, sb, out, look);
-    }
-    // Same shapes: in parallel chunks.
-    let mut data = vec![0i8; a.len()];
-    let chunk = 1 << 15;
-    for_each_chunk(&mut data, chunk, |i, dst, _: &mut ()| {
-        let (a, b) = (&a[i * chunk..], &b[i * chunk..]);
-        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
-            *d = look(*x, *y);
-        }
-    });
-    data
+    binary(a, sa, b, sb, out, |x, y| {
+        table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize]
+    })
 }
 
 /// Integer add/subtract with broadcasting.

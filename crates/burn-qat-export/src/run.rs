@@ -137,9 +137,11 @@ impl IntegerModel {
         }
         let batch = input.len() / item;
         let mut last_use = vec![0; self.nodes.len()];
+        let mut readers = vec![0usize; self.nodes.len()];
         for (i, n) in self.nodes.iter().enumerate() {
             for j in &n.inputs {
                 last_use[*j] = i;
+                readers[*j] += 1;
             }
         }
         last_use[self.output] = usize::MAX;
@@ -149,7 +151,6 @@ impl IntegerModel {
             if fused == Some(i) {
                 continue;
             }
-            // The shape rule of `validate`, at this batch size: the kernels rely on it.
             let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
             let ins: Vec<Vec<usize>> = node
                 .inputs
@@ -160,17 +161,7 @@ impl IntegerModel {
                         .map_or_else(Vec::new, |v| v.shape().to_vec())
                 })
                 .collect();
-            match infer(&node.op, &ins, &shape) {
-                Ok(got) if got == shape => {}
-                Ok(got) => {
-                    return Err(err(
-                        self,
-                        i,
-                        format!("computes {got:?}, declares {shape:?}"),
-                    ));
-                }
-                Err(e) => return Err(err(self, i, e)),
-            }
+            self.check_shape(i, &ins, &shape)?;
             // A reshape of a value nobody else reads moves it instead of copying it.
             if matches!(node.op, IntOp::Reshape)
                 && last_use[node.inputs[0]] == i
@@ -185,18 +176,11 @@ impl IntegerModel {
             // A convolution whose only reader is the max pooling right after it: both at once
             // (`kernels::conv2d_max_pool`), the pooled output stored as the pooling's.
             if !reference
-                && let Some((w, pooled)) = self.pool_after(i, batch, &last_use)
+                && let Some((w, pooled)) = self.pool_after(i, batch, &readers)
                 && let (IntOp::Conv2d(c), Some(Values::Int { data, shape: s, .. })) =
                     (&node.op, values[node.inputs[0]].as_ref())
             {
-                match infer(&self.nodes[i + 1].op, &[shape], &pooled) {
-                    Ok(got) if got == pooled => {}
-                    Ok(got) => {
-                        let what = format!("computes {got:?}, declares {pooled:?}");
-                        return Err(err(self, i + 1, what));
-                    }
-                    Err(e) => return Err(err(self, i + 1, e)),
-                }
+                self.check_shape(i + 1, &[shape], &pooled)?;
                 let slot = self.cache.slot(i, self.nodes.len());
                 values[i + 1] = Some(kernels::conv2d_max_pool(c, slot, data, s, w));
                 fused = Some(i + 1);
@@ -212,14 +196,29 @@ impl IntegerModel {
         Ok(values[self.output].take().expect("the output is kept"))
     }
 
+    /// The shape rule of `validate` for node `i` at this batch size (the kernels rely on it):
+    /// its inputs' shapes `ins` give `shape`.
+    fn check_shape(&self, i: usize, ins: &[Vec<usize>], shape: &[usize]) -> Result<(), RunError> {
+        match infer(&self.nodes[i].op, ins, shape) {
+            Ok(got) if got == shape => Ok(()),
+            Ok(got) => Err(err(
+                self,
+                i,
+                format!("computes {got:?}, declares {shape:?}"),
+            )),
+            Err(e) => Err(err(self, i, e)),
+        }
+    }
+
     /// The pooling window and output shape (at `batch`) of node `i + 1` when node `i` is a
-    /// convolution with a quantized output read only by it, and it is a max pooling without
-    /// padding or dilation.
+    /// convolution with a quantized output (not the model's output) whose one reader is node
+    /// `i + 1`, a max pooling without padding or dilation (`readers`: per node, how many
+    /// inputs name it).
     fn pool_after(
         &self,
         i: usize,
         batch: usize,
-        last_use: &[usize],
+        readers: &[usize],
     ) -> Option<(&Window, Vec<usize>)> {
         let IntOp::Conv2d(c) = &self.nodes[i].op else {
             return None;
@@ -228,9 +227,7 @@ impl IntegerModel {
         let IntOp::MaxPool(w) = &next.op else {
             return None;
         };
-        let only_reader = next.inputs == [i]
-            && last_use[i] == i + 1
-            && self.nodes.iter().filter(|n| n.inputs.contains(&i)).count() == 1;
+        let only_reader = next.inputs == [i] && readers[i] == 1 && i != self.output;
         let plain = w.padding == [0; 4] && w.dilation == [1, 1];
         (only_reader && plain && c.output.grid().is_some())
             .then(|| (w, next.shape.iter().map(|d| d.at(batch)).collect()))

@@ -217,15 +217,15 @@ pub(crate) fn interleave4(rows: [&[i8]; 4], dst: &mut [u32]) {
 }
 
 /// `int8` values as `u8` words (`int8 + 128`, four per word) appended to `dst`, the last word
-/// padded with `pad` bytes.
-pub(crate) fn unsigned_words(x: &[i8], pad: u8, dst: &mut Vec<u32>) {
+/// padded with 128 (`int8` 0; it meets zero weights).
+pub(crate) fn unsigned_words(x: &[i8], dst: &mut Vec<u32>) {
     let mut chunks = x.chunks_exact(4);
     dst.extend(chunks.by_ref().map(|c| {
         u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]) ^ 0x8080_8080
     }));
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut b = [pad; 4];
+        let mut b = [0x80; 4];
         for (d, v) in b.iter_mut().zip(rest) {
             *d = *v as u8 ^ 0x80;
         }

@@ -27,54 +27,79 @@ fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: us
         .expect("shapes checked at conversion or load")
 }
 
-/// Requantizes accumulators (bias included) laid out `[.., channels, inner]` (each channel's
-/// `inner` values contiguous, the channels repeating from `first`) to the output grid, each
-/// channel with its own fixed-point multiplier, into `dst` (same layout).
-fn requantize_rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [i8]) {
-    let Output::Quantized {
-        grid,
-        requant,
-        lo,
-        hi,
-    } = output
-    else {
-        unreachable!("called for quantized outputs")
-    };
-    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
-        requant[(first + i) % requant.len()].requantize(row, grid.zero_point, *lo, *hi, dst);
+/// An element of a layer's output: `i8` on a quantized output's grid, `f32` for a float last
+/// layer.
+trait OutputValue: Copy + Default + Send + Sync {
+    /// Accumulators (bias included) laid out `[.., channels, inner]` (each channel's `inner`
+    /// values contiguous, the channels repeating from `first`) to output values in `dst` (same
+    /// layout), one multiplier or scale per channel.
+    fn rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [Self]);
+    /// `data` of `shape` as the layer's values.
+    fn values(data: Vec<Self>, shape: Vec<usize>, output: &Output) -> Values;
+}
+
+impl OutputValue for i8 {
+    /// Requantization with each channel's fixed-point multiplier, clamped on the grid.
+    fn rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [i8]) {
+        let Output::Quantized {
+            grid,
+            requant,
+            lo,
+            hi,
+        } = output
+        else {
+            unreachable!("i8 values are written for quantized outputs")
+        };
+        for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+            requant[(first + i) % requant.len()].requantize(row, grid.zero_point, *lo, *hi, dst);
+        }
+    }
+
+    fn values(data: Vec<i8>, shape: Vec<usize>, output: &Output) -> Values {
+        Values::Int {
+            data,
+            shape,
+            grid: output
+                .grid()
+                .expect("i8 values are written for quantized outputs"),
+        }
     }
 }
 
-/// [`requantize_rows`] for a float last layer: each channel scaled by `s_in * s_w`, clamped.
-fn scale_rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [f32]) {
-    let Output::Float { scale, lo, hi } = output else {
-        unreachable!("called for float outputs")
-    };
-    for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
-        let s = scale[(first + i) % scale.len()];
-        for (o, a) in dst.iter_mut().zip(row) {
-            *o = (*a as f32 * s).clamp(*lo, *hi);
+impl OutputValue for f32 {
+    /// Each channel scaled by `s_in * s_w`, clamped.
+    fn rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [f32]) {
+        let Output::Float { scale, lo, hi } = output else {
+            unreachable!("f32 values are written for float outputs")
+        };
+        for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
+            let s = scale[(first + i) % scale.len()];
+            for (o, a) in dst.iter_mut().zip(row) {
+                *o = (*a as f32 * s).clamp(*lo, *hi);
+            }
         }
+    }
+
+    fn values(data: Vec<f32>, shape: Vec<usize>, _: &Output) -> Values {
+        Values::Float { data, shape }
     }
 }
 
 /// The layer's output values from accumulators laid out `[.., channels, inner]`.
 fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) -> Values {
+    fn typed<T: OutputValue>(
+        output: &Output,
+        acc: &[i32],
+        inner: usize,
+        shape: Vec<usize>,
+    ) -> Values {
+        let mut data = vec![T::default(); acc.len()];
+        T::rows(acc, inner, output, 0, &mut data);
+        T::values(data, shape, output)
+    }
     match output {
-        Output::Quantized { grid, .. } => {
-            let mut data = vec![0i8; acc.len()];
-            requantize_rows(acc, inner, output, 0, &mut data);
-            Values::Int {
-                data,
-                shape,
-                grid: *grid,
-            }
-        }
-        Output::Float { .. } => {
-            let mut data = vec![0f32; acc.len()];
-            scale_rows(acc, inner, output, 0, &mut data);
-            Values::Float { data, shape }
-        }
+        Output::Quantized { .. } => typed::<i8>(output, acc, inner, shape),
+        Output::Float { .. } => typed::<f32>(output, acc, inner, shape),
     }
 }
 
@@ -194,42 +219,41 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 
 /// Convolution, fast path. Per image and group, the `[cout_g, k]` weight words times the image
 /// as words (see `gemm`): with stride 1 the padded image itself, four channels interleaved per
-/// word, read at one offset per kernel tap (over "virtual" output columns spanning the padded
-/// width, the extra ones dropped); otherwise an im2col matrix of tap words. The result is
+/// word, read at one offset per kernel tap; otherwise tap words, each tap a slice of the
+/// padded image split into stride phases (both over "virtual" output columns spanning the
+/// padded width, the extra ones dropped); depthwise layers on the direct kernel where the CPU
+/// has it (see `depthwise`). The result is
 /// `[cout, oh * ow]`, already NCHW, each output channel requantized as one row with one
 /// multiplier. Images run in parallel; a single large image splits its output channels.
 pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
-    let plan = ConvPlan::new(c, shape);
-    let per_image = c.out_channels * plan.p;
-    let n = shape[0];
-    let shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
-    match &c.output {
-        Output::Quantized { grid, .. } => {
-            let mut data = vec![0i8; n * per_image];
-            plan.run(c, cache, x, &mut data, |acc, channel, dst| {
-                requantize_rows(acc, acc.len(), &c.output, channel, dst)
-            });
-            Values::Int {
-                data,
-                shape,
-                grid: *grid,
-            }
-        }
-        Output::Float { .. } => {
-            let mut data = vec![0f32; n * per_image];
-            plan.run(c, cache, x, &mut data, |acc, channel, dst| {
-                scale_rows(acc, acc.len(), &c.output, channel, dst)
-            });
-            Values::Float { data, shape }
-        }
+    fn typed<T: OutputValue>(
+        c: &IntConv2d,
+        cache: &OnceLock<Packed>,
+        x: &[i8],
+        shape: &[usize],
+    ) -> Values {
+        let plan = ConvPlan::new(c, shape);
+        let mut data = vec![T::default(); shape[0] * c.out_channels * plan.p];
+        plan.run(c, cache, x, &mut data, |acc, channel, dst| {
+            T::rows(acc, acc.len(), &c.output, channel, dst)
+        });
+        T::values(
+            data,
+            out_shape(shape, c.out_channels, plan.oh, plan.ow),
+            &c.output,
+        )
+    }
+    match c.output {
+        Output::Quantized { .. } => typed::<i8>(c, cache, x, shape),
+        Output::Float { .. } => typed::<f32>(c, cache, x, shape),
     }
 }
 
 /// A convolution with a quantized output followed by max pooling without padding or dilation
 /// (a pooling window `w` whose input is this convolution alone), fused: each chunk of output
 /// channels of an image is pooled while it is still in cache, and only the pooled tensor is
-/// written. Equal to [`conv2d`] then [`crate::ops::max_pool`] (max commutes with nothing
-/// here: the pooled values are the convolution's own requantized outputs).
+/// written. Equal to [`conv2d`] then [`crate::ops::max_pool`]: the same requantized values,
+/// pooled by the same function.
 pub fn conv2d_max_pool(
     c: &IntConv2d,
     cache: &OnceLock<Packed>,
@@ -265,7 +289,7 @@ pub fn conv2d_max_pool(
                 channels,
                 &mut unpooled,
                 s,
-                &|acc, channel, dst| requantize_rows(acc, acc.len(), &c.output, channel, dst),
+                &|acc, channel, dst| i8::rows(acc, acc.len(), &c.output, channel, dst),
             );
             crate::ops::max_pool_planes(w, &unpooled, dims, &mut rows_max, dst);
             (s.unpooled, s.rows_max) = (unpooled, rows_max);
@@ -307,6 +331,8 @@ struct ConvScratch {
     unpooled: Vec<i8>,
     /// A pooled row's column maxima.
     rows_max: Vec<i8>,
+    /// A depthwise channel padded, as `int8 + 128`.
+    unsigned: Vec<u8>,
     b: Vec<u32>,
     b_off: Vec<usize>,
     padded: Vec<i8>,
@@ -504,31 +530,23 @@ impl ConvPlan {
         let pad = c.input.zero_point as u8 ^ 0x80;
         let per_channel = c.kernel[0] * dw.groups;
         s.acc.resize(p.max(1), 0);
-        let mut padded = std::mem::take(&mut s.cols);
+        let padded = &mut s.unsigned;
         for (i, dst) in channels.clone().zip(dst.chunks_exact_mut(p.max(1))) {
+            // The channel padded with the zero point, as `int8 + 128`.
             padded.clear();
-            padded.resize(ph * pw + depthwise::slack(c), pad as i8);
+            padded.resize(ph * pw + depthwise::slack(c), pad);
             let plane = &image[i * h * w..(i + 1) * h * w];
             for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
                 let at = (top + y) * pw + left;
                 for (d, v) in padded[at..at + w].iter_mut().zip(row) {
-                    *d = (*v as u8 ^ 0x80) as i8;
+                    *d = *v as u8 ^ 0x80;
                 }
             }
-            // The same bytes, read as `u8` (`int8 + 128`).
-            let unsigned = bytemuck_u8(&padded);
             let words = &dw.words[i * per_channel..(i + 1) * per_channel];
-            depthwise::plane(
-                unsigned,
-                words,
-                dw.groups,
-                weights.bias[i],
-                &geometry,
-                &mut s.acc,
-            );
+            let bias = weights.bias[i];
+            depthwise::plane(padded, words, dw.groups, bias, &geometry, &mut s.acc);
             write(&s.acc[..p], i, dst);
         }
-        s.cols = padded;
     }
 
     /// Group `g` of the image, padded with the input zero point, as channel words
@@ -813,7 +831,7 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     let unsigned = |x: &[i8]| -> Vec<u32> {
         let mut a = Vec::with_capacity(x.len().div_ceil(4) + k4);
         for r in x.chunks_exact(inp.max(1)) {
-            gemm::unsigned_words(r, 0x80, &mut a);
+            gemm::unsigned_words(r, &mut a);
         }
         a
     };
@@ -855,32 +873,26 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
         });
     }
     // Requantized in chunks of rows too.
-    let shape = linear_shape(shape, out);
-    let rows = 64;
-    let rows_of = |i: usize, dst_len: usize| i * rows..i * rows + dst_len / out.max(1);
-    match &l.output {
-        Output::Quantized { grid, .. } => {
-            let mut data = vec![0i8; n * out];
-            for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
-                for (r, d) in rows_of(i, dst.len()).zip(dst.chunks_exact_mut(out.max(1))) {
-                    requantize_rows(&acc[r * stride..r * stride + out], 1, &l.output, 0, d);
-                }
-            });
-            Values::Int {
-                data,
-                shape,
-                grid: *grid,
+    fn typed<T: OutputValue>(
+        output: &Output,
+        acc: &[i32],
+        stride: usize,
+        shape: Vec<usize>,
+    ) -> Values {
+        let out = shape.last().copied().unwrap_or(0);
+        let rows = 64;
+        let mut data = vec![T::default(); acc.len() / stride.max(1) * out];
+        for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
+            for (r, d) in (i * rows..).zip(dst.chunks_exact_mut(out.max(1))) {
+                T::rows(&acc[r * stride..r * stride + out], 1, output, 0, d);
             }
-        }
-        Output::Float { .. } => {
-            let mut data = vec![0f32; n * out];
-            for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
-                for (r, d) in rows_of(i, dst.len()).zip(dst.chunks_exact_mut(out.max(1))) {
-                    scale_rows(&acc[r * stride..r * stride + out], 1, &l.output, 0, d);
-                }
-            });
-            Values::Float { data, shape }
-        }
+        });
+        T::values(data, shape, output)
+    }
+    let shape = linear_shape(shape, out);
+    match l.output {
+        Output::Quantized { .. } => typed::<i8>(&l.output, &acc, stride, shape),
+        Output::Float { .. } => typed::<f32>(&l.output, &acc, stride, shape),
     }
 }
 
@@ -908,11 +920,4 @@ fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
         *last = out;
     }
     s
-}
-
-/// `i8` bytes as `u8` (same size and alignment, every bit pattern valid).
-fn bytemuck_u8(x: &[i8]) -> &[u8] {
-    // SAFETY: `i8` and `u8` have the same size and alignment, and every bit pattern is valid
-    // for both.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) }
 }
