@@ -32,6 +32,9 @@
 mod error;
 mod grid;
 mod qparams;
+// burn-ndarray is deprecated upstream but still a backend users pick: its kernels stay.
+#[allow(deprecated)]
+pub mod fused;
 pub mod reference;
 mod spec;
 pub mod tensor;

@@ -98,6 +98,35 @@ pub fn try_fake_quant<const D: usize>(
     spec: &QuantSpec,
 ) -> Result<Tensor<D>, QatError> {
     check_qparams(&x, &scale, &zero_point, spec)?;
+    if crate::fused::available(&x) {
+        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        let axis = spec.axis().unwrap_or(0);
+        let zero_point = zero_point.to_device(&x.device());
+        let scale = scale.to_device(&x.device());
+        return Ok(crate::fused::fake_quant(
+            x, scale, zero_point, axis, qmin, qmax, half_up,
+        ));
+    }
+    Ok(fake_quant_composed(x, scale, zero_point, spec))
+}
+
+/// [`fake_quant`] written with Burn's tensor ops (about fifteen elementwise passes): what runs
+/// on backends without [`fused`](crate::fused) kernels, and the reference the fused kernels are
+/// tested against (bit-equal values and gradients).
+///
+/// # Panics
+///
+/// As [`fake_quant`], on quantization parameters that do not fit `x`.
+pub fn fake_quant_composed<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
+    if let Err(err) = check_qparams(&x, &scale, &zero_point, spec) {
+        panic!("{err}");
+    }
     let channels = scale.dims()[0];
     let axis = if channels == 1 { None } else { spec.axis() };
     let shape: [usize; D] = channel_shape(channels, axis);
@@ -108,7 +137,7 @@ pub fn try_fake_quant<const D: usize>(
     let r = round(v.clone(), spec.rounding) + zero_point.clone();
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
     let y = (r.clamp(qmin, qmax) - zero_point.clone()) * scale;
-    Ok(if x.is_autodiff() {
+    if x.is_autodiff() {
         let v = v + zero_point;
         let inside = v
             .clone()
@@ -119,7 +148,7 @@ pub fn try_fake_quant<const D: usize>(
         y + (x - xd).mask_fill(inside.bool_not(), 0.0)
     } else {
         y
-    })
+    }
 }
 
 /// Fake-quantizes `x` with one pair of scalar parameters (per tensor). Cheaper than
@@ -129,6 +158,14 @@ pub fn fake_quant_per_tensor<const D: usize>(
     qp: QParams,
     spec: &QuantSpec,
 ) -> Tensor<D> {
+    if crate::fused::available(&x) {
+        let device = x.device();
+        let scale = Tensor::<1>::from_floats([qp.scale], &device);
+        let zp = Tensor::<1>::from_floats([qp.zero_point as f32], &device);
+        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        return crate::fused::fake_quant(x, scale, zp, 0, qmin, qmax, half_up);
+    }
     let xd = x.clone().detach();
     let zp = qp.zero_point as f32;
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
@@ -175,6 +212,13 @@ pub fn min_max<const D: usize>(
     if numel == 0 || channels == 0 {
         let z = Tensor::<1>::zeros([channels.max(1)], &device);
         return (z.clone(), z);
+    }
+    if crate::fused::available(&x) {
+        let axis = match granularity {
+            crate::Granularity::PerTensor => 0,
+            crate::Granularity::PerChannel { axis } => axis,
+        };
+        return crate::fused::min_max(x, axis, channels);
     }
     // Non-finite values become 0, which the widened range contains anyway.
     let bad = x.clone().is_finite().bool_not();
@@ -300,6 +344,29 @@ pub fn lsq_step(scale: Tensor<1>) -> Tensor<1> {
 ///
 /// - `x`: any; `scale`, `offset`: `[1]` or `[C]` along the spec's axis.
 pub fn fake_quant_lsq<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    offset: Option<Tensor<1>>,
+    spec: &QuantSpec,
+    grad_factor: f32,
+) -> Tensor<D> {
+    let channels = scale.dims()[0];
+    let axis = if channels == 1 { None } else { spec.axis() };
+    if crate::fused::available(&x) {
+        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+        let s = grad_scale(lsq_step(scale), grad_factor);
+        let o = match offset {
+            Some(o) => grad_scale(o, grad_factor),
+            None => s.zeros_like().detach(),
+        };
+        return crate::fused::lsq(x, s, o, axis.unwrap_or(0), qmin, qmax);
+    }
+    fake_quant_lsq_composed(x, scale, offset, spec, grad_factor)
+}
+
+/// [`fake_quant_lsq`] written with Burn's tensor ops and autodiff: what runs on backends without
+/// [`fused`](crate::fused) kernels, and the reference the fused kernels are tested against.
+pub fn fake_quant_lsq_composed<const D: usize>(
     x: Tensor<D>,
     scale: Tensor<1>,
     offset: Option<Tensor<1>>,

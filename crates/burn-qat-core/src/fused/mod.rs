@@ -1,0 +1,520 @@
+//! Fused fake quantization: one pass over the tensor for the forward, one for the backward.
+//!
+//! [`tensor::fake_quant`](crate::tensor::fake_quant) written with Burn's tensor API costs about
+//! fifteen elementwise ops (divide, round, add, clamp, subtract, multiply, and the comparisons
+//! and masks of the straight-through estimator), each a pass over memory. Here the same
+//! arithmetic runs as one Burn backend extension op ([`FakeQuantOps`]) per pass, with a
+//! hand-written backward (`Backward` of Burn's autodiff) that recomputes the in-range mask
+//! from `x` instead of storing it.
+//!
+//! Kernels exist for the CPU backends, `flex` and `ndarray` ([`cpu`]): tight loops over the
+//! buffer, channels walked in contiguous runs (no transpose), split across threads above
+//! [`cpu::PARALLEL_MIN`] elements. On any other device (wgpu, the capture device), for
+//! non-`f32` tensors or when switched off with [`set_enabled`], the functions here are not
+//! used and [`tensor`](crate::tensor) runs the composed ops, which are also the reference the
+//! tests hold these kernels to (bit-equal values and gradients).
+//!
+//! ```
+//! use burn::prelude::*;
+//! use burn_qat_core::{QuantSpec, fused, tensor};
+//!
+//! let device = Device::flex().autodiff();
+//! let x = Tensor::<1>::from_floats([-2.0, -0.26, 0.13, 0.5, 3.0], &device).require_grad();
+//! let spec = QuantSpec::int8_act_per_tensor_asymmetric();
+//! let (scale, zp) = tensor::qparams(Tensor::from_floats([-1.0], &device), Tensor::from_floats([1.0], &device), &spec);
+//! assert!(fused::available(&x));
+//! let y = tensor::fake_quant(x.clone(), scale.clone(), zp.clone(), &spec); // fused here
+//! let reference = tensor::fake_quant_composed(x.clone(), scale, zp, &spec);
+//! assert_eq!(y.to_data(), reference.to_data());
+//! let g: Vec<f32> = x.grad(&y.sum().backward()).unwrap().into_data().to_vec().unwrap();
+//! assert_eq!(g, vec![0.0, 1.0, 1.0, 1.0, 0.0]);
+//! ```
+
+pub mod cpu;
+
+use std::cell::Cell;
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind, unary},
+};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use cpu::{Bounds, Channels};
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Turns the fused kernels on (the default) or off for the calling thread; off, every function
+/// in [`tensor`](crate::tensor) called from this thread runs the composed ops. For comparisons
+/// and benchmarks (per thread, so that tests running side by side do not switch each other).
+pub fn set_enabled(enabled: bool) {
+    ENABLED.with(|e| e.set(enabled));
+}
+
+/// Whether the fused kernels are switched on for the calling thread (see [`set_enabled`]).
+pub fn is_enabled() -> bool {
+    ENABLED.with(Cell::get)
+}
+
+/// Whether `x` would take the fused path: kernels switched on, an `f32` tensor on a backend
+/// with fused kernels (`flex`, `ndarray`, with or without autodiff).
+pub fn available<const D: usize>(x: &Tensor<D>) -> bool {
+    is_enabled() && x.dtype() == DType::F32 && has_kernels(&x.device())
+}
+
+/// Whether `device` (or the device an autodiff device wraps) has fused kernels.
+pub fn has_kernels(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    let base = match device.as_dispatch() {
+        DispatchDevice::Autodiff(inner) => inner.clone().inner(),
+        other => other.clone(),
+    };
+    match base {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => true,
+        #[cfg(feature = "ndarray")]
+        DispatchDevice::NdArray(_) => true,
+        _ => false,
+    }
+}
+
+/// The fused ops, one Burn backend extension. Quantization parameters are `[C]` tensors
+/// (`C == 1`: per tensor) applied along `axis` (ignored per tensor); `qmin`/`qmax` are the
+/// integer grid as `f32`.
+#[backend_extension(
+    Autodiff,
+    Flex: cfg(feature = "flex"),
+    NdArray: cfg(feature = "ndarray"),
+)]
+pub trait FakeQuantOps: Backend {
+    /// `(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`; the clipped straight-through
+    /// estimator under autodiff.
+    fn qat_fake_quant(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+        half_up: bool,
+    ) -> FloatTensor<Self>;
+
+    /// The backward of [`qat_fake_quant`](FakeQuantOps::qat_fake_quant): `grad` where
+    /// `qmin <= x / s + zp <= qmax`, else 0.
+    fn qat_fake_quant_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> FloatTensor<Self>;
+
+    /// LSQ / LSQ+: `round(clamp((x - o) / s, qmin, qmax)) * s + o`; under autodiff the
+    /// gradients of `x`, `step` and `offset` come from one backward pass.
+    fn qat_lsq(
+        x: FloatTensor<Self>,
+        step: FloatTensor<Self>,
+        offset: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> FloatTensor<Self>;
+
+    /// The backward of [`qat_lsq`](FakeQuantOps::qat_lsq): `(dx, dstep, doffset)`, the last
+    /// two reduced to the shape of `step`.
+    fn qat_lsq_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        step: FloatTensor<Self>,
+        offset: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Per-channel `(min, max)` along `axis` (`channels == 1`: the whole tensor), NaN and
+    /// infinities skipped, widened to contain 0. Never tracked by autodiff.
+    fn qat_min_max(
+        x: FloatTensor<Self>,
+        axis: usize,
+        channels: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// A CPU backend's float primitive read as a host `f32` slice and built from a `Vec<f32>`.
+trait HostF32: Sized {
+    fn dims(&self) -> Vec<usize>;
+    fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R;
+    fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self;
+}
+
+#[cfg(feature = "flex")]
+impl HostF32 for burn::backend::flex::FlexTensor {
+    fn dims(&self) -> Vec<usize> {
+        self.layout().shape().to_vec()
+    }
+    fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self.as_slice::<f32>() {
+            Some(values) => f(values),
+            None => {
+                let dense = self.to_contiguous();
+                f(dense.as_slice::<f32>().unwrap_or(&[]))
+            }
+        }
+    }
+    fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self {
+        Self::from_data(TensorData::new(values, dims))
+    }
+}
+
+#[cfg(feature = "ndarray")]
+impl HostF32 for burn::backend::ndarray::NdArrayTensor {
+    fn dims(&self) -> Vec<usize> {
+        burn::backend::TensorMetadata::shape(self).to_vec()
+    }
+    fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match self {
+            Self::F32(storage) => {
+                let view = storage.view();
+                match view.as_slice() {
+                    Some(values) => f(values),
+                    None => f(&view.iter().copied().collect::<Vec<f32>>()),
+                }
+            }
+            // `available` sends only f32 tensors here.
+            _ => f(&[]),
+        }
+    }
+    fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self {
+        Self::from_data(TensorData::new(values, dims))
+    }
+}
+
+fn bounds(qmin: f32, qmax: f32, half_up: bool) -> Bounds {
+    Bounds {
+        qmin,
+        qmax,
+        half_up,
+    }
+}
+
+/// The kernels of one CPU backend, on its primitive `T`.
+#[allow(unused_macros)]
+macro_rules! cpu_backend {
+    ($backend:ty) => {
+        impl FakeQuantOps for $backend {
+            fn qat_fake_quant(
+                x: FloatTensor<Self>,
+                scale: FloatTensor<Self>,
+                zero_point: FloatTensor<Self>,
+                axis: usize,
+                qmin: f32,
+                qmax: f32,
+                half_up: bool,
+            ) -> FloatTensor<Self> {
+                let dims = x.dims();
+                let out = scale.with_slice(|s| {
+                    zero_point.with_slice(|z| {
+                        x.with_slice(|x| {
+                            let ch = Channels::of(&dims, axis, s.len());
+                            cpu::fake_quant(x, s, z, ch, bounds(qmin, qmax, half_up))
+                        })
+                    })
+                });
+                HostF32::from_vec(out, dims)
+            }
+
+            fn qat_fake_quant_grad(
+                grad: FloatTensor<Self>,
+                x: FloatTensor<Self>,
+                scale: FloatTensor<Self>,
+                zero_point: FloatTensor<Self>,
+                axis: usize,
+                qmin: f32,
+                qmax: f32,
+            ) -> FloatTensor<Self> {
+                let dims = x.dims();
+                let out = scale.with_slice(|s| {
+                    zero_point.with_slice(|z| {
+                        x.with_slice(|x| {
+                            grad.with_slice(|g| {
+                                let ch = Channels::of(&dims, axis, s.len());
+                                cpu::fake_quant_grad(g, x, s, z, ch, bounds(qmin, qmax, false))
+                            })
+                        })
+                    })
+                });
+                HostF32::from_vec(out, dims)
+            }
+
+            fn qat_lsq(
+                x: FloatTensor<Self>,
+                step: FloatTensor<Self>,
+                offset: FloatTensor<Self>,
+                axis: usize,
+                qmin: f32,
+                qmax: f32,
+            ) -> FloatTensor<Self> {
+                let dims = x.dims();
+                let out = step.with_slice(|s| {
+                    offset.with_slice(|o| {
+                        x.with_slice(|x| {
+                            let ch = Channels::of(&dims, axis, s.len());
+                            cpu::lsq(x, s, o, ch, bounds(qmin, qmax, false))
+                        })
+                    })
+                });
+                HostF32::from_vec(out, dims)
+            }
+
+            fn qat_lsq_grad(
+                grad: FloatTensor<Self>,
+                x: FloatTensor<Self>,
+                step: FloatTensor<Self>,
+                offset: FloatTensor<Self>,
+                axis: usize,
+                qmin: f32,
+                qmax: f32,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                let dims = x.dims();
+                let channels = step.dims();
+                let (dx, ds, doff) = step.with_slice(|s| {
+                    offset.with_slice(|o| {
+                        x.with_slice(|x| {
+                            grad.with_slice(|g| {
+                                let ch = Channels::of(&dims, axis, s.len());
+                                cpu::lsq_grad(g, x, s, o, ch, bounds(qmin, qmax, false))
+                            })
+                        })
+                    })
+                });
+                (
+                    HostF32::from_vec(dx, dims),
+                    HostF32::from_vec(ds, channels.clone()),
+                    HostF32::from_vec(doff, channels),
+                )
+            }
+
+            fn qat_min_max(
+                x: FloatTensor<Self>,
+                axis: usize,
+                channels: usize,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                let dims = x.dims();
+                let ch = Channels::of(&dims, axis, channels);
+                let (lo, hi) = x.with_slice(|x| cpu::min_max(x, ch));
+                let n = vec![lo.len()];
+                (HostF32::from_vec(lo, n.clone()), HostF32::from_vec(hi, n))
+            }
+        }
+    };
+}
+
+#[cfg(feature = "flex")]
+cpu_backend!(burn::backend::Flex);
+#[cfg(feature = "ndarray")]
+cpu_backend!(burn::backend::NdArray);
+
+impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
+    fn qat_fake_quant(
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+        half_up: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FakeQuantBackward;
+
+        impl<B: FakeQuantOps> Backward<B, 1> for FakeQuantBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f32, f32);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let (x, scale, zp, axis, qmin, qmax) = ops.state;
+                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+                    B::qat_fake_quant_grad(grad, x, scale, zp, axis, qmin, qmax)
+                });
+            }
+        }
+
+        let scale = scale.into_primitive();
+        let zero_point = zero_point.into_primitive();
+        match FakeQuantBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let state = (x.clone(), scale.clone(), zero_point.clone(), axis, qmin, qmax);
+                prep.finish(
+                    state,
+                    B::qat_fake_quant(x, scale, zero_point, axis, qmin, qmax, half_up),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::qat_fake_quant(
+                x.into_primitive(),
+                scale,
+                zero_point,
+                axis,
+                qmin,
+                qmax,
+                half_up,
+            )),
+        }
+    }
+
+    fn qat_fake_quant_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> FloatTensor<Self> {
+        // A gradient of a gradient is not tracked (the estimator is piecewise constant).
+        FloatTensor::<Self>::new(B::qat_fake_quant_grad(
+            grad.into_primitive(),
+            x.into_primitive(),
+            scale.into_primitive(),
+            zero_point.into_primitive(),
+            axis,
+            qmin,
+            qmax,
+        ))
+    }
+
+    fn qat_lsq(
+        x: FloatTensor<Self>,
+        step: FloatTensor<Self>,
+        offset: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LsqBackward;
+
+        impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f32, f32);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let (x, step, offset, axis, qmin, qmax) = ops.state;
+                let grad = grads.consume::<B>(&ops.node);
+                let (dx, ds, doff) = B::qat_lsq_grad(grad, x, step, offset, axis, qmin, qmax);
+                let [px, ps, po] = ops.parents;
+                for (parent, g) in [(px, dx), (ps, ds), (po, doff)] {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, g);
+                    }
+                }
+            }
+        }
+
+        let nodes = [x.node(), step.node(), offset.node()];
+        match LsqBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (x, step, offset) = (x.into_primitive(), step.into_primitive(), offset.into_primitive());
+                let state = (x.clone(), step.clone(), offset.clone(), axis, qmin, qmax);
+                prep.finish(state, B::qat_lsq(x, step, offset, axis, qmin, qmax))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::qat_lsq(
+                x.into_primitive(),
+                step.into_primitive(),
+                offset.into_primitive(),
+                axis,
+                qmin,
+                qmax,
+            )),
+        }
+    }
+
+    fn qat_lsq_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        step: FloatTensor<Self>,
+        offset: FloatTensor<Self>,
+        axis: usize,
+        qmin: f32,
+        qmax: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, ds, doff) = B::qat_lsq_grad(
+            grad.into_primitive(),
+            x.into_primitive(),
+            step.into_primitive(),
+            offset.into_primitive(),
+            axis,
+            qmin,
+            qmax,
+        );
+        (FloatTensor::<Self>::new(dx), FloatTensor::<Self>::new(ds), FloatTensor::<Self>::new(doff))
+    }
+
+    fn qat_min_max(
+        x: FloatTensor<Self>,
+        axis: usize,
+        channels: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (lo, hi) = B::qat_min_max(x.into_primitive(), axis, channels);
+        (FloatTensor::<Self>::new(lo), FloatTensor::<Self>::new(hi))
+    }
+}
+
+/// Fused [`tensor::fake_quant`](crate::tensor::fake_quant): `scale`, `zero_point` of shape
+/// `[1]` or `[x.dims()[axis]]`. Call only where [`available`] says so.
+pub fn fake_quant<const D: usize>(
+    x: Tensor<D>,
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    axis: usize,
+    qmin: f32,
+    qmax: f32,
+    half_up: bool,
+) -> Tensor<D> {
+    let y = Dispatch::qat_fake_quant(
+        x.into_dispatch(),
+        scale.detach().into_dispatch(),
+        zero_point.detach().into_dispatch(),
+        axis,
+        qmin,
+        qmax,
+        half_up,
+    );
+    Tensor::from_dispatch(y)
+}
+
+/// Fused LSQ / LSQ+ (see [`tensor::fake_quant_lsq`](crate::tensor::fake_quant_lsq)): `step`
+/// and `offset` of shape `[1]` or `[x.dims()[axis]]`, both receiving gradients.
+pub fn lsq<const D: usize>(
+    x: Tensor<D>,
+    step: Tensor<1>,
+    offset: Tensor<1>,
+    axis: usize,
+    qmin: f32,
+    qmax: f32,
+) -> Tensor<D> {
+    let y = Dispatch::qat_lsq(
+        x.into_dispatch(),
+        step.into_dispatch(),
+        offset.into_dispatch(),
+        axis,
+        qmin,
+        qmax,
+    );
+    Tensor::from_dispatch(y)
+}
+
+/// Fused [`tensor::min_max`](crate::tensor::min_max) over `channels` along `axis` (1: the
+/// whole tensor), detached.
+pub fn min_max<const D: usize>(x: Tensor<D>, axis: usize, channels: usize) -> (Tensor<1>, Tensor<1>) {
+    let (lo, hi) = Dispatch::qat_min_max(x.detach().into_dispatch(), axis, channels);
+    (Tensor::from_dispatch(lo), Tensor::from_dispatch(hi))
+}

@@ -1,0 +1,284 @@
+//! The fused fake-quant kernels against the composed tensor ops they replace, on every backend
+//! that has them (flex, ndarray): values and the input gradient bit-equal, learned-range
+//! gradients equal up to summation order, observers' ranges bit-equal. Backends without fused
+//! kernels (wgpu) are skipped by name: they run the composed ops, which `properties.rs` tests.
+
+use burn::prelude::*;
+use burn_qat::core::{fused, tensor};
+use burn_qat::{Granularity, QuantSpec, RoundingMode};
+use burn_qat_tests::{Backend, backends, cases, skip, values};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+/// The fused-capable backends; the others are skipped by name.
+fn fused_backends(test: &str) -> Vec<Backend> {
+    backends()
+        .into_iter()
+        .filter(|b| {
+            let ok = fused::has_kernels(&b.device);
+            if !ok {
+                skip(test, b.name, "no fused kernels on this backend (composed ops run)");
+            }
+            ok
+        })
+        .collect()
+}
+
+/// Runs `f` with the fused kernels switched off, then back on.
+fn composed<T>(f: impl FnOnce() -> T) -> T {
+    fused::set_enabled(false);
+    let out = f();
+    fused::set_enabled(true);
+    out
+}
+
+fn spec_strategy() -> impl Strategy<Value = QuantSpec> {
+    (2u32..=16, any::<bool>(), any::<bool>(), any::<bool>(), 0usize..4).prop_map(
+        |(bits, signed, symmetric, tf, axis)| QuantSpec {
+            bits,
+            signed,
+            symmetric,
+            narrow_range: false,
+            granularity: if axis == 3 {
+                Granularity::PerTensor
+            } else {
+                Granularity::PerChannel { axis }
+            },
+            rounding: if tf {
+                RoundingMode::TfHalfUp
+            } else {
+                RoundingMode::HalfToEven
+            },
+        },
+    )
+}
+
+/// A `[a, b, c]` tensor's values: random, exact half steps (ties), zeros and non-finite values.
+fn input_strategy() -> impl Strategy<Value = ([usize; 3], Vec<f32>)> {
+    (1usize..5, 1usize..6, 1usize..7, -3i32..3).prop_flat_map(|(a, b, c, exp)| {
+        let mag = 10f32.powi(exp);
+        let value = prop_oneof![
+            8 => (-1.0f32..1.0).prop_map(move |v| v * mag),
+            2 => (-40i32..40).prop_map(move |k| k as f32 * 0.5 * mag / 16.0),
+            1 => Just(0.0f32),
+            1 => prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
+        ];
+        (Just([a, b, c]), proptest::collection::vec(value, a * b * c))
+    })
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    // NaN payloads may differ between implementations; every NaN compares as one value.
+    v.iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect()
+}
+
+/// Values, input gradient and observed range of one path.
+fn run_fake_quant(
+    device: &Device,
+    spec: &QuantSpec,
+    dims: [usize; 3],
+    x: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t = Tensor::<1>::from_floats(x, device).reshape(dims).require_grad();
+    let (min, max) = tensor::min_max(t.clone(), spec.granularity);
+    let (scale, zp) = tensor::qparams(min.clone(), max.clone(), spec);
+    let y = tensor::fake_quant(t.clone(), scale, zp, spec);
+    let out = values(y.clone());
+    // A non-uniform upstream gradient, so that a mask applied to the wrong element shows.
+    let weights = Tensor::<1>::from_floats(
+        (0..x.len()).map(|i| 1.0 + i as f32).collect::<Vec<_>>().as_slice(),
+        device,
+    )
+    .reshape(dims);
+    let grads = (y * weights).sum().backward();
+    let grad = values(t.grad(&grads).expect("gradient"));
+    let mut range = values(min);
+    range.extend(values(max));
+    (out, grad, range)
+}
+
+#[test]
+fn fused_fake_quant_equals_composed_bit_for_bit() {
+    for b in fused_backends("fused_fake_quant_equals_composed_bit_for_bit") {
+        let device = b.device.clone().autodiff();
+        let mut runner = TestRunner::new(Config {
+            cases: cases(&b, 384),
+            ..Config::default()
+        });
+        runner
+            .run(&(spec_strategy(), input_strategy()), |(spec, (dims, x))| {
+                let fast = run_fake_quant(&device, &spec, dims, &x);
+                let slow = composed(|| run_fake_quant(&device, &spec, dims, &x));
+                prop_assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values, {:?}", b.name, spec);
+                prop_assert_eq!(bits(&fast.1), bits(&slow.1), "{}: gradient, {:?}", b.name, spec);
+                prop_assert_eq!(bits(&fast.2), bits(&slow.2), "{}: range, {:?}", b.name, spec);
+                Ok(())
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+    }
+}
+
+#[test]
+fn fused_per_tensor_scalar_path_equals_composed() {
+    for b in fused_backends("fused_per_tensor_scalar_path_equals_composed") {
+        let device = b.device.clone().autodiff();
+        let mut runner = TestRunner::new(Config {
+            cases: cases(&b, 128),
+            ..Config::default()
+        });
+        runner
+            .run(
+                &(spec_strategy(), input_strategy(), -5.0f32..0.0, 0.0f32..5.0),
+                |(spec, (dims, x), lo, hi)| {
+                    let spec = spec.with_granularity(Granularity::PerTensor);
+                    let qp = burn_qat::qparams_from_range(lo, hi, &spec);
+                    let go = || {
+                        let t = Tensor::<1>::from_floats(x.as_slice(), &device)
+                            .reshape(dims)
+                            .require_grad();
+                        let y = tensor::fake_quant_per_tensor(t.clone(), qp, &spec);
+                        let grads = y.clone().sum().backward();
+                        (values(y), values(t.grad(&grads).expect("gradient")))
+                    };
+                    let (fast, slow) = (go(), composed(go));
+                    prop_assert_eq!(bits(&fast.0), bits(&slow.0));
+                    prop_assert_eq!(bits(&fast.1), bits(&slow.1));
+                    Ok(())
+                },
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+    }
+}
+
+/// LSQ and LSQ+: values bit-equal; the gradient of `x` equal up to rounding (zero at the same
+/// places), of the step and the offset up to the order of summation (the fused backward sums
+/// in f64, autodiff in f32).
+#[test]
+fn fused_lsq_equals_composed() {
+    for b in fused_backends("fused_lsq_equals_composed") {
+        let device = b.device.clone().autodiff();
+        let mut runner = TestRunner::new(Config {
+            cases: cases(&b, 256),
+            ..Config::default()
+        });
+        runner
+            .run(
+                &(
+                    spec_strategy(),
+                    input_strategy(),
+                    any::<bool>(),
+                    0.001f32..0.5,
+                    -0.3f32..0.3,
+                ),
+                |(spec, (dims, x), plus, step, off)| {
+                    let spec = spec.with_rounding(RoundingMode::HalfToEven);
+                    let x: Vec<f32> = x.into_iter().map(|v| if v.is_finite() { v } else { 0.0 }).collect();
+                    let channels = spec.axis().map_or(1, |a| dims[a]);
+                    let go = || {
+                        let t = Tensor::<1>::from_floats(x.as_slice(), &device)
+                            .reshape(dims)
+                            .require_grad();
+                        let steps: Vec<f32> = (0..channels).map(|c| step * (1.0 + c as f32 * 0.37)).collect();
+                        let s = Tensor::<1>::from_floats(steps.as_slice(), &device).require_grad();
+                        let o = Tensor::<1>::from_floats(vec![off; channels].as_slice(), &device)
+                            .require_grad();
+                        let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
+                        let y = tensor::fake_quant_lsq(
+                            t.clone(),
+                            s.clone(),
+                            plus.then(|| o.clone()),
+                            &spec,
+                            factor,
+                        );
+                        let weights = Tensor::<1>::from_floats(
+                            (0..x.len()).map(|i| 0.5 + (i % 7) as f32).collect::<Vec<_>>().as_slice(),
+                            &device,
+                        )
+                        .reshape(dims);
+                        let grads = (y.clone() * weights).sum().backward();
+                        (
+                            values(y),
+                            values(t.grad(&grads).expect("x gradient")),
+                            values(s.grad(&grads).expect("step gradient")),
+                            o.grad(&grads).map(values),
+                        )
+                    };
+                    let (fast, slow) = (go(), composed(go));
+                    prop_assert_eq!(bits(&fast.0), bits(&slow.0), "values");
+                    // Autodiff computes `x`'s gradient as `(g * s) / s`, the fused backward
+                    // passes `g` itself: equal within rounding, and zero at the same places.
+                    for (p, q) in fast.1.iter().zip(&slow.1) {
+                        prop_assert!(
+                            (p - q).abs() <= 4.0 * f32::EPSILON * q.abs() && (*p == 0.0) == (*q == 0.0),
+                            "x gradient: fused {p}, composed {q}"
+                        );
+                    }
+                    // Autodiff sums `g * round(v) + g * s * (-x / s^2)`, terms of the size of
+                    // `g * v` that cancel: its error is a few ULP of those terms, not of the
+                    // (small) result. The fused backward sums `g * (round(v) - v)` directly.
+                    let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
+                    let terms: f32 = x
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| (0.5 + (i % 7) as f32) * ((v.abs() + off.abs()) / step + 1.0))
+                        .sum();
+                    let tol = 16.0 * f32::EPSILON * factor * terms;
+                    let close = |a: &[f32], b: &[f32], what: &str| -> Result<(), TestCaseError> {
+                        prop_assert_eq!(a.len(), b.len());
+                        for (p, q) in a.iter().zip(b) {
+                            prop_assert!((p - q).abs() <= tol, "{what}: fused {p}, composed {q}, tolerance {tol}");
+                        }
+                        Ok(())
+                    };
+                    close(&fast.2, &slow.2, "step gradient")?;
+                    match (&fast.3, &slow.3) {
+                        (Some(f), Some(s)) => close(f, s, "offset gradient")?,
+                        (None, None) => {}
+                        (f, s) => prop_assert!(false, "offset gradient fused {f:?}, composed {s:?}"),
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+    }
+}
+
+/// Inputs above the parallel threshold: split across threads, same bits as the composed ops.
+#[test]
+fn large_tensors_split_across_threads_equal_composed() {
+    for b in fused_backends("large_tensors_split_across_threads_equal_composed") {
+        let device = b.device.clone().autodiff();
+        let n = 3 * fused::cpu::PARALLEL_MIN + 77;
+        let mut next = burn_qat_tests::uniform(7);
+        let x: Vec<f32> = (0..n).map(|_| next() * 6.0 - 3.0).collect();
+        for spec in [
+            QuantSpec::int8_act_per_tensor_asymmetric(),
+            QuantSpec::int8_weight_per_channel_symmetric(1),
+            QuantSpec::int8_weight_per_channel_symmetric(0).with_bits(4),
+        ] {
+            let dims = [n / 1000 + 1, 1, 1];
+            let dims = if spec.axis() == Some(1) { [1, n, 1] } else { dims };
+            let xs: Vec<f32> = x[..dims.iter().product()].to_vec();
+            let fast = run_fake_quant(&device, &spec, dims, &xs);
+            let slow = composed(|| run_fake_quant(&device, &spec, dims, &xs));
+            assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values {spec:?}", b.name);
+            assert_eq!(bits(&fast.1), bits(&slow.1), "{}: gradient {spec:?}", b.name);
+            assert_eq!(bits(&fast.2), bits(&slow.2), "{}: range {spec:?}", b.name);
+        }
+    }
+}
+
+/// A mutation check of the test above: a kernel that rounds half up where the spec says half
+/// to even would fail; here the two specs are compared directly to show they differ on ties.
+#[test]
+fn rounding_modes_differ_on_ties_through_the_fused_path() {
+    for b in fused_backends("rounding_modes_differ_on_ties_through_the_fused_path") {
+        let x = Tensor::<1>::from_floats([0.5, 1.5, 2.5, -0.5, -2.5], &b.device);
+        let qp = burn_qat::QParams { scale: 1.0, zero_point: 0 };
+        let even = QuantSpec::default();
+        let up = even.with_rounding(RoundingMode::TfHalfUp);
+        assert_eq!(values(tensor::fake_quant_per_tensor(x.clone(), qp, &even)), vec![0.0, 2.0, 2.0, -0.0, -2.0]);
+        assert_eq!(values(tensor::fake_quant_per_tensor(x, qp, &up)), vec![1.0, 2.0, 3.0, 0.0, -2.0]);
+    }
+}
+
