@@ -251,14 +251,16 @@ fn large_tensors_split_across_threads_equal_composed() {
         let n = 3 * fused::cpu::PARALLEL_MIN + 77;
         let mut next = burn_qat_tests::uniform(7);
         let x: Vec<f32> = (0..n).map(|_| next() * 6.0 - 3.0).collect();
-        for spec in [
-            QuantSpec::int8_act_per_tensor_asymmetric(),
-            QuantSpec::int8_weight_per_channel_symmetric(1),
-            QuantSpec::int8_weight_per_channel_symmetric(0).with_bits(4),
+        // Per tensor; long runs per channel (axis 0); a period of short runs (axis 1, runs of 2);
+        // one channel per element (axis 2).
+        for (spec, dims) in [
+            (QuantSpec::int8_act_per_tensor_asymmetric(), [1, n, 1]),
+            (QuantSpec::int8_weight_per_channel_symmetric(0), [4, n / 4, 1]),
+            (QuantSpec::int8_weight_per_channel_symmetric(1).with_bits(4), [n / 200, 100, 2]),
+            (QuantSpec::int8_weight_per_channel_symmetric(2), [n / 300, 1, 300]),
         ] {
-            let dims = [n / 1000 + 1, 1, 1];
-            let dims = if spec.axis() == Some(1) { [1, n, 1] } else { dims };
             let xs: Vec<f32> = x[..dims.iter().product()].to_vec();
+            assert!(xs.len() > fused::cpu::PARALLEL_MIN);
             let fast = run_fake_quant(&device, &spec, dims, &xs);
             let slow = composed(|| run_fake_quant(&device, &spec, dims, &xs));
             assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values {spec:?}", b.name);

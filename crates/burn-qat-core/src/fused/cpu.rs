@@ -95,8 +95,126 @@ pub struct Bounds {
     pub half_up: bool,
 }
 
-/// Runs `kernel(range, out)` over `out` in parallel chunks (sequentially for small inputs).
-fn split<T: Send>(out: &mut [T], kernel: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync) {
+/// Runs longer than this walk one channel at a time; shorter ones (e.g. a Linear weight
+/// `[in, out]` per output channel: runs of 1) use [`Params::Row`].
+const RUN_MIN: usize = 64;
+
+/// The quantization parameters of one call, laid out for the loops.
+pub struct Params {
+    kind: Kind,
+    ch: Channels,
+}
+
+enum Kind {
+    /// One pair for the whole tensor.
+    Const(f32, f32),
+    /// Long runs: one pair per run, looked up per run.
+    Runs(Vec<f32>, Vec<f32>),
+    /// Short runs: both parameters expanded to one period of `channels * inner` elements.
+    Row(Vec<f32>, Vec<f32>),
+}
+
+/// The parameters of one stretch of elements: constant, or one pair per element.
+enum Seg<'a> {
+    Const(f32, f32),
+    Slice(&'a [f32], &'a [f32]),
+}
+
+impl Params {
+    /// Lays out `a`, `b` (one value per channel) for `ch`.
+    pub fn new(a: &[f32], b: &[f32], ch: Channels) -> Self {
+        let kind = if ch.channels <= 1 || a.len() <= 1 {
+            Kind::Const(a.first().copied().unwrap_or(1.0), b.first().copied().unwrap_or(0.0))
+        } else if ch.inner >= RUN_MIN {
+            Kind::Runs(a.to_vec(), b.to_vec())
+        } else {
+            let expand = |v: &[f32]| -> Vec<f32> {
+                v.iter().flat_map(|&v| std::iter::repeat_n(v, ch.inner)).collect()
+            };
+            Kind::Row(expand(a), expand(b))
+        };
+        Self { kind, ch }
+    }
+
+    /// Calls `f(start, end, seg)` over stretches covering `range`; for [`Kind::Row`] `seg`
+    /// holds `end - start` values. The stretch's position in the period (`start % period`) is
+    /// passed too, for per-position accumulators.
+    fn walk(&self, range: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, Seg<'_>, usize)) {
+        match &self.kind {
+            Kind::Const(a, b) => f(range.start, range.end, Seg::Const(*a, *b), 0),
+            Kind::Runs(a, b) => self.ch.runs(range, |s, e, c| f(s, e, Seg::Const(a[c], b[c]), c)),
+            Kind::Row(a, b) => {
+                let period = a.len();
+                let mut i = range.start;
+                while i < range.end {
+                    let p = i % period;
+                    let len = (period - p).min(range.end - i);
+                    f(i, i + len, Seg::Slice(&a[p..p + len], &b[p..p + len]), p);
+                    i += len;
+                }
+            }
+        }
+    }
+
+    /// Number of accumulator slots per-channel reductions need (channels, or one period).
+    fn slots(&self) -> usize {
+        match &self.kind {
+            Kind::Const(..) => 1,
+            Kind::Runs(a, _) => a.len(),
+            Kind::Row(a, _) => a.len(),
+        }
+    }
+
+    /// Folds per-slot accumulators into per-channel values with `fold`.
+    fn to_channels<T: Copy>(&self, slots: Vec<T>, init: T, fold: impl Fn(T, T) -> T) -> Vec<T> {
+        match &self.kind {
+            Kind::Const(..) | Kind::Runs(..) => slots,
+            Kind::Row(..) => {
+                let mut out = vec![init; self.ch.channels];
+                for (p, v) in slots.into_iter().enumerate() {
+                    let c = p / self.ch.inner;
+                    out[c] = fold(out[c], v);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Applies `op(x, a, b)` elementwise over a stretch, two loop forms so that both vectorize.
+macro_rules! map_seg {
+    ($seg:expr, $out:expr, $xs:expr, |$x:ident, $a:ident, $b:ident| $body:expr) => {
+        match $seg {
+            Seg::Const($a, $b) => {
+                for (y, &$x) in $out.iter_mut().zip($xs) {
+                    *y = $body;
+                }
+            }
+            Seg::Slice(sa, sb) => {
+                for ((y, &$x), (&$a, &$b)) in $out.iter_mut().zip($xs).zip(sa.iter().zip(sb)) {
+                    *y = $body;
+                }
+            }
+        }
+    };
+}
+
+/// A fresh `n`-element output filled by `kernel(range, out)` in parallel chunks (sequentially
+/// for small inputs). The buffer is not zeroed first: every element is written once.
+fn fill_new(n: usize, kernel: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and every element is written by `kernel` below
+    // before `out` is read (each chunk is handed to exactly one call).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(n)
+    };
+    in_chunks(&mut out, kernel);
+    out
+}
+
+/// Runs `kernel(range, chunk)` over `out` in parallel chunks (sequentially for small inputs).
+fn in_chunks(out: &mut [f32], kernel: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
     if out.len() < PARALLEL_MIN {
         let n = out.len();
         kernel(0..n, out);
@@ -108,101 +226,88 @@ fn split<T: Send>(out: &mut [T], kernel: impl Fn(std::ops::Range<usize>, &mut [T
     });
 }
 
+#[inline(always)]
+fn fq_even(x: f32, s: f32, zp: f32, b: Bounds) -> f32 {
+    (clamp(round_half_even(x / s) + zp, b.qmin, b.qmax) - zp) * s
+}
+
+#[inline(always)]
+fn fq_up(x: f32, s: f32, zp: f32, b: Bounds) -> f32 {
+    (clamp(round_half_up(x / s) + zp, b.qmin, b.qmax) - zp) * s
+}
+
 /// Fake quantization forward: `(clamp(round(x / s) + zp, qmin, qmax) - zp) * s` per element,
 /// `s`, `zp` of the element's channel.
-pub fn fake_quant(x: &[f32], scale: &[f32], zero_point: &[f32], ch: Channels, b: Bounds) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    split(&mut out, |range, out| {
+pub fn fake_quant(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
+    fill_new(x.len(), |range, out| {
         let base = range.start;
-        ch.runs(range, |start, end, c| {
-            let (s, zp) = (scale[c], zero_point[c]);
+        p.walk(range, |start, end, seg, _| {
             let xs = &x[start..end];
             let ys = &mut out[start - base..end - base];
             if b.half_up {
-                for (y, &x) in ys.iter_mut().zip(xs) {
-                    *y = (clamp(round_half_up(x / s) + zp, b.qmin, b.qmax) - zp) * s;
-                }
+                map_seg!(seg, ys, xs, |x, s, z| fq_up(x, s, z, b));
             } else {
-                for (y, &x) in ys.iter_mut().zip(xs) {
-                    *y = (clamp(round_half_even(x / s) + zp, b.qmin, b.qmax) - zp) * s;
+                map_seg!(seg, ys, xs, |x, s, z| fq_even(x, s, z, b));
+            }
+        });
+    })
+}
+
+/// Fake quantization backward (the clipped straight-through estimator), in place: `grad`
+/// stays where `qmin <= x / s + zp <= qmax`, becomes 0 elsewhere (and for NaN).
+pub fn fake_quant_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) {
+    in_chunks(grad, |range, out| {
+        let base = range.start;
+        p.walk(range, |start, end, seg, _| {
+            let xs = &x[start..end];
+            let gs = &mut out[start - base..end - base];
+            match seg {
+                Seg::Const(s, zp) => {
+                    for (g, &x) in gs.iter_mut().zip(xs) {
+                        let v = x / s + zp;
+                        *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
+                    }
+                }
+                Seg::Slice(ss, zs) => {
+                    for ((g, &x), (&s, &zp)) in gs.iter_mut().zip(xs).zip(ss.iter().zip(zs)) {
+                        let v = x / s + zp;
+                        *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
+                    }
                 }
             }
         });
-    });
-    out
+    })
 }
 
-/// Fake quantization backward (the clipped straight-through estimator): `grad` where
-/// `qmin <= x / s + zp <= qmax`, 0 elsewhere (and for NaN).
-pub fn fake_quant_grad(
-    grad: &[f32],
-    x: &[f32],
-    scale: &[f32],
-    zero_point: &[f32],
-    ch: Channels,
-    b: Bounds,
-) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    split(&mut out, |range, out| {
+/// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
+/// `p` holds steps and offsets.
+pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
+    fill_new(x.len(), |range, out| {
         let base = range.start;
-        ch.runs(range, |start, end, c| {
-            let (s, zp) = (scale[c], zero_point[c]);
-            let it = out[start - base..end - base]
-                .iter_mut()
-                .zip(&x[start..end])
-                .zip(&grad[start..end]);
-            for ((y, &x), &g) in it {
-                let v = x / s + zp;
-                *y = if v >= b.qmin && v <= b.qmax { g } else { 0.0 };
-            }
+        p.walk(range, |start, end, seg, _| {
+            let xs = &x[start..end];
+            let ys = &mut out[start - base..end - base];
+            map_seg!(seg, ys, xs, |x, s, o| round_half_even(clamp((x - o) / s, b.qmin, b.qmax)) * s + o);
         });
-    });
-    out
+    })
 }
 
-/// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even).
-pub fn lsq(x: &[f32], step: &[f32], offset: &[f32], ch: Channels, b: Bounds) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
-    split(&mut out, |range, out| {
+/// LSQ / LSQ+ backward in one pass, in place on `grad` (becomes the gradient of `x`: kept
+/// inside the range, 0 outside) and, per channel, the sums `Σ grad · (round(v) - v)` inside /
+/// `grad · qmin|qmax` outside (the step's gradient) and `Σ grad` outside (the offset's),
+/// `v = (x - o) / s`, accumulated in `f64`. NaN inputs contribute nothing.
+pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>, Vec<f32>) {
+    let slots = p.slots();
+    let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
         let base = range.start;
-        ch.runs(range, |start, end, c| {
-            let (s, o) = (step[c], offset[c]);
-            for (y, &x) in out[start - base..end - base].iter_mut().zip(&x[start..end]) {
-                *y = round_half_even(clamp((x - o) / s, b.qmin, b.qmax)) * s + o;
-            }
-        });
-    });
-    out
-}
-
-/// LSQ / LSQ+ backward in one pass: the gradient of `x` (`grad` inside the range, 0 outside)
-/// and, per channel, the sums `Σ grad · (round(v) - v)` inside / `grad · qmin|qmax` outside
-/// (the step's gradient) and `Σ grad` outside (the offset's), `v = (x - o) / s`. The sums are
-/// accumulated in `f64`.
-pub fn lsq_grad(
-    grad: &[f32],
-    x: &[f32],
-    step: &[f32],
-    offset: &[f32],
-    ch: Channels,
-    b: Bounds,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0.0; x.len()];
-    let sums = |range: std::ops::Range<usize>, dx: &mut [f32]| {
-        let base = range.start;
-        let mut ds = vec![0.0f64; ch.channels];
-        let mut doff = vec![0.0f64; ch.channels];
-        ch.runs(range, |start, end, c| {
-            let (s, o) = (step[c], offset[c]);
-            let (mut acc_s, mut acc_o) = (0.0f64, 0.0f64);
-            let it = dx[start - base..end - base]
-                .iter_mut()
-                .zip(&x[start..end])
-                .zip(&grad[start..end]);
-            for ((d, &x), &g) in it {
+        let mut ds = vec![0.0f64; slots];
+        let mut doff = vec![0.0f64; slots];
+        p.walk(range, |start, end, seg, slot| {
+            let xs = &x[start..end];
+            let gs = &mut gs[start - base..end - base];
+            let one = |g: &mut f32, x: f32, s: f32, o: f32| -> (f64, f64) {
                 let v = (x - o) / s;
                 let inside = v >= b.qmin && v <= b.qmax;
-                *d = if inside { g } else { 0.0 };
                 let dv = if inside {
                     round_half_even(v) - v
                 } else if v < b.qmin {
@@ -210,24 +315,45 @@ pub fn lsq_grad(
                 } else {
                     b.qmax
                 };
-                // NaN inputs contribute nothing (as their masked gradient).
-                acc_s += if v.is_nan() { 0.0 } else { f64::from(g * dv) };
-                acc_o += if inside || v.is_nan() { 0.0 } else { f64::from(g) };
+                let gv = *g;
+                *g = if inside { gv } else { 0.0 };
+                if v.is_nan() {
+                    (0.0, 0.0)
+                } else {
+                    (f64::from(gv * dv), if inside { 0.0 } else { f64::from(gv) })
+                }
+            };
+            match seg {
+                Seg::Const(s, o) => {
+                    let (mut a, mut c) = (0.0, 0.0);
+                    for (g, &x) in gs.iter_mut().zip(xs) {
+                        let (da, dc) = one(g, x, s, o);
+                        a += da;
+                        c += dc;
+                    }
+                    ds[slot] += a;
+                    doff[slot] += c;
+                }
+                Seg::Slice(ss, os) => {
+                    for (k, ((g, &x), (&s, &o))) in gs.iter_mut().zip(xs).zip(ss.iter().zip(os)).enumerate() {
+                        let (da, dc) = one(g, x, s, o);
+                        ds[slot + k] += da;
+                        doff[slot + k] += dc;
+                    }
+                }
             }
-            ds[c] += acc_s;
-            doff[c] += acc_o;
         });
         (ds, doff)
     };
-    let (ds, doff) = if x.len() < PARALLEL_MIN {
-        let n = x.len();
-        sums(0..n, &mut dx)
+    let (ds, doff) = if grad.len() < PARALLEL_MIN {
+        let n = grad.len();
+        sums(0..n, grad)
     } else {
-        dx.par_chunks_mut(CHUNK)
+        grad.par_chunks_mut(CHUNK)
             .enumerate()
             .map(|(k, chunk)| sums(k * CHUNK..k * CHUNK + chunk.len(), chunk))
             .reduce(
-                || (vec![0.0; ch.channels], vec![0.0; ch.channels]),
+                || (vec![0.0; slots], vec![0.0; slots]),
                 |(mut a, mut b), (c, d)| {
                     a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
                     b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
@@ -235,44 +361,63 @@ pub fn lsq_grad(
                 },
             )
     };
-    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-    (dx, f(ds), f(doff))
+    let f = |v: Vec<f64>| p.to_channels(v, 0.0, |a, b| a + b).into_iter().map(|v| v as f32).collect();
+    (f(ds), f(doff))
 }
 
 /// Per-channel minimum and maximum in one pass, NaN and infinities skipped, widened to contain
 /// 0 (what observers record).
 pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
+    let ones = vec![1.0; ch.channels];
+    let p = Params::new(&ones, &ones, ch);
+    let slots = p.slots();
     let part = |range: std::ops::Range<usize>| {
-        let mut lo = vec![0.0f32; ch.channels];
-        let mut hi = vec![0.0f32; ch.channels];
-        ch.runs(range, |start, end, c| {
-            let (mut l, mut h) = (lo[c], hi[c]);
-            for &v in &x[start..end] {
-                // Non-finite values count as 0, which the range contains anyway.
-                let v = if v.is_finite() { v } else { 0.0 };
-                l = if v < l { v } else { l };
-                h = if v > h { v } else { h };
+        let mut lo = vec![0.0f32; slots];
+        let mut hi = vec![0.0f32; slots];
+        p.walk(range, |start, end, seg, slot| {
+            let xs = &x[start..end];
+            // Non-finite values count as 0, which the range contains anyway.
+            let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
+            match seg {
+                Seg::Const(..) => {
+                    let (mut l, mut h) = (lo[slot], hi[slot]);
+                    for &v in xs {
+                        let v = finite(v);
+                        l = if v < l { v } else { l };
+                        h = if v > h { v } else { h };
+                    }
+                    lo[slot] = l;
+                    hi[slot] = h;
+                }
+                Seg::Slice(..) => {
+                    let (ls, hs) = (&mut lo[slot..slot + xs.len()], &mut hi[slot..slot + xs.len()]);
+                    for ((l, h), &v) in ls.iter_mut().zip(hs.iter_mut()).zip(xs) {
+                        let v = finite(v);
+                        *l = if v < *l { v } else { *l };
+                        *h = if v > *h { v } else { *h };
+                    }
+                }
             }
-            lo[c] = l;
-            hi[c] = h;
         });
         (lo, hi)
     };
-    if x.len() < PARALLEL_MIN {
-        return part(0..x.len());
-    }
-    let chunks = x.len().div_ceil(CHUNK);
-    (0..chunks)
-        .into_par_iter()
-        .map(|k| part(k * CHUNK..((k + 1) * CHUNK).min(x.len())))
-        .reduce(
-            || (vec![0.0; ch.channels], vec![0.0; ch.channels]),
-            |(mut a, mut b), (c, d)| {
-                a.iter_mut().zip(c).for_each(|(a, c)| *a = a.min(c));
-                b.iter_mut().zip(d).for_each(|(b, d)| *b = b.max(d));
-                (a, b)
-            },
-        )
+    let (lo, hi) = if x.len() < PARALLEL_MIN {
+        part(0..x.len())
+    } else {
+        let chunks = x.len().div_ceil(CHUNK);
+        (0..chunks)
+            .into_par_iter()
+            .map(|k| part(k * CHUNK..((k + 1) * CHUNK).min(x.len())))
+            .reduce(
+                || (vec![0.0; slots], vec![0.0; slots]),
+                |(mut a, mut b), (c, d)| {
+                    a.iter_mut().zip(c).for_each(|(a, c)| *a = a.min(c));
+                    b.iter_mut().zip(d).for_each(|(b, d)| *b = b.max(d));
+                    (a, b)
+                },
+            )
+    };
+    (p.to_channels(lo, 0.0, f32::min), p.to_channels(hi, 0.0, f32::max))
 }
 
 #[cfg(test)]

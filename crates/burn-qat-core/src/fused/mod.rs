@@ -45,7 +45,7 @@ use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::prelude::*;
 use burn::tensor::DType;
 
-use cpu::{Bounds, Channels};
+use cpu::{Bounds, Channels, Params};
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(true) };
@@ -155,6 +155,8 @@ trait HostF32: Sized {
     fn dims(&self) -> Vec<usize>;
     fn with_slice<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R;
     fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self;
+    /// Runs `f` on the values in place when this tensor owns its dense buffer, else on a copy.
+    fn map_in_place(self, f: impl FnOnce(&mut [f32])) -> Self;
 }
 
 #[cfg(feature = "flex")]
@@ -173,6 +175,19 @@ impl HostF32 for burn::backend::flex::FlexTensor {
     }
     fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self {
         Self::from_data(TensorData::new(values, dims))
+    }
+    fn map_in_place(mut self, f: impl FnOnce(&mut [f32])) -> Self {
+        let dense = self.layout().is_contiguous()
+            && self.layout().start_offset() == 0
+            && self.bytes().len() == self.layout().num_elements() * 4;
+        if dense && let Some(values) = self.try_storage_mut::<f32>() {
+            f(values);
+            return self;
+        }
+        let dims = self.dims();
+        let mut values = self.with_slice(|v| v.to_vec());
+        f(&mut values);
+        Self::from_vec(values, dims)
     }
 }
 
@@ -196,6 +211,21 @@ impl HostF32 for burn::backend::ndarray::NdArrayTensor {
     }
     fn from_vec(values: Vec<f32>, dims: Vec<usize>) -> Self {
         Self::from_data(TensorData::new(values, dims))
+    }
+    fn map_in_place(self, f: impl FnOnce(&mut [f32])) -> Self {
+        if let Self::F32(storage) = self {
+            // Copy-on-write: in place when unique and dense, else on a copy.
+            let mut array = storage.into_owned();
+            if let Some(values) = array.as_slice_mut() {
+                f(values);
+                return array.into();
+            }
+            let dims = array.shape().to_vec();
+            let mut values: Vec<f32> = array.iter().copied().collect();
+            f(&mut values);
+            return Self::from_vec(values, dims);
+        }
+        self
     }
 }
 
@@ -225,8 +255,8 @@ macro_rules! cpu_backend {
                 let out = scale.with_slice(|s| {
                     zero_point.with_slice(|z| {
                         x.with_slice(|x| {
-                            let ch = Channels::of(&dims, axis, s.len());
-                            cpu::fake_quant(x, s, z, ch, bounds(qmin, qmax, half_up))
+                            let p = Params::new(s, z, Channels::of(&dims, axis, s.len()));
+                            cpu::fake_quant(x, &p, bounds(qmin, qmax, half_up))
                         })
                     })
                 });
@@ -243,17 +273,12 @@ macro_rules! cpu_backend {
                 qmax: f32,
             ) -> FloatTensor<Self> {
                 let dims = x.dims();
-                let out = scale.with_slice(|s| {
-                    zero_point.with_slice(|z| {
-                        x.with_slice(|x| {
-                            grad.with_slice(|g| {
-                                let ch = Channels::of(&dims, axis, s.len());
-                                cpu::fake_quant_grad(g, x, s, z, ch, bounds(qmin, qmax, false))
-                            })
-                        })
-                    })
+                let p = scale.with_slice(|s| {
+                    zero_point.with_slice(|z| Params::new(s, z, Channels::of(&dims, axis, s.len())))
                 });
-                HostF32::from_vec(out, dims)
+                grad.map_in_place(|g| {
+                    x.with_slice(|x| cpu::fake_quant_grad(g, x, &p, bounds(qmin, qmax, false)))
+                })
             }
 
             fn qat_lsq(
@@ -268,8 +293,8 @@ macro_rules! cpu_backend {
                 let out = step.with_slice(|s| {
                     offset.with_slice(|o| {
                         x.with_slice(|x| {
-                            let ch = Channels::of(&dims, axis, s.len());
-                            cpu::lsq(x, s, o, ch, bounds(qmin, qmax, false))
+                            let p = Params::new(s, o, Channels::of(&dims, axis, s.len()));
+                            cpu::lsq(x, &p, bounds(qmin, qmax, false))
                         })
                     })
                 });
@@ -287,18 +312,16 @@ macro_rules! cpu_backend {
             ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
                 let dims = x.dims();
                 let channels = step.dims();
-                let (dx, ds, doff) = step.with_slice(|s| {
-                    offset.with_slice(|o| {
-                        x.with_slice(|x| {
-                            grad.with_slice(|g| {
-                                let ch = Channels::of(&dims, axis, s.len());
-                                cpu::lsq_grad(g, x, s, o, ch, bounds(qmin, qmax, false))
-                            })
-                        })
-                    })
+                let p = step.with_slice(|s| {
+                    offset.with_slice(|o| Params::new(s, o, Channels::of(&dims, axis, s.len())))
                 });
+                let mut sums = (Vec::new(), Vec::new());
+                let dx = grad.map_in_place(|g| {
+                    sums = x.with_slice(|x| cpu::lsq_grad(g, x, &p, bounds(qmin, qmax, false)));
+                });
+                let (ds, doff) = sums;
                 (
-                    HostF32::from_vec(dx, dims),
+                    dx,
                     HostF32::from_vec(ds, channels.clone()),
                     HostF32::from_vec(doff, channels),
                 )

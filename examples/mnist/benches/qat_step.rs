@@ -1,0 +1,109 @@
+//! One training step (forward, backward, Adam) of the example's `tutorial` (batch 32) and `bn`
+//! (batch 128) models: float, QAT with the fused fake-quant kernels, and QAT with the composed
+//! tensor ops (the path before the kernels, and the one backends without them run), in this
+//! process, on the device `BURN_DEVICE` names (flex by default). Prints QAT / float ratios.
+//!
+//! ```sh
+//! cargo bench -p mnist --all-features --bench qat_step
+//! ```
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn_qat::core::fused;
+use criterion::{Criterion, criterion_group, criterion_main};
+use mnist::model::{BnNet, Classifier, Tutorial, prepare_qat};
+
+#[path = "../../../crates/burn-qat/benches/common/mod.rs"]
+mod common;
+use common::{mean, timed};
+
+/// One Adam step on `(x, y)`, waiting for the device.
+fn step<M: Classifier>(
+    model: M,
+    optim: &mut burn::optim::ModuleOptimizer,
+    x: &Tensor<4>,
+    y: &Tensor<1, Int>,
+) -> M {
+    let logits = model.logits(x.clone());
+    let loss = CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, y.clone());
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let model = optim.step(1e-3, model, grads);
+    let _ = x.device().sync();
+    model
+}
+
+fn bench_step<M: Classifier>(
+    c: &mut Criterion,
+    group: &str,
+    name: &str,
+    model: M,
+    fused_on: bool,
+    x: &Tensor<4>,
+    y: &Tensor<1, Int>,
+) {
+    let state = RefCell::new((Some(model), AdamConfig::new().init()));
+    let key = format!("{group}/{name}");
+    let mut g = c.benchmark_group(group);
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(2));
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            fused::set_enabled(fused_on);
+            let t = timed(&key, iters, || {
+                let mut s = state.borrow_mut();
+                let (m, optim) = &mut *s;
+                *m = Some(step(m.take().expect("model"), optim, x, y));
+            });
+            fused::set_enabled(true);
+            t
+        })
+    });
+    g.finish();
+}
+
+fn model_steps<M: Classifier>(
+    c: &mut Criterion,
+    name: &str,
+    batch: usize,
+    model: M,
+    device: &Device,
+) {
+    let x = Tensor::<4>::random([batch, 1, 28, 28], Distribution::Uniform(0.0, 1.0), device);
+    let y = Tensor::<1, Int>::from_ints(
+        (0..batch as i64).map(|i| i % 10).collect::<Vec<_>>().as_slice(),
+        device,
+    );
+    let graph = prepare_qat(&model, 8, 8).expect("prepare");
+    let group = format!("train_step_{name}_batch_{batch}");
+    bench_step(c, &group, "float", model, true, &x, &y);
+    bench_step(c, &group, "qat_fused", graph.clone(), true, &x, &y);
+    bench_step(c, &group, "qat_composed", graph, false, &x, &y);
+    let t = |k: &str| mean(&format!("{group}/{k}")).expect("timed");
+    let (float, fast, slow) = (t("float"), t("qat_fused"), t("qat_composed"));
+    println!(
+        "RATIO {name} batch {batch}: float {:.2} ms, QAT fused {:.2} ms ({:.3}x float), QAT composed {:.2} ms ({:.3}x float)",
+        float * 1e3,
+        fast * 1e3,
+        fast / float,
+        slow * 1e3,
+        slow / float
+    );
+}
+
+fn bench(c: &mut Criterion) {
+    let device = burn_qat::backend::default_device().autodiff();
+    device.seed(0);
+    model_steps(c, "tutorial", 32, Tutorial::new(&device), &device);
+    model_steps(c, "bn", 128, BnNet::new(&device), &device);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
