@@ -17,7 +17,11 @@ fn fused_backends(test: &str) -> Vec<Backend> {
         .filter(|b| {
             let ok = fused::has_kernels(&b.device);
             if !ok {
-                skip(test, b.name, "no fused kernels on this backend (composed ops run)");
+                skip(
+                    test,
+                    b.name,
+                    "no fused kernels on this backend (composed ops run)",
+                );
             }
             ok
         })
@@ -33,8 +37,14 @@ fn composed<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn spec_strategy() -> impl Strategy<Value = QuantSpec> {
-    (2u32..=16, any::<bool>(), any::<bool>(), any::<bool>(), 0usize..4).prop_map(
-        |(bits, signed, symmetric, tf, axis)| QuantSpec {
+    (
+        2u32..=16,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        0usize..4,
+    )
+        .prop_map(|(bits, signed, symmetric, tf, axis)| QuantSpec {
             bits,
             signed,
             symmetric,
@@ -49,8 +59,7 @@ fn spec_strategy() -> impl Strategy<Value = QuantSpec> {
             } else {
                 RoundingMode::HalfToEven
             },
-        },
-    )
+        })
 }
 
 /// A `[a, b, c]` tensor's values: random, exact half steps (ties), zeros and non-finite values.
@@ -69,7 +78,9 @@ fn input_strategy() -> impl Strategy<Value = ([usize; 3], Vec<f32>)> {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     // NaN payloads may differ between implementations; every NaN compares as one value.
-    v.iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect()
+    v.iter()
+        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+        .collect()
 }
 
 /// Values, input gradient and observed range of one path.
@@ -79,14 +90,19 @@ fn run_fake_quant(
     dims: [usize; 3],
     x: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let t = Tensor::<1>::from_floats(x, device).reshape(dims).require_grad();
+    let t = Tensor::<1>::from_floats(x, device)
+        .reshape(dims)
+        .require_grad();
     let (min, max) = tensor::min_max(t.clone(), spec.granularity);
     let (scale, zp) = tensor::qparams(min.clone(), max.clone(), spec);
     let y = tensor::fake_quant(t.clone(), scale, zp, spec);
     let out = values(y.clone());
     // A non-uniform upstream gradient, so that a mask applied to the wrong element shows.
     let weights = Tensor::<1>::from_floats(
-        (0..x.len()).map(|i| 1.0 + i as f32).collect::<Vec<_>>().as_slice(),
+        (0..x.len())
+            .map(|i| 1.0 + i as f32)
+            .collect::<Vec<_>>()
+            .as_slice(),
         device,
     )
     .reshape(dims);
@@ -109,9 +125,27 @@ fn fused_fake_quant_equals_composed_bit_for_bit() {
             .run(&(spec_strategy(), input_strategy()), |(spec, (dims, x))| {
                 let fast = run_fake_quant(&device, &spec, dims, &x);
                 let slow = composed(|| run_fake_quant(&device, &spec, dims, &x));
-                prop_assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values, {:?}", b.name, spec);
-                prop_assert_eq!(bits(&fast.1), bits(&slow.1), "{}: gradient, {:?}", b.name, spec);
-                prop_assert_eq!(bits(&fast.2), bits(&slow.2), "{}: range, {:?}", b.name, spec);
+                prop_assert_eq!(
+                    bits(&fast.0),
+                    bits(&slow.0),
+                    "{}: values, {:?}",
+                    b.name,
+                    spec
+                );
+                prop_assert_eq!(
+                    bits(&fast.1),
+                    bits(&slow.1),
+                    "{}: gradient, {:?}",
+                    b.name,
+                    spec
+                );
+                prop_assert_eq!(
+                    bits(&fast.2),
+                    bits(&slow.2),
+                    "{}: range, {:?}",
+                    b.name,
+                    spec
+                );
                 Ok(())
             })
             .unwrap_or_else(|e| panic!("{}: {e}", b.name));
@@ -172,13 +206,18 @@ fn fused_lsq_equals_composed() {
                 ),
                 |(spec, (dims, x), plus, step, off)| {
                     let spec = spec.with_rounding(RoundingMode::HalfToEven);
-                    let x: Vec<f32> = x.into_iter().map(|v| if v.is_finite() { v } else { 0.0 }).collect();
+                    let x: Vec<f32> = x
+                        .into_iter()
+                        .map(|v| if v.is_finite() { v } else { 0.0 })
+                        .collect();
                     let channels = spec.axis().map_or(1, |a| dims[a]);
                     let go = || {
                         let t = Tensor::<1>::from_floats(x.as_slice(), &device)
                             .reshape(dims)
                             .require_grad();
-                        let steps: Vec<f32> = (0..channels).map(|c| step * (1.0 + c as f32 * 0.37)).collect();
+                        let steps: Vec<f32> = (0..channels)
+                            .map(|c| step * (1.0 + c as f32 * 0.37))
+                            .collect();
                         let s = Tensor::<1>::from_floats(steps.as_slice(), &device).require_grad();
                         let o = Tensor::<1>::from_floats(vec![off; channels].as_slice(), &device)
                             .require_grad();
@@ -191,7 +230,10 @@ fn fused_lsq_equals_composed() {
                             factor,
                         );
                         let weights = Tensor::<1>::from_floats(
-                            (0..x.len()).map(|i| 0.5 + (i % 7) as f32).collect::<Vec<_>>().as_slice(),
+                            (0..x.len())
+                                .map(|i| 0.5 + (i % 7) as f32)
+                                .collect::<Vec<_>>()
+                                .as_slice(),
                             &device,
                         )
                         .reshape(dims);
@@ -209,7 +251,8 @@ fn fused_lsq_equals_composed() {
                     // passes `g` itself: equal within rounding, and zero at the same places.
                     for (p, q) in fast.1.iter().zip(&slow.1) {
                         prop_assert!(
-                            (p - q).abs() <= 4.0 * f32::EPSILON * q.abs() && (*p == 0.0) == (*q == 0.0),
+                            (p - q).abs() <= 4.0 * f32::EPSILON * q.abs()
+                                && (*p == 0.0) == (*q == 0.0),
                             "x gradient: fused {p}, composed {q}"
                         );
                     }
@@ -226,7 +269,10 @@ fn fused_lsq_equals_composed() {
                     let close = |a: &[f32], b: &[f32], what: &str| -> Result<(), TestCaseError> {
                         prop_assert_eq!(a.len(), b.len());
                         for (p, q) in a.iter().zip(b) {
-                            prop_assert!((p - q).abs() <= tol, "{what}: fused {p}, composed {q}, tolerance {tol}");
+                            prop_assert!(
+                                (p - q).abs() <= tol,
+                                "{what}: fused {p}, composed {q}, tolerance {tol}"
+                            );
                         }
                         Ok(())
                     };
@@ -234,7 +280,9 @@ fn fused_lsq_equals_composed() {
                     match (&fast.3, &slow.3) {
                         (Some(f), Some(s)) => close(f, s, "offset gradient")?,
                         (None, None) => {}
-                        (f, s) => prop_assert!(false, "offset gradient fused {f:?}, composed {s:?}"),
+                        (f, s) => {
+                            prop_assert!(false, "offset gradient fused {f:?}, composed {s:?}")
+                        }
                     }
                     Ok(())
                 },
@@ -255,16 +303,30 @@ fn large_tensors_split_across_threads_equal_composed() {
         // one channel per element (axis 2).
         for (spec, dims) in [
             (QuantSpec::int8_act_per_tensor_asymmetric(), [1, n, 1]),
-            (QuantSpec::int8_weight_per_channel_symmetric(0), [4, n / 4, 1]),
-            (QuantSpec::int8_weight_per_channel_symmetric(1).with_bits(4), [n / 200, 100, 2]),
-            (QuantSpec::int8_weight_per_channel_symmetric(2), [n / 300, 1, 300]),
+            (
+                QuantSpec::int8_weight_per_channel_symmetric(0),
+                [4, n / 4, 1],
+            ),
+            (
+                QuantSpec::int8_weight_per_channel_symmetric(1).with_bits(4),
+                [n / 200, 100, 2],
+            ),
+            (
+                QuantSpec::int8_weight_per_channel_symmetric(2),
+                [n / 300, 1, 300],
+            ),
         ] {
             let xs: Vec<f32> = x[..dims.iter().product()].to_vec();
             assert!(xs.len() > fused::cpu::PARALLEL_MIN);
             let fast = run_fake_quant(&device, &spec, dims, &xs);
             let slow = composed(|| run_fake_quant(&device, &spec, dims, &xs));
             assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values {spec:?}", b.name);
-            assert_eq!(bits(&fast.1), bits(&slow.1), "{}: gradient {spec:?}", b.name);
+            assert_eq!(
+                bits(&fast.1),
+                bits(&slow.1),
+                "{}: gradient {spec:?}",
+                b.name
+            );
             assert_eq!(bits(&fast.2), bits(&slow.2), "{}: range {spec:?}", b.name);
         }
     }
@@ -276,11 +338,19 @@ fn large_tensors_split_across_threads_equal_composed() {
 fn rounding_modes_differ_on_ties_through_the_fused_path() {
     for b in fused_backends("rounding_modes_differ_on_ties_through_the_fused_path") {
         let x = Tensor::<1>::from_floats([0.5, 1.5, 2.5, -0.5, -2.5], &b.device);
-        let qp = burn_qat::QParams { scale: 1.0, zero_point: 0 };
+        let qp = burn_qat::QParams {
+            scale: 1.0,
+            zero_point: 0,
+        };
         let even = QuantSpec::default();
         let up = even.with_rounding(RoundingMode::TfHalfUp);
-        assert_eq!(values(tensor::fake_quant_per_tensor(x.clone(), qp, &even)), vec![0.0, 2.0, 2.0, -0.0, -2.0]);
-        assert_eq!(values(tensor::fake_quant_per_tensor(x, qp, &up)), vec![1.0, 2.0, 3.0, 0.0, -2.0]);
+        assert_eq!(
+            values(tensor::fake_quant_per_tensor(x.clone(), qp, &even)),
+            vec![0.0, 2.0, 2.0, -0.0, -2.0]
+        );
+        assert_eq!(
+            values(tensor::fake_quant_per_tensor(x, qp, &up)),
+            vec![1.0, 2.0, 3.0, 0.0, -2.0]
+        );
     }
 }
-

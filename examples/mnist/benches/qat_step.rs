@@ -1,7 +1,8 @@
 //! One training step (forward, backward, Adam) of the example's `tutorial` (batch 32) and `bn`
-//! (batch 128) models: float, QAT with the fused fake-quant kernels, and QAT with the composed
-//! tensor ops (the path before the kernels, and the one backends without them run), in this
+//! (batch 128) models: float, the QAT graph with its fake-quant switched off, QAT with the fused
+//! fake-quant kernels, and QAT with the composed tensor ops (the path before the kernels, and the one backends without them run), in this
 //! process, on the device `BURN_DEVICE` names (flex by default). Prints QAT / float ratios.
+//! `QAT_STEP_MODELS=bn` (or `tutorial`) runs one model.
 //!
 //! ```sh
 //! cargo bench -p mnist --all-features --bench qat_step
@@ -78,31 +79,59 @@ fn model_steps<M: Classifier>(
 ) {
     let x = Tensor::<4>::random([batch, 1, 28, 28], Distribution::Uniform(0.0, 1.0), device);
     let y = Tensor::<1, Int>::from_ints(
-        (0..batch as i64).map(|i| i % 10).collect::<Vec<_>>().as_slice(),
+        (0..batch as i64)
+            .map(|i| i % 10)
+            .collect::<Vec<_>>()
+            .as_slice(),
         device,
     );
     let graph = prepare_qat(&model, 8, 8).expect("prepare");
+    // The same prepared graph with every fake-quant switched off and observers frozen: the
+    // module structure of the QAT model (folded BatchNorm, lifted layers) without quantization.
+    use burn_qat::nn::switches;
+    let graph_off =
+        switches::set_fake_quant_enabled(switches::freeze_observers(graph.clone()), false);
     let group = format!("train_step_{name}_batch_{batch}");
     bench_step(c, &group, "float", model, true, &x, &y);
+    bench_step(c, &group, "graph_fq_off", graph_off, true, &x, &y);
     bench_step(c, &group, "qat_fused", graph.clone(), true, &x, &y);
     bench_step(c, &group, "qat_composed", graph, false, &x, &y);
-    let t = |k: &str| mean(&format!("{group}/{k}")).expect("timed");
-    let (float, fast, slow) = (t("float"), t("qat_fused"), t("qat_composed"));
+    let t = |k: &str| mean(&format!("{group}/{k}"));
+    // A criterion filter may have skipped some: print the ratios only when all four ran.
+    let (Some(float), Some(off), Some(fast), Some(slow)) = (
+        t("float"),
+        t("graph_fq_off"),
+        t("qat_fused"),
+        t("qat_composed"),
+    ) else {
+        return;
+    };
     println!(
-        "RATIO {name} batch {batch}: float {:.2} ms, QAT fused {:.2} ms ({:.3}x float), QAT composed {:.2} ms ({:.3}x float)",
+        "RATIO {name} batch {batch}: float {:.2} ms, QAT graph fake-quant off {:.2} ms, \
+         QAT fused {:.2} ms ({:.3}x float, {:.3}x off), QAT composed {:.2} ms ({:.3}x float, {:.3}x off)",
         float * 1e3,
+        off * 1e3,
         fast * 1e3,
         fast / float,
+        fast / off,
         slow * 1e3,
-        slow / float
+        slow / float,
+        slow / off
     );
 }
 
 fn bench(c: &mut Criterion) {
     let device = burn_qat::backend::default_device().autodiff();
     device.seed(0);
-    model_steps(c, "tutorial", 32, Tutorial::new(&device), &device);
-    model_steps(c, "bn", 128, BnNet::new(&device), &device);
+    // `QAT_STEP_MODELS=bn` runs one model (for profiling).
+    let models = std::env::var("QAT_STEP_MODELS").unwrap_or_else(|_| "tutorial,bn".into());
+    let models: Vec<&str> = models.split(',').collect();
+    if models.contains(&"tutorial") {
+        model_steps(c, "tutorial", 32, Tutorial::new(&device), &device);
+    }
+    if models.contains(&"bn") {
+        model_steps(c, "bn", 128, BnNet::new(&device), &device);
+    }
 }
 
 criterion_group!(benches, bench);

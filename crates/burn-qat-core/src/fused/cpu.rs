@@ -96,7 +96,7 @@ pub struct Bounds {
 }
 
 /// Runs longer than this walk one channel at a time; shorter ones (e.g. a Linear weight
-/// `[in, out]` per output channel: runs of 1) use [`Params::Row`].
+/// `[in, out]` per output channel: runs of 1) use an expanded period (`Kind::Row`).
 const RUN_MIN: usize = 64;
 
 /// The quantization parameters of one call, laid out for the loops.
@@ -124,25 +124,32 @@ impl Params {
     /// Lays out `a`, `b` (one value per channel) for `ch`.
     pub fn new(a: &[f32], b: &[f32], ch: Channels) -> Self {
         let kind = if ch.channels <= 1 || a.len() <= 1 {
-            Kind::Const(a.first().copied().unwrap_or(1.0), b.first().copied().unwrap_or(0.0))
+            Kind::Const(
+                a.first().copied().unwrap_or(1.0),
+                b.first().copied().unwrap_or(0.0),
+            )
         } else if ch.inner >= RUN_MIN {
             Kind::Runs(a.to_vec(), b.to_vec())
         } else {
             let expand = |v: &[f32]| -> Vec<f32> {
-                v.iter().flat_map(|&v| std::iter::repeat_n(v, ch.inner)).collect()
+                v.iter()
+                    .flat_map(|&v| std::iter::repeat_n(v, ch.inner))
+                    .collect()
             };
             Kind::Row(expand(a), expand(b))
         };
         Self { kind, ch }
     }
 
-    /// Calls `f(start, end, seg)` over stretches covering `range`; for [`Kind::Row`] `seg`
+    /// Calls `f(start, end, seg)` over stretches covering `range`; for `Kind::Row` `seg`
     /// holds `end - start` values. The stretch's position in the period (`start % period`) is
     /// passed too, for per-position accumulators.
     fn walk(&self, range: std::ops::Range<usize>, mut f: impl FnMut(usize, usize, Seg<'_>, usize)) {
         match &self.kind {
             Kind::Const(a, b) => f(range.start, range.end, Seg::Const(*a, *b), 0),
-            Kind::Runs(a, b) => self.ch.runs(range, |s, e, c| f(s, e, Seg::Const(a[c], b[c]), c)),
+            Kind::Runs(a, b) => self
+                .ch
+                .runs(range, |s, e, c| f(s, e, Seg::Const(a[c], b[c]), c)),
             Kind::Row(a, b) => {
                 let period = a.len();
                 let mut i = range.start;
@@ -220,10 +227,12 @@ fn in_chunks(out: &mut [f32], kernel: impl Fn(std::ops::Range<usize>, &mut [f32]
         kernel(0..n, out);
         return;
     }
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, chunk)| {
-        let start = k * CHUNK;
-        kernel(start..start + chunk.len(), chunk)
-    });
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(k, chunk)| {
+            let start = k * CHUNK;
+            kernel(start..start + chunk.len(), chunk)
+        });
 }
 
 #[inline(always)]
@@ -287,7 +296,12 @@ pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
         p.walk(range, |start, end, seg, _| {
             let xs = &x[start..end];
             let ys = &mut out[start - base..end - base];
-            map_seg!(seg, ys, xs, |x, s, o| round_half_even(clamp((x - o) / s, b.qmin, b.qmax)) * s + o);
+            map_seg!(seg, ys, xs, |x, s, o| round_half_even(clamp(
+                (x - o) / s,
+                b.qmin,
+                b.qmax
+            )) * s
+                + o);
         });
     })
 }
@@ -335,7 +349,9 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
                     doff[slot] += c;
                 }
                 Seg::Slice(ss, os) => {
-                    for (k, ((g, &x), (&s, &o))) in gs.iter_mut().zip(xs).zip(ss.iter().zip(os)).enumerate() {
+                    for (k, ((g, &x), (&s, &o))) in
+                        gs.iter_mut().zip(xs).zip(ss.iter().zip(os)).enumerate()
+                    {
                         let (da, dc) = one(g, x, s, o);
                         ds[slot + k] += da;
                         doff[slot + k] += dc;
@@ -361,7 +377,12 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
                 },
             )
     };
-    let f = |v: Vec<f64>| p.to_channels(v, 0.0, |a, b| a + b).into_iter().map(|v| v as f32).collect();
+    let f = |v: Vec<f64>| {
+        p.to_channels(v, 0.0, |a, b| a + b)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
+    };
     (f(ds), f(doff))
 }
 
@@ -390,7 +411,10 @@ pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
                     hi[slot] = h;
                 }
                 Seg::Slice(..) => {
-                    let (ls, hs) = (&mut lo[slot..slot + xs.len()], &mut hi[slot..slot + xs.len()]);
+                    let (ls, hs) = (
+                        &mut lo[slot..slot + xs.len()],
+                        &mut hi[slot..slot + xs.len()],
+                    );
                     for ((l, h), &v) in ls.iter_mut().zip(hs.iter_mut()).zip(xs) {
                         let v = finite(v);
                         *l = if v < *l { v } else { *l };
@@ -417,7 +441,10 @@ pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
                 },
             )
     };
-    (p.to_channels(lo, 0.0, f32::min), p.to_channels(hi, 0.0, f32::max))
+    (
+        p.to_channels(lo, 0.0, f32::min),
+        p.to_channels(hi, 0.0, f32::max),
+    )
 }
 
 #[cfg(test)]
@@ -427,12 +454,36 @@ mod tests {
     #[test]
     fn rounding_matches_std_on_hard_values() {
         let hard = [
-            0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, -0.49999997, 8_388_607.5, -8_388_607.5,
-            8_388_608.0, 16_777_217.0, 1e30, -1e30, 0.0, -0.0, 3.4e38, f32::MIN_POSITIVE,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.49999997,
+            -0.49999997,
+            8_388_607.5,
+            -8_388_607.5,
+            8_388_608.0,
+            16_777_217.0,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+            3.4e38,
+            f32::MIN_POSITIVE,
         ];
         for v in hard {
-            assert_eq!(round_half_even(v).to_bits(), v.round_ties_even().to_bits(), "{v}");
-            assert_eq!(round_half_up(v).to_bits(), (v + 0.5).floor().to_bits(), "{v}");
+            assert_eq!(
+                round_half_even(v).to_bits(),
+                v.round_ties_even().to_bits(),
+                "{v}"
+            );
+            assert_eq!(
+                round_half_up(v).to_bits(),
+                (v + 0.5).floor().to_bits(),
+                "{v}"
+            );
         }
         assert!(round_half_even(f32::NAN).is_nan());
         assert_eq!(round_half_even(f32::INFINITY), f32::INFINITY);
@@ -443,10 +494,14 @@ mod tests {
     fn channel_runs_cover_every_element_once() {
         // [2, 3, 4] along axis 1: runs of 4, channels 0,1,2,0,1,2.
         let ch = Channels::of(&[2, 3, 4], 1, 3);
-        let mut seen = vec![usize::MAX; 24];
+        let mut seen = [usize::MAX; 24];
         ch.runs(5..23, |s, e, c| seen[s..e].iter_mut().for_each(|v| *v = c));
         for (i, &c) in seen.iter().enumerate() {
-            let want = if (5..23).contains(&i) { (i / 4) % 3 } else { usize::MAX };
+            let want = if (5..23).contains(&i) {
+                (i / 4) % 3
+            } else {
+                usize::MAX
+            };
             assert_eq!(c, want, "element {i}");
         }
     }

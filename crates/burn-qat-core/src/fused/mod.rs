@@ -361,9 +361,21 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         struct FakeQuantBackward;
 
         impl<B: FakeQuantOps> Backward<B, 1> for FakeQuantBackward {
-            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f32, f32);
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                usize,
+                f32,
+                f32,
+            );
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let (x, scale, zp, axis, qmin, qmax) = ops.state;
                 unary::<B, _>(ops.parents, ops.node, grads, |grad| {
                     B::qat_fake_quant_grad(grad, x, scale, zp, axis, qmin, qmax)
@@ -373,10 +385,21 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
 
         let scale = scale.into_primitive();
         let zero_point = zero_point.into_primitive();
-        match FakeQuantBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+        match FakeQuantBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let x = x.into_primitive();
-                let state = (x.clone(), scale.clone(), zero_point.clone(), axis, qmin, qmax);
+                let state = (
+                    x.clone(),
+                    scale.clone(),
+                    zero_point.clone(),
+                    axis,
+                    qmin,
+                    qmax,
+                );
                 prep.finish(
                     state,
                     B::qat_fake_quant(x, scale, zero_point, axis, qmin, qmax, half_up),
@@ -427,9 +450,21 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         struct LsqBackward;
 
         impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
-            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, usize, f32, f32);
+            type State = (
+                FloatTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                usize,
+                f32,
+                f32,
+            );
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let (x, step, offset, axis, qmin, qmax) = ops.state;
                 let grad = grads.consume::<B>(&ops.node);
                 let (dx, ds, doff) = B::qat_lsq_grad(grad, x, step, offset, axis, qmin, qmax);
@@ -445,7 +480,11 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         let nodes = [x.node(), step.node(), offset.node()];
         match LsqBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (x, step, offset) = (x.into_primitive(), step.into_primitive(), offset.into_primitive());
+                let (x, step, offset) = (
+                    x.into_primitive(),
+                    step.into_primitive(),
+                    offset.into_primitive(),
+                );
                 let state = (x.clone(), step.clone(), offset.clone(), axis, qmin, qmax);
                 prep.finish(state, B::qat_lsq(x, step, offset, axis, qmin, qmax))
             }
@@ -478,7 +517,11 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
             qmin,
             qmax,
         );
-        (FloatTensor::<Self>::new(dx), FloatTensor::<Self>::new(ds), FloatTensor::<Self>::new(doff))
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(ds),
+            FloatTensor::<Self>::new(doff),
+        )
     }
 
     fn qat_min_max(
@@ -537,7 +580,11 @@ pub fn lsq<const D: usize>(
 
 /// Fused [`tensor::min_max`](crate::tensor::min_max) over `channels` along `axis` (1: the
 /// whole tensor), detached.
-pub fn min_max<const D: usize>(x: Tensor<D>, axis: usize, channels: usize) -> (Tensor<1>, Tensor<1>) {
+pub fn min_max<const D: usize>(
+    x: Tensor<D>,
+    axis: usize,
+    channels: usize,
+) -> (Tensor<1>, Tensor<1>) {
     let (lo, hi) = Dispatch::qat_min_max(x.detach().into_dispatch(), axis, channels);
     (Tensor::from_dispatch(lo), Tensor::from_dispatch(hi))
 }
