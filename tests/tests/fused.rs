@@ -8,7 +8,7 @@ use burn_qat::core::{fused, tensor};
 use burn_qat::{Granularity, QuantSpec, RoundingMode};
 use burn_qat_tests::{Backend, backends, cases, skip, values};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// The fused-capable backends; the others are skipped by name.
 fn fused_backends(test: &str) -> Vec<Backend> {
@@ -28,12 +28,37 @@ fn fused_backends(test: &str) -> Vec<Backend> {
         .collect()
 }
 
-/// Runs `f` with the fused kernels switched off, then back on.
-fn composed<T>(f: impl FnOnce() -> T) -> T {
+/// `f` run twice on `device`: with the fused kernels, then with the composed ops. Asserts that
+/// the first run takes the fused path and the second does not, so that a comparison of the two
+/// cannot quietly compare the composed ops with themselves.
+fn both<T>(device: &Device, f: impl Fn() -> T) -> (T, T) {
+    let probe = Tensor::<1>::zeros([1], device);
+    assert!(
+        fused::available(&probe),
+        "fused kernels expected on {device:?}"
+    );
+    let fast = f();
     fused::set_enabled(false);
-    let out = f();
+    assert!(!fused::available(&probe));
+    let slow = f();
     fused::set_enabled(true);
-    out
+    (fast, slow)
+}
+
+/// Runs a property test on backend `b` (`cpu_cases` cases on CPU backends).
+fn check<S: Strategy>(
+    b: &Backend,
+    cpu_cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let mut runner = TestRunner::new(Config {
+        cases: cases(b, cpu_cases),
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, test)
+        .unwrap_or_else(|e| panic!("{}: {e}", b.name));
 }
 
 fn spec_strategy() -> impl Strategy<Value = QuantSpec> {
@@ -117,14 +142,12 @@ fn run_fake_quant(
 fn fused_fake_quant_equals_composed_bit_for_bit() {
     for b in fused_backends("fused_fake_quant_equals_composed_bit_for_bit") {
         let device = b.device.clone().autodiff();
-        let mut runner = TestRunner::new(Config {
-            cases: cases(&b, 384),
-            ..Config::default()
-        });
-        runner
-            .run(&(spec_strategy(), input_strategy()), |(spec, (dims, x))| {
-                let fast = run_fake_quant(&device, &spec, dims, &x);
-                let slow = composed(|| run_fake_quant(&device, &spec, dims, &x));
+        check(
+            &b,
+            384,
+            (spec_strategy(), input_strategy()),
+            |(spec, (dims, x))| {
+                let (fast, slow) = both(&device, || run_fake_quant(&device, &spec, dims, &x));
                 prop_assert_eq!(
                     bits(&fast.0),
                     bits(&slow.0),
@@ -147,8 +170,8 @@ fn fused_fake_quant_equals_composed_bit_for_bit() {
                     spec
                 );
                 Ok(())
-            })
-            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+            },
+        );
     }
 }
 
@@ -156,138 +179,191 @@ fn fused_fake_quant_equals_composed_bit_for_bit() {
 fn fused_per_tensor_scalar_path_equals_composed() {
     for b in fused_backends("fused_per_tensor_scalar_path_equals_composed") {
         let device = b.device.clone().autodiff();
-        let mut runner = TestRunner::new(Config {
-            cases: cases(&b, 128),
-            ..Config::default()
+        let strategy = (spec_strategy(), input_strategy(), -5.0f32..0.0, 0.0f32..5.0);
+        check(&b, 128, strategy, |(spec, (dims, x), lo, hi)| {
+            let spec = spec.with_granularity(Granularity::PerTensor);
+            let qp = burn_qat::qparams_from_range(lo, hi, &spec);
+            let (fast, slow) = both(&device, || {
+                let t = Tensor::<1>::from_floats(x.as_slice(), &device)
+                    .reshape(dims)
+                    .require_grad();
+                let y = tensor::fake_quant_per_tensor(t.clone(), qp, &spec);
+                let grads = y.clone().sum().backward();
+                (values(y), values(t.grad(&grads).expect("gradient")))
+            });
+            prop_assert_eq!(bits(&fast.0), bits(&slow.0));
+            prop_assert_eq!(bits(&fast.1), bits(&slow.1));
+            Ok(())
         });
-        runner
-            .run(
-                &(spec_strategy(), input_strategy(), -5.0f32..0.0, 0.0f32..5.0),
-                |(spec, (dims, x), lo, hi)| {
-                    let spec = spec.with_granularity(Granularity::PerTensor);
-                    let qp = burn_qat::qparams_from_range(lo, hi, &spec);
-                    let go = || {
-                        let t = Tensor::<1>::from_floats(x.as_slice(), &device)
-                            .reshape(dims)
-                            .require_grad();
-                        let y = tensor::fake_quant_per_tensor(t.clone(), qp, &spec);
-                        let grads = y.clone().sum().backward();
-                        (values(y), values(t.grad(&grads).expect("gradient")))
-                    };
-                    let (fast, slow) = (go(), composed(go));
-                    prop_assert_eq!(bits(&fast.0), bits(&slow.0));
-                    prop_assert_eq!(bits(&fast.1), bits(&slow.1));
-                    Ok(())
-                },
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
     }
 }
 
-/// LSQ and LSQ+: values bit-equal; the gradient of `x` equal up to rounding (zero at the same
-/// places), of the step and the offset up to the order of summation (the fused backward sums
-/// in f64, autodiff in f32).
+/// The LSQ (or LSQ+ with `plus`) output and the gradients of `x`, the steps and the offsets
+/// (`None` for LSQ) under a non-uniform upstream gradient; steps per channel from `step`.
+fn run_lsq(
+    device: &Device,
+    spec: &QuantSpec,
+    dims: [usize; 3],
+    x: &[f32],
+    (plus, step, off): (bool, f32, f32),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    let channels = spec.axis().map_or(1, |a| dims[a]);
+    let t = Tensor::<1>::from_floats(x, device)
+        .reshape(dims)
+        .require_grad();
+    let steps: Vec<f32> = (0..channels)
+        .map(|c| step * (1.0 + (c % 5) as f32 * 0.37))
+        .collect();
+    let s = Tensor::<1>::from_floats(steps.as_slice(), device).require_grad();
+    let o = Tensor::<1>::from_floats(vec![off; channels].as_slice(), device).require_grad();
+    let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
+    let y = tensor::fake_quant_lsq(t.clone(), s.clone(), plus.then(|| o.clone()), spec, factor);
+    let weights: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 7) as f32).collect();
+    let weights = Tensor::<1>::from_floats(weights.as_slice(), device).reshape(dims);
+    let grads = (y.clone() * weights).sum().backward();
+    (
+        values(y),
+        values(t.grad(&grads).expect("x gradient")),
+        values(s.grad(&grads).expect("step gradient")),
+        o.grad(&grads).map(values),
+    )
+}
+
+/// Fused and composed LSQ agree: values bit-equal; the gradient of `x` equal up to rounding
+/// (autodiff computes `(g * s) / s`, the fused backward passes `g`) and zero at the same
+/// places; the step and offset gradients within a few ULP of the terms autodiff sums
+/// (`g * round(v) + g * s * (-x / s^2)`, of the size of `g * v`, which cancel), where the fused
+/// backward sums `g * (round(v) - v)` directly, in f64.
+fn lsq_agrees(
+    device: &Device,
+    spec: &QuantSpec,
+    dims: [usize; 3],
+    x: &[f32],
+    params: (bool, f32, f32),
+) -> Result<(), TestCaseError> {
+    let (fast, slow) = both(device, || run_lsq(device, spec, dims, x, params));
+    prop_assert_eq!(bits(&fast.0), bits(&slow.0), "values");
+    for (p, q) in fast.1.iter().zip(&slow.1) {
+        prop_assert!(
+            (p - q).abs() <= 4.0 * f32::EPSILON * q.abs() && (*p == 0.0) == (*q == 0.0),
+            "x gradient: fused {p}, composed {q}"
+        );
+    }
+    let (_, step, off) = params;
+    let channels = spec.axis().map_or(1, |a| dims[a]);
+    let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
+    let terms: f32 = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (0.5 + (i % 7) as f32) * ((v.abs() + off.abs()) / step + 1.0))
+        .sum();
+    let tol = 16.0 * f32::EPSILON * factor * terms;
+    let close = |a: &[f32], b: &[f32], what: &str| -> Result<(), TestCaseError> {
+        prop_assert_eq!(a.len(), b.len());
+        for (p, q) in a.iter().zip(b) {
+            prop_assert!(
+                (p - q).abs() <= tol,
+                "{what}: fused {p}, composed {q}, tolerance {tol}"
+            );
+        }
+        Ok(())
+    };
+    close(&fast.2, &slow.2, "step gradient")?;
+    match (&fast.3, &slow.3) {
+        (Some(f), Some(s)) => close(f, s, "offset gradient"),
+        (None, None) => Ok(()),
+        (f, s) => Err(TestCaseError::fail(format!(
+            "offset gradient fused {f:?}, composed {s:?}"
+        ))),
+    }
+}
+
+/// Fused LSQ+ on a large tensor against the step and offset gradients summed in f64 on the host
+/// (autodiff's f32 sums over tens of thousands of terms drift by more than the per-term
+/// tolerance of [`lsq_agrees`]), and its values and `x` gradient against the composed ops.
+fn lsq_matches_f64_reference(
+    b: &Backend,
+    device: &Device,
+    spec: &QuantSpec,
+    dims: [usize; 3],
+    x: &[f32],
+) {
+    let (plus, step, off) = (true, 0.02f32, 0.1f32);
+    let (fast, slow) = both(device, || run_lsq(device, spec, dims, x, (plus, step, off)));
+    assert_eq!(
+        bits(&fast.0),
+        bits(&slow.0),
+        "{}: LSQ+ values {spec:?}",
+        b.name
+    );
+    let axis = spec.axis().expect("per channel");
+    let channels = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax()) as f64;
+    let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+    let (mut ds, mut doff, mut mass) = (
+        vec![0f64; channels],
+        vec![0f64; channels],
+        vec![0f64; channels],
+    );
+    for (i, &xi) in x.iter().enumerate() {
+        let c = (i / inner) % channels;
+        let s = step * (1.0 + (c % 5) as f32 * 0.37);
+        let g = 0.5 + (i % 7) as f32;
+        let v = (xi - off) / s;
+        let inside = v >= qmin && v <= qmax;
+        let dv = if inside {
+            v.round_ties_even() - v
+        } else if v < qmin {
+            qmin
+        } else {
+            qmax
+        };
+        ds[c] += f64::from(g * dv);
+        doff[c] += if inside { 0.0 } else { f64::from(g) };
+        mass[c] += f64::from(g) * (f64::from(v.abs()) + 1.0);
+        let want = if inside { g } else { 0.0 };
+        assert_eq!(fast.1[i], want, "{}: x gradient at {i}", b.name);
+    }
+    let offsets = fast.3.expect("offset gradient");
+    for c in 0..channels {
+        let tol = 1e-9 * factor * mass[c];
+        let (got_s, got_o) = (f64::from(fast.2[c]), f64::from(offsets[c]));
+        // The f64 sums are rounded to f32 once: a relative 2^-24 plus the summation order.
+        let f32_round = |v: f64| v.abs() * 1.2e-7;
+        assert!(
+            (got_s - factor * ds[c]).abs() <= tol + f32_round(factor * ds[c]),
+            "{}: step gradient {c}: {got_s} vs {}",
+            b.name,
+            factor * ds[c]
+        );
+        assert!(
+            (got_o - factor * doff[c]).abs() <= tol + f32_round(factor * doff[c]),
+            "{}: offset gradient {c}: {got_o} vs {}",
+            b.name,
+            factor * doff[c]
+        );
+    }
+}
+
+/// LSQ and LSQ+ on random specs and inputs (see [`lsq_agrees`]).
 #[test]
 fn fused_lsq_equals_composed() {
     for b in fused_backends("fused_lsq_equals_composed") {
         let device = b.device.clone().autodiff();
-        let mut runner = TestRunner::new(Config {
-            cases: cases(&b, 256),
-            ..Config::default()
+        let strategy = (
+            spec_strategy(),
+            input_strategy(),
+            (any::<bool>(), 0.001f32..0.5, -0.3f32..0.3),
+        );
+        check(&b, 256, strategy, |(spec, (dims, x), params)| {
+            let spec = spec.with_rounding(RoundingMode::HalfToEven);
+            let x: Vec<f32> = x
+                .into_iter()
+                .map(|v| if v.is_finite() { v } else { 0.0 })
+                .collect();
+            lsq_agrees(&device, &spec, dims, &x, params)
         });
-        runner
-            .run(
-                &(
-                    spec_strategy(),
-                    input_strategy(),
-                    any::<bool>(),
-                    0.001f32..0.5,
-                    -0.3f32..0.3,
-                ),
-                |(spec, (dims, x), plus, step, off)| {
-                    let spec = spec.with_rounding(RoundingMode::HalfToEven);
-                    let x: Vec<f32> = x
-                        .into_iter()
-                        .map(|v| if v.is_finite() { v } else { 0.0 })
-                        .collect();
-                    let channels = spec.axis().map_or(1, |a| dims[a]);
-                    let go = || {
-                        let t = Tensor::<1>::from_floats(x.as_slice(), &device)
-                            .reshape(dims)
-                            .require_grad();
-                        let steps: Vec<f32> = (0..channels)
-                            .map(|c| step * (1.0 + c as f32 * 0.37))
-                            .collect();
-                        let s = Tensor::<1>::from_floats(steps.as_slice(), &device).require_grad();
-                        let o = Tensor::<1>::from_floats(vec![off; channels].as_slice(), &device)
-                            .require_grad();
-                        let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
-                        let y = tensor::fake_quant_lsq(
-                            t.clone(),
-                            s.clone(),
-                            plus.then(|| o.clone()),
-                            &spec,
-                            factor,
-                        );
-                        let weights = Tensor::<1>::from_floats(
-                            (0..x.len())
-                                .map(|i| 0.5 + (i % 7) as f32)
-                                .collect::<Vec<_>>()
-                                .as_slice(),
-                            &device,
-                        )
-                        .reshape(dims);
-                        let grads = (y.clone() * weights).sum().backward();
-                        (
-                            values(y),
-                            values(t.grad(&grads).expect("x gradient")),
-                            values(s.grad(&grads).expect("step gradient")),
-                            o.grad(&grads).map(values),
-                        )
-                    };
-                    let (fast, slow) = (go(), composed(go));
-                    prop_assert_eq!(bits(&fast.0), bits(&slow.0), "values");
-                    // Autodiff computes `x`'s gradient as `(g * s) / s`, the fused backward
-                    // passes `g` itself: equal within rounding, and zero at the same places.
-                    for (p, q) in fast.1.iter().zip(&slow.1) {
-                        prop_assert!(
-                            (p - q).abs() <= 4.0 * f32::EPSILON * q.abs()
-                                && (*p == 0.0) == (*q == 0.0),
-                            "x gradient: fused {p}, composed {q}"
-                        );
-                    }
-                    // Autodiff sums `g * round(v) + g * s * (-x / s^2)`, terms of the size of
-                    // `g * v` that cancel: its error is a few ULP of those terms, not of the
-                    // (small) result. The fused backward sums `g * (round(v) - v)` directly.
-                    let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
-                    let terms: f32 = x
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| (0.5 + (i % 7) as f32) * ((v.abs() + off.abs()) / step + 1.0))
-                        .sum();
-                    let tol = 16.0 * f32::EPSILON * factor * terms;
-                    let close = |a: &[f32], b: &[f32], what: &str| -> Result<(), TestCaseError> {
-                        prop_assert_eq!(a.len(), b.len());
-                        for (p, q) in a.iter().zip(b) {
-                            prop_assert!(
-                                (p - q).abs() <= tol,
-                                "{what}: fused {p}, composed {q}, tolerance {tol}"
-                            );
-                        }
-                        Ok(())
-                    };
-                    close(&fast.2, &slow.2, "step gradient")?;
-                    match (&fast.3, &slow.3) {
-                        (Some(f), Some(s)) => close(f, s, "offset gradient")?,
-                        (None, None) => {}
-                        (f, s) => {
-                            prop_assert!(false, "offset gradient fused {f:?}, composed {s:?}")
-                        }
-                    }
-                    Ok(())
-                },
-            )
-            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
     }
 }
 
@@ -318,8 +394,7 @@ fn large_tensors_split_across_threads_equal_composed() {
         ] {
             let xs: Vec<f32> = x[..dims.iter().product()].to_vec();
             assert!(xs.len() > fused::cpu::PARALLEL_MIN);
-            let fast = run_fake_quant(&device, &spec, dims, &xs);
-            let slow = composed(|| run_fake_quant(&device, &spec, dims, &xs));
+            let (fast, slow) = both(&device, || run_fake_quant(&device, &spec, dims, &xs));
             assert_eq!(bits(&fast.0), bits(&slow.0), "{}: values {spec:?}", b.name);
             assert_eq!(
                 bits(&fast.1),
@@ -328,12 +403,15 @@ fn large_tensors_split_across_threads_equal_composed() {
                 b.name
             );
             assert_eq!(bits(&fast.2), bits(&slow.2), "{}: range {spec:?}", b.name);
+            if spec.axis().is_some() {
+                lsq_matches_f64_reference(&b, &device, &spec, dims, &xs);
+            }
         }
     }
 }
 
-/// A mutation check of the test above: a kernel that rounds half up where the spec says half
-/// to even would fail; here the two specs are compared directly to show they differ on ties.
+/// Golden values on ties through the fused path: half to even (`0.5 -> 0`, `2.5 -> 2`) and TF's
+/// half up (`0.5 -> 1`, `-0.5 -> 0`); a kernel that mixed up the two modes fails here.
 #[test]
 fn rounding_modes_differ_on_ties_through_the_fused_path() {
     for b in fused_backends("rounding_modes_differ_on_ties_through_the_fused_path") {

@@ -7,15 +7,12 @@
 //! cargo bench -p burn-qat -p mnist --all-features --bench graph
 //! ```
 
-use std::cell::RefCell;
 use std::time::Duration;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig, MaxPool2d, MaxPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::relu;
@@ -25,54 +22,13 @@ use burn_qat::transform::{FusedConfig, SeqLayer};
 use burn_qat::{FakeQuantConfig, Observer, QuantSpec};
 use criterion::{Criterion, criterion_group, criterion_main};
 use mnist::bits::bn_sequential;
-use mnist::model::{BnNet, Classifier, prepare_qat};
+use mnist::model::{BnNet, prepare_qat};
 
 #[path = "../../../crates/burn-qat/benches/common/mod.rs"]
 mod common;
+mod train_step;
 use common::{mean, timed};
-
-/// One Adam step on `(x, y)`.
-fn step<M: Classifier>(
-    model: M,
-    optim: &mut burn::optim::ModuleOptimizer,
-    x: &Tensor<4>,
-    y: &Tensor<1, Int>,
-) -> M {
-    let logits = model.logits(x.clone());
-    let loss = CrossEntropyLossConfig::new()
-        .init(&logits.device())
-        .forward(logits, y.clone());
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optim.step(1e-3, model, grads);
-    let _ = x.device().sync();
-    model
-}
-
-fn bench_step<M: Classifier>(
-    c: &mut Criterion,
-    group: &str,
-    name: &str,
-    model: M,
-    x: &Tensor<4>,
-    y: &Tensor<1, Int>,
-) {
-    let state = RefCell::new((Some(model), AdamConfig::new().init()));
-    let key = format!("{group}/{name}");
-    let mut g = c.benchmark_group(group);
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(8))
-        .warm_up_time(Duration::from_secs(2));
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            timed(&key, iters, || {
-                let mut s = state.borrow_mut();
-                let (m, optim) = &mut *s;
-                *m = Some(step(m.take().expect("model"), optim, x, y));
-            })
-        })
-    });
-    g.finish();
-}
+use train_step::bench_step;
 
 fn qat_step(c: &mut Criterion) {
     let device = Device::flex().autodiff();
@@ -97,8 +53,8 @@ fn qat_step(c: &mut Criterion) {
     }
     let graph = prepare_qat(&BnNet::new(&device), 8, 8).unwrap();
     let group = "qat_step_bn_cnn_batch_32";
-    bench_step(c, group, "sequential", seq, &x, &y);
-    bench_step(c, group, "graph", graph, &x, &y);
+    bench_step(c, group, "sequential", seq, true, &x, &y);
+    bench_step(c, group, "graph", graph, true, &x, &y);
     let (s, g) = (
         mean(&format!("{group}/sequential")).unwrap(),
         mean(&format!("{group}/graph")).unwrap(),

@@ -1,74 +1,23 @@
 //! One training step (forward, backward, Adam) of the example's `tutorial` (batch 32) and `bn`
 //! (batch 128) models: float, the QAT graph with its fake-quant switched off, QAT with the fused
-//! fake-quant kernels, and QAT with the composed tensor ops (the path before the kernels, and the one backends without them run), in this
-//! process, on the device `BURN_DEVICE` names (flex by default). Prints QAT / float ratios.
+//! fake-quant kernels, and QAT with the composed tensor ops (the path before the kernels, and
+//! the one backends without them run), in this process, on the device `BURN_DEVICE` names (flex by default). Prints QAT / float ratios.
 //! `QAT_STEP_MODELS=bn` (or `tutorial`) runs one model.
 //!
 //! ```sh
 //! cargo bench -p mnist --all-features --bench qat_step
 //! ```
 
-use std::cell::RefCell;
-use std::time::Duration;
-
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn_qat::core::fused;
 use criterion::{Criterion, criterion_group, criterion_main};
 use mnist::model::{BnNet, Classifier, Tutorial, prepare_qat};
 
 #[path = "../../../crates/burn-qat/benches/common/mod.rs"]
 mod common;
-use common::{mean, timed};
-
-/// One Adam step on `(x, y)`, waiting for the device.
-fn step<M: Classifier>(
-    model: M,
-    optim: &mut burn::optim::ModuleOptimizer,
-    x: &Tensor<4>,
-    y: &Tensor<1, Int>,
-) -> M {
-    let logits = model.logits(x.clone());
-    let loss = CrossEntropyLossConfig::new()
-        .init(&logits.device())
-        .forward(logits, y.clone());
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
-    let model = optim.step(1e-3, model, grads);
-    let _ = x.device().sync();
-    model
-}
-
-fn bench_step<M: Classifier>(
-    c: &mut Criterion,
-    group: &str,
-    name: &str,
-    model: M,
-    fused_on: bool,
-    x: &Tensor<4>,
-    y: &Tensor<1, Int>,
-) {
-    let state = RefCell::new((Some(model), AdamConfig::new().init()));
-    let key = format!("{group}/{name}");
-    let mut g = c.benchmark_group(group);
-    g.sample_size(10)
-        .measurement_time(Duration::from_secs(8))
-        .warm_up_time(Duration::from_secs(2));
-    g.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            fused::set_enabled(fused_on);
-            let t = timed(&key, iters, || {
-                let mut s = state.borrow_mut();
-                let (m, optim) = &mut *s;
-                *m = Some(step(m.take().expect("model"), optim, x, y));
-            });
-            fused::set_enabled(true);
-            t
-        })
-    });
-    g.finish();
-}
+mod train_step;
+use common::mean;
+use train_step::bench_step;
 
 fn model_steps<M: Classifier>(
     c: &mut Criterion,

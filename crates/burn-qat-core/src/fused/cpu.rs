@@ -188,51 +188,78 @@ impl Params {
     }
 }
 
-/// Applies `op(x, a, b)` elementwise over a stretch, two loop forms so that both vectorize.
+/// An output element a kernel writes: an `f32` of a buffer updated in place, or a
+/// `MaybeUninit<f32>` of a fresh one.
+trait Slot {
+    fn put(&mut self, value: f32);
+}
+
+impl Slot for f32 {
+    #[inline(always)]
+    fn put(&mut self, value: f32) {
+        *self = value;
+    }
+}
+
+impl Slot for std::mem::MaybeUninit<f32> {
+    #[inline(always)]
+    fn put(&mut self, value: f32) {
+        self.write(value);
+    }
+}
+
+/// Writes `op(x, a, b)` elementwise over a stretch, two loop forms so that both vectorize.
 macro_rules! map_seg {
     ($seg:expr, $out:expr, $xs:expr, |$x:ident, $a:ident, $b:ident| $body:expr) => {
         match $seg {
             Seg::Const($a, $b) => {
                 for (y, &$x) in $out.iter_mut().zip($xs) {
-                    *y = $body;
+                    y.put($body);
                 }
             }
             Seg::Slice(sa, sb) => {
                 for ((y, &$x), (&$a, &$b)) in $out.iter_mut().zip($xs).zip(sa.iter().zip(sb)) {
-                    *y = $body;
+                    y.put($body);
                 }
             }
         }
     };
 }
 
-/// A fresh `n`-element output filled by `kernel(range, out)` in parallel chunks (sequentially
-/// for small inputs). The buffer is not zeroed first: every element is written once.
-fn fill_new(n: usize, kernel: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+/// A fresh `n`-element output filled by `kernel(range, out)` in parallel chunks. The buffer is
+/// not zeroed first (profile: zeroing 16 MB outputs cost as much as the kernel): the kernel
+/// writes every element once.
+fn fill_new(
+    n: usize,
+    kernel: impl Fn(std::ops::Range<usize>, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
     let mut out: Vec<f32> = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns and every element is written by `kernel` below
-    // before `out` is read (each chunk is handed to exactly one call).
-    #[allow(clippy::uninit_vec)]
-    unsafe {
-        out.set_len(n)
-    };
-    in_chunks(&mut out, kernel);
+    fold_chunks(&mut out.spare_capacity_mut()[..n], kernel, |(), ()| ());
+    // SAFETY: `fold_chunks` handed every element of the first `n` to exactly one `kernel`
+    // call, and every kernel passed here writes each element of its chunk.
+    unsafe { out.set_len(n) };
     out
 }
 
-/// Runs `kernel(range, chunk)` over `out` in parallel chunks (sequentially for small inputs).
-fn in_chunks(out: &mut [f32], kernel: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+/// Runs `kernel(range, chunk)` over `out` in chunks, in parallel above [`PARALLEL_MIN`]
+/// elements, and combines the chunks' results with `combine`.
+fn fold_chunks<T: Send, R: Send>(
+    out: &mut [T],
+    kernel: impl Fn(std::ops::Range<usize>, &mut [T]) -> R + Sync,
+    combine: impl Fn(R, R) -> R + Sync + Send,
+) -> R {
     if out.len() < PARALLEL_MIN {
         let n = out.len();
-        kernel(0..n, out);
-        return;
+        return kernel(0..n, out);
     }
     out.par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(k, chunk)| {
+        .map(|(k, chunk)| {
             let start = k * CHUNK;
             kernel(start..start + chunk.len(), chunk)
-        });
+        })
+        .reduce_with(&combine)
+        .expect("at least one chunk above the threshold")
 }
 
 #[inline(always)]
@@ -265,27 +292,31 @@ pub fn fake_quant(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
 /// Fake quantization backward (the clipped straight-through estimator), in place: `grad`
 /// stays where `qmin <= x / s + zp <= qmax`, becomes 0 elsewhere (and for NaN).
 pub fn fake_quant_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) {
-    in_chunks(grad, |range, out| {
-        let base = range.start;
-        p.walk(range, |start, end, seg, _| {
-            let xs = &x[start..end];
-            let gs = &mut out[start - base..end - base];
-            match seg {
-                Seg::Const(s, zp) => {
-                    for (g, &x) in gs.iter_mut().zip(xs) {
-                        let v = x / s + zp;
-                        *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
+    fold_chunks(
+        grad,
+        |range, out| {
+            let base = range.start;
+            p.walk(range, |start, end, seg, _| {
+                let xs = &x[start..end];
+                let gs = &mut out[start - base..end - base];
+                match seg {
+                    Seg::Const(s, zp) => {
+                        for (g, &x) in gs.iter_mut().zip(xs) {
+                            let v = x / s + zp;
+                            *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
+                        }
+                    }
+                    Seg::Slice(ss, zs) => {
+                        for ((g, &x), (&s, &zp)) in gs.iter_mut().zip(xs).zip(ss.iter().zip(zs)) {
+                            let v = x / s + zp;
+                            *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
+                        }
                     }
                 }
-                Seg::Slice(ss, zs) => {
-                    for ((g, &x), (&s, &zp)) in gs.iter_mut().zip(xs).zip(ss.iter().zip(zs)) {
-                        let v = x / s + zp;
-                        *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
-                    }
-                }
-            }
-        });
-    })
+            });
+        },
+        |(), ()| (),
+    )
 }
 
 /// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
@@ -361,22 +392,11 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
         });
         (ds, doff)
     };
-    let (ds, doff) = if grad.len() < PARALLEL_MIN {
-        let n = grad.len();
-        sums(0..n, grad)
-    } else {
-        grad.par_chunks_mut(CHUNK)
-            .enumerate()
-            .map(|(k, chunk)| sums(k * CHUNK..k * CHUNK + chunk.len(), chunk))
-            .reduce(
-                || (vec![0.0; slots], vec![0.0; slots]),
-                |(mut a, mut b), (c, d)| {
-                    a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
-                    b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
-                    (a, b)
-                },
-            )
-    };
+    let (ds, doff) = fold_chunks(grad, sums, |(mut a, mut b), (c, d)| {
+        a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
+        b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
+        (a, b)
+    });
     let f = |v: Vec<f64>| {
         p.to_channels(v, 0.0, |a, b| a + b)
             .into_iter()
@@ -425,22 +445,16 @@ pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
         });
         (lo, hi)
     };
-    let (lo, hi) = if x.len() < PARALLEL_MIN {
-        part(0..x.len())
-    } else {
-        let chunks = x.len().div_ceil(CHUNK);
-        (0..chunks)
-            .into_par_iter()
-            .map(|k| part(k * CHUNK..((k + 1) * CHUNK).min(x.len())))
-            .reduce(
-                || (vec![0.0; slots], vec![0.0; slots]),
-                |(mut a, mut b), (c, d)| {
-                    a.iter_mut().zip(c).for_each(|(a, c)| *a = a.min(c));
-                    b.iter_mut().zip(d).for_each(|(b, d)| *b = b.max(d));
-                    (a, b)
-                },
-            )
-    };
+    // Nothing to write: the chunks are laid over zero-sized placeholders (no allocation).
+    let (lo, hi) = fold_chunks(
+        &mut vec![(); x.len()],
+        |range, _| part(range),
+        |(mut a, mut b), (c, d)| {
+            a.iter_mut().zip(c).for_each(|(a, c)| *a = a.min(c));
+            b.iter_mut().zip(d).for_each(|(b, d)| *b = b.max(d));
+            (a, b)
+        },
+    );
     (
         p.to_channels(lo, 0.0, f32::min),
         p.to_channels(hi, 0.0, f32::max),

@@ -347,6 +347,66 @@ cpu_backend!(burn::backend::Flex);
 #[cfg(feature = "ndarray")]
 cpu_backend!(burn::backend::NdArray);
 
+/// What a fused autodiff node keeps for its backward: the input, the two per-channel
+/// parameters (scale and zero point, or step and offset) and the grid; the backward recomputes
+/// everything else from them.
+#[derive(Debug, Clone)]
+struct Saved<B: Backend> {
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    axis: usize,
+    qmin: f32,
+    qmax: f32,
+}
+
+#[derive(Debug)]
+struct FakeQuantBackward;
+
+impl<B: FakeQuantOps> Backward<B, 1> for FakeQuantBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Saved<B>, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let Saved {
+            x,
+            a,
+            b,
+            axis,
+            qmin,
+            qmax,
+        } = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::qat_fake_quant_grad(grad, x, a, b, axis, qmin, qmax)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct LsqBackward;
+
+impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Saved<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let Saved {
+            x,
+            a,
+            b,
+            axis,
+            qmin,
+            qmax,
+        } = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let (dx, ds, doff) = B::qat_lsq_grad(grad, x, a, b, axis, qmin, qmax);
+        let [px, ps, po] = ops.parents;
+        for (parent, g) in [(px, dx), (ps, ds), (po, doff)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
     fn qat_fake_quant(
         x: FloatTensor<Self>,
@@ -357,63 +417,30 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         qmax: f32,
         half_up: bool,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct FakeQuantBackward;
-
-        impl<B: FakeQuantOps> Backward<B, 1> for FakeQuantBackward {
-            type State = (
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                usize,
-                f32,
-                f32,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let (x, scale, zp, axis, qmin, qmax) = ops.state;
-                unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-                    B::qat_fake_quant_grad(grad, x, scale, zp, axis, qmin, qmax)
-                });
-            }
-        }
-
-        let scale = scale.into_primitive();
-        let zero_point = zero_point.into_primitive();
-        match FakeQuantBackward
+        let prep = FakeQuantBackward
             .prepare::<C>([x.node()])
             .compute_bound()
-            .stateful()
-        {
+            .stateful();
+        let (x, a, b) = (
+            x.into_primitive(),
+            scale.into_primitive(),
+            zero_point.into_primitive(),
+        );
+        match prep {
             OpsKind::Tracked(prep) => {
-                let x = x.into_primitive();
-                let state = (
-                    x.clone(),
-                    scale.clone(),
-                    zero_point.clone(),
+                let saved = Saved {
+                    x: x.clone(),
+                    a: a.clone(),
+                    b: b.clone(),
                     axis,
                     qmin,
                     qmax,
-                );
-                prep.finish(
-                    state,
-                    B::qat_fake_quant(x, scale, zero_point, axis, qmin, qmax, half_up),
-                )
+                };
+                prep.finish(saved, B::qat_fake_quant(x, a, b, axis, qmin, qmax, half_up))
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::qat_fake_quant(
-                x.into_primitive(),
-                scale,
-                zero_point,
-                axis,
-                qmin,
-                qmax,
-                half_up,
-            )),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::qat_fake_quant(x, a, b, axis, qmin, qmax, half_up))
+            }
         }
     }
 
@@ -446,56 +473,26 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         qmin: f32,
         qmax: f32,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct LsqBackward;
-
-        impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
-            type State = (
-                FloatTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                usize,
-                f32,
-                f32,
-            );
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 3>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let (x, step, offset, axis, qmin, qmax) = ops.state;
-                let grad = grads.consume::<B>(&ops.node);
-                let (dx, ds, doff) = B::qat_lsq_grad(grad, x, step, offset, axis, qmin, qmax);
-                let [px, ps, po] = ops.parents;
-                for (parent, g) in [(px, dx), (ps, ds), (po, doff)] {
-                    if let Some(node) = parent {
-                        grads.register::<B>(node.id, g);
-                    }
-                }
-            }
-        }
-
         let nodes = [x.node(), step.node(), offset.node()];
-        match LsqBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        let prep = LsqBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let (x, a, b) = (
+            x.into_primitive(),
+            step.into_primitive(),
+            offset.into_primitive(),
+        );
+        match prep {
             OpsKind::Tracked(prep) => {
-                let (x, step, offset) = (
-                    x.into_primitive(),
-                    step.into_primitive(),
-                    offset.into_primitive(),
-                );
-                let state = (x.clone(), step.clone(), offset.clone(), axis, qmin, qmax);
-                prep.finish(state, B::qat_lsq(x, step, offset, axis, qmin, qmax))
+                let saved = Saved {
+                    x: x.clone(),
+                    a: a.clone(),
+                    b: b.clone(),
+                    axis,
+                    qmin,
+                    qmax,
+                };
+                prep.finish(saved, B::qat_lsq(x, a, b, axis, qmin, qmax))
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::qat_lsq(
-                x.into_primitive(),
-                step.into_primitive(),
-                offset.into_primitive(),
-                axis,
-                qmin,
-                qmax,
-            )),
+            OpsKind::UnTracked(prep) => prep.finish(B::qat_lsq(x, a, b, axis, qmin, qmax)),
         }
     }
 
