@@ -419,12 +419,31 @@ pub fn fake_quant_pact<const D: usize>(
     alpha: Tensor<1>,
     spec: &QuantSpec,
 ) -> Tensor<D> {
+    if crate::fused::available(&x) {
+        let (unsigned, scale) = pact_grid(alpha.clone().detach(), spec);
+        let hi = finite_or(alpha, 0.0);
+        let (lo, zero) = (hi.zeros_like().detach(), scale.zeros_like());
+        let (qmin, qmax) = (unsigned.qmin() as f32, unsigned.qmax() as f32);
+        let half_up = unsigned.rounding == RoundingMode::TfHalfUp;
+        return crate::fused::clip_fake_quant(x, lo, hi, scale, zero, qmin, qmax, half_up);
+    }
+    fake_quant_pact_composed(x, alpha, spec)
+}
+
+/// [`fake_quant_pact`] written with Burn's tensor ops and autodiff: what runs on backends
+/// without [`fused`](crate::fused) kernels, and the reference the fused kernels are tested
+/// against.
+pub fn fake_quant_pact_composed<const D: usize>(
+    x: Tensor<D>,
+    alpha: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
     let dims = x.dims();
     let a: Tensor<D> = finite_or(alpha.clone(), 0.0).reshape([1; D]).expand(dims);
     let y = x.clamp_min(0.0).min_pair(a);
     let (unsigned, scale) = pact_grid(alpha.detach(), spec);
     let zero = scale.zeros_like();
-    let q = fake_quant(y.clone().detach(), scale, zero, &unsigned);
+    let q = fake_quant_composed(y.clone().detach(), scale, zero, &unsigned);
     y.clone() + (q - y).detach()
 }
 
@@ -437,11 +456,30 @@ pub fn fake_quant_min_max<const D: usize>(
     max: Tensor<1>,
     spec: &QuantSpec,
 ) -> Tensor<D> {
+    if crate::fused::available(&x) {
+        let (scale, zp) = qparams(min.clone().detach(), max.clone().detach(), spec);
+        let (lo, hi) = (finite_or(min, 0.0), finite_or(max, 0.0));
+        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
+        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        return crate::fused::clip_fake_quant(x, lo, hi, scale, zp, qmin, qmax, half_up);
+    }
+    fake_quant_min_max_composed(x, min, max, spec)
+}
+
+/// [`fake_quant_min_max`] written with Burn's tensor ops and autodiff: what runs on backends
+/// without [`fused`](crate::fused) kernels, and the reference the fused kernels are tested
+/// against.
+pub fn fake_quant_min_max_composed<const D: usize>(
+    x: Tensor<D>,
+    min: Tensor<1>,
+    max: Tensor<1>,
+    spec: &QuantSpec,
+) -> Tensor<D> {
     let lo: Tensor<D> = finite_or(min.clone(), 0.0).reshape([1; D]);
     let hi: Tensor<D> = finite_or(max.clone(), 0.0).reshape([1; D]);
     let dims = x.dims();
     let y = x.max_pair(lo.expand(dims)).min_pair(hi.expand(dims));
     let (scale, zp) = qparams(min.detach(), max.detach(), spec);
-    let q = fake_quant(y.clone().detach(), scale, zp, spec);
+    let q = fake_quant_composed(y.clone().detach(), scale, zp, spec);
     y.clone() + (q - y).detach()
 }

@@ -1,5 +1,7 @@
 use burn::config::Config;
 use burn::module::{Content, Module, ModuleDisplay, Param, RunningState};
+
+use crate::FlagState;
 use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec, ema, tensor};
 use serde::{Deserialize, Serialize};
@@ -82,9 +84,9 @@ impl FakeQuantConfig {
         Ok(FakeQuant {
             min: RunningState::new(zeros.clone()),
             max: RunningState::new(zeros),
-            observed: RunningState::new(Tensor::zeros([1], device)),
-            enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
-            frozen: RunningState::new(Tensor::zeros([1], device)),
+            observed: FlagState::new(false, device),
+            enabled: FlagState::new(self.enabled, device),
+            frozen: FlagState::new(false, device),
             spec_code: RunningState::new(Tensor::from_floats(
                 crate::encode_spec(&self.spec),
                 device,
@@ -127,13 +129,13 @@ pub struct FakeQuant {
     pub min: RunningState<Tensor<1>>,
     /// Observed maximum, `[channels]`, always `>= 0`.
     pub max: RunningState<Tensor<1>>,
-    /// `[1]`: 1 once a range has been observed, 0 before.
-    pub observed: RunningState<Tensor<1>>,
-    /// `[1]`: 1 if fake quantization is applied, 0 to pass values through.
-    pub enabled: RunningState<Tensor<1>>,
-    /// `[1]`: 1 once the observer is frozen (kept across `valid()`/`train()` and recorded, so a
+    /// On once a range has been observed (recorded as `[1]`: 1, or 0 before).
+    pub observed: FlagState,
+    /// On if fake quantization is applied, off to pass values through (recorded).
+    pub enabled: FlagState,
+    /// On once the observer is frozen (kept across `valid()`/`train()` and recorded, so a
     /// resumed run stays frozen).
-    pub frozen: RunningState<Tensor<1>>,
+    pub frozen: FlagState,
     /// `[6]`: the spec, recorded so that a saved model says how it was quantized
     /// (see [`encode_spec`](crate::encode_spec)).
     pub spec_code: RunningState<Tensor<1>>,
@@ -237,22 +239,16 @@ impl FakeQuant {
             );
         }
         let device = input.device();
-        // One host read for the three switches (a device sync on GPU backends).
-        let [enabled, observed, frozen] = self.switches();
-        let observing = input.is_autodiff() && self.observing.is_enabled() && !frozen;
+        // The switches are host state: no device read.
+        let observing = input.is_autodiff() && self.observing.is_enabled() && !self.frozen.get();
         if observing {
             self.observe(&input);
         }
-        if !enabled || !(observed || observing) {
+        if !self.enabled.get() || !(self.observed.get() || observing) {
             return input;
         }
         let (scale, zero_point) = self.qparams_on(&device);
         tensor::fake_quant(input, scale, zero_point, &self.spec)
-    }
-
-    /// `[enabled, observed, frozen]`, read from the device in one transfer.
-    fn switches(&self) -> [bool; 3] {
-        crate::tree::read_flags([&self.enabled, &self.observed, &self.frozen])
     }
 
     /// Updates the observed range with `input`, whatever the mode.
@@ -294,7 +290,7 @@ impl FakeQuant {
             step.base = Some([
                 self.min.value_sync(),
                 self.max.value_sync(),
-                self.observed.value_sync(),
+                self.observed.value(),
             ]);
         }
         step.contributors.push(me);
@@ -329,14 +325,10 @@ impl FakeQuant {
         };
         self.min.update(new_min.detach());
         self.max.update(new_max.detach());
-        self.observed.update(Tensor::ones([1], &device));
+        self.observed.set(true);
         // Flush this thread's update so that records and `value()` see it now (under the lock,
         // so no other thread's update is waiting to be averaged in).
-        let _ = (
-            self.min.value_sync(),
-            self.max.value_sync(),
-            self.observed.value_sync(),
-        );
+        let _ = (self.min.value_sync(), self.max.value_sync());
     }
 
     /// The current scale and zero point tensors (`[channels]`) on `device`.
@@ -366,38 +358,32 @@ impl FakeQuant {
 
     /// Whether fake quantization is applied.
     pub fn is_enabled(&self) -> bool {
-        self.enabled.value().into_scalar::<f32>() > 0.5
+        self.enabled.get()
     }
 
     /// Whether a range has been observed (or loaded).
     pub fn is_observed(&self) -> bool {
-        self.observed.value().into_scalar::<f32>() > 0.5
+        self.observed.get()
     }
 
     /// Turns fake quantization on or off (the observer keeps observing in training). The
     /// returned module has its own state: clones of `self` are left as they were.
     pub fn set_enabled(self, enabled: bool) -> Self {
         let fq = crate::tree::own_state(self);
-        let device = fq.enabled.value().device();
-        fq.enabled
-            .update(Tensor::from_floats([f32::from(enabled)], &device));
-        let _ = fq.enabled.value_sync();
+        fq.enabled.set(enabled);
         fq
     }
 
     /// Whether the observer is frozen (keeps its range in training).
     pub fn is_frozen(&self) -> bool {
-        self.frozen.value().into_scalar::<f32>() > 0.5
+        self.frozen.get()
     }
 
     /// Freezes (`false`) or unfreezes (`true`) the observer; a frozen observer keeps its range.
     /// The returned module has its own state: clones of `self` are left as they were.
     pub fn set_observing(self, observing: bool) -> Self {
         let fq = crate::tree::own_state(self);
-        let device = fq.frozen.value().device();
-        fq.frozen
-            .update(Tensor::from_floats([f32::from(!observing)], &device));
-        let _ = fq.frozen.value_sync();
+        fq.frozen.set(!observing);
         fq
     }
 
@@ -430,12 +416,8 @@ impl FakeQuant {
         let max = Tensor::<1>::from_floats(max, &device).clamp_min(0.0);
         fq.min.update(min);
         fq.max.update(max);
-        fq.observed.update(Tensor::ones([1], &device));
-        let _ = (
-            fq.min.value_sync(),
-            fq.max.value_sync(),
-            fq.observed.value_sync(),
-        );
+        fq.observed.set(true);
+        let _ = (fq.min.value_sync(), fq.max.value_sync());
         Ok(fq)
     }
 }

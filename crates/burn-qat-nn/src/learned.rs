@@ -11,7 +11,7 @@
 use burn::config::Config;
 use std::collections::BTreeMap;
 
-use burn::module::{Content, Module, ModuleDisplay, Param, RunningState};
+use burn::module::{Content, Module, ModuleDisplay, Param};
 use burn::prelude::*;
 use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,7 @@ impl LearnedFakeQuantConfig {
             alpha,
             min,
             max,
-            learning: RunningState::new(Tensor::zeros([1], device)),
+            learning: crate::FlagState::new(false, device),
             spec: self.spec,
             method: self.method,
         })
@@ -96,8 +96,8 @@ pub struct LearnedFakeQuant {
     pub min: Option<Param<Tensor<1>>>,
     /// Trainable upper clip, `[1]`.
     pub max: Option<Param<Tensor<1>>>,
-    /// `[1]`: 0 while observing, 1 once learning (recorded).
-    pub learning: RunningState<Tensor<1>>,
+    /// Off while observing, on once learning (recorded as `[1]`: 0 or 1).
+    pub learning: crate::FlagState,
     /// The grid.
     #[module(skip)]
     pub spec: QuantSpec,
@@ -167,7 +167,7 @@ impl LearnedFakeQuant {
 
     /// Whether the learned parameters are in use.
     pub fn is_learning(&self) -> bool {
-        self.learning.value().into_scalar::<f32>() > 0.5
+        self.learning.get()
     }
 
     /// Observe phase: the observer's fake-quant; learn phase: the learned range.
@@ -177,10 +177,10 @@ impl LearnedFakeQuant {
     /// - input: any shape (`channels` along the spec's axis for per-channel LSQ)
     /// - output: same as input
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        // The phase and the observer's switches in one host read.
+        // The phase and the observer's switches are host state: no device read.
         let o = &self.observer;
-        let [learning, enabled, frozen] = tree::read_flags([&self.learning, &o.enabled, &o.frozen]);
-        if !learning {
+        let (enabled, frozen) = (o.enabled.get(), o.frozen.get());
+        if !self.learning.get() {
             return self.observer.forward(input);
         }
         if !enabled {
@@ -271,8 +271,7 @@ impl LearnedFakeQuant {
         s.alpha = set(s.alpha, &[start.top]);
         s.min = set(s.min, &[start.bottom]);
         s.max = set(s.max, &[start.top]);
-        s.learning.update(Tensor::ones([1], &device));
-        let _ = s.learning.value_sync();
+        s.learning.set(true);
         s
     }
 }

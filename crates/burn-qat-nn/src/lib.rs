@@ -9,6 +9,8 @@
 //! - [`WeightFakeQuant`]: weight fake-quant attached to a parameter through Burn's
 //!   `Reparameterization` API, so a model's own `forward` sees quantized weights.
 //! - [`switches`]: model-wide switches (freeze observers, disable fake-quant).
+//! - [`FlagState`]: the recorded on/off state of those switches, read on the host so that a
+//!   forward pass never waits for the device.
 //! - [`record`]: loading records checked against the model's quantizers.
 //! - [`tree`]: the one home of module-tree wiring (path stack, quantizer state, own state).
 //!
@@ -31,6 +33,7 @@
 
 mod act_quant;
 mod fake_quant;
+pub mod flag;
 pub mod learned;
 pub mod record;
 pub mod switches;
@@ -41,6 +44,7 @@ mod spec_code;
 
 pub use act_quant::ActQuant;
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
+pub use flag::FlagState;
 /// A parameter holding `value` as a trainable leaf, keeping `old`'s id when there is one (so
 /// optimizer state and records line up).
 pub fn param_with<const D: usize>(

@@ -154,17 +154,6 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// One-value flags (`[1]` states such as `enabled`, `frozen`), read from the device in one
-/// transfer (a single sync on GPU backends): `true` where the value is above 0.5.
-pub fn read_flags<const N: usize>(
-    states: [&burn::module::RunningState<Tensor<1>>; N],
-) -> [bool; N] {
-    let device = states[0].value().device();
-    let values = states.map(|s| s.value().to_device(&device));
-    let v = to_vec(Tensor::cat(values.to_vec(), 0));
-    std::array::from_fn(|i| v.get(i).is_some_and(|x| *x > 0.5))
-}
-
 /// Visits every float tensor of `model` and returns those `wanted` selects, with their values.
 pub fn read<M: Module>(model: &M, wanted: impl FnMut(&TreePath) -> bool) -> Vec<Visited> {
     struct Reader<F> {
@@ -203,8 +192,9 @@ pub fn read<M: Module>(model: &M, wanted: impl FnMut(&TreePath) -> bool) -> Vec<
 /// new values (same number, row-major) or `None` to keep it. Parameter ids, devices and
 /// gradient requirements are kept.
 ///
-/// Mapping writes `RunningState` cells in place, and those are shared by clones: call
-/// [`own_state`] first unless the caller means to write through to every clone.
+/// Mapping writes `RunningState` and [`FlagState`](crate::FlagState) cells in place, and those
+/// are shared by clones: call [`own_state`] first unless the caller means to write through to
+/// every clone. New values go through each parameter's load hook, as a loaded record's do.
 pub fn map_values<M: Module>(
     model: M,
     f: impl FnMut(&TreePath, &[usize]) -> Option<Vec<f32>>,
@@ -228,15 +218,16 @@ pub fn map_values<M: Module>(
             if values.len() != dims.iter().product::<usize>() {
                 return param;
             }
-            param.map(move |old| {
-                let t =
-                    Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
-                if old.is_require_grad() {
-                    t.detach().require_grad()
-                } else {
-                    t.detach()
-                }
-            })
+            // Written as a load (the parameter's load hook runs): a `FlagState` reads its new
+            // value there.
+            let (id, old, mapper) = param.consume();
+            let t = Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
+            let t = if old.is_require_grad() {
+                t.detach().require_grad()
+            } else {
+                t.detach()
+            };
+            Param::from_mapped_value(id, mapper.on_load(t), mapper)
         }
     }
     model.map(&mut Mapper {

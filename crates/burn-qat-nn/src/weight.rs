@@ -5,6 +5,8 @@ use burn::module::{
 use burn::prelude::*;
 use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 
+use crate::FlagState;
+
 /// Configuration to create a [`WeightFakeQuant`] using the [init function](WeightFakeQuantConfig::init).
 #[derive(Config, Debug)]
 pub struct WeightFakeQuantConfig {
@@ -38,9 +40,9 @@ impl WeightFakeQuantConfig {
         }
         let zeros = Tensor::<1>::zeros([self.channels], device);
         Ok(WeightFakeQuant {
-            enabled: RunningState::new(Tensor::from_floats([f32::from(self.enabled)], device)),
-            frozen: RunningState::new(Tensor::zeros([1], device)),
-            observed: RunningState::new(Tensor::zeros([1], device)),
+            enabled: FlagState::new(self.enabled, device),
+            frozen: FlagState::new(false, device),
+            observed: FlagState::new(false, device),
             min: RunningState::new(zeros.clone()),
             max: RunningState::new(zeros),
             spec_code: RunningState::new(Tensor::from_floats(
@@ -89,12 +91,12 @@ impl WeightFakeQuantConfig {
 #[derive(Module, Debug)]
 #[module(custom_display)]
 pub struct WeightFakeQuant {
-    /// `[1]`: 1 if fake quantization is applied, 0 to pass the float weight through.
-    pub enabled: RunningState<Tensor<1>>,
-    /// `[1]`: 1 while the range is frozen.
-    pub frozen: RunningState<Tensor<1>>,
-    /// `[1]`: 1 once a frozen range has been captured in `min`/`max`.
-    pub observed: RunningState<Tensor<1>>,
+    /// On if fake quantization is applied, off to pass the float weight through (recorded).
+    pub enabled: FlagState,
+    /// On while the range is frozen (recorded).
+    pub frozen: FlagState,
+    /// On once a frozen range has been captured in `min`/`max` (recorded).
+    pub observed: FlagState,
     /// The frozen range's minimum, `[channels]`.
     pub min: RunningState<Tensor<1>>,
     /// The frozen range's maximum, `[channels]`.
@@ -162,9 +164,9 @@ impl WeightFakeQuant {
         self.switches()[1]
     }
 
-    /// `[enabled, frozen, observed]`, read from the device in one transfer.
+    /// `[enabled, frozen, observed]`, host state (no device read).
     fn switches(&self) -> [bool; 3] {
-        crate::tree::read_flags([&self.enabled, &self.frozen, &self.observed])
+        [self.enabled.get(), self.frozen.get(), self.observed.get()]
     }
 
     /// The range that quantizes `weight`: the frozen one when there is one, else the weight's
@@ -194,12 +196,8 @@ impl WeightFakeQuant {
             let state = self.min.value().device();
             self.min.update(min.clone().detach().to_device(&state));
             self.max.update(max.clone().detach().to_device(&state));
-            self.observed.update(Tensor::ones([1], &state));
-            let _ = (
-                self.min.value_sync(),
-                self.max.value_sync(),
-                self.observed.value_sync(),
-            );
+            self.observed.set(true);
+            let _ = (self.min.value_sync(), self.max.value_sync());
         }
         (min, max)
     }
@@ -237,7 +235,7 @@ impl Reparameterization for WeightFakeQuant {
     const NAME: &'static str = "weight_fake_quant";
 
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
-        // One host read for the three switches (a device sync on GPU backends).
+        // The switches are host state: no device read.
         let [enabled, frozen, observed] = self.switches();
         if !enabled {
             return base;

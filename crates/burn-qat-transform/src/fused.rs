@@ -1,10 +1,11 @@
 use burn::config::Config;
-use burn::module::{Module, Param, ParamId, Reparameterization, RunningState};
+use burn::module::{Module, Param, ParamId, Reparameterization};
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn_qat_core::{Granularity, QatError, QuantSpec};
+use burn_qat_nn::FlagState;
 use burn_qat_nn::{
     ActQuant, FakeQuantConfig, LearnedRange, WeightFakeQuant, WeightFakeQuantConfig, param_with,
 };
@@ -222,7 +223,7 @@ impl FusedConfig {
                 })
                 .transpose()?,
             output: self.init_output(&device)?,
-            bn_frozen: RunningState::new(Tensor::zeros([1], &device)),
+            bn_frozen: FlagState::new(false, &device),
             layer,
             bn,
             activation: self.activation,
@@ -270,8 +271,9 @@ pub struct Fused<L> {
     pub weight_quant: Option<WeightFakeQuant>,
     /// Fake-quant after the activation.
     pub output: Option<ActQuant>,
-    /// `[1]`: 1 once BatchNorm statistics are frozen (running statistics used in training).
-    pub bn_frozen: RunningState<Tensor<1>>,
+    /// On once BatchNorm statistics are frozen (running statistics used in training);
+    /// recorded.
+    pub bn_frozen: FlagState,
     /// The fused activation.
     #[module(skip)]
     pub activation: Activation,
@@ -312,7 +314,7 @@ impl<L> Fused<L> {
 impl<L: Module> Fused<L> {
     /// Whether BatchNorm statistics are frozen.
     pub fn is_bn_frozen(&self) -> bool {
-        self.bn_frozen.value().into_scalar::<f32>() > 0.5
+        self.bn_frozen.get()
     }
 
     /// Freezes (`true`) BatchNorm statistics: training then uses the running statistics, as
@@ -323,11 +325,7 @@ impl<L: Module> Fused<L> {
         Self: Module,
     {
         let fused = burn_qat_nn::tree::own_state(self);
-        let device = fused.bn_frozen.value().device();
-        fused
-            .bn_frozen
-            .update(Tensor::from_floats([f32::from(frozen)], &device));
-        let _ = fused.bn_frozen.value_sync();
+        fused.bn_frozen.set(frozen);
         fused
     }
 

@@ -406,6 +406,77 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
     (f(ds), f(doff))
 }
 
+/// The clip of PACT and of trainable min/max (both per tensor): `[lo, hi]`, and the grid the
+/// clipped value is fake-quantized to.
+#[derive(Debug, Clone, Copy)]
+pub struct Clip {
+    /// Lower clip (PACT: 0).
+    pub lo: f32,
+    /// Upper clip (PACT: alpha).
+    pub hi: f32,
+    /// The grid's scale.
+    pub scale: f32,
+    /// The grid's zero point.
+    pub zero_point: f32,
+}
+
+/// `min(max(x, lo), hi)` as Burn's `max_pair` then `min_pair` compute it (`x` where it is not
+/// below `lo`, NaN included; then `hi` where `hi` is below that).
+#[inline(always)]
+fn clip(x: f32, lo: f32, hi: f32) -> f32 {
+    let t = if x < lo { lo } else { x };
+    if hi < t { hi } else { t }
+}
+
+/// Clip then fake-quantize, straight through: `t + (fq(t) - t)` with `t` the clipped value
+/// (the composed form's `y + (q - y).detach()`, bit for bit).
+pub fn clip_fake_quant(x: &[f32], c: Clip, b: Bounds) -> Vec<f32> {
+    let (s, zp) = (c.scale, c.zero_point);
+    fill_new(x.len(), |range, out| {
+        let xs = &x[range];
+        if b.half_up {
+            for (y, &x) in out.iter_mut().zip(xs) {
+                let t = clip(x, c.lo, c.hi);
+                y.put(t + (fq_up(t, s, zp, b) - t));
+            }
+        } else {
+            for (y, &x) in out.iter_mut().zip(xs) {
+                let t = clip(x, c.lo, c.hi);
+                y.put(t + (fq_even(t, s, zp, b) - t));
+            }
+        }
+    })
+}
+
+/// [`clip_fake_quant`]'s backward in one pass, in place on `grad` (becomes the gradient of `x`:
+/// kept where `x` passed the clip, 0 where `lo` or `hi` replaced it), and the sums of `grad`
+/// where `lo` (`x < lo <= hi`) and where `hi` (`hi < clip`) was taken: the gradients of the two
+/// clips, accumulated in `f64`.
+pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) {
+    let (lo, hi) = (c.lo, c.hi);
+    let (dlo, dhi) = fold_chunks(
+        grad,
+        |range, gs| {
+            let (mut dlo, mut dhi) = (0.0f64, 0.0f64);
+            for (g, &x) in gs.iter_mut().zip(&x[range]) {
+                let below = x < lo;
+                let t = if below { lo } else { x };
+                let above = hi < t;
+                let gv = *g;
+                if above {
+                    dhi += f64::from(gv);
+                } else if below {
+                    dlo += f64::from(gv);
+                }
+                *g = if below || above { 0.0 } else { gv };
+            }
+            (dlo, dhi)
+        },
+        |(a, b), (c, d)| (a + c, b + d),
+    );
+    (dlo as f32, dhi as f32)
+}
+
 /// Per-channel minimum and maximum in one pass, NaN and infinities skipped, widened to contain
 /// 0 (what observers record).
 pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {

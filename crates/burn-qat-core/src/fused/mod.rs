@@ -9,10 +9,16 @@
 //!
 //! Kernels exist for the CPU backends, `flex` and `ndarray` ([`cpu`]): tight loops over the
 //! buffer, channels walked in contiguous runs (no transpose), split across threads above
-//! [`cpu::PARALLEL_MIN`] elements. On any other device (wgpu, the capture device), for
-//! non-`f32` tensors or when switched off with [`set_enabled`], the functions here are not
-//! used and [`tensor`](crate::tensor) runs the composed ops, which are also the reference the
-//! tests hold these kernels to (bit-equal values and gradients).
+//! [`cpu::PARALLEL_MIN`] elements; and, with the `wgpu` feature, for every CubeCL runtime (one
+//! thread per element, registered with Burn's fusion wrapper as an opaque op). On Burn's
+//! graph-capture device each op is recorded as one marked op with its grid ([`capture`]).
+//! For non-`f32` tensors, on other backends or when switched off with [`set_enabled`], the
+//! functions here are not used and [`tensor`](crate::tensor) runs the composed ops, which are
+//! also the reference the tests hold these kernels to (bit-equal values and gradients).
+//!
+//! Ops: fake-quant ([`fake_quant`]), LSQ/LSQ+ ([`lsq`], step and offset gradients reduced in the
+//! backward pass), PACT and trainable min/max ([`clip_fake_quant`], the clips' gradients reduced
+//! likewise) and observers' per-channel min/max ([`min_max`], no transpose).
 //!
 //! ```
 //! use burn::prelude::*;
@@ -30,7 +36,14 @@
 //! assert_eq!(g, vec![0.0, 1.0, 1.0, 1.0, 0.0]);
 //! ```
 
+// The ops take a tensor, its quantization parameters and the grid as separate arguments, as
+// Burn's own ops do.
+#![allow(clippy::too_many_arguments)]
+
+pub mod capture;
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+mod cube;
 
 use std::cell::Cell;
 
@@ -81,6 +94,10 @@ pub fn has_kernels(device: &Device) -> bool {
         DispatchDevice::Flex(_) => true,
         #[cfg(feature = "ndarray")]
         DispatchDevice::NdArray(_) => true,
+        #[cfg(feature = "wgpu")]
+        DispatchDevice::Cube(_) => true,
+        // Recorded as one marked op each (see [`capture`]).
+        DispatchDevice::Capture(_) => true,
         _ => false,
     }
 }
@@ -92,10 +109,14 @@ pub fn has_kernels(device: &Device) -> bool {
     Autodiff,
     Flex: cfg(feature = "flex"),
     NdArray: cfg(feature = "ndarray"),
+    Cube: cfg(feature = "wgpu"),
+    Fusion: cfg(feature = "wgpu"),
+    Capture,
 )]
 pub trait FakeQuantOps: Backend {
     /// `(clamp(round(x / s) + zp, qmin, qmax) - zp) * s`; the clipped straight-through
     /// estimator under autodiff.
+    #[fusion(dtype = x, shape = x)]
     fn qat_fake_quant(
         x: FloatTensor<Self>,
         scale: FloatTensor<Self>,
@@ -108,6 +129,7 @@ pub trait FakeQuantOps: Backend {
 
     /// The backward of [`qat_fake_quant`](FakeQuantOps::qat_fake_quant): `grad` where
     /// `qmin <= x / s + zp <= qmax`, else 0.
+    #[fusion(dtype = x, shape = x)]
     fn qat_fake_quant_grad(
         grad: FloatTensor<Self>,
         x: FloatTensor<Self>,
@@ -120,6 +142,7 @@ pub trait FakeQuantOps: Backend {
 
     /// LSQ / LSQ+: `round(clamp((x - o) / s, qmin, qmax)) * s + o`; under autodiff the
     /// gradients of `x`, `step` and `offset` come from one backward pass.
+    #[fusion(dtype = x, shape = x)]
     fn qat_lsq(
         x: FloatTensor<Self>,
         step: FloatTensor<Self>,
@@ -131,6 +154,7 @@ pub trait FakeQuantOps: Backend {
 
     /// The backward of [`qat_lsq`](FakeQuantOps::qat_lsq): `(dx, dstep, doffset)`, the last
     /// two reduced to the shape of `step`.
+    #[fusion(meta = |_grad, x, step, _offset, _axis, _qmin, _qmax| (x.clone(), step.clone(), step.clone()))]
     fn qat_lsq_grad(
         grad: FloatTensor<Self>,
         x: FloatTensor<Self>,
@@ -141,8 +165,39 @@ pub trait FakeQuantOps: Backend {
         qmax: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// PACT / trainable min/max: `t + (fq(t) - t)` with `t = min(max(x, lo), hi)` (as Burn's
+    /// `max_pair`/`min_pair`) and `fq` the fake-quant of `scale`, `zero_point` (all `[1]`);
+    /// under autodiff `x`, `lo` and `hi` get their gradients from one backward pass, the grid
+    /// none (straight through).
+    #[fusion(dtype = x, shape = x)]
+    fn qat_clip_fake_quant(
+        x: FloatTensor<Self>,
+        lo: FloatTensor<Self>,
+        hi: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        qmin: f32,
+        qmax: f32,
+        half_up: bool,
+    ) -> FloatTensor<Self>;
+
+    /// The backward of [`qat_clip_fake_quant`](FakeQuantOps::qat_clip_fake_quant):
+    /// `(dx, dlo, dhi)`, `dx` where `x` passed the clip, `dlo`/`dhi` the `[1]` sums of `grad`
+    /// where the clip replaced it.
+    #[fusion(meta = |_grad, x, lo, hi| (x.clone(), lo.clone(), hi.clone()))]
+    fn qat_clip_fake_quant_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        lo: FloatTensor<Self>,
+        hi: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
     /// Per-channel `(min, max)` along `axis` (`channels == 1`: the whole tensor), NaN and
     /// infinities skipped, widened to contain 0. Never tracked by autodiff.
+    #[fusion(meta = |x, _axis, channels| {
+        let spec = burn::backend::fusion::custom::TensorSpec::new([*channels].into(), x.dtype);
+        (spec.clone(), spec)
+    })]
     fn qat_min_max(
         x: FloatTensor<Self>,
         axis: usize,
@@ -237,6 +292,19 @@ fn bounds(qmin: f32, qmax: f32, half_up: bool) -> Bounds {
     }
 }
 
+/// The clip and grid of a [`FakeQuantOps::qat_clip_fake_quant`] call, from its `[1]` tensors.
+#[allow(dead_code)]
+fn clip_of<T: HostF32>(lo: &T, hi: &T, grid: Option<(&T, &T)>) -> cpu::Clip {
+    let first = |t: &T, default: f32| t.with_slice(|v| v.first().copied().unwrap_or(default));
+    let (scale, zero_point) = grid.map_or((1.0, 0.0), |(s, z)| (first(s, 1.0), first(z, 0.0)));
+    cpu::Clip {
+        lo: first(lo, 0.0),
+        hi: first(hi, 0.0),
+        scale,
+        zero_point,
+    }
+}
+
 /// The kernels of one CPU backend, on its primitive `T`.
 #[allow(unused_macros)]
 macro_rules! cpu_backend {
@@ -327,6 +395,40 @@ macro_rules! cpu_backend {
                 )
             }
 
+            fn qat_clip_fake_quant(
+                x: FloatTensor<Self>,
+                lo: FloatTensor<Self>,
+                hi: FloatTensor<Self>,
+                scale: FloatTensor<Self>,
+                zero_point: FloatTensor<Self>,
+                qmin: f32,
+                qmax: f32,
+                half_up: bool,
+            ) -> FloatTensor<Self> {
+                let dims = x.dims();
+                let c = clip_of(&lo, &hi, Some((&scale, &zero_point)));
+                let out = x.with_slice(|x| cpu::clip_fake_quant(x, c, bounds(qmin, qmax, half_up)));
+                HostF32::from_vec(out, dims)
+            }
+
+            fn qat_clip_fake_quant_grad(
+                grad: FloatTensor<Self>,
+                x: FloatTensor<Self>,
+                lo: FloatTensor<Self>,
+                hi: FloatTensor<Self>,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                let c = clip_of(&lo, &hi, None);
+                let mut sums = (0.0, 0.0);
+                let dx = grad.map_in_place(|g| {
+                    sums = x.with_slice(|x| cpu::clip_fake_quant_grad(g, x, c));
+                });
+                (
+                    dx,
+                    HostF32::from_vec(vec![sums.0], vec![1]),
+                    HostF32::from_vec(vec![sums.1], vec![1]),
+                )
+            }
+
             fn qat_min_max(
                 x: FloatTensor<Self>,
                 axis: usize,
@@ -400,6 +502,25 @@ impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
         let (dx, ds, doff) = B::qat_lsq_grad(grad, x, a, b, axis, qmin, qmax);
         let [px, ps, po] = ops.parents;
         for (parent, g) in [(px, dx), (ps, ds), (po, doff)] {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ClipBackward;
+
+impl<B: FakeQuantOps> Backward<B, 3> for ClipBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Saved<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let Saved { x, a, b, .. } = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let (dx, dlo, dhi) = B::qat_clip_fake_quant_grad(grad, x, a, b);
+        let [px, plo, phi] = ops.parents;
+        for (parent, g) in [(px, dx), (plo, dlo), (phi, dhi)] {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
             }
@@ -521,6 +642,56 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         )
     }
 
+    fn qat_clip_fake_quant(
+        x: FloatTensor<Self>,
+        lo: FloatTensor<Self>,
+        hi: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        zero_point: FloatTensor<Self>,
+        qmin: f32,
+        qmax: f32,
+        half_up: bool,
+    ) -> FloatTensor<Self> {
+        let nodes = [x.node(), lo.node(), hi.node()];
+        let prep = ClipBackward.prepare::<C>(nodes).compute_bound().stateful();
+        let (x, lo, hi) = (x.into_primitive(), lo.into_primitive(), hi.into_primitive());
+        let (s, z) = (scale.into_primitive(), zero_point.into_primitive());
+        let forward = |x, lo, hi| B::qat_clip_fake_quant(x, lo, hi, s, z, qmin, qmax, half_up);
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let saved = Saved {
+                    x: x.clone(),
+                    a: lo.clone(),
+                    b: hi.clone(),
+                    axis: 0,
+                    qmin,
+                    qmax,
+                };
+                prep.finish(saved, forward(x, lo, hi))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(x, lo, hi)),
+        }
+    }
+
+    fn qat_clip_fake_quant_grad(
+        grad: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        lo: FloatTensor<Self>,
+        hi: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dlo, dhi) = B::qat_clip_fake_quant_grad(
+            grad.into_primitive(),
+            x.into_primitive(),
+            lo.into_primitive(),
+            hi.into_primitive(),
+        );
+        (
+            FloatTensor::<Self>::new(dx),
+            FloatTensor::<Self>::new(dlo),
+            FloatTensor::<Self>::new(dhi),
+        )
+    }
+
     fn qat_min_max(
         x: FloatTensor<Self>,
         axis: usize,
@@ -584,4 +755,31 @@ pub fn min_max<const D: usize>(
 ) -> (Tensor<1>, Tensor<1>) {
     let (lo, hi) = Dispatch::qat_min_max(x.detach().into_dispatch(), axis, channels);
     (Tensor::from_dispatch(lo), Tensor::from_dispatch(hi))
+}
+
+/// Fused PACT / trainable min/max (see [`tensor::fake_quant_pact`](crate::tensor::fake_quant_pact),
+/// [`tensor::fake_quant_min_max`](crate::tensor::fake_quant_min_max)): `x` clipped to
+/// `[lo, hi]` (both `[1]`, receiving gradients), then fake-quantized with `scale`, `zero_point`
+/// (`[1]`, detached) straight through.
+pub fn clip_fake_quant<const D: usize>(
+    x: Tensor<D>,
+    lo: Tensor<1>,
+    hi: Tensor<1>,
+    scale: Tensor<1>,
+    zero_point: Tensor<1>,
+    qmin: f32,
+    qmax: f32,
+    half_up: bool,
+) -> Tensor<D> {
+    let y = Dispatch::qat_clip_fake_quant(
+        x.into_dispatch(),
+        lo.into_dispatch(),
+        hi.into_dispatch(),
+        scale.detach().into_dispatch(),
+        zero_point.detach().into_dispatch(),
+        qmin,
+        qmax,
+        half_up,
+    );
+    Tensor::from_dispatch(y)
 }
