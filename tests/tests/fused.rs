@@ -613,3 +613,42 @@ fn each_fused_op_is_one_marked_op_in_a_capture_trace() {
         .collect();
     assert_eq!(full.len(), 1, "{full:?}");
 }
+
+/// A model that already holds a burn-qat quantizer is refused by graph mode with the marked
+/// op's name and what to do (trace the float model), not as an anonymous custom op.
+#[test]
+fn graph_mode_names_a_marked_quantizer_in_the_traced_forward() {
+    use burn::nn::{Linear, LinearConfig};
+    use burn_qat::graph;
+    use burn_qat::model::QatConfig;
+    use burn_qat::nn::{FakeQuant, FakeQuantConfig};
+
+    #[derive(Module, Debug)]
+    struct Quantized {
+        fc: Linear,
+        act: FakeQuant,
+    }
+
+    let device = Device::flex();
+    let model = Quantized {
+        fc: LinearConfig::new(4, 3).init(&device),
+        act: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+            .init(&device)
+            .unwrap()
+            .set_range(&[-1.0], &[1.0])
+            .unwrap(),
+    };
+    let err = graph::prepare(
+        &model,
+        &[1, 4],
+        |m: &Quantized, x: Tensor<2>| m.act.forward(m.fc.forward(x)),
+        &QatConfig::new(),
+    )
+    .err()
+    .expect("a quantizer in the traced forward is refused")
+    .to_string();
+    assert!(
+        err.contains(fused::capture::ids::FAKE_QUANT) && err.contains("already holds burn-qat"),
+        "{err}"
+    );
+}

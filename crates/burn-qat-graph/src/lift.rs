@@ -27,6 +27,9 @@ enum Src {
     Param(TensorId),
 }
 
+/// The prefix of the ops burn-qat's quantizers record on the capture device.
+const MARKED_PREFIX: &str = burn_qat_core::fused::capture::ids::PREFIX;
+
 struct Lifter<'a> {
     trace: &'a Trace,
     device: Device,
@@ -235,6 +238,17 @@ impl<'a> Lifter<'a> {
         };
         match (a, b) {
             (OperationIr::Drop(_) | OperationIr::Init(_), _) => Ok(()),
+            (OperationIr::Custom(c), _) => Err(self.err(
+                format!("the custom op `{}`", c.id),
+                if c.id.starts_with(MARKED_PREFIX) {
+                    "the model already holds burn-qat quantizers: trace the float model (graph mode \
+                     places its own quantizers), e.g. after `switches::set_fake_quant_enabled(model, \
+                     false)` or before `quantize`"
+                } else {
+                    "graph mode does not support custom backend-extension ops: keep it outside the \
+                     traced forward"
+                },
+            )),
             (OperationIr::BaseFloat(Bs::Reshape(o)), OperationIr::BaseFloat(Bs::Reshape(p))) => {
                 match self.src(&o.input)? {
                     Src::Param(root) => {
@@ -622,6 +636,15 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         shape,
     });
     lifter.env.insert(trace.input, Src::Node(0));
+    // A marked burn-qat op anywhere means the model is already quantized: say so before the
+    // grid arithmetic around it (ops on recorded ranges) fails with a less useful message.
+    if let Some(marked) = trace
+        .ops
+        .iter()
+        .find(|op| matches!(op, OperationIr::Custom(c) if c.id.starts_with(MARKED_PREFIX)))
+    {
+        lifter.op(marked, marked)?;
+    }
     for (a, b) in trace.ops.iter().zip(trace.ops_next_batch.iter()) {
         lifter.op(a, b)?;
     }

@@ -43,7 +43,31 @@ fn bench(c: &mut Criterion) {
             ),
             (
                 "fake_quant_per_channel",
-                Box::new(move |x| tensor::fake_quant(x, scale.clone(), zp.clone(), &per_channel)),
+                Box::new({
+                    let (scale, zp) = (scale.clone(), zp.clone());
+                    move |x| tensor::fake_quant(x, scale.clone(), zp.clone(), &per_channel)
+                }),
+            ),
+            // The composed tensor ops the fused kernels replace (the reference), same input.
+            (
+                "fake_quant_per_channel_composed",
+                Box::new(move |x| {
+                    tensor::fake_quant_composed(x, scale.clone(), zp.clone(), &per_channel)
+                }),
+            ),
+            (
+                "lsq_per_channel",
+                Box::new(move |x| {
+                    let step = Tensor::<1>::full([SHAPE[1]], 0.02, &x.device()).require_grad();
+                    tensor::fake_quant_lsq(x, step, None, &per_channel, 1e-3)
+                }),
+            ),
+            (
+                "pact",
+                Box::new(move |x| {
+                    let alpha = Tensor::<1>::from_floats([2.0], &x.device()).require_grad();
+                    tensor::fake_quant_pact(x, alpha, &spec)
+                }),
             ),
         ];
         let mut group = c.benchmark_group(format!("fwd_bwd_4M/{name}"));
@@ -67,7 +91,7 @@ fn bench(c: &mut Criterion) {
         }
         group.finish();
         let base = mean(&format!("{name}/elementwise_mul")).unwrap();
-        for label in ["fake_quant_per_tensor", "fake_quant_per_channel"] {
+        for (label, _) in ops.iter().skip(1) {
             let t = mean(&format!("{name}/{label}")).unwrap();
             println!(
                 "RATIO {name}: {label} fwd+bwd {:.2} ms / elementwise_mul fwd+bwd {:.2} ms = {:.2}x",

@@ -19,6 +19,8 @@ use super::FakeQuantOps;
 
 /// The ids of the marked ops in a trace (one place: readers match these).
 pub mod ids {
+    /// The prefix every id below starts with.
+    pub const PREFIX: &str = "burn_qat.";
     /// [`FakeQuantOps::qat_fake_quant`](super::FakeQuantOps::qat_fake_quant): inputs
     /// `[x, scale, zero_point]`, scalars `[axis, qmin, qmax, half_up]`.
     pub const FAKE_QUANT: &str = "burn_qat.fake_quant";
