@@ -644,8 +644,7 @@ fn graph_mode_names_a_marked_quantizer_in_the_traced_forward() {
         |m: &Quantized, x: Tensor<2>| m.act.forward(m.fc.forward(x)),
         &QatConfig::new(),
     )
-    .err()
-    .expect("a quantizer in the traced forward is refused")
+    .expect_err("a quantizer in the traced forward is refused")
     .to_string();
     assert!(
         err.contains(fused::capture::ids::FAKE_QUANT) && err.contains("already holds burn-qat"),
