@@ -614,40 +614,143 @@ fn each_fused_op_is_one_marked_op_in_a_capture_trace() {
     assert_eq!(full.len(), 1, "{full:?}");
 }
 
-/// A model that already holds a burn-qat quantizer is refused by graph mode with the marked
-/// op's name and what to do (trace the float model), not as an anonymous custom op.
-#[test]
-fn graph_mode_names_a_marked_quantizer_in_the_traced_forward() {
-    use burn::nn::{Linear, LinearConfig};
-    use burn_qat::graph;
-    use burn_qat::model::QatConfig;
-    use burn_qat::nn::{FakeQuant, FakeQuantConfig};
+mod already_quantized {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig, Relu};
+    use burn_qat::graph::{self, QatGraph};
+    use burn_qat::model::{QatConfig, quantize};
+    use burn_qat::nn::{FakeQuant, FakeQuantConfig, LearnedFakeQuantConfig, LearnedRange};
 
+    /// A user's model with a burn-qat activation quantizer inside its forward.
     #[derive(Module, Debug)]
-    struct Quantized {
-        fc: Linear,
+    struct WithQuantizer {
+        fc1: Linear,
         act: FakeQuant,
+        relu: Relu,
+        fc2: Linear,
     }
 
-    let device = Device::flex();
-    let model = Quantized {
-        fc: LinearConfig::new(4, 3).init(&device),
-        act: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+    impl WithQuantizer {
+        fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+            self.fc2
+                .forward(self.relu.forward(self.act.forward(self.fc1.forward(x))))
+        }
+    }
+
+    #[derive(Module, Debug)]
+    struct Plain {
+        fc1: Linear,
+        relu: Relu,
+        fc2: Linear,
+    }
+
+    impl Plain {
+        fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+            self.fc2.forward(self.relu.forward(self.fc1.forward(x)))
+        }
+    }
+
+    fn input(device: &Device) -> Tensor<2> {
+        let mut next = burn_qat_tests::uniform(3);
+        let v: Vec<f32> = (0..5 * 6).map(|_| next() * 4.0 - 2.0).collect();
+        Tensor::<1>::from_floats(v.as_slice(), device).reshape([5, 6])
+    }
+
+    fn run(g: &QatGraph, x: Tensor<2>) -> Vec<f32> {
+        values(g.valid().forward::<2, 2>(x))
+    }
+
+    /// Graph mode reads through a marked activation quantizer: the float graph is the model
+    /// without it, and the quantizer's grid arithmetic (recorded on its range) is not lifted.
+    #[test]
+    fn graph_mode_reads_through_a_marked_activation_quantizer() {
+        let device = Device::flex();
+        let model = WithQuantizer {
+            fc1: LinearConfig::new(6, 8).init(&device),
+            act: FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric())
+                .init(&device)
+                .unwrap()
+                .set_range(&[-1.0], &[1.0])
+                .unwrap(),
+            relu: Relu::new(),
+            fc2: LinearConfig::new(8, 3).init(&device),
+        };
+        let float = graph::build(&model, &[1, 6], |m: &WithQuantizer, x| m.forward(x))
+            .expect("a model holding a FakeQuant lifts");
+        let x = input(&device);
+        let want = values(
+            model
+                .fc2
+                .forward(model.relu.forward(model.fc1.forward(x.clone()))),
+        );
+        assert_eq!(
+            run(&float, x),
+            want,
+            "the float graph is the model without its quantizer"
+        );
+        graph::prepare(
+            &model,
+            &[1, 6],
+            |m: &WithQuantizer, x| m.forward(x),
+            &QatConfig::new(),
+        )
+        .expect("prepare");
+    }
+
+    /// A model wrapped by `quantize` (weight fake-quant as reparameterizations, recorded as
+    /// marked ops) prepares to the same QAT graph as the float model, and the trained weights
+    /// write back into the quantized model's type.
+    #[test]
+    fn a_quantized_model_prepares_as_its_float_model() {
+        let device = Device::flex();
+        let plain = Plain {
+            fc1: LinearConfig::new(6, 8).init(&device),
+            relu: Relu::new(),
+            fc2: LinearConfig::new(8, 3).init(&device),
+        };
+        let config = QatConfig::new();
+        let quantized = quantize(plain.clone(), &config).unwrap();
+        let forward = |m: &Plain, x: Tensor<2>| m.forward(x);
+        let from_float = graph::prepare(&plain, &[1, 6], forward, &config).unwrap();
+        let from_quantized = graph::prepare(&quantized, &[1, 6], forward, &config)
+            .expect("a quantize()d model prepares");
+        let x = input(&device);
+        assert_eq!(run(&from_quantized, x.clone()), run(&from_float, x));
+        let back: Plain = from_quantized.write_back(quantized).expect("write back");
+        let _ = back.forward(input(&device));
+    }
+
+    /// A learned clip (PACT) is part of what the model computes: refused with its name and
+    /// what to do, not lifted as if it were not there.
+    #[test]
+    fn a_marked_pact_clip_is_refused_with_its_name() {
+        #[derive(Module, Debug)]
+        struct WithPact {
+            fc: Linear,
+            act: burn_qat::nn::LearnedFakeQuant,
+        }
+        let device = Device::flex();
+        let act = LearnedFakeQuantConfig::new(QuantSpec::default(), LearnedRange::Pact)
             .init(&device)
-            .unwrap()
-            .set_range(&[-1.0], &[1.0])
-            .unwrap(),
-    };
-    let err = graph::prepare(
-        &model,
-        &[1, 4],
-        |m: &Quantized, x: Tensor<2>| m.act.forward(m.fc.forward(x)),
-        &QatConfig::new(),
-    )
-    .expect_err("a quantizer in the traced forward is refused")
-    .to_string();
-    assert!(
-        err.contains(fused::capture::ids::FAKE_QUANT) && err.contains("already holds burn-qat"),
-        "{err}"
-    );
+            .unwrap();
+        let act = act.observer.clone().set_range(&[0.0], &[2.0]).map(|o| {
+            let mut a = act;
+            a.observer = o;
+            a.start_learning()
+        });
+        let model = WithPact {
+            fc: LinearConfig::new(6, 3).init(&device),
+            act: act.unwrap(),
+        };
+        let err = graph::build(&model, &[1, 6], |m: &WithPact, x: Tensor<2>| {
+            m.act.forward(m.fc.forward(x))
+        })
+        .expect_err("a PACT clip in the traced forward is refused")
+        .to_string();
+        assert!(
+            err.contains(fused::capture::ids::CLIP_FAKE_QUANT)
+                && err.contains("trace the float model"),
+            "{err}"
+        );
+    }
 }

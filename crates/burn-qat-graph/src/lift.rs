@@ -27,8 +27,36 @@ enum Src {
     Param(TensorId),
 }
 
-/// The prefix of the ops burn-qat's quantizers record on the capture device.
-const MARKED_PREFIX: &str = burn_qat_core::fused::capture::ids::PREFIX;
+use burn_qat_core::fused::capture::ids as capture_ids;
+
+/// Marked ops the float graph reads through: fake quantization of the input (`x`, the first
+/// input) on a grid, whose clamp is quantization, not part of the float computation.
+fn is_pass_through(id: &str) -> bool {
+    id == capture_ids::FAKE_QUANT || id == capture_ids::LSQ
+}
+
+/// Which recorded ops the output depends on. A pass-through quantizer depends on its `x` only,
+/// so the arithmetic that made its grid (observers' min/max, scale and zero point from a
+/// recorded range) is not live, and neither is anything else the output does not read.
+fn live_ops(ops: &[OperationIr], output: TensorId) -> Vec<bool> {
+    let mut needed: std::collections::HashSet<TensorId> = [output].into();
+    let mut live = vec![false; ops.len()];
+    for (i, op) in ops.iter().enumerate().rev() {
+        if !op.outputs().any(|t| needed.contains(&t.id)) {
+            continue;
+        }
+        live[i] = true;
+        match op {
+            OperationIr::Custom(c) if is_pass_through(&c.id) => {
+                if let Some(x) = c.inputs.first() {
+                    needed.insert(x.id);
+                }
+            }
+            _ => needed.extend(op.inputs().map(|t| t.id)),
+        }
+    }
+    live
+}
 
 struct Lifter<'a> {
     trace: &'a Trace,
@@ -238,12 +266,22 @@ impl<'a> Lifter<'a> {
         };
         match (a, b) {
             (OperationIr::Drop(_) | OperationIr::Init(_), _) => Ok(()),
+            // A burn-qat quantizer already in the model (`quantize`, a custom layer holding a
+            // `FakeQuant`): the float graph reads through it; graph mode places its own
+            // quantizers by its `QatConfig`. Its grid arithmetic is not live (see `live_ops`).
+            (OperationIr::Custom(c), _) if is_pass_through(&c.id) => {
+                if let (Some(x), Some(out)) = (c.inputs.first(), c.outputs.first()) {
+                    let src = self.src(x)?;
+                    self.env.insert(out.id, src);
+                }
+                Ok(())
+            }
             (OperationIr::Custom(c), _) => Err(self.err(
                 format!("the custom op `{}`", c.id),
-                if c.id.starts_with(MARKED_PREFIX) {
-                    "the model already holds burn-qat quantizers: trace the float model (graph mode \
-                     places its own quantizers), e.g. after `switches::set_fake_quant_enabled(model, \
-                     false)` or before `quantize`"
+                if c.id.starts_with(capture_ids::PREFIX) {
+                    "a PACT or trainable min/max clip (or an observer's range) in the traced \
+                     forward is part of what the model computes and is not lifted yet: trace the \
+                     float model, graph mode places its own quantizers"
                 } else {
                     "graph mode does not support custom backend-extension ops: keep it outside the \
                      traced forward"
@@ -636,17 +674,19 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         shape,
     });
     lifter.env.insert(trace.input, Src::Node(0));
-    // A marked burn-qat op anywhere means the model is already quantized: say so before the
-    // grid arithmetic around it (ops on recorded ranges) fails with a less useful message.
-    if let Some(marked) = trace
-        .ops
-        .iter()
-        .find(|op| matches!(op, OperationIr::Custom(c) if c.id.starts_with(MARKED_PREFIX)))
-    {
-        lifter.op(marked, marked)?;
+    let live = live_ops(&trace.ops, trace.output);
+    // A marked op the float graph cannot read through (a learned clip) is reported by name
+    // before the arithmetic on its parameters fails with a less useful message.
+    let marked = trace.ops.iter().zip(&live).find(|(op, live)| {
+        **live && matches!(op, OperationIr::Custom(c) if c.id.starts_with(capture_ids::PREFIX) && !is_pass_through(&c.id))
+    });
+    if let Some((op, _)) = marked {
+        lifter.op(op, op)?;
     }
-    for (a, b) in trace.ops.iter().zip(trace.ops_next_batch.iter()) {
-        lifter.op(a, b)?;
+    for ((a, b), live) in trace.ops.iter().zip(trace.ops_next_batch.iter()).zip(live) {
+        if live {
+            lifter.op(a, b)?;
+        }
     }
     let output = match lifter.env.get(&trace.output) {
         Some(Src::Node(i)) => *i,

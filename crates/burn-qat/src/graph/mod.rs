@@ -69,10 +69,10 @@ use burn_qat_core::QatError;
 
 pub use burn_qat_graph::*;
 
-use crate::model::{QatConfig, plan};
+use crate::model::QatConfig;
 
 /// Records the model's forward and prepares it for QAT following `config`: BatchNorm folded
-/// (`config.bn_fold`), activations fused, weights fake-quantized as [`plan`] decides for the
+/// (`config.bn_fold`), activations fused, weights fake-quantized as [`plan`](fn@crate::model::plan) decides for the
 /// model's own parameter paths (per output channel on the axis the graph uses the weight on),
 /// activation fake-quant placed as TFLite/PyTorch FX do (`config.activations` and
 /// `config.activation_rules`). The graph lives on the model's device (autodiff included),
@@ -80,7 +80,7 @@ use crate::model::{QatConfig, plan};
 ///
 /// # Errors
 ///
-/// See [`build`] and [`plan`]; invalid activation settings or an activation pattern that
+/// See [`build`] and [`plan`](fn@crate::model::plan); invalid activation settings or an activation pattern that
 /// matches no node.
 pub fn prepare<M, const DI: usize, const DO: usize, F>(
     model: &M,
@@ -92,7 +92,9 @@ where
     M: Module,
     F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
 {
-    let planned = plan(model, config)?;
+    // A model already wrapped by `quantize` prepares as its float model: its weight
+    // quantizers are marked ops the float graph reads through (graph mode places its own).
+    let planned = crate::model::plan::plan_with(model, config, true)?;
     let trace = trace(model, input_dims, forward)?;
     let device = model_device(model);
     let float = lift(&trace, &device)?;
