@@ -487,10 +487,18 @@ fn run_clip(
 fn fused_pact_and_min_max_equal_composed() {
     for b in fused_backends("fused_pact_and_min_max_equal_composed") {
         let device = b.device.clone().autodiff();
+        // Clips on the lattice of `input_strategy`'s ties too, so that `x == lo` and `x == hi`
+        // occur and the tie rules (the gradient goes to `x`) are exercised.
+        let clip = |lo: i32, hi: i32| {
+            prop_oneof![
+                (lo as f32 * 0.5..hi as f32 * 0.5),
+                (lo * 8..hi * 8).prop_map(|k| k as f32 * 0.5 / 16.0),
+            ]
+        };
         let strategy = (
             spec_strategy(),
             input_strategy(),
-            (any::<bool>(), -2.0f32..0.5, -0.5f32..2.0),
+            (any::<bool>(), clip(-4, 1), clip(-1, 4)),
         );
         check(&b, 256, strategy, |(spec, (dims, x), params)| {
             let spec = spec.with_granularity(Granularity::PerTensor);
@@ -524,7 +532,9 @@ fn fused_pact_and_min_max_equal_composed() {
 fn pact_golden_through_the_fused_path() {
     for b in fused_backends("pact_golden_through_the_fused_path") {
         let device = b.device.clone().autodiff();
-        let x = Tensor::<1>::from_floats([-0.5, 0.2, 0.5, 2.0], &device).require_grad();
+        // Below 0, inside, on a rounding tie, above alpha, and on both clips exactly (a tie
+        // sends the gradient to `x`, as Burn's clamp_min and min_pair do).
+        let x = Tensor::<1>::from_floats([-0.5, 0.2, 0.5, 2.0, 0.0, 1.0], &device).require_grad();
         let alpha = Tensor::<1>::from_floats([1.0], &device).require_grad();
         let spec = QuantSpec::default().with_bits(2);
         assert!(fused::available(&x));
@@ -532,14 +542,17 @@ fn pact_golden_through_the_fused_path() {
         let got = values(y.clone());
         let third = 1.0f32 / 3.0;
         // 0.2 / (1/3) = 0.6 -> 1; 0.5 / (1/3) = 1.5 -> 2 (half to even).
-        let want = [0.0, third, 2.0 * third, 1.0];
+        let want = [0.0, third, 2.0 * third, 1.0, 0.0, 1.0];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{}: {got:?} vs {want:?}", b.name);
         }
-        let grads = (y * Tensor::from_floats([1.0, 2.0, 4.0, 8.0], &device))
+        let grads = (y * Tensor::from_floats([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], &device))
             .sum()
             .backward();
-        assert_eq!(values(x.grad(&grads).unwrap()), vec![0.0, 2.0, 4.0, 0.0]);
+        assert_eq!(
+            values(x.grad(&grads).unwrap()),
+            vec![0.0, 2.0, 4.0, 0.0, 16.0, 32.0]
+        );
         assert_eq!(values(alpha.grad(&grads).unwrap()), vec![8.0]);
     }
 }
@@ -749,7 +762,8 @@ mod already_quantized {
         .to_string();
         assert!(
             err.contains(fused::capture::ids::CLIP_FAKE_QUANT)
-                && err.contains("trace the float model"),
+                && err.contains("trace the float model")
+                && err.contains("near `act"),
             "{err}"
         );
     }

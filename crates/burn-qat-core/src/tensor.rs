@@ -99,8 +99,7 @@ pub fn try_fake_quant<const D: usize>(
 ) -> Result<Tensor<D>, QatError> {
     check_qparams(&x, &scale, &zero_point, spec)?;
     if crate::fused::available(&x) {
-        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
-        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        let (qmin, qmax, half_up) = fused_grid(spec);
         let axis = spec.axis().unwrap_or(0);
         let zero_point = zero_point.to_device(&x.device());
         let scale = scale.to_device(&x.device());
@@ -162,8 +161,7 @@ pub fn fake_quant_per_tensor<const D: usize>(
         let device = x.device();
         let scale = Tensor::<1>::from_floats([qp.scale], &device);
         let zp = Tensor::<1>::from_floats([qp.zero_point as f32], &device);
-        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
-        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        let (qmin, qmax, half_up) = fused_grid(spec);
         return crate::fused::fake_quant(x, scale, zp, 0, qmin, qmax, half_up);
     }
     let xd = x.clone().detach();
@@ -185,6 +183,15 @@ pub fn fake_quant_per_tensor<const D: usize>(
     } else {
         y
     }
+}
+
+/// `spec`'s grid as the fused ops take it: `(qmin, qmax, half_up)`.
+fn fused_grid(spec: &QuantSpec) -> (f32, f32, bool) {
+    (
+        spec.qmin() as f32,
+        spec.qmax() as f32,
+        spec.rounding == RoundingMode::TfHalfUp,
+    )
 }
 
 fn round<const D: usize>(v: Tensor<D>, rounding: RoundingMode) -> Tensor<D> {
@@ -413,7 +420,8 @@ pub fn pact_grid(alpha: Tensor<1>, spec: &QuantSpec) -> (QuantSpec, Tensor<1>) {
 
 /// PACT (Choi et al. 2018): `y = clamp(x, 0, alpha)` with a learnable `alpha`, then
 /// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through). The gradient
-/// reaches `x` inside `[0, alpha]` and `alpha` where `x >= alpha` (PACT's `dy/dalpha`).
+/// reaches `x` inside `[0, alpha]` (ties included) and `alpha` where `x > alpha` (PACT's
+/// `dy/dalpha`).
 pub fn fake_quant_pact<const D: usize>(
     x: Tensor<D>,
     alpha: Tensor<1>,
@@ -423,8 +431,7 @@ pub fn fake_quant_pact<const D: usize>(
         let (unsigned, scale) = pact_grid(alpha.clone().detach(), spec);
         let hi = finite_or(alpha, 0.0);
         let (lo, zero) = (hi.zeros_like().detach(), scale.zeros_like());
-        let (qmin, qmax) = (unsigned.qmin() as f32, unsigned.qmax() as f32);
-        let half_up = unsigned.rounding == RoundingMode::TfHalfUp;
+        let (qmin, qmax, half_up) = fused_grid(&unsigned);
         return crate::fused::clip_fake_quant(x, lo, hi, scale, zero, qmin, qmax, half_up);
     }
     fake_quant_pact_composed(x, alpha, spec)
@@ -459,8 +466,7 @@ pub fn fake_quant_min_max<const D: usize>(
     if crate::fused::available(&x) {
         let (scale, zp) = qparams(min.clone().detach(), max.clone().detach(), spec);
         let (lo, hi) = (finite_or(min, 0.0), finite_or(max, 0.0));
-        let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
-        let half_up = spec.rounding == RoundingMode::TfHalfUp;
+        let (qmin, qmax, half_up) = fused_grid(spec);
         return crate::fused::clip_fake_quant(x, lo, hi, scale, zp, qmin, qmax, half_up);
     }
     fake_quant_min_max_composed(x, min, max, spec)

@@ -35,6 +35,30 @@ fn is_pass_through(id: &str) -> bool {
     id == capture_ids::FAKE_QUANT || id == capture_ids::LSQ
 }
 
+/// The module path of a parameter `op` is computed from (walking back through the ops that
+/// made its inputs): where a marked quantizer lives, for messages.
+fn param_near(trace: &Trace, op: &OperationIr) -> Option<String> {
+    let made_by: HashMap<TensorId, &OperationIr> = trace
+        .ops
+        .iter()
+        .flat_map(|o| o.outputs().map(move |t| (t.id, o)))
+        .collect();
+    let mut todo: Vec<TensorId> = op.inputs().map(|t| t.id).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(id) = todo.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        if let Some(p) = trace.params.get(&id) {
+            return Some(p.module_path().to_string());
+        }
+        if let Some(o) = made_by.get(&id) {
+            todo.extend(o.inputs().map(|t| t.id));
+        }
+    }
+    None
+}
+
 /// Which recorded ops the output depends on. A pass-through quantizer depends on its `x` only,
 /// so the arithmetic that made its grid (observers' min/max, scale and zero point from a
 /// recorded range) is not live, and neither is anything else the output does not read.
@@ -681,6 +705,7 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         **live && matches!(op, OperationIr::Custom(c) if c.id.starts_with(capture_ids::PREFIX) && !is_pass_through(&c.id))
     });
     if let Some((op, _)) = marked {
+        lifter.near = param_near(trace, op).unwrap_or_default();
         lifter.op(op, op)?;
     }
     for ((a, b), live) in trace.ops.iter().zip(trace.ops_next_batch.iter()).zip(live) {

@@ -325,10 +325,11 @@ impl FakeQuant {
         };
         self.min.update(new_min.detach());
         self.max.update(new_max.detach());
-        self.observed.set(true);
         // Flush this thread's update so that records and `value()` see it now (under the lock,
-        // so no other thread's update is waiting to be averaged in).
+        // so no other thread's update is waiting to be averaged in); `observed` last, so that no
+        // reader sees it before the range it stands for.
         let _ = (self.min.value_sync(), self.max.value_sync());
+        self.observed.set(true);
     }
 
     /// The current scale and zero point tensors (`[channels]`) on `device`.
@@ -416,8 +417,8 @@ impl FakeQuant {
         let max = Tensor::<1>::from_floats(max, &device).clamp_min(0.0);
         fq.min.update(min);
         fq.max.update(max);
-        fq.observed.set(true);
         let _ = (fq.min.value_sync(), fq.max.value_sync());
+        fq.observed.set(true);
         Ok(fq)
     }
 }

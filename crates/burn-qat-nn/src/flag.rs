@@ -9,8 +9,9 @@
 //! Every way in writes both: [`set`](FlagState::set), and Burn's mappers (record loading,
 //! [`tree::map_values`](crate::tree::map_values)) through the parameter's load hook, where the
 //! new value is read once. A mapper that only passes the parameter through (an optimizer step)
-//! reads nothing; one that rewrites it without loading it is ignored, so the tensor always
-//! says what the `bool` does.
+//! reads nothing; one that rewrites it without loading it (`param.map(..)` rather than
+//! `Param::transform_for_load`, which Burn's record loader and burn-store use) is ignored, so
+//! the tensor always says what the `bool` does.
 //!
 //! Like Burn's `RunningState` the cell is shared by clones (a forward pass sets `observed`
 //! through `&self`, and the replicas of a multi-device step see it), and `valid()` / `train()`
@@ -263,7 +264,7 @@ mod tests {
         let v = h.valid();
         assert!(!v.flag.value().device().is_autodiff());
         v.flag.set(false);
-        assert!(h.flag.get(), "valid() shares the cell");
+        assert!(h.flag.get(), "valid() must not share the cell");
         let t = v.train();
         assert!(t.flag.value().device().is_autodiff());
         assert!(!t.flag.get());

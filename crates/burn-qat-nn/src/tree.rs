@@ -218,16 +218,16 @@ pub fn map_values<M: Module>(
             if values.len() != dims.iter().product::<usize>() {
                 return param;
             }
-            // Written as a load (the parameter's load hook runs): a `FlagState` reads its new
-            // value there.
+            // Written as a record would be (save hook, then load hook: a layout hook such as
+            // `Linear`'s column layout round-trips to the same tensor), so a `FlagState` reads
+            // its new value in its load hook; the gradient requirement is set last, on the
+            // loaded leaf.
             let (id, old, mapper) = param.consume();
+            let grad = old.is_require_grad();
             let t = Tensor::<1>::from_floats(values.as_slice(), &old.device()).reshape(old.dims());
-            let t = if old.is_require_grad() {
-                t.detach().require_grad()
-            } else {
-                t.detach()
-            };
-            Param::from_mapped_value(id, mapper.on_load(t), mapper)
+            let t = mapper.on_load(mapper.on_save(t.detach())).detach();
+            let t = if grad { t.require_grad() } else { t };
+            Param::from_mapped_value(id, t, mapper)
         }
     }
     model.map(&mut Mapper {

@@ -196,8 +196,9 @@ impl WeightFakeQuant {
             let state = self.min.value().device();
             self.min.update(min.clone().detach().to_device(&state));
             self.max.update(max.clone().detach().to_device(&state));
-            self.observed.set(true);
+            // The range first, then `observed`: a replica reading `observed` sees the range.
             let _ = (self.min.value_sync(), self.max.value_sync());
+            self.observed.set(true);
         }
         (min, max)
     }

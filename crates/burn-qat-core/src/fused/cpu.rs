@@ -421,11 +421,18 @@ pub struct Clip {
 }
 
 /// `min(max(x, lo), hi)` as Burn's `max_pair` then `min_pair` compute it (`x` where it is not
-/// below `lo`, NaN included; then `hi` where `hi` is below that).
+/// below `lo`, NaN included; then `hi` where `hi` is below that), with which clip was taken:
+/// `(value, lo taken, hi taken)` (at most one of the two).
 #[inline(always)]
-fn clip(x: f32, lo: f32, hi: f32) -> f32 {
-    let t = if x < lo { lo } else { x };
-    if hi < t { hi } else { t }
+fn clip(x: f32, lo: f32, hi: f32) -> (f32, bool, bool) {
+    let below = x < lo;
+    let t = if below { lo } else { x };
+    let above = hi < t;
+    if above {
+        (hi, false, true)
+    } else {
+        (t, below, false)
+    }
 }
 
 /// Clip then fake-quantize, straight through: `t + (fq(t) - t)` with `t` the clipped value
@@ -436,12 +443,12 @@ pub fn clip_fake_quant(x: &[f32], c: Clip, b: Bounds) -> Vec<f32> {
         let xs = &x[range];
         if b.half_up {
             for (y, &x) in out.iter_mut().zip(xs) {
-                let t = clip(x, c.lo, c.hi);
+                let (t, ..) = clip(x, c.lo, c.hi);
                 y.put(t + (fq_up(t, s, zp, b) - t));
             }
         } else {
             for (y, &x) in out.iter_mut().zip(xs) {
-                let t = clip(x, c.lo, c.hi);
+                let (t, ..) = clip(x, c.lo, c.hi);
                 y.put(t + (fq_even(t, s, zp, b) - t));
             }
         }
@@ -459,9 +466,7 @@ pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) 
         |range, gs| {
             let (mut dlo, mut dhi) = (0.0f64, 0.0f64);
             for (g, &x) in gs.iter_mut().zip(&x[range]) {
-                let below = x < lo;
-                let t = if below { lo } else { x };
-                let above = hi < t;
+                let (_, below, above) = clip(x, lo, hi);
                 let gv = *g;
                 if above {
                     dhi += f64::from(gv);

@@ -76,13 +76,14 @@ pub fn is_enabled() -> bool {
     ENABLED.with(Cell::get)
 }
 
-/// Whether `x` would take the fused path: kernels switched on, an `f32` tensor on a backend
-/// with fused kernels (`flex`, `ndarray`, with or without autodiff).
+/// Whether `x` would take the fused path: kernels switched on, an `f32` tensor on a device
+/// with fused kernels (see [`has_kernels`]), with or without autodiff.
 pub fn available<const D: usize>(x: &Tensor<D>) -> bool {
     is_enabled() && x.dtype() == DType::F32 && has_kernels(&x.device())
 }
 
-/// Whether `device` (or the device an autodiff device wraps) has fused kernels.
+/// Whether `device` (or the device an autodiff device wraps) has fused kernels: `flex`,
+/// `ndarray`, a CubeCL device with the `wgpu` feature, and Burn's capture device (marked ops).
 pub fn has_kernels(device: &Device) -> bool {
     use burn::backend::DispatchDevice;
     let base = match device.as_dispatch() {
@@ -761,6 +762,10 @@ pub fn min_max<const D: usize>(
 /// [`tensor::fake_quant_min_max`](crate::tensor::fake_quant_min_max)): `x` clipped to
 /// `[lo, hi]` (both `[1]`, receiving gradients), then fake-quantized with `scale`, `zero_point`
 /// (`[1]`, detached) straight through.
+///
+/// # Panics
+///
+/// If `lo`, `hi`, `scale` or `zero_point` does not hold exactly one value.
 pub fn clip_fake_quant<const D: usize>(
     x: Tensor<D>,
     lo: Tensor<1>,
@@ -771,6 +776,18 @@ pub fn clip_fake_quant<const D: usize>(
     qmax: f32,
     half_up: bool,
 ) -> Tensor<D> {
+    for (what, t) in [
+        ("lo", &lo),
+        ("hi", &hi),
+        ("scale", &scale),
+        ("zero_point", &zero_point),
+    ] {
+        assert_eq!(
+            t.dims(),
+            [1],
+            "fused::clip_fake_quant: `{what}` must hold one value"
+        );
+    }
     let y = Dispatch::qat_clip_fake_quant(
         x.into_dispatch(),
         lo.into_dispatch(),
