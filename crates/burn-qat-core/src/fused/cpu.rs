@@ -319,6 +319,38 @@ pub fn fake_quant_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) {
     )
 }
 
+/// Independent partial sums: a reduction written as one running sum is a serial chain of
+/// additions (the compiler may not reorder float sums); element `i` of each run of `LANES` goes
+/// to lane `i`, so the loop vectorizes.
+const LANES: usize = 8;
+
+/// Runs `one(grad, x)` on every element (it may rewrite `grad`) and returns the sums of the two
+/// values it returns, in `f64` lanes.
+#[inline(always)]
+fn sum_pairs(
+    gs: &mut [f32],
+    xs: &[f32],
+    mut one: impl FnMut(&mut f32, f32) -> (f64, f64),
+) -> (f64, f64) {
+    let (mut a, mut c) = ([0.0f64; LANES], [0.0f64; LANES]);
+    let mut g_runs = gs.chunks_exact_mut(LANES);
+    let mut x_runs = xs.chunks_exact(LANES);
+    for (g, x) in (&mut g_runs).zip(&mut x_runs) {
+        for k in 0..LANES {
+            let (da, dc) = one(&mut g[k], x[k]);
+            a[k] += da;
+            c[k] += dc;
+        }
+    }
+    let (mut sa, mut sc) = (a.iter().sum::<f64>(), c.iter().sum::<f64>());
+    for (g, &x) in g_runs.into_remainder().iter_mut().zip(x_runs.remainder()) {
+        let (da, dc) = one(g, x);
+        sa += da;
+        sc += dc;
+    }
+    (sa, sc)
+}
+
 /// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
 /// `p` holds steps and offsets.
 pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
@@ -370,12 +402,7 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
             };
             match seg {
                 Seg::Const(s, o) => {
-                    let (mut a, mut c) = (0.0, 0.0);
-                    for (g, &x) in gs.iter_mut().zip(xs) {
-                        let (da, dc) = one(g, x, s, o);
-                        a += da;
-                        c += dc;
-                    }
+                    let (a, c) = sum_pairs(gs, xs, |g, x| one(g, x, s, o));
                     ds[slot] += a;
                     doff[slot] += c;
                 }
@@ -464,18 +491,14 @@ pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) 
     let (dlo, dhi) = fold_chunks(
         grad,
         |range, gs| {
-            let (mut dlo, mut dhi) = (0.0f64, 0.0f64);
-            for (g, &x) in gs.iter_mut().zip(&x[range]) {
+            sum_pairs(gs, &x[range], |g, x| {
                 let (_, below, above) = clip(x, lo, hi);
                 let gv = *g;
-                if above {
-                    dhi += f64::from(gv);
-                } else if below {
-                    dlo += f64::from(gv);
-                }
                 *g = if below || above { 0.0 } else { gv };
-            }
-            (dlo, dhi)
+                let to_lo = if below { gv } else { 0.0 };
+                let to_hi = if above { gv } else { 0.0 };
+                (f64::from(to_lo), f64::from(to_hi))
+            })
         },
         |(a, b), (c, d)| (a + c, b + d),
     );
