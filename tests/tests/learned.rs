@@ -614,3 +614,24 @@ mod sequential {
         }
     }
 }
+
+/// A graph's plan names each learned quantizer's method and phase, read from the module.
+#[test]
+fn the_graph_plan_names_the_learned_method_and_phase() {
+    use burn::nn::{Linear, LinearConfig};
+    use burn_qat::graph;
+    use burn_qat::model::{ActivationQuant, QatConfig};
+    use burn_qat::nn::LearnedRange;
+
+    let device = Device::flex().autodiff();
+    let fc = LinearConfig::new(4, 3).init(&device);
+    let config = QatConfig::new()
+        .with_activations(ActivationQuant::bits(4).with_learned(LearnedRange::Pact));
+    let qat = graph::prepare(&fc, &[1, 4], |m: &Linear, x: Tensor<2>| m.forward(x), &config)
+        .unwrap();
+    let plan = qat.plan().to_string();
+    assert!(plan.contains("Pact observing") && !plan.contains("Pact learning"), "{plan}");
+    let _ = qat.forward::<2, 2>(Tensor::<2>::ones([2, 4], &device));
+    let plan = burn_qat::nn::start_learning(qat).plan().to_string();
+    assert!(plan.contains("Pact learning") && !plan.contains("Pact observing"), "{plan}");
+}

@@ -71,10 +71,11 @@ impl GraphLayer {
             GraphLayer::Quant(q) => {
                 let spec = q.spec();
                 let kind = if spec.symmetric { "sym" } else { "asym" };
-                let learned = if matches!(q, ActQuant::Learned(_)) {
-                    " learned"
-                } else {
-                    ""
+                // The learned method and phase, read from the module (host state).
+                let learned = match q {
+                    ActQuant::Learned(l) if l.is_learning() => format!(" {:?} learning", l.method),
+                    ActQuant::Learned(l) => format!(" {:?} observing", l.method),
+                    _ => String::new(),
                 };
                 match q.observed_range() {
                     Some((lo, hi)) => format!(
