@@ -627,11 +627,22 @@ fn the_graph_plan_names_the_learned_method_and_phase() {
     let fc = LinearConfig::new(4, 3).init(&device);
     let config = QatConfig::new()
         .with_activations(ActivationQuant::bits(4).with_learned(LearnedRange::Pact));
-    let qat = graph::prepare(&fc, &[1, 4], |m: &Linear, x: Tensor<2>| m.forward(x), &config)
-        .unwrap();
+    let qat = graph::prepare(
+        &fc,
+        &[1, 4],
+        |m: &Linear, x: Tensor<2>| m.forward(x),
+        &config,
+    )
+    .unwrap();
     let plan = qat.plan().to_string();
-    assert!(plan.contains("Pact observing") && !plan.contains("Pact learning"), "{plan}");
+    assert!(
+        plan.contains("Pact observing") && !plan.contains("Pact learning"),
+        "{plan}"
+    );
     let _ = qat.forward::<2, 2>(Tensor::<2>::ones([2, 4], &device));
     let plan = burn_qat::nn::start_learning(qat).plan().to_string();
-    assert!(plan.contains("Pact learning") && !plan.contains("Pact observing"), "{plan}");
+    assert!(
+        plan.contains("Pact learning") && !plan.contains("Pact observing"),
+        "{plan}"
+    );
 }
