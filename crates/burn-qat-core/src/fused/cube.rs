@@ -293,9 +293,15 @@ fn layout(x: &CubeTensor, axis: usize, params: usize) -> Channels {
 fn sum_per_channel(terms: CubeTensor, ch: Channels) -> CubeTensor {
     let n = terms.shape().num_elements();
     let outer = n / (ch.channels * ch.inner).max(1);
-    let view = CubeBackend::float_reshape(terms, Shape::new([outer, ch.channels, ch.inner]));
-    let summed = CubeBackend::float_sum_dim(CubeBackend::float_sum_dim(view, 2), 0);
-    CubeBackend::float_reshape(summed, Shape::new([ch.channels]))
+    let mut t = CubeBackend::float_reshape(terms, Shape::new([outer, ch.channels, ch.inner]));
+    // A reduction over a dimension of size 1 is a full copy: skipped.
+    if ch.inner > 1 {
+        t = CubeBackend::float_sum_dim(t, 2);
+    }
+    if outer > 1 {
+        t = CubeBackend::float_sum_dim(t, 0);
+    }
+    CubeBackend::float_reshape(t, Shape::new([ch.channels]))
 }
 
 impl FakeQuantOps for CubeBackend {
@@ -520,12 +526,21 @@ impl FakeQuantOps for CubeBackend {
         );
         let outer = n / (ch.channels * ch.inner).max(1);
         let view = CubeBackend::float_reshape(clean, Shape::new([outer, ch.channels, ch.inner]));
-        let reduce = |t: CubeTensor, min: bool| {
-            let t = if min {
-                CubeBackend::float_min_dim(CubeBackend::float_min_dim(t, 2), 0)
-            } else {
-                CubeBackend::float_max_dim(CubeBackend::float_max_dim(t, 2), 0)
+        // Dimensions of size 1 are not reduced (a full copy each).
+        let reduce = |mut t: CubeTensor, min: bool| {
+            let dim = |t: CubeTensor, d: usize| {
+                if min {
+                    CubeBackend::float_min_dim(t, d)
+                } else {
+                    CubeBackend::float_max_dim(t, d)
+                }
             };
+            if ch.inner > 1 {
+                t = dim(t, 2);
+            }
+            if outer > 1 {
+                t = dim(t, 0);
+            }
             CubeBackend::float_reshape(t, Shape::new([ch.channels]))
         };
         let lo = reduce(view.clone(), true);
