@@ -108,6 +108,19 @@ fn bits(v: &[f32]) -> Vec<u32> {
         .collect()
 }
 
+/// The upstream gradient of element `i` in the LSQ and clip tests (non-uniform, so that a
+/// gradient applied to the wrong element shows).
+fn upstream(i: usize) -> f32 {
+    0.5 + (i % 7) as f32
+}
+
+/// `sum(y * w)` with `w[i] = weight(i)` over `y`'s elements in row-major order.
+fn weighted<const D: usize>(y: Tensor<D>, weight: impl Fn(usize) -> f32) -> Tensor<1> {
+    let (dims, device) = (y.dims(), y.device());
+    let w: Vec<f32> = (0..dims.iter().product()).map(weight).collect();
+    (y * Tensor::<1>::from_floats(w.as_slice(), &device).reshape(dims)).sum()
+}
+
 /// Values, input gradient and observed range of one path.
 fn run_fake_quant(
     device: &Device,
@@ -123,15 +136,7 @@ fn run_fake_quant(
     let y = tensor::fake_quant(t.clone(), scale, zp, spec);
     let out = values(y.clone());
     // A non-uniform upstream gradient, so that a mask applied to the wrong element shows.
-    let weights = Tensor::<1>::from_floats(
-        (0..x.len())
-            .map(|i| 1.0 + i as f32)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        device,
-    )
-    .reshape(dims);
-    let grads = (y * weights).sum().backward();
+    let grads = weighted(y, |i| 1.0 + i as f32).backward();
     let grad = values(t.grad(&grads).expect("gradient"));
     let mut range = values(min);
     range.extend(values(max));
@@ -218,9 +223,7 @@ fn run_lsq(
     let o = Tensor::<1>::from_floats(vec![off; channels].as_slice(), device).require_grad();
     let factor = tensor::lsq_grad_factor(x.len() / channels, spec.qmax());
     let y = tensor::fake_quant_lsq(t.clone(), s.clone(), plus.then(|| o.clone()), spec, factor);
-    let weights: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 7) as f32).collect();
-    let weights = Tensor::<1>::from_floats(weights.as_slice(), device).reshape(dims);
-    let grads = (y.clone() * weights).sum().backward();
+    let grads = weighted(y.clone(), upstream).backward();
     (
         values(y),
         values(t.grad(&grads).expect("x gradient")),
@@ -263,7 +266,7 @@ fn lsq_agrees(
     let terms: f32 = x
         .iter()
         .enumerate()
-        .map(|(i, v)| (0.5 + (i % 7) as f32) * ((v.abs() + off.abs()) / step + 1.0))
+        .map(|(i, v)| upstream(i) * ((v.abs() + off.abs()) / step + 1.0))
         .sum();
     let tol = 16.0 * f32::EPSILON * factor * terms;
     let close = |a: &[f32], b: &[f32], what: &str| -> Result<(), TestCaseError> {
@@ -317,7 +320,7 @@ fn lsq_matches_f64_reference(
     for (i, &xi) in x.iter().enumerate() {
         let c = (i / inner) % channels;
         let s = step * (1.0 + (c % 5) as f32 * 0.37);
-        let g = 0.5 + (i % 7) as f32;
+        let g = upstream(i);
         let v = (xi - off) / s;
         let inside = v >= qmin && v <= qmax;
         let dv = if inside {
@@ -464,9 +467,7 @@ fn run_clip(
     } else {
         tensor::fake_quant_min_max(t.clone(), lo.clone(), hi.clone(), spec)
     };
-    let weights: Vec<f32> = (0..x.len()).map(|i| 0.5 + (i % 7) as f32).collect();
-    let weights = Tensor::<1>::from_floats(weights.as_slice(), device).reshape(dims);
-    let grads = (y.clone() * weights).sum().backward();
+    let grads = weighted(y.clone(), upstream).backward();
     let mut clips = if pact {
         vec![]
     } else {
@@ -511,7 +512,7 @@ fn fused_pact_and_min_max_equal_composed() {
                 params
             );
             prop_assert_eq!(bits(&fast.1), bits(&slow.1), "x gradient {:?}", params);
-            let mass: f32 = (0..x.len()).map(|i| 0.5 + (i % 7) as f32).sum();
+            let mass: f32 = (0..x.len()).map(upstream).sum();
             let tol = 4.0 * f32::EPSILON * mass;
             prop_assert_eq!(fast.2.len(), slow.2.len());
             for (p, q) in fast.2.iter().zip(&slow.2) {

@@ -35,6 +35,12 @@ fn is_pass_through(id: &str) -> bool {
     id == capture_ids::FAKE_QUANT || id == capture_ids::LSQ
 }
 
+/// Marked burn-qat ops the float graph cannot read through (a learned clip, an observer's
+/// range read by the forward): refused by name.
+fn is_refused_marked(op: &OperationIr) -> bool {
+    matches!(op, OperationIr::Custom(c) if c.id.starts_with(capture_ids::PREFIX) && !is_pass_through(&c.id))
+}
+
 /// The module path of a parameter `op` is computed from (walking back through the ops that
 /// made its inputs): where a marked quantizer lives, for messages.
 fn param_near(trace: &Trace, op: &OperationIr) -> Option<String> {
@@ -302,7 +308,7 @@ impl<'a> Lifter<'a> {
             }
             (OperationIr::Custom(c), _) => Err(self.err(
                 format!("the custom op `{}`", c.id),
-                if c.id.starts_with(capture_ids::PREFIX) {
+                if is_refused_marked(a) {
                     "a PACT or trainable min/max clip (or an observer's range) in the traced \
                      forward is part of what the model computes and is not lifted yet: trace the \
                      float model, graph mode places its own quantizers"
@@ -701,9 +707,11 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
     let live = live_ops(&trace.ops, trace.output);
     // A marked op the float graph cannot read through (a learned clip) is reported by name
     // before the arithmetic on its parameters fails with a less useful message.
-    let marked = trace.ops.iter().zip(&live).find(|(op, live)| {
-        **live && matches!(op, OperationIr::Custom(c) if c.id.starts_with(capture_ids::PREFIX) && !is_pass_through(&c.id))
-    });
+    let marked = trace
+        .ops
+        .iter()
+        .zip(&live)
+        .find(|(op, live)| **live && is_refused_marked(op));
     if let Some((op, _)) = marked {
         lifter.near = param_near(trace, op).unwrap_or_default();
         lifter.op(op, op)?;

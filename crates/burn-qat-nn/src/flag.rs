@@ -62,6 +62,12 @@ fn encode(on: bool, device: &Device) -> Tensor<1> {
 }
 
 impl FlagState {
+    /// Whether recorded values (a `[1]` flag tensor's, first value) say on: above 0.5. The one
+    /// decoding of a recorded flag, for readers of records and visitors.
+    pub fn decode(values: &[f32]) -> bool {
+        values.first().is_some_and(|v| *v > 0.5)
+    }
+
     /// A new state, `on` or off, with its tensor on `device`.
     pub fn new(on: bool, device: &Device) -> Self {
         Self::with_id(ParamId::new(), on, device)
@@ -163,14 +169,7 @@ impl Module for FlagState {
         let _ = mapper.map_float(param);
         let new = loaded.lock().unwrap_or_else(PoisonError::into_inner).take();
         if let Some(t) = new {
-            let on = t
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .ok()
-                .and_then(|v| v.first().copied())
-                .is_some_and(|v| v > 0.5);
-            self.set(on);
+            self.set(Self::decode(&crate::tree::to_vec(t)));
         }
         self
     }

@@ -37,7 +37,7 @@ fn freeze_shared<M: Module>(model: M, observing: bool) -> M {
         at.is(WeightFakeQuant::TYPE, WeightFakeQuant::FROZEN)
     })
     .into_iter()
-    .filter(|v| v.values.first().is_some_and(|x| *x > 0.5))
+    .filter(|v| crate::FlagState::decode(&v.values))
     .map(|v| v.at.prefix(1))
     .collect();
     tree::fill(model, |at| {

@@ -349,7 +349,7 @@ pub fn quantizers<M: Module>(model: &M) -> Vec<QuantizerState> {
             order.push(path.clone());
             QuantizerState::new(path, kind)
         });
-        let flag = v.values.first().is_some_and(|x| *x > 0.5);
+        let flag = crate::FlagState::decode(&v.values);
         let is = |holder: &str, fields: &[&str]| v.at.is_any(holder, fields);
         let (fq, w, l) = (
             FakeQuant::TYPE,

@@ -289,19 +289,29 @@ fn layout(x: &CubeTensor, axis: usize, params: usize) -> Channels {
     Channels::of(x.shape().as_slice(), axis, params)
 }
 
-/// Sums `terms` (shaped like the tensor the layout describes) per channel: `[channels]`.
-fn sum_per_channel(terms: CubeTensor, ch: Channels) -> CubeTensor {
-    let n = terms.shape().num_elements();
+/// Reduces `t` (shaped like the tensor the layout describes) per channel with `reduce_dim`
+/// (one of Burn's `*_dim` reductions) over a `[outer, channels, inner]` view (a reshape, not a
+/// copy): `[channels]`. Dimensions of size 1 are not reduced (Burn runs that as a full copy).
+fn per_channel(
+    t: CubeTensor,
+    ch: Channels,
+    reduce_dim: impl Fn(CubeTensor, usize) -> CubeTensor,
+) -> CubeTensor {
+    let n = t.shape().num_elements();
     let outer = n / (ch.channels * ch.inner).max(1);
-    let mut t = CubeBackend::float_reshape(terms, Shape::new([outer, ch.channels, ch.inner]));
-    // A reduction over a dimension of size 1 is a full copy: skipped.
+    let mut t = CubeBackend::float_reshape(t, Shape::new([outer, ch.channels, ch.inner]));
     if ch.inner > 1 {
-        t = CubeBackend::float_sum_dim(t, 2);
+        t = reduce_dim(t, 2);
     }
     if outer > 1 {
-        t = CubeBackend::float_sum_dim(t, 0);
+        t = reduce_dim(t, 0);
     }
     CubeBackend::float_reshape(t, Shape::new([ch.channels]))
+}
+
+/// Sums `terms` per channel (see [`per_channel`]).
+fn sum_per_channel(terms: CubeTensor, ch: Channels) -> CubeTensor {
+    per_channel(terms, ch, CubeBackend::float_sum_dim)
 }
 
 impl FakeQuantOps for CubeBackend {
@@ -495,10 +505,7 @@ impl FakeQuantOps for CubeBackend {
             hi_terms.clone().into_tensor_arg(),
             f32_type(),
         );
-        let whole = Channels {
-            channels: 1,
-            inner: n.max(1),
-        };
+        let whole = layout(&dx, 0, 1);
         (
             dx,
             sum_per_channel(lo_terms, whole),
@@ -524,27 +531,8 @@ impl FakeQuantOps for CubeBackend {
             clean.clone().into_tensor_arg(),
             f32_type(),
         );
-        let outer = n / (ch.channels * ch.inner).max(1);
-        let view = CubeBackend::float_reshape(clean, Shape::new([outer, ch.channels, ch.inner]));
-        // Dimensions of size 1 are not reduced (a full copy each).
-        let reduce = |mut t: CubeTensor, min: bool| {
-            let dim = |t: CubeTensor, d: usize| {
-                if min {
-                    CubeBackend::float_min_dim(t, d)
-                } else {
-                    CubeBackend::float_max_dim(t, d)
-                }
-            };
-            if ch.inner > 1 {
-                t = dim(t, 2);
-            }
-            if outer > 1 {
-                t = dim(t, 0);
-            }
-            CubeBackend::float_reshape(t, Shape::new([ch.channels]))
-        };
-        let lo = reduce(view.clone(), true);
-        let hi = reduce(view, false);
+        let lo = per_channel(clean.clone(), ch, CubeBackend::float_min_dim);
+        let hi = per_channel(clean, ch, CubeBackend::float_max_dim);
         (
             CubeBackend::float_clamp_max(lo, 0.0f32.into()),
             CubeBackend::float_clamp_min(hi, 0.0f32.into()),

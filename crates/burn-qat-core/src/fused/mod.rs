@@ -294,7 +294,7 @@ fn bounds(qmin: f32, qmax: f32, half_up: bool) -> Bounds {
 }
 
 /// The clip and grid of a [`FakeQuantOps::qat_clip_fake_quant`] call, from its `[1]` tensors.
-#[allow(dead_code)]
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 fn clip_of<T: HostF32>(lo: &T, hi: &T, grid: Option<(&T, &T)>) -> cpu::Clip {
     let first = |t: &T, default: f32| t.with_slice(|v| v.first().copied().unwrap_or(default));
     let (scale, zero_point) = grid.map_or((1.0, 0.0), |(s, z)| (first(s, 1.0), first(z, 0.0)));
@@ -491,21 +491,26 @@ impl<B: FakeQuantOps> Backward<B, 3> for LsqBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Saved<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved {
-            x,
-            a,
-            b,
-            axis,
-            qmin,
-            qmax,
-        } = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let (dx, ds, doff) = B::qat_lsq_grad(grad, x, a, b, axis, qmin, qmax);
-        let [px, ps, po] = ops.parents;
-        for (parent, g) in [(px, dx), (ps, ds), (po, doff)] {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
+        backward3(ops, grads, |g, s| {
+            B::qat_lsq_grad(g, s.x, s.a, s.b, s.axis, s.qmin, s.qmax)
+        });
+    }
+}
+
+/// The backward of a fused op with three tracked inputs (`x` and its two range parameters):
+/// `grads_of` turns the node's gradient and the saved state into one gradient per input, each
+/// registered with its parent (untracked parents get none).
+fn backward3<B: FakeQuantOps>(
+    ops: Ops<Saved<B>, 3>,
+    grads: &mut Gradients,
+    grads_of: impl FnOnce(FloatTensor<B>, Saved<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+) {
+    let grad = grads.consume::<B>(&ops.node);
+    let (g0, g1, g2) = grads_of(grad, ops.state);
+    let [p0, p1, p2] = ops.parents;
+    for (parent, g) in [(p0, g0), (p1, g1), (p2, g2)] {
+        if let Some(node) = parent {
+            grads.register::<B>(node.id, g);
         }
     }
 }
@@ -517,15 +522,9 @@ impl<B: FakeQuantOps> Backward<B, 3> for ClipBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Saved<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let Saved { x, a, b, .. } = ops.state;
-        let grad = grads.consume::<B>(&ops.node);
-        let (dx, dlo, dhi) = B::qat_clip_fake_quant_grad(grad, x, a, b);
-        let [px, plo, phi] = ops.parents;
-        for (parent, g) in [(px, dx), (plo, dlo), (phi, dhi)] {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        backward3(ops, grads, |g, s| {
+            B::qat_clip_fake_quant_grad(g, s.x, s.a, s.b)
+        });
     }
 }
 
