@@ -425,6 +425,129 @@ fn large_tensors_split_across_threads_equal_composed() {
     }
 }
 
+/// Values and the gradients of `z`, `divisor` and `bias` of BatchNorm folding's rescaling
+/// `z / divisor + bias` along `axis` of a `dims` tensor.
+fn run_divide_add(
+    device: &Device,
+    dims: [usize; 3],
+    axis: usize,
+    z: &[f32],
+    d: &[f32],
+    b: &[f32],
+) -> [Vec<f32>; 4] {
+    let zt = Tensor::<1>::from_floats(z, device)
+        .reshape(dims)
+        .require_grad();
+    let dt = Tensor::<1>::from_floats(d, device).require_grad();
+    let bt = Tensor::<1>::from_floats(b, device).require_grad();
+    let y = tensor::divide_add_channels(zt.clone(), dt.clone(), Some(bt.clone()), axis);
+    let out = values(y.clone());
+    let grads = weighted(y, upstream).backward();
+    let g = |t: &Tensor<1>| values(t.grad(&grads).expect("gradient"));
+    let dz = values(zt.grad(&grads).expect("gradient"));
+    [out, dz, g(&dt), g(&bt)]
+}
+
+/// Per-channel sums against the `f64` sums of the same terms: within `1e-5` of the sum of the
+/// terms' magnitudes (summation order differs; the fused sums are the more exact ones).
+fn close_sums(name: &str, fast: &[f32], slow: &[f32], magnitudes: &[f64]) {
+    assert_eq!(fast.len(), slow.len(), "{name}: lengths");
+    for (c, ((f, s), m)) in fast.iter().zip(slow).zip(magnitudes).enumerate() {
+        let tol = 1e-5 * m.max(1e-30);
+        assert!(
+            (f64::from(*f) - f64::from(*s)).abs() <= tol,
+            "{name}: channel {c}: fused {f} vs composed {s} (tolerance {tol})"
+        );
+    }
+}
+
+/// BatchNorm folding's `z / divisor + bias` (the folded layer's output turned back in
+/// training): fused values and `z`'s gradient bit-equal to the composed divide and add, the
+/// divisor's and bias's gradients (per-channel sums) equal up to summation order, per channel
+/// along every axis, the large case split across threads.
+#[test]
+fn fused_divide_add_equals_composed() {
+    for b in fused_backends("fused_divide_add_equals_composed") {
+        let device = b.device.clone().autodiff();
+        let one = |dims: [usize; 3], axis: usize, z: &[f32], d: &[f32], bias: &[f32]| {
+            let (fast, slow) = both(&device, || run_divide_add(&device, dims, axis, z, d, bias));
+            assert_eq!(
+                bits(&fast[0]),
+                bits(&slow[0]),
+                "{}: values {dims:?} axis {axis}",
+                b.name
+            );
+            assert_eq!(
+                bits(&fast[1]),
+                bits(&slow[1]),
+                "{}: dz {dims:?} axis {axis}",
+                b.name
+            );
+            // Magnitudes of the summed terms, per channel.
+            let c = dims[axis];
+            let inner: usize = dims[axis + 1..].iter().product();
+            let (mut mz, mut mg) = (vec![0.0f64; c], vec![0.0f64; c]);
+            for (i, &zv) in z.iter().enumerate() {
+                let ch = (i / inner) % c;
+                let g = f64::from(upstream(i));
+                mz[ch] += (g * f64::from(zv)).abs() / f64::from(d[ch] * d[ch]);
+                mg[ch] += g;
+            }
+            close_sums(&format!("{}: d(divisor)", b.name), &fast[2], &slow[2], &mz);
+            close_sums(&format!("{}: d(bias)", b.name), &fast[3], &slow[3], &mg);
+            // And against the formulas: -sum(g z) / d^2 and sum(g), in f64.
+            let (mut gz, mut gs) = (vec![0.0f64; c], vec![0.0f64; c]);
+            for (i, &zv) in z.iter().enumerate() {
+                let ch = (i / inner) % c;
+                gz[ch] += f64::from(upstream(i)) * f64::from(zv);
+                gs[ch] += f64::from(upstream(i));
+            }
+            let want_d: Vec<f32> = gz
+                .iter()
+                .zip(d)
+                .map(|(s, &d)| (-s / f64::from(d * d)) as f32)
+                .collect();
+            let want_b: Vec<f32> = gs.iter().map(|&s| s as f32).collect();
+            close_sums(
+                &format!("{}: d(divisor) formula", b.name),
+                &fast[2],
+                &want_d,
+                &mz,
+            );
+            close_sums(
+                &format!("{}: d(bias) formula", b.name),
+                &fast[3],
+                &want_b,
+                &mg,
+            );
+        };
+        let strategy =
+            (1usize..5, 1usize..6, 1usize..80, 0usize..3).prop_flat_map(|(a, c, w, axis)| {
+                let dims = [a, c, w];
+                let n = a * c * w;
+                (
+                    Just(dims),
+                    Just(axis),
+                    proptest::collection::vec(-4.0f32..4.0, n),
+                    proptest::collection::vec(
+                        prop_oneof![0.05f32..3.0, -3.0f32..-0.05],
+                        dims[axis],
+                    ),
+                    proptest::collection::vec(-1.0f32..1.0, dims[axis]),
+                )
+            });
+        check(&b, 128, strategy, |(dims, axis, z, d, bias)| {
+            one(dims, axis, &z, &d, &bias);
+            Ok(())
+        });
+        // Above the parallel threshold: a conv output [n, C, h*w] with runs of 676.
+        let n = 2 * fused::cpu::PARALLEL_MIN / (3 * 676) + 1;
+        let mut next = burn_qat_tests::uniform(11);
+        let z: Vec<f32> = (0..n * 3 * 676).map(|_| next() * 6.0 - 3.0).collect();
+        one([n, 3, 676], 1, &z, &[0.7, -1.3, 2.0], &[0.1, 0.0, -0.2]);
+    }
+}
+
 /// Golden values on ties through the fused path: half to even (`0.5 -> 0`, `2.5 -> 2`) and TF's
 /// half up (`0.5 -> 1`, `-0.5 -> 0`); a kernel that mixed up the two modes fails here.
 #[test]
@@ -579,6 +702,7 @@ fn each_fused_op_is_one_marked_op_in_a_capture_trace() {
             let y = tensor::fake_quant_pact(y, one(2.0), &spec);
             let (lo, _) = tensor::min_max(y.clone(), Granularity::PerTensor);
             let y = y + lo.reshape([1, 1]);
+            let y = tensor::divide_add_channels(y, one(2.0).repeat_dim(0, 3), None, 1);
             let (xi, yi) = (id(&x), id(&y));
             scope.complete([xi], [yi])
         })
@@ -598,7 +722,8 @@ fn each_fused_op_is_one_marked_op_in_a_capture_trace() {
             ids::FAKE_QUANT,
             ids::LSQ,
             ids::CLIP_FAKE_QUANT,
-            ids::MIN_MAX
+            ids::MIN_MAX,
+            ids::DIVIDE_ADD
         ],
         "{ops:?}"
     );

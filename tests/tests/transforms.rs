@@ -195,11 +195,65 @@ fn fused_module_in_training_matches_conv_bn_relu_with_batch_statistics() {
             };
             let f = fused(conv, bn, None, mode);
             let x = Tensor::<4>::random([3, 2, 7, 7], Distribution::Normal(0.0, 1.0), &d);
-            let want = values(burn::tensor::activation::relu(
+            let want = burn::tensor::activation::relu(
                 reference.bn.forward(reference.conv.forward(x.clone())),
-            ));
-            let got = values(f.forward(x));
-            assert_close(got, want, &format!("{} {mode:?} training forward", b.name));
+            );
+            let got = f.forward(x);
+            // Gradients under a non-uniform upstream gradient: the folded form trains the
+            // conv weight and bias, gamma and beta as conv + BatchNorm would.
+            let upstream = Tensor::<4>::random(want.dims(), Distribution::Uniform(0.5, 2.0), &d);
+            let g_want = (want.clone() * upstream.clone()).sum().backward();
+            let g_got = (got.clone() * upstream).sum().backward();
+            assert_close(
+                values(got),
+                values(want),
+                &format!("{} {mode:?} training forward", b.name),
+            );
+            let fbn = f.bn.as_ref().unwrap();
+            for (what, got, want) in [
+                (
+                    "conv weight",
+                    values(f.layer.weight.val().grad(&g_got).unwrap()),
+                    values(reference.conv.weight.val().grad(&g_want).unwrap()),
+                ),
+                (
+                    "gamma",
+                    values(fbn.gamma.val().grad(&g_got).unwrap()),
+                    values(reference.bn.gamma.val().grad(&g_want).unwrap()),
+                ),
+                (
+                    "beta",
+                    values(fbn.beta.val().grad(&g_got).unwrap()),
+                    values(reference.bn.beta.val().grad(&g_want).unwrap()),
+                ),
+            ] {
+                assert_close(
+                    got,
+                    want,
+                    &format!("{} {mode:?} gradient of the {what}", b.name),
+                );
+            }
+            // A per-channel shift before BatchNorm on batch statistics changes nothing: the conv
+            // bias's gradient is 0 up to rounding (against beta's, which is the sum of upstream).
+            let beta_scale: f32 = values(fbn.beta.val().grad(&g_got).unwrap())
+                .iter()
+                .map(|v| v.abs())
+                .sum();
+            // (The exact mode takes batch statistics without the bias: no gradient at all.)
+            let bias_grad = f.layer.bias.as_ref().unwrap().val().grad(&g_got);
+            assert_eq!(
+                bias_grad.is_some(),
+                mode == BnFoldMode::Approximate,
+                "{} {mode:?}",
+                b.name
+            );
+            for g in bias_grad.map(values).unwrap_or_default() {
+                assert!(
+                    g.abs() <= 1e-5 * beta_scale,
+                    "{} {mode:?}: conv bias gradient {g}",
+                    b.name
+                );
+            }
             assert_close(
                 values(f.bn.as_ref().unwrap().running_mean.value()),
                 values(reference.bn.running_mean.value()),

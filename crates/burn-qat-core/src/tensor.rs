@@ -489,3 +489,66 @@ pub fn fake_quant_min_max_composed<const D: usize>(
     let q = fake_quant_composed(y.clone().detach(), scale, zp, spec);
     y.clone() + (q - y).detach()
 }
+
+/// `z / divisor + bias` per channel along `axis` (`divisor`, `bias`: one value per channel,
+/// `bias` none for 0): how BatchNorm folding in training (PyTorch's approximate folding) turns
+/// the output of a layer with BatchNorm-scaled weights back to the unscaled layer's output.
+/// One fused op per pass where [`fused::available`](crate::fused::available) (the gradients of
+/// `z`, `divisor` and `bias` from one backward pass), the composed divide and add elsewhere
+/// ([`divide_add_channels_composed`]); same values either way.
+///
+/// # Panics
+///
+/// If `divisor` does not hold one value per channel of `z` along `axis`.
+///
+/// # Shapes
+///
+/// - z: `[d0, ..., C (at axis), ...]`
+/// - divisor, bias: `[C]`
+/// - output: as `z`
+///
+/// ```
+/// use burn::prelude::*;
+/// use burn_qat_core::tensor;
+///
+/// let device = Device::flex().autodiff();
+/// let z = Tensor::<2>::from_floats([[1.0, 4.0], [3.0, -8.0]], &device);
+/// let d = Tensor::<1>::from_floats([2.0, 4.0], &device);
+/// let b = Tensor::<1>::from_floats([0.5, 0.0], &device);
+/// let y = tensor::divide_add_channels(z, d, Some(b), 1);
+/// assert_eq!(y.into_data().to_vec::<f32>().unwrap(), vec![1.0, 1.0, 2.0, -2.0]);
+/// ```
+pub fn divide_add_channels<const D: usize>(
+    z: Tensor<D>,
+    divisor: Tensor<1>,
+    bias: Option<Tensor<1>>,
+    axis: usize,
+) -> Tensor<D> {
+    assert!(
+        axis < D && divisor.dims()[0] == z.dims()[axis],
+        "divide_add_channels: {} divisors for axis {axis} of a tensor of shape {:?}",
+        divisor.dims()[0],
+        z.dims()
+    );
+    if crate::fused::available(&z) {
+        let bias = bias.unwrap_or_else(|| divisor.zeros_like());
+        return crate::fused::divide_add(z, divisor, bias, axis);
+    }
+    divide_add_channels_composed(z, divisor, bias, axis)
+}
+
+/// [`divide_add_channels`] as Burn tensor ops (the reference the fused op is tested against).
+pub fn divide_add_channels_composed<const D: usize>(
+    z: Tensor<D>,
+    divisor: Tensor<1>,
+    bias: Option<Tensor<1>>,
+    axis: usize,
+) -> Tensor<D> {
+    let c = divisor.dims()[0];
+    let shape = channel_shape::<D>(c, Some(axis));
+    let y = z / divisor.reshape(shape);
+    match bias {
+        Some(b) => y + b.reshape(shape),
+        None => y,
+    }
+}

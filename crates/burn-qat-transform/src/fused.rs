@@ -4,7 +4,7 @@ use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{BatchNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation;
-use burn_qat_core::{Granularity, QatError, QuantSpec};
+use burn_qat_core::{Granularity, QatError, QuantSpec, tensor};
 use burn_qat_nn::FlagState;
 use burn_qat_nn::{
     ActQuant, FakeQuantConfig, LearnedRange, WeightFakeQuant, WeightFakeQuantConfig, param_with,
@@ -408,12 +408,9 @@ impl<L: Module> Fused<L> {
         let w = self.quantize_weight(
             self.layer.weight() * mul.clone().reshape(channel_shape::<DW>(c, L::WEIGHT_AXIS)),
         );
-        let y = self.layer.forward_with(input, w, None) / mul.reshape(channel_shape::<DI>(c, 1));
-        let y = match self.layer.bias() {
-            Some(b) => y + b.reshape(channel_shape::<DI>(c, 1)),
-            None => y,
-        };
-        bn.forward(y)
+        let y = self.layer.forward_with(input, w, None);
+        // `y / mul + bias`, one fused pass each way where the backend has the kernels.
+        bn.forward(tensor::divide_add_channels(y, mul, self.layer.bias(), 1))
     }
 
     fn forward_exact<const DI: usize, const DW: usize>(

@@ -17,9 +17,9 @@ use mnist::model::{BnNet, Classifier, Tutorial, prepare_qat};
 mod common;
 mod train_step;
 use common::mean;
-use train_step::bench_step;
+use train_step::{alternating_ratios, bench_step, stepper};
 
-fn model_steps<M: Classifier>(
+fn model_steps<M: Classifier + 'static>(
     c: &mut Criterion,
     name: &str,
     batch: usize,
@@ -40,6 +40,31 @@ fn model_steps<M: Classifier>(
     use burn_qat::nn::switches;
     let graph_off =
         switches::set_fake_quant_enabled(switches::freeze_observers(graph.clone()), false);
+    // The ratios that the README quotes: float, fake-quant-off and QAT steps taken in turn.
+    let (rounds, steps) = (15, 2);
+    let r = alternating_ratios(
+        &mut [
+            stepper(model.clone(), &x, &y),
+            stepper(graph_off.clone(), &x, &y),
+            stepper(graph.clone(), &x, &y),
+        ],
+        rounds,
+        steps,
+    );
+    let median = |r: &[f64]| {
+        format!(
+            "{:.3}x (rounds {:.3}-{:.3}x)",
+            r[rounds / 2],
+            r[0],
+            r[rounds - 1]
+        )
+    };
+    println!(
+        "RATIO {name} batch {batch}, alternating ({rounds} rounds of {steps} steps each), medians: \
+         QAT graph fake-quant off / float {}, QAT fused / float {}",
+        median(&r[0]),
+        median(&r[1])
+    );
     let group = format!("train_step_{name}_batch_{batch}");
     bench_step(c, &group, "float", model, true, &x, &y);
     bench_step(c, &group, "graph_fq_off", graph_off, true, &x, &y);

@@ -39,6 +39,11 @@ pub mod ids {
     /// [`FakeQuantOps::qat_min_max`](super::FakeQuantOps::qat_min_max): input `[x]`, scalars
     /// `[axis, channels]`, outputs `[min, max]`.
     pub const MIN_MAX: &str = "burn_qat.min_max";
+    /// [`FakeQuantOps::qat_divide_add`](super::FakeQuantOps::qat_divide_add) (BatchNorm
+    /// folding in training): inputs `[z, divisor, bias]`, scalars `[axis]`.
+    pub const DIVIDE_ADD: &str = "burn_qat.divide_add";
+    /// Its backward: inputs `[grad, z, divisor]`, scalars `[axis]`.
+    pub const DIVIDE_ADD_GRAD: &str = "burn_qat.divide_add_grad";
 }
 
 type T = FloatTensor<Capture>;
@@ -175,5 +180,25 @@ impl FakeQuantOps for Capture {
         let hi = out.pop().expect("two outputs were declared");
         let lo = out.pop().expect("two outputs were declared");
         (lo, hi)
+    }
+
+    fn qat_divide_add(z: T, divisor: T, bias: T, axis: usize) -> T {
+        let shape = z.shape();
+        one(record(
+            ids::DIVIDE_ADD,
+            vec![z, divisor, bias],
+            &[shape],
+            vec![uint(axis)],
+        ))
+    }
+
+    fn qat_divide_add_grad(grad: T, z: T, divisor: T, axis: usize) -> (T, T, T) {
+        let shapes = [z.shape(), divisor.shape(), divisor.shape()];
+        three(record(
+            ids::DIVIDE_ADD_GRAD,
+            vec![grad, z, divisor],
+            &shapes,
+            vec![uint(axis)],
+        ))
     }
 }

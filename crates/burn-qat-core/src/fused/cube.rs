@@ -289,6 +289,17 @@ fn layout(x: &CubeTensor, axis: usize, params: usize) -> Channels {
     Channels::of(x.shape().as_slice(), axis, params)
 }
 
+/// The shape that broadcasts `channels` values along `axis` of `x` (all ones but `axis`; all
+/// ones per tensor).
+fn broadcast_shape(x: &CubeTensor, axis: usize, channels: usize) -> Shape {
+    let rank = x.shape().num_dims();
+    let mut dims = vec![1; rank];
+    if channels > 1 && axis < rank {
+        dims[axis] = channels;
+    }
+    Shape::from(dims)
+}
+
 /// Reduces `t` (shaped like the tensor the layout describes) per channel with `reduce_dim`
 /// (one of Burn's `*_dim` reductions) over a `[outer, channels, inner]` view (a reshape, not a
 /// copy): `[channels]`. Dimensions of size 1 are not reduced (Burn runs that as a full copy).
@@ -537,5 +548,38 @@ impl FakeQuantOps for CubeBackend {
             CubeBackend::float_clamp_max(lo, 0.0f32.into()),
             CubeBackend::float_clamp_min(hi, 0.0f32.into()),
         )
+    }
+
+    fn qat_divide_add(
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        axis: usize,
+    ) -> FloatTensor<Self> {
+        // Two elementwise ops, which the fusion wrapper around this backend merges anyway.
+        let shape = broadcast_shape(&z, axis, divisor.shape().num_elements());
+        let d = CubeBackend::float_reshape(divisor, shape.clone());
+        let b = CubeBackend::float_reshape(bias, shape);
+        CubeBackend::float_add(CubeBackend::float_div(z, d), b)
+    }
+
+    fn qat_divide_add_grad(
+        grad: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        axis: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (grad, z) = (into_contiguous(grad), into_contiguous(z));
+        let channels = divisor.shape().num_elements();
+        let ch = layout(&z, axis, channels);
+        let shape = broadcast_shape(&z, axis, channels);
+        let d = CubeBackend::float_reshape(divisor.clone(), shape);
+        let dz = CubeBackend::float_mul(grad.clone(), CubeBackend::float_recip(d));
+        let gz = sum_per_channel(CubeBackend::float_mul(grad.clone(), z), ch);
+        let dd = CubeBackend::float_neg(CubeBackend::float_div(
+            gz,
+            CubeBackend::float_mul(divisor.clone(), divisor),
+        ));
+        (dz, dd, sum_per_channel(grad, ch))
     }
 }

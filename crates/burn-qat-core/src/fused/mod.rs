@@ -204,6 +204,27 @@ pub trait FakeQuantOps: Backend {
         axis: usize,
         channels: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `z / divisor + bias` per channel along `axis` (`divisor`, `bias`: `[C]`), BatchNorm
+    /// folding's rescaling of a layer's output (see [`divide_add`]); under autodiff the
+    /// gradients of all three come from one backward pass.
+    #[fusion(dtype = z, shape = z)]
+    fn qat_divide_add(
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        axis: usize,
+    ) -> FloatTensor<Self>;
+
+    /// The backward of [`qat_divide_add`](FakeQuantOps::qat_divide_add):
+    /// `(grad * (1 / d), -sum(grad * z) / d^2, sum(grad))`, the sums per channel.
+    #[fusion(meta = |_grad, z, divisor, _axis| (z.clone(), divisor.clone(), divisor.clone()))]
+    fn qat_divide_add_grad(
+        grad: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        axis: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// A CPU backend's float primitive read as a host `f32` slice and built from a `Vec<f32>`.
@@ -396,6 +417,52 @@ macro_rules! cpu_backend {
                 )
             }
 
+            fn qat_divide_add(
+                z: FloatTensor<Self>,
+                divisor: FloatTensor<Self>,
+                bias: FloatTensor<Self>,
+                axis: usize,
+            ) -> FloatTensor<Self> {
+                let dims = z.dims();
+                let out = divisor.with_slice(|d| {
+                    bias.with_slice(|b| {
+                        z.with_slice(|z| {
+                            let p = Params::new(d, b, Channels::of(&dims, axis, d.len()));
+                            cpu::divide_add(z, &p)
+                        })
+                    })
+                });
+                HostF32::from_vec(out, dims)
+            }
+
+            fn qat_divide_add_grad(
+                grad: FloatTensor<Self>,
+                z: FloatTensor<Self>,
+                divisor: FloatTensor<Self>,
+                axis: usize,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                let dims = z.dims();
+                let channels = divisor.dims();
+                let d = divisor.with_slice(|d| d.to_vec());
+                let r: Vec<f32> = d.iter().map(|d| 1.0 / d).collect();
+                let p = Params::new(&r, &d, Channels::of(&dims, axis, d.len()));
+                let mut sums = (Vec::new(), Vec::new());
+                let dz = grad.map_in_place(|g| {
+                    sums = z.with_slice(|z| cpu::divide_add_grad(g, z, &p));
+                });
+                let (gz, g) = sums;
+                let dd = gz
+                    .iter()
+                    .zip(d.iter().cycle())
+                    .map(|(&s, &d)| -s / (d * d))
+                    .collect();
+                (
+                    dz,
+                    HostF32::from_vec(dd, channels.clone()),
+                    HostF32::from_vec(g, channels),
+                )
+            }
+
             fn qat_clip_fake_quant(
                 x: FloatTensor<Self>,
                 lo: FloatTensor<Self>,
@@ -512,6 +579,19 @@ fn backward3<B: FakeQuantOps>(
         if let Some(node) = parent {
             grads.register::<B>(node.id, g);
         }
+    }
+}
+
+#[derive(Debug)]
+struct DivideAddBackward;
+
+impl<B: FakeQuantOps> Backward<B, 3> for DivideAddBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Saved<B>, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        backward3(ops, grads, |g, s| {
+            B::qat_divide_add_grad(g, s.x, s.a, s.axis)
+        });
     }
 }
 
@@ -700,6 +780,57 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         let (lo, hi) = B::qat_min_max(x.into_primitive(), axis, channels);
         (FloatTensor::<Self>::new(lo), FloatTensor::<Self>::new(hi))
     }
+
+    fn qat_divide_add(
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        axis: usize,
+    ) -> FloatTensor<Self> {
+        let nodes = [z.node(), divisor.node(), bias.node()];
+        let prep = DivideAddBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful();
+        let (z, d, b) = (
+            z.into_primitive(),
+            divisor.into_primitive(),
+            bias.into_primitive(),
+        );
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let saved = Saved {
+                    x: z.clone(),
+                    a: d.clone(),
+                    b: b.clone(),
+                    axis,
+                    qmin: 0.0,
+                    qmax: 0.0,
+                };
+                prep.finish(saved, B::qat_divide_add(z, d, b, axis))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::qat_divide_add(z, d, b, axis)),
+        }
+    }
+
+    fn qat_divide_add_grad(
+        grad: FloatTensor<Self>,
+        z: FloatTensor<Self>,
+        divisor: FloatTensor<Self>,
+        axis: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dz, dd, db) = B::qat_divide_add_grad(
+            grad.into_primitive(),
+            z.into_primitive(),
+            divisor.into_primitive(),
+            axis,
+        );
+        (
+            FloatTensor::<Self>::new(dz),
+            FloatTensor::<Self>::new(dd),
+            FloatTensor::<Self>::new(db),
+        )
+    }
 }
 
 /// Fused [`tensor::fake_quant`](crate::tensor::fake_quant): `scale`, `zero_point` of shape
@@ -796,6 +927,25 @@ pub fn clip_fake_quant<const D: usize>(
         qmin,
         qmax,
         half_up,
+    );
+    Tensor::from_dispatch(y)
+}
+
+/// Fused `z / divisor + bias` per channel along `axis` (`divisor`, `bias`: `[z.dims()[axis]]`,
+/// both receiving gradients): the rescaling that BatchNorm folding applies to a layer's output
+/// (see [`tensor::divide_add_channels`](crate::tensor::divide_add_channels), which picks this
+/// or the composed ops). Call only where [`available`] says so and not on the capture device.
+pub fn divide_add<const D: usize>(
+    z: Tensor<D>,
+    divisor: Tensor<1>,
+    bias: Tensor<1>,
+    axis: usize,
+) -> Tensor<D> {
+    let y = Dispatch::qat_divide_add(
+        z.into_dispatch(),
+        divisor.into_dispatch(),
+        bias.into_dispatch(),
+        axis,
     );
     Tensor::from_dispatch(y)
 }

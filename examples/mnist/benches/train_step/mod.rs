@@ -60,3 +60,45 @@ pub fn bench_step<M: Classifier>(
     });
     g.finish();
 }
+
+/// A model that takes one training step per call (its optimizer state inside).
+pub fn stepper<M: Classifier + 'static>(
+    model: M,
+    x: &Tensor<4>,
+    y: &Tensor<1, Int>,
+) -> Box<dyn FnMut()> {
+    let (x, y) = (x.clone(), y.clone());
+    let mut optim = AdamConfig::new().init();
+    let mut model = Some(model);
+    Box::new(move || model = Some(step(model.take().expect("model"), &mut optim, &x, &y)))
+}
+
+/// Step times of several models taken in turn, `steps` steps of each per round, so that a
+/// change in the machine's load between criterion's separate runs cannot show as a ratio.
+/// Returns, for every model after the first, its per-round ratios to the first, sorted (the
+/// median in the middle).
+#[allow(dead_code)] // used by `qat_step`, not by `graph`
+pub fn alternating_ratios(
+    models: &mut [Box<dyn FnMut()>],
+    rounds: usize,
+    steps: usize,
+) -> Vec<Vec<f64>> {
+    // One untimed step each: first-call allocations and Adam's state.
+    models.iter_mut().for_each(|m| m());
+    let mut ratios = vec![Vec::with_capacity(rounds); models.len().saturating_sub(1)];
+    for _ in 0..rounds {
+        let times: Vec<f64> = models
+            .iter_mut()
+            .map(|m| {
+                let start = std::time::Instant::now();
+                (0..steps).for_each(|_| m());
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        for (r, t) in ratios.iter_mut().zip(&times[1..]) {
+            r.push(t / times[0]);
+        }
+    }
+    ratios.iter_mut().for_each(|r| r.sort_by(f64::total_cmp));
+    ratios
+}
