@@ -1,7 +1,7 @@
 //! The fused fake-quant kernels against the composed tensor ops they replace, on every backend
-//! that has them (flex, ndarray): values and the input gradient bit-equal, learned-range
-//! gradients equal up to summation order, observers' ranges bit-equal. Backends without fused
-//! kernels (wgpu) are skipped by name: they run the composed ops, which `properties.rs` tests.
+//! that has them (flex, ndarray, wgpu): values and the input gradient bit-equal, learned-range
+//! gradients equal up to summation order, observers' ranges bit-equal. A backend without fused
+//! kernels would be skipped by name: it runs the composed ops, which `properties.rs` tests.
 
 use burn::prelude::*;
 use burn_qat::core::{fused, tensor};

@@ -40,8 +40,15 @@ fn model_steps<M: Classifier + 'static>(
     use burn_qat::nn::switches;
     let graph_off =
         switches::set_fake_quant_enabled(switches::freeze_observers(graph.clone()), false);
-    // The ratios that the README quotes: float, fake-quant-off and QAT steps taken in turn.
-    let (rounds, steps) = (15, 2);
+    // The ratios that the README quotes: float, fake-quant-off and QAT steps taken in turn
+    // (skipped when a criterion filter names other benchmarks, e.g. for profiling).
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if filter.is_some_and(|f| !"alternating".contains(f.as_str())) {
+        return criterion_steps(c, name, batch, model, graph, graph_off, &x, &y);
+    }
+    // Rounds of at least about half a second, so that the cost of switching models (caches,
+    // the allocator's free lists) stays small against the steps.
+    let (rounds, steps) = (15, if batch < 64 { 100 } else { 2 });
     let r = alternating_ratios(
         &mut [
             stepper(model.clone(), &x, &y),
@@ -65,6 +72,22 @@ fn model_steps<M: Classifier + 'static>(
         median(&r[0]),
         median(&r[1])
     );
+    criterion_steps(c, name, batch, model, graph, graph_off, &x, &y);
+}
+
+/// The four steps of `model_steps` under criterion, and their ratios.
+#[allow(clippy::too_many_arguments)]
+fn criterion_steps<M: Classifier + 'static>(
+    c: &mut Criterion,
+    name: &str,
+    batch: usize,
+    model: M,
+    graph: burn_qat::graph::QatGraph,
+    graph_off: burn_qat::graph::QatGraph,
+    x: &Tensor<4>,
+    y: &Tensor<1, Int>,
+) {
+    let (x, y) = (x.clone(), y.clone());
     let group = format!("train_step_{name}_batch_{batch}");
     bench_step(c, &group, "float", model, true, &x, &y);
     bench_step(c, &group, "graph_fq_off", graph_off, true, &x, &y);

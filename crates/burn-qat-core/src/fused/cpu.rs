@@ -212,18 +212,45 @@ impl Slot for std::mem::MaybeUninit<f32> {
 macro_rules! map_seg {
     ($seg:expr, $out:expr, $xs:expr, |$x:ident, $a:ident, $b:ident| $body:expr) => {
         match $seg {
-            Seg::Const($a, $b) => {
-                for (y, &$x) in $out.iter_mut().zip($xs) {
-                    y.put($body);
-                }
-            }
-            Seg::Slice(sa, sb) => {
-                for ((y, &$x), (&$a, &$b)) in $out.iter_mut().zip($xs).zip(sa.iter().zip(sb)) {
-                    y.put($body);
-                }
-            }
+            Seg::Const(a, b) => map_const($out, $xs, a, b, |$x, $a, $b| $body),
+            Seg::Slice(sa, sb) => map_slice($out, $xs, sa, sb, |$x, $a, $b| $body),
         }
     };
+}
+
+/// `ys[i] = op(xs[i], a, b)`. Compiled for AVX-512 and AVX2 as well as the baseline, the best
+/// picked at run time (the same results: Rust never contracts to FMA).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn map_const<S: Slot, F: Fn(f32, f32, f32) -> f32>(
+    ys: &mut [S],
+    xs: &[f32],
+    a: f32,
+    b: f32,
+    op: F,
+) {
+    for (y, &x) in ys.iter_mut().zip(xs) {
+        y.put(op(x, a, b));
+    }
+}
+
+/// `ys[i] = op(xs[i], a[i], b[i])`, compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn map_slice<S: Slot, F: Fn(f32, f32, f32) -> f32>(
+    ys: &mut [S],
+    xs: &[f32],
+    sa: &[f32],
+    sb: &[f32],
+    op: F,
+) {
+    for ((y, &x), (&a, &b)) in ys.iter_mut().zip(xs).zip(sa.iter().zip(sb)) {
+        y.put(op(x, a, b));
+    }
 }
 
 /// A fresh `n`-element output filled by `kernel(range, out)` in parallel chunks. The buffer is
@@ -299,24 +326,46 @@ pub fn fake_quant_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) {
             p.walk(range, |start, end, seg, _| {
                 let xs = &x[start..end];
                 let gs = &mut out[start - base..end - base];
+                let inside = |x: f32, s: f32, zp: f32| {
+                    let v = x / s + zp;
+                    v >= b.qmin && v <= b.qmax
+                };
                 match seg {
-                    Seg::Const(s, zp) => {
-                        for (g, &x) in gs.iter_mut().zip(xs) {
-                            let v = x / s + zp;
-                            *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
-                        }
-                    }
-                    Seg::Slice(ss, zs) => {
-                        for ((g, &x), (&s, &zp)) in gs.iter_mut().zip(xs).zip(ss.iter().zip(zs)) {
-                            let v = x / s + zp;
-                            *g = if v >= b.qmin && v <= b.qmax { *g } else { 0.0 };
-                        }
-                    }
+                    Seg::Const(s, zp) => mask_const(gs, xs, s, zp, inside),
+                    Seg::Slice(ss, zs) => mask_slice(gs, xs, ss, zs, inside),
                 }
             });
         },
         |(), ()| (),
     )
+}
+
+/// `gs[i] = 0` where `keep(xs[i], a, b)` is false, compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn mask_const<F: Fn(f32, f32, f32) -> bool>(gs: &mut [f32], xs: &[f32], a: f32, b: f32, keep: F) {
+    for (g, &x) in gs.iter_mut().zip(xs) {
+        *g = if keep(x, a, b) { *g } else { 0.0 };
+    }
+}
+
+/// `gs[i] = 0` where `keep(xs[i], a[i], b[i])` is false, compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn mask_slice<F: Fn(f32, f32, f32) -> bool>(
+    gs: &mut [f32],
+    xs: &[f32],
+    sa: &[f32],
+    sb: &[f32],
+    keep: F,
+) {
+    for ((g, &x), (&a, &b)) in gs.iter_mut().zip(xs).zip(sa.iter().zip(sb)) {
+        *g = if keep(x, a, b) { *g } else { 0.0 };
+    }
 }
 
 /// Independent partial sums: a reduction written as one running sum is a serial chain of
@@ -506,6 +555,37 @@ pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) 
     (dlo as f32, dhi as f32)
 }
 
+/// One block of [`divide_add_grad`]: `gs[i] *= r`, returning `sum(g * z)` and `sum(g)` of the
+/// incoming values, summed in 16 `f32` lanes. Compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn scale_and_sum(gs: &mut [f32], zs: &[f32], r: f32) -> (f64, f64) {
+    const L: usize = MIN_MAX_LANES;
+    let (mut a, mut c) = ([0.0f32; L], [0.0f32; L]);
+    let mut g_runs = gs.chunks_exact_mut(L);
+    let mut z_runs = zs.chunks_exact(L);
+    for (gr, zr) in (&mut g_runs).zip(&mut z_runs) {
+        for k in 0..L {
+            let gv = gr[k];
+            a[k] += gv * zr[k];
+            c[k] += gv;
+            gr[k] = gv * r;
+        }
+    }
+    let (mut sa, mut sc) = (
+        a.iter().map(|&v| f64::from(v)).sum::<f64>(),
+        c.iter().map(|&v| f64::from(v)).sum::<f64>(),
+    );
+    for (gv, &zv) in g_runs.into_remainder().iter_mut().zip(z_runs.remainder()) {
+        sa += f64::from(*gv * zv);
+        sc += f64::from(*gv);
+        *gv *= r;
+    }
+    (sa, sc)
+}
+
 /// BatchNorm folding's rescaling of a layer's output: `z / d + b` per element, `d`, `b` of the
 /// element's channel (the same two roundings as the composed divide and add).
 pub fn divide_add(z: &[f32], p: &Params) -> Vec<f32> {
@@ -527,7 +607,6 @@ const SUM_BLOCK: usize = 1024;
 /// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)`. Sums run in 16 `f32` lanes over blocks of
 /// [`SUM_BLOCK`] elements added up in `f64` (Burn's own `sum_dim` sums in `f32` throughout).
 pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Vec<f32>) {
-    const L: usize = MIN_MAX_LANES;
     let slots = p.slots();
     let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
         let base = range.start;
@@ -539,27 +618,7 @@ pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Ve
             match seg {
                 Seg::Const(r, _) => {
                     for (gs, zs) in gs.chunks_mut(SUM_BLOCK).zip(zs.chunks(SUM_BLOCK)) {
-                        let (mut a, mut c) = ([0.0f32; L], [0.0f32; L]);
-                        let mut g_runs = gs.chunks_exact_mut(L);
-                        let mut z_runs = zs.chunks_exact(L);
-                        for (gr, zr) in (&mut g_runs).zip(&mut z_runs) {
-                            for k in 0..L {
-                                let gv = gr[k];
-                                a[k] += gv * zr[k];
-                                c[k] += gv;
-                                gr[k] = gv * r;
-                            }
-                        }
-                        let (mut sa, mut sc) = (
-                            a.iter().map(|&v| f64::from(v)).sum::<f64>(),
-                            c.iter().map(|&v| f64::from(v)).sum::<f64>(),
-                        );
-                        for (gv, &zv) in g_runs.into_remainder().iter_mut().zip(z_runs.remainder())
-                        {
-                            sa += f64::from(*gv * zv);
-                            sc += f64::from(*gv);
-                            *gv *= r;
-                        }
+                        let (sa, sc) = scale_and_sum(gs, zs, r);
                         gz[slot] += sa;
                         g[slot] += sc;
                     }
@@ -592,6 +651,37 @@ pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Ve
 /// Independent running minima and maxima per stretch (four SSE or two AVX registers).
 const MIN_MAX_LANES: usize = 16;
 
+/// The minimum and maximum of `lo`, `hi` and the finite values of `xs` (non-finite values count
+/// as 0). Independent lanes: one running minimum is a serial chain of compares that the
+/// compiler may not reorder (profile: 3% of a `bn` QAT step, scalar). Compiled like
+/// [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn min_max_run(xs: &[f32], lo: f32, hi: f32) -> (f32, f32) {
+    let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
+    let (mut l, mut h) = ([lo; MIN_MAX_LANES], [hi; MIN_MAX_LANES]);
+    let mut runs = xs.chunks_exact(MIN_MAX_LANES);
+    for run in &mut runs {
+        for k in 0..MIN_MAX_LANES {
+            let v = finite(run[k]);
+            l[k] = if v < l[k] { v } else { l[k] };
+            h[k] = if v > h[k] { v } else { h[k] };
+        }
+    }
+    let (mut l, mut h) = (
+        l.into_iter().fold(lo, f32::min),
+        h.into_iter().fold(hi, f32::max),
+    );
+    for &v in runs.remainder() {
+        let v = finite(v);
+        l = if v < l { v } else { l };
+        h = if v > h { v } else { h };
+    }
+    (l, h)
+}
+
 /// Per-channel minimum and maximum in one pass, NaN and infinities skipped, widened to contain
 /// 0 (what observers record).
 pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
@@ -607,26 +697,7 @@ pub fn min_max(x: &[f32], ch: Channels) -> (Vec<f32>, Vec<f32>) {
             let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
             match seg {
                 Seg::Const(..) => {
-                    // Independent lanes: one running min is a serial chain of compares that
-                    // the compiler may not reorder (profile: 3% of a `bn` QAT step, scalar).
-                    let (mut l, mut h) = ([lo[slot]; MIN_MAX_LANES], [hi[slot]; MIN_MAX_LANES]);
-                    let mut runs = xs.chunks_exact(MIN_MAX_LANES);
-                    for run in &mut runs {
-                        for k in 0..MIN_MAX_LANES {
-                            let v = finite(run[k]);
-                            l[k] = if v < l[k] { v } else { l[k] };
-                            h[k] = if v > h[k] { v } else { h[k] };
-                        }
-                    }
-                    let (mut l, mut h) = (
-                        l.into_iter().fold(lo[slot], f32::min),
-                        h.into_iter().fold(hi[slot], f32::max),
-                    );
-                    for &v in runs.remainder() {
-                        let v = finite(v);
-                        l = if v < l { v } else { l };
-                        h = if v > h { v } else { h };
-                    }
+                    let (l, h) = min_max_run(xs, lo[slot], hi[slot]);
                     lo[slot] = l;
                     hi[slot] = h;
                 }

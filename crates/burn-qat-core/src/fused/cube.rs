@@ -41,6 +41,51 @@ fn clamp_keep_nan<F: Float>(q: F, lo: F, hi: F) -> F {
     out
 }
 
+/// The channel of element `i` (see [`ChannelMode`]): integer division and remainder are
+/// skipped where the layout makes them trivial (software Vulkan runs them per element on the
+/// CPU, where they do not vectorize).
+#[cube]
+fn channel_of(i: usize, inner: usize, channels: usize, #[comptime] mode: u32) -> usize {
+    let mut c = 0;
+    if comptime!(mode == ChannelMode::Outer as u32) {
+        c = i / inner;
+    } else if comptime!(mode == ChannelMode::Inner as u32) {
+        c = i % channels;
+    } else if comptime!(mode == ChannelMode::General as u32) {
+        c = (i / inner) % channels;
+    }
+    c
+}
+
+/// How a kernel finds an element's channel, fixed per launch.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ChannelMode {
+    /// One channel: 0.
+    PerTensor = 0,
+    /// The channel axis is the outermost: `i / inner`.
+    Outer = 1,
+    /// The channel axis is the innermost: `i % channels`.
+    Inner = 2,
+    /// `(i / inner) % channels`.
+    General = 3,
+}
+
+impl ChannelMode {
+    /// The mode of a layout over `n` elements.
+    fn of(ch: Channels, n: usize) -> u32 {
+        let mode = if ch.channels <= 1 {
+            Self::PerTensor
+        } else if ch.inner == 1 {
+            Self::Inner
+        } else if n == ch.channels * ch.inner {
+            Self::Outer
+        } else {
+            Self::General
+        };
+        mode as u32
+    }
+}
+
 #[cube(launch)]
 fn fake_quant_kernel<F: Float>(
     x: &Tensor<F>,
@@ -49,6 +94,7 @@ fn fake_quant_kernel<F: Float>(
     out: &mut Tensor<F>,
     inner: usize,
     channels: usize,
+    #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
     #[comptime] half_up: bool,
@@ -58,7 +104,7 @@ fn fake_quant_kernel<F: Float>(
     if i >= out.len() {
         terminate!();
     }
-    let c = (i / inner) % channels;
+    let c = channel_of(i, inner, channels, mode);
     let s = scale[c];
     let zp = zero_point[c];
     let v = x[i] / s;
@@ -79,6 +125,7 @@ fn fake_quant_grad_kernel<F: Float>(
     out: &mut Tensor<F>,
     inner: usize,
     channels: usize,
+    #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
     #[define(F)] _dtype: ElemType,
@@ -87,7 +134,7 @@ fn fake_quant_grad_kernel<F: Float>(
     if i >= out.len() {
         terminate!();
     }
-    let c = (i / inner) % channels;
+    let c = channel_of(i, inner, channels, mode);
     let v = x[i] / scale[c] + zero_point[c];
     let mut g = F::new(0.0);
     if v >= F::cast_from(qmin) && v <= F::cast_from(qmax) {
@@ -104,6 +151,7 @@ fn lsq_kernel<F: Float>(
     out: &mut Tensor<F>,
     inner: usize,
     channels: usize,
+    #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
     #[define(F)] _dtype: ElemType,
@@ -112,7 +160,7 @@ fn lsq_kernel<F: Float>(
     if i >= out.len() {
         terminate!();
     }
-    let c = (i / inner) % channels;
+    let c = channel_of(i, inner, channels, mode);
     let s = step[c];
     let o = offset[c];
     let v = clamp_keep_nan::<F>((x[i] - o) / s, F::cast_from(qmin), F::cast_from(qmax));
@@ -132,6 +180,7 @@ fn lsq_grad_kernel<F: Float>(
     offset_terms: &mut Tensor<F>,
     inner: usize,
     channels: usize,
+    #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
     #[define(F)] _dtype: ElemType,
@@ -140,7 +189,7 @@ fn lsq_grad_kernel<F: Float>(
     if i >= dx.len() {
         terminate!();
     }
-    let c = (i / inner) % channels;
+    let c = channel_of(i, inner, channels, mode);
     let lo = F::cast_from(qmin);
     let hi = F::cast_from(qmax);
     let v = (x[i] - offset[c]) / step[c];
@@ -339,7 +388,8 @@ impl FakeQuantOps for CubeBackend {
         let (scale, zero_point) = (into_contiguous(scale), into_contiguous(zero_point));
         let ch = layout(&x, axis, scale.shape().num_elements());
         let out = empty_like(&x);
-        let (count, dim) = launch_grid(&x.client, x.shape().num_elements());
+        let n = x.shape().num_elements();
+        let (count, dim) = launch_grid(&x.client, n);
         fake_quant_kernel::launch(
             &x.client.clone(),
             count,
@@ -350,6 +400,7 @@ impl FakeQuantOps for CubeBackend {
             out.clone().into_tensor_arg(),
             ch.inner,
             ch.channels,
+            ChannelMode::of(ch, n),
             qmin,
             qmax,
             half_up,
@@ -371,7 +422,8 @@ impl FakeQuantOps for CubeBackend {
         let (scale, zero_point) = (into_contiguous(scale), into_contiguous(zero_point));
         let ch = layout(&x, axis, scale.shape().num_elements());
         let out = empty_like(&x);
-        let (count, dim) = launch_grid(&x.client, x.shape().num_elements());
+        let n = x.shape().num_elements();
+        let (count, dim) = launch_grid(&x.client, n);
         fake_quant_grad_kernel::launch(
             &x.client.clone(),
             count,
@@ -383,6 +435,7 @@ impl FakeQuantOps for CubeBackend {
             out.clone().into_tensor_arg(),
             ch.inner,
             ch.channels,
+            ChannelMode::of(ch, n),
             qmin,
             qmax,
             f32_type(),
@@ -402,7 +455,8 @@ impl FakeQuantOps for CubeBackend {
         let (step, offset) = (into_contiguous(step), into_contiguous(offset));
         let ch = layout(&x, axis, step.shape().num_elements());
         let out = empty_like(&x);
-        let (count, dim) = launch_grid(&x.client, x.shape().num_elements());
+        let n = x.shape().num_elements();
+        let (count, dim) = launch_grid(&x.client, n);
         lsq_kernel::launch(
             &x.client.clone(),
             count,
@@ -413,6 +467,7 @@ impl FakeQuantOps for CubeBackend {
             out.clone().into_tensor_arg(),
             ch.inner,
             ch.channels,
+            ChannelMode::of(ch, n),
             qmin,
             qmax,
             f32_type(),
@@ -435,7 +490,8 @@ impl FakeQuantOps for CubeBackend {
         let dx = empty_like(&x);
         let step_terms = empty_like(&x);
         let offset_terms = empty_like(&x);
-        let (count, dim) = launch_grid(&x.client, x.shape().num_elements());
+        let n = x.shape().num_elements();
+        let (count, dim) = launch_grid(&x.client, n);
         lsq_grad_kernel::launch(
             &x.client.clone(),
             count,
@@ -449,6 +505,7 @@ impl FakeQuantOps for CubeBackend {
             offset_terms.clone().into_tensor_arg(),
             ch.inner,
             ch.channels,
+            ChannelMode::of(ch, n),
             qmin,
             qmax,
             f32_type(),

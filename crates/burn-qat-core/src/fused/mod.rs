@@ -18,7 +18,9 @@
 //!
 //! Ops: fake-quant ([`fake_quant`]), LSQ/LSQ+ ([`lsq`], step and offset gradients reduced in the
 //! backward pass), PACT and trainable min/max ([`clip_fake_quant`], the clips' gradients reduced
-//! likewise) and observers' per-channel min/max ([`min_max`], no transpose).
+//! likewise), observers' per-channel min/max ([`min_max`], no transpose), and BatchNorm
+//! folding's per-channel rescaling in training ([`divide_add`], the divisor's and bias's
+//! gradients reduced likewise).
 //!
 //! ```
 //! use burn::prelude::*;

@@ -62,6 +62,7 @@ pub fn bench_step<M: Classifier>(
 }
 
 /// A model that takes one training step per call (its optimizer state inside).
+#[allow(dead_code)] // used by `qat_step`, not by `graph`
 pub fn stepper<M: Classifier + 'static>(
     model: M,
     x: &Tensor<4>,
