@@ -369,37 +369,77 @@ fn mask_slice<F: Fn(f32, f32, f32) -> bool>(
 }
 
 /// Independent partial sums: a reduction written as one running sum is a serial chain of
-/// additions (the compiler may not reorder float sums); element `i` of each run of `LANES` goes
-/// to lane `i`. Measured: no faster than one chain for LSQ and PACT, whose per-element `f64`
-/// conversions stay scalar (profile); an `f32` sum per block would vectorize but loosen the
-/// sums' precision, which the tests hold to `f64`.
-const LANES: usize = 8;
+/// additions (the compiler may not reorder float sums), and `f64` conversions per element do
+/// not vectorize (profile: two thirds of a PACT step). So element `i` of each run of
+/// `SUM_LANES` goes to `f32` lane `i`, and every [`SUM_BLOCK`] elements the lanes join the
+/// `f64` totals: at most 64 roundings of a lane's partial sum (Burn's own `sum_dim` adds up a
+/// whole tensor in `f32`).
+const SUM_LANES: usize = 16;
+
+/// Elements summed in `f32` lanes before a block's sums join the `f64` totals.
+const SUM_BLOCK: usize = 1024;
 
 /// Runs `one(grad, x)` on every element (it may rewrite `grad`) and returns the sums of the two
-/// values it returns, in `f64` lanes.
-#[inline(always)]
-fn sum_pairs(
+/// values it returns (see [`SUM_LANES`]). Compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn sum_pairs<F: FnMut(&mut f32, f32) -> (f32, f32)>(
     gs: &mut [f32],
     xs: &[f32],
-    mut one: impl FnMut(&mut f32, f32) -> (f64, f64),
+    mut one: F,
 ) -> (f64, f64) {
-    let (mut a, mut c) = ([0.0f64; LANES], [0.0f64; LANES]);
-    let mut g_runs = gs.chunks_exact_mut(LANES);
-    let mut x_runs = xs.chunks_exact(LANES);
-    for (g, x) in (&mut g_runs).zip(&mut x_runs) {
-        for k in 0..LANES {
-            let (da, dc) = one(&mut g[k], x[k]);
-            a[k] += da;
-            c[k] += dc;
+    const L: usize = SUM_LANES;
+    let (mut total_a, mut total_c) = (0.0f64, 0.0f64);
+    for (gs, xs) in gs.chunks_mut(SUM_BLOCK).zip(xs.chunks(SUM_BLOCK)) {
+        let (mut a, mut c) = ([0.0f32; L], [0.0f32; L]);
+        let mut g_runs = gs.chunks_exact_mut(L);
+        let mut x_runs = xs.chunks_exact(L);
+        for (g, x) in (&mut g_runs).zip(&mut x_runs) {
+            for k in 0..L {
+                let (da, dc) = one(&mut g[k], x[k]);
+                a[k] += da;
+                c[k] += dc;
+            }
+        }
+        total_a += a.iter().map(|&v| f64::from(v)).sum::<f64>();
+        total_c += c.iter().map(|&v| f64::from(v)).sum::<f64>();
+        for (g, &x) in g_runs.into_remainder().iter_mut().zip(x_runs.remainder()) {
+            let (da, dc) = one(g, x);
+            total_a += f64::from(da);
+            total_c += f64::from(dc);
         }
     }
-    let (mut sa, mut sc) = (a.iter().sum::<f64>(), c.iter().sum::<f64>());
-    for (g, &x) in g_runs.into_remainder().iter_mut().zip(x_runs.remainder()) {
-        let (da, dc) = one(g, x);
-        sa += da;
-        sc += dc;
+    (total_a, total_c)
+}
+
+/// Like [`sum_pairs`] with one pair of parameters and one pair of `f64` accumulators per
+/// element (a period of short runs): `acc.0[i] += a`, `acc.1[i] += c` for
+/// `(a, c) = one(grad[i], x[i], pa[i], pb[i])`. Compiled like [`map_const`].
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+    "x86_64+avx2+fma"
+))]
+fn sum_pairs_per_slot<F: FnMut(&mut f32, f32, f32, f32) -> (f32, f32)>(
+    gs: &mut [f32],
+    xs: &[f32],
+    pa: &[f32],
+    pb: &[f32],
+    acc: (&mut [f64], &mut [f64]),
+    mut one: F,
+) {
+    let (acc_a, acc_c) = acc;
+    for (((g, &x), (&a, &b)), (sa, sc)) in gs
+        .iter_mut()
+        .zip(xs)
+        .zip(pa.iter().zip(pb))
+        .zip(acc_a.iter_mut().zip(acc_c.iter_mut()))
+    {
+        let (da, dc) = one(g, x, a, b);
+        *sa += f64::from(da);
+        *sc += f64::from(dc);
     }
-    (sa, sc)
 }
 
 /// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
@@ -423,7 +463,7 @@ pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
 /// LSQ / LSQ+ backward in one pass, in place on `grad` (becomes the gradient of `x`: kept
 /// inside the range, 0 outside) and, per channel, the sums `Σ grad · (round(v) - v)` inside /
 /// `grad · qmin|qmax` outside (the step's gradient) and `Σ grad` outside (the offset's),
-/// `v = (x - o) / s`, accumulated in `f64`. NaN inputs contribute nothing.
+/// `v = (x - o) / s`, summed as [`SUM_LANES`] says. NaN inputs contribute nothing.
 pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>, Vec<f32>) {
     let slots = p.slots();
     let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
@@ -433,7 +473,7 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
         p.walk(range, |start, end, seg, slot| {
             let xs = &x[start..end];
             let gs = &mut gs[start - base..end - base];
-            let one = |g: &mut f32, x: f32, s: f32, o: f32| -> (f64, f64) {
+            let one = |g: &mut f32, x: f32, s: f32, o: f32| -> (f32, f32) {
                 let v = (x - o) / s;
                 let inside = v >= b.qmin && v <= b.qmax;
                 let dv = if inside {
@@ -448,7 +488,7 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
                 if v.is_nan() {
                     (0.0, 0.0)
                 } else {
-                    (f64::from(gv * dv), if inside { 0.0 } else { f64::from(gv) })
+                    (gv * dv, if inside { 0.0 } else { gv })
                 }
             };
             match seg {
@@ -458,13 +498,9 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
                     doff[slot] += c;
                 }
                 Seg::Slice(ss, os) => {
-                    for (k, ((g, &x), (&s, &o))) in
-                        gs.iter_mut().zip(xs).zip(ss.iter().zip(os)).enumerate()
-                    {
-                        let (da, dc) = one(g, x, s, o);
-                        ds[slot + k] += da;
-                        doff[slot + k] += dc;
-                    }
+                    let n = xs.len();
+                    let acc = (&mut ds[slot..slot + n], &mut doff[slot..slot + n]);
+                    sum_pairs_per_slot(gs, xs, ss, os, acc, one);
                 }
             }
         });
@@ -504,7 +540,6 @@ pub struct Clip {
 #[inline(always)]
 fn clip(x: f32, lo: f32, hi: f32) -> (f32, bool, bool) {
     // Selects of computed values only (no early return): the loops compile without branches.
-    // (The backward stays scalar all the same: its f64 sums dominate, see `sum_pairs`.)
     let below = x < lo;
     let t = if below { lo } else { x };
     let above = hi < t;
@@ -535,7 +570,7 @@ pub fn clip_fake_quant(x: &[f32], c: Clip, b: Bounds) -> Vec<f32> {
 /// [`clip_fake_quant`]'s backward in one pass, in place on `grad` (becomes the gradient of `x`:
 /// kept where `x` passed the clip, 0 where `lo` or `hi` replaced it), and the sums of `grad`
 /// where `lo` (`x < lo <= hi`) and where `hi` (`hi < clip`) was taken: the gradients of the two
-/// clips, accumulated in `f64`.
+/// clips, summed as [`SUM_LANES`] says.
 pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) {
     let (lo, hi) = (c.lo, c.hi);
     let (dlo, dhi) = fold_chunks(
@@ -547,43 +582,12 @@ pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) 
                 *g = if below | above { 0.0 } else { gv };
                 let to_lo = if below { gv } else { 0.0 };
                 let to_hi = if above { gv } else { 0.0 };
-                (f64::from(to_lo), f64::from(to_hi))
+                (to_lo, to_hi)
             })
         },
         |(a, b), (c, d)| (a + c, b + d),
     );
     (dlo as f32, dhi as f32)
-}
-
-/// One block of [`divide_add_grad`]: `gs[i] *= r`, returning `sum(g * z)` and `sum(g)` of the
-/// incoming values, summed in 16 `f32` lanes. Compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
-fn scale_and_sum(gs: &mut [f32], zs: &[f32], r: f32) -> (f64, f64) {
-    const L: usize = MIN_MAX_LANES;
-    let (mut a, mut c) = ([0.0f32; L], [0.0f32; L]);
-    let mut g_runs = gs.chunks_exact_mut(L);
-    let mut z_runs = zs.chunks_exact(L);
-    for (gr, zr) in (&mut g_runs).zip(&mut z_runs) {
-        for k in 0..L {
-            let gv = gr[k];
-            a[k] += gv * zr[k];
-            c[k] += gv;
-            gr[k] = gv * r;
-        }
-    }
-    let (mut sa, mut sc) = (
-        a.iter().map(|&v| f64::from(v)).sum::<f64>(),
-        c.iter().map(|&v| f64::from(v)).sum::<f64>(),
-    );
-    for (gv, &zv) in g_runs.into_remainder().iter_mut().zip(z_runs.remainder()) {
-        sa += f64::from(*gv * zv);
-        sc += f64::from(*gv);
-        *gv *= r;
-    }
-    (sa, sc)
 }
 
 /// BatchNorm folding's rescaling of a layer's output: `z / d + b` per element, `d`, `b` of the
@@ -598,14 +602,10 @@ pub fn divide_add(z: &[f32], p: &Params) -> Vec<f32> {
     })
 }
 
-/// Elements summed in `f32` lanes before a block's sums join the `f64` totals.
-const SUM_BLOCK: usize = 1024;
-
 /// The backward of [`divide_add`], in place: `grad` becomes `grad * r` with `r = 1 / d` (as
 /// Burn's autodiff computes a quotient's gradient; `p` holds `r`); returns per channel
 /// `sum(grad * z)` and `sum(grad)` (of the incoming gradient), from which `d`'s gradient is
-/// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)`. Sums run in 16 `f32` lanes over blocks of
-/// [`SUM_BLOCK`] elements added up in `f64` (Burn's own `sum_dim` sums in `f32` throughout).
+/// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)` (summed as [`SUM_LANES`] says).
 pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Vec<f32>) {
     let slots = p.slots();
     let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
@@ -617,18 +617,22 @@ pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Ve
             let gs = &mut gs[start - base..end - base];
             match seg {
                 Seg::Const(r, _) => {
-                    for (gs, zs) in gs.chunks_mut(SUM_BLOCK).zip(zs.chunks(SUM_BLOCK)) {
-                        let (sa, sc) = scale_and_sum(gs, zs, r);
-                        gz[slot] += sa;
-                        g[slot] += sc;
-                    }
+                    let (sa, sc) = sum_pairs(gs, zs, |g, z| {
+                        let gv = *g;
+                        *g = gv * r;
+                        (gv * z, gv)
+                    });
+                    gz[slot] += sa;
+                    g[slot] += sc;
                 }
                 Seg::Slice(rs, _) => {
-                    for (k, ((gv, &zv), &r)) in gs.iter_mut().zip(zs).zip(rs).enumerate() {
-                        gz[slot + k] += f64::from(*gv * zv);
-                        g[slot + k] += f64::from(*gv);
-                        *gv *= r;
-                    }
+                    let n = zs.len();
+                    let acc = (&mut gz[slot..slot + n], &mut g[slot..slot + n]);
+                    sum_pairs_per_slot(gs, zs, rs, rs, acc, |g, z, r, _| {
+                        let gv = *g;
+                        *g = gv * r;
+                        (gv * z, gv)
+                    });
                 }
             }
         });
