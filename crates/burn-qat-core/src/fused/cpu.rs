@@ -14,6 +14,20 @@ pub const PARALLEL_MIN: usize = 1 << 16;
 /// Elements per parallel chunk (a multiple of 64, so that chunks start on cache lines).
 const CHUNK: usize = 1 << 15;
 
+/// The instruction sets the hot loops are also compiled for (the baseline is always there),
+/// the best picked at run time. Rust never contracts `a * b + c` to an FMA, so every variant
+/// computes the same bits (the tests compare them with the composed ops).
+macro_rules! simd_loops {
+    ($($(#[$meta:meta])* fn $name:ident $($rest:tt)*)*) => {$(
+        $(#[$meta])*
+        #[multiversion::multiversion(targets(
+            "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
+            "x86_64+avx2+fma"
+        ))]
+        fn $name $($rest)*
+    )*};
+}
+
 /// Where the channels of a quantization axis lie in a row-major buffer: element `i` belongs to
 /// channel `(i / inner) % channels`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,12 +232,8 @@ macro_rules! map_seg {
     };
 }
 
-/// `ys[i] = op(xs[i], a, b)`. Compiled for AVX-512 and AVX2 as well as the baseline, the best
-/// picked at run time (the same results: Rust never contracts to FMA).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
+simd_loops! {
+/// `ys[i] = op(xs[i], a, b)`, compiled for the instruction sets of [`simd_loops`].
 fn map_const<S: Slot, F: Fn(f32, f32, f32) -> f32>(
     ys: &mut [S],
     xs: &[f32],
@@ -235,12 +245,10 @@ fn map_const<S: Slot, F: Fn(f32, f32, f32) -> f32>(
         y.put(op(x, a, b));
     }
 }
+}
 
+simd_loops! {
 /// `ys[i] = op(xs[i], a[i], b[i])`, compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
 fn map_slice<S: Slot, F: Fn(f32, f32, f32) -> f32>(
     ys: &mut [S],
     xs: &[f32],
@@ -251,6 +259,7 @@ fn map_slice<S: Slot, F: Fn(f32, f32, f32) -> f32>(
     for ((y, &x), (&a, &b)) in ys.iter_mut().zip(xs).zip(sa.iter().zip(sb)) {
         y.put(op(x, a, b));
     }
+}
 }
 
 /// A fresh `n`-element output filled by `kernel(range, out)` in parallel chunks. The buffer is
@@ -340,22 +349,23 @@ pub fn fake_quant_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) {
     )
 }
 
+simd_loops! {
 /// `gs[i] = 0` where `keep(xs[i], a, b)` is false, compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
-fn mask_const<F: Fn(f32, f32, f32) -> bool>(gs: &mut [f32], xs: &[f32], a: f32, b: f32, keep: F) {
+fn mask_const<F: Fn(f32, f32, f32) -> bool>(
+    gs: &mut [f32],
+    xs: &[f32],
+    a: f32,
+    b: f32,
+    keep: F,
+) {
     for (g, &x) in gs.iter_mut().zip(xs) {
         *g = if keep(x, a, b) { *g } else { 0.0 };
     }
 }
+}
 
+simd_loops! {
 /// `gs[i] = 0` where `keep(xs[i], a[i], b[i])` is false, compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
 fn mask_slice<F: Fn(f32, f32, f32) -> bool>(
     gs: &mut [f32],
     xs: &[f32],
@@ -366,6 +376,7 @@ fn mask_slice<F: Fn(f32, f32, f32) -> bool>(
     for ((g, &x), (&a, &b)) in gs.iter_mut().zip(xs).zip(sa.iter().zip(sb)) {
         *g = if keep(x, a, b) { *g } else { 0.0 };
     }
+}
 }
 
 /// Independent partial sums: a reduction written as one running sum is a serial chain of
@@ -379,12 +390,9 @@ const SUM_LANES: usize = 16;
 /// Elements summed in `f32` lanes before a block's sums join the `f64` totals.
 const SUM_BLOCK: usize = 1024;
 
+simd_loops! {
 /// Runs `one(grad, x)` on every element (it may rewrite `grad`) and returns the sums of the two
 /// values it returns (see [`SUM_LANES`]). Compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
 fn sum_pairs<F: FnMut(&mut f32, f32) -> (f32, f32)>(
     gs: &mut [f32],
     xs: &[f32],
@@ -413,14 +421,12 @@ fn sum_pairs<F: FnMut(&mut f32, f32) -> (f32, f32)>(
     }
     (total_a, total_c)
 }
+}
 
+simd_loops! {
 /// Like [`sum_pairs`] with one pair of parameters and one pair of `f64` accumulators per
 /// element (a period of short runs): `acc.0[i] += a`, `acc.1[i] += c` for
 /// `(a, c) = one(grad[i], x[i], pa[i], pb[i])`. Compiled like [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
 fn sum_pairs_per_slot<F: FnMut(&mut f32, f32, f32, f32) -> (f32, f32)>(
     gs: &mut [f32],
     xs: &[f32],
@@ -440,6 +446,7 @@ fn sum_pairs_per_slot<F: FnMut(&mut f32, f32, f32, f32) -> (f32, f32)>(
         *sa += f64::from(da);
         *sc += f64::from(dc);
     }
+}
 }
 
 /// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
@@ -465,48 +472,58 @@ pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
 /// `grad · qmin|qmax` outside (the step's gradient) and `Σ grad` outside (the offset's),
 /// `v = (x - o) / s`, summed as [`SUM_LANES`] says. NaN inputs contribute nothing.
 pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>, Vec<f32>) {
+    channel_sums(grad, x, p, |g, x, s, o| {
+        let v = (x - o) / s;
+        let inside = v >= b.qmin && v <= b.qmax;
+        let dv = if inside {
+            round_half_even(v) - v
+        } else if v < b.qmin {
+            b.qmin
+        } else {
+            b.qmax
+        };
+        let gv = *g;
+        *g = if inside { gv } else { 0.0 };
+        if v.is_nan() {
+            (0.0, 0.0)
+        } else {
+            (gv * dv, if inside { 0.0 } else { gv })
+        }
+    })
+}
+
+/// Runs `one(grad, x, a, b)` on every element with its channel's parameters (it may rewrite
+/// `grad`) and returns, per channel, the sums of the two values it returns (see
+/// [`SUM_LANES`]).
+fn channel_sums<F: Fn(&mut f32, f32, f32, f32) -> (f32, f32) + Copy + Sync>(
+    grad: &mut [f32],
+    x: &[f32],
+    p: &Params,
+    one: F,
+) -> (Vec<f32>, Vec<f32>) {
     let slots = p.slots();
     let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
         let base = range.start;
-        let mut ds = vec![0.0f64; slots];
-        let mut doff = vec![0.0f64; slots];
+        let (mut sa, mut sc) = (vec![0.0f64; slots], vec![0.0f64; slots]);
         p.walk(range, |start, end, seg, slot| {
             let xs = &x[start..end];
             let gs = &mut gs[start - base..end - base];
-            let one = |g: &mut f32, x: f32, s: f32, o: f32| -> (f32, f32) {
-                let v = (x - o) / s;
-                let inside = v >= b.qmin && v <= b.qmax;
-                let dv = if inside {
-                    round_half_even(v) - v
-                } else if v < b.qmin {
-                    b.qmin
-                } else {
-                    b.qmax
-                };
-                let gv = *g;
-                *g = if inside { gv } else { 0.0 };
-                if v.is_nan() {
-                    (0.0, 0.0)
-                } else {
-                    (gv * dv, if inside { 0.0 } else { gv })
-                }
-            };
             match seg {
-                Seg::Const(s, o) => {
-                    let (a, c) = sum_pairs(gs, xs, |g, x| one(g, x, s, o));
-                    ds[slot] += a;
-                    doff[slot] += c;
+                Seg::Const(a, b) => {
+                    let (u, v) = sum_pairs(gs, xs, |g, x| one(g, x, a, b));
+                    sa[slot] += u;
+                    sc[slot] += v;
                 }
-                Seg::Slice(ss, os) => {
+                Seg::Slice(pa, pb) => {
                     let n = xs.len();
-                    let acc = (&mut ds[slot..slot + n], &mut doff[slot..slot + n]);
-                    sum_pairs_per_slot(gs, xs, ss, os, acc, one);
+                    let acc = (&mut sa[slot..slot + n], &mut sc[slot..slot + n]);
+                    sum_pairs_per_slot(gs, xs, pa, pb, acc, one);
                 }
             }
         });
-        (ds, doff)
+        (sa, sc)
     };
-    let (ds, doff) = fold_chunks(grad, sums, |(mut a, mut b), (c, d)| {
+    let (sa, sc) = fold_chunks(grad, sums, |(mut a, mut b), (c, d)| {
         a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
         b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
         (a, b)
@@ -517,7 +534,7 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
             .map(|v| v as f32)
             .collect()
     };
-    (f(ds), f(doff))
+    (f(sa), f(sc))
 }
 
 /// The clip of PACT and of trainable min/max (both per tensor): `[lo, hi]`, and the grid the
@@ -607,62 +624,21 @@ pub fn divide_add(z: &[f32], p: &Params) -> Vec<f32> {
 /// `sum(grad * z)` and `sum(grad)` (of the incoming gradient), from which `d`'s gradient is
 /// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)` (summed as [`SUM_LANES`] says).
 pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Vec<f32>) {
-    let slots = p.slots();
-    let sums = |range: std::ops::Range<usize>, gs: &mut [f32]| {
-        let base = range.start;
-        let mut gz = vec![0.0f64; slots];
-        let mut g = vec![0.0f64; slots];
-        p.walk(range, |start, end, seg, slot| {
-            let zs = &z[start..end];
-            let gs = &mut gs[start - base..end - base];
-            match seg {
-                Seg::Const(r, _) => {
-                    let (sa, sc) = sum_pairs(gs, zs, |g, z| {
-                        let gv = *g;
-                        *g = gv * r;
-                        (gv * z, gv)
-                    });
-                    gz[slot] += sa;
-                    g[slot] += sc;
-                }
-                Seg::Slice(rs, _) => {
-                    let n = zs.len();
-                    let acc = (&mut gz[slot..slot + n], &mut g[slot..slot + n]);
-                    sum_pairs_per_slot(gs, zs, rs, rs, acc, |g, z, r, _| {
-                        let gv = *g;
-                        *g = gv * r;
-                        (gv * z, gv)
-                    });
-                }
-            }
-        });
-        (gz, g)
-    };
-    let (gz, g) = fold_chunks(grad, sums, |(mut a, mut b), (c, d)| {
-        a.iter_mut().zip(c).for_each(|(a, c)| *a += c);
-        b.iter_mut().zip(d).for_each(|(b, d)| *b += d);
-        (a, b)
-    });
-    let f = |v: Vec<f64>| {
-        p.to_channels(v, 0.0, |a, b| a + b)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect()
-    };
-    (f(gz), f(g))
+    channel_sums(grad, z, p, |g, z, r, _| {
+        let gv = *g;
+        *g = gv * r;
+        (gv * z, gv)
+    })
 }
 
 /// Independent running minima and maxima per stretch (four SSE or two AVX registers).
 const MIN_MAX_LANES: usize = 16;
 
+simd_loops! {
 /// The minimum and maximum of `lo`, `hi` and the finite values of `xs` (non-finite values count
 /// as 0). Independent lanes: one running minimum is a serial chain of compares that the
 /// compiler may not reorder (profile: 3% of a `bn` QAT step, scalar). Compiled like
 /// [`map_const`].
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+avx512bw",
-    "x86_64+avx2+fma"
-))]
 fn min_max_run(xs: &[f32], lo: f32, hi: f32) -> (f32, f32) {
     let finite = |v: f32| if v.is_finite() { v } else { 0.0 };
     let (mut l, mut h) = ([lo; MIN_MAX_LANES], [hi; MIN_MAX_LANES]);
@@ -684,6 +660,7 @@ fn min_max_run(xs: &[f32], lo: f32, hi: f32) -> (f32, f32) {
         h = if v > h { v } else { h };
     }
     (l, h)
+}
 }
 
 /// Per-channel minimum and maximum in one pass, NaN and infinities skipped, widened to contain
