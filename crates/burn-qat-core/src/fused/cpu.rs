@@ -470,7 +470,8 @@ pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
 /// LSQ / LSQ+ backward in one pass, in place on `grad` (becomes the gradient of `x`: kept
 /// inside the range, 0 outside) and, per channel, the sums `Σ grad · (round(v) - v)` inside /
 /// `grad · qmin|qmax` outside (the step's gradient) and `Σ grad` outside (the offset's),
-/// `v = (x - o) / s`, summed as [`SUM_LANES`] says. NaN inputs contribute nothing.
+/// `v = (x - o) / s`, summed in `f32` lanes joined in `f64` every 1,024 elements. NaN inputs
+/// contribute nothing.
 pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>, Vec<f32>) {
     channel_sums(grad, x, p, |g, x, s, o| {
         let v = (x - o) / s;
@@ -587,7 +588,7 @@ pub fn clip_fake_quant(x: &[f32], c: Clip, b: Bounds) -> Vec<f32> {
 /// [`clip_fake_quant`]'s backward in one pass, in place on `grad` (becomes the gradient of `x`:
 /// kept where `x` passed the clip, 0 where `lo` or `hi` replaced it), and the sums of `grad`
 /// where `lo` (`x < lo <= hi`) and where `hi` (`hi < clip`) was taken: the gradients of the two
-/// clips, summed as [`SUM_LANES`] says.
+/// clips, summed in `f32` lanes joined in `f64` every 1,024 elements.
 pub fn clip_fake_quant_grad(grad: &mut [f32], x: &[f32], c: Clip) -> (f32, f32) {
     let (lo, hi) = (c.lo, c.hi);
     let (dlo, dhi) = fold_chunks(
@@ -622,7 +623,8 @@ pub fn divide_add(z: &[f32], p: &Params) -> Vec<f32> {
 /// The backward of [`divide_add`], in place: `grad` becomes `grad * r` with `r = 1 / d` (as
 /// Burn's autodiff computes a quotient's gradient; `p` holds `r`); returns per channel
 /// `sum(grad * z)` and `sum(grad)` (of the incoming gradient), from which `d`'s gradient is
-/// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)` (summed as [`SUM_LANES`] says).
+/// `-sum(grad * z) / d^2` and `b`'s is `sum(grad)` (summed in `f32` lanes joined in `f64` every
+/// 1,024 elements).
 pub fn divide_add_grad(grad: &mut [f32], z: &[f32], p: &Params) -> (Vec<f32>, Vec<f32>) {
     channel_sums(grad, z, p, |g, z, r, _| {
         let gv = *g;
