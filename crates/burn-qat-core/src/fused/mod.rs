@@ -453,11 +453,7 @@ macro_rules! cpu_backend {
                     sums = z.with_slice(|z| cpu::divide_add_grad(g, z, &p));
                 });
                 let (gz, g) = sums;
-                let dd = gz
-                    .iter()
-                    .zip(d.iter().cycle())
-                    .map(|(&s, &d)| -s / (d * d))
-                    .collect();
+                let dd = gz.iter().zip(&d).map(|(&s, &d)| -s / (d * d)).collect();
                 (
                     dz,
                     HostF32::from_vec(dd, channels.clone()),
@@ -610,6 +606,35 @@ impl<B: FakeQuantOps> Backward<B, 3> for ClipBackward {
     }
 }
 
+/// Finishes a fused op's forward under autodiff: `forward(x, a, b)`, and where an input is
+/// tracked the three tensors and the grid saved for the op's backward.
+fn finish_saved<
+    B: FakeQuantOps,
+    BO: Backward<B, N, State = Saved<B>>,
+    C: CheckpointStrategy,
+    const N: usize,
+>(
+    prep: OpsKind<BO, B, Saved<B>, C, N>,
+    (x, a, b): (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+    (axis, qmin, qmax): (usize, f32, f32),
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let saved = Saved {
+                x: x.clone(),
+                a: a.clone(),
+                b: b.clone(),
+                axis,
+                qmin,
+                qmax,
+            };
+            prep.finish(saved, forward(x, a, b))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x, a, b)),
+    }
+}
+
 impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
     fn qat_fake_quant(
         x: FloatTensor<Self>,
@@ -629,22 +654,9 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
             scale.into_primitive(),
             zero_point.into_primitive(),
         );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let saved = Saved {
-                    x: x.clone(),
-                    a: a.clone(),
-                    b: b.clone(),
-                    axis,
-                    qmin,
-                    qmax,
-                };
-                prep.finish(saved, B::qat_fake_quant(x, a, b, axis, qmin, qmax, half_up))
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::qat_fake_quant(x, a, b, axis, qmin, qmax, half_up))
-            }
-        }
+        finish_saved(prep, (x, a, b), (axis, qmin, qmax), |x, a, b| {
+            B::qat_fake_quant(x, a, b, axis, qmin, qmax, half_up)
+        })
     }
 
     fn qat_fake_quant_grad(
@@ -683,20 +695,9 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
             step.into_primitive(),
             offset.into_primitive(),
         );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let saved = Saved {
-                    x: x.clone(),
-                    a: a.clone(),
-                    b: b.clone(),
-                    axis,
-                    qmin,
-                    qmax,
-                };
-                prep.finish(saved, B::qat_lsq(x, a, b, axis, qmin, qmax))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::qat_lsq(x, a, b, axis, qmin, qmax)),
-        }
+        finish_saved(prep, (x, a, b), (axis, qmin, qmax), |x, a, b| {
+            B::qat_lsq(x, a, b, axis, qmin, qmax)
+        })
     }
 
     fn qat_lsq_grad(
@@ -739,20 +740,7 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
         let (x, lo, hi) = (x.into_primitive(), lo.into_primitive(), hi.into_primitive());
         let (s, z) = (scale.into_primitive(), zero_point.into_primitive());
         let forward = |x, lo, hi| B::qat_clip_fake_quant(x, lo, hi, s, z, qmin, qmax, half_up);
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let saved = Saved {
-                    x: x.clone(),
-                    a: lo.clone(),
-                    b: hi.clone(),
-                    axis: 0,
-                    qmin,
-                    qmax,
-                };
-                prep.finish(saved, forward(x, lo, hi))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(x, lo, hi)),
-        }
+        finish_saved(prep, (x, lo, hi), (0, qmin, qmax), forward)
     }
 
     fn qat_clip_fake_quant_grad(
@@ -799,20 +787,9 @@ impl<B: FakeQuantOps, C: CheckpointStrategy> FakeQuantOps for Autodiff<B, C> {
             divisor.into_primitive(),
             bias.into_primitive(),
         );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                let saved = Saved {
-                    x: z.clone(),
-                    a: d.clone(),
-                    b: b.clone(),
-                    axis,
-                    qmin: 0.0,
-                    qmax: 0.0,
-                };
-                prep.finish(saved, B::qat_divide_add(z, d, b, axis))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::qat_divide_add(z, d, b, axis)),
-        }
+        finish_saved(prep, (z, d, b), (axis, 0.0, 0.0), |z, d, b| {
+            B::qat_divide_add(z, d, b, axis)
+        })
     }
 
     fn qat_divide_add_grad(
