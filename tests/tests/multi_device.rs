@@ -1,6 +1,8 @@
 //! QAT on several devices: burn-train's `ExecutionStrategy::multi` runs one replica per device in
 //! lockstep; the observers must end with the range one device observing each step's combined
-//! batch would have.
+//! batch would have, exactly and in every run, with fake quantization on and quantizers fed by
+//! other quantizers (a replica's downstream ranges depend on the range its upstream quantizer
+//! used).
 
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
@@ -54,9 +56,15 @@ impl Probe {
         }
     }
 
+    /// A chain: `last` reads the input, `ema` reads `last`'s fake-quantized output through a
+    /// GELU, `running` reads `ema`'s plus the input.
     fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = self.last.forward(x.clone()) + self.ema.forward(x.clone());
-        self.fc.forward(y + self.running.forward(x))
+        let a = self.last.forward(x.clone());
+        let b = self
+            .ema
+            .forward(burn::tensor::activation::gelu(a.clone()).mul_scalar(3.0) - a);
+        let c = self.running.forward(b + x);
+        self.fc.forward(c)
     }
 
     fn regress(&self, batch: Batch) -> RegressionOutput {
@@ -180,6 +188,14 @@ fn run_two_devices(seed: u64, n: usize, epochs: usize) {
             steps += 1;
         }
     }
+    let wrong = compare(&model, &reference, steps);
+    assert!(wrong.is_empty(), "seed {seed}:\n{}", wrong.join("\n"));
+}
+
+/// Every observer of `got` against `want`, bit for bit: the replicas' fake-quantized values
+/// are the combined batch's rows, so their min/max and the observer rules are exact.
+fn compare(got: &Probe, want: &Probe, steps: usize) -> Vec<String> {
+    let (model, reference) = (got, want);
     let mut wrong = vec![];
     for (name, got, want) in [
         ("LastValue", &model.last, &reference.last),
@@ -187,14 +203,13 @@ fn run_two_devices(seed: u64, n: usize, epochs: usize) {
         ("RunningMinMax", &model.running, &reference.running),
     ] {
         let (g, w) = (range(got), range(want));
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
-        if !(close(g.0, w.0) && close(g.1, w.1)) {
+        if g != w {
             wrong.push(format!(
                 "{name} after {steps} steps on two devices: {g:?}, one device on the combined batches: {w:?}"
             ));
         }
     }
-    assert!(wrong.is_empty(), "seed {seed}:\n{}", wrong.join("\n"));
+    wrong
 }
 
 #[test]
@@ -209,10 +224,77 @@ fn observers_see_every_replicas_batch_over_uneven_epochs() {
     run_two_devices(9, 161, 3);
 }
 
-/// The combination does not depend on which replica's thread comes first: 20 runs, other data.
+/// The combination does not depend on which replica's thread comes first: 20 runs, other data
+/// (before the replicas quantized with the range from the start of the step, the chained
+/// quantizers' ranges differed from one device's by up to 3e-3 relative, and from run to run).
 #[test]
 fn observers_see_every_replicas_batch_repeatedly() {
     for seed in 0..20 {
         run_two_devices(100 + seed, 160, 1);
+    }
+}
+
+/// Burn's DDP keeps one thread per device for the whole run. Replayed here: two persistent
+/// threads, each step's replicas cloned from the model (as burn-train sends them) and an
+/// optimizer-like mapping of the model after the step; some steps have one replica only. The
+/// grouping follows the model's steps (a step with one replica does not shift the later
+/// steps' combination: before, with grouping by threads, relative errors reached 1.0).
+#[test]
+fn persistent_threads_with_a_missing_replica() {
+    use std::sync::mpsc;
+
+    /// What an optimizer step does to the quantizer state: maps it (values unchanged).
+    struct Step;
+    impl burn::module::ModuleMapper for Step {}
+
+    let device = Device::flex().autodiff();
+    for seed in 0..5u64 {
+        let mut model = Probe::new(&device);
+        let reference = Probe::new(&device);
+        let data = rows(8 * 24, 500 + seed);
+        let mut batches = data.chunks(8).map(|rows| {
+            let xs: Vec<f32> = rows.iter().flatten().copied().collect();
+            Tensor::<1>::from_floats(xs.as_slice(), &device).reshape([rows.len(), FEATURES])
+        });
+        type Job = (Probe, Tensor<2>, mpsc::Sender<()>);
+        let workers: Vec<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)> = (0..2)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel::<Job>();
+                let handle = std::thread::spawn(move || {
+                    for (replica, x, done) in rx {
+                        let _ = replica.forward(x);
+                        done.send(()).unwrap();
+                    }
+                });
+                (tx, handle)
+            })
+            .collect();
+        let mut steps = 0;
+        for step in 0..12 {
+            // Steps 3, 4 and 9: the second replica has no batch.
+            let n = if [3, 4, 9].contains(&step) { 1 } else { 2 };
+            let xs: Vec<Tensor<2>> = (0..n).map(|_| batches.next().unwrap()).collect();
+            let (done_tx, done_rx) = mpsc::channel();
+            for (k, x) in xs.iter().enumerate() {
+                // The second replica starts first on odd steps.
+                let worker = if step % 2 == 1 { n - 1 - k } else { k };
+                workers[worker]
+                    .0
+                    .send((model.clone(), x.clone(), done_tx.clone()))
+                    .unwrap();
+            }
+            for _ in 0..n {
+                done_rx.recv().unwrap();
+            }
+            model = model.map(&mut Step);
+            let _ = reference.forward(Tensor::cat(xs, 0));
+            steps += 1;
+        }
+        for (tx, handle) in workers {
+            drop(tx);
+            handle.join().unwrap();
+        }
+        let wrong = compare(&model, &reference, steps);
+        assert!(wrong.is_empty(), "seed {seed}:\n{}", wrong.join("\n"));
     }
 }

@@ -390,6 +390,45 @@ fn a_record_must_match_its_skeleton() {
     assert!(err.to_string().contains("nope.bpk"), "{err}");
 }
 
+/// Loading a record into a clone (Burn's own `try_load_file`, or burn-qat's checked
+/// `load_file`) leaves the original untouched: specs, ranges and switches. Before, every
+/// quantizer state was a cell shared by clones, and the original of a 4-bit skeleton loaded
+/// with an 8-bit record then reported 8-bit specs and the record's ranges.
+#[test]
+fn loading_into_a_clone_leaves_the_original_untouched() {
+    let device = backends()[0].device.clone().autodiff();
+    let config =
+        |bits: u32| QatConfig::new().with_layer("fc2", WeightQuant::per_channel_bits(bits));
+    let saved = quantize(Mlp::new(&device, 8), &config(8)).unwrap();
+    let _ = saved
+        .act
+        .forward(Tensor::<2>::from_floats([[-1.0, 2.0]], &device));
+    let saved = switches::freeze_observers(saved);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mlp.bpk");
+    saved.clone().valid().save_file(&path).unwrap();
+
+    for bits in [4, 8] {
+        let skeleton = quantize(Mlp::new(&device, 8), &config(bits)).unwrap();
+        let _ = skeleton
+            .act
+            .forward(Tensor::<2>::from_floats([[-5.0, 7.0]], &device));
+        let before = (tree::quantizers(&skeleton), snapshot(&skeleton));
+        let loaded = skeleton.clone().try_load_file(&path).unwrap();
+        assert_eq!(loaded.act.observed_range(), Some((vec![-1.0], vec![2.0])));
+        assert!(loaded.act.is_frozen());
+        if bits == 8 {
+            let checked = burn_qat::load_file(skeleton.clone(), &path).unwrap();
+            assert_eq!(checked.act.observed_range(), Some((vec![-1.0], vec![2.0])));
+        }
+        let after = (tree::quantizers(&skeleton), snapshot(&skeleton));
+        assert_eq!(before.0, after.0, "{bits}-bit skeleton: its quantizers changed");
+        assert_eq!(before.1, after.1, "{bits}-bit skeleton: its state changed");
+        assert_eq!(skeleton.act.observed_range(), Some((vec![-5.0], vec![7.0])));
+        assert!(!skeleton.act.is_frozen());
+    }
+}
+
 #[test]
 fn summary_reads_the_model() {
     let device = backends()[0].device.clone().autodiff();

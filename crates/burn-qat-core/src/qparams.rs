@@ -68,11 +68,7 @@ pub fn qparams_from_range(min: f32, max: f32, spec: &QuantSpec) -> QParams {
         let m = (-min).max(max);
         // m / (steps / 2) is 2m / steps exactly, without overflow above f32::MAX / 2.
         let scale = clamp_scale(m / (steps / 2.0));
-        let zero_point = if spec.signed {
-            0
-        } else {
-            (qmin + qmax + 1) / 2
-        };
+        let zero_point = spec.symmetric_zero_point();
         return QParams { scale, zero_point };
     }
     let wide = max - min;
@@ -221,6 +217,33 @@ mod tests {
         // A constant positive tensor: range [0, 3].
         let qp = qparams_from_range(3.0, 3.0, &QuantSpec::default());
         assert_eq!((qp.scale, qp.zero_point), (3.0 / 255.0, -128));
+    }
+
+    /// Specs that skipped `validate` (bits clamped to 31 by `qmin`/`qmax`) do not overflow: the
+    /// unsigned symmetric grid's middle was `(qmin + qmax + 1) / 2` in i32.
+    #[test]
+    fn unvalidated_wide_specs_do_not_overflow() {
+        for bits in [17, 30, 31, 32, 99] {
+            for signed in [false, true] {
+                for symmetric in [false, true] {
+                    let spec = QuantSpec::default()
+                        .with_bits(bits)
+                        .with_signed(signed)
+                        .with_symmetric(symmetric);
+                    let qp = qparams_from_range(-1.0, 3.0, &spec);
+                    assert!(qp.scale.is_finite() && qp.scale > 0.0, "{spec}: {qp:?}");
+                    assert!(
+                        (spec.qmin()..=spec.qmax()).contains(&qp.zero_point),
+                        "{spec}: {qp:?}"
+                    );
+                }
+            }
+        }
+        let u31 = QuantSpec::default()
+            .with_bits(31)
+            .with_signed(false)
+            .with_symmetric(true);
+        assert_eq!(qparams_from_range(-1.0, 1.0, &u31).zero_point, 1 << 30);
     }
 
     #[test]

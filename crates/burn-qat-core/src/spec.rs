@@ -242,6 +242,24 @@ impl QuantSpec {
         top as i32
     }
 
+    /// The zero point of a symmetric range: 0 on a signed grid, the grid's middle
+    /// `(qmin + qmax + 1) / 2` on an unsigned one (computed in `i64`, so no `bits` overflows).
+    ///
+    /// ```
+    /// use burn_qat_core::QuantSpec;
+    ///
+    /// let u8 = QuantSpec::int8_weight_per_tensor_symmetric().with_signed(false);
+    /// assert_eq!(u8.symmetric_zero_point(), 128);
+    /// assert_eq!(u8.with_signed(true).symmetric_zero_point(), 0);
+    /// ```
+    pub fn symmetric_zero_point(&self) -> i32 {
+        if self.signed {
+            0
+        } else {
+            ((i64::from(self.qmin()) + i64::from(self.qmax()) + 1) / 2) as i32
+        }
+    }
+
     /// Number of steps of the grid, `qmax - qmin`.
     pub fn steps(&self) -> i32 {
         self.qmax() - self.qmin()

@@ -1,7 +1,7 @@
 use burn::config::Config;
-use burn::module::{Content, Module, ModuleDisplay, Param, RunningState};
+use burn::module::{Content, Module, ModuleDisplay, Param};
 
-use crate::FlagState;
+use crate::{FlagState, StateTensor};
 use burn::prelude::*;
 use burn_qat_core::{QatError, QuantSpec, ema, tensor};
 use serde::{Deserialize, Serialize};
@@ -82,12 +82,12 @@ impl FakeQuantConfig {
         self.validate()?;
         let zeros = Tensor::<1>::zeros([self.channels], device);
         Ok(FakeQuant {
-            min: RunningState::new(zeros.clone()),
-            max: RunningState::new(zeros),
+            min: StateTensor::new(zeros.clone()),
+            max: StateTensor::new(zeros),
             observed: FlagState::new(false, device),
             enabled: FlagState::new(self.enabled, device),
             frozen: FlagState::new(false, device),
-            spec_code: RunningState::new(Tensor::from_floats(
+            spec_code: StateTensor::new(Tensor::from_floats(
                 crate::encode_spec(&self.spec),
                 device,
             )),
@@ -115,20 +115,29 @@ impl FakeQuantConfig {
 ///
 /// Should be created with [`FakeQuantConfig`].
 ///
-/// The state is a [`RunningState`]: the forward pass updates it from `&self` (as BatchNorm's
+/// In training the forward pass fake-quantizes with the range as it stood before the batch
+/// (the range the previous steps stored), and the batch updates the stored range for the next
+/// step; the first batch, with no range stored yet, passes through. (tfmot and PyTorch
+/// quantize with the range after the batch's update; using the range from before it is what
+/// makes several devices compute what one device computes, below. The two differ by one
+/// step's update.)
+///
+/// The state is a [`StateTensor`]: the forward pass updates it from `&self` (as BatchNorm's
 /// statistics), so a training step sees the update in every clone of the module. The setters
-/// and the [`switches`](crate::switches) return modules with their own state: switching a
-/// clone leaves the original untouched. Trained on several devices (replicas that are clones,
-/// one thread each, in lockstep, as burn-train's `ExecutionStrategy::multi`), the replicas'
-/// observations of a step are combined: the stored range is the one a single device observing
-/// the combined batch would store (see [`observe`](FakeQuant::observe)).
+/// and the [`switches`](crate::switches) return modules with their own state, and a record
+/// loaded into a clone goes into state of its own: the original is left untouched. Trained on
+/// several devices (replicas that are clones, one thread each, as burn-train's
+/// `ExecutionStrategy::multi`), the replicas' observations of a step are combined: every
+/// replica fake-quantizes with the range from before the step, and the stored range is the one
+/// a single device observing the combined batch would store, whatever order the replicas run
+/// in (see [`observe`](FakeQuant::observe)).
 #[derive(Module, Debug)]
 #[module(custom_display)]
 pub struct FakeQuant {
     /// Observed minimum, `[channels]`, always `<= 0`.
-    pub min: RunningState<Tensor<1>>,
+    pub min: StateTensor,
     /// Observed maximum, `[channels]`, always `>= 0`.
-    pub max: RunningState<Tensor<1>>,
+    pub max: StateTensor,
     /// On once a range has been observed (recorded as `[1]`: 1, or 0 before).
     pub observed: FlagState,
     /// On if fake quantization is applied, off to pass values through (recorded).
@@ -138,7 +147,7 @@ pub struct FakeQuant {
     pub frozen: FlagState,
     /// `[6]`: the spec, recorded so that a saved model says how it was quantized
     /// (see [`encode_spec`](crate::encode_spec)).
-    pub spec_code: RunningState<Tensor<1>>,
+    pub spec_code: StateTensor,
     /// Training flag (Burn's convention, off in `valid()`): the observer updates only while it
     /// is on, the device has autodiff and the observer is not [`frozen`](FakeQuant::frozen).
     pub observing: Param<burn::module::Flag>,
@@ -163,15 +172,23 @@ struct StepSync(std::sync::Arc<std::sync::Mutex<StepState>>);
 
 #[derive(Default)]
 struct StepState {
+    /// The step: the range cell observed and its generation (see [`StepStart`]).
+    key: Option<(usize, u64)>,
     /// Threads that observed in this step.
     contributors: Vec<std::thread::ThreadId>,
-    /// The threads of the last complete step (`None` before one ended, or after a new set of
-    /// threads came).
-    known: Option<Vec<std::thread::ThreadId>>,
-    /// `[min, max, observed]` as stored before this step.
-    base: Option<[Tensor<1>; 3]>,
+    /// The range as stored before this step.
+    base: Option<StepStart>,
     /// Min of the replicas' batch minima, max of their maxima, so far in this step.
     combined: Option<(Tensor<1>, Tensor<1>)>,
+}
+
+/// The range as it stood at the start of a training step: what every replica of the step
+/// fake-quantizes with.
+#[derive(Clone)]
+struct StepStart {
+    min: Tensor<1>,
+    max: Tensor<1>,
+    observed: bool,
 }
 
 impl StepSync {
@@ -241,57 +258,59 @@ impl FakeQuant {
         let device = input.device();
         // The switches are host state: no device read.
         let observing = input.is_autodiff() && self.observing.is_enabled() && !self.frozen.get();
-        if observing {
-            self.observe(&input);
-        }
-        if !self.enabled.get() || !(self.observed.get() || observing) {
+        let start = if observing {
+            self.observe_step(&input)
+        } else {
+            StepStart {
+                min: self.min.value(),
+                max: self.max.value(),
+                observed: self.observed.get(),
+            }
+        };
+        if !self.enabled.get() || !start.observed {
             return input;
         }
-        let (scale, zero_point) = self.qparams_on(&device);
+        let (min, max) = (start.min.to_device(&device), start.max.to_device(&device));
+        let (scale, zero_point) = tensor::qparams(min, max, &self.spec);
         tensor::fake_quant(input, scale, zero_point, &self.spec)
     }
 
     /// Updates the observed range with `input`, whatever the mode.
     ///
     /// On several devices (burn-train's `ExecutionStrategy::multi`: one replica per device, one
-    /// thread each, in lockstep) the replicas' observations of one step are combined into one:
-    /// the stored range is the observer rule applied once to the min of their minima and the
-    /// max of their maxima, what one device observing the combined batch would store. A step
-    /// ends when a thread that already contributed to it observes again (on one device: every
-    /// call), when it has as many threads as the last complete step, or when a thread that was
-    /// not in that step comes (new worker threads, a new epoch). Each replica's forward uses the
-    /// range as it stands after its own contribution. A quantizer called twice in one forward
+    /// thread each, clones of one model) the replicas' observations of one step are combined
+    /// into one: the stored range is the observer rule applied once to the min of their minima
+    /// and the max of their maxima, what one device observing the combined batch would store,
+    /// and every replica's forward fake-quantizes with the range from before the step, so the
+    /// result does not depend on which replica runs first. A step is what the replicas of one
+    /// model value observe: the optimizer's update (any mapping of the model other than a
+    /// load) starts the next one, which [`StateTensor::generation`] counts; a step in which
+    /// some replicas have no batch is combined over those that do. Without mappings between
+    /// calls (a calibration loop), a thread that already observed in the step starts the next
+    /// one: on one device every call is a step, and a quantizer called twice in one forward
     /// counts as two steps, on one device as on several.
     pub fn observe<const D: usize>(&self, input: &Tensor<D>) {
+        let _ = self.observe_step(input);
+    }
+
+    /// [`observe`](Self::observe), returning the range as it stood at the start of the step.
+    fn observe_step<const D: usize>(&self, input: &Tensor<D>) -> StepStart {
         let device = self.min.value().device();
         let (bmin, bmax) = tensor::min_max(input.clone(), self.spec.granularity);
         let (bmin, bmax) = (bmin.to_device(&device), bmax.to_device(&device));
         // One thread at a time: the step's bookkeeping and the state cells change together.
         let mut step = self.step.lock();
         let me = std::thread::current().id();
-        // A step ends when a thread that already observed in it observes again, when it has as
-        // many threads as the last complete step, or when a thread that was not in that step
-        // comes (burn-train starts new worker threads every epoch; an epoch's last step may
-        // have fewer replicas).
-        let repeat = step.contributors.contains(&me);
-        let known = step.known.as_ref();
-        let stranger = known.is_some_and(|k| !k.contains(&me));
-        let full = known.is_some_and(|k| step.contributors.len() >= k.len());
-        if step.base.is_none() || repeat || stranger || full {
-            step.known = if stranger {
-                None
-            } else if step.contributors.is_empty() {
-                step.known.take()
-            } else {
-                Some(std::mem::take(&mut step.contributors))
-            };
+        let key = (self.min.cell_key(), self.min.generation());
+        if step.key != Some(key) || step.base.is_none() || step.contributors.contains(&me) {
+            step.key = Some(key);
             step.contributors.clear();
             step.combined = None;
-            step.base = Some([
-                self.min.value_sync(),
-                self.max.value_sync(),
-                self.observed.value(),
-            ]);
+            step.base = Some(StepStart {
+                min: self.min.value(),
+                max: self.max.value(),
+                observed: self.observed.get(),
+            });
         }
         step.contributors.push(me);
         let (bmin, bmax) = match step.combined.take() {
@@ -302,34 +321,31 @@ impl FakeQuant {
             ),
         };
         step.combined = Some((bmin.clone(), bmax.clone()));
-        let [old_min, old_max, observed] = step.base.clone().expect("set above");
-        let (old_min, old_max, observed) = (
-            old_min.to_device(&device),
-            old_max.to_device(&device),
-            observed.to_device(&device),
+        let start = step.base.clone().expect("set above");
+        let (old_min, old_max) = (
+            start.min.clone().to_device(&device),
+            start.max.clone().to_device(&device),
         );
         let (new_min, new_max) = match self.observer {
             Observer::LastValue => (bmin, bmax),
             // Both ranges contain 0 and start at [0, 0], so min/max needs no first-batch rule.
             Observer::RunningMinMax => (old_min.min_pair(bmin), old_max.max_pair(bmax)),
-            Observer::MovingAverage { decay } => {
-                // ema on observed state, the batch itself before the first observation.
-                let blend = |old: Tensor<1>, new: Tensor<1>| {
-                    let avg = old.mul_scalar(decay) + new.clone().mul_scalar(1.0 - decay);
-                    let first = observed.clone().neg().add_scalar(1.0);
-                    avg * observed.clone() + new * first
-                };
+            // ema on observed state, the batch itself before the first observation.
+            Observer::MovingAverage { decay } if start.observed => {
                 debug_assert_eq!(ema(0.0, 1.0, decay), 1.0 - decay);
+                let blend = |old: Tensor<1>, new: Tensor<1>| {
+                    old.mul_scalar(decay) + new.mul_scalar(1.0 - decay)
+                };
                 (blend(old_min, bmin), blend(old_max, bmax))
             }
+            Observer::MovingAverage { .. } => (bmin, bmax),
         };
-        self.min.update(new_min.detach());
-        self.max.update(new_max.detach());
-        // Flush this thread's update so that records and `value()` see it now (under the lock,
-        // so no other thread's update is waiting to be averaged in); `observed` last, so that no
-        // reader sees it before the range it stands for.
-        let _ = (self.min.value_sync(), self.max.value_sync());
+        // The range first, then `observed`: a reader never sees `observed` before the range it
+        // stands for.
+        self.min.set(new_min);
+        self.max.set(new_max);
         self.observed.set(true);
+        start
     }
 
     /// The current scale and zero point tensors (`[channels]`) on `device`.
@@ -415,9 +431,8 @@ impl FakeQuant {
         let device = fq.min.value().device();
         let min = Tensor::<1>::from_floats(min, &device).clamp_max(0.0);
         let max = Tensor::<1>::from_floats(max, &device).clamp_min(0.0);
-        fq.min.update(min);
-        fq.max.update(max);
-        let _ = (fq.min.value_sync(), fq.max.value_sync());
+        fq.min.set(min);
+        fq.max.set(max);
         fq.observed.set(true);
         Ok(fq)
     }

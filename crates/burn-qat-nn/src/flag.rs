@@ -16,7 +16,10 @@
 //! Like Burn's `RunningState` the cell is shared by clones (a forward pass sets `observed`
 //! through `&self`, and the replicas of a multi-device step see it), and `valid()` / `train()`
 //! make fresh cells, which is how [`tree::own_state`](crate::tree::own_state) gives a module
-//! state of its own. The record is the same `[1]` tensor a `RunningState<Tensor<1>>` records,
+//! state of its own. Unlike `RunningState`, a record loaded by Burn's loader goes into a fresh
+//! cell: loading into `skeleton.clone()` leaves `skeleton` as it was;
+//! [`tree::map_values`](crate::tree::map_values) alone writes through to every clone. The
+//! record is the same `[1]` tensor a `RunningState<Tensor<1>>` records,
 //! so files written before this type load unchanged.
 //!
 //! ```
@@ -168,10 +171,21 @@ impl Module for FlagState {
         });
         let _ = mapper.map_float(param);
         let new = loaded.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(t) = new {
-            self.set(Self::decode(&crate::tree::to_vec(t)));
+        match new {
+            // Burn's record loader: the loaded module gets a cell of its own, so loading into
+            // a clone leaves the original as it was.
+            Some(t) if !crate::tree::writing_in_place() => {
+                let on = Self::decode(&crate::tree::to_vec(t));
+                let device = self.lock().tensor.device();
+                Self::with_id(self.id, on, &device)
+            }
+            // `tree::map_values`: written through to every clone, as it means to.
+            Some(t) => {
+                self.set(Self::decode(&crate::tree::to_vec(t)));
+                self
+            }
+            None => self,
         }
-        self
     }
 
     fn materialize(self) -> Self {
@@ -225,8 +239,8 @@ mod tests {
             "loaded record not seen by the host value"
         );
         assert_eq!(recorded(&loaded), 1.0);
-        // Loading writes the cell the skeleton shares, as Burn's RunningState does.
-        assert!(skeleton.flag.get());
+        // Unlike Burn's RunningState, loading leaves the cell the skeleton shares alone.
+        assert!(!skeleton.flag.get(), "loading into a clone switched the original");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`switches`]: model-wide switches (freeze observers, disable fake-quant).
 //! - [`FlagState`]: the recorded on/off state of those switches, read on the host so that a
 //!   forward pass never waits for the device.
+//! - [`StateTensor`]: a quantizer's recorded tensor state (ranges, spec), shared by the
+//!   replicas of a training step and copied by a loaded record.
 //! - [`record`]: loading records checked against the model's quantizers.
 //! - [`tree`]: the one home of module-tree wiring (path stack, quantizer state, own state).
 //!
@@ -36,6 +38,7 @@ mod fake_quant;
 pub mod flag;
 pub mod learned;
 pub mod record;
+mod state;
 pub mod switches;
 pub mod tree;
 mod weight;
@@ -45,6 +48,7 @@ mod spec_code;
 pub use act_quant::ActQuant;
 pub use fake_quant::{FakeQuant, FakeQuantConfig, Observer};
 pub use flag::FlagState;
+pub use state::StateTensor;
 /// A parameter holding `value` as a trainable leaf, keeping `old`'s id when there is one (so
 /// optimizer state and records line up).
 pub fn param_with<const D: usize>(

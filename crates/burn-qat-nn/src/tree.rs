@@ -192,9 +192,11 @@ pub fn read<M: Module>(model: &M, wanted: impl FnMut(&TreePath) -> bool) -> Vec<
 /// new values (same number, row-major) or `None` to keep it. Parameter ids, devices and
 /// gradient requirements are kept.
 ///
-/// Mapping writes `RunningState` and [`FlagState`](crate::FlagState) cells in place, and those
-/// are shared by clones: call [`own_state`] first unless the caller means to write through to
-/// every clone. New values go through each parameter's load hook, as a loaded record's do.
+/// Mapping writes `RunningState`, [`StateTensor`](crate::StateTensor) and
+/// [`FlagState`](crate::FlagState) cells in place, and those are shared by clones: call
+/// [`own_state`] first unless the caller means to write through to every clone. New values go
+/// through each parameter's load hook, as a loaded record's do (which, unlike this function,
+/// gives the quantizers' state cells of their own).
 pub fn map_values<M: Module>(
     model: M,
     f: impl FnMut(&TreePath, &[usize]) -> Option<Vec<f32>>,
@@ -230,10 +232,37 @@ pub fn map_values<M: Module>(
             Param::from_mapped_value(id, t, mapper)
         }
     }
+    let _in_place = InPlace::enter();
     model.map(&mut Mapper {
         at: TreePath::default(),
         f,
     })
+}
+
+thread_local! {
+    static IN_PLACE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as writing in place ([`map_values`]) until dropped (also on a panic).
+struct InPlace(bool);
+
+impl InPlace {
+    fn enter() -> Self {
+        Self(IN_PLACE.with(|c| c.replace(true)))
+    }
+}
+
+impl Drop for InPlace {
+    fn drop(&mut self) {
+        IN_PLACE.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether the values being loaded on this thread come from [`map_values`], which writes
+/// shared state cells in place, rather than from Burn's record loader, whose values go into
+/// cells of their own ([`StateTensor`](crate::StateTensor), [`FlagState`](crate::FlagState)).
+pub(crate) fn writing_in_place() -> bool {
+    IN_PLACE.with(|c| c.get())
 }
 
 /// Sets every element of the tensors `f` selects to the value it returns.
@@ -243,7 +272,8 @@ pub fn fill<M: Module>(model: M, mut f: impl FnMut(&TreePath) -> Option<f32>) ->
     })
 }
 
-/// `model` with its own `RunningState` cells (the same values, ids and mode).
+/// `model` with its own state cells (`RunningState`, [`StateTensor`](crate::StateTensor),
+/// [`FlagState`](crate::FlagState)): the same values, ids and mode.
 ///
 /// Burn's `RunningState` (observer ranges, switches, BatchNorm statistics) is shared by
 /// clones, so writing a switch into `model.clone()` would also switch `model`. Every switch of

@@ -1,11 +1,9 @@
 use burn::config::Config;
-use burn::module::{
-    Content, Module, ModuleDisplay, Param, Reparameterization, Reparameterizer, RunningState,
-};
+use burn::module::{Content, Module, ModuleDisplay, Param, Reparameterization, Reparameterizer};
 use burn::prelude::*;
 use burn_qat_core::{QParams, QatError, QuantSpec, tensor};
 
-use crate::FlagState;
+use crate::{FlagState, StateTensor};
 
 /// Configuration to create a [`WeightFakeQuant`] using the [init function](WeightFakeQuantConfig::init).
 #[derive(Config, Debug)]
@@ -43,9 +41,9 @@ impl WeightFakeQuantConfig {
             enabled: FlagState::new(self.enabled, device),
             frozen: FlagState::new(false, device),
             observed: FlagState::new(false, device),
-            min: RunningState::new(zeros.clone()),
-            max: RunningState::new(zeros),
-            spec_code: RunningState::new(Tensor::from_floats(
+            min: StateTensor::new(zeros.clone()),
+            max: StateTensor::new(zeros),
+            spec_code: StateTensor::new(Tensor::from_floats(
                 crate::encode_spec(&self.spec),
                 device,
             )),
@@ -98,11 +96,11 @@ pub struct WeightFakeQuant {
     /// On once a frozen range has been captured in `min`/`max` (recorded).
     pub observed: FlagState,
     /// The frozen range's minimum, `[channels]`.
-    pub min: RunningState<Tensor<1>>,
+    pub min: StateTensor,
     /// The frozen range's maximum, `[channels]`.
-    pub max: RunningState<Tensor<1>>,
+    pub max: StateTensor,
     /// `[6]`: the spec, recorded with the model (see [`encode_spec`](crate::encode_spec)).
-    pub spec_code: RunningState<Tensor<1>>,
+    pub spec_code: StateTensor,
     /// LSQ: a learned step size per output channel (`[channels]`, or `[1]`); `None` uses the
     /// weight's own min/max.
     pub scale: Option<Param<Tensor<1>>>,
@@ -194,10 +192,9 @@ impl WeightFakeQuant {
         // default 1 still freezes; its record then has the weight's channel count).
         if frozen {
             let state = self.min.value().device();
-            self.min.update(min.clone().detach().to_device(&state));
-            self.max.update(max.clone().detach().to_device(&state));
+            self.min.set(min.clone().to_device(&state));
+            self.max.set(max.clone().to_device(&state));
             // The range first, then `observed`: a replica reading `observed` sees the range.
-            let _ = (self.min.value_sync(), self.max.value_sync());
             self.observed.set(true);
         }
         (min, max)
