@@ -646,3 +646,380 @@ fn the_graph_plan_names_the_learned_method_and_phase() {
         "{plan}"
     );
 }
+
+/// Issue 33, class 4: learned ranges at the edges of `f32`. Every learned method, fused and
+/// composed, against the scalar reference (`burn_qat::core::reference`), with inputs and
+/// parameters drawn from `+-f32::MAX`, huge finite values, subnormals (`1e-45`) and zeros; no
+/// finite input with finite parameters may give a non-finite output, and broken (NaN or
+/// infinite) parameters are repaired as the reference repairs them.
+mod f32_edges {
+    use burn::prelude::*;
+    use burn_qat::core::{reference, tensor};
+    use burn_qat::nn::{LearnedFakeQuant, LearnedFakeQuantConfig, LearnedRange, start_learning};
+    use burn_qat::{QuantSpec, RoundingMode};
+    use burn_qat_tests::{Backend, backends, cases, values};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    const MAX: f32 = f32::MAX;
+
+    /// Finite values at and near the edges of `f32`, and ordinary ones.
+    const EDGES: [f32; 24] = [
+        MAX,
+        -MAX,
+        3.4e38,
+        -3.4e38,
+        3e38,
+        -3e38,
+        1e38,
+        -1e38,
+        2.5e37,
+        1e-45,
+        -1e-45,
+        1.4e-44,
+        1e-40,
+        -1e-40,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        f32::EPSILON,
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.3,
+        -2.75,
+        65504.0,
+    ];
+
+    fn finite() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            4 => proptest::sample::select(EDGES.to_vec()),
+            1 => proptest::num::f32::NORMAL | proptest::num::f32::SUBNORMAL | proptest::num::f32::ZERO,
+        ]
+    }
+
+    /// A learned parameter: finite mostly, sometimes broken by an optimizer.
+    fn param() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => finite(),
+            1 => proptest::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY]),
+        ]
+    }
+
+    fn spec() -> impl Strategy<Value = QuantSpec> {
+        (
+            2u32..=8,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(bits, signed, symmetric, narrow, tf)| {
+                QuantSpec::act_per_tensor_asymmetric(bits)
+                    .with_signed(signed)
+                    .with_symmetric(symmetric)
+                    .with_narrow_range(narrow)
+                    .with_rounding(if tf {
+                        RoundingMode::TfHalfUp
+                    } else {
+                        RoundingMode::HalfToEven
+                    })
+            })
+            .prop_filter("a valid spec", |s| s.validate().is_ok())
+    }
+
+    const METHODS: [LearnedRange; 4] = [
+        LearnedRange::Lsq,
+        LearnedRange::LsqPlus,
+        LearnedRange::Pact,
+        LearnedRange::MinMax,
+    ];
+
+    /// The scalar reference of `method` with parameters `(a, b)`: (step, offset), (alpha, -),
+    /// (min, max).
+    fn oracle(method: LearnedRange, x: f32, (a, b): (f32, f32), spec: &QuantSpec) -> f32 {
+        match method {
+            LearnedRange::Lsq => reference::fake_quant_lsq(x, a, 0.0, spec),
+            LearnedRange::LsqPlus => reference::fake_quant_lsq(x, a, b, spec),
+            LearnedRange::Pact => reference::fake_quant_pact(x, a, spec),
+            LearnedRange::MinMax => reference::fake_quant_min_max(x, a, b, spec),
+        }
+    }
+
+    /// The grid value `q` of the clip methods (their output is `t + (q - t)`, `t` the clipped
+    /// input; a GPU compiler may simplify that to `q`, see `tests/tests/fused.rs`), `None` for
+    /// LSQ.
+    fn oracle_q(method: LearnedRange, x: f32, (a, b): (f32, f32), spec: &QuantSpec) -> Option<f32> {
+        use reference::{clip, finite_or_zero};
+        match method {
+            LearnedRange::Lsq | LearnedRange::LsqPlus => None,
+            LearnedRange::Pact => {
+                let qp = burn_qat::QParams {
+                    scale: reference::pact_scale(a, spec),
+                    zero_point: 0,
+                };
+                let t = clip(x, 0.0, finite_or_zero(a));
+                Some(reference::fake_quant(t, qp, &reference::pact_spec(spec)))
+            }
+            LearnedRange::MinMax => {
+                let t = clip(x, finite_or_zero(a), finite_or_zero(b));
+                let qp = burn_qat::qparams_from_range(a, b, spec);
+                Some(reference::fake_quant(t, qp, spec))
+            }
+        }
+    }
+
+    /// `method` on tensors (`composed`: the composed ops instead of the fused path), on an
+    /// autodiff device: the values and the gradients of `x` and of the parameters.
+    fn run(
+        device: &Device,
+        method: LearnedRange,
+        xs: &[f32],
+        (a, b): (f32, f32),
+        spec: &QuantSpec,
+        composed: bool,
+    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let x = Tensor::<1>::from_floats(xs, device).require_grad();
+        let pa = Tensor::<1>::from_floats([a], device).require_grad();
+        let pb = Tensor::<1>::from_floats([b], device).require_grad();
+        let factor = tensor::lsq_grad_factor(xs.len(), spec.qmax());
+        let y = match (method, composed) {
+            (LearnedRange::Lsq, false) => {
+                tensor::fake_quant_lsq(x.clone(), pa.clone(), None, spec, factor)
+            }
+            (LearnedRange::Lsq, true) => {
+                tensor::fake_quant_lsq_composed(x.clone(), pa.clone(), None, spec, factor)
+            }
+            (LearnedRange::LsqPlus, false) => {
+                tensor::fake_quant_lsq(x.clone(), pa.clone(), Some(pb.clone()), spec, factor)
+            }
+            (LearnedRange::LsqPlus, true) => tensor::fake_quant_lsq_composed(
+                x.clone(),
+                pa.clone(),
+                Some(pb.clone()),
+                spec,
+                factor,
+            ),
+            (LearnedRange::Pact, false) => tensor::fake_quant_pact(x.clone(), pa.clone(), spec),
+            (LearnedRange::Pact, true) => {
+                tensor::fake_quant_pact_composed(x.clone(), pa.clone(), spec)
+            }
+            (LearnedRange::MinMax, false) => {
+                tensor::fake_quant_min_max(x.clone(), pa.clone(), pb.clone(), spec)
+            }
+            (LearnedRange::MinMax, true) => {
+                tensor::fake_quant_min_max_composed(x.clone(), pa.clone(), pb.clone(), spec)
+            }
+        };
+        let grads = y.clone().sum().backward();
+        let grad = |t: &Tensor<1>| t.grad(&grads).map(values).unwrap_or_default();
+        (values(y), vec![grad(&x), grad(&pa), grad(&pb)])
+    }
+
+    /// Equal as the reference computes them: NaN matches NaN, zeros by value (`r * s + 0` is
+    /// +0 where the composed LSQ keeps -0), every other value bit for bit.
+    fn same(got: f32, want: f32) -> bool {
+        (got.is_nan() && want.is_nan()) || got.to_bits() == want.to_bits() || got == want
+    }
+
+    fn check(
+        b: &Backend,
+        test: impl Fn(
+            &Device,
+            LearnedRange,
+            QuantSpec,
+            Vec<f32>,
+            (f32, f32),
+        ) -> Result<(), TestCaseError>,
+    ) {
+        let device = b.device.clone().autodiff();
+        let strategy = (
+            proptest::sample::select(METHODS.to_vec()),
+            spec(),
+            proptest::collection::vec(finite(), 1..12),
+            (param(), param()),
+        );
+        let mut runner = TestRunner::new(Config {
+            cases: cases(b, 512),
+            ..Config::default()
+        });
+        runner
+            .run(&strategy, |(method, spec, xs, params)| {
+                test(&device, method, spec, xs, params)
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+    }
+
+    /// Fused and composed values equal the scalar reference, which repairs broken parameters;
+    /// finite inputs and finite parameters give finite values, and broken parameters too. On
+    /// wgpu the clip methods may give the grid value `q` itself where `t + (q - t)` rounds
+    /// (the shader compiler reassociates; `x = f32::MAX` clipped to `-f32::MAX` on the grid of
+    /// `[0, 0]`: `q = -2.4e-7`, `t + (q - t) = 0`).
+    #[test]
+    fn every_learned_method_matches_the_reference_at_the_f32_edges() {
+        for b in backends() {
+            let gpu = b.name == "wgpu";
+            check(&b, |device, method, spec, xs, params| {
+                for composed in [false, true] {
+                    let (ys, _) = run(device, method, &xs, params, &spec, composed);
+                    for (x, y) in xs.iter().zip(&ys) {
+                        let want = oracle(method, *x, params, &spec);
+                        let q = oracle_q(method, *x, params, &spec);
+                        prop_assert!(
+                            same(*y, want) || (gpu && q.is_some_and(|q| same(*y, q))),
+                            "{method:?} composed={composed} {spec} x={x:e} params={params:?}: got {y:e}, reference {want:e}"
+                        );
+                        prop_assert!(
+                            y.is_finite(),
+                            "{method:?} composed={composed} {spec} x={x:e} params={params:?}: {y}"
+                        );
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// The gradients of the fused path (what every backend with kernels trains with) stay
+    /// finite at the f32 edges, and the gradient of `x` is the composed one.
+    #[test]
+    fn learned_gradients_stay_finite_at_the_f32_edges() {
+        for b in backends() {
+            if !burn_qat::core::fused::has_kernels(&b.device) {
+                continue;
+            }
+            check(&b, |device, method, spec, xs, params| {
+                let (_, fast) = run(device, method, &xs, params, &spec, false);
+                let (_, slow) = run(device, method, &xs, params, &spec, true);
+                for (what, g) in ["x", "first parameter", "second parameter"]
+                    .iter()
+                    .zip(&fast)
+                {
+                    prop_assert!(
+                        g.iter().all(|v| v.is_finite()),
+                        "{method:?} {spec} xs={xs:?} params={params:?}: {what} gradient {g:?}"
+                    );
+                }
+                for (p, q) in fast[0].iter().zip(&slow[0]) {
+                    prop_assert!(
+                        (*p == 0.0) == (*q == 0.0),
+                        "{method:?} {spec} xs={xs:?} params={params:?}: x gradient fused {:?}, composed {:?}",
+                        fast[0],
+                        slow[0]
+                    );
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// An LSQ+ offset an optimizer drove to NaN or infinity counts as 0, on the tensor path and
+    /// in the module (forward and grid), and receives no gradient while broken.
+    #[test]
+    fn a_broken_lsq_plus_offset_is_repaired_to_zero() {
+        let spec = QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(4);
+        let xs = [-1.0f32, 0.0, 0.3, 1.7, 9.0];
+        for b in backends() {
+            let d = b.device.clone().autodiff();
+            let x = Tensor::<1>::from_floats(xs, &d);
+            let step = Tensor::<1>::from_floats([0.25], &d);
+            let clean = values(tensor::fake_quant_lsq(
+                x.clone(),
+                step.clone(),
+                Some(Tensor::from_floats([0.0], &d)),
+                &spec,
+                1.0,
+            ));
+            assert_eq!(clean, vec![0.0, 0.0, 0.25, 1.75, 3.75], "{}", b.name);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let offset = Tensor::<1>::from_floats([bad], &d).require_grad();
+                for composed in [false, true] {
+                    let f = if composed {
+                        tensor::fake_quant_lsq_composed::<1>
+                    } else {
+                        tensor::fake_quant_lsq::<1>
+                    };
+                    let y = f(x.clone(), step.clone(), Some(offset.clone()), &spec, 1.0);
+                    assert_eq!(values(y.clone()), clean, "{} {bad} {composed}", b.name);
+                    let grads = y.sum().backward();
+                    let g = offset.grad(&grads).map(values).unwrap_or(vec![0.0]);
+                    assert_eq!(g, vec![0.0], "{} {bad} composed={composed}", b.name);
+                }
+                // The module: forward and the grid conversion reads.
+                let mut fq = LearnedFakeQuantConfig::new(spec, LearnedRange::LsqPlus)
+                    .init(&d)
+                    .unwrap();
+                fq.observer = fq.observer.set_range(&[0.0], &[3.75]).unwrap();
+                let mut fq = fq.start_learning();
+                let device = d.clone();
+                fq.offset = fq
+                    .offset
+                    .map(|p| p.map(|_| Tensor::from_floats([bad], &device)));
+                assert_eq!(values(fq.forward(x.clone())), clean, "{} {bad}", b.name);
+                let (_, qps) = fq.grid().unwrap();
+                assert_eq!(qps[0].zero_point, 0, "{} {bad}: {qps:?}", b.name);
+                assert!(qps[0].scale.is_finite(), "{} {bad}: {qps:?}", b.name);
+            }
+        }
+    }
+
+    #[derive(burn::module::Module, Debug)]
+    struct Holder {
+        act: LearnedFakeQuant,
+    }
+
+    /// The observe -> learn hand-off from huge but finite observed ranges gives finite
+    /// parameters, whose forward pass is finite on finite inputs; through both hand-offs (the
+    /// module's own and the model-wide mapper).
+    #[test]
+    fn the_hand_off_from_huge_finite_ranges_gives_finite_parameters() {
+        let ranges = [
+            (-3e38f32, 3e38f32),
+            (-MAX, MAX),
+            (-MAX, 1e-45),
+            (-1e-45, MAX),
+            (-MAX, 0.0),
+            (0.0, MAX),
+            (-3.4e38, 1.0),
+            (-1e-45, 1e-45),
+        ];
+        let specs = [
+            QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(4),
+            QuantSpec::uint8_act_per_tensor_asymmetric(),
+            QuantSpec::int8_act_per_tensor_asymmetric(),
+            QuantSpec::act_per_tensor_asymmetric(2),
+            QuantSpec::int8_act_per_tensor_asymmetric().with_narrow_range(true),
+            QuantSpec::int8_act_per_tensor_asymmetric().with_symmetric(true),
+        ];
+        for b in backends() {
+            let d = b.device.clone().autodiff();
+            let x = Tensor::<1>::from_floats(EDGES, &d);
+            for method in METHODS {
+                for spec in specs {
+                    for (lo, hi) in ranges {
+                        let mut fq = LearnedFakeQuantConfig::new(spec, method).init(&d).unwrap();
+                        fq.observer = fq.observer.set_range(&[lo], &[hi]).unwrap();
+                        let own = fq.clone().start_learning();
+                        let mapped = start_learning(Holder { act: fq }).act;
+                        for (how, m) in [("own", own), ("mapped", mapped)] {
+                            let ctx =
+                                format!("{} {method:?} {spec} [{lo:e}, {hi:e}] {how}", b.name);
+                            assert!(m.is_learning(), "{ctx}");
+                            for p in [&m.scale, &m.offset, &m.alpha, &m.min, &m.max]
+                                .into_iter()
+                                .flatten()
+                            {
+                                let v = values(p.val());
+                                assert!(v.iter().all(|v| v.is_finite()), "{ctx}: {v:?}");
+                            }
+                            let y = values(m.forward(x.clone()));
+                            assert!(y.iter().all(|v| v.is_finite()), "{ctx}: {y:?}");
+                            let (_, qps) = m.grid().unwrap();
+                            assert!(qps.iter().all(|q| q.scale.is_finite()), "{ctx}: {qps:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -4,6 +4,13 @@
 //! operations in the same order as the tensor path (`x / scale`, round, `+ zero_point`, clamp,
 //! `(q - zero_point) * scale`), so on a backend with IEEE division the results are bit-equal.
 //!
+//! Every output saturates at `+-f32::MAX`: a grid whose end lies beyond the largest `f32` (a
+//! scale of `f32::MAX / 15` times 15 steps rounds past it) gives `+-f32::MAX` there, never an
+//! infinity, so finite inputs and finite parameters always give finite outputs. NaN inputs stay
+//! NaN. The learned ranges ([`fake_quant_lsq`], [`fake_quant_pact`], [`fake_quant_min_max`])
+//! repair parameters an optimizer drove to NaN or infinity: an LSQ step counts as
+//! [`MIN_SCALE`], an LSQ+ offset, a PACT `alpha` and a trainable `min`/`max` as 0.
+//!
 //! ```
 //! use burn_qat_core::{QParams, QuantSpec, reference};
 //!
@@ -17,7 +24,13 @@
 //! assert_eq!(reference::fake_quant(1000.0, qp, &spec), 126.0); // clipped at qmax = 127
 //! ```
 
-use crate::{QParams, QuantSpec, RoundingMode};
+use crate::{MIN_SCALE, QParams, QuantSpec, RoundingMode, qparams_from_range};
+
+/// `y` clamped to `[-f32::MAX, f32::MAX]`, NaN kept: how every output saturates at the edge of
+/// `f32` instead of overflowing to an infinity.
+pub fn saturate(y: f32) -> f32 {
+    y.clamp(-f32::MAX, f32::MAX)
+}
 
 /// Rounds half to even (`0.5 -> 0`, `1.5 -> 2`, `-2.5 -> -2`), like `f32::round_ties_even`.
 pub fn round_half_even(x: f32) -> f32 {
@@ -55,15 +68,92 @@ pub fn quantize(x: f32, qp: QParams, spec: &QuantSpec) -> i32 {
     q.clamp(spec.qmin() as f32, spec.qmax() as f32) as i32
 }
 
-/// `scale * (q - zero_point)`.
+/// `scale * (q - zero_point)`, saturated at `+-f32::MAX`.
 pub fn dequantize(q: i32, qp: QParams) -> f32 {
-    (q - qp.zero_point) as f32 * qp.scale
+    // In i64: no overflow for any pair of i32 (the value is the same where i32 held it).
+    saturate((i64::from(q) - i64::from(qp.zero_point)) as f32 * qp.scale)
 }
 
-/// Quantize then dequantize: the value the forward pass of fake quantization produces.
+/// Quantize then dequantize: the value the forward pass of fake quantization produces,
+/// `(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`, saturated at
+/// `+-f32::MAX` (a grid end beyond the largest `f32` gives `+-f32::MAX`).
 pub fn fake_quant(x: f32, qp: QParams, spec: &QuantSpec) -> f32 {
     let q = quantize_unclamped(x, qp, spec).clamp(spec.qmin() as f32, spec.qmax() as f32);
-    (q - qp.zero_point as f32) * qp.scale
+    saturate((q - qp.zero_point as f32) * qp.scale)
+}
+
+/// `v`, or 0 where it is NaN or infinite: how a learned offset, PACT `alpha` or trainable
+/// `min`/`max` that an optimizer broke is repaired.
+pub fn finite_or_zero(v: f32) -> f32 {
+    if v.is_finite() { v } else { 0.0 }
+}
+
+/// The step an LSQ parameter stands for: `max(|step|, MIN_SCALE)`, and [`MIN_SCALE`] for a
+/// step an optimizer drove to NaN or infinity (the scalar twin of
+/// [`tensor::lsq_step`](crate::tensor::lsq_step)).
+pub fn lsq_step(step: f32) -> f32 {
+    if step.is_finite() {
+        step.abs().max(MIN_SCALE)
+    } else {
+        MIN_SCALE
+    }
+}
+
+/// LSQ / LSQ+ forward (the scalar twin of
+/// [`tensor::fake_quant_lsq`](crate::tensor::fake_quant_lsq) with a gradient factor of 1):
+/// `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even), `s = `[`lsq_step`]`(step)`,
+/// `o = `[`finite_or_zero`]`(offset)` (0 for LSQ), saturated at `+-f32::MAX`.
+pub fn fake_quant_lsq(x: f32, step: f32, offset: f32, spec: &QuantSpec) -> f32 {
+    let s = lsq_step(step);
+    let o = finite_or_zero(offset);
+    let v = ((x - o) / s).clamp(spec.qmin() as f32, spec.qmax() as f32);
+    saturate(round_half_even(v) * s + o)
+}
+
+/// `x` clipped to `[lo, hi]` as the tensor paths clip: `lo` where `x < lo`, then `hi` where
+/// `hi` is below that (NaN stays NaN; `hi` wins when `lo > hi`).
+pub fn clip(x: f32, lo: f32, hi: f32) -> f32 {
+    let t = if x < lo { lo } else { x };
+    if hi < t { hi } else { t }
+}
+
+/// PACT's grid for `spec`: unsigned, asymmetric, not narrow, per tensor (0.0 is grid point 0).
+pub fn pact_spec(spec: &QuantSpec) -> QuantSpec {
+    spec.with_signed(false)
+        .with_symmetric(false)
+        .with_narrow_range(false)
+        .with_granularity(crate::Granularity::PerTensor)
+}
+
+/// PACT's step for a clipping level `alpha`: `max(alpha / qmax, MIN_SCALE)` on
+/// [`pact_spec`]'s grid, `alpha` repaired by [`finite_or_zero`].
+pub fn pact_scale(alpha: f32, spec: &QuantSpec) -> f32 {
+    let qmax = pact_spec(spec).qmax().max(1) as f32;
+    (finite_or_zero(alpha) / qmax).max(MIN_SCALE)
+}
+
+/// PACT forward (the scalar twin of
+/// [`tensor::fake_quant_pact`](crate::tensor::fake_quant_pact)): `t = clip(x, 0, alpha)`
+/// fake-quantized on [`pact_spec`]'s grid with step [`pact_scale`] and zero point 0, written
+/// `t + (q - t)` as the straight-through forms compute it.
+pub fn fake_quant_pact(x: f32, alpha: f32, spec: &QuantSpec) -> f32 {
+    let t = clip(x, 0.0, finite_or_zero(alpha));
+    let qp = QParams {
+        scale: pact_scale(alpha, spec),
+        zero_point: 0,
+    };
+    let q = fake_quant(t, qp, &pact_spec(spec));
+    t + (q - t)
+}
+
+/// Trainable min/max forward (the scalar twin of
+/// [`tensor::fake_quant_min_max`](crate::tensor::fake_quant_min_max)): `t = clip(x, min, max)`
+/// (bounds repaired by [`finite_or_zero`]) fake-quantized on the grid of
+/// [`qparams_from_range`]`(min, max)`, written `t + (q - t)`.
+pub fn fake_quant_min_max(x: f32, min: f32, max: f32, spec: &QuantSpec) -> f32 {
+    let t = clip(x, finite_or_zero(min), finite_or_zero(max));
+    let q = fake_quant(t, qparams_from_range(min, max, spec), spec);
+    t + (q - t)
 }
 
 /// The clipped straight-through estimator: `d fake_quant(x) / dx` is 1 where `x` lies inside
@@ -137,6 +227,58 @@ mod tests {
         assert_eq!(quantize(f32::INFINITY, qp, &spec), 127);
         assert_eq!(quantize(f32::NEG_INFINITY, qp, &spec), -128);
         assert_eq!(fake_quant(f32::INFINITY, qp, &spec), 62.5);
+    }
+
+    /// A grid end beyond the largest f32 saturates (issue 33: ranges at `+-f32::MAX` gave
+    /// `+-inf`).
+    #[test]
+    fn outputs_saturate_at_f32_max() {
+        let u4 = QuantSpec::uint8_act_per_tensor_asymmetric().with_bits(4);
+        let qp = qparams_from_range(-f32::MAX, 1e-45, &u4);
+        assert_eq!(fake_quant(-f32::MAX, qp, &u4), -f32::MAX);
+        // [-f32::MAX, f32::MAX] on 2 unsigned bits: step 2.27e38, zero point 2, so grid point 0
+        // is -4.5e38.
+        let u2 = u4.with_bits(2);
+        let qp = qparams_from_range(-f32::MAX, f32::MAX, &u2);
+        assert_eq!(qp.zero_point, 2, "{qp:?}");
+        assert!(
+            -2.0 * qp.scale == f32::NEG_INFINITY,
+            "the product overflows: {qp:?}"
+        );
+        assert_eq!(fake_quant(-f32::MAX, qp, &u2), -f32::MAX);
+        assert_eq!(dequantize(0, qp), -f32::MAX);
+        assert_eq!(dequantize(i32::MIN, qp), -f32::MAX);
+        assert!(fake_quant(f32::NAN, qp, &u2).is_nan());
+        // LSQ+ with a step whose grid top overflows and a huge offset.
+        let s8 = QuantSpec::int8_act_per_tensor_asymmetric();
+        assert_eq!(fake_quant_lsq(f32::MAX, 3e38, 1e38, &s8), f32::MAX);
+        assert_eq!(fake_quant_lsq(-f32::MAX, 3e38, -1e38, &s8), -f32::MAX);
+        assert_eq!(fake_quant_lsq(f32::MAX, 3e38, 3e38, &s8), 3e38);
+        // PACT and min/max at the top of f32.
+        assert_eq!(fake_quant_pact(f32::MAX, f32::MAX, &u4), f32::MAX);
+        assert_eq!(
+            fake_quant_min_max(-f32::MAX, -f32::MAX, 1e-45, &u4),
+            -f32::MAX
+        );
+    }
+
+    /// Parameters an optimizer broke count as MIN_SCALE (step) or 0 (offset, alpha, min, max).
+    #[test]
+    fn broken_learned_parameters_are_repaired() {
+        let spec = QuantSpec::int8_act_per_tensor_asymmetric().with_bits(4);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(lsq_step(bad), MIN_SCALE);
+            assert_eq!(fake_quant_lsq(0.75, 0.25, bad, &spec), 0.75);
+            assert_eq!(fake_quant_lsq(1.0, bad, 0.0, &spec), 7.0 * MIN_SCALE);
+            assert_eq!(fake_quant_pact(0.5, bad, &spec), 0.0);
+            assert_eq!(
+                fake_quant_min_max(0.5, bad, 1.0, &spec),
+                fake_quant_min_max(0.5, 0.0, 1.0, &spec)
+            );
+            assert_eq!(fake_quant_min_max(0.5, -1.0, bad, &spec), 0.0);
+        }
+        assert_eq!(lsq_step(-0.5), 0.5);
+        assert_eq!(lsq_step(0.0), MIN_SCALE);
     }
 
     #[test]

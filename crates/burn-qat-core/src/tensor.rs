@@ -1,7 +1,11 @@
 //! Fake quantization on Burn tensors, with the clipped straight-through estimator.
 //!
 //! Forward: `q = clamp(round(x / scale) + zero_point, qmin, qmax)`, output
-//! `(q - zero_point) * scale` (bit-equal to [`reference::fake_quant`](crate::reference::fake_quant)).
+//! `(q - zero_point) * scale` saturated at `+-f32::MAX` (bit-equal to
+//! [`reference::fake_quant`](crate::reference::fake_quant)). Every function here gives finite
+//! outputs for finite inputs and finite parameters, and repairs learned parameters an optimizer
+//! drove to NaN or infinity (see [`lsq_step`], [`fake_quant_lsq`], [`fake_quant_pact`],
+//! [`fake_quant_min_max`]).
 //! Backward: the incoming gradient where `x` lies inside the representable range, 0 outside.
 //! Nothing here holds state; the modules in `burn-qat-nn` do.
 //!
@@ -135,7 +139,8 @@ pub fn fake_quant_composed<const D: usize>(
     let v = xd.clone() / scale.clone();
     let r = round(v.clone(), spec.rounding) + zero_point.clone();
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
-    let y = (r.clamp(qmin, qmax) - zero_point.clone()) * scale;
+    // Saturated: a grid end beyond the largest f32 gives +-f32::MAX, not an infinity.
+    let y = ((r.clamp(qmin, qmax) - zero_point.clone()) * scale).clamp(-f32::MAX, f32::MAX);
     if x.is_autodiff() {
         let v = v + zero_point;
         let inside = v
@@ -172,7 +177,8 @@ pub fn fake_quant_per_tensor<const D: usize>(
         .add_scalar(zp)
         .clamp(qmin, qmax)
         .sub_scalar(zp)
-        .mul_scalar(qp.scale);
+        .mul_scalar(qp.scale)
+        .clamp(-f32::MAX, f32::MAX);
     if x.is_autodiff() {
         let v = v.add_scalar(zp);
         let inside = v
@@ -257,12 +263,9 @@ pub fn qparams(min: Tensor<1>, max: Tensor<1>, spec: &QuantSpec) -> (Tensor<1>, 
         // m / (steps / 2) is 2m / steps exactly (IEEE division is correctly rounded and
         // doubling is exact), without overflowing for m above f32::MAX / 2.
         let scale = m.div_scalar(steps / 2.0).clamp(MIN_SCALE, f32::MAX);
-        let zp = if spec.signed {
-            0.0
-        } else {
-            ((qmin + qmax + 1) / 2) as f32
-        };
-        let zero_point = scale.zeros_like().add_scalar(zp);
+        let zero_point = scale
+            .zeros_like()
+            .add_scalar(spec.symmetric_zero_point() as f32);
         return (scale, zero_point);
     }
     let scale = (max.clone() - min.clone()).div_scalar(steps);
@@ -316,11 +319,14 @@ pub fn trainable_leaf<const D: usize>(value: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// Scales the gradient of `x` by `factor` without changing its value:
-/// `(x - x * factor).detach() + x * factor` (LSQ's gradient scaling).
+/// Scales the gradient of `x` by `factor` without changing its value (LSQ's gradient
+/// scaling): `x.detach() + (x * factor - (x * factor).detach())`, whose value is `x` bit for bit
+/// (`(x - x * factor).detach() + x * factor` rounds twice, and can round `f32::MAX` up to
+/// infinity). `factor` is expected in `(0, 1]` (as [`lsq_grad_factor`] gives it): a product
+/// `x * factor` that overflows makes the value NaN.
 pub fn grad_scale<const D: usize>(x: Tensor<D>, factor: f32) -> Tensor<D> {
     let scaled = x.clone().mul_scalar(factor);
-    (x - scaled.clone()).detach() + scaled
+    x.detach() + (scaled.clone() - scaled.detach())
 }
 
 /// LSQ's gradient scale for a step size shared by `n` values on a grid whose top is `qmax`:
@@ -329,9 +335,11 @@ pub fn lsq_grad_factor(n: usize, qmax: i32) -> f32 {
     1.0 / ((n.max(1) as f32) * (qmax.max(1) as f32)).sqrt()
 }
 
-/// The step an LSQ parameter stands for: `max(|scale|, MIN_SCALE)`. An optimizer may push a
-/// small step through zero; the grid then stays the same size (PyTorch's learnable fake-quant
-/// clamps the parameter instead, which stops its gradient).
+/// The step an LSQ parameter stands for: `max(|scale|, MIN_SCALE)`, and [`MIN_SCALE`] where the
+/// optimizer drove it to NaN or infinity (no gradient reaches such an entry). An optimizer may
+/// push a small step through zero; the grid then stays the same size (PyTorch's learnable
+/// fake-quant clamps the parameter instead, which stops its gradient). Scalar twin:
+/// [`reference::lsq_step`](crate::reference::lsq_step).
 pub fn lsq_step(scale: Tensor<1>) -> Tensor<1> {
     // A step the optimizer drove to NaN or infinity is repaired to the smallest step: the
     // outputs stay finite (saturated) instead of poisoning every later layer.
@@ -341,11 +349,17 @@ pub fn lsq_step(scale: Tensor<1>) -> Tensor<1> {
 
 /// LSQ / LSQ+ fake quantization with a learnable step size (and, for LSQ+, a learnable float
 /// offset): `x_hat = round(clamp((x - offset) / s, qmin, qmax)) * s + offset`, with
-/// `s = `[`lsq_step`]`(scale)`.
+/// `s = `[`lsq_step`]`(scale)`, saturated at `+-f32::MAX` (scalar twin:
+/// [`reference::fake_quant_lsq`](crate::reference::fake_quant_lsq)).
+///
+/// Repairs: a step the optimizer drove to NaN or infinity counts as [`MIN_SCALE`]
+/// ([`lsq_step`]), an offset driven to NaN or infinity as 0; neither receives a gradient
+/// while broken. Finite inputs and finite parameters give finite outputs.
 ///
 /// Gradients (exact, through autodiff): `dx_hat/dx` is 1 inside the range and 0 outside;
 /// `dx_hat/ds` is `round(v) - v` inside and `qmin`/`qmax` outside (`v = (x - offset) / s`),
-/// times `grad_factor`; `dx_hat/d offset` is 0 inside and 1 outside, times `grad_factor`.
+/// times `grad_factor`; `dx_hat/d offset` is 0 inside and 1 outside, times `grad_factor`. An
+/// element whose value saturated (its grid point lies beyond `+-f32::MAX`) passes no gradient.
 ///
 /// # Shapes
 ///
@@ -363,7 +377,7 @@ pub fn fake_quant_lsq<const D: usize>(
         let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
         let s = grad_scale(lsq_step(scale), grad_factor);
         let o = match offset {
-            Some(o) => grad_scale(o, grad_factor),
+            Some(o) => grad_scale(finite_or(o, 0.0), grad_factor),
             None => s.zeros_like().detach(),
         };
         return crate::fused::lsq(x, s, o, axis.unwrap_or(0), qmin, qmax);
@@ -385,13 +399,15 @@ pub fn fake_quant_lsq_composed<const D: usize>(
     let shape: [usize; D] = channel_shape(channels, axis);
     let s = grad_scale(lsq_step(scale), grad_factor).reshape(shape);
     let (qmin, qmax) = (spec.qmin() as f32, spec.qmax() as f32);
-    match offset {
+    let y = match offset {
         None => round_ste((x / s.clone()).clamp(qmin, qmax)) * s,
         Some(o) => {
-            let o = grad_scale(o, grad_factor).reshape(shape);
+            let o = grad_scale(finite_or(o, 0.0), grad_factor).reshape(shape);
             round_ste(((x - o.clone()) / s.clone()).clamp(qmin, qmax)) * s + o
         }
-    }
+    };
+    // Saturated at the edge of f32 (no gradient where it saturates, as Burn's clamp passes none).
+    y.clamp(-f32::MAX, f32::MAX)
 }
 
 /// `t` with its NaN and infinite values replaced by `value` (gradient kept elsewhere): a learned
@@ -402,15 +418,15 @@ fn finite_or(t: Tensor<1>, value: f32) -> Tensor<1> {
 }
 
 /// PACT's grid for a clipping level `alpha`: the unsigned, asymmetric, per-tensor form of
-/// `spec` and its step `max(alpha / qmax, MIN_SCALE)` (zero point 0).
+/// `spec` and its step `max(alpha / qmax, MIN_SCALE)` (zero point 0); an `alpha` the optimizer
+/// drove to NaN or infinity counts as 0 (scalar twins: [`reference::pact_spec`],
+/// [`reference::pact_scale`](crate::reference::pact_scale)).
+///
+/// [`reference::pact_spec`]: crate::reference::pact_spec
 pub fn pact_grid(alpha: Tensor<1>, spec: &QuantSpec) -> (QuantSpec, Tensor<1>) {
     // Unsigned and not narrow: 0.0 is grid point 0, exactly (a narrow unsigned grid would
     // start at 1 and turn 0.0 into one step).
-    let unsigned = spec
-        .with_signed(false)
-        .with_symmetric(false)
-        .with_narrow_range(false)
-        .with_granularity(crate::Granularity::PerTensor);
+    let unsigned = crate::reference::pact_spec(spec);
     let alpha = finite_or(alpha, 0.0);
     let scale = alpha
         .div_scalar(unsigned.qmax().max(1) as f32)
@@ -419,9 +435,11 @@ pub fn pact_grid(alpha: Tensor<1>, spec: &QuantSpec) -> (QuantSpec, Tensor<1>) {
 }
 
 /// PACT (Choi et al. 2018): `y = clamp(x, 0, alpha)` with a learnable `alpha`, then
-/// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through). The gradient
-/// reaches `x` inside `[0, alpha]` (ties included) and `alpha` where `x > alpha` (PACT's
-/// `dy/dalpha`).
+/// fake-quantized on an unsigned grid with scale `alpha / qmax` (straight-through), saturated
+/// at `+-f32::MAX` (scalar twin: [`reference::fake_quant_pact`](crate::reference::fake_quant_pact)).
+/// The gradient reaches `x` inside `[0, alpha]` (ties included) and `alpha` where `x > alpha`
+/// (PACT's `dy/dalpha`). An `alpha` the optimizer drove to NaN or infinity counts as 0 (every
+/// output 0) and receives no gradient while broken.
 pub fn fake_quant_pact<const D: usize>(
     x: Tensor<D>,
     alpha: Tensor<1>,
@@ -455,8 +473,12 @@ pub fn fake_quant_pact_composed<const D: usize>(
 }
 
 /// The note's trainable clip: `x` clamped to learnable `[min, max]`, then fake-quantized with
-/// that range (straight-through). As TF's `FakeQuantWithMinMaxVarsGradient`, `min` receives the
-/// gradient of the values below it and `max` of those above it.
+/// that range (straight-through), saturated at `+-f32::MAX` (scalar twin:
+/// [`reference::fake_quant_min_max`](crate::reference::fake_quant_min_max)). As TF's
+/// `FakeQuantWithMinMaxVarsGradient`, `min` receives the gradient of the values below it and
+/// `max` of those above it. A bound the optimizer drove to NaN or infinity counts as 0 (the
+/// grid then starts or ends at 0, as [`qparams`] treats it) and receives no gradient while
+/// broken.
 pub fn fake_quant_min_max<const D: usize>(
     x: Tensor<D>,
     min: Tensor<1>,

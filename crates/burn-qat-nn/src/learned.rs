@@ -7,6 +7,13 @@
 //! `_LearnableFakeQuantize` observe -> learn hand-off). The parameters are ordinary Burn
 //! `Param`s: the optimizer updates them, records save them, `to_device` moves them, and a
 //! `ParamGroup` can give them their own learning rate.
+//!
+//! Reliability: finite inputs and finite parameters always give finite outputs (values whose
+//! grid point lies beyond the largest `f32` saturate at `+-f32::MAX`), and a parameter an
+//! optimizer drove to NaN or infinity is repaired, not propagated: an LSQ step counts as
+//! [`MIN_SCALE`](burn_qat_core::MIN_SCALE), an LSQ+ offset, a PACT `alpha` and a trainable
+//! `min`/`max` as 0 (and receive no gradient while broken). The hand-off from any finite
+//! observed range gives finite parameters.
 
 use burn::config::Config;
 use std::collections::BTreeMap;
@@ -212,7 +219,9 @@ impl LearnedFakeQuant {
     /// point 0; PACT, the unsigned grid with step `alpha / qmax`; MinMax, the grid of
     /// `[min, max]` (as the forward pass computes it). LSQ+ learns a real-valued offset, which
     /// a grid with an integer zero point represents only approximately: the zero point is
-    /// `round(-offset / scale)` (clamped to the grid), a shift of at most half a step.
+    /// `round(-offset / scale)` (clamped to the grid), a shift of at most half a step. Broken
+    /// (NaN or infinite) parameters are repaired as the forward pass repairs them (see the
+    /// [module docs](crate::learned)).
     pub fn grid(&self) -> Option<(QuantSpec, Vec<QParams>)> {
         if !self.is_learning() {
             return self.observer.qparams().map(|q| (self.spec, q));
@@ -222,10 +231,16 @@ impl LearnedFakeQuant {
         Some(match self.method {
             LearnedRange::Lsq | LearnedRange::LsqPlus => {
                 let scale = read(tensor::lsq_step(self.scale.as_ref()?.val()));
-                let offset = self
-                    .offset
-                    .as_ref()
-                    .map_or_else(|| vec![0.0; scale.len()], |p| read(p.val()));
+                // Repaired as the forward pass repairs it: NaN or infinite counts as 0.
+                let offset = self.offset.as_ref().map_or_else(
+                    || vec![0.0; scale.len()],
+                    |p| {
+                        read(p.val())
+                            .into_iter()
+                            .map(burn_qat_core::reference::finite_or_zero)
+                            .collect()
+                    },
+                );
                 let qps = scale
                     .iter()
                     .zip(&offset)
@@ -253,8 +268,9 @@ impl LearnedFakeQuant {
 
     /// The observe -> learn hand-off for this module: the learned parameters take the values
     /// that reproduce the observed range (LSQ: its scale; LSQ+: scale and offset
-    /// `-zero_point * scale`; PACT: `alpha = max`; MinMax: `[min, max]`). Parameter ids are kept.
-    /// Before any observation nothing changes. The returned module has its own state: clones
+    /// `-zero_point * scale`, saturated at `+-f32::MAX`; PACT: `alpha = max`; MinMax:
+    /// `[min, max]`). Every finite observed range gives finite parameters (a range as wide as
+    /// `[-3e38, 3e38]` included). Parameter ids are kept. Before any observation nothing changes. The returned module has its own state: clones
     /// of `self` stay in their phase.
     pub fn start_learning(self) -> Self {
         let mut s = tree::own_state(self);
@@ -280,7 +296,7 @@ impl LearnedFakeQuant {
 struct Handoff {
     /// LSQ/LSQ+ step per channel.
     scale: Vec<f32>,
-    /// LSQ+ offset per channel (`-zero_point * scale`).
+    /// LSQ+ offset per channel (`-zero_point * scale`, saturated at `+-f32::MAX`).
     offset: Vec<f32>,
     /// PACT `alpha` and the trainable `max`.
     top: f32,
@@ -304,7 +320,11 @@ impl Handoff {
                     (0.0, spec.with_symmetric(false))
                 };
                 let q = burn_qat_core::qparams_from_range(l, *h, &s);
-                (q.scale, -(q.zero_point as f32) * q.scale)
+                // In f64, then saturated: a zero point of 15 times a step of f32::MAX / 15
+                // overflows f32 (an observed range of [-f32::MAX, 0] on 4 unsigned bits).
+                let offset = -f64::from(q.zero_point) * f64::from(q.scale);
+                let offset = offset.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32;
+                (q.scale, offset)
             })
             .unzip();
         Self {

@@ -42,9 +42,15 @@ use crate::tree;
 /// Loads `record` into `model` and checks that every quantizer's recorded spec equals the
 /// model's. `model` must be built with the configuration the record was saved with.
 ///
+/// The recorded state must also be what a quantizer can hold: finite ranges and learned
+/// parameters, and observed (or frozen) ranges that contain 0 (`min <= 0 <= max` per channel,
+/// as every observer records them).
+///
 /// # Errors
 ///
-/// [`QatError::Record`] if Burn refuses the record (missing or extra tensors, shapes);
+/// [`QatError::Record`] if Burn refuses the record (missing or extra tensors, shapes), or if a
+/// quantizer holds a NaN or infinite range or learned parameter, or a recorded `min` above 0 or
+/// `max` below 0 (naming the quantizer, the field and the value);
 /// [`QatError::RecordMismatch`] naming the first quantizer whose recorded spec differs from
 /// the model's, with both specs.
 pub fn load_record<M: Module>(model: M, record: ModuleRecord) -> Result<M, QatError> {
@@ -58,18 +64,7 @@ pub fn load_record<M: Module>(model: M, record: ModuleRecord) -> Result<M, QatEr
             reason: e.to_string(),
         })?;
     for q in tree::quantizers(&loaded) {
-        let state = q.range.iter().flat_map(|(lo, hi)| lo.iter().chain(hi));
-        if let Some(v) = state
-            .chain(q.learned.values().flatten())
-            .find(|v| !v.is_finite())
-        {
-            return Err(QatError::Record {
-                reason: format!(
-                    "quantizer `{}` holds {v} in its range or learned parameters: a recorded range must be finite",
-                    q.path
-                ),
-            });
-        }
+        check_state(&q)?;
         let Some(want) = expected.get(&q.path) else {
             continue;
         };
@@ -85,6 +80,57 @@ pub fn load_record<M: Module>(model: M, record: ModuleRecord) -> Result<M, QatEr
         }
     }
     Ok(loaded)
+}
+
+/// Refuses recorded state no quantizer can hold: NaN or infinite ranges and learned
+/// parameters, a range `min` above 0 or `max` below 0.
+fn check_state(q: &tree::QuantizerState) -> Result<(), QatError> {
+    let refuse = |field: &str, channel: usize, v: f32, rule: &str| QatError::Record {
+        reason: format!(
+            "quantizer `{}` holds {v:?} in `{field}` (channel {channel}): {rule}",
+            q.path
+        ),
+    };
+    // A learned quantizer's observed range lives in its observer.
+    let prefix = if q.kind == tree::QuantizerKind::Learned {
+        format!("{}.", crate::LearnedFakeQuant::OBSERVER)
+    } else {
+        String::new()
+    };
+    if let Some((lo, hi)) = &q.range {
+        let bounds = [
+            (crate::FakeQuant::MIN, lo, "min is always <= 0"),
+            (crate::FakeQuant::MAX, hi, "max is always >= 0"),
+        ];
+        for (name, values, rule) in bounds {
+            let field = format!("{prefix}{name}");
+            for (c, &v) in values.iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(refuse(&field, c, v, "a recorded range must be finite"));
+                }
+                let outside = if name == crate::FakeQuant::MIN {
+                    v > 0.0
+                } else {
+                    v < 0.0
+                };
+                if outside {
+                    let rule = format!("a recorded range's {rule} (observed ranges contain 0)");
+                    return Err(refuse(&field, c, v, &rule));
+                }
+            }
+        }
+    }
+    for (field, values) in &q.learned {
+        if let Some((c, &v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(refuse(
+                field,
+                c,
+                v,
+                "a recorded learned parameter must be finite",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// [`load_record`] from a file Burn saved (`module.save_file(path)`, a burnpack `.bpk`).

@@ -298,18 +298,25 @@ fn fold_chunks<T: Send, R: Send>(
         .expect("at least one chunk above the threshold")
 }
 
+/// `y` clamped to `[-f32::MAX, f32::MAX]`, NaN kept: outputs saturate at the edge of `f32`
+/// (a grid end beyond the largest `f32` would otherwise overflow to an infinity).
+#[inline(always)]
+fn saturate(y: f32) -> f32 {
+    clamp(y, -f32::MAX, f32::MAX)
+}
+
 #[inline(always)]
 fn fq_even(x: f32, s: f32, zp: f32, b: Bounds) -> f32 {
-    (clamp(round_half_even(x / s) + zp, b.qmin, b.qmax) - zp) * s
+    saturate((clamp(round_half_even(x / s) + zp, b.qmin, b.qmax) - zp) * s)
 }
 
 #[inline(always)]
 fn fq_up(x: f32, s: f32, zp: f32, b: Bounds) -> f32 {
-    (clamp(round_half_up(x / s) + zp, b.qmin, b.qmax) - zp) * s
+    saturate((clamp(round_half_up(x / s) + zp, b.qmin, b.qmax) - zp) * s)
 }
 
 /// Fake quantization forward: `(clamp(round(x / s) + zp, qmin, qmax) - zp) * s` per element,
-/// `s`, `zp` of the element's channel.
+/// `s`, `zp` of the element's channel, saturated at `+-f32::MAX`.
 pub fn fake_quant(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
     fill_new(x.len(), |range, out| {
         let base = range.start;
@@ -449,20 +456,26 @@ fn sum_pairs_per_slot<F: FnMut(&mut f32, f32, f32, f32) -> (f32, f32)>(
 }
 }
 
-/// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even);
-/// `p` holds steps and offsets.
+/// The LSQ value before saturation, `round(clamp(v, qmin, qmax)) * s + o`.
+#[inline(always)]
+fn lsq_unsaturated(v: f32, s: f32, o: f32, b: Bounds) -> f32 {
+    round_half_even(clamp(v, b.qmin, b.qmax)) * s + o
+}
+
+/// LSQ / LSQ+ forward: `round(clamp((x - o) / s, qmin, qmax)) * s + o` (half to even),
+/// saturated at `+-f32::MAX`; `p` holds steps and offsets.
 pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
     fill_new(x.len(), |range, out| {
         let base = range.start;
         p.walk(range, |start, end, seg, _| {
             let xs = &x[start..end];
             let ys = &mut out[start - base..end - base];
-            map_seg!(seg, ys, xs, |x, s, o| round_half_even(clamp(
+            map_seg!(seg, ys, xs, |x, s, o| saturate(lsq_unsaturated(
                 (x - o) / s,
-                b.qmin,
-                b.qmax
-            )) * s
-                + o);
+                s,
+                o,
+                b
+            )));
         });
     })
 }
@@ -471,7 +484,8 @@ pub fn lsq(x: &[f32], p: &Params, b: Bounds) -> Vec<f32> {
 /// inside the range, 0 outside) and, per channel, the sums `Σ grad · (round(v) - v)` inside /
 /// `grad · qmin|qmax` outside (the step's gradient) and `Σ grad` outside (the offset's),
 /// `v = (x - o) / s`, summed in `f32` lanes joined in `f64` every 1,024 elements. NaN inputs
-/// contribute nothing.
+/// contribute nothing, and neither do elements whose value saturated at `+-f32::MAX` (the
+/// composed form's clamp passes them no gradient).
 pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>, Vec<f32>) {
     channel_sums(grad, x, p, |g, x, s, o| {
         let v = (x - o) / s;
@@ -483,7 +497,8 @@ pub fn lsq_grad(grad: &mut [f32], x: &[f32], p: &Params, b: Bounds) -> (Vec<f32>
         } else {
             b.qmax
         };
-        let gv = *g;
+        let saturated = lsq_unsaturated(v, s, o, b).abs() > f32::MAX;
+        let gv = if saturated { 0.0 } else { *g };
         *g = if inside { gv } else { 0.0 };
         if v.is_nan() {
             (0.0, 0.0)

@@ -41,6 +41,15 @@ fn clamp_keep_nan<F: Float>(q: F, lo: F, hi: F) -> F {
     out
 }
 
+/// `y` clamped to `[-limit, limit]`, NaN kept: outputs saturate at the edge of `f32` (the
+/// kernels take `limit = f32::MAX` as a launch scalar, not a literal the shader compiler would
+/// have to print exactly).
+#[cube]
+fn saturate<F: Float>(y: F, limit: f32) -> F {
+    let hi = F::cast_from(limit);
+    clamp_keep_nan::<F>(y, F::new(0.0) - hi, hi)
+}
+
 /// The channel of element `i` (see [`ChannelMode`]): integer division and remainder are
 /// skipped where the layout makes them trivial (software Vulkan runs them per element on the
 /// CPU, where they do not vectorize).
@@ -97,6 +106,7 @@ fn fake_quant_kernel<F: Float>(
     #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
+    limit: f32,
     #[comptime] half_up: bool,
     #[define(F)] _dtype: ElemType,
 ) {
@@ -113,7 +123,7 @@ fn fake_quant_kernel<F: Float>(
         r = F::floor(v + F::new(0.5));
     }
     let q = clamp_keep_nan::<F>(r + zp, F::cast_from(qmin), F::cast_from(qmax));
-    out[i] = (q - zp) * s;
+    out[i] = saturate::<F>((q - zp) * s, limit);
 }
 
 #[cube(launch)]
@@ -154,6 +164,7 @@ fn lsq_kernel<F: Float>(
     #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
+    limit: f32,
     #[define(F)] _dtype: ElemType,
 ) {
     let i = ABSOLUTE_POS;
@@ -164,11 +175,12 @@ fn lsq_kernel<F: Float>(
     let s = step[c];
     let o = offset[c];
     let v = clamp_keep_nan::<F>((x[i] - o) / s, F::cast_from(qmin), F::cast_from(qmax));
-    out[i] = F::round(v) * s + o;
+    out[i] = saturate::<F>(F::round(v) * s + o, limit);
 }
 
 /// LSQ's backward: `dx` (kept inside the range), and per element the step's term
-/// `grad * (round(v) - v | qmin | qmax)` and the offset's term `grad` outside the range.
+/// `grad * (round(v) - v | qmin | qmax)` and the offset's term `grad` outside the range; all
+/// three 0 where the forward value saturated (beyond `limit`).
 #[cube(launch)]
 fn lsq_grad_kernel<F: Float>(
     grad: &Tensor<F>,
@@ -183,6 +195,7 @@ fn lsq_grad_kernel<F: Float>(
     #[comptime] mode: u32,
     qmin: f32,
     qmax: f32,
+    limit: f32,
     #[define(F)] _dtype: ElemType,
 ) {
     let i = ABSOLUTE_POS;
@@ -193,8 +206,12 @@ fn lsq_grad_kernel<F: Float>(
     let lo = F::cast_from(qmin);
     let hi = F::cast_from(qmax);
     let v = (x[i] - offset[c]) / step[c];
-    let g = grad[i];
     let zero = F::new(0.0);
+    let y = F::round(clamp_keep_nan::<F>(v, lo, hi)) * step[c] + offset[c];
+    let mut g = grad[i];
+    if F::abs(y) > F::cast_from(limit) {
+        g = zero;
+    }
     let mut d = zero;
     let mut ds = zero;
     let mut doff = zero;
@@ -237,6 +254,7 @@ fn clip_fake_quant_kernel<F: Float>(
     out: &mut Tensor<F>,
     qmin: f32,
     qmax: f32,
+    limit: f32,
     #[comptime] half_up: bool,
     #[define(F)] _dtype: ElemType,
 ) {
@@ -252,7 +270,10 @@ fn clip_fake_quant_kernel<F: Float>(
     if comptime!(half_up) {
         r = F::floor(v + F::new(0.5));
     }
-    let q = (clamp_keep_nan::<F>(r + zp, F::cast_from(qmin), F::cast_from(qmax)) - zp) * s;
+    let q = saturate::<F>(
+        (clamp_keep_nan::<F>(r + zp, F::cast_from(qmin), F::cast_from(qmax)) - zp) * s,
+        limit,
+    );
     out[i] = t + (q - t);
 }
 
@@ -403,6 +424,7 @@ impl FakeQuantOps for CubeBackend {
             ChannelMode::of(ch, n),
             qmin,
             qmax,
+            f32::MAX,
             half_up,
             f32_type(),
         );
@@ -470,6 +492,7 @@ impl FakeQuantOps for CubeBackend {
             ChannelMode::of(ch, n),
             qmin,
             qmax,
+            f32::MAX,
             f32_type(),
         );
         out
@@ -508,6 +531,7 @@ impl FakeQuantOps for CubeBackend {
             ChannelMode::of(ch, n),
             qmin,
             qmax,
+            f32::MAX,
             f32_type(),
         );
         (
@@ -542,6 +566,7 @@ impl FakeQuantOps for CubeBackend {
             out.clone().into_tensor_arg(),
             qmin,
             qmax,
+            f32::MAX,
             half_up,
             f32_type(),
         );
