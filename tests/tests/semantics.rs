@@ -429,6 +429,35 @@ fn loading_into_a_clone_leaves_the_original_untouched() {
     }
 }
 
+/// Burn's own `BatchNorm` statistics are a `RunningState`, which Burn's loader writes in place
+/// (reaching every clone); `burn_qat::load_file` gives the loaded model cells of its own.
+#[test]
+fn checked_loading_leaves_a_clones_batch_norm_statistics() {
+    #[derive(Module, Debug)]
+    struct Bn {
+        bn: burn::nn::BatchNorm,
+        act: FakeQuant,
+    }
+    let device = backends()[0].device.clone().autodiff();
+    let bn = || Bn {
+        bn: BatchNormConfig::new(2).init(&device),
+        act: FakeQuantConfig::new(QuantSpec::default())
+            .init(&device)
+            .unwrap(),
+    };
+    let trained = bn();
+    let x = Tensor::<3>::from_floats([[[4.0, 6.0], [-2.0, 8.0]]], &device);
+    let _ = trained.act.forward(trained.bn.forward(x));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bn.bpk");
+    trained.valid().save_file(&path).unwrap();
+    let skeleton = bn();
+    let before = snapshot(&skeleton);
+    let loaded = burn_qat::load_file(skeleton.clone(), &path).unwrap();
+    assert_ne!(snapshot(&loaded), before);
+    assert_eq!(snapshot(&skeleton), before, "loading wrote into the skeleton's clone");
+}
+
 #[test]
 fn summary_reads_the_model() {
     let device = backends()[0].device.clone().autodiff();

@@ -20,12 +20,15 @@ pub struct QParams {
 }
 
 impl QParams {
-    /// The real range the grid covers, `[scale * (qmin - zp), scale * (qmax - zp)]`.
+    /// The real range the grid covers, `[scale * (qmin - zp), scale * (qmax - zp)]`, computed in
+    /// `f64` and saturated to `+-f32::MAX` (a grid whose ends lie past it).
     pub fn range(&self, spec: &QuantSpec) -> (f32, f32) {
-        (
-            (spec.qmin() - self.zero_point) as f32 * self.scale,
-            (spec.qmax() - self.zero_point) as f32 * self.scale,
-        )
+        let end = |q: i32| {
+            let steps = i64::from(q) - i64::from(self.zero_point);
+            let real = steps as f64 * f64::from(self.scale);
+            real.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
+        };
+        (end(spec.qmin()), end(spec.qmax()))
     }
 }
 
@@ -244,6 +247,19 @@ mod tests {
             .with_signed(false)
             .with_symmetric(true);
         assert_eq!(qparams_from_range(-1.0, 1.0, &u31).zero_point, 1 << 30);
+    }
+
+    #[test]
+    fn range_saturates_past_f32_max() {
+        let spec = QuantSpec::default().with_signed(false).with_bits(2);
+        let qp = qparams_from_range(-f32::MAX, f32::MAX, &spec);
+        let (lo, hi) = qp.range(&spec);
+        assert!(lo.is_finite() && hi.is_finite(), "{qp:?}: [{lo}, {hi}]");
+        let wild = QParams {
+            scale: f32::MAX,
+            zero_point: i32::MIN,
+        };
+        assert_eq!(wild.range(&spec), (f32::MAX, f32::MAX));
     }
 
     #[test]

@@ -38,7 +38,7 @@ mod fake_quant;
 pub mod flag;
 pub mod learned;
 pub mod record;
-mod state;
+pub mod state;
 pub mod switches;
 pub mod tree;
 mod weight;

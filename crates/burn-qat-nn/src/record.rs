@@ -40,7 +40,9 @@ use burn_qat_core::QatError;
 use crate::tree;
 
 /// Loads `record` into `model` and checks that every quantizer's recorded spec equals the
-/// model's. `model` must be built with the configuration the record was saved with.
+/// model's. `model` must be built with the configuration the record was saved with. The loaded
+/// model has state of its own: clones of `model` keep theirs, Burn's `BatchNorm` statistics
+/// included (Burn's own `load_record` writes those through to every clone).
 ///
 /// The recorded state must also be what a quantizer can hold: finite ranges and learned
 /// parameters, and observed (or frozen) ranges that contain 0 (`min <= 0 <= max` per channel,
@@ -58,7 +60,9 @@ pub fn load_record<M: Module>(model: M, record: ModuleRecord) -> Result<M, QatEr
         .into_iter()
         .map(|q| (q.path, q.spec))
         .collect();
-    let loaded = model
+    // State cells of its own first: Burn's `RunningState` (BatchNorm statistics) is written in
+    // place by a load, and would reach every clone of `model`.
+    let loaded = tree::own_state(model)
         .try_load_record(record)
         .map_err(|e| QatError::Record {
             reason: e.to_string(),
