@@ -422,7 +422,10 @@ fn loading_into_a_clone_leaves_the_original_untouched() {
             assert_eq!(checked.act.observed_range(), Some((vec![-1.0], vec![2.0])));
         }
         let after = (tree::quantizers(&skeleton), snapshot(&skeleton));
-        assert_eq!(before.0, after.0, "{bits}-bit skeleton: its quantizers changed");
+        assert_eq!(
+            before.0, after.0,
+            "{bits}-bit skeleton: its quantizers changed"
+        );
         assert_eq!(before.1, after.1, "{bits}-bit skeleton: its state changed");
         assert_eq!(skeleton.act.observed_range(), Some((vec![-5.0], vec![7.0])));
         assert!(!skeleton.act.is_frozen());
@@ -455,7 +458,11 @@ fn checked_loading_leaves_a_clones_batch_norm_statistics() {
     let before = snapshot(&skeleton);
     let loaded = burn_qat::load_file(skeleton.clone(), &path).unwrap();
     assert_ne!(snapshot(&loaded), before);
-    assert_eq!(snapshot(&skeleton), before, "loading wrote into the skeleton's clone");
+    assert_eq!(
+        snapshot(&skeleton),
+        before,
+        "loading wrote into the skeleton's clone"
+    );
 }
 
 #[test]

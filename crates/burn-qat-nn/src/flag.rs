@@ -240,7 +240,10 @@ mod tests {
         );
         assert_eq!(recorded(&loaded), 1.0);
         // Unlike Burn's RunningState, loading leaves the cell the skeleton shares alone.
-        assert!(!skeleton.flag.get(), "loading into a clone switched the original");
+        assert!(
+            !skeleton.flag.get(),
+            "loading into a clone switched the original"
+        );
     }
 
     #[test]

@@ -228,7 +228,11 @@ mod tests {
         let skeleton = holder(1.0, &device);
         let loaded = skeleton.clone().load_record(record);
         assert_eq!(values(&loaded), vec![5.0, 5.0]);
-        assert_eq!(values(&skeleton), vec![1.0, 1.0], "the skeleton was written");
+        assert_eq!(
+            values(&skeleton),
+            vec![1.0, 1.0],
+            "the skeleton was written"
+        );
         assert!(!loaded.state.shares_cell_with(&skeleton.state));
     }
 
@@ -266,7 +270,8 @@ mod tests {
         let h = holder(1.0, &device);
         let v = h.valid();
         assert!(!v.state.value().device().is_autodiff());
-        v.state.set(Tensor::from_floats([3.0, 3.0], &Device::flex()));
+        v.state
+            .set(Tensor::from_floats([3.0, 3.0], &Device::flex()));
         assert_eq!(values(&h), vec![1.0, 1.0]);
         let t = v.train();
         assert!(t.state.value().device().is_autodiff());
