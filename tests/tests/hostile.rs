@@ -21,6 +21,7 @@ fn mutated_models_never_panic_or_disagree() {
     let tally = harness::run(
         cases,
         env("BURN_QAT_HOSTILE_SEED").unwrap_or(0x9E37_79B9_7F4A_7C15),
+        None,
     );
     println!(
         "{} cases: {} refused, {} accepted ({} refused at run time), slowest accepted case {:?}",
@@ -501,4 +502,251 @@ fn inconsistent_models_found_in_review_are_refused() {
     }
     m.nodes[2].grid = Some(g4);
     refused(&m, "leaves the output grid");
+}
+
+// ------------------------------------------------------------ issue 33: budget and overflow
+
+use burn_qat::export::budget::Budget;
+use burn_qat::export::format;
+use burn_qat::export::model::{IntAdd, IntConv2d};
+use burn_qat::export::requant::FixedMultiplier;
+
+/// The 8-bit grid of the hand-built models below.
+fn g8() -> Grid {
+    Grid {
+        scale: 0.05,
+        zero_point: 0,
+        qmin: -128,
+        qmax: 127,
+    }
+}
+
+/// `input [n, values] -> quantize -> add -> add -> ...`: `adds` valid add nodes, each adding
+/// the previous node to the quantized input.
+fn add_chain(adds: usize, values: usize) -> IntegerModel {
+    let shape = vec![Dim::Batch(1), Dim::Fixed(values)];
+    let g = g8();
+    let mut nodes = vec![
+        IntNode {
+            name: "input".into(),
+            op: IntOp::Input,
+            inputs: vec![],
+            shape: shape.clone(),
+            grid: None,
+        },
+        IntNode {
+            name: "q".into(),
+            op: IntOp::Quantize(g),
+            inputs: vec![0],
+            shape: shape.clone(),
+            grid: Some(g),
+        },
+    ];
+    for k in 0..adds {
+        nodes.push(IntNode {
+            name: format!("add{k}"),
+            op: IntOp::Add(IntAdd {
+                a: g,
+                b: g,
+                out: g,
+                ma: 1 << 39,
+                mb: 1 << 39,
+                shift: 40,
+                lo: -128,
+                hi: 127,
+            }),
+            inputs: vec![nodes.len() - 1, 1],
+            shape: shape.clone(),
+            grid: Some(g),
+        });
+    }
+    let output = nodes.len() - 1;
+    IntegerModel::new(nodes, output)
+}
+
+/// `input [1, 2, 8, 8] -> quantize -> conv 2 -> 4, 3 x 3` with `padding` and `stride`, its
+/// output shape declared as the window computes it.
+fn padded_conv(padding: [usize; 4], stride: [usize; 2]) -> IntegerModel {
+    let g = g8();
+    let input = vec![Dim::Batch(1), Dim::Fixed(2), Dim::Fixed(8), Dim::Fixed(8)];
+    let out_len = |len: usize, pad: usize, s: usize| (len + pad - 3) / s + 1;
+    let shape = vec![
+        Dim::Batch(1),
+        Dim::Fixed(4),
+        Dim::Fixed(out_len(8, padding[0] + padding[1], stride[0])),
+        Dim::Fixed(out_len(8, padding[2] + padding[3], stride[1])),
+    ];
+    let conv = IntConv2d {
+        in_channels: 2,
+        out_channels: 4,
+        groups: 1,
+        kernel: [3, 3],
+        stride,
+        dilation: [1, 1],
+        padding,
+        weight: vec![1; 4 * 2 * 9],
+        weight_bits: 8,
+        weight_scale: vec![0.01; 4],
+        bias: vec![0; 4],
+        input: g,
+        output: Output::Quantized {
+            grid: g,
+            requant: vec![FixedMultiplier::new(0.01); 4],
+            lo: -128,
+            hi: 127,
+        },
+    };
+    let nodes = vec![
+        IntNode {
+            name: "input".into(),
+            op: IntOp::Input,
+            inputs: vec![],
+            shape: input.clone(),
+            grid: None,
+        },
+        IntNode {
+            name: "q".into(),
+            op: IntOp::Quantize(g),
+            inputs: vec![0],
+            shape: input,
+            grid: Some(g),
+        },
+        IntNode {
+            name: "padded".into(),
+            op: IntOp::Conv2d(conv),
+            inputs: vec![1],
+            shape,
+            grid: Some(g),
+        },
+    ];
+    IntegerModel::new(nodes, 2)
+}
+
+/// Issue 33, class 2: a 2 MB file of 30,000 valid add nodes (and a 7 MB one of 100,000) took a
+/// minute and 2 GB (6.5 GB) in its first `forward`, building each node's 64 KiB table; the
+/// tables are now in the budget, and the default refuses the file at load, naming the node.
+#[test]
+fn a_long_chain_of_valid_adds_is_refused_by_the_default_budget() {
+    for adds in [30_000, 100_000] {
+        let model = add_chain(adds, 8);
+        let bytes = format::to_bytes(&model);
+        assert!(bytes.len() < 10 << 20, "{} bytes", bytes.len());
+        let err = format::from_bytes(&bytes).unwrap_err().to_string();
+        assert!(
+            err.contains("(add") && err.contains("max_memory_bytes") && err.contains("with_budget"),
+            "{err}"
+        );
+        let err = model.forward(&[0.5; 8]).unwrap_err().to_string();
+        assert!(err.contains("max_memory_bytes"), "{err}");
+        // What it would cost: its tables alone are 64 KiB each.
+        let cost = model.cost().unwrap();
+        assert!(cost.memory_bytes > adds as u64 * 65_536, "{cost:?}");
+        assert!(cost.work > Budget::DEFAULT.max_work, "{cost:?}");
+    }
+}
+
+/// Issue 33, class 2: a 269-byte model whose convolution is padded by 2^24 on one side passed
+/// validation and aborted the process in its first `forward` ("memory allocation of 2684355840
+/// bytes failed" in `ConvPlan::channels`); its buffers are now in the budget.
+#[test]
+fn a_conv_padded_by_two_to_the_24_is_refused_naming_it() {
+    let model = padded_conv([1 << 24, 0, 1, 1], [1, 1]);
+    let err = model.validate().unwrap_err();
+    assert_eq!((err.node, err.name.as_str()), (2, "padded"), "{err}");
+    assert!(err.what.contains("max_memory_bytes"), "{err}");
+    let bytes = format::to_bytes(&model);
+    assert!(bytes.len() < 1024);
+    let err = format::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(err.contains("(padded)"), "{err}");
+    let err = model.forward(&[0.5; 128]).unwrap_err().to_string();
+    assert!(err.contains("(padded)"), "{err}");
+    // The same padding with a stride that keeps the output 8 x 8 reads a padded image of
+    // 2 x 8 x 2^24 values; counted too.
+    let strided = padded_conv([1 << 24, 0, 1, 1], [(1 << 24) / 7, 1]);
+    assert_eq!(strided.nodes[2].shape[2], Dim::Fixed(8));
+    let cost = strided.cost().unwrap();
+    assert!(cost.memory_bytes > 2 << 24, "{cost:?}");
+    // A padding of 2^20 with a stride of 2^17 fits the default budget, and runs.
+    let fits = padded_conv([1 << 20, 0, 1, 1], [1 << 17, 1]);
+    assert!(fits.validate().is_ok());
+    assert_eq!(fits.forward(&[0.5; 128]).unwrap().1, vec![1, 4, 9, 8]);
+}
+
+/// Issue 33, class 2: the budget is a setting; a trusted model that needs more loads with a
+/// larger one (which it keeps: validation and `forward` use it), and a smaller one refuses it.
+#[test]
+fn a_larger_budget_admits_a_larger_model() {
+    let model = add_chain(10_000, 8);
+    let bytes = format::to_bytes(&model);
+    let err = format::from_bytes(&bytes).unwrap_err().to_string();
+    assert!(err.contains("max_memory_bytes"), "{err}");
+    let cost = model.cost().unwrap();
+    let larger = Budget::DEFAULT
+        .with_max_memory_bytes(cost.memory_bytes)
+        .with_max_work(cost.work);
+    let loaded = format::from_bytes_with_budget(&bytes, larger).unwrap();
+    assert_eq!(loaded.budget(), larger);
+    assert_eq!(
+        loaded, model,
+        "the budget is a setting, not part of the model"
+    );
+    assert!(loaded.validate().is_ok());
+    // One byte or unit less is refused, naming the last node.
+    let tight = larger.with_max_memory_bytes(cost.memory_bytes - 1);
+    let err = model.clone().with_budget(tight).validate().unwrap_err();
+    assert_eq!(err.node, model.nodes.len() - 1, "{err}");
+    let tight = larger.with_max_work(cost.work - 1);
+    let err = model.clone().with_budget(tight).validate().unwrap_err();
+    assert!(err.what.contains("max_work"), "{err}");
+    // Through a file too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.bqat");
+    format::save(&model, &path).unwrap();
+    assert!(format::load(&path).is_err());
+    assert_eq!(format::load_with_budget(&path, larger).unwrap(), model);
+    // A smaller model runs with the default budget, and is refused by a small one.
+    let small = add_chain(20, 8);
+    assert!(small.forward(&[0.5; 8]).is_ok());
+    let tiny = Budget::DEFAULT.with_max_memory_bytes(1 << 20);
+    let small = small.with_budget(tiny);
+    let err = small.forward(&[0.5; 8]).unwrap_err().to_string();
+    assert!(err.contains("max_memory_bytes of 1048576"), "{err}");
+}
+
+/// Issue 33, class 3b: validation took `abs()` of a file's `i64::MIN` add multiplier ("attempt
+/// to negate with overflow" in debug builds). Every integer field the model holds, set to
+/// `i64::MIN`, `i64::MAX`, `i32::MIN` and more, loads with overflow checks on (this debug
+/// build) into a clean error or a model that runs.
+#[test]
+fn extreme_integers_in_every_field_give_clean_errors() {
+    let kitchen = harness::kitchen_model();
+    let mut add = kitchen.clone();
+    let at = add.nodes.iter().position(|n| n.op.kind() == "Add").unwrap();
+    if let IntOp::Add(a) = &mut add.nodes[at].op {
+        a.ma = i64::MIN;
+    }
+    let err = add.validate().unwrap_err();
+    assert!(err.what.contains("out of range"), "{err}");
+    let input: Vec<f32> = (0..2 * 8 * 8).map(|i| (i % 7) as f32 / 3.0 - 1.0).collect();
+    let (mut fields, mut refused) = (std::collections::BTreeSet::new(), 0);
+    for (what, case) in harness::extreme_field_cases(&kitchen) {
+        fields.insert(what.split(" = ").next().unwrap_or_default().to_string());
+        match case {
+            Ok(m) => match m.validate() {
+                Ok(()) => {
+                    let _ = m.forward(&input);
+                    let _ = m.forward_reference(&input);
+                }
+                Err(e) => {
+                    assert!(!e.what.is_empty(), "{what}");
+                    refused += 1;
+                }
+            },
+            Err(_) => refused += 1,
+        }
+    }
+    // Every node's integer fields: grids, clamps, multipliers, shifts, sizes, windows, axes,
+    // inputs, shapes, weights, biases, tables.
+    assert!(fields.len() > 150, "{} fields", fields.len());
+    assert!(refused > 0);
 }

@@ -10,8 +10,11 @@
 //! | n | payload |
 //!
 //! Loading checks every field before use ([`IntegerModel::validate`]): a truncated,
-//! corrupted, foreign or inconsistent file is an error, never a panic, and nothing larger than
-//! the file itself is allocated while decoding. The model is written to
+//! corrupted, foreign or inconsistent file is an error, never a panic, and so is a model whose
+//! work or memory is above the [`Budget`] ([`load`] and [`from_bytes`] use
+//! [`Budget::DEFAULT`]; [`load_with_budget`] and [`from_bytes_with_budget`] take another, which
+//! the loaded model keeps for its `forward`). While decoding, nothing is allocated beyond the
+//! decoded nodes, whose count is checked against the budget first. The model is written to
 //! a temporary file and renamed, so a failed save leaves no partial file.
 //!
 //! ```
@@ -32,6 +35,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use crate::budget::{self, Budget};
 use crate::model::IntegerModel;
 
 /// File magic.
@@ -79,8 +83,26 @@ pub fn to_bytes(model: &IntegerModel) -> Vec<u8> {
     out
 }
 
-/// Reads a model from the file's bytes.
+/// Reads a model from the file's bytes, with the default [`Budget`].
 pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
+    from_bytes_with_budget(bytes, Budget::DEFAULT)
+}
+
+/// The first varint of a postcard payload (the number of nodes), if it has one.
+fn leading_varint(payload: &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, byte) in payload.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7F).checked_shl(7 * i as u32)?;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Reads a model from the file's bytes, validated against `budget`, which the model keeps (see
+/// [`IntegerModel::with_budget`]).
+pub fn from_bytes_with_budget(bytes: &[u8], budget: Budget) -> Result<IntegerModel, FormatError> {
     if bytes.len() < HEADER {
         return Err(FormatError::Invalid(format!(
             "{} bytes, shorter than the {HEADER}-byte header",
@@ -110,8 +132,21 @@ pub fn from_bytes(bytes: &[u8]) -> Result<IntegerModel, FormatError> {
             "checksum mismatch: the file is corrupted".into(),
         ));
     }
+    // The payload begins with the number of nodes: their decoded size is checked before
+    // they are decoded (a small node decodes to a few hundred bytes).
+    if let Some(nodes) = leading_varint(payload)
+        && budget::decoded_bytes(nodes) > budget.max_memory_bytes
+    {
+        return Err(FormatError::Invalid(format!(
+            "{nodes} nodes take {} bytes once decoded, above the budget's max_memory_bytes of \
+             {}: a model from a trusted source can have more with `format::load_with_budget`",
+            budget::decoded_bytes(nodes),
+            budget.max_memory_bytes
+        )));
+    }
     let model: IntegerModel =
         postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
+    let model = model.with_budget(budget);
     model
         .validate()
         .map_err(|e| FormatError::Invalid(e.to_string()))?;
@@ -132,11 +167,17 @@ pub fn save(model: &IntegerModel, path: &Path) -> Result<(), FormatError> {
     })
 }
 
-/// Reads a model from `path`.
+/// Reads a model from `path`, with the default [`Budget`].
 pub fn load(path: &Path) -> Result<IntegerModel, FormatError> {
+    load_with_budget(path, Budget::DEFAULT)
+}
+
+/// Reads a model from `path`, validated against `budget`, which the model keeps (see
+/// [`IntegerModel::with_budget`]).
+pub fn load_with_budget(path: &Path, budget: Budget) -> Result<IntegerModel, FormatError> {
     let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    from_bytes(&bytes)
+    from_bytes_with_budget(&bytes, budget)
 }

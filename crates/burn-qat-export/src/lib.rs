@@ -9,9 +9,12 @@
 //! - [`convert()`]: from a [`burn_qat_graph::QatGraph`], one small function per op;
 //! - running it: [`IntegerModel::forward`] (GEMM kernels with a packed-weight cache beside the
 //!   data, a direct depthwise kernel, scalar references for tests);
-//! - [`format`](mod@format): the versioned, checksummed file.
+//! - [`format`](mod@format): the versioned, checksummed file;
+//! - [`budget`]: the work and memory a model may cost, checked by
+//!   [`validate`](IntegerModel::validate) at load and before every run.
 #![warn(missing_docs)]
 
+pub mod budget;
 mod convert;
 pub mod format;
 pub mod kernels;
@@ -21,6 +24,7 @@ pub mod requant;
 mod run;
 mod validate;
 
+pub use budget::{Budget, Cost};
 pub use convert::{ExportError, convert};
 pub use model::{
     Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, ModelError,

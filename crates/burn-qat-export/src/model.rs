@@ -328,8 +328,9 @@ pub struct IntNode {
 /// An integer model: nodes in execution order (node 0 is the float input), and the output node.
 /// Plain data (saved by [`crate::format`], written to ONNX by `burn-qat-onnx`), plus a cache of
 /// weights packed for this machine's kernels that is filled on the first forward and never
-/// saved.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// saved, and the [`Budget`](crate::budget::Budget) it is validated against (a setting, not
+/// saved; two models are equal when their nodes and output are).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct IntegerModel {
     /// Nodes, each reading only earlier ones.
     pub nodes: Vec<IntNode>,
@@ -337,6 +338,14 @@ pub struct IntegerModel {
     pub output: usize,
     #[serde(skip)]
     pub(crate) cache: crate::run::WeightCache,
+    #[serde(skip)]
+    pub(crate) budget: crate::budget::Budget,
+}
+
+impl PartialEq for IntegerModel {
+    fn eq(&self, other: &Self) -> bool {
+        self.nodes == other.nodes && self.output == other.output
+    }
 }
 
 /// Why an integer model is inconsistent (a file edited by hand, a model built by hand).
@@ -386,23 +395,28 @@ pub fn conv_output_len(
         .map(|v| v / stride + 1)
 }
 
-/// The largest tensor (values per batch item) a model may declare: 2^31 (an 8 GiB int32
-/// accumulator at batch 1), so that a crafted file cannot request absurd allocations.
+/// The largest tensor (values per batch item) a model may declare: 2^31, so that sizes and
+/// offsets computed from shapes stay far from overflowing, whatever the
+/// [`Budget`](crate::budget::Budget) (which bounds memory much lower by default).
 pub const MAX_ITEM_VALUES: usize = 1 << 31;
 
-/// The most work a model may do per batch item: 2^36 multiply-adds (and window reads) over all
-/// its nodes, about 17 times a ResNet-50 at 224 x 224, so that a crafted file cannot make
-/// `forward` run for hours. [`IntegerModel::validate`] refuses models above it.
-pub const MAX_ITEM_WORK: usize = 1 << 36;
+/// [`Grid::bits`] in wide arithmetic: `plan` and `precision` describe models that were not
+/// validated too (a grid from a file may hold any `i32`).
+fn bits(g: &Grid) -> u32 {
+    let levels = (i64::from(g.qmax) - i64::from(g.qmin) + 1).max(1) as u64;
+    levels.next_power_of_two().trailing_zeros()
+}
 
 impl IntegerModel {
-    /// A model from its nodes (node 0 the [`IntOp::Input`]) and its output node. Check it with
-    /// [`validate`](Self::validate) (every run does).
+    /// A model from its nodes (node 0 the [`IntOp::Input`]) and its output node, with the
+    /// default [`Budget`](crate::budget::Budget). Check it with [`validate`](Self::validate)
+    /// (every run does).
     pub fn new(nodes: Vec<IntNode>, output: usize) -> Self {
         Self {
             nodes,
             output,
             cache: Default::default(),
+            budget: Default::default(),
         }
     }
 
@@ -429,7 +443,7 @@ impl IntegerModel {
     pub fn precision(&self) -> Vec<String> {
         fn grid(g: Option<Grid>) -> String {
             match g {
-                Some(q) => format!("{}-bit in int8 [{}, {}]", q.bits(), q.qmin, q.qmax),
+                Some(q) => format!("{}-bit in int8 [{}, {}]", bits(&q), q.qmin, q.qmax),
                 None => "float".into(),
             }
         }
@@ -499,7 +513,7 @@ impl IntegerModel {
         for (i, n) in self.nodes.iter().enumerate() {
             let shape: Vec<String> = n.shape.iter().map(|d| d.to_string()).collect();
             let grid = match n.grid {
-                Some(g) => format!("{}-bit s={:.4e} zp={}", g.bits(), g.scale, g.zero_point),
+                Some(g) => format!("{}-bit s={:.4e} zp={}", bits(&g), g.scale, g.zero_point),
                 None => "float".into(),
             };
             s.push_str(&format!(

@@ -49,6 +49,11 @@ pub struct WeightCache(
 );
 
 impl WeightCache {
+    /// Forgets the validation (kept: the packed weights).
+    pub(crate) fn forget_validation(&mut self) {
+        self.1 = OnceLock::new();
+    }
+
     fn slot(&self, node: usize, nodes: usize) -> &OnceLock<Packed> {
         &self
             .0
@@ -76,6 +81,24 @@ impl std::fmt::Debug for WeightCache {
             .map_or(0, |v| v.iter().filter(|s| s.get().is_some()).count());
         write!(f, "WeightCache({packed} nodes packed)")
     }
+}
+
+/// A buffer of node `node` that could not be allocated at batch size `batch`, as its error.
+fn out_of_memory(
+    model: &IntegerModel,
+    node: usize,
+    batch: usize,
+    e: kernels::OutOfMemory,
+) -> RunError {
+    err(
+        model,
+        node,
+        format!(
+            "{e} at batch size {batch}: values grow with the batch (a smaller batch needs \
+             less), the rest stays within the model's budget of {} bytes",
+            model.budget.max_memory_bytes
+        ),
+    )
 }
 
 fn err(model: &IntegerModel, node: usize, what: String) -> RunError {
@@ -182,10 +205,12 @@ impl IntegerModel {
             {
                 self.check_shape(i + 1, &[shape], &pooled)?;
                 let slot = self.cache.slot(i, self.nodes.len());
-                values[i + 1] = Some(kernels::conv2d_max_pool(c, slot, data, s, w));
+                let pooled = kernels::conv2d_max_pool(c, slot, data, s, w)
+                    .map_err(|e| out_of_memory(self, i, batch, e))?;
+                values[i + 1] = Some(pooled);
                 fused = Some(i + 1);
             } else {
-                values[i] = Some(self.node(i, shape, input, &values, reference)?);
+                values[i] = Some(self.node(i, shape, input, &values, reference, batch)?);
             }
             for j in &node.inputs {
                 if last_use[*j] == i {
@@ -241,8 +266,10 @@ impl IntegerModel {
         input: &[f32],
         values: &[Option<Values>],
         reference: bool,
+        batch: usize,
     ) -> Result<Values, RunError> {
         let node = &self.nodes[i];
+        let oom = |e| out_of_memory(self, i, batch, e);
         let int = |k: usize| -> Result<(&[i8], &[usize], Grid), RunError> {
             match values[node.inputs[k]].as_ref() {
                 Some(Values::Int { data, shape, grid }) => Ok((data, shape, *grid)),
@@ -275,19 +302,21 @@ impl IntegerModel {
             },
             IntOp::Conv2d(c) => {
                 let (x, s, _) = int(0)?;
-                Ok(if reference {
+                if reference {
                     kernels::conv2d_reference(c, x, s)
                 } else {
                     kernels::conv2d(c, slot(), x, s)
-                })
+                }
+                .map_err(oom)
             }
             IntOp::Linear(l) => {
                 let (x, s, _) = int(0)?;
-                Ok(if reference {
+                if reference {
                     kernels::linear_reference(l, x, s)
                 } else {
                     kernels::linear(l, slot(), x, s)
-                })
+                }
+                .map_err(oom)
             }
             IntOp::Add(a) => {
                 let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);

@@ -1,10 +1,11 @@
 //! [`IntegerModel::validate`]: the invariants the kernels rely on, so that a model read from a
 //! file or built by hand is refused with a message instead of panicking or allocating without
-//! bound.
+//! bound, and its cost within its [`Budget`]. Every number read from the model enters
+//! arithmetic checked, saturating or widened (`i64`/`u64`/`u128`), so that no value, `i64::MIN`
+//! included, overflows here or in the kernels.
 
-use crate::model::{
-    Dim, Grid, IntOp, IntegerModel, MAX_ITEM_VALUES, MAX_ITEM_WORK, ModelError, Output,
-};
+use crate::budget::{self, Budget, Cost};
+use crate::model::{Dim, Grid, IntOp, IntegerModel, MAX_ITEM_VALUES, ModelError, Output};
 use crate::ops;
 use crate::requant::FixedMultiplier;
 
@@ -194,7 +195,7 @@ pub(crate) fn infer(
                 if !fits {
                     return Err(format!("{s:?} does not concatenate with {:?}", inputs[0]));
                 }
-                out[*axis] += s[*axis];
+                out[*axis] = out[*axis].saturating_add(s[*axis]);
             }
             out
         }
@@ -299,20 +300,6 @@ fn resources_ok(op: &IntOp, s: &[usize]) -> Result<(), String> {
         _ => {}
     }
     Ok(())
-}
-
-/// Multiply-adds (or window reads) per output value of node `op`.
-fn work_per_value(op: &IntOp) -> usize {
-    match op {
-        IntOp::Conv2d(c) => (c.in_channels / c.groups.max(1))
-            .saturating_mul(c.kernel[0])
-            .saturating_mul(c.kernel[1]),
-        IntOp::Linear(l) => l.in_features,
-        IntOp::MaxPool(w) | IntOp::AvgPool { window: w, .. } => {
-            w.kernel[0].saturating_mul(w.kernel[1])
-        }
-        _ => 1,
-    }
 }
 
 /// A table of `len` entries between two usable grids, its values on the output grid.
@@ -429,11 +416,16 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
             for g in [&a.a, &a.b, &a.out] {
                 grid_ok(g, "add")?;
             }
-            let bound = 1i64 << 62;
-            if !(1..=62).contains(&a.shift) || a.ma.abs() >= bound || a.mb.abs() >= bound {
+            // `unsigned_abs`: `i64::MIN` has no `abs`.
+            let bound = 1u64 << 62;
+            if !(1..=62).contains(&a.shift)
+                || a.ma.unsigned_abs() >= bound
+                || a.mb.unsigned_abs() >= bound
+            {
                 return Err(format!(
-                    "fixed-point add shift {} or multipliers out of range",
-                    a.shift
+                    "fixed-point add shift {} or multipliers {} and {} out of range (shift in 1..=62, \
+                     |multiplier| < 2^62)",
+                    a.shift, a.ma, a.mb
                 ));
             }
             clamp_ok(a.lo, a.hi)?;
@@ -499,12 +491,20 @@ impl IntegerModel {
     /// earlier nodes with the right number of inputs, parameters agree with each other (weight
     /// and bias lengths, groups, 256-entry tables, multipliers in range, usable grids), every
     /// declared shape follows from its inputs' at two batch sizes, no tensor exceeds
-    /// [`MAX_ITEM_VALUES`] values per item, and integer ops read integer tensors.
+    /// [`MAX_ITEM_VALUES`] values per item, integer ops read integer tensors, and the model's
+    /// work and memory per batch item stay within its [`Budget`] (the default, or the one
+    /// given by [`with_budget`](Self::with_budget)); see [`cost`](Self::cost).
     ///
     /// # Errors
     ///
-    /// The first problem, naming the node.
+    /// The first problem, naming the node (for the budget, the node where a total crossed
+    /// its limit, the limit and how to raise it).
     pub fn validate(&self) -> Result<(), ModelError> {
+        self.check(&self.budget).map(|_| ())
+    }
+
+    /// [`validate`](Self::validate) against `budget`, returning the model's cost.
+    pub(crate) fn check(&self, budget: &Budget) -> Result<Cost, ModelError> {
         let fail = |i: usize, what: String| ModelError {
             node: i,
             name: self
@@ -536,7 +536,22 @@ impl IntegerModel {
         let mut int = vec![false; self.nodes.len()];
         let mut grids: Vec<Option<Grid>> = Vec::with_capacity(self.nodes.len());
         let mut shapes: [Vec<Vec<usize>>; 2] = [Vec::new(), Vec::new()];
-        let mut total_work = 0usize;
+        // The budget: when each value dies (as the runner frees it: after its last reader;
+        // never for the output or a value nobody reads), the bytes alive, kept and working.
+        let mut last_use = vec![0usize; self.nodes.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            for j in &node.inputs {
+                if let Some(l) = last_use.get_mut(*j) {
+                    *l = i;
+                }
+            }
+        }
+        last_use[self.output] = usize::MAX;
+        let mut alive = vec![0u64; self.nodes.len()];
+        let (mut live, mut peak, mut kept, mut scratch) = (0u64, 0u64, 0u64, 0u64);
+        let mut cost = Cost::default();
+        let raise = "a model from a trusted source can have more with \
+                     `IntegerModel::with_budget` or `format::load_with_budget`";
         for (i, node) in self.nodes.iter().enumerate() {
             if i > 0 && matches!(node.op, IntOp::Input) {
                 return Err(fail(i, "a second input".into()));
@@ -585,13 +600,45 @@ impl IntegerModel {
             if let Some(j) = node.inputs.first() {
                 resources_ok(&node.op, &shapes[0][*j]).map_err(|e| fail(i, e))?;
             }
-            let values: usize = shapes[0][i].iter().product();
-            let work = values.saturating_mul(work_per_value(&node.op));
-            total_work = total_work.saturating_add(work);
-            if total_work > MAX_ITEM_WORK {
+            let ins: Vec<Vec<usize>> = node.inputs.iter().map(|j| shapes[0][*j].clone()).collect();
+            let share = budget::node_cost(node, &ins, &shapes[0][i], i == self.output);
+            cost.work = cost.work.saturating_add(share.work);
+            if cost.work > budget.max_work {
                 return Err(fail(
                     i,
-                    format!("the model does more than {MAX_ITEM_WORK} multiply-adds per item"),
+                    format!(
+                        "the model needs {} units of work per batch item up to this node ({} \
+                         here), above the budget's max_work of {}: {raise}",
+                        cost.work, share.work, budget.max_work
+                    ),
+                ));
+            }
+            alive[i] = share.output;
+            live = live.saturating_add(share.output);
+            peak = peak.max(live);
+            for j in &node.inputs {
+                if last_use[*j] == i {
+                    live = live.saturating_sub(std::mem::take(&mut alive[*j]));
+                }
+            }
+            kept = kept.saturating_add(share.kept);
+            scratch = scratch.max(share.scratch);
+            cost.memory_bytes = kept.saturating_add(peak).saturating_add(scratch);
+            if cost.memory_bytes > budget.max_memory_bytes {
+                return Err(fail(
+                    i,
+                    format!(
+                        "the model needs {} bytes of memory up to this node (its output {} \
+                         bytes, its kernel's buffers {}, the model with its packed weights and \
+                         tables {}, the largest set of values alive at once {}), above the \
+                         budget's max_memory_bytes of {}: {raise}",
+                        cost.memory_bytes,
+                        share.output,
+                        share.scratch,
+                        kept,
+                        peak,
+                        budget.max_memory_bytes
+                    ),
                 ));
             }
             // Which inputs must be integers, and whether the output is.
@@ -694,6 +741,6 @@ impl IntegerModel {
             grids.push(node.grid);
             int[i] = out_int;
         }
-        Ok(())
+        Ok(cost)
     }
 }

@@ -602,8 +602,9 @@ pub fn to_model_proto(
     if options.opset != 13 && options.opset != 21 {
         return Err(OnnxError::Opset(options.opset));
     }
+    // Consistency only: the model's run budget is for `forward`, not for writing the file.
     model
-        .validate()
+        .cost()
         .map_err(|e| OnnxError::Invalid(e.to_string()))?;
     let mut g = Graph {
         opset: options.opset,

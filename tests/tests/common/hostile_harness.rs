@@ -1,12 +1,17 @@
 //! The mutation harness of the hostile-input tests, shared by `tests/tests/hostile.rs` (debug,
 //! in the test suite) and `crates/burn-qat/benches/hostile.rs` (the same cases in release).
 //!
-//! A real model with every integer op is mutated two ways, with a fixed seed: semantic edits of
-//! its fields (every number set to boundary values, list elements deleted, duplicated, swapped,
-//! lists emptied) through its serde form, and byte edits of the file payload with a valid
+//! A real model with every integer op is mutated, with a fixed seed: first every integer field
+//! of every node set in turn to the extremes of the integer types (`i64::MIN`, `i64::MAX`,
+//! `i32::MIN`, `u64::MAX`) and to 2^24; then random semantic edits of its fields through its
+//! serde form (numbers set to boundary values and extremes, a field chosen uniformly half the
+//! time so that a node's few scalars are edited as often as its many weights; list elements
+//! deleted, duplicated, swapped, lists emptied), long valid chains of add, multiply or reshape
+//! nodes spliced in (up to 100,000 nodes, one case in 128), and byte edits of the file payload with a valid
 //! checksum. Each accepted model runs `forward`, `forward_reference` (which must agree bit for
 //! bit), `forward_int`, the ONNX writer, `precision`, `plan` and a save/load round trip, inside
-//! `catch_unwind`.
+//! `catch_unwind`; with a [`Probe`] (a counting allocator in the binary), the memory its
+//! forwards allocate must stay within its budget estimate ([`IntegerModel::cost`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
@@ -23,7 +28,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{sigmoid, silu};
 use burn_qat::export::format;
-use burn_qat::export::model::IntegerModel;
+use burn_qat::export::model::{IntAdd, IntMul, IntNode, IntOp, IntegerModel};
+use burn_qat::export::requant::FixedMultiplier;
 use burn_qat::graph;
 use burn_qat::model::QatConfig;
 use serde_json::Value;
@@ -184,6 +190,173 @@ const NUMBERS: [f64; 34] = [
     -3.4e38,
 ];
 
+/// Exact integers the edits of integer fields use besides `NUMBERS`: the extremes of the
+/// integer types a field can have, and sizes that ask for a lot (a padding of 2^24).
+const EXTREMES: [i128; 10] = [
+    i64::MIN as i128,
+    i64::MAX as i128,
+    i32::MIN as i128,
+    i32::MAX as i128,
+    u32::MAX as i128,
+    u64::MAX as i128,
+    1 << 24,
+    -(1 << 24),
+    1 << 40,
+    1 << 62,
+];
+
+/// The extremes every integer field is set to, one at a time.
+const FIELD_EXTREMES: [i128; 5] = [
+    i64::MIN as i128,
+    i64::MAX as i128,
+    i32::MIN as i128,
+    u64::MAX as i128,
+    1 << 24,
+];
+
+/// `x` as a JSON integer.
+fn integer(x: i128) -> Value {
+    if x < 0 {
+        Value::from(x as i64)
+    } else {
+        Value::from(x as u64)
+    }
+}
+
+/// The field a path to a number names: its array indices dropped, except the node's.
+fn field(path: &[PathStep]) -> String {
+    let mut key = String::new();
+    for (k, step) in path.iter().enumerate() {
+        match step {
+            PathStep::Key(s) => {
+                key.push('.');
+                key.push_str(s);
+            }
+            PathStep::Index(i) if k == 1 => key.push_str(&format!("[{i}]")),
+            PathStep::Index(_) => key.push_str("[]"),
+        }
+    }
+    key
+}
+
+/// Paths to the numbers of a JSON value grouped by field (see [`field`]), in order.
+fn fields(v: &Value) -> Vec<(String, Vec<Vec<PathStep>>)> {
+    let (mut numbers, mut arrays) = (vec![], vec![]);
+    leaves(v, &mut vec![], &mut numbers, &mut arrays);
+    let mut groups: Vec<(String, Vec<Vec<PathStep>>)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for path in numbers {
+        let key = field(&path);
+        let at = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push((key, vec![]));
+            groups.len() - 1
+        });
+        groups[at].1.push(path);
+    }
+    groups
+}
+
+/// `model` with each integer field of each node (its first value, for a list) set in turn to
+/// each of [`FIELD_EXTREMES`]: what the edit was, and the model or why serde refused it.
+pub fn extreme_field_cases(
+    model: &IntegerModel,
+) -> impl Iterator<Item = (String, Result<IntegerModel, String>)> {
+    let json = serde_json::to_value(model).expect("a model serializes");
+    let targets: Vec<(String, Vec<PathStep>)> = fields(&json)
+        .into_iter()
+        .filter_map(|(key, paths)| {
+            let first = paths.into_iter().next()?;
+            let mut probe = json.clone();
+            at(&mut probe, &first)
+                .is_some_and(|v| v.is_i64() || v.is_u64())
+                .then_some((key, first))
+        })
+        .collect();
+    targets.into_iter().flat_map(move |(key, path)| {
+        let json = json.clone();
+        FIELD_EXTREMES.into_iter().map(move |x| {
+            let mut v = json.clone();
+            if let Some(slot) = at(&mut v, &path) {
+                *slot = integer(x);
+            }
+            (
+                format!("{key} = {x}"),
+                serde_json::from_value::<IntegerModel>(v).map_err(|e| e.to_string()),
+            )
+        })
+    })
+}
+
+/// A valid chain of `len` add, multiply or reshape nodes spliced in after a node (its readers
+/// then read the chain's end): a long file of valid nodes, each cheap to store.
+fn splice_chain(m: &mut IntegerModel, rng: &mut Rng) -> String {
+    let kind = rng.below(3);
+    // Accepted chains of adds and multiplies build one 64 KiB table per node: 100 take a
+    // quarter second in the debug test; 100,000 (7 MB) must be refused by the budget.
+    let lengths: [usize; 4] = if kind == 2 {
+        [2, 40, 400, 10_000]
+    } else {
+        [2, 10, 100, 100_000]
+    };
+    let len = lengths[rng.below(4)];
+    let candidates: Vec<usize> = (0..m.nodes.len())
+        .filter(|j| kind == 2 || m.nodes[*j].grid.is_some())
+        .collect();
+    let j = candidates[rng.below(candidates.len())];
+    let (shape, grid) = (m.nodes[j].shape.clone(), m.nodes[j].grid);
+    let chain: Vec<IntNode> = (0..len)
+        .map(|k| {
+            let op = match (kind, grid) {
+                (0, Some(g)) => IntOp::Add(IntAdd {
+                    a: g,
+                    b: g,
+                    out: g,
+                    ma: 1 << 39,
+                    mb: -(1 << 38),
+                    shift: 40,
+                    lo: g.qmin,
+                    hi: g.qmax,
+                }),
+                (1, Some(g)) => IntOp::Mul(IntMul {
+                    a: g,
+                    b: g,
+                    out: g,
+                    multiplier: FixedMultiplier::new(0.02),
+                    lo: g.qmin,
+                    hi: g.qmax,
+                }),
+                _ => IntOp::Reshape,
+            };
+            let inputs = match op {
+                IntOp::Reshape => vec![j + k],
+                _ => vec![j + k, j],
+            };
+            IntNode {
+                name: format!("chain{k}"),
+                op,
+                inputs,
+                shape: shape.clone(),
+                grid,
+            }
+        })
+        .collect();
+    for n in &mut m.nodes[j + 1..] {
+        for i in &mut n.inputs {
+            if *i >= j {
+                *i += len;
+            }
+        }
+    }
+    if m.output >= j {
+        m.output += len;
+    }
+    m.nodes.splice(j + 1..j + 1, chain);
+    format!(
+        "{len} {} nodes spliced in after node {j}",
+        ["Add", "Mul", "Reshape"][kind]
+    )
+}
+
 /// Paths to every number and every array in a JSON value.
 fn leaves(
     v: &Value,
@@ -229,14 +402,29 @@ fn at<'a>(v: &'a mut Value, path: &[PathStep]) -> Option<&'a mut Value> {
     Some(v)
 }
 
-/// One semantic edit of the model's serde form.
-fn mutate_json(v: &mut Value, rng: &mut Rng) -> String {
+/// One semantic edit of the model's serde form; `by_field`: the original model's numbers
+/// grouped by field.
+fn mutate_json(v: &mut Value, rng: &mut Rng, by_field: &[(String, Vec<Vec<PathStep>>)]) -> String {
     let (mut numbers, mut arrays) = (vec![], vec![]);
     leaves(v, &mut vec![], &mut numbers, &mut arrays);
     if rng.below(3) > 0 && !numbers.is_empty() {
-        let path = &numbers[rng.below(numbers.len())];
+        // Half the time a field first, then one of its values (an earlier edit may have moved
+        // it: then nothing changes).
+        let path = if rng.below(2) == 0 && !by_field.is_empty() {
+            let paths = &by_field[rng.below(by_field.len())].1;
+            paths[rng.below(paths.len())].clone()
+        } else {
+            numbers[rng.below(numbers.len())].clone()
+        };
+        let Some(slot) = at(v, &path) else {
+            return format!("{path:?}: gone");
+        };
+        if rng.below(4) == 0 && (slot.is_i64() || slot.is_u64()) {
+            let x = EXTREMES[rng.below(EXTREMES.len())];
+            *slot = integer(x);
+            return format!("{path:?} = {x}");
+        }
         let n = NUMBERS[rng.below(NUMBERS.len())];
-        let slot = at(v, path).expect("path");
         let new = if n.fract() == 0.0 && n.abs() < 9.2e18 && slot.is_i64() || slot.is_u64() {
             if n < 0.0 {
                 Value::from(n as i64)
@@ -304,6 +492,14 @@ thread_local! {
     static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A counting allocator's readings, from the binary that runs the harness: [`Probe::reset`]
+/// returns the bytes allocated now and restarts the peak there; [`Probe::peak`] is the most
+/// allocated at once since.
+pub struct Probe {
+    pub reset: fn() -> usize,
+    pub peak: fn() -> usize,
+}
+
 #[derive(Default)]
 pub struct Tally {
     pub cases: usize,
@@ -312,19 +508,36 @@ pub struct Tally {
     pub run_errors: usize,
     pub findings: Vec<String>,
     pub slowest: Duration,
+    /// The most memory a case's forward allocated, over its estimate (with a probe).
+    pub memory_ratio: f64,
 }
 
 /// Runs everything a user can run on an accepted model.
-fn exercise(model: &IntegerModel, what: &str, input: &[f32], tally: &mut Tally) {
+fn exercise(
+    model: &IntegerModel,
+    what: &str,
+    input: &[f32],
+    tally: &mut Tally,
+    probe: Option<&Probe>,
+) {
     if model.validate().is_err() {
         tally.refused += 1;
         return;
     }
     tally.accepted += 1;
     let start = Instant::now();
+    let used = std::cell::Cell::new(0usize);
+    let measured = |f: &dyn Fn() -> _| {
+        let base = probe.map(|p| (p.reset)());
+        let out = f();
+        if let (Some(p), Some(base)) = (probe, base) {
+            used.set(used.get().max((p.peak)().saturating_sub(base)));
+        }
+        out
+    };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        let fast = model.forward(input);
-        let reference = model.forward_reference(input);
+        let fast = measured(&|| model.forward(input));
+        let reference = measured(&|| model.forward_reference(input));
         let _ = model.forward_int(input);
         let _ = burn_qat::onnx::to_model_proto(model, &Default::default());
         let _ = (model.precision(), model.plan(), model.parameter_bytes());
@@ -332,6 +545,21 @@ fn exercise(model: &IntegerModel, what: &str, input: &[f32], tally: &mut Tally) 
         (fast, reference, again)
     }));
     tally.slowest = tally.slowest.max(start.elapsed());
+    // The input is a batch of 2: values take twice their batch-1 estimate, the rest less.
+    let batch = (input.len() / model.input_shape().iter().product::<usize>().max(1)).max(1);
+    if let (Some(_), Ok(cost)) = (probe, model.cost()) {
+        let allowed = cost.memory_bytes.saturating_mul(batch as u64);
+        tally.memory_ratio = tally
+            .memory_ratio
+            .max(used.get() as f64 / cost.memory_bytes.max(1) as f64);
+        if used.get() as u64 > allowed {
+            tally.findings.push(format!(
+                "forward allocated {} bytes at batch {batch}, above its estimate of {} per item: {what}",
+                used.get(),
+                cost.memory_bytes
+            ));
+        }
+    }
     match result {
         Err(_) => {
             let message = PANICS.with(|p| p.borrow_mut().pop()).unwrap_or_default();
@@ -365,9 +593,10 @@ fn exercise(model: &IntegerModel, what: &str, input: &[f32], tally: &mut Tally) 
     }
 }
 
-pub fn run(cases: usize, seed: u64) -> Tally {
+pub fn run(cases: usize, seed: u64, probe: Option<&Probe>) -> Tally {
     let model = kitchen_model();
     let json = serde_json::to_value(&model).unwrap();
+    let by_field = fields(&json);
     let bytes = format::to_bytes(&model);
     let mut rng = Rng(seed);
     let input: Vec<f32> = (0..2 * 2 * 8 * 8)
@@ -396,15 +625,38 @@ pub fn run(cases: usize, seed: u64) -> Tally {
         }
     }));
     let mut tally = Tally::default();
+    for (what, case) in extreme_field_cases(&model) {
+        tally.cases += 1;
+        match case {
+            Ok(m) => exercise(&m, &what, &input, &mut tally, probe),
+            Err(_) => tally.refused += 1,
+        }
+    }
     for case in 0..cases {
         tally.cases += 1;
-        if case % 2 == 0 {
+        if case % 2 == 0 && rng.below(64) == 0 {
+            let mut m = model.clone();
+            let edit = splice_chain(&mut m, &mut rng);
+            exercise(
+                &m,
+                &format!("case {case} {edit}"),
+                &input,
+                &mut tally,
+                probe,
+            );
+        } else if case % 2 == 0 {
             let mut v = json.clone();
             let edits: Vec<String> = (0..1 + rng.below(3))
-                .map(|_| mutate_json(&mut v, &mut rng))
+                .map(|_| mutate_json(&mut v, &mut rng, &by_field))
                 .collect();
             match serde_json::from_value::<IntegerModel>(v) {
-                Ok(m) => exercise(&m, &format!("case {case} {edits:?}"), &input, &mut tally),
+                Ok(m) => exercise(
+                    &m,
+                    &format!("case {case} {edits:?}"),
+                    &input,
+                    &mut tally,
+                    probe,
+                ),
                 Err(_) => tally.refused += 1,
             }
         } else {
@@ -413,7 +665,13 @@ pub fn run(cases: usize, seed: u64) -> Tally {
                 .map(|_| mutate_bytes(&mut b, &mut rng))
                 .collect();
             match format::from_bytes(&b) {
-                Ok(m) => exercise(&m, &format!("case {case} {edits:?}"), &input, &mut tally),
+                Ok(m) => exercise(
+                    &m,
+                    &format!("case {case} {edits:?}"),
+                    &input,
+                    &mut tally,
+                    probe,
+                ),
                 Err(_) => tally.refused += 1,
             }
         }

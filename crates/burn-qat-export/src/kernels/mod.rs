@@ -4,6 +4,11 @@
 //! quantized input and requantized output, except in a `Float` last layer. Public for
 //! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
 //! kernel and checks the shapes first (these functions expect shapes that fit the layer).
+//!
+//! Every buffer whose size comes from the model (outputs, accumulators, padded images, im2col
+//! words) is allocated fallibly: a size the allocator refuses is an [`OutOfMemory`] error, not
+//! an abort. How large they get is part of the memory budget of
+//! [`IntegerModel::validate`](crate::IntegerModel::validate).
 
 mod depthwise;
 mod gemm;
@@ -20,6 +25,66 @@ use std::sync::OnceLock;
 
 use crate::model::{IntConv2d, IntLinear, Output, Window, conv_output_len};
 use crate::run::Values;
+
+/// A buffer the kernels could not allocate: its size came from the model's shapes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("could not allocate a buffer of {bytes} bytes")]
+pub struct OutOfMemory {
+    /// The bytes asked for.
+    pub bytes: u64,
+}
+
+/// `v` resized to `len` values (new ones `value`), its allocation fallible.
+fn try_resize<T: Clone>(v: &mut Vec<T>, len: usize, value: T) -> Result<(), OutOfMemory> {
+    if len > v.len() {
+        v.try_reserve(len - v.len()).map_err(|_| OutOfMemory {
+            bytes: (len as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+        })?;
+    }
+    v.resize(len, value);
+    Ok(())
+}
+
+/// `len` copies of `value`, allocated fallibly.
+pub(crate) fn try_filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>, OutOfMemory> {
+    let mut v = Vec::new();
+    try_resize(&mut v, len, value)?;
+    Ok(v)
+}
+
+/// An empty vector with room for `len` values, allocated fallibly.
+fn try_with_capacity<T>(len: usize) -> Result<Vec<T>, OutOfMemory> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| OutOfMemory {
+        bytes: (len as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+    })?;
+    Ok(v)
+}
+
+/// The first error of the chunks of a parallel loop.
+struct FirstError(std::sync::Mutex<Option<OutOfMemory>>);
+
+impl FirstError {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    fn keep(&self, result: Result<(), OutOfMemory>) {
+        if let Err(e) = result {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+        }
+    }
+
+    fn into_result(self) -> Result<(), OutOfMemory> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
 
 /// Shapes were checked when the model was converted or loaded (`IntLayer::output_shape`).
 fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: usize) -> usize {
@@ -86,16 +151,21 @@ impl OutputValue for f32 {
 }
 
 /// The layer's output values from accumulators laid out `[.., channels, inner]`.
-fn output_values(output: &Output, acc: &[i32], inner: usize, shape: Vec<usize>) -> Values {
+fn output_values(
+    output: &Output,
+    acc: &[i32],
+    inner: usize,
+    shape: Vec<usize>,
+) -> Result<Values, OutOfMemory> {
     fn typed<T: OutputValue>(
         output: &Output,
         acc: &[i32],
         inner: usize,
         shape: Vec<usize>,
-    ) -> Values {
-        let mut data = vec![T::default(); acc.len()];
+    ) -> Result<Values, OutOfMemory> {
+        let mut data = try_filled(acc.len(), T::default())?;
         T::rows(acc, inner, output, 0, &mut data);
-        T::values(data, shape, output)
+        Ok(T::values(data, shape, output))
     }
     match output {
         Output::Quantized { .. } => typed::<i8>(output, acc, inner, shape),
@@ -158,10 +228,7 @@ impl ConvWeights {
         let taps = c.kernel[0] * c.kernel[1];
         let cin_g = c.in_channels / c.groups;
         let per_out = cin_g * taps;
-        // Channel words read over virtual columns: only when they add few (`(kw - 1) dw`).
-        let channel_words = c.stride == [1, 1]
-            && (c.kernel[1] - 1) * c.dilation[1] <= VIRTUAL_EXTRA
-            && (cin_g.is_multiple_of(4) || cin_g >= 16);
+        let channel_words = uses_channel_words(c);
         let k4 = if channel_words {
             cin_g.div_ceil(4) * taps
         } else {
@@ -200,6 +267,169 @@ impl ConvWeights {
     }
 }
 
+/// Whether a convolution's weights are channel words (see [`ConvWeights`]): read over virtual
+/// columns, so only when they add few (`(kw - 1) dw`).
+fn uses_channel_words(c: &IntConv2d) -> bool {
+    let cin_g = c.in_channels / c.groups.max(1);
+    c.stride == [1, 1]
+        && c.kernel[1].saturating_sub(1).saturating_mul(c.dilation[1]) <= VIRTUAL_EXTRA
+        && (cin_g.is_multiple_of(4) || cin_g >= 16)
+}
+
+/// Bytes a layer's kernels allocate besides its output, at batch 1 (sizes saturate at
+/// `u64::MAX`), for the memory and work budget of
+/// [`IntegerModel::validate`](crate::IntegerModel::validate).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Buffers {
+    /// Working buffers: one thread's scratch on the fast path (kept between calls and only
+    /// grown) and the reference kernel's accumulators.
+    pub scratch: u64,
+    /// Bytes of those buffers written per image and group (padded images, im2col words): work.
+    pub built: u64,
+    /// The packed weights kept in the weight cache.
+    pub packed: u64,
+}
+
+/// The product of `xs`, saturating.
+fn product(xs: &[u64]) -> u64 {
+    xs.iter().fold(1u64, |p, x| p.saturating_mul(*x))
+}
+
+/// The sum of `xs`, saturating.
+fn sum(xs: &[u64]) -> u64 {
+    xs.iter().fold(0u64, |p, x| p.saturating_add(*x))
+}
+
+/// `x` rounded up to a multiple of 16, saturating.
+fn up16(x: u64) -> u64 {
+    x.div_ceil(16).saturating_mul(16)
+}
+
+/// What [`conv2d`], [`conv2d_max_pool`] and [`conv2d_reference`] allocate for `c` on an input
+/// of shape `shape` (batch 1) that fits it, besides the output: the buffers of
+/// `ConvPlan::channels`, `image_words`, `im2col_words` and `depthwise`, computed as they
+/// compute them.
+pub(crate) fn conv_buffers(c: &IntConv2d, shape: &[usize]) -> Buffers {
+    let u = |v: usize| v as u64;
+    let [_, cin, h, w] = nchw(shape).map(u);
+    let [kh, kw] = c.kernel.map(u);
+    let [sh, sw] = c.stride.map(u);
+    let [dh, dw] = c.dilation.map(u);
+    let [top, bottom, left, right] = c.padding.map(u);
+    let groups = u(c.groups.max(1));
+    let cout = u(c.out_channels);
+    let cin_g = cin / groups;
+    let ph = sum(&[h, top, bottom]);
+    let pw = sum(&[w, left, right]);
+    let len = |input: u64, pad: u64, d: u64, k: u64, s: u64| {
+        let span = product(&[d, k.saturating_sub(1)]).saturating_add(1);
+        input
+            .saturating_add(pad)
+            .checked_sub(span)
+            .map_or(0, |v| v / s.max(1) + 1)
+    };
+    let oh = len(h, top + bottom, dh, kh, sh);
+    let ow = len(w, left + right, dw, kw, sw);
+    let p = product(&[oh, ow]);
+    let pwv = pw.div_ceil(sw.max(1));
+    let channel_words = uses_channel_words(c);
+    let virtual_columns =
+        channel_words || pwv - ow.min(pwv) <= VIRTUAL_EXTRA as u64 || pwv <= ow.saturating_mul(2);
+    let lanes = if virtual_columns {
+        product(&[oh, pwv])
+    } else {
+        p
+    };
+    let stride = up16(lanes);
+    let taps = product(&[kh, kw]);
+    // `ConvPlan::channels`: accumulators of every channel, the compacted rows (f32 at most).
+    let acc = product(&[cout, stride, 4]);
+    let tmp = product(&[oh, pwv, 4]);
+    let (words, k4) = if channel_words {
+        // `image_words`: the padded group as channel words, their offsets, a zero row.
+        let quads = cin_g.div_ceil(4);
+        let plane = product(&[ph, pw]);
+        let last = sum(&[
+            product(&[quads.saturating_sub(1), plane]),
+            product(&[kh.saturating_sub(1), dh, pw]),
+            product(&[kw.saturating_sub(1), dw]),
+        ]);
+        let b = product(&[quads, plane]).max(last.saturating_add(up16(product(&[oh, pw]))));
+        let words = sum(&[product(&[b, 4]), product(&[quads, taps, 8]), w]);
+        (words, product(&[quads, taps]))
+    } else {
+        // `im2col_words`: the padded group split into stride phases, tap words, their
+        // offsets and starts, the gathered rows.
+        let phv = ph.div_ceil(sh.max(1));
+        let channel_len = product(&[sh.min(ph), sw.min(pw), phv, pwv]);
+        let padded = sum(&[
+            product(&[cin_g, channel_len]),
+            product(&[kw.saturating_sub(1), dw]) / sw.max(1),
+            1,
+        ]);
+        let k4 = product(&[cin_g, taps]).div_ceil(4);
+        let words = sum(&[
+            padded,
+            product(&[sw.min(pw), 24]),
+            lanes.max(product(&[5, p])),
+            product(&[k4, stride, 4]),
+            product(&[k4, 5 * 8]),
+        ]);
+        (words, k4)
+    };
+    // The direct depthwise kernel: one padded channel and its accumulators.
+    let depthwise = if c.is_depthwise() {
+        sum(&[
+            product(&[ph, pw]),
+            u(depthwise::slack(c)),
+            product(&[p.max(1), 4]),
+        ])
+    } else {
+        0
+    };
+    // Max pooling fused after it: the unpooled channels and a row.
+    let unpooled = sum(&[product(&[cout, p]), ow]);
+    let reference = product(&[cout, p, 4]);
+    let built = if c.is_depthwise() {
+        // Either path: every channel padded, or every group's words.
+        product(&[groups, words]).max(product(&[cout, depthwise]))
+    } else {
+        product(&[groups, words])
+    };
+    Buffers {
+        scratch: sum(&[acc, tmp, words, depthwise, unpooled, reference]),
+        built,
+        packed: sum(&[
+            product(&[cout, k4, 4]),
+            product(&[cout, 4]),
+            if c.is_depthwise() {
+                product(&[cout, kh, kw.div_ceil(4), 4])
+            } else {
+                0
+            },
+        ]),
+    }
+}
+
+/// What [`linear`] and [`linear_reference`] allocate for `l` on `rows` rows (batch 1),
+/// besides the output: the input as words, the accumulators (rows of 16 lanes) and the
+/// reference's accumulators; its packed weights.
+pub(crate) fn linear_buffers(l: &IntLinear, rows: usize) -> Buffers {
+    let (rows, inp, out) = (rows as u64, l.in_features as u64, l.out_features as u64);
+    let k4 = inp.div_ceil(4);
+    let stride = up16(out);
+    let a = product(&[product(&[rows, inp]).div_ceil(4).saturating_add(k4), 4]);
+    Buffers {
+        scratch: sum(&[a, product(&[rows, stride, 4]), product(&[rows, out, 4])]),
+        built: a,
+        packed: sum(&[
+            product(&[k4, stride, 4]),
+            product(&[k4, 8]),
+            product(&[stride, 4]),
+        ]),
+    }
+}
+
 /// `[n, c, h, w]`, with `[n, c, length]` read as `h = 1`.
 fn nchw(shape: &[usize]) -> [usize; 4] {
     if shape.len() == 3 {
@@ -225,23 +455,28 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 /// has it (see `depthwise`). The result is
 /// `[cout, oh * ow]`, already NCHW, each output channel requantized as one row with one
 /// multiplier. Images run in parallel; a single large image splits its output channels.
-pub fn conv2d(c: &IntConv2d, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
+pub fn conv2d(
+    c: &IntConv2d,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    shape: &[usize],
+) -> Result<Values, OutOfMemory> {
     fn typed<T: OutputValue>(
         c: &IntConv2d,
         cache: &OnceLock<Packed>,
         x: &[i8],
         shape: &[usize],
-    ) -> Values {
+    ) -> Result<Values, OutOfMemory> {
         let plan = ConvPlan::new(c, shape);
-        let mut data = vec![T::default(); shape[0] * c.out_channels * plan.p];
+        let mut data = try_filled(shape[0] * c.out_channels * plan.p, T::default())?;
         plan.run(c, cache, x, &mut data, |acc, channel, dst| {
             T::rows(acc, acc.len(), &c.output, channel, dst)
-        });
-        T::values(
+        })?;
+        Ok(T::values(
             data,
             out_shape(shape, c.out_channels, plan.oh, plan.ow),
             &c.output,
-        )
+        ))
     }
     match c.output {
         Output::Quantized { .. } => typed::<i8>(c, cache, x, shape),
@@ -260,7 +495,7 @@ pub fn conv2d_max_pool(
     x: &[i8],
     shape: &[usize],
     w: &Window,
-) -> Values {
+) -> Result<Values, OutOfMemory> {
     let Output::Quantized { grid, .. } = &c.output else {
         unreachable!("fused only for quantized outputs")
     };
@@ -269,7 +504,7 @@ pub fn conv2d_max_pool(
     let pooled_shape =
         crate::ops::pool_shape(w, &conv_shape).expect("shapes checked by the runner");
     let [_, _, poh, pow] = nchw(&pooled_shape);
-    let mut data = vec![0i8; plan.n * c.out_channels * poh * pow];
+    let mut data = try_filled(plan.n * c.out_channels * poh * pow, 0i8)?;
     let dims = [plan.oh, plan.ow, poh, pow];
     plan.chunks(
         c,
@@ -280,26 +515,31 @@ pub fn conv2d_max_pool(
         |weights, image, channels, dst, s| {
             let mut unpooled = std::mem::take(&mut s.unpooled);
             let mut rows_max = std::mem::take(&mut s.rows_max);
-            unpooled.resize(channels.len() * plan.p, 0);
-            rows_max.resize(plan.ow, 0);
-            plan.channels(
-                c,
-                weights,
-                image,
-                channels,
-                &mut unpooled,
-                s,
-                &|acc, channel, dst| i8::rows(acc, acc.len(), &c.output, channel, dst),
-            );
-            crate::ops::max_pool_planes(w, &unpooled, dims, &mut rows_max, dst);
+            let result = try_resize(&mut unpooled, channels.len() * plan.p, 0)
+                .and_then(|_| try_resize(&mut rows_max, plan.ow, 0))
+                .and_then(|_| {
+                    plan.channels(
+                        c,
+                        weights,
+                        image,
+                        channels,
+                        &mut unpooled,
+                        s,
+                        &|acc, channel, dst| i8::rows(acc, acc.len(), &c.output, channel, dst),
+                    )
+                });
+            if result.is_ok() {
+                crate::ops::max_pool_planes(w, &unpooled, dims, &mut rows_max, dst);
+            }
             (s.unpooled, s.rows_max) = (unpooled, rows_max);
+            result
         },
-    );
-    Values::Int {
+    )?;
+    Ok(Values::Int {
         data,
         shape: pooled_shape,
         grid: *grid,
-    }
+    })
 }
 
 /// The geometry of one convolution call.
@@ -375,7 +615,7 @@ impl ConvPlan {
         x: &[i8],
         out: &mut [T],
         write: impl Fn(&[i32], usize, &mut [T]) + Sync,
-    ) {
+    ) -> Result<(), OutOfMemory> {
         self.chunks(
             c,
             cache,
@@ -385,12 +625,13 @@ impl ConvPlan {
             |weights, image, channels, dst, s| {
                 self.channels(c, weights, image, channels, dst, s, &write)
             },
-        );
+        )
     }
 
     /// Splits the output into chunks of channels of one image (`per_channel` values of `out`
     /// per channel) and runs `body(weights, image, channels, chunk, scratch)` on each, in
-    /// parallel: a batch by images, a single large image by channels.
+    /// parallel: a batch by images, a single large image by channels. The first buffer a
+    /// chunk could not allocate is the error.
     fn chunks<T: Send>(
         &self,
         c: &IntConv2d,
@@ -398,11 +639,18 @@ impl ConvPlan {
         x: &[i8],
         out: &mut [T],
         per_channel: usize,
-        body: impl Fn(&ConvWeights, &[i8], Range<usize>, &mut [T], &mut ConvScratch) + Sync,
-    ) {
+        body: impl Fn(
+            &ConvWeights,
+            &[i8],
+            Range<usize>,
+            &mut [T],
+            &mut ConvScratch,
+        ) -> Result<(), OutOfMemory>
+        + Sync,
+    ) -> Result<(), OutOfMemory> {
         let per_image = c.out_channels * self.p;
         if per_image == 0 || self.n == 0 || per_channel == 0 {
-            return;
+            return Ok(());
         }
         let packed = cache.get_or_init(|| Packed::Conv(ConvWeights::new(c)));
         let Packed::Conv(weights) = packed else {
@@ -426,13 +674,15 @@ impl ConvPlan {
             // Kept between calls: the buffers of a layer at batch 1 are allocated once.
             static SCRATCH: std::cell::RefCell<ConvScratch> = Default::default();
         }
+        let failed = FirstError::new();
         for_each_chunk(out, rows * per_channel, |i, dst, _: &mut ()| {
             let (img, part) = (i / chunks_per_image, i % chunks_per_image);
             let first = part * rows;
             let channels = first..(first + rows).min(c.out_channels);
             let image = &x[img * image_len..(img + 1) * image_len];
-            SCRATCH.with_borrow_mut(|s| body(weights, image, channels, dst, s));
+            failed.keep(SCRATCH.with_borrow_mut(|s| body(weights, image, channels, dst, s)));
         });
+        failed.into_result()
     }
 
     /// Output channels `channels` of one image into `dst` (`[channels, p]`), through
@@ -447,7 +697,7 @@ impl ConvPlan {
         dst: &mut [T],
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
-    ) {
+    ) -> Result<(), OutOfMemory> {
         if let Some(dw) = weights.depthwise.as_ref().filter(|_| uses_vnni()) {
             return self.depthwise(c, weights, dw, image, channels, dst, s, write);
         }
@@ -462,7 +712,7 @@ impl ConvPlan {
         let stride = lanes.next_multiple_of(16);
         let len = channels.len() * stride;
         if s.acc.len() < len {
-            s.acc.resize(len, 0);
+            try_resize(&mut s.acc, len, 0)?;
         }
         let first_group = channels.start / self.cout_g.max(1);
         for g in first_group..c.groups {
@@ -472,9 +722,9 @@ impl ConvPlan {
                 break;
             }
             if weights.channel_words {
-                self.image_words(c, image, g, s);
+                self.image_words(c, image, g, s)?;
             } else {
-                self.im2col_words(c, image, g, s);
+                self.im2col_words(c, image, g, s)?;
             }
             let words = gemm::Words {
                 a: &weights.words,
@@ -498,10 +748,11 @@ impl ConvPlan {
             }
             // Virtual columns: lane `n` is output `(n / pwv, n % pwv)`, kept when
             // `n % pwv < ow`.
-            tmp.resize(self.oh * pwv, T::default());
+            try_resize(&mut tmp, self.oh * pwv, T::default())?;
             write(&acc[..self.oh * pwv], channels.start + i, &mut tmp);
             compact_rows(&tmp, pwv, ow, dst);
         }
+        Ok(())
     }
 
     /// Output channels `channels` of one image of a depthwise layer, on the direct kernel.
@@ -516,7 +767,7 @@ impl ConvPlan {
         dst: &mut [T],
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
-    ) {
+    ) -> Result<(), OutOfMemory> {
         let [top, _, left, _] = c.padding;
         let (h, w, ph, pw, p) = (self.h, self.w, self.ph, self.pw, self.p);
         let geometry = depthwise::Plane {
@@ -529,12 +780,12 @@ impl ConvPlan {
         };
         let pad = c.input.zero_point as u8 ^ 0x80;
         let per_channel = c.kernel[0] * dw.groups;
-        s.acc.resize(p.max(1), 0);
+        try_resize(&mut s.acc, p.max(1), 0)?;
         let padded = &mut s.unsigned;
         for (i, dst) in channels.clone().zip(dst.chunks_exact_mut(p.max(1))) {
             // The channel padded with the zero point, as `int8 + 128`.
             padded.clear();
-            padded.resize(ph * pw + depthwise::slack(c), pad);
+            try_resize(padded, ph * pw + depthwise::slack(c), pad)?;
             let plane = &image[i * h * w..(i + 1) * h * w];
             for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
                 let at = (top + y) * pw + left;
@@ -547,12 +798,19 @@ impl ConvPlan {
             depthwise::plane(padded, words, dw.groups, bias, &geometry, &mut s.acc);
             write(&s.acc[..p], i, dst);
         }
+        Ok(())
     }
 
     /// Group `g` of the image, padded with the input zero point, as channel words
     /// `[cin_g / 4, ph, pw]` in `s.b`, with one offset per `(q, ky, kx)` word in `s.b_off`,
     /// read over the virtual output columns `oh * pw`.
-    fn image_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
+    fn image_words(
+        &self,
+        c: &IntConv2d,
+        image: &[i8],
+        g: usize,
+        s: &mut ConvScratch,
+    ) -> Result<(), OutOfMemory> {
         let [kh, kw] = c.kernel;
         let [dh, dw] = c.dilation;
         let [top, _, left, _] = c.padding;
@@ -561,6 +819,11 @@ impl ConvPlan {
         let plane = ph * pw;
         let lanes = self.oh * pw;
         s.b_off.clear();
+        s.b_off
+            .try_reserve(quads * kh * kw)
+            .map_err(|_| OutOfMemory {
+                bytes: (quads * kh * kw * 8) as u64,
+            })?;
         for q in 0..quads {
             for ky in 0..kh {
                 for kx in 0..kw {
@@ -571,9 +834,13 @@ impl ConvPlan {
         let last = s.b_off.iter().copied().max().unwrap_or(0);
         let pad = (c.input.zero_point as u8 ^ 0x80) as u32 * 0x0101_0101;
         s.b.clear();
-        s.b.resize((quads * plane).max(last + lanes.next_multiple_of(16)), pad);
+        try_resize(
+            &mut s.b,
+            (quads * plane).max(last + lanes.next_multiple_of(16)),
+            pad,
+        )?;
         s.padded.clear();
-        s.padded.resize(w, 0);
+        try_resize(&mut s.padded, w, 0)?;
         let zeros = &s.padded[..];
         for q in 0..quads {
             for y in 0..h {
@@ -590,6 +857,7 @@ impl ConvPlan {
                 gemm::interleave4([row(0), row(1), row(2), row(3)], &mut s.b[at..at + w]);
             }
         }
+        Ok(())
     }
 
     /// Group `g`'s im2col matrix (from the image padded with the input zero point) as tap
@@ -598,7 +866,13 @@ impl ConvPlan {
     /// each `ceil(ph / sh) x pwv`), so that at any stride the im2col row of tap `(ic, ky, kx)`
     /// is one contiguous slice of a phase from `(ky dh / sh) * pwv + kx dw / sw` on: each word
     /// row interleaves four slices (the last taps read a few bytes past the last phase: slack).
-    fn im2col_words(&self, c: &IntConv2d, image: &[i8], g: usize, s: &mut ConvScratch) {
+    fn im2col_words(
+        &self,
+        c: &IntConv2d,
+        image: &[i8],
+        g: usize,
+        s: &mut ConvScratch,
+    ) -> Result<(), OutOfMemory> {
         let [top, _, left, _] = c.padding;
         let (h, w, pwv) = (self.h, self.w, self.pwv);
         let ([kh, kw], [sh, sw], [dh, dw]) = (c.kernel, c.stride, c.dilation);
@@ -618,10 +892,11 @@ impl ConvPlan {
         };
         let stride = lanes.next_multiple_of(16);
         s.padded.clear();
-        s.padded.resize(
+        try_resize(
+            &mut s.padded,
             self.cin_g * channel_len + (kw - 1) * dw / sw + 1,
             c.input.zero_point as i8,
-        );
+        )?;
         // Per column phase: the first column taken, where it lands, how many (no division in
         // the loops below).
         let column_phases: Vec<(usize, usize, usize)> = (0..column_phases_n)
@@ -654,12 +929,12 @@ impl ConvPlan {
             }
         }
         s.cols.clear();
-        s.cols.resize(lanes, 0);
+        try_resize(&mut s.cols, lanes, 0)?;
         s.b.clear();
-        s.b.resize(k4 * stride, 0);
+        try_resize(&mut s.b, k4 * stride, 0)?;
         s.b_off.clear();
         // Where each tap's row starts, in `(ic, ky, kx)` order.
-        let mut starts = Vec::with_capacity(4 * k4);
+        let mut starts = try_with_capacity(4 * k4)?;
         for ic in 0..self.cin_g {
             for ky in 0..kh {
                 for kx in 0..kw {
@@ -688,7 +963,7 @@ impl ConvPlan {
             // Real columns: each tap row gathered from its phase one output row at a time
             // (rows `0..4` of `s.cols`; row 4 stays zero for taps past `k`).
             let (p, ow) = (self.p, self.ow);
-            s.cols.resize(5 * p, 0);
+            try_resize(&mut s.cols, 5 * p, 0)?;
             for q in 0..k4 {
                 for j in 0..4 {
                     let Some(at) = starts.get(4 * q + j) else {
@@ -710,11 +985,12 @@ impl ConvPlan {
             }
         }
         s.b_off.extend((0..k4).map(|q| q * stride));
+        Ok(())
     }
 }
 
 /// Convolution, scalar reference: the definition, one multiply-add at a time, in `i32`.
-pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
+pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Result<Values, OutOfMemory> {
     let [n, cin, h, w] = nchw(shape);
     let [kh, kw] = c.kernel;
     let oh = out_size(
@@ -733,7 +1009,7 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Values {
     );
     let (cin_g, cout_g) = (cin / c.groups, c.out_channels / c.groups);
     let cout = c.out_channels;
-    let mut acc = vec![0i32; n * oh * ow * cout];
+    let mut acc = try_filled(n * oh * ow * cout, 0i32)?;
     for img in 0..n {
         for oc in 0..cout {
             let g = oc / cout_g;
@@ -818,7 +1094,12 @@ impl LinearWeights {
 /// Fully connected layer, fast path: the `[n, in]` input as `u8` words (`int8 + 128`) times
 /// the `[in, out]` weight words (prepared once), bias added. Rows run in parallel in chunks; a
 /// single large row splits its outputs.
-pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]) -> Values {
+pub fn linear(
+    l: &IntLinear,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    shape: &[usize],
+) -> Result<Values, OutOfMemory> {
     let inp = l.in_features;
     let n = x.len() / inp.max(1);
     let out = l.out_features;
@@ -828,12 +1109,12 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     };
     let k4 = inp.div_ceil(4);
     // Rows of `x` as `u8` words, `[rows, k4]`.
-    let unsigned = |x: &[i8]| -> Vec<u32> {
-        let mut a = Vec::with_capacity(x.len().div_ceil(4) + k4);
+    let unsigned = |x: &[i8]| -> Result<Vec<u32>, OutOfMemory> {
+        let mut a = try_with_capacity(x.len().div_ceil(4) + k4)?;
         for r in x.chunks_exact(inp.max(1)) {
             gemm::unsigned_words(r, &mut a);
         }
-        a
+        Ok(a)
     };
     fn words<'a>(a: &'a [u32], k4: usize, weights: &'a LinearWeights) -> gemm::Words<'a> {
         gemm::Words {
@@ -847,10 +1128,10 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     }
     // `[n, stride]`: the product stores whole rows of 16 lanes.
     let stride = out.next_multiple_of(16);
-    let mut acc = vec![0i32; n * stride];
+    let mut acc = try_filled(n * stride, 0i32)?;
     let threads = threads();
     if n == 1 {
-        let a = unsigned(x);
+        let a = unsigned(x)?;
         let words = words(&a, k4, weights);
         let lanes = if threads > 1 && inp * out >= SPLIT_WORK {
             out.div_ceil(threads).next_multiple_of(16)
@@ -865,12 +1146,16 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
     } else {
         // Chunks of rows, each converting its own rows.
         let rows = n.div_ceil(threads).next_multiple_of(gemm::MR).min(n);
+        let failed = FirstError::new();
         for_each_chunk(&mut acc, rows * stride, |i, dst, _: &mut ()| {
             let first = i * rows;
             let count = dst.len() / stride;
-            let a = unsigned(&x[first * inp..(first + count) * inp]);
-            gemm::product(&words(&a, k4, weights), 0..count, 0..out, dst, stride);
+            failed
+                .keep(unsigned(&x[first * inp..(first + count) * inp]).map(|a| {
+                    gemm::product(&words(&a, k4, weights), 0..count, 0..out, dst, stride)
+                }));
         });
+        failed.into_result()?;
     }
     // Requantized in chunks of rows too.
     fn typed<T: OutputValue>(
@@ -878,16 +1163,16 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
         acc: &[i32],
         stride: usize,
         shape: Vec<usize>,
-    ) -> Values {
+    ) -> Result<Values, OutOfMemory> {
         let out = shape.last().copied().unwrap_or(0);
         let rows = 64;
-        let mut data = vec![T::default(); acc.len() / stride.max(1) * out];
+        let mut data = try_filled(acc.len() / stride.max(1) * out, T::default())?;
         for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
             for (r, d) in (i * rows..).zip(dst.chunks_exact_mut(out.max(1))) {
                 T::rows(&acc[r * stride..r * stride + out], 1, output, 0, d);
             }
         });
-        T::values(data, shape, output)
+        Ok(T::values(data, shape, output))
     }
     let shape = linear_shape(shape, out);
     match l.output {
@@ -897,10 +1182,10 @@ pub fn linear(l: &IntLinear, cache: &OnceLock<Packed>, x: &[i8], shape: &[usize]
 }
 
 /// Fully connected layer, scalar reference.
-pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Values {
+pub fn linear_reference(l: &IntLinear, x: &[i8], shape: &[usize]) -> Result<Values, OutOfMemory> {
     let n = x.len() / l.in_features.max(1);
     let out = l.out_features;
-    let mut acc = vec![0i32; n * out];
+    let mut acc = try_filled(n * out, 0i32)?;
     for r in 0..n {
         for c in 0..out {
             let mut sum = l.bias[c];
@@ -920,4 +1205,20 @@ fn linear_shape(shape: &[usize], out: usize) -> Vec<usize> {
         *last = out;
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_the_allocator_refuses_is_an_error() {
+        let err = try_filled(usize::MAX / 2, 0u32).unwrap_err();
+        assert_eq!(err.bytes, u64::MAX);
+        assert!(try_with_capacity::<u64>(usize::MAX / 4).is_err());
+        let mut v = vec![1u8; 3];
+        assert!(try_resize(&mut v, usize::MAX, 0).is_err());
+        assert_eq!(v, [1, 1, 1], "unchanged after a refusal");
+        assert_eq!(try_filled(4, 7i8).unwrap(), [7; 4]);
+    }
 }
