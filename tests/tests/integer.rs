@@ -1006,3 +1006,71 @@ fn depthwise_layers_equal_scalar_reference() {
         }
     }
 }
+
+/// A `Sequential` with ceil-mode max pooling (2x2, stride 2 on 5x5: the last window of each axis
+/// holds one column or row of the input) lowers with Burn's output size and converts within
+/// 1 LSB of the fake-quant model.
+#[test]
+fn sequential_ceil_mode_max_pooling_converts() {
+    let device = Device::flex().autodiff();
+    device.seed(4);
+    let float = Sequential::new(vec![
+        SeqLayer::Conv2d(Conv2dConfig::new([2, 4], [3, 3]).init(&device)),
+        SeqLayer::Relu(Relu::new()),
+        SeqLayer::MaxPool2d(
+            MaxPool2dConfig::new([2, 2])
+                .with_strides([2, 2])
+                .with_ceil_mode(true)
+                .init(),
+        ),
+        SeqLayer::Flatten(Default::default()),
+        SeqLayer::Linear(LinearConfig::new(4 * 3 * 3, 5).init(&device)),
+    ]);
+    let act = FakeQuantConfig::new(QuantSpec::int8_act_per_tensor_asymmetric());
+    let mut model = float
+        .fuse(&FusedConfig::new().with_output(Some(act.clone())))
+        .unwrap();
+    model
+        .layers
+        .insert(0, SeqLayer::FakeQuant(act.init(&device).unwrap()));
+    if let Some(SeqLayer::FusedLinear(last)) = model.layers.last_mut() {
+        last.output = Some(act.init(&device).unwrap().into());
+    }
+    for _ in 0..3 {
+        let x = Tensor::<4>::random([8, 2, 7, 7], Distribution::Normal(0.0, 1.0), &device);
+        let _ = model.forward(x);
+    }
+    let model = model.valid();
+    let graph = from_sequential(&model, &[1, 2, 7, 7]).unwrap();
+    let int = convert(&graph).unwrap();
+    let pool = int
+        .nodes
+        .iter()
+        .find_map(|n| match &n.op {
+            IntOp::MaxPool(w) => Some(*w),
+            _ => None,
+        })
+        .expect("a max pooling");
+    assert_eq!(pool.padding, [0, 1, 0, 1], "ceil mode as end padding");
+    let x = Tensor::<4>::random(
+        [16, 2, 7, 7],
+        Distribution::Normal(0.0, 1.5),
+        &Device::flex(),
+    );
+    let fq = values(model.forward(x.clone()));
+    let pixels = values(x);
+    assert_eq!(
+        int.forward(&pixels).unwrap(),
+        int.forward_reference(&pixels).unwrap()
+    );
+    let (q, shape, act) = int.forward_int(&pixels).unwrap().expect("quantized output");
+    assert_eq!(shape, vec![16, 5]);
+    for (i, (f, qi)) in fq.iter().zip(&q).enumerate() {
+        let d = (act.quantize(*f) - *qi as i32).abs();
+        assert!(
+            d <= 1,
+            "output {i}: fake-quant {}, integer {qi}",
+            act.quantize(*f)
+        );
+    }
+}

@@ -3,15 +3,16 @@
 //!
 //! Patterns (the graph as `prepare` leaves it): an op that computes new values (conv/linear
 //! with its folded BatchNorm and fused activation, add, sub, mul, concat, average pooling,
-//! mean, elementwise functions) is followed by an optional ReLU/clamp and its activation
-//! fake-quantizer, whose grid becomes the integer op's output grid; max pooling, reshape and
-//! permute keep their input's grid; a fake-quantizer on the float input becomes `Quantize`.
+//! mean, elementwise functions) is followed by optional ReLU/clamps (a chain of them is one
+//! clamp, [`Activation::then`]) and its activation fake-quantizer, whose grid becomes the
+//! integer op's output grid; max pooling (ceil mode included), reshape and permute keep their
+//! input's grid; a fake-quantizer on the float input becomes `Quantize`.
 
 use burn::module::Module;
 use burn::nn::{BatchNorm, PaddingConfig1d, PaddingConfig2d};
 use burn::prelude::*;
 use burn_qat_core::{Grid, QParams, QuantSpec, reference};
-use burn_qat_graph::{GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
+use burn_qat_graph::{Dim, GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
 use burn_qat_nn::ActQuant;
 use burn_qat_transform::{Activation, Fusable, Fused, fold};
 use thiserror::Error;
@@ -111,10 +112,12 @@ fn clamp_bounds(activation: Activation, g: &Grid) -> (i32, i32) {
     }
 }
 
-/// What follows a computing node: an optional fused activation and the quantizer of the
-/// result (node indices).
+/// What follows a computing node: the ReLU/clamp nodes fused after it (a chain, each the only
+/// reader of the one before), what they compute together, and the quantizer of the result
+/// (node indices).
 struct Tail {
-    activation: Option<usize>,
+    activations: Vec<usize>,
+    activation: Activation,
     quant: Option<usize>,
 }
 
@@ -150,15 +153,24 @@ impl<'a> Converter<'a> {
             (self.users[j].len() == 1 && self.graph.program.output != j).then(|| self.users[j][0])
         };
         let mut at = i;
-        let mut activation = None;
-        if let Some(u) = single(at)
+        let mut activations = Vec::new();
+        let mut activation = Activation::Identity;
+        // A chain of clamps is one clamp (`graph::prepare` composes them already; a graph
+        // built otherwise may hold several).
+        while let Some(u) = single(at)
             && self.gnode(u).op.grid_role() == GridRole::FusableActivation
+            && let Some(a) = self.gnode(u).op.activation()
         {
-            activation = Some(u);
+            activations.push(u);
+            activation = activation.then(a);
             at = u;
         }
         let quant = single(at).filter(|u| self.quant_layer(*u).is_some());
-        Tail { activation, quant }
+        Tail {
+            activations,
+            activation,
+            quant,
+        }
     }
 
     /// The integer node of graph node `j` and its grid (`None`: float).
@@ -196,7 +208,8 @@ impl<'a> Converter<'a> {
         m
     }
 
-    /// The quantizer after node `i` (required), with the fused activation before it.
+    /// The quantizer after node `i` (required), with the fused activations before it (one
+    /// clamp).
     fn required_tail(&self, i: usize) -> Result<(Activation, Quantizer), ExportError> {
         let t = self.tail(i);
         let node = self.gnode(i);
@@ -207,18 +220,14 @@ impl<'a> Converter<'a> {
                 "its output has no activation quantizer (skipped layer or activations disabled for it): the integer model quantizes every computed tensor",
             ));
         };
-        let activation = t
-            .activation
-            .and_then(|a| self.gnode(a).op.activation())
-            .unwrap_or(Activation::Identity);
         let quantizer = grid_of(self.quant_layer(q).expect("checked by tail"), self.gnode(q))?;
-        Ok((activation, quantizer))
+        Ok((t.activation, quantizer))
     }
 
-    /// Maps the activation and quantizer after graph node `i` to integer node `n`.
+    /// Maps the activations and quantizer after graph node `i` to integer node `n`.
     fn emit_cover(&mut self, i: usize, n: usize) {
         let t = self.tail(i);
-        for j in [t.activation, t.quant].into_iter().flatten() {
+        for j in t.activations.into_iter().chain(t.quant) {
             self.map[j] = Some(n);
         }
     }
@@ -560,16 +569,67 @@ impl<'a> Converter<'a> {
         window: Window,
         ceil_mode: bool,
     ) -> Result<(), ExportError> {
-        if ceil_mode {
-            return Err(unsupported(
-                self.gnode(i),
-                "max pooling with ceil_mode",
-                "use ceil_mode false",
-            ));
-        }
         let (m, g) = self.int_input(i, 0)?;
+        let window = if ceil_mode {
+            self.ceil_window(i, window)?
+        } else {
+            window
+        };
         self.push(i, IntOp::MaxPool(window), vec![m], Some(g));
         Ok(())
+    }
+
+    /// Max pooling in ceil mode as the same window with more end padding. Ceil mode lets the
+    /// last window of an axis run past the input (Burn, PyTorch and ONNX keep it when it starts
+    /// inside the input or its begin padding) and takes the max over the part inside; the
+    /// integer max pool never picks a padded position, so padding the end until the floor-mode
+    /// size formula gives the recorded output size computes exactly that, for the traced input
+    /// size (the integer model's input size is fixed but for the batch).
+    fn ceil_window(&self, i: usize, mut w: Window) -> Result<Window, ExportError> {
+        let node = self.gnode(i);
+        let input = &self.gnode(node.inputs[0]).shape;
+        let refuse = |why: String| {
+            Err(unsupported(
+                node,
+                "max pooling with ceil_mode",
+                format!("{why}: use ceil_mode false, or pad the input explicitly"),
+            ))
+        };
+        // (shape axis, window axis): a 1-D pooling runs on the window's second axis.
+        let axes: &[(usize, usize)] = match node.shape.len() {
+            3 => &[(2, 1)],
+            4 => &[(2, 0), (3, 1)],
+            r => return refuse(format!("a rank-{r} output")),
+        };
+        for &(d, a) in axes {
+            let (Some(Dim::Fixed(n)), Some(Dim::Fixed(out))) = (input.get(d), node.shape.get(d))
+            else {
+                return refuse(format!(
+                    "input {input:?} and output {:?} sizes along axis {d} are not fixed",
+                    node.shape
+                ));
+            };
+            let (n, out) = (*n, *out);
+            let span = w.dilation[a] * w.kernel[a].saturating_sub(1) + 1;
+            let begin = w.padding[2 * a];
+            let last_start = out.saturating_sub(1) * w.stride[a];
+            if out == 0 || last_start >= begin + n {
+                return refuse(format!(
+                    "its last window along axis {d} starts past the input ({out} outputs of {n} values)"
+                ));
+            }
+            // The last window ends at `last_start + span` in padded coordinates.
+            let padded = begin + n + w.padding[2 * a + 1];
+            w.padding[2 * a + 1] += (last_start + span).saturating_sub(padded);
+        }
+        let batch_one: Vec<usize> = input.iter().map(|d| d.at(1)).collect();
+        let want: Vec<usize> = node.shape.iter().map(|d| d.at(1)).collect();
+        match crate::ops::pool_shape(&w, &batch_one) {
+            Some(got) if got == want => Ok(w),
+            got => refuse(format!(
+                "the window {w:?} gives {got:?} on {batch_one:?}, the graph records {want:?}"
+            )),
+        }
     }
 
     fn avg_pool_from_float(
@@ -703,30 +763,16 @@ impl<'a> Converter<'a> {
         weight_scale: &[f32],
     ) -> Result<Output, ExportError> {
         if self.tail(i).quant.is_none() && self.graph.program.output == i {
-            let (lo, hi) = match activation {
-                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-                Activation::Relu => (0.0, f32::INFINITY),
-                Activation::Relu6 => (0.0, 6.0),
-                Activation::Clamp { min, max } => (min, max),
-            };
+            let (lo, hi) = activation.bounds();
             return Ok(Output::Float {
                 scale: weight_scale.iter().map(|sw| input.scale * sw).collect(),
                 lo,
                 hi,
             });
         }
-        let (extra, Quantizer { grid, .. }) = self.required_tail(i)?;
-        let activation = match (activation, extra) {
-            (a, Activation::Identity) | (Activation::Identity, a) => a,
-            _ => {
-                return Err(unsupported(
-                    self.gnode(i),
-                    "two fused activations",
-                    "prepare the graph with burn_qat::graph::prepare",
-                ));
-            }
-        };
-        let (lo, hi) = clamp_bounds(activation, &grid);
+        // The layer's fused activation, then the clamps after it: one clamp.
+        let (after, Quantizer { grid, .. }) = self.required_tail(i)?;
+        let (lo, hi) = clamp_bounds(activation.then(after), &grid);
         Ok(Output::Quantized {
             grid,
             requant: weight_scale
@@ -900,8 +946,9 @@ where
 /// lookup tables are evaluated on the graph's device without recording gradients).
 ///
 /// Integer ops: conv (depthwise included) and linear with folded BatchNorm and fused
-/// ReLU/ReLU6/clamp, add/sub with fixed-point rescaling of both inputs, mul, concat
-/// (requantized to the output grid), max/average/adaptive-average pooling, mean/sum along an
+/// ReLU/ReLU6/clamp (several in a row composed into one), add/sub with fixed-point rescaling of
+/// both inputs, mul, concat (requantized to the output grid), max pooling (ceil mode
+/// included)/average (not in ceil mode)/adaptive-average pooling, mean/sum along an
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
 /// hard-swish, leaky ReLU, exp, scalar arithmetic), a BatchNorm that follows no conv/linear
 /// (one table per channel), reshape/flatten/permute.

@@ -205,15 +205,27 @@ fn windows(
 }
 
 /// Max pooling; padded positions never win (they are `-inf` in the float model). Windows
-/// without padding or dilation (the common case) take a row-wise fast path.
+/// without dilation or begin padding, whose end padding is narrower than the kernel (no
+/// padding, the common case, or the end padding of ceil mode), take a row-wise fast path.
 pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
-    if w.padding == [0; 4] && w.dilation == [1, 1] {
+    if row_wise(w) {
         return max_pool_valid(w, x, shape);
     }
     windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max))
 }
 
-/// Max pooling without padding or dilation, one output row at a time: the column-wise max of
+/// Whether [`max_pool_planes`] pools with window `w`: no dilation, no begin padding, end
+/// padding narrower than the kernel (so every window starts inside the input; its part past
+/// the end is left out).
+pub(crate) fn row_wise(w: &Window) -> bool {
+    w.dilation == [1, 1]
+        && w.padding[0] == 0
+        && w.padding[2] == 0
+        && w.padding[1] < w.kernel[0]
+        && w.padding[3] < w.kernel[1]
+}
+
+/// Max pooling with a [`row_wise`] window, one output row at a time: the column-wise max of
 /// the window's rows (contiguous, vectorized), then the max along each window's columns.
 /// Planes run in parallel in chunks when the tensor is large.
 fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
@@ -239,7 +251,7 @@ fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
     out
 }
 
-/// Max pooling without padding or dilation of whole planes `x` (`[.., h, wd]`) into `out`
+/// Max pooling with a [`row_wise`] window of whole planes `x` (`[.., h, wd]`) into `out`
 /// (`[.., oh, ow]`), with `rows_max` (`wd` values) as scratch.
 pub(crate) fn max_pool_planes(
     w: &Window,
@@ -308,7 +320,8 @@ fn max_planes(
         for (oy, dst) in dst_plane.chunks_mut(ow).enumerate() {
             let first = oy * stride[0];
             rows_max.copy_from_slice(&plane[first * wd..(first + 1) * wd]);
-            for ky in 1..kernel[0] {
+            // With end padding the last windows run past the input: their rows inside it.
+            for ky in 1..kernel[0].min(h - first) {
                 let row = &plane[(first + ky) * wd..(first + ky + 1) * wd];
                 for (m, v) in rows_max.iter_mut().zip(row) {
                     *m = (*m).max(*v);
@@ -316,17 +329,26 @@ fn max_planes(
             }
             if kernel[1] == 2 && stride[1] == 2 {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
+                let done = std::arch::is_x86_feature_detected!("avx2") && {
                     // SAFETY: the feature was detected just above.
                     unsafe { pair_max_avx2(rows_max, dst) };
-                    continue;
+                    true
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = false;
+                if !done {
+                    for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
+                        *d = pair[0].max(pair[1]);
+                    }
                 }
-                for (d, pair) in dst.iter_mut().zip(rows_max.chunks_exact(2)) {
-                    *d = pair[0].max(pair[1]);
+                // An odd width with end padding: the last window holds one column.
+                if dst.len() > wd / 2 {
+                    dst[wd / 2] = rows_max[wd - 1];
                 }
             } else {
                 for (ox, d) in dst.iter_mut().enumerate() {
-                    let window = &rows_max[ox * stride[1]..ox * stride[1] + kernel[1]];
+                    let start = ox * stride[1];
+                    let window = &rows_max[start..(start + kernel[1]).min(wd)];
                     *d = window.iter().copied().fold(i8::MIN, i8::max);
                 }
             }
@@ -501,7 +523,10 @@ mod tests {
             seed in any::<u64>(),
         ) {
             prop_assume!(kh <= h && kw <= w);
-            let win = Window { kernel: [kh, kw], stride: [sh, sw], padding: [0; 4], dilation: [1, 1] };
+            // End padding narrower than the kernel (ceil mode's), or none.
+            let (eh, ew) = ((seed % 7) as usize % kh, (seed / 7 % 7) as usize % kw);
+            let win = Window { kernel: [kh, kw], stride: [sh, sw], padding: [0, eh, 0, ew], dilation: [1, 1] };
+            prop_assert!(row_wise(&win));
             let shape = [n, c, h, w];
             let x: Vec<i8> = (0..n * c * h * w)
                 .map(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 56) as i8)

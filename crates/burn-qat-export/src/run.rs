@@ -237,8 +237,8 @@ impl IntegerModel {
 
     /// The pooling window and output shape (at `batch`) of node `i + 1` when node `i` is a
     /// convolution with a quantized output (not the model's output) whose one reader is node
-    /// `i + 1`, a max pooling without padding or dilation (`readers`: per node, how many
-    /// inputs name it).
+    /// `i + 1`, a max pooling the row-wise kernel runs (`ops::row_wise`: no dilation, no
+    /// padding but ceil mode's at the end) (`readers`: per node, how many inputs name it).
     fn pool_after(
         &self,
         i: usize,
@@ -253,7 +253,7 @@ impl IntegerModel {
             return None;
         };
         let only_reader = next.inputs == [i] && readers[i] == 1 && i != self.output;
-        let plain = w.padding == [0; 4] && w.dilation == [1, 1];
+        let plain = crate::ops::row_wise(w);
         (only_reader && plain && c.output.grid().is_some())
             .then(|| (w, next.shape.iter().map(|d| d.at(batch)).collect()))
     }

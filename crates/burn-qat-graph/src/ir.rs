@@ -266,18 +266,32 @@ impl Op {
         )
     }
 
-    /// The activation a ReLU/clamp node applies, as fused layers hold it (an infinite clamp
-    /// bound stays infinite); `None` for other ops.
+    /// The activation a ReLU/clamp node applies, as fused layers hold it, in its simplest
+    /// variant ([`Activation::from_bounds`](burn_qat_transform::Activation::from_bounds): a
+    /// `[0, 6]` clamp is `Relu6`, `clamp_min(0)` is `Relu`; an infinite clamp bound stays
+    /// infinite); `None` for other ops.
     pub fn activation(&self) -> Option<burn_qat_transform::Activation> {
         use burn_qat_transform::Activation;
         match *self {
             Op::Relu => Some(Activation::Relu),
-            Op::Clamp { min, max } if min == 0.0 && max == 6.0 => Some(Activation::Relu6),
-            Op::Clamp { min, max } => Some(Activation::Clamp {
-                min: min as f32,
-                max: max as f32,
-            }),
+            Op::Clamp { min, max } => Some(Activation::from_bounds(min as f32, max as f32)),
             _ => None,
+        }
+    }
+
+    /// The node op that applies `activation`: `Relu`, or a `Clamp` (`Identity` is the clamp
+    /// to `[-inf, inf]`, which passes values through).
+    pub fn from_activation(activation: burn_qat_transform::Activation) -> Op {
+        use burn_qat_transform::Activation;
+        match activation {
+            Activation::Relu => Op::Relu,
+            other => {
+                let (min, max) = other.bounds();
+                Op::Clamp {
+                    min: min.into(),
+                    max: max.into(),
+                }
+            }
         }
     }
 

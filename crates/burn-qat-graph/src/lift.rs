@@ -735,6 +735,7 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         output,
     };
     super::rewrite::fuse_gated_activations(&mut program);
+    super::rewrite::compose_activations(&mut program);
     Ok(super::rewrite::Editor::new(QatGraph {
         layers: lifter.layers,
         program,

@@ -35,15 +35,33 @@ fn fixed(shape: &[Dim], k: usize) -> usize {
 }
 
 /// The `[n, c, h, w]` output of a valid 2-D pooling window on `shape`, `None` if it does not fit.
+/// In ceil mode a last window that runs past the input counts, as in Burn's pooling (one that
+/// would start past the input does not).
 fn pooled(
     shape: &[Dim],
     kernel: [usize; 2],
     stride: [usize; 2],
     dilation: [usize; 2],
+    ceil_mode: bool,
 ) -> Option<Vec<Dim>> {
-    let h = out_len(fixed(shape, 2), 0, dilation[0], kernel[0], stride[0])?;
-    let w = out_len(fixed(shape, 3), 0, dilation[1], kernel[1], stride[1])?;
-    Some(vec![shape[0], shape[1], Dim::Fixed(h), Dim::Fixed(w)])
+    let len = |a: usize| {
+        let n = fixed(shape, 2 + a);
+        let floor = out_len(n, 0, dilation[a], kernel[a], stride[a])?;
+        let s = stride[a].max(1);
+        // One more window when the floor-mode windows leave input values uncovered.
+        let more = ceil_mode && (floor - 1) * s + dilation[a] * (kernel[a].max(1) - 1) + 1 < n;
+        Some(if more && floor * s < n {
+            floor + 1
+        } else {
+            floor
+        })
+    };
+    Some(vec![
+        shape[0],
+        shape[1],
+        Dim::Fixed(len(0)?),
+        Dim::Fixed(len(1)?),
+    ])
 }
 
 impl Lowering {
@@ -76,15 +94,10 @@ impl Lowering {
 
     fn activation(&mut self, a: Activation, input: usize, name: &str) -> usize {
         let shape = self.nodes[input].shape.clone();
-        let op = match a {
-            Activation::Identity => return input,
-            Activation::Relu => Op::Relu,
-            Activation::Relu6 => Op::Clamp { min: 0.0, max: 6.0 },
-            Activation::Clamp { min, max } => Op::Clamp {
-                min: min as f64,
-                max: max as f64,
-            },
-        };
+        if a == Activation::Identity {
+            return input;
+        }
+        let op = Op::from_activation(a);
         self.push(op, vec![input], format!("{name}.activation"), shape)
     }
 
@@ -183,8 +196,8 @@ impl Lowering {
                     let PaddingConfig2d::Valid = p.padding else {
                         return Err(bad("only valid padding is lowered"));
                     };
-                    let out =
-                        pooled(&shape, p.kernel_size, p.stride, p.dilation).ok_or_else(|| {
+                    let out = pooled(&shape, p.kernel_size, p.stride, p.dilation, p.ceil_mode)
+                        .ok_or_else(|| {
                             bad(&format!("the window does not fit its input {shape:?}"))
                         })?;
                     let op = Op::MaxPool2d {
@@ -200,9 +213,10 @@ impl Lowering {
                     let PaddingConfig2d::Valid = p.padding else {
                         return Err(bad("only valid padding is lowered"));
                     };
-                    let out = pooled(&shape, p.kernel_size, p.stride, [1, 1]).ok_or_else(|| {
-                        bad(&format!("the window does not fit its input {shape:?}"))
-                    })?;
+                    let out = pooled(&shape, p.kernel_size, p.stride, [1, 1], p.ceil_mode)
+                        .ok_or_else(|| {
+                            bad(&format!("the window does not fit its input {shape:?}"))
+                        })?;
                     let op = Op::AvgPool2d {
                         kernel: p.kernel_size,
                         stride: p.stride,
@@ -271,11 +285,15 @@ pub fn from_sequential(model: &Sequential, input_dims: &[usize]) -> Result<QatGr
         .collect();
     l.push(Op::Input, vec![], "input".into(), shape);
     let output = l.lower(&model.layers, "layers", 0)?;
-    Ok(QatGraph {
+    let mut program = Program {
+        nodes: l.nodes,
+        output,
+    };
+    // A fused layer's activation followed by `Relu`/`Relu6` layers: one clamp.
+    crate::rewrite::compose_activations(&mut program);
+    Ok(crate::rewrite::Editor::new(QatGraph {
         layers: l.layers,
-        program: Program {
-            nodes: l.nodes,
-            output,
-        },
+        program,
     })
+    .finish())
 }

@@ -138,3 +138,30 @@ pub(crate) fn fuse_gated_activations(program: &mut Program) {
     }
     // The bypassed gates are dropped when the graph is finished (nothing reads them).
 }
+
+/// Chains of ReLU/clamp nodes (`relu(x).clamp_max(6.0)`, `x.clamp_min(0.0).clamp_max(6.0)`, a
+/// hardtanh after a ReLU) become one clamp node
+/// ([`Activation::then`](burn_qat_transform::Activation::then)) when each inner node has no
+/// other reader: a conv/linear before the chain then fuses all of it, and one fake-quantizer
+/// follows, as the integer model computes it. The composed node keeps the last node's name.
+pub(crate) fn compose_activations(program: &mut Program) {
+    let users = program.consumers();
+    for i in 0..program.nodes.len() {
+        let Some(outer) = program.nodes[i].op.activation() else {
+            continue;
+        };
+        let j = program.nodes[i].inputs[0];
+        let Some(inner) = program.nodes[j].op.activation() else {
+            continue;
+        };
+        if users[j] != [i] || program.output == j {
+            continue;
+        }
+        // Nodes are in order, so `j` already holds the chain before it.
+        let input = program.nodes[j].inputs[0];
+        let node = &mut program.nodes[i];
+        node.op = Op::from_activation(inner.then(outer));
+        node.inputs = vec![input];
+    }
+    // The absorbed nodes are dropped when the graph is finished (nothing reads them).
+}

@@ -42,6 +42,61 @@ impl Activation {
             Activation::Clamp { min, max } => x.clamp(min, max),
         }
     }
+
+    /// The interval `[lo, hi]` the activation clamps to: every variant is a clamp
+    /// (`Identity` is `[-inf, inf]`, `Relu` is `[0, inf]`, `Relu6` is `[0, 6]`).
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+            Activation::Relu => (0.0, f32::INFINITY),
+            Activation::Relu6 => (0.0, 6.0),
+            Activation::Clamp { min, max } => (min, max),
+        }
+    }
+
+    /// The clamp to `[lo, hi]` as its simplest variant: `Identity` for `[-inf, inf]`, `Relu`
+    /// for `[0, inf]`, `Relu6` for `[0, 6]`, `Clamp` otherwise.
+    pub fn from_bounds(lo: f32, hi: f32) -> Self {
+        if lo == f32::NEG_INFINITY && hi == f32::INFINITY {
+            Activation::Identity
+        } else if lo == 0.0 && hi == f32::INFINITY {
+            Activation::Relu
+        } else if lo == 0.0 && hi == 6.0 {
+            Activation::Relu6
+        } else {
+            Activation::Clamp { min: lo, max: hi }
+        }
+    }
+
+    /// `self` then `next` as one activation (its simplest variant, see
+    /// [`from_bounds`](Self::from_bounds)).
+    ///
+    /// Every activation is a clamp, and a clamp followed by a clamp is one clamp:
+    /// `clamp(clamp(x, l1, h1), l2, h2) == clamp(x, clamp(l1, l2, h2), clamp(h1, l2, h2))` for
+    /// every `x`, for bounds with `l <= h` (infinite ones included). When the two intervals
+    /// are disjoint the result is a constant (`lo == hi`). This is how `relu(x).clamp_max(6.0)`,
+    /// `x.clamp_min(0.0).clamp_max(6.0)` or a hardtanh after a ReLU become the one clamp that a
+    /// conv/linear layer fuses and the integer model applies.
+    ///
+    /// ```
+    /// use burn_qat_transform::Activation;
+    ///
+    /// let clamp_max_6 = Activation::Clamp { min: f32::NEG_INFINITY, max: 6.0 };
+    /// assert_eq!(Activation::Relu.then(clamp_max_6), Activation::Relu6);
+    /// let hardtanh = Activation::Clamp { min: -1.0, max: 1.0 };
+    /// assert_eq!(Activation::Relu.then(hardtanh), Activation::Clamp { min: 0.0, max: 1.0 });
+    /// // Disjoint intervals: a constant.
+    /// let high = Activation::Clamp { min: 7.0, max: 9.0 };
+    /// assert_eq!(Activation::Relu6.then(high), Activation::Clamp { min: 7.0, max: 7.0 });
+    /// assert_eq!(Activation::Identity.then(Activation::Relu), Activation::Relu);
+    /// ```
+    pub fn then(self, next: Activation) -> Activation {
+        let (l1, h1) = self.bounds();
+        let (l2, h2) = next.bounds();
+        // `f32::clamp` panics on NaN or `l2 > h2`; `max` then `min` is Burn's clamp.
+        let clamp = |v: f32| v.max(l2).min(h2);
+        Activation::from_bounds(clamp(l1), clamp(h1))
+    }
 }
 
 /// How BatchNorm is folded while training.
@@ -498,5 +553,134 @@ impl FusedAdd {
             Some(fq) => fq.forward(y),
             None => y,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Activation;
+    use burn::prelude::*;
+
+    /// `x` clamped by `a` as Burn's clamp does it: `min(max(x, lo), hi)`.
+    fn apply(a: Activation, x: f32) -> f32 {
+        let (lo, hi) = a.bounds();
+        x.max(lo).min(hi)
+    }
+
+    /// Activations with bounds drawn from a small set (so that equal, nested, overlapping and
+    /// disjoint intervals all occur), infinite bounds included.
+    fn activations() -> Vec<Activation> {
+        let points = [
+            f32::NEG_INFINITY,
+            -6.0,
+            -1.0,
+            -0.25,
+            0.0,
+            0.5,
+            1.0,
+            6.0,
+            7.5,
+            f32::INFINITY,
+        ];
+        let mut all = vec![Activation::Identity, Activation::Relu, Activation::Relu6];
+        for (i, lo) in points.iter().enumerate() {
+            for hi in &points[i..] {
+                all.push(Activation::Clamp { min: *lo, max: *hi });
+            }
+        }
+        all
+    }
+
+    /// Values around and between every bound, and random ones (a fixed LCG).
+    fn xs() -> Vec<f32> {
+        let mut xs = vec![
+            f32::NEG_INFINITY,
+            -1e30,
+            -7.0,
+            -6.0,
+            -1.0,
+            -0.25,
+            -0.0,
+            0.0,
+            0.5,
+            1.0,
+            3.0,
+            6.0,
+            7.5,
+            8.0,
+            1e30,
+            f32::INFINITY,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..500 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            xs.push(((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 24.0);
+        }
+        xs
+    }
+
+    #[test]
+    fn then_equals_the_two_step_application() {
+        let xs = xs();
+        let all = activations();
+        let mut disjoint = 0;
+        for a in &all {
+            for b in &all {
+                let ab = a.then(*b);
+                let (lo, hi) = ab.bounds();
+                assert!(lo <= hi, "{a:?} then {b:?} = {ab:?}");
+                disjoint += usize::from(lo == hi);
+                for x in &xs {
+                    assert_eq!(
+                        apply(ab, *x),
+                        apply(*b, apply(*a, *x)),
+                        "{a:?} then {b:?} = {ab:?} at {x}"
+                    );
+                }
+            }
+        }
+        assert!(disjoint > 10, "disjoint pairs are covered");
+    }
+
+    #[test]
+    fn then_equals_the_two_step_forward_on_tensors() {
+        let device = Device::flex();
+        let xs: Vec<f32> = xs().into_iter().filter(|x| x.is_finite()).collect();
+        let x = Tensor::<1>::from_floats(xs.as_slice(), &device);
+        let all = activations();
+        for a in &all {
+            for b in &all {
+                let values = |t: Tensor<1>| t.into_data().try_to_vec::<f32>().unwrap();
+                let want = values(b.forward(a.forward(x.clone())));
+                let got = values(a.then(*b).forward(x.clone()));
+                assert_eq!(got, want, "{a:?} then {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn then_picks_the_simplest_variant() {
+        use Activation::*;
+        let inf = f32::INFINITY;
+        let clamp_min_0 = Clamp { min: 0.0, max: inf };
+        let clamp_max_6 = Clamp {
+            min: -inf,
+            max: 6.0,
+        };
+        assert_eq!(Relu.then(clamp_max_6), Relu6);
+        assert_eq!(clamp_min_0.then(clamp_max_6), Relu6);
+        assert_eq!(clamp_max_6.then(clamp_min_0), Relu6);
+        assert_eq!(Identity.then(clamp_min_0), Relu);
+        assert_eq!(Relu6.then(Relu), Relu6);
+        assert_eq!(Identity.then(Identity), Identity);
+        assert_eq!(
+            Relu.then(Clamp {
+                min: -1.0,
+                max: 1.0
+            }),
+            Clamp { min: 0.0, max: 1.0 }
+        );
     }
 }

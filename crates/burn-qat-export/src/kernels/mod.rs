@@ -484,8 +484,9 @@ pub fn conv2d(
     }
 }
 
-/// A convolution with a quantized output followed by max pooling without padding or dilation
-/// (a pooling window `w` whose input is this convolution alone), fused: each chunk of output
+/// A convolution with a quantized output followed by max pooling without dilation or padding
+/// but ceil mode's at the end (a pooling window `w` for which `ops::row_wise` holds, whose
+/// input is this convolution alone), fused: each chunk of output
 /// channels of an image is pooled while it is still in cache, and only the pooled tensor is
 /// written. Equal to [`conv2d`] then [`crate::ops::max_pool`]: the same requantized values,
 /// pooled by the same function.
