@@ -1687,6 +1687,42 @@ fn unsupported_forwards_are_errors_that_name_the_cause() {
     assert!(err.to_string().contains("non-zero"), "{err}");
 }
 
+/// What trains must deploy: average pooling in ceil mode (which `export::convert` cannot turn
+/// into integers) is refused by `prepare` up front, naming the node; the same model without
+/// ceil mode prepares and converts.
+#[test]
+fn ceil_mode_average_pooling_is_refused_before_training() {
+    #[derive(Module, Debug)]
+    struct Pooled {
+        conv: Conv2d,
+        pool: AvgPool2d,
+        fc: Linear,
+    }
+    let _serial = serial();
+    let device = flex_autodiff();
+    let model = |ceil: bool| Pooled {
+        conv: Conv2dConfig::new([1, 2], [3, 3]).init(&device),
+        pool: AvgPool2dConfig::new([2, 2])
+            .with_strides([2, 2])
+            .with_ceil_mode(ceil)
+            .init(),
+        fc: LinearConfig::new(if ceil { 2 * 3 * 3 } else { 2 * 2 * 2 }, 3).init(&device),
+    };
+    let run = |m: &Pooled, x: Tensor<4>| -> Tensor<2> {
+        m.fc.forward(m.pool.forward(m.conv.forward(x)).flatten::<2>(1, 3))
+    };
+    let dims = [1, 1, 7, 7];
+    let err = graph::prepare(&model(true), &dims, run, &QatConfig::new()).unwrap_err();
+    assert!(matches!(err, QatError::UnsupportedLayer { .. }), "{err}");
+    assert!(
+        err.to_string().contains("ceil_mode") && err.to_string().contains("pool"),
+        "{err}"
+    );
+    let g = graph::prepare(&model(false), &dims, run, &QatConfig::new()).unwrap();
+    let _: Tensor<2> = g.forward(Tensor::<4>::ones([2, 1, 7, 7], &device));
+    burn_qat::export::convert(&g.valid()).unwrap();
+}
+
 #[test]
 fn bad_settings_and_inputs_are_errors() {
     let _serial = serial();

@@ -102,6 +102,25 @@ pub(crate) fn prepare_graph(
             allowed: e.to_string(),
         })?;
     }
+    // What trains must deploy: refuse up front what `export::convert` cannot turn into integers.
+    for node in &graph.program.nodes {
+        if let Op::AvgPool1d {
+            ceil_mode: true, ..
+        }
+        | Op::AvgPool2d {
+            ceil_mode: true, ..
+        } = node.op
+        {
+            return Err(QatError::UnsupportedLayer {
+                layer: node.name.clone(),
+                kind: "avg_pool(ceil_mode)".into(),
+                problem: "average pooling with ceil_mode does not convert to the integer model \
+                          (its last windows average over fewer values): use ceil_mode false, or \
+                          pad the input explicitly"
+                    .into(),
+            });
+        }
+    }
     for (pattern, _) in &config.activation_rules {
         let Selector::Path(p) = pattern else { continue };
         let g = glob(p)?;
