@@ -46,6 +46,8 @@ use burn::module::{
 };
 use burn::prelude::*;
 
+use crate::state::Mapped;
+
 /// A recorded boolean state, read on the host (see the [module docs](self)).
 #[derive(Clone, Debug)]
 pub struct FlagState {
@@ -163,28 +165,19 @@ impl Module for FlagState {
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
         // What a mapper loads (a record, `tree::map_values`) goes through the load hook; an
         // optimizer step passes the parameter through and costs no read.
-        let loaded: Arc<Mutex<Option<Tensor<1>>>> = Arc::default();
-        let hook = loaded.clone();
-        let param = Param::initialized(self.id, self.value()).load_mapper(move |t: Tensor<1>| {
-            *hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.clone());
-            t
-        });
-        let _ = mapper.map_float(param);
-        let new = loaded.lock().unwrap_or_else(PoisonError::into_inner).take();
-        match new {
+        match crate::state::map_state(self.id, self.value(), mapper) {
             // Burn's record loader: the loaded module gets a cell of its own, so loading into
             // a clone leaves the original as it was.
-            Some(t) if !crate::tree::writing_in_place() => {
-                let on = Self::decode(&crate::tree::to_vec(t));
+            Mapped::Loaded(t) => {
                 let device = self.lock().tensor.device();
-                Self::with_id(self.id, on, &device)
+                Self::with_id(self.id, Self::decode(&crate::tree::to_vec(t)), &device)
             }
             // `tree::map_values`: written through to every clone, as it means to.
-            Some(t) => {
+            Mapped::WrittenThrough(t) => {
                 self.set(Self::decode(&crate::tree::to_vec(t)));
                 self
             }
-            None => self,
+            Mapped::Passed(_) => self,
         }
     }
 

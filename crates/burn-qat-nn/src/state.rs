@@ -143,33 +143,24 @@ impl Module for StateTensor {
     }
 
     fn map<M: ModuleMapper>(self, mapper: &mut M) -> Self {
-        // A loaded value comes through the load hook: Burn's record loader gives it a cell of
-        // its own; `tree::map_values` writes it through to every clone, as it means to.
-        let loaded: Arc<Mutex<Option<Tensor<1>>>> = Arc::default();
-        let hook = loaded.clone();
+        // The lock is held while mapping: no forward's update is lost between read and write.
         let mut cell = self.lock();
-        let param = Param::initialized(self.id, cell.clone()).load_mapper(move |t: Tensor<1>| {
-            *hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.clone());
-            t
-        });
-        let (_, mapped, _) = mapper.map_float(param).consume();
-        let new = loaded.lock().unwrap_or_else(PoisonError::into_inner).take();
-        let mapped = mapped.detach().set_require_grad(false);
-        match new {
-            Some(_) if !crate::tree::writing_in_place() => {
+        let mapped = map_state(self.id, cell.clone(), mapper);
+        match mapped {
+            Mapped::Loaded(t) => {
                 drop(cell);
                 Self {
                     generation: self.generation,
-                    ..Self::with_id(self.id, mapped)
+                    ..Self::with_id(self.id, t)
                 }
             }
-            Some(_) => {
-                *cell = mapped;
+            Mapped::WrittenThrough(t) => {
+                *cell = t.detach().set_require_grad(false);
                 drop(cell);
                 self
             }
-            None => {
-                *cell = mapped;
+            Mapped::Passed(t) => {
+                *cell = t.detach().set_require_grad(false);
                 drop(cell);
                 Self {
                     generation: self.generation.wrapping_add(1),
@@ -196,6 +187,35 @@ impl Module for StateTensor {
             generation: self.generation,
             ..Self::with_id(self.id, Tensor::from_inner(value))
         }
+    }
+}
+
+/// How a mapper treated a recorded state value: the one reading of Burn's load hook for
+/// [`StateTensor`] and [`FlagState`](crate::FlagState).
+pub(crate) enum Mapped {
+    /// Loaded by Burn's record loader: the loaded module gets a cell of its own.
+    Loaded(Tensor<1>),
+    /// Loaded by [`tree::map_values`](crate::tree::map_values): written through to every clone.
+    WrittenThrough(Tensor<1>),
+    /// Any other mapping (an optimizer step, a device or dtype mapper), with its result.
+    Passed(Tensor<1>),
+}
+
+/// Hands `value` to `mapper` as the parameter `id`, telling a load (through the parameter's
+/// load hook) from any other mapping.
+pub(crate) fn map_state<M: ModuleMapper>(id: ParamId, value: Tensor<1>, mapper: &mut M) -> Mapped {
+    let loaded: Arc<Mutex<Option<Tensor<1>>>> = Arc::default();
+    let hook = loaded.clone();
+    let param = Param::initialized(id, value).load_mapper(move |t: Tensor<1>| {
+        *hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(t.clone());
+        t
+    });
+    let (_, mapped, _) = mapper.map_float(param).consume();
+    let new = loaded.lock().unwrap_or_else(PoisonError::into_inner).take();
+    match new {
+        Some(t) if crate::tree::writing_in_place() => Mapped::WrittenThrough(t),
+        Some(t) => Mapped::Loaded(t),
+        None => Mapped::Passed(mapped),
     }
 }
 
