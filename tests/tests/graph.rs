@@ -900,7 +900,7 @@ fn per_op_within_one_lsb(
             ) => match &layers[*index] {
                 GraphLayer::Quant(q) => q
                     .grid()
-                    .map(|(spec, qps)| (i, Grid::from_spec(&spec, qps[0]))),
+                    .map(|(spec, qps)| (i, burn_qat::export::grid_from_spec(&spec, qps[0]))),
                 _ => None,
             },
             _ => None,

@@ -7,11 +7,12 @@ use burn::nn::pool::MaxPool2dConfig;
 use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use burn_qat::export::Dim;
 use burn_qat::export::requant::FixedMultiplier;
 use burn_qat::export::{
     Grid, IntConv2d, IntLinear, IntNode, IntOp, IntegerModel, Output, Window, convert,
 };
-use burn_qat::graph::{Dim, from_sequential};
+use burn_qat::graph::from_sequential;
 use burn_qat::transform::{FusedConfig, SeqLayer, Sequential};
 use burn_qat::{FakeQuantConfig, QuantSpec};
 use burn_qat_tests::values;

@@ -30,7 +30,6 @@
 #![warn(missing_docs)]
 
 mod error;
-mod grid;
 mod qparams;
 // burn-ndarray is deprecated upstream but still a backend users pick: its kernels stay.
 #[allow(deprecated)]
@@ -40,6 +39,5 @@ mod spec;
 pub mod tensor;
 
 pub use error::QatError;
-pub use grid::Grid;
 pub use qparams::{MIN_SCALE, QParams, ema, qparams_from_range};
 pub use spec::{Granularity, QuantSpec, RoundingMode};

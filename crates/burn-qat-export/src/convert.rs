@@ -11,16 +11,47 @@
 use burn::module::Module;
 use burn::nn::{BatchNorm, PaddingConfig1d, PaddingConfig2d};
 use burn::prelude::*;
-use burn_qat_core::{Grid, QParams, QuantSpec, reference};
+use burn_qat_core::{QParams, QuantSpec, reference};
 use burn_qat_graph::{Dim, GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
 use burn_qat_nn::ActQuant;
 use burn_qat_transform::{Activation, Fusable, Fused, fold};
 use thiserror::Error;
 
-use crate::model::{
-    IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output, Window,
+use burn_qat_runtime::requant::FixedMultiplier;
+use burn_qat_runtime::{
+    Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output, Window,
 };
-use crate::requant::FixedMultiplier;
+
+/// The integer grid of a per-tensor quantized tensor with quantization parameters `qp` from
+/// `spec`, in the runtime's 8-bit container (unsigned grids move down by 128, zero point
+/// included).
+///
+/// ```
+/// use burn_qat_core::{QParams, QuantSpec};
+/// use burn_qat_export::grid_from_spec;
+///
+/// let spec = QuantSpec::int8_act_per_tensor_asymmetric();
+/// let g = grid_from_spec(&spec, QParams { scale: 0.5, zero_point: -10 });
+/// assert_eq!((g.qmin, g.qmax, g.bits()), (-128, 127, 8));
+/// assert_eq!(g.dequantize(-6), 2.0);
+/// ```
+pub fn grid_from_spec(spec: &QuantSpec, qp: QParams) -> Grid {
+    let shift = if spec.signed { 0 } else { 128 };
+    Grid {
+        scale: qp.scale,
+        zero_point: qp.zero_point - shift,
+        qmin: spec.qmin() - shift,
+        qmax: spec.qmax() - shift,
+    }
+}
+
+/// The runtime's form of a recorded dimension.
+fn int_dim(d: Dim) -> burn_qat_runtime::Dim {
+    match d {
+        Dim::Fixed(n) => burn_qat_runtime::Dim::Fixed(n),
+        Dim::Batch(k) => burn_qat_runtime::Dim::Batch(k),
+    }
+}
 
 /// Why a model cannot become an integer model; each names the graph node (the user's module
 /// path) and says what to do.
@@ -96,7 +127,7 @@ fn grid_of(q: &ActQuant, node: &Node) -> Result<Quantizer, ExportError> {
         ));
     };
     Ok(Quantizer {
-        grid: Grid::from_spec(&spec, qps[0]),
+        grid: grid_from_spec(&spec, qps[0]),
         spec,
         qp: qps[0],
     })
@@ -200,7 +231,7 @@ impl<'a> Converter<'a> {
             name: node.name.clone(),
             op,
             inputs,
-            shape: node.shape.clone(),
+            shape: node.shape.iter().copied().map(int_dim).collect(),
             grid,
         });
         let m = self.nodes.len() - 1;
@@ -624,7 +655,7 @@ impl<'a> Converter<'a> {
         }
         let batch_one: Vec<usize> = input.iter().map(|d| d.at(1)).collect();
         let want: Vec<usize> = node.shape.iter().map(|d| d.at(1)).collect();
-        match crate::ops::pool_shape(&w, &batch_one) {
+        match burn_qat_runtime::ops::pool_shape(&w, &batch_one) {
             Some(got) if got == want => Ok(w),
             got => refuse(format!(
                 "the window {w:?} gives {got:?} on {batch_one:?}, the graph records {want:?}"
@@ -919,7 +950,7 @@ where
         bias.push(q as i32);
     }
     let bound =
-        crate::validate::accumulator_bound(&weight, |i| (i / after) % channels, &bias, input);
+        burn_qat_runtime::accumulator_bound(&weight, |i| (i / after) % channels, &bias, input);
     if bound > i32::MAX as i64 {
         return Err(ExportError::NotRepresentable {
             path: node.name.clone(),

@@ -4,30 +4,18 @@
 //! activations, fixed-point requantization and lookup tables, equal to the fake-quant graph
 //! within one step of its grid (same grids, same rounding) by construction and by test.
 //!
-//! - [`model`]: the integer model as plain data (a DAG of [`IntOp`]s) and its
-//!   [`validate`](IntegerModel::validate);
-//! - [`convert()`]: from a [`burn_qat_graph::QatGraph`], one small function per op;
-//! - running it: [`IntegerModel::forward`] (GEMM kernels with a packed-weight cache beside the
-//!   data, a direct depthwise kernel, scalar references for tests);
-//! - [`format`](mod@format): the versioned, checksummed file;
-//! - [`budget`]: the work and memory a model may cost, checked by
-//!   [`validate`](IntegerModel::validate) at load and before every run.
+//! This crate is the one bridge between Burn and the integer runtime: [`convert()`] reads a
+//! [`burn_qat_graph::QatGraph`] (one small function per op) and returns the runtime's
+//! [`IntegerModel`]. Everything after conversion (the model as data, validation, the file
+//! format, the runner and its kernels) lives in [`burn_qat_runtime`], which has no Burn inside
+//! and is re-exported here.
 #![warn(missing_docs)]
 
-pub mod budget;
 mod convert;
-pub mod format;
-pub mod kernels;
-pub mod model;
-pub mod ops;
-pub mod requant;
-mod run;
-mod validate;
 
-pub use budget::{Budget, Cost};
-pub use convert::{ExportError, convert};
-pub use model::{
-    Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, ModelError,
-    Output, RunError, Window,
+pub use burn_qat_runtime::{
+    Budget, Cost, Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel,
+    Lut, ModelError, Output, RunError, Values, WeightCache, Window, accumulator_bound, budget,
+    format, grid, kernels, model, ops, requant,
 };
-pub use run::{Values, WeightCache};
+pub use convert::{ExportError, convert, grid_from_spec};

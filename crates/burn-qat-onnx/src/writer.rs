@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use burn_qat_export::model::{
+use burn_qat_runtime::model::{
     Dim, Grid, IntConv2d, IntLinear, IntOp, IntegerModel, Lut, Output, Window,
 };
 use prost::Message;
@@ -32,9 +32,6 @@ pub enum OnnxError {
     /// An unsupported option.
     #[error("invalid ONNX export option: `opset` is {0}, allowed: 13 or 21")]
     Opset(i64),
-    /// Conversion to the integer model failed (it names the module path).
-    #[error(transparent)]
-    Convert(#[from] burn_qat_export::ExportError),
     /// The integer model is inconsistent (its nodes do not fit together).
     #[error("{0}")]
     Invalid(String),

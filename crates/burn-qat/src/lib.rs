@@ -44,6 +44,9 @@ pub use burn_qat_export as export;
 pub use burn_qat_nn as nn;
 /// ONNX QDQ export of integer models (re-export of `burn-qat-onnx`).
 pub use burn_qat_onnx as onnx;
+/// The integer runtime without Burn (re-export of `burn-qat-runtime`; also re-exported by
+/// [`export`]).
+pub use burn_qat_runtime as runtime;
 /// Model transforms: BatchNorm folding, activation fusion, schedules (re-export of
 /// `burn-qat-transform`).
 pub use burn_qat_transform as transform;

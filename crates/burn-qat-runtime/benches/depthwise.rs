@@ -4,15 +4,15 @@
 //! the CPU lacks VNNI).
 //!
 //! ```sh
-//! cargo bench -p burn-qat-export --bench depthwise
+//! cargo bench -p burn-qat-runtime --bench depthwise
 //! ```
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use burn_qat_export::kernels;
-use burn_qat_export::requant::FixedMultiplier;
-use burn_qat_export::{Grid, IntConv2d, Output};
+use burn_qat_runtime::kernels;
+use burn_qat_runtime::requant::FixedMultiplier;
+use burn_qat_runtime::{Grid, IntConv2d, Output};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 #[path = "../../burn-qat/benches/common/mod.rs"]

@@ -16,7 +16,7 @@ impl FixedMultiplier {
     /// The fixed-point form of `multiplier` (`>= 0`, finite).
     ///
     /// ```
-    /// use burn_qat_export::requant::FixedMultiplier;
+    /// use burn_qat_runtime::requant::FixedMultiplier;
     /// let m = FixedMultiplier::new(0.25);
     /// assert_eq!(m.apply(10), 2);    // 2.5 rounds half to even
     /// assert_eq!(m.apply(14), 4);    // 3.5 -> 4
@@ -96,7 +96,7 @@ impl FixedMultiplier {
     /// total shift is in `1..=62`, which covers every multiplier in `[2^-31, 2^30)`.
     ///
     /// ```
-    /// use burn_qat_export::requant::FixedMultiplier;
+    /// use burn_qat_runtime::requant::FixedMultiplier;
     /// let mut out = [0i8; 4];
     /// FixedMultiplier::new(0.25).requantize(&[10, 14, -10, 4000], 3, -128, 127, &mut out);
     /// assert_eq!(out, [5, 7, 1, 127]);

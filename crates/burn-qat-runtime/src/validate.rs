@@ -48,8 +48,18 @@ fn within(lo: i32, hi: i32, g: &Grid) -> Result<(), String> {
 const MAX_SUM_TERMS: usize = (i32::MAX / 255) as usize;
 
 /// The largest `|accumulator|` any output channel can reach: `|bias| + sum |w| * max |q - zp|`
-/// over the input grid's integers. Every partial sum is bounded by it too.
-pub(crate) fn accumulator_bound(
+/// over the input grid's integers. Every partial sum is bounded by it too. `channel_of(i)` is
+/// the output channel of weight `i`; validation refuses a conv/linear whose bound passes
+/// `i32::MAX`, and conversion uses it to choose the weights' bits.
+///
+/// ```
+/// use burn_qat_runtime::{Grid, accumulator_bound};
+///
+/// let input = Grid { scale: 0.1, zero_point: -28, qmin: -128, qmax: 127 };
+/// // One channel: |5| + (|2| + |-3|) * max(127 + 28, -28 + 128) = 5 + 5 * 155.
+/// assert_eq!(accumulator_bound(&[2, -3], |_| 0, &[5], &input), 780);
+/// ```
+pub fn accumulator_bound(
     weight: &[i8],
     channel_of: impl Fn(usize) -> usize,
     bias: &[i32],

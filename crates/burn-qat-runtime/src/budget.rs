@@ -15,9 +15,9 @@
 //! a model from a trusted source that needs more gets a larger budget:
 //!
 //! ```
-//! use burn_qat_export::budget::Budget;
-//! use burn_qat_export::format;
-//! use burn_qat_export::model::{Dim, Grid, IntAdd, IntNode, IntOp, IntegerModel};
+//! use burn_qat_runtime::budget::Budget;
+//! use burn_qat_runtime::format;
+//! use burn_qat_runtime::model::{Dim, Grid, IntAdd, IntNode, IntOp, IntegerModel};
 //!
 //! // input -> quantize -> 100 adds, each a 64 KiB table of its outputs.
 //! let g = Grid { scale: 0.1, zero_point: 0, qmin: -128, qmax: 127 };

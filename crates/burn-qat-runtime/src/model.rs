@@ -3,8 +3,7 @@
 //! (batch symbolic) and the grid of its output. Running it is [`IntegerModel::forward`]; its invariants
 //! are [`IntegerModel::validate`].
 
-pub use burn_qat_core::Grid;
-pub use burn_qat_graph::Dim;
+pub use crate::grid::{Dim, Grid};
 
 use crate::requant::FixedMultiplier;
 

@@ -18,8 +18,8 @@
 //! a temporary file and renamed, so a failed save leaves no partial file.
 //!
 //! ```
-//! use burn_qat_export::format;
-//! use burn_qat_export::model::{Dim, Grid, IntNode, IntOp, IntegerModel};
+//! use burn_qat_runtime::format;
+//! use burn_qat_runtime::model::{Dim, Grid, IntNode, IntOp, IntegerModel};
 //!
 //! let g = Grid { scale: 0.1, zero_point: 0, qmin: -128, qmax: 127 };
 //! let shape = vec![Dim::Batch(1), Dim::Fixed(4)];
