@@ -4,10 +4,10 @@
 //! | bytes | content |
 //! |---|---|
 //! | 8 | magic `BQATINT8` |
-//! | 4 | format version, little-endian (`3`: the integer model as a graph of nodes; versions 1 and 2 held a list of layers and are refused with a message) |
+//! | 4 | format version, little-endian ([`VERSION`], 3: the integer model as a graph of nodes) |
 //! | 8 | payload length, little-endian |
 //! | 4 | CRC-32 of the payload |
-//! | n | payload |
+//! | n | payload: the model's `postcard` encoding |
 //!
 //! Loading checks every field before use ([`IntegerModel::validate`]): a truncated,
 //! corrupted, foreign or inconsistent file is an error, never a panic, and so is a model whose
@@ -16,6 +16,53 @@
 //! the loaded model keeps for its `forward`). While decoding, nothing is allocated beyond the
 //! decoded nodes, whose count is checked against the budget first. The model is written to
 //! a temporary file and renamed, so a failed save leaves no partial file.
+//!
+//! # Compatibility
+//!
+//! **A reader loads every version that was ever written**, and computes with it what the
+//! writer's runtime computed. Writers write [`VERSION`] only.
+//!
+//! - **What a version number is**: the meaning of the payload's bytes. The payload is the
+//!   `postcard` encoding of [`IntegerModel`] (its nodes and output; the weight cache and the
+//!   budget are not saved), so the version names the serde layout of every type inside it and
+//!   the arithmetic each op means.
+//! - **What bumps it**: a change to the bytes of what existing files hold or to what they
+//!   compute: a field added, removed, renamed into another type or reordered in a saved struct
+//!   or variant; a variant reordered or removed; a type changed (`u32` to `u64`); an op whose
+//!   results change for the same data (other rounding, other clamping). The header's layout
+//!   itself changes only with the magic.
+//! - **What does not**: a new op. `postcard` encodes an enum variant by its index, so a new
+//!   [`IntOp`](crate::model::IntOp) (or [`Output`](crate::model::Output), [`Dim`](crate::model::Dim)) variant is
+//!   **appended at the end**: old files keep their indices and read as before. Variants are
+//!   never reordered or removed (version 1 shows why: a variant inserted in the middle gave one
+//!   number two layouts, see below). A file using the new op is refused by older readers (an
+//!   unknown variant index is an error naming the payload, not a misreading). Neither do a new
+//!   check, a faster kernel computing the same integers, or documentation.
+//! - **A newer version is refused**, with [`FormatError::Newer`] naming the file's version and
+//!   the newest this build reads: use the build that wrote it, or a newer burn-qat.
+//! - **Old versions are upgraded, one function per version**: a version's payload types are
+//!   frozen in a module of their own (`format/v2.rs`: private serde types that are never
+//!   edited) with an upgrade to the next version, and loading runs the chain up to the current
+//!   model, then validates it as any file. When version 4 comes, version 3's types move into
+//!   `format/v3.rs` with `v3 -> v4`.
+//! - **Golden files** (`crates/burn-qat-runtime/golden/`, test `tests/golden.rs`) pin the bytes:
+//!   one small model per kind of op written as the current version, and files the old writers
+//!   of versions 1 and 2 wrote, each with an input and the output it must give, value for
+//!   value. A change that alters a golden file's bytes or its output is a format change: it
+//!   needs a new version and an upgrade, never a re-blessed file.
+//!
+//! | version | written by | payload | read as |
+//! |---|---|---|---|
+//! | 1 | commits 0c9cfa4..03ffdeb | `{ input_shape, layers }`: a list of layers (quantize, conv, linear, max/avg pool, clamp, flatten, residual block), 8-bit weights | `v1 -> v2 -> current` |
+//! | 2 | commits 0d01961..c068d46 | version 1 plus `weight_bits` on conv and linear (sub-8-bit weights) | `v2 -> current` |
+//! | 3 | commit 1071085 on | [`IntegerModel`]: a graph of [`IntNode`](crate::model::IntNode)s | itself |
+//!
+//! A version 1 or 2 model becomes a chain of nodes named by their old place (`layers.2`,
+//! `layers.2.body.0`, `layers.2.add`): a clamp becomes a 256-entry table, a flatten a reshape,
+//! a residual block its body's nodes and an add of the block's input and the body's output.
+//! Version 1 has two layer orders (commit 2ae457e inserted average pooling before the clamp):
+//! a version 1 file is decoded in both and the order in which it decodes completely into a
+//! valid model is kept; a file valid in both with different meanings is refused as ambiguous.
 //!
 //! ```
 //! use burn_qat_runtime::format;
@@ -29,6 +76,13 @@
 //! let bytes = format::to_bytes(&model);
 //! assert_eq!(format::from_bytes(&bytes).unwrap(), model);
 //! assert!(format::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+//!
+//! // A file of a newer version is refused, naming both versions.
+//! let mut newer = bytes.clone();
+//! newer[8..12].copy_from_slice(&(format::VERSION + 1).to_le_bytes());
+//! let err = format::from_bytes(&newer).unwrap_err();
+//! assert!(matches!(err, format::FormatError::Newer { found: 4, supported: 3 }));
+//! assert!(err.to_string().contains("version 4") && err.to_string().contains("version 3"));
 //! ```
 
 use std::path::Path;
@@ -38,10 +92,16 @@ use thiserror::Error;
 use crate::budget::{self, Budget};
 use crate::model::IntegerModel;
 
+mod v1;
+mod v2;
+
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BQATINT8";
-/// Current format version.
+/// Current format version: what [`to_bytes`] and [`save`] write. Every version from
+/// [`OLDEST_VERSION`] to this one is read.
 pub const VERSION: u32 = 3;
+/// The oldest format version, read by every build.
+pub const OLDEST_VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 /// Why an integer model file cannot be read or written.
@@ -59,15 +119,26 @@ pub enum FormatError {
     /// Not an integer model file, or a damaged one.
     #[error("not a valid burn-qat integer model: {0}")]
     Invalid(String),
-    /// Another format version (versions 1 and 2 held the older list-of-layers model).
+    /// A version number no build ever wrote (0).
     #[error(
-        "integer model format version {found}; this build reads version {VERSION} only \
-         (versions 1 and 2 stored a list of layers, version 3 a graph of nodes): \
-         convert the QAT model again with this build (or use the build that wrote the file)"
+        "integer model format version {found} was never written: versions {OLDEST_VERSION} to \
+         {VERSION} exist (the file is damaged or not a burn-qat integer model)"
     )]
     Version {
         /// The file's version.
         found: u32,
+    },
+    /// A newer format version than this build reads.
+    #[error(
+        "integer model format version {found} is newer than the newest this build reads, \
+         version {supported} (it reads versions {OLDEST_VERSION} to {supported}): load it with a \
+         newer burn-qat or with the build that wrote it"
+    )]
+    Newer {
+        /// The file's version.
+        found: u32,
+        /// The newest version this build reads ([`VERSION`]).
+        supported: u32,
     },
 }
 
@@ -115,7 +186,13 @@ pub fn from_bytes_with_budget(bytes: &[u8], budget: Budget) -> Result<IntegerMod
         ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if version > VERSION {
+        return Err(FormatError::Newer {
+            found: version,
+            supported: VERSION,
+        });
+    }
+    if version < OLDEST_VERSION {
         return Err(FormatError::Version { found: version });
     }
     let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
@@ -132,6 +209,56 @@ pub fn from_bytes_with_budget(bytes: &[u8], budget: Budget) -> Result<IntegerMod
             "checksum mismatch: the file is corrupted".into(),
         ));
     }
+    match version {
+        1 => from_v1(payload, budget),
+        2 => {
+            let old = v2::decode(payload).map_err(|e| legacy(2, e))?;
+            checked(v2::upgrade(old).map_err(|e| legacy(2, e))?, budget)
+        }
+        _ => from_current(payload, budget),
+    }
+}
+
+/// An error in a version 1 or 2 payload or its upgrade.
+fn legacy(version: u32, e: String) -> FormatError {
+    FormatError::Invalid(format!("version {version} payload: {e}"))
+}
+
+/// The upgraded model, validated against `budget`.
+fn checked(model: IntegerModel, budget: Budget) -> Result<IntegerModel, FormatError> {
+    let model = model.with_budget(budget);
+    model
+        .validate()
+        .map_err(|e| FormatError::Invalid(e.to_string()))?;
+    Ok(model)
+}
+
+/// A version 1 payload, in whichever of version 1's two layer orders it is valid (see
+/// [`v1`]). Old payloads have no node count to check first: their layers are at most as many
+/// as the payload's bytes, and the budget is checked on the upgraded model.
+fn from_v1(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatError> {
+    let read = |model: Result<v2::IntegerModel2, String>| -> Result<IntegerModel, String> {
+        let model = v2::upgrade(model?)?.with_budget(budget);
+        model.validate().map_err(|e| e.to_string())?;
+        Ok(model)
+    };
+    let late = read(v2::decode::<v1::IntegerModel1<v1::LateLayer>>(payload).map(v1::upgrade));
+    let early = read(v2::decode::<v1::IntegerModel1<v1::EarlyLayer>>(payload).map(v1::upgrade));
+    match (late, early) {
+        (Ok(a), Ok(b)) if a != b => Err(legacy(
+            1,
+            "the file is valid in both of version 1's layer orders (commits 0c9cfa4..4ee6218 \
+             and 2ae457e..03ffdeb) with different meanings: refused rather than guessed; \
+             convert the QAT model again with this build"
+                .into(),
+        )),
+        (Ok(model), _) | (_, Ok(model)) => Ok(model),
+        (Err(e), Err(_)) => Err(legacy(1, e)),
+    }
+}
+
+/// A payload of the current version.
+fn from_current(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatError> {
     // The payload begins with the number of nodes: their decoded size is checked before
     // they are decoded (a small node decodes to a few hundred bytes).
     if let Some(nodes) = leading_varint(payload)
@@ -146,11 +273,7 @@ pub fn from_bytes_with_budget(bytes: &[u8], budget: Budget) -> Result<IntegerMod
     }
     let model: IntegerModel =
         postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
-    let model = model.with_budget(budget);
-    model
-        .validate()
-        .map_err(|e| FormatError::Invalid(e.to_string()))?;
-    Ok(model)
+    checked(model, budget)
 }
 
 /// Writes `model` to `path` (through a temporary file in the same directory).
