@@ -63,6 +63,9 @@
 //! Version 1 has two layer orders (commit 2ae457e inserted average pooling before the clamp):
 //! a version 1 file is decoded in both and the order in which it decodes completely into a
 //! valid model is kept; a file valid in both with different meanings is refused as ambiguous.
+//! Versions 1 and 2 averaged pooling windows with an exact division; the runner's fixed-point
+//! `1 / count` can round an exact tie differently when the count is even but not a power of two
+//! (2x3 windows), the one known difference.
 //!
 //! ```
 //! use burn_qat_runtime::format;
