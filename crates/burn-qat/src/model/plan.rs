@@ -523,6 +523,7 @@ pub fn plan<M: Module>(model: &M, config: &QatConfig) -> Result<Vec<PlannedParam
     plan_with(model, config, false)
 }
 
+/// [`plan`], also for a model whose weights are quantized already when `allow_quantized`.
 pub(crate) fn plan_with<M: Module>(
     model: &M,
     config: &QatConfig,
@@ -534,6 +535,27 @@ pub(crate) fn plan_with<M: Module>(
             param: p.path.clone(),
         });
     }
+    settings_ok(config)?;
+    let rules = Rules::compile(config)?;
+    rules.all_select(&params)?;
+    let layers = known_layers(config);
+    let out = params
+        .iter()
+        .map(|p| decide(p, &rules, &layers, config.default))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !out.iter().any(|p| p.spec.is_some()) {
+        let listed: Vec<String> = out
+            .iter()
+            .map(|p| format!("{} ({})", p.path, p.reason))
+            .collect();
+        return Err(QatError::NothingToQuantize { params: listed });
+    }
+    Ok(out)
+}
+
+/// The default's and every rule's settings make a valid spec; errors name the setting
+/// (`QatConfig.default.bits`, `QatConfig.rules[2].bits`).
+fn settings_ok(config: &QatConfig) -> Result<(), QatError> {
     for (i, (_, quant)) in std::iter::once(&(Selector::Path("<default>".into()), config.default))
         .chain(config.rules.iter())
         .enumerate()
@@ -555,200 +577,251 @@ pub(crate) fn plan_with<M: Module>(
             other => other,
         })?;
     }
-    let compile = |s: &Selector| -> Result<(Selector, Option<GlobMatcher>), QatError> {
-        match s {
-            Selector::Path(p) => Ok((s.clone(), Some(glob(p)?))),
-            Selector::Type(_) => Ok((s.clone(), None)),
-        }
-    };
-    let rules: Vec<((Selector, Option<GlobMatcher>), WeightQuant)> = config
-        .rules
-        .iter()
-        .map(|(s, q)| Ok((compile(s)?, *q)))
-        .collect::<Result<_, QatError>>()?;
-    let skips: Vec<(Selector, Option<GlobMatcher>)> =
-        config.skip.iter().map(compile).collect::<Result<_, _>>()?;
+    Ok(())
+}
 
-    // Every selector must select something.
-    let all_modules: Vec<&str> = {
-        let mut v: Vec<&str> = params.iter().map(|p| p.module_path.as_str()).collect();
-        v.dedup();
-        v
-    };
-    let all_types: Vec<&str> = {
-        let mut v: Vec<&str> = params.iter().map(|p| p.layer_type.as_str()).collect();
-        v.sort();
-        v.dedup();
-        v
-    };
-    for m in rules.iter().map(|(m, _)| m).chain(skips.iter()) {
-        if !params.iter().any(|p| selects(m, p)) {
-            let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
-            return Err(match &m.0 {
-                Selector::Path(pat) => QatError::MatchesNothing {
-                    what: "layer pattern",
-                    selector: pat.clone(),
-                    among: "module of this model",
-                    listing: "modules",
-                    available: owned(&all_modules),
-                    hint: ". Patterns are dot-separated: `*` matches one name, `**` any number",
-                },
-                Selector::Type(t) => QatError::MatchesNothing {
-                    what: "layer type",
-                    selector: t.clone(),
-                    among: "layer of this model",
-                    listing: "layer types",
-                    available: owned(&all_types),
-                    hint: "",
-                },
-            });
+/// A selector with its compiled glob (for a path selector).
+type Matcher = (Selector, Option<GlobMatcher>);
+
+fn compile(s: &Selector) -> Result<Matcher, QatError> {
+    match s {
+        Selector::Path(p) => Ok((s.clone(), Some(glob(p)?))),
+        Selector::Type(_) => Ok((s.clone(), None)),
+    }
+}
+
+/// A config's rules and skips, compiled.
+struct Rules {
+    rules: Vec<(Matcher, WeightQuant)>,
+    skips: Vec<Matcher>,
+}
+
+impl Rules {
+    fn compile(config: &QatConfig) -> Result<Self, QatError> {
+        Ok(Self {
+            rules: config
+                .rules
+                .iter()
+                .map(|(s, q)| Ok((compile(s)?, *q)))
+                .collect::<Result<_, QatError>>()?,
+            skips: config.skip.iter().map(compile).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Every selector selects some parameter of `params`; the error lists what there is.
+    fn all_select(&self, params: &[ParamInfo]) -> Result<(), QatError> {
+        let all_modules: Vec<&str> = {
+            let mut v: Vec<&str> = params.iter().map(|p| p.module_path.as_str()).collect();
+            v.dedup();
+            v
+        };
+        let all_types: Vec<&str> = {
+            let mut v: Vec<&str> = params.iter().map(|p| p.layer_type.as_str()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        let matchers = self.rules.iter().map(|(m, _)| m).chain(self.skips.iter());
+        match matchers
+            .into_iter()
+            .find(|m| !params.iter().any(|p| selects(m, p)))
+        {
+            None => Ok(()),
+            Some((Selector::Path(pat), _)) => Err(QatError::MatchesNothing {
+                what: "layer pattern",
+                selector: pat.clone(),
+                among: "module of this model",
+                listing: "modules",
+                available: owned(&all_modules),
+                hint: ". Patterns are dot-separated: `*` matches one name, `**` any number",
+            }),
+            Some((Selector::Type(t), _)) => Err(QatError::MatchesNothing {
+                what: "layer type",
+                selector: t.clone(),
+                among: "layer of this model",
+                listing: "layer types",
+                available: owned(&all_types),
+                hint: "",
+            }),
         }
     }
 
-    let mut layers: BTreeMap<String, CustomLayer> = BTreeMap::new();
+    /// The path rules (`paths`) or type rules that select `p`.
+    fn selecting(&self, p: &ParamInfo, paths: bool) -> Vec<(Selector, WeightQuant)> {
+        self.rules
+            .iter()
+            .filter(|(m, _)| matches!(m.0, Selector::Path(_)) == paths && selects(m, p))
+            .map(|(m, q)| (m.0.clone(), *q))
+            .collect()
+    }
+
+    /// What the rules say of `p`: skipped, or the settings of the path rule, else the type
+    /// rule, else `default`, with the reason. Rules that select `p` must agree.
+    fn choose(&self, p: &ParamInfo, default: WeightQuant) -> Result<Choice, QatError> {
+        let skipped = self.skips.iter().find(|m| selects(m, p)).map(|m| &m.0);
+        let path_rules = self.selecting(p, true);
+        let type_rules = self.selecting(p, false);
+        if let Some(s) = skipped {
+            if let Some((sel, _)) = path_rules.first().or(type_rules.first()) {
+                return Err(conflict(p, s, &format!("skip rule and {sel}")));
+            }
+            return Ok(Choice::Skipped(format!("skipped by {s}")));
+        }
+        let chosen = match pick(p, &path_rules)? {
+            Some(r) => Some(r),
+            None => pick(p, &type_rules)?,
+        };
+        Ok(match chosen {
+            Some((sel, q)) => Choice::Settings(q, format!("{sel}")),
+            None => Choice::Settings(default, "default".to_string()),
+        })
+    }
+}
+
+/// What the rules decided for one parameter, with the reason.
+enum Choice {
+    Skipped(String),
+    Settings(WeightQuant, String),
+}
+
+fn conflict(p: &ParamInfo, a: &Selector, b: &str) -> QatError {
+    QatError::ConflictingSettings {
+        param: p.path.clone(),
+        first: a.to_string(),
+        second: b.to_string(),
+    }
+}
+
+/// The first of `rs` (rules that select `p`), if all of them agree.
+fn pick(
+    p: &ParamInfo,
+    rs: &[(Selector, WeightQuant)],
+) -> Result<Option<(Selector, WeightQuant)>, QatError> {
+    if let Some(first) = rs.first() {
+        if let Some(other) = rs.iter().find(|r| r.1 != first.1) {
+            return Err(conflict(p, &first.0, &other.0.to_string()));
+        }
+        return Ok(Some(first.clone()));
+    }
+    Ok(None)
+}
+
+/// The built-in layer types and the config's registered ones (which win), by name.
+fn known_layers(config: &QatConfig) -> BTreeMap<String, CustomLayer> {
+    let mut layers = BTreeMap::new();
     for l in builtin_layers()
         .into_iter()
         .chain(config.custom_layers.iter().cloned())
     {
         layers.insert(l.name.clone(), l);
     }
+    layers
+}
 
-    let mut out = Vec::new();
-    for p in &params {
-        let mut decide = |spec: Option<QuantSpec>, reason: String| {
-            out.push(PlannedParam {
-                path: p.path.clone(),
-                layer_type: p.layer_type.clone(),
-                dims: p.dims.clone(),
-                spec,
-                reason,
-                learned: false,
-                settings: None,
-                skipped: false,
-            });
-        };
-        if p.dims.len() < 2 {
-            decide(None, "rank < 2 (bias, norm or state)".into());
-            continue;
-        }
-        if p.inside_fused {
-            decide(
-                None,
-                "quantized by its fused module (BatchNorm folded first)".into(),
-            );
-            continue;
-        }
-        if NEVER.contains(&p.layer_type.as_str()) {
-            decide(None, format!("{} parameters stay float", p.layer_type));
-            continue;
-        }
-        let known = layers.get(&p.layer_type);
-        let axis = match known {
-            Some(layer) => match layer.weights.iter().find(|(f, _)| *f == p.field) {
-                Some((_, axis)) => *axis,
-                None => {
-                    decide(
-                        None,
-                        format!("field `{}` is not a weight of {}", p.field, p.layer_type),
-                    );
-                    continue;
-                }
-            },
-            None => None,
-        };
-        if let Some(a) = axis
-            && a >= p.dims.len()
-        {
-            return Err(QatError::AxisOutOfRange {
-                axis: a,
-                rank: p.dims.len(),
-                context: format!(
-                    " (parameter `{}` of layer type {}, registered with axis {a}: fix its QuantizableLayer::quantizable_weights)",
-                    p.path, p.layer_type
-                ),
-            });
-        }
-        if p.frozen {
-            decide(None, "frozen by the user (does not require grad)".into());
-            continue;
-        }
-        let skipped: Vec<&Selector> = skips
-            .iter()
-            .filter(|m| selects(m, p))
-            .map(|m| &m.0)
-            .collect();
-        let path_rules: Vec<(Selector, WeightQuant)> = rules
-            .iter()
-            .filter(|(m, _)| matches!(m.0, Selector::Path(_)) && selects(m, p))
-            .map(|(m, q)| (m.0.clone(), *q))
-            .collect();
-        let type_rules: Vec<(Selector, WeightQuant)> = rules
-            .iter()
-            .filter(|(m, _)| matches!(m.0, Selector::Type(_)) && selects(m, p))
-            .map(|(m, q)| (m.0.clone(), *q))
-            .collect();
-        let conflict = |a: &Selector, b: &str| QatError::ConflictingSettings {
-            param: p.path.clone(),
-            first: a.to_string(),
-            second: b.to_string(),
-        };
-        if let Some(s) = skipped.first() {
-            if let Some((sel, _)) = path_rules.first().or(type_rules.first()) {
-                return Err(conflict(s, &format!("skip rule and {sel}")));
-            }
-            decide(None, format!("skipped by {s}"));
-            if let Some(last) = out.last_mut() {
-                last.skipped = true;
-            }
-            continue;
-        }
-        let pick =
-            |rs: &[(Selector, WeightQuant)]| -> Result<Option<(Selector, WeightQuant)>, QatError> {
-                if let Some(first) = rs.first() {
-                    if let Some(other) = rs.iter().find(|r| r.1 != first.1) {
-                        return Err(conflict(&first.0, &other.0.to_string()));
-                    }
-                    return Ok(Some(first.clone()));
-                }
-                Ok(None)
-            };
-        let chosen = match pick(&path_rules)? {
-            Some(r) => Some(r),
-            None => pick(&type_rules)?,
-        };
-        let (quant, reason) = match chosen {
-            Some((sel, q)) => (q, format!("{sel}")),
-            None => (config.default, "default".to_string()),
-        };
-        if !quant.enabled {
-            decide(None, format!("float by {reason}"));
-            continue;
-        }
-        let reason = if known.is_none() {
-            format!(
-                "{reason}; per-tensor: layer type {} is not registered (QatConfig::register)",
-                p.layer_type
-            )
-        } else {
-            reason
-        };
-        decide(Some(quant.spec(axis)), reason);
-        if let Some(last) = out.last_mut() {
-            last.settings = Some(quant);
-            if quant.learned {
-                last.learned = true;
-                last.reason.push_str("; LSQ-learned step size");
-            }
+impl PlannedParam {
+    /// `p`'s plan entry with `spec`, nothing learned, skipped or set yet.
+    fn of(p: &ParamInfo, spec: Option<QuantSpec>, reason: String) -> Self {
+        Self {
+            path: p.path.clone(),
+            layer_type: p.layer_type.clone(),
+            dims: p.dims.clone(),
+            spec,
+            reason,
+            learned: false,
+            settings: None,
+            skipped: false,
         }
     }
-    if !out.iter().any(|p| p.spec.is_some()) {
-        let listed: Vec<String> = out
-            .iter()
-            .map(|p| format!("{} ({})", p.path, p.reason))
-            .collect();
-        return Err(QatError::NothingToQuantize { params: listed });
+}
+
+/// Why `p` stays float whatever the rules say (its rank, its owner), if it does.
+fn float_by_kind(p: &ParamInfo, known: Option<&CustomLayer>) -> Option<String> {
+    if p.dims.len() < 2 {
+        return Some("rank < 2 (bias, norm or state)".into());
     }
-    Ok(out)
+    if p.inside_fused {
+        return Some("quantized by its fused module (BatchNorm folded first)".into());
+    }
+    if NEVER.contains(&p.layer_type.as_str()) {
+        return Some(format!("{} parameters stay float", p.layer_type));
+    }
+    match known {
+        Some(layer) if !layer.weights.iter().any(|(f, _)| *f == p.field) => Some(format!(
+            "field `{}` is not a weight of {}",
+            p.field, p.layer_type
+        )),
+        _ => None,
+    }
+}
+
+/// The channel axis `p`'s layer type registers for it (`None`: per tensor, or not
+/// registered), within `p`'s rank.
+fn registered_axis(p: &ParamInfo, known: Option<&CustomLayer>) -> Result<Option<usize>, QatError> {
+    let axis = known
+        .and_then(|layer| layer.weights.iter().find(|(f, _)| *f == p.field))
+        .and_then(|(_, axis)| *axis);
+    if let Some(a) = axis
+        && a >= p.dims.len()
+    {
+        return Err(QatError::AxisOutOfRange {
+            axis: a,
+            rank: p.dims.len(),
+            context: format!(
+                " (parameter `{}` of layer type {}, registered with axis {a}: fix its QuantizableLayer::quantizable_weights)",
+                p.path, p.layer_type
+            ),
+        });
+    }
+    Ok(axis)
+}
+
+/// The plan for one parameter: float for its kind, frozen, skipped or disabled; else the
+/// chosen settings on its registered axis.
+fn decide(
+    p: &ParamInfo,
+    rules: &Rules,
+    layers: &BTreeMap<String, CustomLayer>,
+    default: WeightQuant,
+) -> Result<PlannedParam, QatError> {
+    let known = layers.get(&p.layer_type);
+    if let Some(reason) = float_by_kind(p, known) {
+        return Ok(PlannedParam::of(p, None, reason));
+    }
+    let axis = registered_axis(p, known)?;
+    if p.frozen {
+        let reason = "frozen by the user (does not require grad)".into();
+        return Ok(PlannedParam::of(p, None, reason));
+    }
+    let (quant, reason) = match rules.choose(p, default)? {
+        Choice::Skipped(reason) => {
+            let skipped = PlannedParam::of(p, None, reason);
+            return Ok(PlannedParam {
+                skipped: true,
+                ..skipped
+            });
+        }
+        Choice::Settings(quant, reason) => (quant, reason),
+    };
+    if !quant.enabled {
+        return Ok(PlannedParam::of(p, None, format!("float by {reason}")));
+    }
+    let mut reason = if known.is_none() {
+        format!(
+            "{reason}; per-tensor: layer type {} is not registered (QatConfig::register)",
+            p.layer_type
+        )
+    } else {
+        reason
+    };
+    if quant.learned {
+        reason.push_str("; LSQ-learned step size");
+    }
+    Ok(PlannedParam {
+        settings: Some(quant),
+        learned: quant.learned,
+        ..PlannedParam::of(p, Some(quant.spec(axis)), reason)
+    })
 }
 
 /// Attaches weight fake-quantization to `model` following `config`: one call, no change to the
