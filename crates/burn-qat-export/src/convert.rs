@@ -13,7 +13,7 @@ use burn::nn::{BatchNorm, PaddingConfig1d, PaddingConfig2d};
 use burn::prelude::*;
 use burn_qat_core::{QParams, QuantSpec, reference};
 use burn_qat_graph::{Dim, GraphLayer, GridRole, LayerKind, Node, Op, QatGraph, apply_unary};
-use burn_qat_nn::ActQuant;
+use burn_qat_nn::{ActQuant, WeightFakeQuant};
 use burn_qat_transform::{Activation, Fusable, Fused, fold};
 use thiserror::Error;
 
@@ -271,39 +271,16 @@ impl<'a> Converter<'a> {
         n
     }
 
+    /// Converts graph node `i` (and the activations and quantizer it absorbs): one converter
+    /// per op family.
     fn convert_node(&mut self, i: usize) -> Result<(), ExportError> {
         let node = self.gnode(i);
         match &node.op {
-            Op::Input => {
-                self.push(i, IntOp::Input, vec![], None);
-            }
-            Op::Layer { index, kind } => match (&self.graph.layers[*index], kind) {
-                (GraphLayer::Quant(q), _) => self.quantize_from_float(i, q)?,
-                (GraphLayer::Conv2d(f), _) => {
-                    let (geometry, padding) = conv2d_geometry(f, node)?;
-                    self.conv_from_float(i, f, f.layer.groups, geometry, padding)?
-                }
-                (GraphLayer::Conv1d(f), _) => {
-                    let (left, right) = match f.layer.padding {
-                        PaddingConfig1d::Valid => (0, 0),
-                        PaddingConfig1d::Explicit(l, r) => (l, r),
-                        _ => {
-                            return Err(unsupported(
-                                node,
-                                "Conv1d with Same padding",
-                                "use PaddingConfig1d::Explicit",
-                            ));
-                        }
-                    };
-                    let geometry = ([1, f.layer.stride], [1, f.layer.dilation]);
-                    self.conv_from_float(i, f, f.layer.groups, geometry, [0, 0, left, right])?
-                }
-                (GraphLayer::Linear(f), _) => self.linear_from_float(i, f)?,
-                (GraphLayer::BatchNorm(bn), _) => self.batch_norm_from_float(i, bn)?,
-            },
-            Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i)?,
-            Op::Concat { axis } => self.concat_from_float(i, *axis)?,
-            op if op.is_unary() => self.lut_from_float(i)?,
+            Op::Input => self.input_from_float(i),
+            Op::Layer { index, .. } => self.layer_from_float(i, *index),
+            Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i),
+            Op::Concat { axis } => self.concat_from_float(i, *axis),
+            op if op.is_unary() => self.lut_from_float(i),
             Op::MaxPool1d {
                 kernel,
                 stride,
@@ -311,13 +288,8 @@ impl<'a> Converter<'a> {
                 dilation,
                 ceil_mode,
             } => {
-                let w = Window {
-                    kernel: [1, *kernel],
-                    stride: [1, *stride],
-                    padding: [0, 0, *padding, *padding],
-                    dilation: [1, *dilation],
-                };
-                self.max_pool_from_float(i, w, *ceil_mode)?
+                let w = window_1d(*kernel, *stride, *padding, *dilation);
+                self.max_pool_from_float(i, w, *ceil_mode)
             }
             Op::MaxPool2d {
                 kernel,
@@ -326,13 +298,8 @@ impl<'a> Converter<'a> {
                 dilation,
                 ceil_mode,
             } => {
-                let w = Window {
-                    kernel: *kernel,
-                    stride: *stride,
-                    padding: [padding[0], padding[0], padding[1], padding[1]],
-                    dilation: *dilation,
-                };
-                self.max_pool_from_float(i, w, *ceil_mode)?
+                let w = window_2d(*kernel, *stride, *padding, *dilation);
+                self.max_pool_from_float(i, w, *ceil_mode)
             }
             Op::AvgPool1d {
                 kernel,
@@ -341,13 +308,8 @@ impl<'a> Converter<'a> {
                 count_include_pad,
                 ceil_mode,
             } => {
-                let w = Window {
-                    kernel: [1, *kernel],
-                    stride: [1, *stride],
-                    padding: [0, 0, *padding, *padding],
-                    dilation: [1, 1],
-                };
-                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
+                let w = window_1d(*kernel, *stride, *padding, 1);
+                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)
             }
             Op::AvgPool2d {
                 kernel,
@@ -356,58 +318,59 @@ impl<'a> Converter<'a> {
                 count_include_pad,
                 ceil_mode,
             } => {
-                let w = Window {
-                    kernel: *kernel,
-                    stride: *stride,
-                    padding: [padding[0], padding[0], padding[1], padding[1]],
-                    dilation: [1, 1],
-                };
-                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)?
+                let w = window_2d(*kernel, *stride, *padding, [1, 1]);
+                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)
             }
-            Op::AdaptiveAvgPool1d { output } => {
-                self.averaging_from_float(i, true, |input| IntOp::AdaptiveAvgPool {
-                    output: [1, *output],
-                    input,
-                })?
-            }
-            Op::AdaptiveAvgPool2d { output } => {
-                self.averaging_from_float(i, true, |input| IntOp::AdaptiveAvgPool {
-                    output: *output,
-                    input,
-                })?
-            }
-            Op::MeanDim { axis } => self.averaging_from_float(i, true, |input| IntOp::Reduce {
-                axis: *axis,
-                mean: true,
-                input,
-            })?,
-            Op::SumDim { axis } => self.averaging_from_float(i, false, |input| IntOp::Reduce {
-                axis: *axis,
-                mean: false,
-                input,
-            })?,
-            Op::Reshape { .. } => {
-                let (m, g) = self.input(i, 0);
-                self.push(i, IntOp::Reshape, vec![m], g);
-            }
+            Op::AdaptiveAvgPool1d { output } => self.adaptive_pool_from_float(i, [1, *output]),
+            Op::AdaptiveAvgPool2d { output } => self.adaptive_pool_from_float(i, *output),
+            Op::MeanDim { axis } => self.reduce_from_float(i, *axis, true),
+            Op::SumDim { axis } => self.reduce_from_float(i, *axis, false),
+            Op::Reshape { .. } => self.layout_from_float(i, IntOp::Reshape),
             Op::SwapDims { a, b } => {
                 let mut perm: Vec<usize> = (0..node.shape.len()).collect();
                 perm.swap(*a, *b);
-                let (m, g) = self.input(i, 0);
-                self.push(i, IntOp::Permute { perm }, vec![m], g);
+                self.layout_from_float(i, IntOp::Permute { perm })
             }
             Op::Permute { axes } => {
-                let (m, g) = self.input(i, 0);
-                self.push(i, IntOp::Permute { perm: axes.clone() }, vec![m], g);
+                self.layout_from_float(i, IntOp::Permute { perm: axes.clone() })
             }
-            op => {
-                return Err(unsupported(
-                    node,
-                    op.name(),
-                    "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
-                ));
-            }
+            op => Err(unsupported(
+                node,
+                op.name(),
+                "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
+            )),
         }
+    }
+
+    /// The model's float input.
+    fn input_from_float(&mut self, i: usize) -> Result<(), ExportError> {
+        self.push(i, IntOp::Input, vec![], None);
+        Ok(())
+    }
+
+    /// A layer node: a fake-quantizer, a conv/linear with its folded BatchNorm and fused
+    /// activation, or a BatchNorm on its own.
+    fn layer_from_float(&mut self, i: usize, index: usize) -> Result<(), ExportError> {
+        let node = self.gnode(i);
+        match &self.graph.layers[index] {
+            GraphLayer::Quant(q) => self.quantize_from_float(i, q),
+            GraphLayer::Conv2d(f) => {
+                let (geometry, padding) = conv2d_geometry(f, node)?;
+                self.conv_from_float(i, f, f.layer.groups, geometry, padding)
+            }
+            GraphLayer::Conv1d(f) => {
+                let (geometry, padding) = conv1d_geometry(f, node)?;
+                self.conv_from_float(i, f, f.layer.groups, geometry, padding)
+            }
+            GraphLayer::Linear(f) => self.linear_from_float(i, f),
+            GraphLayer::BatchNorm(bn) => self.batch_norm_from_float(i, bn),
+        }
+    }
+
+    /// Reshape and permute: the same integers in another layout, on their input's grid.
+    fn layout_from_float(&mut self, i: usize, op: IntOp) -> Result<(), ExportError> {
+        let (m, g) = self.input(i, 0);
+        self.push(i, op, vec![m], g);
         Ok(())
     }
 
@@ -684,6 +647,20 @@ impl<'a> Converter<'a> {
         })
     }
 
+    /// Adaptive average pooling to `output` (`[1, n]` for 1-D).
+    fn adaptive_pool_from_float(
+        &mut self,
+        i: usize,
+        output: [usize; 2],
+    ) -> Result<(), ExportError> {
+        self.averaging_from_float(i, true, |input| IntOp::AdaptiveAvgPool { output, input })
+    }
+
+    /// Mean (or sum) along `axis`.
+    fn reduce_from_float(&mut self, i: usize, axis: usize, mean: bool) -> Result<(), ExportError> {
+        self.averaging_from_float(i, mean, |input| IntOp::Reduce { axis, mean, input })
+    }
+
     /// Average pooling, adaptive pooling and reductions: an integer sum requantized to the
     /// quantizer after them, then the fused activation as a table on that grid. An average
     /// (`mean`) with no quantizer after it keeps its input's grid, as TFLite's AVERAGE_POOL_2D
@@ -816,6 +793,55 @@ impl<'a> Converter<'a> {
     }
 }
 
+/// The window of a 1-D pooling, on the second axis of a 2-D one.
+fn window_1d(kernel: usize, stride: usize, padding: usize, dilation: usize) -> Window {
+    Window {
+        kernel: [1, kernel],
+        stride: [1, stride],
+        padding: [0, 0, padding, padding],
+        dilation: [1, dilation],
+    }
+}
+
+/// The window of a 2-D pooling with symmetric `[h, w]` padding.
+fn window_2d(
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+) -> Window {
+    Window {
+        kernel,
+        stride,
+        padding: [padding[0], padding[0], padding[1], padding[1]],
+        dilation,
+    }
+}
+
+/// Stride and dilation, and padding `[top, bottom, left, right]`, of a 1-D convolution as a
+/// 2-D one with a kernel of height 1.
+fn conv1d_geometry(
+    f: &burn_qat_transform::FusedConv1d,
+    node: &Node,
+) -> Result<(([usize; 2], [usize; 2]), [usize; 4]), ExportError> {
+    let (left, right) = match f.layer.padding {
+        PaddingConfig1d::Valid => (0, 0),
+        PaddingConfig1d::Explicit(l, r) => (l, r),
+        _ => {
+            return Err(unsupported(
+                node,
+                "Conv1d with Same padding",
+                "use PaddingConfig1d::Explicit",
+            ));
+        }
+    };
+    Ok((
+        ([1, f.layer.stride], [1, f.layer.dilation]),
+        [0, 0, left, right],
+    ))
+}
+
+/// Stride and dilation, and padding `[top, bottom, left, right]`, of a 2-D convolution.
 fn conv2d_geometry(
     f: &burn_qat_transform::FusedConv2d,
     node: &Node,
@@ -860,24 +886,8 @@ fn quantize_affine<L, const DI: usize, const DW: usize>(
 where
     L: Fusable<DI, DW>,
 {
-    let Some(wq) = f.weight_quant.as_ref().filter(|w| w.is_enabled()) else {
-        return Err(unsupported(
-            node,
-            "layer with float weights",
-            "quantize its weights (do not skip it in QatConfig; keep weight fake-quant enabled)",
-        ));
-    };
+    let wq = weight_quantizer(f, node)?;
     let spec: QuantSpec = wq.spec;
-    if spec.bits > 8 || !spec.symmetric || !spec.signed {
-        return Err(unsupported(
-            node,
-            format!(
-                "{}-bit weights (symmetric: {}, signed: {})",
-                spec.bits, spec.symmetric, spec.signed
-            ),
-            "the integer model takes signed symmetric weights of at most 8 bits",
-        ));
-    }
     let (w, b) = match &f.bn {
         Some(bn) => {
             let (w, b) = fold::fold_params(f.layer.weight(), f.layer.bias(), bn, L::WEIGHT_AXIS);
@@ -887,19 +897,7 @@ where
     };
     let dims = w.dims().to_vec();
     let qps: Vec<QParams> = wq.qparams_for(w.clone());
-    let values = w
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default();
-    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(ExportError::NotRepresentable {
-            path: node.name.clone(),
-            what: format!(
-                "weight {i} (after BatchNorm folding) is {v}: weights must be finite (did training diverge?)"
-            ),
-        });
-    }
+    let values = finite_weights(w, node)?;
     let channels = dims[L::WEIGHT_AXIS];
     let after: usize = dims[L::WEIGHT_AXIS + 1..].iter().product();
     let channel_of = |i: usize| {
@@ -925,8 +923,73 @@ where
             .unwrap_or_default(),
         None => vec![0.0; channels],
     };
-    let mut bias = Vec::with_capacity(channels);
-    for c in 0..channels {
+    let bias = quantize_bias(&bias_f, input, &weight_scale, node)?;
+    accumulator_ok(&weight, |i| (i / after) % channels, &bias, input, node)?;
+    Ok(Affine {
+        dims,
+        weight,
+        weight_bits: spec.bits,
+        weight_scale,
+        bias,
+    })
+}
+
+/// The layer's weight fake-quantizer: enabled, signed, symmetric, at most 8 bits.
+fn weight_quantizer<'f, L, const DI: usize, const DW: usize>(
+    f: &'f Fused<L>,
+    node: &Node,
+) -> Result<&'f WeightFakeQuant, ExportError>
+where
+    L: Fusable<DI, DW>,
+{
+    let Some(wq) = f.weight_quant.as_ref().filter(|w| w.is_enabled()) else {
+        return Err(unsupported(
+            node,
+            "layer with float weights",
+            "quantize its weights (do not skip it in QatConfig; keep weight fake-quant enabled)",
+        ));
+    };
+    let spec = wq.spec;
+    if spec.bits > 8 || !spec.symmetric || !spec.signed {
+        return Err(unsupported(
+            node,
+            format!(
+                "{}-bit weights (symmetric: {}, signed: {})",
+                spec.bits, spec.symmetric, spec.signed
+            ),
+            "the integer model takes signed symmetric weights of at most 8 bits",
+        ));
+    }
+    Ok(wq)
+}
+
+/// The (folded) weight's values, all finite.
+fn finite_weights<const D: usize>(w: Tensor<D>, node: &Node) -> Result<Vec<f32>, ExportError> {
+    let values = w
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(ExportError::NotRepresentable {
+            path: node.name.clone(),
+            what: format!(
+                "weight {i} (after BatchNorm folding) is {v}: weights must be finite (did training diverge?)"
+            ),
+        });
+    }
+    Ok(values)
+}
+
+/// The float bias of each channel in units of `s_in * s_w[c]`, rounded half to even, in int32.
+fn quantize_bias(
+    bias_f: &[f32],
+    input: &Grid,
+    weight_scale: &[f32],
+    node: &Node,
+) -> Result<Vec<i32>, ExportError> {
+    let mut bias = Vec::with_capacity(weight_scale.len());
+    for c in 0..weight_scale.len() {
         if !bias_f[c].is_finite() {
             return Err(ExportError::NotRepresentable {
                 path: node.name.clone(),
@@ -949,8 +1012,19 @@ where
         }
         bias.push(q as i32);
     }
-    let bound =
-        burn_qat_runtime::accumulator_bound(&weight, |i| (i / after) % channels, &bias, input);
+    Ok(bias)
+}
+
+/// The int32 accumulator of the quantized layer cannot overflow on the input grid
+/// ([`burn_qat_runtime::accumulator_bound`]).
+fn accumulator_ok(
+    weight: &[i8],
+    channel_of: impl Fn(usize) -> usize,
+    bias: &[i32],
+    input: &Grid,
+    node: &Node,
+) -> Result<(), ExportError> {
+    let bound = burn_qat_runtime::accumulator_bound(weight, channel_of, bias, input);
     if bound > i32::MAX as i64 {
         return Err(ExportError::NotRepresentable {
             path: node.name.clone(),
@@ -962,13 +1036,7 @@ where
             ),
         });
     }
-    Ok(Affine {
-        dims,
-        weight,
-        weight_bits: spec.bits,
-        weight_scale,
-        bias,
-    })
+    Ok(())
 }
 
 /// Converts a trained QAT graph (from `burn_qat::graph::prepare`, or a `Sequential` lowered
