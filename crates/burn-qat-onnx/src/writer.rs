@@ -1,7 +1,8 @@
 use std::path::Path;
 
 use burn_qat_runtime::model::{
-    Dim, Grid, IntConv2d, IntLinear, IntOp, IntegerModel, Lut, Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output,
+    Window,
 };
 use prost::Message;
 use thiserror::Error;
@@ -422,144 +423,211 @@ fn dim_text(d: &Dim) -> Option<usize> {
 fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxError> {
     let mut names: Vec<String> = Vec::with_capacity(model.nodes.len());
     for node in &model.nodes {
-        let x = |k: usize| names[node.inputs[k]].clone();
-        let in_rank = |k: usize| model.nodes[node.inputs[k]].shape.len();
-        let grid_in = |k: usize| model.nodes[node.inputs[k]].grid;
-        let unsupported = |hint: &str| OnnxError::Unsupported {
-            node: node.name.clone(),
-            kind: node.op.kind().into(),
-            hint: hint.into(),
-        };
-        let requant = |g: &mut Graph, y: String| match node.grid {
-            Some(q) => g.qdq(y, &q),
-            None => y,
-        };
-        let out = match &node.op {
+        let xs: Vec<String> = node.inputs.iter().map(|j| names[*j].clone()).collect();
+        let first = node.inputs.first().map(|j| &model.nodes[*j]);
+        let out = g.write_node(node, xs, first)?;
+        names.push(out);
+    }
+    Ok(names)
+}
+
+/// Why `node` has no ONNX form.
+fn unsupported(node: &IntNode, hint: &str) -> OnnxError {
+    OnnxError::Unsupported {
+        node: node.name.clone(),
+        kind: node.op.kind().into(),
+        hint: hint.into(),
+    }
+}
+
+impl Graph {
+    /// Writes `node`, reading the float values `xs` (its inputs'; `first` is its first input's
+    /// node): one writer per op. Returns the float name of its values.
+    fn write_node(
+        &mut self,
+        node: &IntNode,
+        xs: Vec<String>,
+        first: Option<&IntNode>,
+    ) -> Result<String, OnnxError> {
+        let x = || xs[0].clone();
+        let rank = first.map_or(0, |n| n.shape.len());
+        Ok(match &node.op {
             IntOp::Input => "input".to_string(),
-            IntOp::Quantize(a) => {
-                let y = g.clip_int(x(0), a.qmin, a.qmax, a);
-                g.qdq(y, a)
-            }
-            IntOp::Conv2d(c) => g.conv(x(0), c, in_rank(0) == 3),
-            IntOp::Linear(l) => g.linear(x(0), l, in_rank(0)),
-            IntOp::Add(a) => {
-                let op = if a.mb < 0 { "Sub" } else { "Add" };
-                let y = g.node(op, vec![x(0), x(1)], vec![]);
-                let y = g.clip_int(y, a.lo, a.hi, &a.out);
-                g.qdq(y, &a.out)
-            }
-            IntOp::Mul(m) => {
-                let y = g.node("Mul", vec![x(0), x(1)], vec![]);
-                let y = g.clip_int(y, m.lo, m.hi, &m.out);
-                g.qdq(y, &m.out)
-            }
-            IntOp::Lut(t) => g.lut(x(0), t),
+            IntOp::Quantize(a) => self.quantize(x(), a),
+            IntOp::Conv2d(c) => self.conv(x(), c, rank == 3),
+            IntOp::Linear(l) => self.linear(x(), l, rank),
+            IntOp::Add(a) => self.add(xs, a),
+            IntOp::Mul(m) => self.mul(xs, m),
+            IntOp::Lut(t) => self.lut(x(), t),
             IntOp::ChannelLut { lut, channels } => {
-                g.lut_per_channel(x(0), lut, Some((*channels, in_rank(0))))
+                self.lut_per_channel(x(), lut, Some((*channels, rank)))
             }
-            IntOp::Concat { axis, requantize } => {
-                let mut parts = Vec::new();
-                for (k, t) in requantize.iter().enumerate() {
-                    parts.push(match t {
-                        Some(t) => g.lut(x(k), t),
-                        None => x(k),
-                    });
-                }
-                let y = g.node("Concat", parts, vec![attr_int("axis", *axis as i64)]);
-                requant(g, y)
-            }
-            IntOp::MaxPool(w) => {
-                let y = g.pool("MaxPool", x(0), w, in_rank(0), vec![]);
-                requant(g, y)
-            }
+            IntOp::Concat { axis, requantize } => self.concat(xs, *axis, requantize, node.grid),
+            IntOp::MaxPool(w) => self.max_pool(x(), w, rank, node.grid),
             IntOp::AvgPool {
                 window,
                 count_include_pad,
                 ..
-            } => {
-                let y = g.pool(
-                    "AveragePool",
-                    x(0),
-                    window,
-                    in_rank(0),
-                    vec![attr_int("count_include_pad", *count_include_pad as i64)],
-                );
-                requant(g, y)
-            }
+            } => self.avg_pool(x(), window, *count_include_pad, rank, node.grid),
             IntOp::AdaptiveAvgPool { output, .. } => {
-                let shape = &model.nodes[node.inputs[0]].shape;
-                let rank = shape.len();
-                let (h, w) = if rank == 3 {
-                    (Some(1), dim_text(&shape[2]))
-                } else {
-                    (dim_text(&shape[2]), dim_text(&shape[3]))
-                };
-                let (Some(h), Some(w)) = (h, w) else {
-                    return Err(unsupported("adaptive pooling over a batch-dependent axis"));
-                };
-                let y = if output == &[1, 1] {
-                    g.node("GlobalAveragePool", vec![x(0)], vec![])
-                } else if h % output[0] == 0 && w % output[1] == 0 {
-                    let (kh, kw) = (h / output[0], w / output[1]);
-                    let win = Window {
-                        kernel: [kh, kw],
-                        stride: [kh, kw],
-                        padding: [0; 4],
-                        dilation: [1, 1],
-                    };
-                    g.pool("AveragePool", x(0), &win, rank, vec![])
-                } else {
-                    return Err(unsupported(
-                        "ONNX has no adaptive pooling: the output size must divide the input size (or be 1)",
-                    ));
-                };
-                requant(g, y)
+                let input = first.map_or(&[][..], |n| &n.shape);
+                self.adaptive_avg_pool(x(), *output, input, node.grid)
+                    .map_err(|hint| unsupported(node, hint))?
             }
-            IntOp::Reduce { axis, mean, .. } => {
-                let y = g.reduce(if *mean { "ReduceMean" } else { "ReduceSum" }, x(0), *axis);
-                requant(g, y)
-            }
-            IntOp::Reshape => {
-                let batch_dims = node
-                    .shape
-                    .iter()
-                    .filter(|d| matches!(d, Dim::Batch(_)))
-                    .count();
-                if batch_dims > 1 {
-                    return Err(unsupported("a reshape with several batch-dependent axes"));
-                }
-                let target: Vec<i64> = node
-                    .shape
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(v) => *v as i64,
-                        Dim::Batch(_) => -1,
-                    })
-                    .collect();
-                let s = g.init(
-                    "shape",
-                    DataType::Int64,
-                    &[target.len()],
-                    target.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                );
-                let y = g.node("Reshape", vec![x(0), s], vec![]);
-                match grid_in(0) {
-                    Some(q) => g.qdq(y, &q),
-                    None => y,
-                }
-            }
-            IntOp::Permute { perm } => {
-                let p: Vec<i64> = perm.iter().map(|v| *v as i64).collect();
-                let y = g.node("Transpose", vec![x(0)], vec![attr_ints("perm", &p)]);
-                match grid_in(0) {
-                    Some(q) => g.qdq(y, &q),
-                    None => y,
-                }
-            }
-        };
-        names.push(out);
+            IntOp::Reduce { axis, mean, .. } => self.mean_or_sum(x(), *axis, *mean, node.grid),
+            IntOp::Reshape => self
+                .reshape(x(), &node.shape, first.and_then(|n| n.grid))
+                .map_err(|hint| unsupported(node, hint))?,
+            IntOp::Permute { perm } => self.permute(x(), perm, first.and_then(|n| n.grid)),
+        })
     }
-    Ok(names)
+
+    /// `y` on `grid` (quantized then dequantized), or `y` itself for float values.
+    fn on_grid(&mut self, y: String, grid: Option<Grid>) -> String {
+        match grid {
+            Some(q) => self.qdq(y, &q),
+            None => y,
+        }
+    }
+
+    /// The float input clipped to the grid's range, quantized and dequantized.
+    fn quantize(&mut self, x: String, a: &Grid) -> String {
+        let y = self.clip_int(x, a.qmin, a.qmax, a);
+        self.qdq(y, a)
+    }
+
+    /// Float `Add` (or `Sub`) of the two inputs, the fused clamp, the output grid.
+    fn add(&mut self, xs: Vec<String>, a: &IntAdd) -> String {
+        let op = if a.mb < 0 { "Sub" } else { "Add" };
+        let y = self.node(op, xs, vec![]);
+        let y = self.clip_int(y, a.lo, a.hi, &a.out);
+        self.qdq(y, &a.out)
+    }
+
+    /// Float `Mul` of the two inputs, the fused clamp, the output grid.
+    fn mul(&mut self, xs: Vec<String>, m: &IntMul) -> String {
+        let y = self.node("Mul", xs, vec![]);
+        let y = self.clip_int(y, m.lo, m.hi, &m.out);
+        self.qdq(y, &m.out)
+    }
+
+    /// Each input through its requantization table (if any), `Concat`, the output grid.
+    fn concat(
+        &mut self,
+        xs: Vec<String>,
+        axis: usize,
+        requantize: &[Option<Lut>],
+        grid: Option<Grid>,
+    ) -> String {
+        let mut parts = Vec::new();
+        for (x, t) in xs.into_iter().zip(requantize) {
+            parts.push(match t {
+                Some(t) => self.lut(x, t),
+                None => x,
+            });
+        }
+        let y = self.node("Concat", parts, vec![attr_int("axis", axis as i64)]);
+        self.on_grid(y, grid)
+    }
+
+    /// `MaxPool`, on the node's grid.
+    fn max_pool(&mut self, x: String, w: &Window, rank: usize, grid: Option<Grid>) -> String {
+        let y = self.pool("MaxPool", x, w, rank, vec![]);
+        self.on_grid(y, grid)
+    }
+
+    /// `AveragePool`, requantized to the node's grid.
+    fn avg_pool(
+        &mut self,
+        x: String,
+        w: &Window,
+        count_include_pad: bool,
+        rank: usize,
+        grid: Option<Grid>,
+    ) -> String {
+        let extra = vec![attr_int("count_include_pad", count_include_pad as i64)];
+        let y = self.pool("AveragePool", x, w, rank, extra);
+        self.on_grid(y, grid)
+    }
+
+    /// Adaptive pooling of an input of shape `input` as `GlobalAveragePool` (output 1) or an
+    /// `AveragePool` whose windows tile the input; `Err`: why neither fits.
+    fn adaptive_avg_pool(
+        &mut self,
+        x: String,
+        output: [usize; 2],
+        input: &[Dim],
+        grid: Option<Grid>,
+    ) -> Result<String, &'static str> {
+        let rank = input.len();
+        let (h, w) = if rank == 3 {
+            (Some(1), dim_text(&input[2]))
+        } else {
+            (dim_text(&input[2]), dim_text(&input[3]))
+        };
+        let (Some(h), Some(w)) = (h, w) else {
+            return Err("adaptive pooling over a batch-dependent axis");
+        };
+        let y = if output == [1, 1] {
+            self.node("GlobalAveragePool", vec![x], vec![])
+        } else if h % output[0] == 0 && w % output[1] == 0 {
+            let (kh, kw) = (h / output[0], w / output[1]);
+            let win = Window {
+                kernel: [kh, kw],
+                stride: [kh, kw],
+                padding: [0; 4],
+                dilation: [1, 1],
+            };
+            self.pool("AveragePool", x, &win, rank, vec![])
+        } else {
+            return Err(
+                "ONNX has no adaptive pooling: the output size must divide the input size (or be 1)",
+            );
+        };
+        Ok(self.on_grid(y, grid))
+    }
+
+    /// `ReduceMean` or `ReduceSum` along `axis`, requantized to the node's grid.
+    fn mean_or_sum(&mut self, x: String, axis: usize, mean: bool, grid: Option<Grid>) -> String {
+        let y = self.reduce(if mean { "ReduceMean" } else { "ReduceSum" }, x, axis);
+        self.on_grid(y, grid)
+    }
+
+    /// `Reshape` to `shape` (its one batch-dependent axis as `-1`), on the input's grid;
+    /// `Err`: several batch-dependent axes.
+    fn reshape(
+        &mut self,
+        x: String,
+        shape: &[Dim],
+        grid: Option<Grid>,
+    ) -> Result<String, &'static str> {
+        let batch_dims = shape.iter().filter(|d| matches!(d, Dim::Batch(_))).count();
+        if batch_dims > 1 {
+            return Err("a reshape with several batch-dependent axes");
+        }
+        let target: Vec<i64> = shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => *v as i64,
+                Dim::Batch(_) => -1,
+            })
+            .collect();
+        let s = self.init(
+            "shape",
+            DataType::Int64,
+            &[target.len()],
+            target.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
+        let y = self.node("Reshape", vec![x, s], vec![]);
+        Ok(self.on_grid(y, grid))
+    }
+
+    /// `Transpose` by `perm`, on the input's grid.
+    fn permute(&mut self, x: String, perm: &[usize], grid: Option<Grid>) -> String {
+        let p: Vec<i64> = perm.iter().map(|v| *v as i64).collect();
+        let y = self.node("Transpose", vec![x], vec![attr_ints("perm", &p)]);
+        self.on_grid(y, grid)
+    }
 }
 
 fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
