@@ -30,5 +30,5 @@ pub use model::{
     IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, ModelError, Output,
     RunError, Window,
 };
-pub use run::{Values, WeightCache};
+pub use run::{Plan, Session, Values, WeightCache};
 pub use validate::accumulator_bound;

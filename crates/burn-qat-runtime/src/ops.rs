@@ -6,13 +6,12 @@ use crate::kernels::for_each_chunk;
 use crate::model::{Grid, IntAdd, IntMul, Lut, Window, conv_output_len};
 use crate::requant::FixedMultiplier;
 
-/// Row-major strides of `shape`.
-fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
+/// `out` resized to `len` values (contents unspecified: every op overwrites them all); no
+/// allocation when it has room.
+fn sized<T: Copy + Default>(out: &mut Vec<T>, len: usize) -> &mut [T] {
+    out.clear();
+    out.resize(len, T::default());
+    out
 }
 
 /// NumPy broadcast of two shapes of the same rank, `None` if they do not broadcast.
@@ -39,37 +38,38 @@ fn binary(
     sb: &[usize],
     out_shape: &[usize],
     f: impl Fn(i8, i8) -> i8 + Sync,
-) -> Vec<i8> {
+    out: &mut Vec<i8>,
+) {
     if sa == sb {
         // Same shapes: in parallel chunks.
-        let mut data = vec![0i8; a.len()];
+        let data = sized(out, a.len());
         let chunk = 1 << 15;
-        for_each_chunk(&mut data, chunk, |i, dst, _: &mut ()| {
+        for_each_chunk(data, chunk, |i, dst, _: &mut ()| {
             let (a, b) = (&a[i * chunk..], &b[i * chunk..]);
             for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
                 *d = f(*x, *y);
             }
         });
-        return data;
+        return;
     }
     let total: usize = out_shape.iter().product();
-    let so = strides(out_shape);
-    let (ta, tb) = (strides(sa), strides(sb));
-    let mut out = Vec::with_capacity(total);
-    for i in 0..total {
-        let (mut ia, mut ib) = (0, 0);
-        for d in 0..out_shape.len() {
-            let c = (i / so[d]) % out_shape[d];
+    out.clear();
+    out.extend((0..total).map(|i| {
+        // The output index's coordinates, last axis first, and the inputs' offsets.
+        let (mut rest, mut ia, mut ib, mut ta, mut tb) = (i, 0, 0, 1, 1);
+        for d in (0..out_shape.len()).rev() {
+            let c = rest % out_shape[d];
+            rest /= out_shape[d];
             if sa[d] != 1 {
-                ia += c * ta[d];
+                ia += c * ta;
             }
             if sb[d] != 1 {
-                ib += c * tb[d];
+                ib += c * tb;
             }
+            (ta, tb) = (ta * sa[d], tb * sb[d]);
         }
-        out.push(f(a[ia], b[ib]));
-    }
-    out
+        f(a[ia], b[ib])
+    }));
 }
 
 /// Every output of a two-input integer op, `table[(x + 128) * 256 + y + 128] = f(x, y)`: 64 KiB
@@ -87,53 +87,73 @@ pub fn binary_lookup(
     sa: &[usize],
     b: &[i8],
     sb: &[usize],
-    out: &[usize],
-) -> Vec<i8> {
+    shape: &[usize],
+    out: &mut Vec<i8>,
+) {
     let table: &[i8; 1 << 16] = table.try_into().expect("a pair table has 65536 entries");
-    binary(a, sa, b, sb, out, |x, y| {
-        table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize]
-    })
+    let f = |x: i8, y: i8| table[((x as u8 ^ 0x80) as usize) << 8 | (y as u8 ^ 0x80) as usize];
+    binary(a, sa, b, sb, shape, f, out)
 }
 
-/// Integer add/subtract with broadcasting.
-pub fn add(op: &IntAdd, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &[usize]) -> Vec<i8> {
-    binary(a, sa, b, sb, out, |x, y| op.apply(x, y))
+/// Integer add/subtract with broadcasting, into `out` (`shape` is the output's).
+#[allow(clippy::too_many_arguments)]
+pub fn add(
+    op: &IntAdd,
+    a: &[i8],
+    sa: &[usize],
+    b: &[i8],
+    sb: &[usize],
+    shape: &[usize],
+    out: &mut Vec<i8>,
+) {
+    binary(a, sa, b, sb, shape, |x, y| op.apply(x, y), out)
 }
 
-/// Integer multiply with broadcasting.
-pub fn mul(op: &IntMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &[usize]) -> Vec<i8> {
-    binary(a, sa, b, sb, out, |x, y| op.apply(x, y))
+/// Integer multiply with broadcasting, into `out` (`shape` is the output's).
+#[allow(clippy::too_many_arguments)]
+pub fn mul(
+    op: &IntMul,
+    a: &[i8],
+    sa: &[usize],
+    b: &[i8],
+    sb: &[usize],
+    shape: &[usize],
+    out: &mut Vec<i8>,
+) {
+    binary(a, sa, b, sb, shape, |x, y| op.apply(x, y), out)
 }
 
-/// A lookup table on every value.
-pub fn lut(table: &Lut, x: &[i8]) -> Vec<i8> {
-    x.iter().map(|q| table.apply(*q)).collect()
+/// A lookup table on every value, into `out`.
+pub fn lut(table: &Lut, x: &[i8], out: &mut Vec<i8>) {
+    out.clear();
+    out.extend(x.iter().map(|q| table.apply(*q)));
 }
 
-/// One table per channel (axis 1 of `shape`): `table[c * 256 + q + 128]`.
-pub fn channel_lut(table: &Lut, channels: usize, x: &[i8], shape: &[usize]) -> Vec<i8> {
+/// One table per channel (axis 1 of `shape`): `table[c * 256 + q + 128]`, into `out`.
+pub fn channel_lut(table: &Lut, channels: usize, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
     let inner: usize = shape[2..].iter().product();
-    x.chunks(inner.max(1))
-        .enumerate()
-        .flat_map(|(row, values)| {
-            let base = (row % channels) * 256;
-            values
-                .iter()
-                .map(move |q| table.table[base + (*q as i32 + 128) as usize])
-        })
-        .collect()
+    out.clear();
+    out.extend(
+        x.chunks(inner.max(1))
+            .enumerate()
+            .flat_map(|(row, values)| {
+                let base = (row % channels) * 256;
+                values
+                    .iter()
+                    .map(move |q| table.table[base + (*q as i32 + 128) as usize])
+            }),
+    );
 }
 
-/// Float to 8-bit on `grid` (in parallel chunks when large).
-pub fn quantize(grid: &Grid, x: &[f32]) -> Vec<i8> {
-    let mut out = vec![0i8; x.len()];
+/// Float to 8-bit on `grid` (in parallel chunks when large), into `out`.
+pub fn quantize(grid: &Grid, x: &[f32], out: &mut Vec<i8>) {
+    let data = sized(out, x.len());
     let chunk = 1 << 14;
-    for_each_chunk(&mut out, chunk, |i, dst, _: &mut ()| {
+    for_each_chunk(data, chunk, |i, dst, _: &mut ()| {
         for (o, v) in dst.iter_mut().zip(&x[i * chunk..]) {
             *o = grid.quantize(*v) as i8;
         }
     });
-    out
 }
 
 /// `[n, c, h, w]` of a rank-4 shape, or of a rank-3 `[n, c, l]` read as `h = 1`.
@@ -152,6 +172,17 @@ pub fn pool_shape(w: &Window, shape: &[usize]) -> Option<Vec<usize>> {
         return None;
     }
     let [n, c, h, wd] = nchw(shape);
+    let (oh, ow) = pool_hw(w, h, wd)?;
+    Some(if one_d {
+        vec![n, c, ow]
+    } else {
+        vec![n, c, oh, ow]
+    })
+}
+
+/// For every output position of every plane, `f(plane, oy, ox, values in the window)`.
+/// The output height and width of the window `w` on an `h x wd` plane.
+pub(crate) fn pool_hw(w: &Window, h: usize, wd: usize) -> Option<(usize, usize)> {
     let oh = conv_output_len(
         h,
         w.padding[0] + w.padding[1],
@@ -166,24 +197,19 @@ pub fn pool_shape(w: &Window, shape: &[usize]) -> Option<Vec<usize>> {
         w.kernel[1],
         w.stride[1],
     )?;
-    Some(if one_d {
-        vec![n, c, ow]
-    } else {
-        vec![n, c, oh, ow]
-    })
+    Some((oh, ow))
 }
 
-/// For every output position of every plane, `f(plane, oy, ox, values in the window)`.
 fn windows(
     w: &Window,
     x: &[i8],
     shape: &[usize],
     mut f: impl FnMut(&mut dyn Iterator<Item = Option<i8>>) -> i8,
-) -> Vec<i8> {
-    let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
+    out: &mut Vec<i8>,
+) {
     let [n, c, h, wd] = nchw(shape);
-    let [_, _, oh, ow] = nchw(&out_shape);
-    let mut out = Vec::with_capacity(n * c * oh * ow);
+    let (oh, ow) = pool_hw(w, h, wd).expect("shape checked by the runner");
+    out.clear();
     for plane in x.chunks(h * wd).take(n * c) {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -201,17 +227,16 @@ fn windows(
             }
         }
     }
-    out
 }
 
 /// Max pooling; padded positions never win (they are `-inf` in the float model). Windows
 /// without dilation or begin padding, whose end padding is narrower than the kernel (no
 /// padding, the common case, or the end padding of ceil mode), take a row-wise fast path.
-pub fn max_pool(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
+pub fn max_pool(w: &Window, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
     if row_wise(w) {
-        return max_pool_valid(w, x, shape);
+        return max_pool_valid(w, x, shape, out);
     }
-    windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max))
+    windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max), out)
 }
 
 /// Whether [`max_pool_planes`] pools with window `w`: no dilation, no begin padding, end
@@ -228,27 +253,27 @@ pub(crate) fn row_wise(w: &Window) -> bool {
 /// Max pooling with a [`row_wise`] window, one output row at a time: the column-wise max of
 /// the window's rows (contiguous, vectorized), then the max along each window's columns.
 /// Planes run in parallel in chunks when the tensor is large.
-fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize]) -> Vec<i8> {
-    let out_shape = pool_shape(w, shape).expect("shape checked by the runner");
+fn max_pool_valid(w: &Window, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
+    thread_local! {
+        /// A row's column maxima, kept between calls (no allocation after the first).
+        static ROWS_MAX: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let [n, c, h, wd] = nchw(shape);
-    let [_, _, oh, ow] = nchw(&out_shape);
-    let mut out = vec![i8::MIN; n * c * oh * ow];
+    let (oh, ow) = pool_hw(w, h, wd).expect("shape checked by the runner");
+    let out = sized(out, n * c * oh * ow);
     if out.is_empty() {
-        return out;
+        return;
     }
     // Planes per chunk: about 16 KiB of input.
     let planes = ((1 << 14) / (h * wd).max(1)).max(1);
-    for_each_chunk(
-        &mut out,
-        planes * oh * ow,
-        |i, dst, rows_max: &mut Vec<i8>| {
-            let first = i * planes;
-            let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
+    for_each_chunk(out, planes * oh * ow, |i, dst, _: &mut ()| {
+        let first = i * planes;
+        let src = &x[first * h * wd..(first + dst.len() / (oh * ow)) * h * wd];
+        ROWS_MAX.with_borrow_mut(|rows_max| {
             rows_max.resize(wd, 0);
             max_pool_planes(w, src, [h, wd, oh, ow], rows_max, dst)
-        },
-    );
-    out
+        })
+    });
 }
 
 /// Max pooling with a [`row_wise`] window of whole planes `x` (`[.., h, wd]`) into `out`
@@ -261,16 +286,18 @@ pub(crate) fn max_pool_planes(
     out: &mut [i8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the feature was detected just above.
+    if crate::kernels::isa().x86_avx2() {
+        // SAFETY: the current instruction set has AVX2 (`Isa::x86_avx2`), and the current
+        // choice is always one this CPU runs (`kernels::isa`).
         return unsafe { max_planes_avx2(w, x, dims, rows_max, out) };
     }
     max_planes(w, x, dims, rows_max, out)
 }
 
+/// [`max_planes`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn max_planes_avx2(w: &Window, x: &[i8], dims: [usize; 4], rows: &mut [i8], out: &mut [i8]) {
+fn max_planes_avx2(w: &Window, x: &[i8], dims: [usize; 4], rows: &mut [i8], out: &mut [i8]) {
     max_planes(w, x, dims, rows, out)
 }
 
@@ -278,7 +305,7 @@ unsafe fn max_planes_avx2(w: &Window, x: &[i8], dims: [usize; 4], rows: &mut [i8
 /// sign-extended to `i16`, their max packed back to bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pair_max_avx2(row: &[i8], dst: &mut [i8]) {
+fn pair_max_avx2(row: &[i8], dst: &mut [i8]) {
     use std::arch::x86_64::*;
     let n = dst.len().min(row.len() / 2);
     let mut i = 0;
@@ -289,6 +316,7 @@ unsafe fn pair_max_avx2(row: &[i8], dst: &mut [i8]) {
         let even = _mm256_srai_epi16(_mm256_slli_epi16(m, 8), 8);
         let packed = _mm256_packs_epi16(_mm256_max_epi16(even, odd), _mm256_setzero_si256());
         let bytes = _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000));
+        // SAFETY: bytes `i..i + 16 <= dst.len()`.
         unsafe { _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, bytes) };
         i += 16;
     }
@@ -298,6 +326,7 @@ unsafe fn pair_max_avx2(row: &[i8], dst: &mut [i8]) {
         let odd = _mm_srai_epi16(m, 8);
         let even = _mm_srai_epi16(_mm_slli_epi16(m, 8), 8);
         let packed = _mm_packs_epi16(_mm_max_epi16(even, odd), _mm_setzero_si128());
+        // SAFETY: bytes `i..i + 8 <= dst.len()`.
         unsafe { _mm_storel_epi64(dst.as_mut_ptr().add(i) as *mut __m128i, packed) };
         i += 8;
     }
@@ -329,8 +358,9 @@ fn max_planes(
             }
             if kernel[1] == 2 && stride[1] == 2 {
                 #[cfg(target_arch = "x86_64")]
-                let done = std::arch::is_x86_feature_detected!("avx2") && {
-                    // SAFETY: the feature was detected just above.
+                let done = crate::kernels::isa().x86_avx2() && {
+                    // SAFETY: the current instruction set has AVX2 (`Isa::x86_avx2`), and the
+                    // current choice is always one this CPU runs (`kernels::isa`).
                     unsafe { pair_max_avx2(rows_max, dst) };
                     true
                 };
@@ -361,25 +391,34 @@ fn max_planes(
 struct Averager {
     out: Grid,
     ratio: f64,
-    /// Multipliers by window count, made on first use (a window has few distinct counts).
-    by_count: std::collections::HashMap<usize, FixedMultiplier>,
+    /// The multipliers of the last few window counts, made on first use (a pooling has one
+    /// count inside and a few at the borders): no allocation.
+    recent: [(usize, FixedMultiplier); 4],
+    next: usize,
 }
 
 impl Averager {
     fn new(input: &Grid, out: &Grid, _max_count: usize) -> Self {
+        let ratio = input.scale as f64 / out.scale as f64;
         Self {
             out: *out,
-            ratio: input.scale as f64 / out.scale as f64,
-            by_count: Default::default(),
+            ratio,
+            recent: [(0, FixedMultiplier::new(ratio)); 4],
+            next: 0,
         }
     }
 
     fn apply(&mut self, sum: i32, count: usize) -> i8 {
-        let ratio = self.ratio;
-        let m = *self
-            .by_count
-            .entry(count)
-            .or_insert_with(|| FixedMultiplier::new(ratio / count.max(1) as f64));
+        let count = count.max(1);
+        let m = match self.recent.iter().find(|(c, _)| *c == count) {
+            Some((_, m)) => *m,
+            None => {
+                let m = FixedMultiplier::new(self.ratio / count as f64);
+                self.recent[self.next] = (count, m);
+                self.next = (self.next + 1) % self.recent.len();
+                m
+            }
+        };
         (m.apply(sum).saturating_add(self.out.zero_point)).clamp(self.out.qmin, self.out.qmax) as i8
     }
 }
@@ -392,18 +431,20 @@ pub fn avg_pool(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> Vec<i8> {
+    dst: &mut Vec<i8>,
+) {
     let full = w.kernel[0] * w.kernel[1];
     let mut avg = Averager::new(input, out, full);
     let zp = input.zero_point;
-    windows(w, x, shape, |it| {
+    let average = |it: &mut dyn Iterator<Item = Option<i8>>| {
         let (mut sum, mut count) = (0i32, 0usize);
         for v in it.flatten() {
             sum += v as i32 - zp;
             count += 1;
         }
         avg.apply(sum, if count_include_pad { full } else { count })
-    })
+    };
+    windows(w, x, shape, average, dst)
 }
 
 /// PyTorch's adaptive window `[start, end)` of output `i` of `out` over `len`.
@@ -418,17 +459,18 @@ pub fn adaptive_avg_pool(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> Vec<i8> {
+    dst: &mut Vec<i8>,
+) {
     let [n, c, h, wd] = nchw(shape);
     let [oh, ow] = size;
     let zp = input.zero_point;
-    let mut data = vec![0i8; n * c * oh * ow];
+    let data = sized(dst, n * c * oh * ow);
     if data.is_empty() {
-        return data;
+        return;
     }
     // Planes in parallel chunks of about 16 KiB of input, each with its own averager.
     let planes = ((1 << 14) / (h * wd).max(1)).max(1);
-    for_each_chunk(&mut data, planes * oh * ow, |i, dst, _: &mut ()| {
+    for_each_chunk(data, planes * oh * ow, |i, dst, _: &mut ()| {
         let mut avg = Averager::new(input, out, h * wd);
         let first = i * planes;
         let src = x.chunks(h * wd).skip(first);
@@ -451,7 +493,6 @@ pub fn adaptive_avg_pool(
             }
         }
     });
-    data
 }
 
 /// Mean or sum along `axis` (kept with size 1, as Burn's `mean_dim`), requantized to `out`.
@@ -462,13 +503,14 @@ pub fn reduce(
     out: &Grid,
     x: &[i8],
     shape: &[usize],
-) -> Vec<i8> {
+    data: &mut Vec<i8>,
+) {
     let outer: usize = shape[..axis].iter().product();
     let len = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
     let mut avg = Averager::new(input, out, len);
     let zp = input.zero_point;
-    let mut data = Vec::with_capacity(outer * inner);
+    data.clear();
     for o in 0..outer {
         for i in 0..inner {
             let sum: i32 = (0..len)
@@ -477,37 +519,49 @@ pub fn reduce(
             data.push(avg.apply(sum, if mean { len } else { 1 }));
         }
     }
-    data
 }
 
-/// Concatenation along `axis` of inputs already on the output grid.
-pub fn concat(axis: usize, inputs: &[(&[i8], &[usize])]) -> Vec<i8> {
-    let outer: usize = inputs[0].1[..axis].iter().product();
-    let mut data = Vec::with_capacity(inputs.iter().map(|(x, _)| x.len()).sum());
+/// Concatenation along `axis` of `count` inputs, `input(k)` giving input `k`'s values, its
+/// shape and the table that requantizes it to the output grid (`None`: same grid), into `out`.
+pub fn concat<'a>(
+    axis: usize,
+    count: usize,
+    input: impl Fn(usize) -> (&'a [i8], &'a [usize], Option<&'a Lut>),
+    out: &mut Vec<i8>,
+) {
+    out.clear();
+    if count == 0 {
+        return;
+    }
+    let outer: usize = input(0).1[..axis].iter().product();
     for o in 0..outer {
-        for (x, s) in inputs {
+        for k in 0..count {
+            let (x, s, table) = input(k);
             let chunk: usize = s[axis..].iter().product();
-            data.extend_from_slice(&x[o * chunk..(o + 1) * chunk]);
+            let part = &x[o * chunk..(o + 1) * chunk];
+            match table {
+                Some(t) => out.extend(part.iter().map(|q| t.apply(*q))),
+                None => out.extend_from_slice(part),
+            }
         }
     }
-    data
 }
 
 /// Axes permuted: output axis `i` is input axis `perm[i]`.
-pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize]) -> Vec<T> {
-    let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
-    let si = strides(shape);
-    let so = strides(&out_shape);
-    let total = x.len();
-    let mut data = Vec::with_capacity(total);
-    for i in 0..total {
-        let mut src = 0;
-        for d in 0..perm.len() {
-            src += ((i / so[d]) % out_shape[d]) * si[perm[d]];
+pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize], out: &mut Vec<T>) {
+    out.clear();
+    out.extend((0..x.len()).map(|i| {
+        // The output index's coordinates, last axis first; output axis `d` is input axis
+        // `perm[d]`, whose stride is the product of the input sizes after it.
+        let (mut rest, mut src) = (i, 0);
+        for d in (0..perm.len()).rev() {
+            let size = shape[perm[d]];
+            let stride: usize = shape[perm[d] + 1..].iter().product();
+            src += (rest % size) * stride;
+            rest /= size;
         }
-        data.push(x[src]);
-    }
-    data
+        x[src]
+    }));
 }
 
 #[cfg(test)]
@@ -531,8 +585,11 @@ mod tests {
             let x: Vec<i8> = (0..n * c * h * w)
                 .map(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 56) as i8)
                 .collect();
-            let slow = windows(&win, &x, &shape, |it| it.flatten().fold(i8::MIN, i8::max));
-            prop_assert_eq!(max_pool(&win, &x, &shape), slow);
+            let mut slow = Vec::new();
+            windows(&win, &x, &shape, |it| it.flatten().fold(i8::MIN, i8::max), &mut slow);
+            let mut fast = vec![7; 3];
+            max_pool(&win, &x, &shape, &mut fast);
+            prop_assert_eq!(fast, slow);
         }
     }
 }

@@ -2,6 +2,11 @@
 //! multiplier `M = s_in * s_w / s_out` becomes `m0 * 2^-(31 + shift)` with `m0` in
 //! `[2^30, 2^31)`, and `acc * M` is computed with one 64-bit product and a rounding shift.
 //! Rounding is half to even, the rounding of the fake-quant model's `round(y / s_out)`.
+//!
+//! [`FixedMultiplier::requantize`] runs one implementation per instruction set
+//! ([`kernels::isa`](crate::kernels::isa())): AVX-512, AVX2, NEON or portable, all exact.
+
+use crate::kernels::Isa;
 
 /// A real multiplier in fixed point: `value = m0 * 2^-(31 + shift)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -119,29 +124,21 @@ impl FixedMultiplier {
             lo as i64,
             hi as i64,
         );
-        #[cfg(target_arch = "x86_64")]
-        {
-            static ISA: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-            let isa = *ISA.get_or_init(|| {
-                if is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512bw")
-                {
-                    2
-                } else {
-                    u8::from(is_x86_feature_detected!("avx2"))
-                }
-            });
-            let len = acc.len().min(out.len());
-            match isa {
-                // SAFETY: the features were detected above; both slices hold `len` values.
-                2 => return unsafe { requantize_avx512(&acc[..len], &mut out[..len], args) },
-                // SAFETY: as above.
-                1 => return unsafe { requantize_avx2(acc, out, args) },
-                _ => {}
-            }
+        let len = acc.len().min(out.len());
+        let (acc, out) = (&acc[..len], &mut out[..len]);
+        match crate::kernels::isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the current choice is always one this CPU runs (`kernels::isa`), and
+            // `Isa::Avx512Vnni` needs AVX-512 F, VL and BW (`Isa::check`).
+            Isa::Avx512Vnni => unsafe { requantize_avx512(acc, out, args) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above, both need AVX2.
+            Isa::AvxVnni | Isa::Avx2 => unsafe { requantize_avx2(acc, out, args) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above, both need NEON.
+            Isa::NeonDot | Isa::Neon => unsafe { requantize_neon(acc, out, args) },
+            _ => requantize_shift(acc, out, args),
         }
-        requantize_shift(acc, out, args)
     }
 }
 
@@ -164,7 +161,9 @@ fn requantize_shift(
 
 /// [`requantize_shift`] sixteen values at a time: the 64-bit products of the even and odd
 /// lanes (`vpmuldq`), rounded half to even by shifts, offset, clamped, narrowed to bytes.
-/// `acc` and `out` have the same length.
+///
+/// # Safety
+/// The CPU has AVX-512 F, VL and BW; `out` is at least as long as `acc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
 unsafe fn requantize_avx512(
@@ -202,7 +201,7 @@ unsafe fn requantize_avx512(
     let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     let mut i = 0;
     while i + 64 <= acc.len() {
-        // SAFETY: `i + 64 <= len` for the loads and the store.
+        // SAFETY: values `i..i + 64 <= acc.len()`.
         let v = [0, 16, 32, 48]
             .map(|o| sixteen(unsafe { _mm512_loadu_si512(acc.as_ptr().add(i + o) as *const _) }));
         let packed = _mm512_packs_epi16(
@@ -210,6 +209,7 @@ unsafe fn requantize_avx512(
             _mm512_packs_epi32(v[2], v[3]),
         );
         let bytes = _mm512_permutexvar_epi32(order, packed);
+        // SAFETY: bytes `i..i + 64 <= acc.len() <= out.len()`.
         unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, bytes) };
         i += 64;
     }
@@ -219,15 +219,63 @@ unsafe fn requantize_avx512(
         // SAFETY: the mask keeps the load and store within `i..i + n`.
         let a = unsafe { _mm512_maskz_loadu_epi32(mask, acc.as_ptr().add(i)) };
         let both = sixteen(a);
+        // SAFETY: the mask keeps the store within `i..i + n <= out.len()`.
         unsafe { _mm_mask_storeu_epi8(out.as_mut_ptr().add(i), mask, _mm512_cvtepi32_epi8(both)) };
         i += 16;
     }
 }
 
+/// [`requantize_shift`] compiled for AVX2 (the compiler vectorizes it).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn requantize_avx2(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64)) {
     requantize_shift(acc, out, args)
+}
+
+/// [`requantize_shift`] eight values at a time: the 64-bit products (`smull`), rounded half to
+/// even by arithmetic shifts (`sshl` by `-total`), offset, narrowed with saturation to `i32`
+/// (which keeps the clamp's result: `lo` and `hi` are `i8`), clamped, narrowed to bytes.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+fn requantize_neon(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64)) {
+    use std::arch::aarch64::*;
+    let (m0, total, zp, lo, hi) = args;
+    let n = acc.len().min(out.len());
+    let m = vdupq_n_s32(m0 as i32);
+    let shift = vdupq_n_s64(-(total as i64));
+    let half_minus_one = vdupq_n_s64((1i64 << (total - 1)) - 1);
+    let one = vdupq_n_s64(1);
+    let zp = vdupq_n_s64(zp);
+    let (lo, hi) = (vdupq_n_s32(lo as i32), vdupq_n_s32(hi as i32));
+    let round = |prod: int64x2_t| {
+        let odd = vandq_s64(vshlq_s64(prod, shift), one);
+        let r = vshlq_s64(vaddq_s64(vaddq_s64(prod, half_minus_one), odd), shift);
+        vaddq_s64(r, zp)
+    };
+    // Four clamped values as four `i32` lanes.
+    let four = |a: int32x4_t| {
+        let low = round(vmull_s32(vget_low_s32(a), vget_low_s32(m)));
+        let high = round(vmull_high_s32(a, m));
+        vminq_s32(
+            vmaxq_s32(vcombine_s32(vqmovn_s64(low), vqmovn_s64(high)), lo),
+            hi,
+        )
+    };
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: values `i..i + 8 <= n <= acc.len()`.
+        let (a, b) = unsafe {
+            (
+                vld1q_s32(acc.as_ptr().add(i)),
+                vld1q_s32(acc.as_ptr().add(i + 4)),
+            )
+        };
+        let bytes = vmovn_s16(vcombine_s16(vmovn_s32(four(a)), vmovn_s32(four(b))));
+        // SAFETY: bytes `i..i + 8 <= n <= out.len()`.
+        unsafe { vst1_s8(out.as_mut_ptr().add(i), bytes) };
+        i += 8;
+    }
+    requantize_shift(&acc[i..n], &mut out[i..n], args);
 }
 
 /// `round_half_even(t / 2^shift)` for `shift >= 1`.

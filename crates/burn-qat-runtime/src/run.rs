@@ -1,10 +1,16 @@
-//! Running an [`IntegerModel`]: shape checks, the weight cache, and one kernel per node.
+//! Running an [`IntegerModel`]: a [`Plan`] compiled once per batch size (node order, the
+//! conv + max-pool fusion, buffer reuse, shapes checked once) and reused by every call, the
+//! buffers it runs in, and the weight cache.
+//!
+//! A [`Session`] keeps its plans and buffers: after the first call at a batch size, a call at
+//! that batch size allocates nothing (the kernels' per-thread buffers are sized on the first
+//! call too, see `kernels::equalize_scratch`). [`IntegerModel::forward`] runs on a session
+//! kept in the model's cache, copying the output out.
 
-use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::kernels::{self, Packed};
-use crate::model::{Grid, IntOp, IntegerModel, ModelError, RunError, Window};
+use crate::model::{Grid, IntOp, IntegerModel, ModelError, Output, RunError};
 use crate::ops;
 use crate::validate::infer;
 
@@ -46,6 +52,8 @@ impl Values {
 pub struct WeightCache(
     OnceLock<Vec<OnceLock<Packed>>>,
     OnceLock<Result<(), ModelError>>,
+    /// The plans and buffers of `forward` (another thread's call meanwhile uses its own).
+    Mutex<State>,
 );
 
 impl WeightCache {
@@ -112,24 +120,690 @@ fn err(model: &IntegerModel, node: usize, what: String) -> RunError {
     })
 }
 
+/// Where a node's values live while the model runs: one of the session's `i8` or `f32`
+/// buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    float: bool,
+    index: usize,
+}
+
+/// What a step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The node's own kernel.
+    Node,
+    /// A convolution and the max pooling `pool` right after it, its only reader, at once
+    /// (`kernels::conv2d_max_pool`); the output is the pooling's.
+    ConvMaxPool { pool: usize },
+    /// A reshape of a value nobody reads after it: the same buffer, a new shape.
+    Move,
+}
+
+/// One step of a plan: a node (or a fused pair), its inputs' and output's buffers.
+#[derive(Clone, Debug)]
+struct Step {
+    node: usize,
+    kind: Kind,
+    inputs: Vec<Slot>,
+    out: Slot,
+}
+
+/// How an [`IntegerModel`] runs at one batch size, worked out once: every node's shape
+/// (checked against its inputs' by the rule of [`validate`](IntegerModel::validate)), the
+/// steps in order with the fusions taken (a convolution with the max pooling that alone reads
+/// it; a reshape of a dead value in place), and the buffer of each value, reused as soon as
+/// its last reader has run (`i8` and `f32` buffers apart).
+///
+/// ```
+/// use burn_qat_runtime::model::{Dim, Grid, IntNode, IntOp, IntegerModel};
+///
+/// let g = Grid { scale: 0.1, zero_point: 0, qmin: -128, qmax: 127 };
+/// let node = |name: &str, op, inputs, grid| IntNode {
+///     name: name.into(), op, inputs, shape: vec![Dim::Batch(1), Dim::Fixed(4)], grid,
+/// };
+/// let model = IntegerModel::new(
+///     vec![
+///         node("x", IntOp::Input, vec![], None),
+///         node("q", IntOp::Quantize(g), vec![0], Some(g)),
+///         node("r", IntOp::Reshape, vec![1], Some(g)),
+///     ],
+///     2,
+/// );
+/// let plan = model.plan_for(3).unwrap();
+/// assert_eq!(plan.batch(), 3);
+/// assert_eq!(plan.output_shape(), &[3, 4]);
+/// assert_eq!(plan.buffers(), (1, 1)); // one i8 buffer (the reshape moves it), one f32
+/// ```
+#[derive(Clone, Debug)]
+pub struct Plan {
+    batch: usize,
+    shapes: Vec<Vec<usize>>,
+    steps: Vec<Step>,
+    ints: usize,
+    floats: usize,
+    output: Slot,
+    output_node: usize,
+    /// Whether a call has run and the kernels' per-thread buffers were evened out after it.
+    warm: bool,
+}
+
+impl Plan {
+    /// The batch size it runs.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// The output's shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.shapes[self.output_node]
+    }
+
+    /// How many `i8` and `f32` buffers the steps share.
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.ints, self.floats)
+    }
+
+    /// How many steps run (nodes, less the fused and moved ones).
+    pub fn steps(&self) -> usize {
+        self.steps.iter().filter(|s| s.kind != Kind::Move).count()
+    }
+
+    fn new(model: &IntegerModel, batch: usize, reference: bool) -> Result<Plan, RunError> {
+        let n = model.nodes.len();
+        let shapes: Vec<Vec<usize>> = model
+            .nodes
+            .iter()
+            .map(|node| node.shape.iter().map(|d| d.at(batch)).collect())
+            .collect();
+        let mut last_use = vec![0; n];
+        let mut readers = vec![0usize; n];
+        for (i, node) in model.nodes.iter().enumerate() {
+            let ins: Vec<Vec<usize>> = node.inputs.iter().map(|j| shapes[*j].clone()).collect();
+            check_shape(model, i, &ins, &shapes[i])?;
+            for j in &node.inputs {
+                last_use[*j] = i;
+                readers[*j] += 1;
+            }
+        }
+        last_use[model.output] = usize::MAX;
+        let mut float = vec![false; n];
+        let mut slots: Vec<Option<Slot>> = vec![None; n];
+        let (mut free_int, mut free_float) = (Vec::new(), Vec::new());
+        let (mut ints, mut floats) = (0, 0);
+        let mut steps = Vec::with_capacity(n);
+        let mut skip = None;
+        for (i, node) in model.nodes.iter().enumerate() {
+            if skip == Some(i) {
+                continue;
+            }
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|j| {
+                    slots[*j].ok_or_else(|| err(model, i, "its input was not computed".into()))
+                })
+                .collect::<Result<Vec<Slot>, RunError>>()?;
+            float[i] = value_is_float(model, i, &inputs)?;
+            let pool = (!reference)
+                .then(|| pool_after(model, i, &readers))
+                .flatten();
+            let (kind, out) = if matches!(node.op, IntOp::Reshape) && last_use[node.inputs[0]] == i
+            {
+                (Kind::Move, inputs[0])
+            } else {
+                let free = if float[i] {
+                    &mut free_float
+                } else {
+                    &mut free_int
+                };
+                let count = if float[i] { &mut floats } else { &mut ints };
+                let index = free.pop().unwrap_or_else(|| {
+                    *count += 1;
+                    *count - 1
+                });
+                let kind = match pool {
+                    Some(pool) => Kind::ConvMaxPool { pool },
+                    None => Kind::Node,
+                };
+                (
+                    kind,
+                    Slot {
+                        float: float[i],
+                        index,
+                    },
+                )
+            };
+            let at = match kind {
+                Kind::ConvMaxPool { pool } => {
+                    skip = Some(pool);
+                    pool
+                }
+                _ => i,
+            };
+            slots[at] = Some(out);
+            if kind != Kind::Move {
+                // Each input read for the last time frees its buffer once (after the output
+                // took one: a step never writes over what it reads).
+                for (k, (j, slot)) in node.inputs.iter().zip(&inputs).enumerate() {
+                    if last_use[*j] == i && !node.inputs[..k].contains(j) {
+                        let free = if slot.float {
+                            &mut free_float
+                        } else {
+                            &mut free_int
+                        };
+                        free.push(slot.index);
+                    }
+                }
+            }
+            steps.push(Step {
+                node: i,
+                kind,
+                inputs,
+                out,
+            });
+        }
+        let output = slots[model.output]
+            .ok_or_else(|| err(model, model.output, "the output is not computed".into()))?;
+        Ok(Plan {
+            batch,
+            shapes,
+            steps,
+            ints,
+            floats,
+            output,
+            output_node: model.output,
+            warm: false,
+        })
+    }
+}
+
+/// Whether node `i` produces floats (its inputs' buffers `inputs` say what it reads).
+fn value_is_float(model: &IntegerModel, i: usize, inputs: &[Slot]) -> Result<bool, RunError> {
+    let op = &model.nodes[i].op;
+    let wants_int = |k: usize| -> Result<(), RunError> {
+        match inputs.get(k) {
+            Some(s) if !s.float => Ok(()),
+            _ => Err(err(model, i, format!("input {k} is not an integer tensor"))),
+        }
+    };
+    Ok(match op {
+        IntOp::Input => true,
+        IntOp::Quantize(_) => {
+            if !inputs.first().is_some_and(|s| s.float) {
+                return Err(err(model, i, "quantizes a non-float tensor".into()));
+            }
+            false
+        }
+        IntOp::Reshape | IntOp::Permute { .. } => {
+            inputs
+                .first()
+                .ok_or_else(|| err(model, i, "its input was not computed".into()))?
+                .float
+        }
+        IntOp::Conv2d(c) => {
+            wants_int(0)?;
+            matches!(c.output, Output::Float { .. })
+        }
+        IntOp::Linear(l) => {
+            wants_int(0)?;
+            matches!(l.output, Output::Float { .. })
+        }
+        _ => {
+            for k in 0..inputs.len() {
+                wants_int(k)?;
+            }
+            if model.nodes[i].grid.is_none() {
+                return Err(err(model, i, "has no output grid".into()));
+            }
+            false
+        }
+    })
+}
+
+/// The shape rule of `validate` for node `i`: its inputs' shapes `ins` give `shape`.
+fn check_shape(
+    model: &IntegerModel,
+    i: usize,
+    ins: &[Vec<usize>],
+    shape: &[usize],
+) -> Result<(), RunError> {
+    match infer(&model.nodes[i].op, ins, shape) {
+        Ok(got) if got == shape => Ok(()),
+        Ok(got) => Err(err(
+            model,
+            i,
+            format!("computes {got:?}, declares {shape:?}"),
+        )),
+        Err(e) => Err(err(model, i, e)),
+    }
+}
+
+/// Node `i + 1` when node `i` is a convolution with a quantized output (not the model's
+/// output) whose one reader is node `i + 1`, a max pooling the row-wise kernel runs
+/// (`ops::row_wise`: no dilation, no padding but ceil mode's at the end) (`readers`: per
+/// node, how many inputs name it).
+fn pool_after(model: &IntegerModel, i: usize, readers: &[usize]) -> Option<usize> {
+    let IntOp::Conv2d(c) = &model.nodes[i].op else {
+        return None;
+    };
+    let next = model.nodes.get(i + 1)?;
+    let IntOp::MaxPool(w) = &next.op else {
+        return None;
+    };
+    let only_reader = next.inputs == [i] && readers[i] == 1 && i != model.output;
+    (only_reader && ops::row_wise(w) && c.output.grid().is_some()).then_some(i + 1)
+}
+
+/// A session's plans (one per batch size met) and the buffers they run in, without the model.
+#[derive(Default)]
+struct State {
+    plans: Vec<Plan>,
+    /// The plan of the last call.
+    last: usize,
+    /// Values in one batch item of the input.
+    item: Option<usize>,
+    reference: bool,
+    ints: Vec<Vec<i8>>,
+    floats: Vec<Vec<f32>>,
+    acc: Vec<i32>,
+    out: Vec<f32>,
+}
+
+/// Runs an [`IntegerModel`] again and again: keeps a [`Plan`] per batch size and the buffers
+/// the plans run in, so that after the first call at a batch size a call allocates nothing.
+///
+/// ```
+/// use burn_qat_runtime::model::{Dim, Grid, IntNode, IntOp, IntegerModel, Lut};
+///
+/// let g = Grid { scale: 0.5, zero_point: 0, qmin: -128, qmax: 127 };
+/// let table = (0..256).map(|i| (i as i32 - 128).max(0) as i8).collect();
+/// let relu = Lut { function: "Relu".into(), input: g, output: g, table };
+/// let node = |name: &str, op, inputs, grid| IntNode {
+///     name: name.into(), op, inputs, shape: vec![Dim::Batch(1), Dim::Fixed(2)], grid,
+/// };
+/// let model = IntegerModel::new(
+///     vec![
+///         node("x", IntOp::Input, vec![], None),
+///         node("q", IntOp::Quantize(g), vec![0], Some(g)),
+///         node("relu", IntOp::Lut(relu), vec![1], Some(g)),
+///     ],
+///     2,
+/// );
+/// let mut session = model.session();
+/// let (y, shape) = session.run(&[1.0, -2.0, 3.0, 0.25]).unwrap();
+/// assert_eq!((y, shape), (&[1.0, 0.0, 3.0, 0.0][..], &[2, 2][..]));
+/// ```
+pub struct Session<'m> {
+    model: &'m IntegerModel,
+    state: State,
+}
+
+impl<'m> Session<'m> {
+    /// Runs the model on a batch of float inputs (`[n, ..input_shape]` row-major, `n` inferred
+    /// from the length) and returns the float outputs (dequantized if the output is
+    /// quantized) and their shape, borrowed from the session until the next call.
+    ///
+    /// # Errors
+    ///
+    /// As [`IntegerModel::forward`].
+    pub fn run(&mut self, input: &[f32]) -> Result<(&[f32], &[usize]), RunError> {
+        self.state.run(self.model, input)?;
+        Ok(self.state.float_output(self.model))
+    }
+
+    /// Like [`run`](Self::run), returning the raw integer output with its shape and grid, or
+    /// `None` if the model's output is float.
+    ///
+    /// # Errors
+    ///
+    /// As [`IntegerModel::forward`].
+    pub fn run_int(&mut self, input: &[f32]) -> Result<Option<(&[i8], &[usize], Grid)>, RunError> {
+        self.state.run(self.model, input)?;
+        let plan = &self.state.plans[self.state.last];
+        Ok((!plan.output.float).then(|| {
+            let grid = self.model.nodes[plan.output_node].grid.unwrap_or(Grid {
+                scale: 1.0,
+                zero_point: 0,
+                qmin: -128,
+                qmax: 127,
+            });
+            (
+                &self.state.ints[plan.output.index][..],
+                plan.output_shape(),
+                grid,
+            )
+        }))
+    }
+
+    /// The plan for batch size `batch`, compiled now if it is new.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Model`] if the model is inconsistent at this batch size.
+    pub fn plan(&mut self, batch: usize) -> Result<&Plan, RunError> {
+        let at = self.state.plan(self.model, batch)?;
+        Ok(&self.state.plans[at])
+    }
+}
+
+impl State {
+    /// The index of the plan for `batch`, compiled if new.
+    fn plan(&mut self, model: &IntegerModel, batch: usize) -> Result<usize, RunError> {
+        model.cache.1.get_or_init(|| model.validate()).clone()?;
+        if let Some(at) = self.plans.iter().position(|p| p.batch == batch) {
+            return Ok(at);
+        }
+        let plan = Plan::new(model, batch, self.reference)?;
+        if self.ints.len() < plan.ints {
+            self.ints.resize_with(plan.ints, Vec::new);
+        }
+        if self.floats.len() < plan.floats {
+            self.floats.resize_with(plan.floats, Vec::new);
+        }
+        self.plans.push(plan);
+        Ok(self.plans.len() - 1)
+    }
+
+    /// Runs `input` (the plan that ran is `self.last`).
+    fn run(&mut self, model: &IntegerModel, input: &[f32]) -> Result<(), RunError> {
+        let item = *self
+            .item
+            .get_or_insert_with(|| model.input_shape().iter().product());
+        if item == 0 || !input.len().is_multiple_of(item) {
+            return Err(RunError::Input {
+                len: input.len(),
+                input_shape: model.input_shape(),
+            });
+        }
+        let at = self.plan(model, input.len() / item)?;
+        self.last = at;
+        let plan = &self.plans[at];
+        let mut buffers = Buffers {
+            ints: &mut self.ints,
+            floats: &mut self.floats,
+            acc: &mut self.acc,
+        };
+        for step in &plan.steps {
+            buffers.step(model, plan, step, input, self.reference)?;
+        }
+        if !plan.warm && !self.reference {
+            kernels::equalize_scratch();
+            self.plans[at].warm = true;
+        }
+        Ok(())
+    }
+
+    /// The output of the last call as floats (dequantized into `out` if it is quantized).
+    fn float_output(&mut self, model: &IntegerModel) -> (&[f32], &[usize]) {
+        let plan = &self.plans[self.last];
+        if plan.output.float {
+            return (&self.floats[plan.output.index], plan.output_shape());
+        }
+        let grid = model.nodes[plan.output_node].grid;
+        let data = &self.ints[plan.output.index];
+        self.out.clear();
+        self.out.extend(
+            data.iter()
+                .map(|q| grid.map_or(*q as f32, |g| g.dequantize(*q as i32))),
+        );
+        (&self.out, plan.output_shape())
+    }
+}
+
+/// The buffers a plan's steps read and write.
+struct Buffers<'a> {
+    ints: &'a mut [Vec<i8>],
+    floats: &'a mut [Vec<f32>],
+    acc: &'a mut Vec<i32>,
+}
+
+impl Buffers<'_> {
+    /// Runs one step: its output buffer is taken out while the kernel writes it (no step
+    /// reads its own output buffer) and put back.
+    fn step(
+        &mut self,
+        model: &IntegerModel,
+        plan: &Plan,
+        step: &Step,
+        input: &[f32],
+        reference: bool,
+    ) -> Result<(), RunError> {
+        if step.kind == Kind::Move {
+            return Ok(());
+        }
+        let i = step.node;
+        let result = if step.out.float {
+            let mut out = std::mem::take(&mut self.floats[step.out.index]);
+            let r = self.float_step(model, plan, step, input, reference, &mut out);
+            self.floats[step.out.index] = out;
+            r
+        } else {
+            let mut out = std::mem::take(&mut self.ints[step.out.index]);
+            let r = self.int_step(model, plan, step, reference, &mut out);
+            self.ints[step.out.index] = out;
+            r
+        };
+        result.map_err(|e| out_of_memory(model, i, plan.batch, e))
+    }
+
+    fn int(&self, slot: Slot) -> &[i8] {
+        &self.ints[slot.index]
+    }
+
+    fn float(&self, slot: Slot) -> &[f32] {
+        &self.floats[slot.index]
+    }
+
+    /// A step whose output is floats: the input, a float conv/linear, a reshape or permute of
+    /// floats.
+    fn float_step(
+        &mut self,
+        model: &IntegerModel,
+        plan: &Plan,
+        step: &Step,
+        input: &[f32],
+        reference: bool,
+        out: &mut Vec<f32>,
+    ) -> Result<(), kernels::OutOfMemory> {
+        let node = &model.nodes[step.node];
+        let in_shape = |k: usize| &plan.shapes[node.inputs[k]][..];
+        let slot = || model.cache.slot(step.node, model.nodes.len());
+        match &node.op {
+            IntOp::Input => {
+                out.clear();
+                out.extend_from_slice(input);
+            }
+            IntOp::Conv2d(c) if reference => {
+                *out = float_values(kernels::conv2d_reference(
+                    c,
+                    self.int(step.inputs[0]),
+                    in_shape(0),
+                )?);
+            }
+            IntOp::Conv2d(c) => kernels::conv2d_into(
+                c,
+                slot(),
+                &self.ints[step.inputs[0].index],
+                in_shape(0),
+                out,
+            )?,
+            IntOp::Linear(l) if reference => {
+                *out = float_values(kernels::linear_reference(
+                    l,
+                    self.int(step.inputs[0]),
+                    in_shape(0),
+                )?);
+            }
+            IntOp::Linear(l) => {
+                let x = &self.ints[step.inputs[0].index];
+                kernels::linear_into(l, slot(), x, self.acc, out)?
+            }
+            IntOp::Reshape => {
+                out.clear();
+                out.extend_from_slice(self.float(step.inputs[0]));
+            }
+            IntOp::Permute { perm } => {
+                ops::permute(perm, self.float(step.inputs[0]), in_shape(0), out)
+            }
+            _ => unreachable!("the plan gives float buffers to float values only"),
+        }
+        Ok(())
+    }
+
+    /// A step whose output is 8-bit.
+    fn int_step(
+        &mut self,
+        model: &IntegerModel,
+        plan: &Plan,
+        step: &Step,
+        reference: bool,
+        out: &mut Vec<i8>,
+    ) -> Result<(), kernels::OutOfMemory> {
+        let node = &model.nodes[step.node];
+        let shape = &plan.shapes[step.node][..];
+        let in_shape = |k: usize| &plan.shapes[node.inputs[k]][..];
+        let x = |k: usize| &self.ints[step.inputs[k].index][..];
+        let slot = || model.cache.slot(step.node, model.nodes.len());
+        // Output grids are checked by the plan (`value_is_float`).
+        let grid = node.grid.unwrap_or(Grid {
+            scale: 1.0,
+            zero_point: 0,
+            qmin: -128,
+            qmax: 127,
+        });
+        match (&node.op, step.kind) {
+            (IntOp::Conv2d(c), Kind::ConvMaxPool { pool }) => {
+                let IntOp::MaxPool(w) = &model.nodes[pool].op else {
+                    unreachable!("the plan fuses a max pooling")
+                };
+                kernels::conv2d_max_pool_into(c, slot(), x(0), in_shape(0), w, out)?
+            }
+            (IntOp::Quantize(g), _) => ops::quantize(g, self.float(step.inputs[0]), out),
+            (IntOp::Conv2d(c), _) if reference => {
+                *out = int_values(kernels::conv2d_reference(c, x(0), in_shape(0))?)
+            }
+            (IntOp::Conv2d(c), _) => kernels::conv2d_into(c, slot(), x(0), in_shape(0), out)?,
+            (IntOp::Linear(l), _) if reference => {
+                *out = int_values(kernels::linear_reference(l, x(0), in_shape(0))?)
+            }
+            (IntOp::Linear(l), _) => kernels::linear_into(l, slot(), x(0), self.acc, out)?,
+            (IntOp::Add(a), _) if reference => {
+                ops::add(a, x(0), in_shape(0), x(1), in_shape(1), shape, out)
+            }
+            (IntOp::Mul(m), _) if reference => {
+                ops::mul(m, x(0), in_shape(0), x(1), in_shape(1), shape, out)
+            }
+            (IntOp::Add(a), _) => {
+                let table = pair_table(slot(), |x, y| a.apply(x, y));
+                ops::binary_lookup(table, x(0), in_shape(0), x(1), in_shape(1), shape, out)
+            }
+            (IntOp::Mul(m), _) => {
+                let table = pair_table(slot(), |x, y| m.apply(x, y));
+                ops::binary_lookup(table, x(0), in_shape(0), x(1), in_shape(1), shape, out)
+            }
+            (IntOp::Concat { axis, requantize }, _) => {
+                let part = |k: usize| {
+                    (
+                        x(k),
+                        in_shape(k),
+                        requantize.get(k).and_then(|t| t.as_ref()),
+                    )
+                };
+                ops::concat(*axis, node.inputs.len(), part, out)
+            }
+            (IntOp::MaxPool(w), _) => ops::max_pool(w, x(0), in_shape(0), out),
+            (
+                IntOp::AvgPool {
+                    window,
+                    count_include_pad,
+                    input: g_in,
+                },
+                _,
+            ) => ops::avg_pool(
+                window,
+                *count_include_pad,
+                g_in,
+                &grid,
+                x(0),
+                in_shape(0),
+                out,
+            ),
+            (
+                IntOp::AdaptiveAvgPool {
+                    output,
+                    input: g_in,
+                },
+                _,
+            ) => ops::adaptive_avg_pool(*output, g_in, &grid, x(0), in_shape(0), out),
+            (
+                IntOp::Reduce {
+                    axis,
+                    mean,
+                    input: g_in,
+                },
+                _,
+            ) => ops::reduce(*axis, *mean, g_in, &grid, x(0), in_shape(0), out),
+            (IntOp::Lut(t), _) => ops::lut(t, x(0), out),
+            (IntOp::ChannelLut { lut, channels }, _) => {
+                ops::channel_lut(lut, *channels, x(0), in_shape(0), out)
+            }
+            (IntOp::Reshape, _) => {
+                out.clear();
+                out.extend_from_slice(x(0));
+            }
+            (IntOp::Permute { perm }, _) => ops::permute(perm, x(0), in_shape(0), out),
+            (IntOp::Input, _) => unreachable!("the input is float"),
+        }
+        Ok(())
+    }
+}
+
+/// The data of a reference kernel's float values.
+fn float_values(v: Values) -> Vec<f32> {
+    match v {
+        Values::Float { data, .. } => data,
+        Values::Int { .. } => unreachable!("a float output gives float values"),
+    }
+}
+
+/// The data of a reference kernel's 8-bit values.
+fn int_values(v: Values) -> Vec<i8> {
+    match v {
+        Values::Int { data, .. } => data,
+        Values::Float { .. } => unreachable!("a quantized output gives 8-bit values"),
+    }
+}
+
 impl IntegerModel {
     /// Runs the model on a batch of float inputs (`[n, ..input_shape]` row-major, `n` inferred
     /// from the length), returning the float outputs (dequantized if the output node is
     /// quantized) and their shape. Integer arithmetic only between the input quantization and
-    /// the output.
+    /// the output. Runs on a [`Session`] kept beside the model (its plans and buffers reused
+    /// from call to call); [`session`](Self::session) gives one of your own, which returns
+    /// the output without copying it.
     ///
     /// # Errors
     ///
     /// [`RunError::Input`] if `input.len()` is not a whole batch; [`RunError::Model`] if the
-    /// model is inconsistent (see [`validate`](Self::validate)).
+    /// model is inconsistent (see [`validate`](Self::validate)) or a buffer cannot be
+    /// allocated.
     pub fn forward(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.run(input, false).map(to_float)
+        self.with_state(false, |state| {
+            state.run(self, input)?;
+            let (data, shape) = state.float_output(self);
+            Ok((data.to_vec(), shape.to_vec()))
+        })
     }
 
     /// Like [`forward`](Self::forward), with the slow scalar reference kernels for
-    /// convolutions and linear layers (nested loops).
+    /// convolutions, linear layers and two-input ops (nested loops, no fusion).
     pub fn forward_reference(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.run(input, true).map(to_float)
+        self.with_state(true, |state| {
+            state.run(self, input)?;
+            let (data, shape) = state.float_output(self);
+            Ok((data.to_vec(), shape.to_vec()))
+        })
     }
 
     /// Runs the model and returns the raw integer output with its shape and grid, or `None`
@@ -138,300 +812,47 @@ impl IntegerModel {
         &self,
         input: &[f32],
     ) -> Result<Option<(Vec<i8>, Vec<usize>, Grid)>, RunError> {
-        Ok(match self.run(input, false)? {
-            Values::Int { data, shape, grid } => Some((data, shape, grid)),
-            Values::Float { .. } => None,
-        })
+        let mut session = self.session();
+        Ok(session
+            .run_int(input)?
+            .map(|(data, shape, grid)| (data.to_vec(), shape.to_vec(), grid)))
     }
 
-    /// Forgets the packed weights and the validation (after editing nodes in place).
+    /// A [`Session`] of its own: plans and buffers kept from call to call, the output
+    /// borrowed instead of copied.
+    pub fn session(&self) -> Session<'_> {
+        Session {
+            model: self,
+            state: State::default(),
+        }
+    }
+
+    /// The [`Plan`] at batch size `batch` (a fresh one; a [`Session`] keeps its own).
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Model`] if the model is inconsistent at this batch size.
+    pub fn plan_for(&self, batch: usize) -> Result<Plan, RunError> {
+        self.cache.1.get_or_init(|| self.validate()).clone()?;
+        Plan::new(self, batch, false)
+    }
+
+    /// Forgets the packed weights, the validation and the plans (after editing nodes in
+    /// place).
     pub fn clear_cache(&mut self) {
         self.cache = WeightCache::default();
     }
 
-    fn run(&self, input: &[f32], reference: bool) -> Result<Values, RunError> {
-        self.cache.1.get_or_init(|| self.validate()).clone()?;
-        let item: usize = self.input_shape().iter().product();
-        if item == 0 || !input.len().is_multiple_of(item) {
-            return Err(RunError::Input {
-                len: input.len(),
-                input_shape: self.input_shape(),
-            });
+    /// Runs `f` on the session state kept in the cache (fast path), or on a fresh one while
+    /// another thread uses it or for the reference kernels.
+    fn with_state<R>(&self, reference: bool, f: impl FnOnce(&mut State) -> R) -> R {
+        if !reference && let Ok(mut state) = self.cache.2.try_lock() {
+            return f(&mut state);
         }
-        let batch = input.len() / item;
-        let mut last_use = vec![0; self.nodes.len()];
-        let mut readers = vec![0usize; self.nodes.len()];
-        for (i, n) in self.nodes.iter().enumerate() {
-            for j in &n.inputs {
-                last_use[*j] = i;
-                readers[*j] += 1;
-            }
-        }
-        last_use[self.output] = usize::MAX;
-        let mut values: Vec<Option<Values>> = vec![None; self.nodes.len()];
-        let mut fused = None;
-        for (i, node) in self.nodes.iter().enumerate() {
-            if fused == Some(i) {
-                continue;
-            }
-            let shape: Vec<usize> = node.shape.iter().map(|d| d.at(batch)).collect();
-            let ins: Vec<Vec<usize>> = node
-                .inputs
-                .iter()
-                .map(|j| {
-                    values[*j]
-                        .as_ref()
-                        .map_or_else(Vec::new, |v| v.shape().to_vec())
-                })
-                .collect();
-            self.check_shape(i, &ins, &shape)?;
-            // A reshape of a value nobody else reads moves it instead of copying it.
-            if matches!(node.op, IntOp::Reshape)
-                && last_use[node.inputs[0]] == i
-                && let Some(mut v) = values[node.inputs[0]].take()
-            {
-                match &mut v {
-                    Values::Int { shape: s, .. } | Values::Float { shape: s, .. } => *s = shape,
-                }
-                values[i] = Some(v);
-                continue;
-            }
-            // A convolution whose only reader is the max pooling right after it: both at once
-            // (`kernels::conv2d_max_pool`), the pooled output stored as the pooling's.
-            if !reference
-                && let Some((w, pooled)) = self.pool_after(i, batch, &readers)
-                && let (IntOp::Conv2d(c), Some(Values::Int { data, shape: s, .. })) =
-                    (&node.op, values[node.inputs[0]].as_ref())
-            {
-                self.check_shape(i + 1, &[shape], &pooled)?;
-                let slot = self.cache.slot(i, self.nodes.len());
-                let pooled = kernels::conv2d_max_pool(c, slot, data, s, w)
-                    .map_err(|e| out_of_memory(self, i, batch, e))?;
-                values[i + 1] = Some(pooled);
-                fused = Some(i + 1);
-            } else {
-                values[i] = Some(self.node(i, shape, input, &values, reference, batch)?);
-            }
-            for j in &node.inputs {
-                if last_use[*j] == i {
-                    values[*j] = None;
-                }
-            }
-        }
-        Ok(values[self.output].take().expect("the output is kept"))
-    }
-
-    /// The shape rule of `validate` for node `i` at this batch size (the kernels rely on it):
-    /// its inputs' shapes `ins` give `shape`.
-    fn check_shape(&self, i: usize, ins: &[Vec<usize>], shape: &[usize]) -> Result<(), RunError> {
-        match infer(&self.nodes[i].op, ins, shape) {
-            Ok(got) if got == shape => Ok(()),
-            Ok(got) => Err(err(
-                self,
-                i,
-                format!("computes {got:?}, declares {shape:?}"),
-            )),
-            Err(e) => Err(err(self, i, e)),
-        }
-    }
-
-    /// The pooling window and output shape (at `batch`) of node `i + 1` when node `i` is a
-    /// convolution with a quantized output (not the model's output) whose one reader is node
-    /// `i + 1`, a max pooling the row-wise kernel runs (`ops::row_wise`: no dilation, no
-    /// padding but ceil mode's at the end) (`readers`: per node, how many inputs name it).
-    fn pool_after(
-        &self,
-        i: usize,
-        batch: usize,
-        readers: &[usize],
-    ) -> Option<(&Window, Vec<usize>)> {
-        let IntOp::Conv2d(c) = &self.nodes[i].op else {
-            return None;
-        };
-        let next = self.nodes.get(i + 1)?;
-        let IntOp::MaxPool(w) = &next.op else {
-            return None;
-        };
-        let only_reader = next.inputs == [i] && readers[i] == 1 && i != self.output;
-        let plain = crate::ops::row_wise(w);
-        (only_reader && plain && c.output.grid().is_some())
-            .then(|| (w, next.shape.iter().map(|d| d.at(batch)).collect()))
-    }
-
-    /// Runs node `i`, whose output shape (checked against its inputs') is `shape`.
-    fn node(
-        &self,
-        i: usize,
-        shape: Vec<usize>,
-        input: &[f32],
-        values: &[Option<Values>],
-        reference: bool,
-        batch: usize,
-    ) -> Result<Values, RunError> {
-        let node = &self.nodes[i];
-        let oom = |e| out_of_memory(self, i, batch, e);
-        let int = |k: usize| -> Result<(&[i8], &[usize], Grid), RunError> {
-            match values[node.inputs[k]].as_ref() {
-                Some(Values::Int { data, shape, grid }) => Ok((data, shape, *grid)),
-                _ => Err(err(self, i, format!("input {k} is not an integer tensor"))),
-            }
-        };
-        let grid = node
-            .grid
-            .ok_or_else(|| err(self, i, "has no output grid".into()));
-        let int_out = |data: Vec<i8>| -> Result<Values, RunError> {
-            Ok(Values::Int {
-                data,
-                shape: shape.clone(),
-                grid: grid.clone()?,
-            })
-        };
-        let slot = || self.cache.slot(i, self.nodes.len());
-        match &node.op {
-            IntOp::Input => Ok(Values::Float {
-                data: input.to_vec(),
-                shape,
-            }),
-            IntOp::Quantize(g) => match values[node.inputs[0]].as_ref() {
-                Some(Values::Float { data, .. }) => Ok(Values::Int {
-                    data: ops::quantize(g, data),
-                    shape,
-                    grid: *g,
-                }),
-                _ => Err(err(self, i, "quantizes a non-float tensor".into())),
-            },
-            IntOp::Conv2d(c) => {
-                let (x, s, _) = int(0)?;
-                if reference {
-                    kernels::conv2d_reference(c, x, s)
-                } else {
-                    kernels::conv2d(c, slot(), x, s)
-                }
-                .map_err(oom)
-            }
-            IntOp::Linear(l) => {
-                let (x, s, _) = int(0)?;
-                if reference {
-                    kernels::linear_reference(l, x, s)
-                } else {
-                    kernels::linear(l, slot(), x, s)
-                }
-                .map_err(oom)
-            }
-            IntOp::Add(a) => {
-                let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                int_out(if reference {
-                    ops::add(a, x, sx, y, sy, &shape)
-                } else {
-                    let table = pair_table(slot(), |x, y| a.apply(x, y));
-                    ops::binary_lookup(table, x, sx, y, sy, &shape)
-                })
-            }
-            IntOp::Mul(m) => {
-                let ((x, sx, _), (y, sy, _)) = (int(0)?, int(1)?);
-                int_out(if reference {
-                    ops::mul(m, x, sx, y, sy, &shape)
-                } else {
-                    let table = pair_table(slot(), |x, y| m.apply(x, y));
-                    ops::binary_lookup(table, x, sx, y, sy, &shape)
-                })
-            }
-            IntOp::Concat { axis, requantize } => {
-                let mut parts: Vec<(Cow<[i8]>, &[usize])> = Vec::new();
-                for (k, table) in requantize.iter().enumerate() {
-                    let (x, s, _) = int(k)?;
-                    let x = match table {
-                        Some(t) => Cow::Owned(ops::lut(t, x)),
-                        None => Cow::Borrowed(x),
-                    };
-                    parts.push((x, s));
-                }
-                let refs: Vec<(&[i8], &[usize])> =
-                    parts.iter().map(|(d, s)| (&d[..], *s)).collect();
-                int_out(ops::concat(*axis, &refs))
-            }
-            IntOp::MaxPool(w) => {
-                let (x, s, g) = int(0)?;
-                Ok(Values::Int {
-                    data: ops::max_pool(w, x, s),
-                    shape,
-                    grid: g,
-                })
-            }
-            IntOp::AvgPool {
-                window,
-                count_include_pad,
-                input: g_in,
-            } => {
-                let (x, s, _) = int(0)?;
-                int_out(ops::avg_pool(
-                    window,
-                    *count_include_pad,
-                    g_in,
-                    &grid.clone()?,
-                    x,
-                    s,
-                ))
-            }
-            IntOp::AdaptiveAvgPool {
-                output,
-                input: g_in,
-            } => {
-                let (x, s, _) = int(0)?;
-                int_out(ops::adaptive_avg_pool(*output, g_in, &grid.clone()?, x, s))
-            }
-            IntOp::Reduce {
-                axis,
-                mean,
-                input: g_in,
-            } => {
-                let (x, s, _) = int(0)?;
-                int_out(ops::reduce(*axis, *mean, g_in, &grid.clone()?, x, s))
-            }
-            IntOp::Lut(t) => int_out(ops::lut(t, int(0)?.0)),
-            IntOp::ChannelLut { lut, channels } => {
-                let (x, s, _) = int(0)?;
-                int_out(ops::channel_lut(lut, *channels, x, s))
-            }
-            IntOp::Reshape => Ok(match values[node.inputs[0]].as_ref() {
-                Some(Values::Int { data, grid, .. }) => Values::Int {
-                    data: data.clone(),
-                    shape,
-                    grid: *grid,
-                },
-                Some(Values::Float { data, .. }) => Values::Float {
-                    data: data.clone(),
-                    shape,
-                },
-                None => return Err(err(self, i, "its input was not computed".into())),
-            }),
-            IntOp::Permute { perm } => Ok(match values[node.inputs[0]].as_ref() {
-                Some(Values::Int {
-                    data,
-                    shape: s,
-                    grid,
-                }) => Values::Int {
-                    data: ops::permute(perm, data, s),
-                    shape,
-                    grid: *grid,
-                },
-                Some(Values::Float { data, shape: s }) => Values::Float {
-                    data: ops::permute(perm, data, s),
-                    shape,
-                },
-                None => return Err(err(self, i, "its input was not computed".into())),
-            }),
-        }
-    }
-}
-
-fn to_float(v: Values) -> (Vec<f32>, Vec<usize>) {
-    match v {
-        Values::Float { data, shape } => (data, shape),
-        Values::Int { data, shape, grid } => (
-            data.iter().map(|x| grid.dequantize(*x as i32)).collect(),
-            shape,
-        ),
+        f(&mut State {
+            reference,
+            ..State::default()
+        })
     }
 }
 

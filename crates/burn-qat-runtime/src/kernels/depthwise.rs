@@ -1,10 +1,12 @@
-//! Depthwise convolutions on AVX-512 VNNI with VBMI: per output row, sixteen outputs at a time,
-//! one 64-byte load of a padded input row per kernel row and group of four taps, `vpermb` to
-//! lay each output's four taps side by side (`x[l sw + j dw]` in lane `l`, byte `j`), one
-//! `vpdpbusd` against the four weights. No im2col words are built: the GEMM path spent more on
-//! building them than on the multiply-adds for these layers. Other CPUs and shapes run the GEMM
-//! path; both equal the scalar reference.
+//! Depthwise convolutions, direct: per output row, a block of outputs at a time, each output's
+//! taps laid side by side as words of four (`x[l sw + j dw]` in lane `l`, byte `j`) straight
+//! from the padded input row and multiplied with the four weights of a kernel row (`vpermb` +
+//! `vpdpbusd` on AVX-512 VBMI and VNNI, `vpshufb` + `vpmaddubsw`/`vpmaddwd`/AVX-VNNI on AVX2,
+//! `tbl` + `sdot` or widening multiplies on NEON). No im2col words are built: the GEMM path
+//! spent more on building them than on the multiply-adds for these layers. The portable
+//! implementation runs every shape the others do not; all equal the scalar reference.
 
+use super::isa::{self, Isa};
 use crate::model::IntConv2d;
 
 /// A depthwise layer's weights as words of four taps of one kernel row, `[c, kh, groups]`
@@ -15,9 +17,9 @@ pub(crate) struct DepthwiseWords {
 }
 
 impl DepthwiseWords {
-    /// `None` where the direct kernel does not run this layer (CPU or shape).
+    /// `None` where the layer is not depthwise.
     pub(crate) fn new(c: &IntConv2d) -> Option<Self> {
-        if !supported(c) {
+        if !c.is_depthwise() {
             return None;
         }
         let [kh, kw] = c.kernel;
@@ -35,26 +37,6 @@ impl DepthwiseWords {
     }
 }
 
-/// Whether the CPU has the instructions and the window fits one 64-byte load per sixteen
-/// outputs (`15 sw + 3 dw < 64`).
-fn supported(c: &IntConv2d) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        c.is_depthwise()
-            && super::uses_vnni()
-            && std::arch::is_x86_feature_detected!("avx512vbmi")
-            && c.stride[1]
-                .checked_mul(15)
-                .and_then(|s| c.dilation[1].checked_mul(3).and_then(|d| s.checked_add(d)))
-                .is_some_and(|span| span < 64)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = c;
-        false
-    }
-}
-
 /// The geometry of one plane.
 pub(crate) struct Plane {
     pub oh: usize,
@@ -63,6 +45,70 @@ pub(crate) struct Plane {
     pub kh: usize,
     pub stride: [usize; 2],
     pub dilation: [usize; 2],
+}
+
+impl Plane {
+    /// One past the last byte read by a kernel that computes `block` outputs of a row per step
+    /// and reads `window` bytes from each step's first tap of a group (`row + ox sw + 4 q dw`),
+    /// with `groups` groups of four taps per kernel row; `None` on overflow.
+    pub(crate) fn reach(&self, groups: usize, block: usize, window: usize) -> Option<usize> {
+        let [sh, sw] = self.stride;
+        let [dh, dw] = self.dilation;
+        let last_row = (self.oh.checked_sub(1)?)
+            .checked_mul(sh)?
+            .checked_add(self.kh.checked_sub(1)?.checked_mul(dh)?)?
+            .checked_mul(self.pw)?;
+        let last_block = ((self.ow.checked_sub(1)?) / block * block).checked_mul(sw)?;
+        let last_group = 4usize
+            .checked_mul(groups.checked_sub(1)?)?
+            .checked_mul(dw)?;
+        last_row
+            .checked_add(last_block)?
+            .checked_add(last_group)?
+            .checked_add(window)
+    }
+}
+
+/// One implementation of the direct kernel, for one instruction set. Every implementation
+/// gives the bits of the portable one.
+pub(crate) trait Depthwise: Sync {
+    /// Whether it runs planes of this geometry, with `groups` words per kernel row.
+    fn supports(&self, g: &Plane, groups: usize) -> bool;
+
+    /// [`plane`], for a geometry it [`supports`](Depthwise::supports).
+    ///
+    /// # Panics
+    /// If it does not support the geometry, or `padded`, `words` or `out` are shorter than it
+    /// reads or writes.
+    fn plane(
+        &self,
+        padded: &[u8],
+        words: &[u32],
+        groups: usize,
+        bias: i32,
+        g: &Plane,
+        out: &mut [i32],
+    );
+}
+
+/// The implementations to try for `isa`, in order, before the portable one.
+fn candidates(isa: Isa) -> [Option<&'static dyn Depthwise>; 2] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => [
+            super::avx512::depthwise().map(|k| k as _),
+            super::avx2::get(false).map(|k| k as _),
+        ],
+        #[cfg(target_arch = "x86_64")]
+        Isa::AvxVnni => [super::avx2::get(true).map(|k| k as _), None],
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => [super::avx2::get(false).map(|k| k as _), None],
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => [super::neon::get(true).map(|k| k as _), None],
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => [super::neon::get(false).map(|k| k as _), None],
+        _ => [None, None],
+    }
 }
 
 /// Accumulators `[oh, ow]` of one channel into `out`, starting from `bias`: `padded` is the
@@ -80,17 +126,12 @@ pub(crate) fn plane(
     if g.oh == 0 || g.ow == 0 {
         return;
     }
-    // The furthest load: the last row's last block of sixteen, last kernel row and group.
-    let last = ((g.oh - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0]) * g.pw
-        + (g.ow - 1) / 16 * 16 * g.stride[1]
-        + 4 * (groups - 1) * g.dilation[1];
-    assert!(last + 64 <= padded.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `supported` checked the features before these words were built; every load is at
-    // most `last + 64 <= padded.len()`, stores are masked to `oh * ow <= out.len()`.
-    unsafe {
-        x86::plane(padded, words, groups, bias, g, out)
-    }
+    let kernel = candidates(isa::isa())
+        .into_iter()
+        .flatten()
+        .find(|k| k.supports(g, groups))
+        .unwrap_or(&Portable);
+    kernel.plane(padded, words, groups, bias, g, out)
 }
 
 /// Bytes a padded plane needs after its last row.
@@ -98,13 +139,19 @@ pub(crate) fn slack(c: &IntConv2d) -> usize {
     64 + 16 * c.stride[1] + 4 * c.kernel[1].div_ceil(4) * c.dilation[1]
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::Plane;
-    use std::arch::x86_64::*;
+/// The portable direct kernel: any geometry.
+pub(crate) struct Portable;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn plane(
+impl Depthwise for Portable {
+    fn supports(&self, _: &Plane, _: usize) -> bool {
+        true
+    }
+
+    /// Tap by tap over whole output rows (contiguous at stride 1: the compiler vectorizes it),
+    /// zero taps skipped (the padding taps past `kw` among them, so nothing past the plane's
+    /// last tap is read).
+    fn plane(
+        &self,
         padded: &[u8],
         words: &[u32],
         groups: usize,
@@ -112,34 +159,31 @@ mod x86 {
         g: &Plane,
         out: &mut [i32],
     ) {
+        let (oh, ow) = (g.oh, g.ow);
         let [sh, sw] = g.stride;
         let [dh, dw] = g.dilation;
-        let mut index = [0u8; 64];
-        for (i, v) in index.iter_mut().enumerate() {
-            *v = ((i / 4) * sw + (i % 4) * dw) as u8;
-        }
-        let index = unsafe { _mm512_loadu_si512(index.as_ptr() as *const _) };
-        let bias = _mm512_set1_epi32(bias);
-        for oy in 0..g.oh {
-            let mut ox = 0;
-            while ox < g.ow {
-                let n = (g.ow - ox).min(16);
-                let mask: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
-                let mut acc = bias;
-                for ky in 0..g.kh {
-                    let row = (oy * sh + ky * dh) * g.pw + ox * sw;
-                    for q in 0..groups {
-                        let at = row + 4 * q * dw;
-                        let v = unsafe { _mm512_loadu_si512(padded.as_ptr().add(at) as *const _) };
-                        let x = _mm512_permutexvar_epi8(index, v);
-                        let w = _mm512_set1_epi32(words[ky * groups + q] as i32);
-                        acc = _mm512_dpbusd_epi32(acc, x, w);
+        let out = &mut out[..oh * ow];
+        out.fill(bias);
+        for ky in 0..g.kh {
+            for q in 0..groups {
+                for (j, w) in words[ky * groups + q].to_le_bytes().into_iter().enumerate() {
+                    let w = w as i8 as i32;
+                    if w == 0 {
+                        continue;
+                    }
+                    for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+                        let start = (oy * sh + ky * dh) * g.pw + (4 * q + j) * dw;
+                        if sw == 1 {
+                            for (o, x) in row.iter_mut().zip(&padded[start..start + ow]) {
+                                *o = o.wrapping_add(*x as i32 * w);
+                            }
+                        } else {
+                            for (ox, o) in row.iter_mut().enumerate() {
+                                *o = o.wrapping_add(padded[start + ox * sw] as i32 * w);
+                            }
+                        }
                     }
                 }
-                unsafe {
-                    _mm512_mask_storeu_epi32(out.as_mut_ptr().add(oy * g.ow + ox), mask, acc)
-                };
-                ox += 16;
             }
         }
     }

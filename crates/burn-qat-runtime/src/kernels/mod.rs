@@ -1,6 +1,6 @@
 //! Integer kernels of convolutions and linear layers: the fast path (a u8 x i8 -> i32 product
-//! on 4-byte words, AVX-512 VNNI tiles or portable loops, see `gemm`, on the caller plus worker
-//! threads of `parallel`) and the scalar reference (nested loops) they are tested against. No float arithmetic between
+//! on 4-byte words, see `gemm`, in one implementation per instruction set, see [`Isa`], on the
+//! caller plus worker threads of `parallel`) and the scalar reference (nested loops) they are tested against. No float arithmetic between
 //! quantized input and requantized output, except in a `Float` last layer. Public for
 //! benchmarks and tests; [`IntegerModel::forward`](crate::IntegerModel::forward) picks the
 //! kernel and checks the shapes first (these functions expect shapes that fit the layer).
@@ -10,11 +10,21 @@
 //! an abort. How large they get is part of the memory budget of
 //! [`IntegerModel::validate`](crate::IntegerModel::validate).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod depthwise;
 mod gemm;
+mod isa;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod parallel;
 
-pub use gemm::{force_portable, uses_vnni};
+pub use isa::{
+    ISA_VAR, Isa, IsaError, IsaGuard, available, best, env_isa, force_isa, isa, set_isa,
+    unavailable,
+};
 pub use parallel::threads;
 
 use gemm::Bias;
@@ -52,15 +62,6 @@ pub(crate) fn try_filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>, OutOf
     Ok(v)
 }
 
-/// An empty vector with room for `len` values, allocated fallibly.
-fn try_with_capacity<T>(len: usize) -> Result<Vec<T>, OutOfMemory> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| OutOfMemory {
-        bytes: (len as u64).saturating_mul(std::mem::size_of::<T>() as u64),
-    })?;
-    Ok(v)
-}
-
 /// The first error of the chunks of a parallel loop.
 struct FirstError(std::sync::Mutex<Option<OutOfMemory>>);
 
@@ -94,13 +95,15 @@ fn out_size(input: usize, pad: usize, dilation: usize, kernel: usize, stride: us
 
 /// An element of a layer's output: `i8` on a quantized output's grid, `f32` for a float last
 /// layer.
-trait OutputValue: Copy + Default + Send + Sync {
+pub(crate) trait OutputValue: Copy + Default + Send + Sync {
     /// Accumulators (bias included) laid out `[.., channels, inner]` (each channel's `inner`
     /// values contiguous, the channels repeating from `first`) to output values in `dst` (same
     /// layout), one multiplier or scale per channel.
     fn rows(acc: &[i32], inner: usize, output: &Output, first: usize, dst: &mut [Self]);
     /// `data` of `shape` as the layer's values.
     fn values(data: Vec<Self>, shape: Vec<usize>, output: &Output) -> Values;
+    /// The worker's buffer of this type for one channel over virtual columns.
+    fn tmp(s: &mut ConvScratch) -> &mut Vec<Self>;
 }
 
 impl OutputValue for i8 {
@@ -118,6 +121,10 @@ impl OutputValue for i8 {
         for (i, (row, dst)) in acc.chunks(inner).zip(dst.chunks_mut(inner)).enumerate() {
             requant[(first + i) % requant.len()].requantize(row, grid.zero_point, *lo, *hi, dst);
         }
+    }
+
+    fn tmp(s: &mut ConvScratch) -> &mut Vec<i8> {
+        &mut s.tmp_i8
     }
 
     fn values(data: Vec<i8>, shape: Vec<usize>, output: &Output) -> Values {
@@ -143,6 +150,10 @@ impl OutputValue for f32 {
                 *o = (*a as f32 * s).clamp(*lo, *hi);
             }
         }
+    }
+
+    fn tmp(s: &mut ConvScratch) -> &mut Vec<f32> {
+        &mut s.tmp_f32
     }
 
     fn values(data: Vec<f32>, shape: Vec<usize>, _: &Output) -> Values {
@@ -216,10 +227,12 @@ pub struct ConvWeights {
     k4: usize,
     /// `[cout, k4]`.
     words: Vec<u32>,
+    /// [`gemm::pairs_fit_i16`] of `words`.
+    pairs_fit_i16: bool,
     /// `bias - (zp + 128) * sum(w)` per output channel, wrapping: activations enter as
     /// `q + 128`, and padding (the zero point) then contributes nothing.
     bias: Vec<i32>,
-    /// A depthwise layer's words for the direct kernel, where it runs (see `depthwise`).
+    /// A depthwise layer's words for the direct kernel (see `depthwise`).
     depthwise: Option<depthwise::DepthwiseWords>,
 }
 
@@ -260,6 +273,7 @@ impl ConvWeights {
         Self {
             channel_words,
             k4,
+            pairs_fit_i16: gemm::pairs_fit_i16(&words),
             words,
             bias,
             depthwise: depthwise::DepthwiseWords::new(c),
@@ -451,8 +465,8 @@ fn out_shape(input: &[usize], cout: usize, oh: usize, ow: usize) -> Vec<usize> {
 /// as words (see `gemm`): with stride 1 the padded image itself, four channels interleaved per
 /// word, read at one offset per kernel tap; otherwise tap words, each tap a slice of the
 /// padded image split into stride phases (both over "virtual" output columns spanning the
-/// padded width, the extra ones dropped); depthwise layers on the direct kernel where the CPU
-/// has it (see `depthwise`). The result is
+/// padded width, the extra ones dropped); depthwise layers on the direct kernel (see
+/// `depthwise`). The result is
 /// `[cout, oh * ow]`, already NCHW, each output channel requantized as one row with one
 /// multiplier. Images run in parallel; a single large image splits its output channels.
 pub fn conv2d(
@@ -467,11 +481,9 @@ pub fn conv2d(
         x: &[i8],
         shape: &[usize],
     ) -> Result<Values, OutOfMemory> {
+        let mut data = Vec::new();
+        conv2d_into::<T>(c, cache, x, shape, &mut data)?;
         let plan = ConvPlan::new(c, shape);
-        let mut data = try_filled(shape[0] * c.out_channels * plan.p, T::default())?;
-        plan.run(c, cache, x, &mut data, |acc, channel, dst| {
-            T::rows(acc, acc.len(), &c.output, channel, dst)
-        })?;
         Ok(T::values(
             data,
             out_shape(shape, c.out_channels, plan.oh, plan.ow),
@@ -482,6 +494,22 @@ pub fn conv2d(
         Output::Quantized { .. } => typed::<i8>(c, cache, x, shape),
         Output::Float { .. } => typed::<f32>(c, cache, x, shape),
     }
+}
+
+/// [`conv2d`] into `out` (resized; `i8` for a quantized output, `f32` for a float one): no
+/// allocation once `out` and the workers' buffers have room.
+pub(crate) fn conv2d_into<T: OutputValue>(
+    c: &IntConv2d,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    shape: &[usize],
+    out: &mut Vec<T>,
+) -> Result<(), OutOfMemory> {
+    let plan = ConvPlan::new(c, shape);
+    try_resize(out, shape[0] * c.out_channels * plan.p, T::default())?;
+    plan.run(c, cache, x, out, |acc, channel, dst| {
+        T::rows(acc, acc.len(), &c.output, channel, dst)
+    })
 }
 
 /// A convolution with a quantized output followed by max pooling without dilation or padding
@@ -504,14 +532,35 @@ pub fn conv2d_max_pool(
     let conv_shape = out_shape(shape, c.out_channels, plan.oh, plan.ow);
     let pooled_shape =
         crate::ops::pool_shape(w, &conv_shape).expect("shapes checked by the runner");
-    let [_, _, poh, pow] = nchw(&pooled_shape);
-    let mut data = try_filled(plan.n * c.out_channels * poh * pow, 0i8)?;
+    let mut data = Vec::new();
+    conv2d_max_pool_into(c, cache, x, shape, w, &mut data)?;
+    Ok(Values::Int {
+        data,
+        shape: pooled_shape,
+        grid: *grid,
+    })
+}
+
+/// [`conv2d_max_pool`] into `out` (resized): no allocation once `out` and the workers'
+/// buffers have room.
+pub(crate) fn conv2d_max_pool_into(
+    c: &IntConv2d,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    shape: &[usize],
+    w: &Window,
+    out: &mut Vec<i8>,
+) -> Result<(), OutOfMemory> {
+    let plan = ConvPlan::new(c, shape);
+    let (poh, pow) =
+        crate::ops::pool_hw(w, plan.oh, plan.ow).expect("shapes checked by the runner");
+    try_resize(out, plan.n * c.out_channels * poh * pow, 0i8)?;
     let dims = [plan.oh, plan.ow, poh, pow];
     plan.chunks(
         c,
         cache,
         x,
-        &mut data,
+        out,
         poh * pow,
         |weights, image, channels, dst, s| {
             let mut unpooled = std::mem::take(&mut s.unpooled);
@@ -535,12 +584,7 @@ pub fn conv2d_max_pool(
             (s.unpooled, s.rows_max) = (unpooled, rows_max);
             result
         },
-    )?;
-    Ok(Values::Int {
-        data,
-        shape: pooled_shape,
-        grid: *grid,
-    })
+    )
 }
 
 /// The geometry of one convolution call.
@@ -564,9 +608,44 @@ struct ConvPlan {
     p: usize,
 }
 
-/// One worker's buffers.
+thread_local! {
+    /// This thread's kernel buffers, kept between calls: a layer's buffers are allocated on
+    /// its first call, and [`equalize_scratch`] gives every thread the largest.
+    static SCRATCH: std::cell::RefCell<ConvScratch> = Default::default();
+}
+
+/// Gives every kernel thread (the pool's workers and the caller) buffers as large as the
+/// largest any of them holds. Work is split between threads differently from call to call, so
+/// after one call at a shape and this, no later call at that shape allocates.
+pub(crate) fn equalize_scratch() {
+    let most = std::sync::Mutex::new([0usize; SCRATCH_BUFFERS]);
+    parallel::on_every_thread(&|| {
+        let caps = SCRATCH.with_borrow(ConvScratch::capacities);
+        let mut most = most.lock().unwrap_or_else(|e| e.into_inner());
+        for (m, c) in most.iter_mut().zip(caps) {
+            *m = (*m).max(c);
+        }
+    });
+    let most = most.into_inner().unwrap_or_else(|e| e.into_inner());
+    parallel::on_every_thread(&|| SCRATCH.with_borrow_mut(|s| s.reserve(most)));
+}
+
+/// How many buffers a [`ConvScratch`] holds.
+const SCRATCH_BUFFERS: usize = 13;
+
+/// One worker's buffers, kept between calls (see [`equalize_scratch`]).
 #[derive(Default)]
-struct ConvScratch {
+pub(crate) struct ConvScratch {
+    /// Where each tap's row starts (`im2col_words`).
+    starts: Vec<usize>,
+    /// Per column phase: first column, where it lands, how many (`im2col_words`).
+    phases: Vec<(usize, usize, usize)>,
+    /// One channel over virtual columns, before dropping the extra ones.
+    tmp_i8: Vec<i8>,
+    /// The same for float outputs.
+    tmp_f32: Vec<f32>,
+    /// Rows of a linear layer's input as `u8` words.
+    words: Vec<u32>,
     acc: Vec<i32>,
     /// A chunk's convolution output before pooling (`conv2d_max_pool`).
     unpooled: Vec<i8>,
@@ -578,6 +657,47 @@ struct ConvScratch {
     b_off: Vec<usize>,
     padded: Vec<i8>,
     cols: Vec<i8>,
+}
+
+impl ConvScratch {
+    fn capacities(&self) -> [usize; SCRATCH_BUFFERS] {
+        [
+            self.starts.capacity(),
+            self.phases.capacity(),
+            self.tmp_i8.capacity(),
+            self.tmp_f32.capacity(),
+            self.words.capacity(),
+            self.acc.capacity(),
+            self.unpooled.capacity(),
+            self.rows_max.capacity(),
+            self.unsigned.capacity(),
+            self.b.capacity(),
+            self.b_off.capacity(),
+            self.padded.capacity(),
+            self.cols.capacity(),
+        ]
+    }
+
+    /// Room for `caps` values in each buffer (as [`capacities`](Self::capacities) lists them);
+    /// a buffer the allocator refuses stays as it is (the kernel reports it when it needs it).
+    fn reserve(&mut self, caps: [usize; SCRATCH_BUFFERS]) {
+        fn room<T>(v: &mut Vec<T>, cap: usize) {
+            let _ = v.try_reserve(cap.saturating_sub(v.len()));
+        }
+        room(&mut self.starts, caps[0]);
+        room(&mut self.phases, caps[1]);
+        room(&mut self.tmp_i8, caps[2]);
+        room(&mut self.tmp_f32, caps[3]);
+        room(&mut self.words, caps[4]);
+        room(&mut self.acc, caps[5]);
+        room(&mut self.unpooled, caps[6]);
+        room(&mut self.rows_max, caps[7]);
+        room(&mut self.unsigned, caps[8]);
+        room(&mut self.b, caps[9]);
+        room(&mut self.b_off, caps[10]);
+        room(&mut self.padded, caps[11]);
+        room(&mut self.cols, caps[12]);
+    }
 }
 
 impl ConvPlan {
@@ -609,7 +729,7 @@ impl ConvPlan {
 
     /// Runs every image, handing each output channel's accumulators (bias included), the
     /// channel and its place in `out` to `write`.
-    fn run<T: Send + Copy + Default>(
+    fn run<T: OutputValue>(
         &self,
         c: &IntConv2d,
         cache: &OnceLock<Packed>,
@@ -671,10 +791,6 @@ impl ConvPlan {
         let chunks_per_image = c.out_channels.div_ceil(rows);
         // Chunks of `rows` channels never straddle images: either one chunk per image or one
         // image.
-        thread_local! {
-            // Kept between calls: the buffers of a layer at batch 1 are allocated once.
-            static SCRATCH: std::cell::RefCell<ConvScratch> = Default::default();
-        }
         let failed = FirstError::new();
         for_each_chunk(out, rows * per_channel, |i, dst, _: &mut ()| {
             let (img, part) = (i / chunks_per_image, i % chunks_per_image);
@@ -689,7 +805,7 @@ impl ConvPlan {
     /// Output channels `channels` of one image into `dst` (`[channels, p]`), through
     /// `write`.
     #[allow(clippy::too_many_arguments)]
-    fn channels<T: Copy + Default>(
+    fn channels<T: OutputValue>(
         &self,
         c: &IntConv2d,
         weights: &ConvWeights,
@@ -699,7 +815,7 @@ impl ConvPlan {
         s: &mut ConvScratch,
         write: &impl Fn(&[i32], usize, &mut [T]),
     ) -> Result<(), OutOfMemory> {
-        if let Some(dw) = weights.depthwise.as_ref().filter(|_| uses_vnni()) {
+        if let Some(dw) = weights.depthwise.as_ref() {
             return self.depthwise(c, weights, dw, image, channels, dst, s, write);
         }
         // `[channels, stride]` (over virtual columns, see `virtual_columns`), every row written
@@ -733,6 +849,7 @@ impl ConvPlan {
                 b: &s.b,
                 b_off: &s.b_off,
                 a_signed: true,
+                pairs_fit_i16: weights.pairs_fit_i16,
                 bias: Bias::Rows(&weights.bias),
             };
             let at = (start - channels.start) * stride;
@@ -740,7 +857,7 @@ impl ConvPlan {
         }
         let (p, ow, pwv) = (self.p, self.ow, self.pwv);
         let virtual_columns = virtual_columns && pwv != ow;
-        let mut tmp = Vec::new();
+        let mut tmp = std::mem::take(T::tmp(s));
         for (i, dst) in dst.chunks_exact_mut(p.max(1)).enumerate() {
             let acc = &s.acc[i * stride..];
             if !virtual_columns {
@@ -753,6 +870,7 @@ impl ConvPlan {
             write(&acc[..self.oh * pwv], channels.start + i, &mut tmp);
             compact_rows(&tmp, pwv, ow, dst);
         }
+        *T::tmp(s) = tmp;
         Ok(())
     }
 
@@ -900,12 +1018,12 @@ impl ConvPlan {
         )?;
         // Per column phase: the first column taken, where it lands, how many (no division in
         // the loops below).
-        let column_phases: Vec<(usize, usize, usize)> = (0..column_phases_n)
-            .map(|rx| {
-                let x0 = (rx + sw - left % sw) % sw;
-                (x0, (left + x0) / sw, w.saturating_sub(x0).div_ceil(sw))
-            })
-            .collect();
+        let mut column_phases = std::mem::take(&mut s.phases);
+        column_phases.clear();
+        column_phases.extend((0..column_phases_n).map(|rx| {
+            let x0 = (rx + sw - left % sw) % sw;
+            (x0, (left + x0) / sw, w.saturating_sub(x0).div_ceil(sw))
+        }));
         for (ch, plane) in group.chunks(h * w).enumerate() {
             let base = ch * channel_len;
             let (mut ry, mut yv) = (top % sh, top / sh);
@@ -929,13 +1047,19 @@ impl ConvPlan {
                 }
             }
         }
+        s.phases = column_phases;
         s.cols.clear();
         try_resize(&mut s.cols, lanes, 0)?;
         s.b.clear();
         try_resize(&mut s.b, k4 * stride, 0)?;
         s.b_off.clear();
         // Where each tap's row starts, in `(ic, ky, kx)` order.
-        let mut starts = try_with_capacity(4 * k4)?;
+        // (A buffer taken from the scratch and lost to an error is only reallocated.)
+        let mut starts = std::mem::take(&mut s.starts);
+        starts.clear();
+        starts.try_reserve(4 * k4).map_err(|_| OutOfMemory {
+            bytes: (4 * k4 * 8) as u64,
+        })?;
         for ic in 0..self.cin_g {
             for ky in 0..kh {
                 for kx in 0..kw {
@@ -977,14 +1101,14 @@ impl ConvPlan {
                         s.cols[to..to + ow].copy_from_slice(&s.padded[from..from + ow]);
                     }
                 }
-                let (rows, _) = s.cols.split_at(4 * p);
-                let r: Vec<&[i8]> = rows.chunks_exact(p.max(1)).collect();
-                gemm::interleave4(
-                    [r[0], r[1], r[2], r[3]],
-                    &mut s.b[q * stride..q * stride + lanes],
-                );
+                let (r0, rest) = s.cols.split_at(p);
+                let (r1, rest) = rest.split_at(p);
+                let (r2, rest) = rest.split_at(p);
+                let r3 = &rest[..p];
+                gemm::interleave4([r0, r1, r2, r3], &mut s.b[q * stride..q * stride + lanes]);
             }
         }
+        s.starts = starts;
         s.b_off.extend((0..k4).map(|q| q * stride));
         Ok(())
     }
@@ -1049,6 +1173,8 @@ pub fn conv2d_reference(c: &IntConv2d, x: &[i8], shape: &[usize]) -> Result<Valu
 pub struct LinearWeights {
     /// `[k4, stride]`.
     words: Vec<u32>,
+    /// [`gemm::pairs_fit_i16`] of `words`.
+    pairs_fit_i16: bool,
     /// Offset of each word row.
     offsets: Vec<usize>,
     /// `bias - (zp + 128) * sum(w)` per output feature, wrapping, padded to `stride`.
@@ -1085,6 +1211,7 @@ impl LinearWeights {
             })
             .collect();
         Self {
+            pairs_fit_i16: gemm::pairs_fit_i16(&words),
             words,
             offsets: (0..k4).map(|k| k * stride).collect(),
             bias,
@@ -1101,21 +1228,54 @@ pub fn linear(
     x: &[i8],
     shape: &[usize],
 ) -> Result<Values, OutOfMemory> {
+    fn typed<T: OutputValue>(
+        l: &IntLinear,
+        cache: &OnceLock<Packed>,
+        x: &[i8],
+        shape: &[usize],
+    ) -> Result<Values, OutOfMemory> {
+        let (mut acc, mut data) = (Vec::new(), Vec::new());
+        linear_into::<T>(l, cache, x, &mut acc, &mut data)?;
+        Ok(T::values(
+            data,
+            linear_shape(shape, l.out_features),
+            &l.output,
+        ))
+    }
+    match l.output {
+        Output::Quantized { .. } => typed::<i8>(l, cache, x, shape),
+        Output::Float { .. } => typed::<f32>(l, cache, x, shape),
+    }
+}
+
+/// [`linear`] into `out` (resized; `i8` for a quantized output, `f32` for a float one), with
+/// `acc` for the accumulators: no allocation once both and the workers' buffers have room.
+pub(crate) fn linear_into<T: OutputValue>(
+    l: &IntLinear,
+    cache: &OnceLock<Packed>,
+    x: &[i8],
+    acc: &mut Vec<i32>,
+    out: &mut Vec<T>,
+) -> Result<(), OutOfMemory> {
     let inp = l.in_features;
     let n = x.len() / inp.max(1);
-    let out = l.out_features;
+    let width = l.out_features;
     let Packed::Linear(weights) = cache.get_or_init(|| Packed::Linear(LinearWeights::new(l)))
     else {
         unreachable!("a linear layer keeps its weights as Packed::Linear")
     };
     let k4 = inp.div_ceil(4);
-    // Rows of `x` as `u8` words, `[rows, k4]`.
-    let unsigned = |x: &[i8]| -> Result<Vec<u32>, OutOfMemory> {
-        let mut a = try_with_capacity(x.len().div_ceil(4) + k4)?;
+    // Rows of `x` as `u8` words, `[rows, k4]`, in the worker's buffer.
+    let unsigned = |x: &[i8], a: &mut Vec<u32>| -> Result<(), OutOfMemory> {
+        a.clear();
+        let len = x.len().div_ceil(4) + k4;
+        a.try_reserve(len).map_err(|_| OutOfMemory {
+            bytes: (len * 4) as u64,
+        })?;
         for r in x.chunks_exact(inp.max(1)) {
-            gemm::unsigned_words(r, &mut a);
+            gemm::unsigned_words(r, a);
         }
-        Ok(a)
+        Ok(())
     };
     fn words<'a>(a: &'a [u32], k4: usize, weights: &'a LinearWeights) -> gemm::Words<'a> {
         gemm::Words {
@@ -1124,62 +1284,57 @@ pub fn linear(
             b: &weights.words,
             b_off: &weights.offsets,
             a_signed: false,
+            pairs_fit_i16: weights.pairs_fit_i16,
             bias: Bias::Lanes(&weights.bias),
         }
     }
     // `[n, stride]`: the product stores whole rows of 16 lanes.
-    let stride = out.next_multiple_of(16);
-    let mut acc = try_filled(n * stride, 0i32)?;
+    let stride = width.next_multiple_of(16);
+    acc.clear();
+    try_resize(acc, n * stride, 0i32)?;
     let threads = threads();
     if n == 1 {
-        let a = unsigned(x)?;
-        let words = words(&a, k4, weights);
-        let lanes = if threads > 1 && inp * out >= SPLIT_WORK {
-            out.div_ceil(threads).next_multiple_of(16)
+        let lanes = if threads > 1 && inp * width >= SPLIT_WORK {
+            width.div_ceil(threads).next_multiple_of(16)
         } else {
             stride
         };
-        for_each_chunk(&mut acc, lanes, |i, dst, _: &mut ()| {
-            let first = i * lanes;
-            let end = (first + dst.len()).min(out);
-            gemm::product(&words, 0..1, first..end, dst, dst.len());
-        });
+        SCRATCH.with_borrow_mut(|s| -> Result<(), OutOfMemory> {
+            unsigned(x, &mut s.words)?;
+            let words = words(&s.words, k4, weights);
+            for_each_chunk(acc, lanes, |i, dst, _: &mut ()| {
+                let first = i * lanes;
+                let end = (first + dst.len()).min(width);
+                gemm::product(&words, 0..1, first..end, dst, dst.len());
+            });
+            Ok(())
+        })?;
     } else {
         // Chunks of rows, each converting its own rows.
         let rows = n.div_ceil(threads).next_multiple_of(gemm::MR).min(n);
         let failed = FirstError::new();
-        for_each_chunk(&mut acc, rows * stride, |i, dst, _: &mut ()| {
+        for_each_chunk(acc, rows * stride, |i, dst, _: &mut ()| {
             let first = i * rows;
             let count = dst.len() / stride;
-            failed
-                .keep(unsigned(&x[first * inp..(first + count) * inp]).map(|a| {
-                    gemm::product(&words(&a, k4, weights), 0..count, 0..out, dst, stride)
-                }));
+            failed.keep(SCRATCH.with_borrow_mut(|s| {
+                unsigned(&x[first * inp..(first + count) * inp], &mut s.words).map(|_| {
+                    let words = words(&s.words, k4, weights);
+                    gemm::product(&words, 0..count, 0..width, dst, stride)
+                })
+            }));
         });
         failed.into_result()?;
     }
     // Requantized in chunks of rows too.
-    fn typed<T: OutputValue>(
-        output: &Output,
-        acc: &[i32],
-        stride: usize,
-        shape: Vec<usize>,
-    ) -> Result<Values, OutOfMemory> {
-        let out = shape.last().copied().unwrap_or(0);
-        let rows = 64;
-        let mut data = try_filled(acc.len() / stride.max(1) * out, T::default())?;
-        for_each_chunk(&mut data, rows * out, |i, dst, _: &mut ()| {
-            for (r, d) in (i * rows..).zip(dst.chunks_exact_mut(out.max(1))) {
-                T::rows(&acc[r * stride..r * stride + out], 1, output, 0, d);
-            }
-        });
-        Ok(T::values(data, shape, output))
-    }
-    let shape = linear_shape(shape, out);
-    match l.output {
-        Output::Quantized { .. } => typed::<i8>(&l.output, &acc, stride, shape),
-        Output::Float { .. } => typed::<f32>(&l.output, &acc, stride, shape),
-    }
+    let rows = 64;
+    try_resize(out, n * width, T::default())?;
+    let acc = &acc[..];
+    for_each_chunk(out, rows * width, |i, dst, _: &mut ()| {
+        for (r, d) in (i * rows..).zip(dst.chunks_exact_mut(width.max(1))) {
+            T::rows(&acc[r * stride..r * stride + width], 1, &l.output, 0, d);
+        }
+    });
+    Ok(())
 }
 
 /// Fully connected layer, scalar reference.
@@ -1216,7 +1371,6 @@ mod tests {
     fn a_buffer_the_allocator_refuses_is_an_error() {
         let err = try_filled(usize::MAX / 2, 0u32).unwrap_err();
         assert_eq!(err.bytes, u64::MAX);
-        assert!(try_with_capacity::<u64>(usize::MAX / 4).is_err());
         let mut v = vec![1u8; 3];
         assert!(try_resize(&mut v, usize::MAX, 0).is_err());
         assert_eq!(v, [1, 1, 1], "unchanged after a refusal");

@@ -208,3 +208,14 @@ pub(crate) fn for_each_chunk<T: Send, S: Default>(
     }
     work();
 }
+
+/// Runs `f` once on every thread of the pool and once on the caller (only on the caller when
+/// there is no pool, or while another call holds it).
+pub(crate) fn on_every_thread(f: &(dyn Fn() + Sync)) {
+    if let Some(pool) = Pool::get()
+        && pool.run(f).is_some()
+    {
+        return;
+    }
+    f();
+}
