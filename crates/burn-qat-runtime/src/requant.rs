@@ -333,7 +333,9 @@ mod tests {
     fn ties_round_half_to_even_on_every_path() {
         for m in [0.5, 0.25, 0.125, 0.375, 0.1875, 1.0 / 1024.0, 3.0 / 4096.0] {
             let f = FixedMultiplier::new(m);
-            let acc: Vec<i32> = (-70_000..70_000).collect();
+            // Miri interprets every step: a narrower span there (ties recur every 1024).
+            let span = if cfg!(miri) { 2_100 } else { 70_000 };
+            let acc: Vec<i32> = (-span..span).collect();
             for zp in [-128, -3, 0, 5, 127] {
                 let mut out = vec![0i8; acc.len()];
                 f.requantize(&acc, zp, -128, 127, &mut out);
