@@ -4,8 +4,10 @@ use std::collections::HashMap;
 
 use burn::backend::capture::TensorId;
 use burn::backend::ir::{
-    ActivationOperationIr, BaseOperationIr, FloatOperationIr, ModuleOperationIr,
-    NumericOperationIr, OperationIr, ScalarIr, TensorIr,
+    ActivationOperationIr, AvgPool1dOpIr, AvgPool2dOpIr, BaseOperationIr, BatchNormOpIr,
+    BinaryOpIr, Conv1dOpIr, Conv2dOpIr, CustomOpIr, FloatOperationIr, LinearOpIr, MaxPool1dOpIr,
+    MaxPool2dOpIr, ModuleOperationIr, NumericOperationIr, OperationIr, ScalarIr, ScalarOpIr,
+    ShapeOpIr, TensorIr,
 };
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv1d, Conv2d};
@@ -281,79 +283,97 @@ impl<'a> Lifter<'a> {
         FusedConfig::new().with_weight(None).with_output(None)
     }
 
+    /// Lifts one recorded op, `a` at the first batch size and `b` the same op at the second:
+    /// one lifter per op family.
     fn op(&mut self, a: &OperationIr, b: &OperationIr) -> Result<(), QatError> {
-        use ActivationOperationIr as A;
-        use BaseOperationIr as Bs;
-        use FloatOperationIr as F;
-        use ModuleOperationIr as M;
-        use NumericOperationIr as N;
-        let unsupported = |s: &Self| {
-            Err(s.err(
-                format!("the op `{}`", op_name(a)),
-                "graph mode does not support this op yet: keep it outside the traced forward, or file an issue \
-                 naming the op",
-            ))
-        };
         match (a, b) {
             (OperationIr::Drop(_) | OperationIr::Init(_), _) => Ok(()),
-            // A burn-qat quantizer already in the model (`quantize`, a custom layer holding a
-            // `FakeQuant`): the float graph reads through it; graph mode places its own
-            // quantizers by its `QatConfig`. Its grid arithmetic is not live (see `live_ops`).
-            (OperationIr::Custom(c), _) if is_pass_through(&c.id) => {
-                if let (Some(x), Some(out)) = (c.inputs.first(), c.outputs.first()) {
-                    let src = self.src(x)?;
-                    self.env.insert(out.id, src);
-                }
-                Ok(())
+            (OperationIr::Custom(c), _) => self.custom(a, c),
+            (OperationIr::BaseFloat(x), OperationIr::BaseFloat(y)) => self.layout(a, x, y),
+            (OperationIr::NumericFloat(_, x), OperationIr::NumericFloat(_, y)) => {
+                self.numeric(a, x, y)
             }
-            (OperationIr::Custom(c), _) => Err(self.err(
-                format!("the custom op `{}`", c.id),
-                if is_refused_marked(a) {
-                    "a PACT or trainable min/max clip (or an observer's range) in the traced \
-                     forward is part of what the model computes and is not lifted yet: trace the \
-                     float model, graph mode places its own quantizers"
-                } else {
-                    "graph mode does not support custom backend-extension ops: keep it outside the \
-                     traced forward"
-                },
+            (OperationIr::Float(_, x), OperationIr::Float(_, y)) => self.float(a, x, y),
+            (OperationIr::Activation(x), OperationIr::Activation(y)) => self.activation(a, x, y),
+            (OperationIr::Module(x), OperationIr::Module(y)) => self.module(a, x, y),
+            _ if std::mem::discriminant(a) != std::mem::discriminant(b) => Err(self.err(
+                format!("the op `{}` at one batch size and `{}` at another", op_name(a), op_name(b)),
+                "the forward branches on the batch size; graph mode needs one graph for every batch",
             )),
-            (OperationIr::BaseFloat(Bs::Reshape(o)), OperationIr::BaseFloat(Bs::Reshape(p))) => {
-                match self.src(&o.input)? {
-                    Src::Param(root) => {
-                        self.env.insert(o.out.id, Src::Param(root));
-                        Ok(())
-                    }
-                    Src::Node(i) => {
-                        let shape = self.dims(&o.out, &p.out)?;
-                        self.push(Op::Reshape { shape }, vec![i], (&o.out, &p.out))
-                            .map(drop)
-                    }
-                }
+            _ => self.unsupported(a),
+        }
+    }
+
+    /// The refusal of an op graph mode does not lift.
+    fn unsupported(&self, a: &OperationIr) -> Result<(), QatError> {
+        Err(self.err(
+            format!("the op `{}`", op_name(a)),
+            "graph mode does not support this op yet: keep it outside the traced forward, or file an issue \
+             naming the op",
+        ))
+    }
+
+    /// `op` on the node that computes `x` (`what` names the op in errors), its output `out`.
+    fn one_input(
+        &mut self,
+        op: Op,
+        x: &TensorIr,
+        what: &str,
+        out: (&TensorIr, &TensorIr),
+    ) -> Result<(), QatError> {
+        let i = self.node_input(x, what)?;
+        self.push(op, vec![i], out).map(drop)
+    }
+
+    /// A custom (backend-extension) op. A burn-qat quantizer already in the model (`quantize`,
+    /// a custom layer holding a `FakeQuant`): the float graph reads through it; graph mode
+    /// places its own quantizers by its `QatConfig`. Its grid arithmetic is not live (see
+    /// `live_ops`). Any other is refused.
+    fn custom(&mut self, a: &OperationIr, c: &CustomOpIr) -> Result<(), QatError> {
+        if is_pass_through(&c.id) {
+            if let (Some(x), Some(out)) = (c.inputs.first(), c.outputs.first()) {
+                let src = self.src(x)?;
+                self.env.insert(out.id, src);
             }
-            (OperationIr::BaseFloat(Bs::SwapDims(o)), OperationIr::BaseFloat(Bs::SwapDims(p))) => {
-                let i = self.node_input(&o.input, "swap_dims")?;
-                self.push(
-                    Op::SwapDims {
-                        a: o.dim1,
-                        b: o.dim2,
-                    },
-                    vec![i],
-                    (&o.out, &p.out),
-                )
-                .map(drop)
+            return Ok(());
+        }
+        Err(self.err(
+            format!("the custom op `{}`", c.id),
+            if is_refused_marked(a) {
+                "a PACT or trainable min/max clip (or an observer's range) in the traced \
+                 forward is part of what the model computes and is not lifted yet: trace the \
+                 float model, graph mode places its own quantizers"
+            } else {
+                "graph mode does not support custom backend-extension ops: keep it outside the \
+                 traced forward"
+            },
+        ))
+    }
+
+    /// Reshape, swap_dims, permute and cat.
+    fn layout(
+        &mut self,
+        a: &OperationIr,
+        x: &BaseOperationIr,
+        y: &BaseOperationIr,
+    ) -> Result<(), QatError> {
+        use BaseOperationIr as Bs;
+        match (x, y) {
+            (Bs::Reshape(o), Bs::Reshape(p)) => self.reshape(o, p),
+            (Bs::SwapDims(o), Bs::SwapDims(p)) => {
+                let op = Op::SwapDims {
+                    a: o.dim1,
+                    b: o.dim2,
+                };
+                self.one_input(op, &o.input, "swap_dims", (&o.out, &p.out))
             }
-            (OperationIr::BaseFloat(Bs::Permute(o)), OperationIr::BaseFloat(Bs::Permute(p))) => {
-                let i = self.node_input(&o.input, "permute")?;
-                self.push(
-                    Op::Permute {
-                        axes: o.axes.clone(),
-                    },
-                    vec![i],
-                    (&o.out, &p.out),
-                )
-                .map(drop)
+            (Bs::Permute(o), Bs::Permute(p)) => {
+                let op = Op::Permute {
+                    axes: o.axes.clone(),
+                };
+                self.one_input(op, &o.input, "permute", (&o.out, &p.out))
             }
-            (OperationIr::BaseFloat(Bs::Cat(o)), OperationIr::BaseFloat(Bs::Cat(p))) => {
+            (Bs::Cat(o), Bs::Cat(p)) => {
                 let inputs = o
                     .tensors
                     .iter()
@@ -362,313 +382,363 @@ impl<'a> Lifter<'a> {
                 self.push(Op::Concat { axis: o.dim }, inputs, (&o.out, &p.out))
                     .map(drop)
             }
-            (OperationIr::NumericFloat(_, na), OperationIr::NumericFloat(_, nb)) => {
-                match (na, nb) {
-                    (N::Add(o), N::Add(p)) => {
-                        // Linear's bias: matmul output + reshaped 1-D bias parameter.
-                        if let (Src::Node(l), Src::Param(bias)) =
-                            (self.src(&o.lhs)?, self.src(&o.rhs)?)
-                            && let Op::Layer {
-                                index,
-                                kind: LayerKind::Linear,
-                            } = self.nodes[l].op
-                            && let GraphLayer::Linear(fused) = &self.layers[index]
-                            && fused.layer.bias.is_none()
-                            && self.trace.values[&bias].shape().len() == 1
-                        {
-                            let b = self.param::<1>(bias);
-                            if let GraphLayer::Linear(fused) = &mut self.layers[index] {
-                                fused.layer.bias = Some(b);
-                            }
-                            self.env.insert(o.out.id, Src::Node(l));
-                            return Ok(());
-                        }
-                        let (l, r) = (
-                            self.node_input(&o.lhs, "add")?,
-                            self.node_input(&o.rhs, "add")?,
-                        );
-                        self.push(Op::Add, vec![l, r], (&o.out, &p.out)).map(drop)
-                    }
-                    (N::Sub(o), N::Sub(p)) | (N::Mul(o), N::Mul(p)) | (N::Div(o), N::Div(p)) => {
-                        let op = match na {
-                            N::Sub(_) => Op::Sub,
-                            N::Mul(_) => Op::Mul,
-                            _ => Op::Div,
-                        };
-                        let (l, r) = (
-                            self.node_input(&o.lhs, "a binary op")?,
-                            self.node_input(&o.rhs, "a binary op")?,
-                        );
-                        self.push(op, vec![l, r], (&o.out, &p.out)).map(drop)
-                    }
-                    (N::AddScalar(o), N::AddScalar(p))
-                    | (N::SubScalar(o), N::SubScalar(p))
-                    | (N::MulScalar(o), N::MulScalar(p))
-                    | (N::DivScalar(o), N::DivScalar(p)) => {
-                        let c = scalar(&o.rhs);
-                        let op = match na {
-                            N::AddScalar(_) => Op::AddScalar(c),
-                            N::SubScalar(_) => Op::SubScalar(c),
-                            N::MulScalar(_) => Op::MulScalar(c),
-                            _ => Op::DivScalar(c),
-                        };
-                        let i = self.node_input(&o.lhs, "a scalar op")?;
-                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                    }
-                    (N::Clamp(o), N::Clamp(p)) => {
-                        let i = self.node_input(&o.tensor, "clamp")?;
-                        let op = Op::Clamp {
-                            min: scalar(&o.min),
-                            max: scalar(&o.max),
-                        };
-                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                    }
-                    (N::ClampMin(o), N::ClampMin(p)) | (N::ClampMax(o), N::ClampMax(p)) => {
-                        let i = self.node_input(&o.lhs, "clamp")?;
-                        let c = scalar(&o.rhs);
-                        let op = match na {
-                            N::ClampMin(_) => Op::Clamp {
-                                min: c,
-                                max: f64::INFINITY,
-                            },
-                            _ => Op::Clamp {
-                                min: f64::NEG_INFINITY,
-                                max: c,
-                            },
-                        };
-                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                    }
-                    (N::MeanDim(o), N::MeanDim(p)) | (N::SumDim(o), N::SumDim(p)) => {
-                        let i = self.node_input(&o.input, "a reduction")?;
-                        let op = match na {
-                            N::MeanDim(_) => Op::MeanDim { axis: o.axis },
-                            _ => Op::SumDim { axis: o.axis },
-                        };
-                        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                    }
-                    _ => unsupported(self),
-                }
+            _ => self.unsupported(a),
+        }
+    }
+
+    /// A reshape of a parameter stays that parameter (a bias reshaped for broadcasting); of a
+    /// node, a `Reshape` node.
+    fn reshape(&mut self, o: &ShapeOpIr, p: &ShapeOpIr) -> Result<(), QatError> {
+        match self.src(&o.input)? {
+            Src::Param(root) => {
+                self.env.insert(o.out.id, Src::Param(root));
+                Ok(())
             }
-            (OperationIr::Float(_, fa), OperationIr::Float(_, fb)) => match (fa, fb) {
-                (F::Matmul(o), F::Matmul(p)) => {
-                    let x = self.node_input(&o.lhs, "matmul")?;
-                    let w = self.param_root(&o.rhs, "a matmul whose right operand is")?;
-                    self.check_rank(w, 2, "Linear weight")?;
-                    let near = self.path(w);
-                    let linear = Linear {
-                        weight: self.param::<2>(w),
-                        bias: None,
-                    };
-                    let fused = self.float_layer().init(linear, None)?;
-                    self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
-                        .map(drop)
-                }
-                (F::Tanh(o), F::Tanh(p)) | (F::Exp(o), F::Exp(p)) => {
-                    let i = self.node_input(&o.input, "an activation")?;
-                    let op = if matches!(fa, F::Tanh(_)) {
-                        Op::Tanh
-                    } else {
-                        Op::Exp
-                    };
-                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                }
-                _ => unsupported(self),
-            },
-            (OperationIr::Activation(aa), OperationIr::Activation(ab)) => {
-                let (op, o, p) = match (aa, ab) {
-                    (A::Relu(o), A::Relu(p)) => (Op::Relu, &o.input, &p.out),
-                    (A::Gelu(o), A::Gelu(p)) => (Op::Gelu, &o.input, &p.out),
-                    (A::Sigmoid(o), A::Sigmoid(p)) => (Op::Sigmoid, &o.input, &p.out),
-                    (A::HardSigmoid(o), A::HardSigmoid(p)) => (
-                        Op::HardSigmoid {
-                            alpha: scalar(&o.alpha),
-                            beta: scalar(&o.beta),
-                        },
-                        &o.tensor,
-                        &p.out,
-                    ),
-                    (A::LeakyRelu(o), A::LeakyRelu(p)) => (
-                        Op::LeakyRelu {
-                            slope: scalar(&o.rhs),
-                        },
-                        &o.lhs,
-                        &p.out,
-                    ),
-                    (A::Softmax(o), A::Softmax(p)) => {
-                        (Op::Softmax { axis: o.axis }, &o.input, &p.out)
-                    }
-                    _ => return unsupported(self),
-                };
-                let out_a = activation_out(aa);
-                let i = self.node_input(o, "an activation")?;
-                self.push(op, vec![i], (out_a, p)).map(drop)
-            }
-            (OperationIr::Module(ma), OperationIr::Module(mb)) => match (ma, mb) {
-                (M::Conv2d(o), M::Conv2d(p)) => {
-                    let x = self.node_input(&o.x, "conv2d")?;
-                    let w = self.param_root(&o.weight, "a conv2d weight")?;
-                    self.check_rank(w, 4, "Conv2d weight")?;
-                    let bias = o
-                        .bias
-                        .as_ref()
-                        .map(|b| self.param_root(b, "a conv2d bias"))
-                        .transpose()?;
-                    let ks = &self.trace.values[&w].shape();
-                    let [(top, bottom), (left, right)] = o.options.padding;
-                    let conv = Conv2d {
-                        weight: self.param::<4>(w),
-                        bias: bias.map(|b| self.param::<1>(b)),
-                        stride: o.options.stride,
-                        kernel_size: [ks[2], ks[3]],
-                        dilation: o.options.dilation,
-                        groups: o.options.groups,
-                        padding: PaddingConfig2d::Explicit(top, left, bottom, right),
-                    };
-                    let near = self.path(w);
-                    let fused = self.float_layer().init(conv, None)?;
-                    self.layer(GraphLayer::Conv2d(fused), x, (&o.out, &p.out), near)
-                        .map(drop)
-                }
-                (M::Conv1d(o), M::Conv1d(p)) => {
-                    let x = self.node_input(&o.x, "conv1d")?;
-                    let w = self.param_root(&o.weight, "a conv1d weight")?;
-                    self.check_rank(w, 3, "Conv1d weight")?;
-                    let bias = o
-                        .bias
-                        .as_ref()
-                        .map(|b| self.param_root(b, "a conv1d bias"))
-                        .transpose()?;
-                    let ks = &self.trace.values[&w].shape();
-                    let [(left, right)] = o.options.padding;
-                    let conv = Conv1d {
-                        weight: self.param::<3>(w),
-                        bias: bias.map(|b| self.param::<1>(b)),
-                        stride: o.options.stride[0],
-                        kernel_size: ks[2],
-                        dilation: o.options.dilation[0],
-                        groups: o.options.groups,
-                        padding: PaddingConfig1d::Explicit(left, right),
-                    };
-                    let near = self.path(w);
-                    let fused = self.float_layer().init(conv, None)?;
-                    self.layer(GraphLayer::Conv1d(fused), x, (&o.out, &p.out), near)
-                        .map(drop)
-                }
-                (M::Linear(o), M::Linear(p)) => {
-                    let x = self.node_input(&o.x, "linear")?;
-                    let w = self.param_root(&o.weight, "a linear weight")?;
-                    self.check_rank(w, 2, "Linear weight")?;
-                    let bias = o
-                        .bias
-                        .as_ref()
-                        .map(|b| self.param_root(b, "a linear bias"))
-                        .transpose()?;
-                    let linear = Linear {
-                        weight: self.param::<2>(w),
-                        bias: bias.map(|b| self.param::<1>(b)),
-                    };
-                    let near = self.path(w);
-                    let fused = self.float_layer().init(linear, None)?;
-                    self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
-                        .map(drop)
-                }
-                (M::BatchNorm(o), M::BatchNorm(p)) => {
-                    let x = self.node_input(&o.x, "batch_norm")?;
-                    let g = self.param_root(&o.gamma, "a BatchNorm gamma")?;
-                    let bt = self.param_root(&o.beta, "a BatchNorm beta")?;
-                    let m = self.param_root(&o.mean, "a BatchNorm running mean")?;
-                    let v = self.param_root(&o.variance, "a BatchNorm running variance")?;
-                    let bn = BatchNorm {
-                        gamma: self.param::<1>(g),
-                        beta: self.param::<1>(bt),
-                        training: Param::from_bool(true),
-                        running_mean: self.running(m),
-                        running_var: self.running(v),
-                        momentum: 0.1,
-                        epsilon: scalar(&o.epsilon),
-                    };
-                    let near = self.path(g);
-                    self.layer(GraphLayer::BatchNorm(bn), x, (&o.out, &p.out), near)
-                        .map(drop)
-                }
-                (M::MaxPool2d(o), M::MaxPool2d(p)) => {
-                    let i = self.node_input(&o.x, "max_pool2d")?;
-                    let op = Op::MaxPool2d {
-                        kernel: o.kernel_size,
-                        stride: o.stride,
-                        padding: o.padding,
-                        dilation: o.dilation,
-                        ceil_mode: o.ceil_mode,
-                    };
-                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                }
-                (M::MaxPool1d(o), M::MaxPool1d(p)) => {
-                    let i = self.node_input(&o.x, "max_pool1d")?;
-                    let op = Op::MaxPool1d {
-                        kernel: o.kernel_size,
-                        stride: o.stride,
-                        padding: o.padding,
-                        dilation: o.dilation,
-                        ceil_mode: o.ceil_mode,
-                    };
-                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                }
-                (M::AvgPool2d(o), M::AvgPool2d(p)) => {
-                    let i = self.node_input(&o.x, "avg_pool2d")?;
-                    let op = Op::AvgPool2d {
-                        kernel: o.kernel_size,
-                        stride: o.stride,
-                        padding: o.padding,
-                        count_include_pad: o.count_include_pad,
-                        ceil_mode: o.ceil_mode,
-                    };
-                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                }
-                (M::AvgPool1d(o), M::AvgPool1d(p)) => {
-                    let i = self.node_input(&o.x, "avg_pool1d")?;
-                    let op = Op::AvgPool1d {
-                        kernel: o.kernel_size,
-                        stride: o.stride,
-                        padding: o.padding,
-                        count_include_pad: o.count_include_pad,
-                        ceil_mode: o.ceil_mode,
-                    };
-                    self.push(op, vec![i], (&o.out, &p.out)).map(drop)
-                }
-                (M::AdaptiveAvgPool2d(o), M::AdaptiveAvgPool2d(p)) => {
-                    let i = self.node_input(&o.x, "adaptive_avg_pool2d")?;
-                    self.push(
-                        Op::AdaptiveAvgPool2d {
-                            output: o.output_size,
-                        },
-                        vec![i],
-                        (&o.out, &p.out),
-                    )
+            Src::Node(i) => {
+                let shape = self.dims(&o.out, &p.out)?;
+                self.push(Op::Reshape { shape }, vec![i], (&o.out, &p.out))
                     .map(drop)
-                }
-                (M::AdaptiveAvgPool1d(o), M::AdaptiveAvgPool1d(p)) => {
-                    let i = self.node_input(&o.x, "adaptive_avg_pool1d")?;
-                    self.push(
-                        Op::AdaptiveAvgPool1d {
-                            output: o.output_size,
-                        },
-                        vec![i],
-                        (&o.out, &p.out),
-                    )
-                    .map(drop)
-                }
-                _ => unsupported(self),
-            },
-            _ => {
-                if std::mem::discriminant(a) != std::mem::discriminant(b) {
-                    return Err(self.err(
-                        format!("the op `{}` at one batch size and `{}` at another", op_name(a), op_name(b)),
-                        "the forward branches on the batch size; graph mode needs one graph for every batch",
-                    ));
-                }
-                unsupported(self)
             }
         }
+    }
+
+    /// Elementwise arithmetic (with a tensor or a scalar), clamps, mean and sum along an axis.
+    fn numeric(
+        &mut self,
+        a: &OperationIr,
+        na: &NumericOperationIr,
+        nb: &NumericOperationIr,
+    ) -> Result<(), QatError> {
+        use NumericOperationIr as N;
+        let (inf, neg_inf) = (f64::INFINITY, f64::NEG_INFINITY);
+        match (na, nb) {
+            (N::Add(o), N::Add(p)) => self.add(o, p),
+            (N::Sub(o), N::Sub(p)) => self.binary(Op::Sub, o, p),
+            (N::Mul(o), N::Mul(p)) => self.binary(Op::Mul, o, p),
+            (N::Div(o), N::Div(p)) => self.binary(Op::Div, o, p),
+            (N::AddScalar(o), N::AddScalar(p)) => {
+                self.scalar_op(Op::AddScalar, "a scalar op", o, p)
+            }
+            (N::SubScalar(o), N::SubScalar(p)) => {
+                self.scalar_op(Op::SubScalar, "a scalar op", o, p)
+            }
+            (N::MulScalar(o), N::MulScalar(p)) => {
+                self.scalar_op(Op::MulScalar, "a scalar op", o, p)
+            }
+            (N::DivScalar(o), N::DivScalar(p)) => {
+                self.scalar_op(Op::DivScalar, "a scalar op", o, p)
+            }
+            (N::Clamp(o), N::Clamp(p)) => {
+                let (min, max) = (scalar(&o.min), scalar(&o.max));
+                self.one_input(Op::Clamp { min, max }, &o.tensor, "clamp", (&o.out, &p.out))
+            }
+            (N::ClampMin(o), N::ClampMin(p)) => {
+                self.scalar_op(|min| Op::Clamp { min, max: inf }, "clamp", o, p)
+            }
+            (N::ClampMax(o), N::ClampMax(p)) => {
+                self.scalar_op(|max| Op::Clamp { min: neg_inf, max }, "clamp", o, p)
+            }
+            (N::MeanDim(o), N::MeanDim(p)) => {
+                let op = Op::MeanDim { axis: o.axis };
+                self.one_input(op, &o.input, "a reduction", (&o.out, &p.out))
+            }
+            (N::SumDim(o), N::SumDim(p)) => {
+                let op = Op::SumDim { axis: o.axis };
+                self.one_input(op, &o.input, "a reduction", (&o.out, &p.out))
+            }
+            _ => self.unsupported(a),
+        }
+    }
+
+    /// A tensor op with a scalar operand: `op(scalar)` on the tensor (`what` names it in
+    /// errors).
+    fn scalar_op(
+        &mut self,
+        op: impl FnOnce(f64) -> Op,
+        what: &str,
+        o: &ScalarOpIr,
+        p: &ScalarOpIr,
+    ) -> Result<(), QatError> {
+        let i = self.node_input(&o.lhs, what)?;
+        let op = op(scalar(&o.rhs));
+        self.push(op, vec![i], (&o.out, &p.out)).map(drop)
+    }
+
+    /// Sub, mul and div of two tensors.
+    fn binary(&mut self, op: Op, o: &BinaryOpIr, p: &BinaryOpIr) -> Result<(), QatError> {
+        let (l, r) = (
+            self.node_input(&o.lhs, "a binary op")?,
+            self.node_input(&o.rhs, "a binary op")?,
+        );
+        self.push(op, vec![l, r], (&o.out, &p.out)).map(drop)
+    }
+
+    /// An add: a Linear's bias (its matmul's output plus a 1-D bias parameter) joins the
+    /// Linear; otherwise an `Add` of two tensors.
+    fn add(&mut self, o: &BinaryOpIr, p: &BinaryOpIr) -> Result<(), QatError> {
+        if let (Src::Node(l), Src::Param(bias)) = (self.src(&o.lhs)?, self.src(&o.rhs)?)
+            && let Op::Layer {
+                index,
+                kind: LayerKind::Linear,
+            } = self.nodes[l].op
+            && let GraphLayer::Linear(fused) = &self.layers[index]
+            && fused.layer.bias.is_none()
+            && self.trace.values[&bias].shape().len() == 1
+        {
+            let b = self.param::<1>(bias);
+            if let GraphLayer::Linear(fused) = &mut self.layers[index] {
+                fused.layer.bias = Some(b);
+            }
+            self.env.insert(o.out.id, Src::Node(l));
+            return Ok(());
+        }
+        let (l, r) = (
+            self.node_input(&o.lhs, "add")?,
+            self.node_input(&o.rhs, "add")?,
+        );
+        self.push(Op::Add, vec![l, r], (&o.out, &p.out)).map(drop)
+    }
+
+    /// A matmul by a weight parameter (a Linear, whose bias may follow), tanh and exp.
+    fn float(
+        &mut self,
+        a: &OperationIr,
+        fa: &FloatOperationIr,
+        fb: &FloatOperationIr,
+    ) -> Result<(), QatError> {
+        use FloatOperationIr as F;
+        match (fa, fb) {
+            (F::Matmul(o), F::Matmul(p)) => {
+                let x = self.node_input(&o.lhs, "matmul")?;
+                let w = self.param_root(&o.rhs, "a matmul whose right operand is")?;
+                self.check_rank(w, 2, "Linear weight")?;
+                let near = self.path(w);
+                let linear = Linear {
+                    weight: self.param::<2>(w),
+                    bias: None,
+                };
+                let fused = self.float_layer().init(linear, None)?;
+                self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
+                    .map(drop)
+            }
+            (F::Tanh(o), F::Tanh(p)) => {
+                self.one_input(Op::Tanh, &o.input, "an activation", (&o.out, &p.out))
+            }
+            (F::Exp(o), F::Exp(p)) => {
+                self.one_input(Op::Exp, &o.input, "an activation", (&o.out, &p.out))
+            }
+            _ => self.unsupported(a),
+        }
+    }
+
+    /// ReLU, GELU, sigmoid, hard sigmoid, leaky ReLU and softmax.
+    fn activation(
+        &mut self,
+        a: &OperationIr,
+        aa: &ActivationOperationIr,
+        ab: &ActivationOperationIr,
+    ) -> Result<(), QatError> {
+        use ActivationOperationIr as A;
+        let (op, o, p) = match (aa, ab) {
+            (A::Relu(o), A::Relu(p)) => (Op::Relu, &o.input, &p.out),
+            (A::Gelu(o), A::Gelu(p)) => (Op::Gelu, &o.input, &p.out),
+            (A::Sigmoid(o), A::Sigmoid(p)) => (Op::Sigmoid, &o.input, &p.out),
+            (A::HardSigmoid(o), A::HardSigmoid(p)) => (
+                Op::HardSigmoid {
+                    alpha: scalar(&o.alpha),
+                    beta: scalar(&o.beta),
+                },
+                &o.tensor,
+                &p.out,
+            ),
+            (A::LeakyRelu(o), A::LeakyRelu(p)) => (
+                Op::LeakyRelu {
+                    slope: scalar(&o.rhs),
+                },
+                &o.lhs,
+                &p.out,
+            ),
+            (A::Softmax(o), A::Softmax(p)) => (Op::Softmax { axis: o.axis }, &o.input, &p.out),
+            _ => return self.unsupported(a),
+        };
+        self.one_input(op, o, "an activation", (activation_out(aa), p))
+    }
+
+    /// Burn's modules: conv, linear, BatchNorm (layers holding the user's parameters) and
+    /// pooling.
+    fn module(
+        &mut self,
+        a: &OperationIr,
+        ma: &ModuleOperationIr,
+        mb: &ModuleOperationIr,
+    ) -> Result<(), QatError> {
+        use ModuleOperationIr as M;
+        match (ma, mb) {
+            (M::Conv2d(o), M::Conv2d(p)) => self.conv2d(o, p),
+            (M::Conv1d(o), M::Conv1d(p)) => self.conv1d(o, p),
+            (M::Linear(o), M::Linear(p)) => self.linear(o, p),
+            (M::BatchNorm(o), M::BatchNorm(p)) => self.batch_norm(o, p),
+            (M::MaxPool2d(o), M::MaxPool2d(p)) => {
+                self.one_input(max_pool2d(o), &o.x, "max_pool2d", (&o.out, &p.out))
+            }
+            (M::MaxPool1d(o), M::MaxPool1d(p)) => {
+                self.one_input(max_pool1d(o), &o.x, "max_pool1d", (&o.out, &p.out))
+            }
+            (M::AvgPool2d(o), M::AvgPool2d(p)) => {
+                self.one_input(avg_pool2d(o), &o.x, "avg_pool2d", (&o.out, &p.out))
+            }
+            (M::AvgPool1d(o), M::AvgPool1d(p)) => {
+                self.one_input(avg_pool1d(o), &o.x, "avg_pool1d", (&o.out, &p.out))
+            }
+            (M::AdaptiveAvgPool2d(o), M::AdaptiveAvgPool2d(p)) => {
+                let op = Op::AdaptiveAvgPool2d {
+                    output: o.output_size,
+                };
+                self.one_input(op, &o.x, "adaptive_avg_pool2d", (&o.out, &p.out))
+            }
+            (M::AdaptiveAvgPool1d(o), M::AdaptiveAvgPool1d(p)) => {
+                let op = Op::AdaptiveAvgPool1d {
+                    output: o.output_size,
+                };
+                self.one_input(op, &o.x, "adaptive_avg_pool1d", (&o.out, &p.out))
+            }
+            _ => self.unsupported(a),
+        }
+    }
+
+    /// A `Conv2d` layer on the user's weight and bias parameters.
+    fn conv2d(&mut self, o: &Conv2dOpIr, p: &Conv2dOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.x, "conv2d")?;
+        let w = self.param_root(&o.weight, "a conv2d weight")?;
+        self.check_rank(w, 4, "Conv2d weight")?;
+        let bias = o
+            .bias
+            .as_ref()
+            .map(|b| self.param_root(b, "a conv2d bias"))
+            .transpose()?;
+        let ks = &self.trace.values[&w].shape();
+        let [(top, bottom), (left, right)] = o.options.padding;
+        let conv = Conv2d {
+            weight: self.param::<4>(w),
+            bias: bias.map(|b| self.param::<1>(b)),
+            stride: o.options.stride,
+            kernel_size: [ks[2], ks[3]],
+            dilation: o.options.dilation,
+            groups: o.options.groups,
+            padding: PaddingConfig2d::Explicit(top, left, bottom, right),
+        };
+        let near = self.path(w);
+        let fused = self.float_layer().init(conv, None)?;
+        self.layer(GraphLayer::Conv2d(fused), x, (&o.out, &p.out), near)
+            .map(drop)
+    }
+
+    /// A `Conv1d` layer on the user's weight and bias parameters.
+    fn conv1d(&mut self, o: &Conv1dOpIr, p: &Conv1dOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.x, "conv1d")?;
+        let w = self.param_root(&o.weight, "a conv1d weight")?;
+        self.check_rank(w, 3, "Conv1d weight")?;
+        let bias = o
+            .bias
+            .as_ref()
+            .map(|b| self.param_root(b, "a conv1d bias"))
+            .transpose()?;
+        let ks = &self.trace.values[&w].shape();
+        let [(left, right)] = o.options.padding;
+        let conv = Conv1d {
+            weight: self.param::<3>(w),
+            bias: bias.map(|b| self.param::<1>(b)),
+            stride: o.options.stride[0],
+            kernel_size: ks[2],
+            dilation: o.options.dilation[0],
+            groups: o.options.groups,
+            padding: PaddingConfig1d::Explicit(left, right),
+        };
+        let near = self.path(w);
+        let fused = self.float_layer().init(conv, None)?;
+        self.layer(GraphLayer::Conv1d(fused), x, (&o.out, &p.out), near)
+            .map(drop)
+    }
+
+    /// A `Linear` layer on the user's weight and bias parameters.
+    fn linear(&mut self, o: &LinearOpIr, p: &LinearOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.x, "linear")?;
+        let w = self.param_root(&o.weight, "a linear weight")?;
+        self.check_rank(w, 2, "Linear weight")?;
+        let bias = o
+            .bias
+            .as_ref()
+            .map(|b| self.param_root(b, "a linear bias"))
+            .transpose()?;
+        let linear = Linear {
+            weight: self.param::<2>(w),
+            bias: bias.map(|b| self.param::<1>(b)),
+        };
+        let near = self.path(w);
+        let fused = self.float_layer().init(linear, None)?;
+        self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
+            .map(drop)
+    }
+
+    /// A `BatchNorm` layer on the user's parameters and running statistics.
+    fn batch_norm(&mut self, o: &BatchNormOpIr, p: &BatchNormOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.x, "batch_norm")?;
+        let g = self.param_root(&o.gamma, "a BatchNorm gamma")?;
+        let bt = self.param_root(&o.beta, "a BatchNorm beta")?;
+        let m = self.param_root(&o.mean, "a BatchNorm running mean")?;
+        let v = self.param_root(&o.variance, "a BatchNorm running variance")?;
+        let bn = BatchNorm {
+            gamma: self.param::<1>(g),
+            beta: self.param::<1>(bt),
+            training: Param::from_bool(true),
+            running_mean: self.running(m),
+            running_var: self.running(v),
+            momentum: 0.1,
+            epsilon: scalar(&o.epsilon),
+        };
+        let near = self.path(g);
+        self.layer(GraphLayer::BatchNorm(bn), x, (&o.out, &p.out), near)
+            .map(drop)
+    }
+}
+
+fn max_pool2d(o: &MaxPool2dOpIr) -> Op {
+    Op::MaxPool2d {
+        kernel: o.kernel_size,
+        stride: o.stride,
+        padding: o.padding,
+        dilation: o.dilation,
+        ceil_mode: o.ceil_mode,
+    }
+}
+
+fn max_pool1d(o: &MaxPool1dOpIr) -> Op {
+    Op::MaxPool1d {
+        kernel: o.kernel_size,
+        stride: o.stride,
+        padding: o.padding,
+        dilation: o.dilation,
+        ceil_mode: o.ceil_mode,
+    }
+}
+
+fn avg_pool2d(o: &AvgPool2dOpIr) -> Op {
+    Op::AvgPool2d {
+        kernel: o.kernel_size,
+        stride: o.stride,
+        padding: o.padding,
+        count_include_pad: o.count_include_pad,
+        ceil_mode: o.ceil_mode,
+    }
+}
+
+fn avg_pool1d(o: &AvgPool1dOpIr) -> Op {
+    Op::AvgPool1d {
+        kernel: o.kernel_size,
+        stride: o.stride,
+        padding: o.padding,
+        count_include_pad: o.count_include_pad,
+        ceil_mode: o.ceil_mode,
     }
 }
 
