@@ -281,46 +281,10 @@ impl<'a> Converter<'a> {
             Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i),
             Op::Concat { axis } => self.concat_from_float(i, *axis),
             op if op.is_unary() => self.lut_from_float(i),
-            Op::MaxPool1d {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => {
-                let w = window_1d(*kernel, *stride, *padding, *dilation);
-                self.max_pool_from_float(i, w, *ceil_mode)
-            }
-            Op::MaxPool2d {
-                kernel,
-                stride,
-                padding,
-                dilation,
-                ceil_mode,
-            } => {
-                let w = window_2d(*kernel, *stride, *padding, *dilation);
-                self.max_pool_from_float(i, w, *ceil_mode)
-            }
-            Op::AvgPool1d {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-                ceil_mode,
-            } => {
-                let w = window_1d(*kernel, *stride, *padding, 1);
-                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)
-            }
-            Op::AvgPool2d {
-                kernel,
-                stride,
-                padding,
-                count_include_pad,
-                ceil_mode,
-            } => {
-                let w = window_2d(*kernel, *stride, *padding, [1, 1]);
-                self.avg_pool_from_float(i, w, *count_include_pad, *ceil_mode)
-            }
+            Op::MaxPool1d { .. }
+            | Op::MaxPool2d { .. }
+            | Op::AvgPool1d { .. }
+            | Op::AvgPool2d { .. } => self.pool_from_float(i),
             Op::AdaptiveAvgPool1d { output } => self.adaptive_pool_from_float(i, [1, *output]),
             Op::AdaptiveAvgPool2d { output } => self.adaptive_pool_from_float(i, *output),
             Op::MeanDim { axis } => self.reduce_from_float(i, *axis, true),
@@ -339,6 +303,53 @@ impl<'a> Converter<'a> {
                 op.name(),
                 "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
             )),
+        }
+    }
+
+    /// Max and average pooling, 1-D (on the window's second axis) and 2-D.
+    fn pool_from_float(&mut self, i: usize) -> Result<(), ExportError> {
+        match self.gnode(i).op {
+            Op::MaxPool1d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let w = window_1d(kernel, stride, padding, dilation);
+                self.max_pool_from_float(i, w, ceil_mode)
+            }
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            } => {
+                let w = window_2d(kernel, stride, padding, dilation);
+                self.max_pool_from_float(i, w, ceil_mode)
+            }
+            Op::AvgPool1d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => {
+                let w = window_1d(kernel, stride, padding, 1);
+                self.avg_pool_from_float(i, w, count_include_pad, ceil_mode)
+            }
+            Op::AvgPool2d {
+                kernel,
+                stride,
+                padding,
+                count_include_pad,
+                ceil_mode,
+            } => {
+                let w = window_2d(kernel, stride, padding, [1, 1]);
+                self.avg_pool_from_float(i, w, count_include_pad, ceil_mode)
+            }
+            _ => unreachable!("convert_node calls pool_from_float on pooling ops"),
         }
     }
 
