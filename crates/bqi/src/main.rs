@@ -42,6 +42,10 @@ struct Args {
     /// Memory budget per batch item, in bytes (default: the runtime's).
     #[arg(long)]
     max_memory: Option<u64>,
+    /// Instruction set of the kernels: avx512, avx-vnni, avx2, neon-dot, neon or portable
+    /// (default: `BURN_QAT_ISA`, else the best this CPU runs).
+    #[arg(long)]
+    isa: Option<kernels::Isa>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    if let Some(isa) = args.isa {
+        kernels::set_isa(isa).map_err(|e| format!("--isa {isa}: {e}"))?;
+    }
     let budget = Budget {
         max_work: args.max_work.unwrap_or(Budget::DEFAULT.max_work),
         max_memory_bytes: args.max_memory.unwrap_or(Budget::DEFAULT.max_memory_bytes),
@@ -101,7 +108,7 @@ fn run(args: Args) -> Result<(), String> {
         "input {} (batch {}), kernels: {}",
         input_path.display(),
         batch_shape[0],
-        kernel_set()
+        kernels::isa()
     );
     println!(
         "time: first call {}, median of {} {}",
@@ -145,19 +152,10 @@ fn info(model: &IntegerModel) -> String {
         model.parameter_bytes(),
         model.budget().max_work,
         model.budget().max_memory_bytes,
-        kernel_set(),
+        kernels::isa(),
         model.precision().join("; "),
         model.plan()
     )
-}
-
-/// The instruction set the kernels run on.
-fn kernel_set() -> &'static str {
-    if kernels::uses_vnni() {
-        "avx512-vnni"
-    } else {
-        "portable"
-    }
 }
 
 fn ms(d: Duration) -> String {
