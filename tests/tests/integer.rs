@@ -8,6 +8,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, LinearConfig, PaddingConfig2d, Relu};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn_qat::export::Dim;
+use burn_qat::export::kernels::{self, Isa};
 use burn_qat::export::requant::FixedMultiplier;
 use burn_qat::export::{
     Grid, IntConv2d, IntLinear, IntNode, IntOp, IntegerModel, Output, Window, convert,
@@ -424,25 +425,42 @@ fn linear_case() -> impl Strategy<Value = (IntegerModel, Vec<f32>)> {
     })
 }
 
+/// The instruction sets of the integer kernels this machine runs; the others are named on
+/// stderr once per process (uncaptured), with the reason. Callers force each in turn with
+/// `kernels::force_isa`, whose guard keeps other tests from switching it meanwhile.
+fn isas() -> Vec<Isa> {
+    static REPORT: std::sync::Once = std::sync::Once::new();
+    REPORT.call_once(|| {
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        for (isa, why) in kernels::unavailable() {
+            let _ = writeln!(err, "integer tests: SKIPPED {isa}: {why}");
+        }
+    });
+    kernels::available()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn fast_conv_equals_scalar_reference((model, input) in conv_case(), portable in any::<bool>()) {
-        // Both implementations of the integer product (the choice is per process: cases
-        // running in parallel may flip it, and both give the same bits).
-        burn_qat::export::kernels::force_portable(portable);
-        // Twice: the second forward runs on the weights packed by the first.
+    fn fast_conv_equals_scalar_reference((model, input) in conv_case()) {
         let reference = model.forward_reference(&input).unwrap();
-        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
-        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
+        // Every implementation of the integer product; the weights packed by the first run
+        // serve all of them.
+        for isa in isas() {
+            let _isa = kernels::force_isa(isa).unwrap();
+            prop_assert_eq!(&model.forward(&input).unwrap(), &reference, "{}", isa);
+        }
     }
 
     #[test]
-    fn fast_linear_equals_scalar_reference((model, input) in linear_case(), portable in any::<bool>()) {
-        burn_qat::export::kernels::force_portable(portable);
+    fn fast_linear_equals_scalar_reference((model, input) in linear_case()) {
         let reference = model.forward_reference(&input).unwrap();
-        prop_assert_eq!(&model.forward(&input).unwrap(), &reference);
-        prop_assert_eq!(&model.forward(&input[..model.input_shape()[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]]);
+        for isa in isas() {
+            let _isa = kernels::force_isa(isa).unwrap();
+            prop_assert_eq!(&model.forward(&input).unwrap(), &reference, "{}", isa);
+            prop_assert_eq!(&model.forward(&input[..model.input_shape()[0]]).unwrap().0[..], &reference.0[..reference.0.len() / reference.1[0]], "{}", isa);
+        }
     }
 }
 
@@ -817,11 +835,11 @@ fn large_layers_split_across_threads_equal_scalar_reference() {
         (&linear, input(fin)),
         (&linear, input(37 * fin)),
     ];
-    for portable in [false, true] {
-        burn_qat::export::kernels::force_portable(portable);
+    for isa in isas() {
+        let _isa = kernels::force_isa(isa).unwrap();
         for (model, x) in &cases {
             let reference = model.forward_reference(x).unwrap();
-            assert_eq!(model.forward(x).unwrap(), reference, "portable: {portable}");
+            assert_eq!(model.forward(x).unwrap(), reference, "{isa}");
         }
     }
 }
@@ -950,19 +968,20 @@ fn huge_strides_and_dilations_run_and_equal_the_reference() {
             .map(|i| (i % 97) as f32 / 20.0 - 2.0)
             .collect();
         let reference = model.forward_reference(&x).unwrap();
-        for portable in [false, true] {
-            burn_qat::export::kernels::force_portable(portable);
+        for isa in isas() {
+            let _isa = kernels::force_isa(isa).unwrap();
             assert_eq!(
                 model.forward(&x).unwrap(),
                 reference,
-                "{input:?} -> {out:?}"
+                "{isa}: {input:?} -> {out:?}"
             );
         }
     }
 }
 
-/// Depthwise layers (the direct VNNI/VBMI kernel where the CPU has it, the word GEMM
-/// otherwise) over kernels, strides, dilations and padding: equal to the scalar reference.
+/// Depthwise layers (the direct kernel of every instruction set, its portable one where a
+/// shape does not fit the vector one) over kernels, strides, dilations and padding: equal to
+/// the scalar reference.
 #[test]
 fn depthwise_layers_equal_scalar_reference() {
     let mut r = burn_qat_tests::uniform(41);
@@ -973,8 +992,8 @@ fn depthwise_layers_equal_scalar_reference() {
         ([1, 7], 3, 1, 0),
         ([3, 3], 2, 3, 0),
     ] {
-        for portable in [false, true] {
-            burn_qat::export::kernels::force_portable(portable);
+        for isa in isas() {
+            let _isa = kernels::force_isa(isa).unwrap();
             let (c, hw) = (20, 23);
             let conv = IntConv2d {
                 groups: c,
@@ -1001,7 +1020,7 @@ fn depthwise_layers_equal_scalar_reference() {
                 assert_eq!(
                     model.forward(&x).unwrap(),
                     reference,
-                    "{kernel:?} stride {stride} dilation {dilation} pad {pad} portable {portable}"
+                    "{kernel:?} stride {stride} dilation {dilation} pad {pad} {isa}"
                 );
             }
         }

@@ -1,7 +1,7 @@
-//! MobileNet-v2's depthwise layers (3x3, batch 1 and 8): the integer runtime's fast path (the
-//! direct AVX-512 VNNI + VBMI kernel, or the word GEMM on VNNI tiles where VBMI is missing)
-//! against the portable loops, same process; prints the ratios (only the portable loops where
-//! the CPU lacks VNNI).
+//! MobileNet-v2's depthwise layers (3x3, batch 1 and 8) on the direct depthwise kernel of every
+//! instruction set this machine runs (AVX-512 VNNI + VBMI, AVX-VNNI, AVX2, NEON with and without
+//! the dot product, portable), same process; prints the times and their ratios to the fastest
+//! instruction set.
 //!
 //! ```sh
 //! cargo bench -p burn-qat-runtime --bench depthwise
@@ -67,48 +67,42 @@ fn bench(c: &mut Criterion) {
             let x: Vec<i8> = (0..shape.iter().product::<usize>())
                 .map(|i| (i * 31 % 251) as i8)
                 .collect();
-            kernels::force_portable(false);
-            let vnni = kernels::uses_vnni();
             let cache = OnceLock::new();
-            assert_eq!(
-                kernels::conv2d(&conv, &cache, &x, &shape),
-                kernels::conv2d_reference(&conv, &x, &shape)
-            );
             let name = format!("depthwise_{ch}x{side}x{side}_s{stride}_batch_{batch}");
             let mut g = c.benchmark_group(&name);
             g.sample_size(10)
                 .measurement_time(Duration::from_secs(2))
                 .warm_up_time(Duration::from_millis(500));
-            let (kv, kp) = (format!("{name}/vnni"), format!("{name}/portable"));
-            if vnni {
-                g.bench_function("vnni", |b| {
+            for isa in kernels::available() {
+                let guard = kernels::force_isa(isa).unwrap();
+                assert_eq!(
+                    kernels::conv2d(&conv, &cache, &x, &shape),
+                    kernels::conv2d_reference(&conv, &x, &shape),
+                    "{isa}"
+                );
+                drop(guard);
+                let key = format!("{name}/{isa}");
+                g.bench_function(isa.name(), |b| {
                     b.iter_custom(|n| {
-                        kernels::force_portable(false);
-                        timed(&kv, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
+                        let _isa = kernels::force_isa(isa).unwrap();
+                        timed(&key, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
                     })
                 });
             }
-            g.bench_function("portable", |b| {
-                b.iter_custom(|n| {
-                    kernels::force_portable(true);
-                    timed(&kp, n, || drop(kernels::conv2d(&conv, &cache, &x, &shape)))
-                })
-            });
             g.finish();
-            kernels::force_portable(false);
-            let tp = mean(&kp).unwrap();
-            match mean(&kv) {
-                Some(tv) => println!(
-                    "RATIO {name}: VNNI {:.3} ms, portable {:.3} ms: VNNI is {:.2}x faster",
-                    tv * 1e3,
-                    tp * 1e3,
-                    tp / tv
-                ),
-                None => println!(
-                    "RATIO {name}: portable {:.3} ms (no AVX-512 VNNI here)",
-                    tp * 1e3
-                ),
-            }
+            let base = kernels::best();
+            let tb = mean(&format!("{name}/{base}")).unwrap();
+            let cells: Vec<String> = kernels::available()
+                .iter()
+                .map(|isa| {
+                    let t = mean(&format!("{name}/{isa}")).unwrap();
+                    format!("{isa} {:.3} ms ({:.2}x)", t * 1e3, t / tb)
+                })
+                .collect();
+            println!(
+                "RATIO {name}: {} (ratio: time / {base} time)",
+                cells.join(" | ")
+            );
         }
     }
 }

@@ -225,11 +225,70 @@ unsafe fn requantize_avx512(
     }
 }
 
-/// [`requantize_shift`] compiled for AVX2 (the compiler vectorizes it).
+/// [`requantize_shift`] eight values per vector, 32 per step: the 64-bit products of the even
+/// and odd lanes (`vpmuldq`), rounded half to even by shifts, offset, clamped, narrowed to
+/// bytes by saturating packs (the values are in range). AVX2 has no 64-bit arithmetic shift:
+/// `p >> t` is `((p ^ 2^63) >>> t) - 2^(63 - t)` (a logical shift of `p + 2^63`), whose parity
+/// is that of `(p ^ 2^63) >>> t` (`t <= 62`); the 64-bit clamps are compares and blends.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn requantize_avx2(acc: &[i32], out: &mut [i8], args: (i64, i32, i64, i64, i64)) {
-    requantize_shift(acc, out, args)
+    use std::arch::x86_64::*;
+    let (m0, total, zp, lo, hi) = args;
+    let n = acc.len().min(out.len());
+    // `vpmuldq` multiplies the low signed dwords of each qword.
+    let m = _mm256_set1_epi32(m0 as i32);
+    let count = _mm_set_epi64x(0, total as i64);
+    let sign = _mm256_set1_epi64x(i64::MIN);
+    let half_minus_one = _mm256_set1_epi64x((1i64 << (total - 1)) - 1);
+    let one = _mm256_set1_epi64x(1);
+    // `+ zp - 2^(63 - t)`: the zero point, and the offset of the logical shift.
+    let offset = _mm256_set1_epi64x(zp - (1i64 << (63 - total)));
+    let (lo, hi) = (_mm256_set1_epi64x(lo), _mm256_set1_epi64x(hi));
+    let round = |prod: __m256i| {
+        let odd = _mm256_and_si256(_mm256_srl_epi64(_mm256_xor_si256(prod, sign), count), one);
+        let up = _mm256_add_epi64(_mm256_add_epi64(prod, half_minus_one), odd);
+        let r = _mm256_add_epi64(_mm256_srl_epi64(_mm256_xor_si256(up, sign), count), offset);
+        let r = _mm256_blendv_epi8(r, lo, _mm256_cmpgt_epi64(lo, r));
+        _mm256_blendv_epi8(r, hi, _mm256_cmpgt_epi64(r, hi))
+    };
+    // Eight clamped values as eight `i32` lanes.
+    let eight = |a: __m256i| {
+        let even = round(_mm256_mul_epi32(a, m));
+        let odd = round(_mm256_mul_epi32(_mm256_srli_epi64::<32>(a), m));
+        _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
+    };
+    // The packs work within 128-bit lanes: dwords back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= n {
+        // SAFETY: values `i..i + 32 <= n <= acc.len()`.
+        let v = [0, 8, 16, 24]
+            .map(|o| eight(unsafe { _mm256_loadu_si256(acc.as_ptr().add(i + o) as *const _) }));
+        let packed = _mm256_packs_epi16(
+            _mm256_packs_epi32(v[0], v[1]),
+            _mm256_packs_epi32(v[2], v[3]),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(packed, order);
+        // SAFETY: bytes `i..i + 32 <= n <= out.len()`.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut _, bytes) };
+        i += 32;
+    }
+    while i + 8 <= n {
+        // SAFETY: values `i..i + 8 <= n <= acc.len()`.
+        let v = eight(unsafe { _mm256_loadu_si256(acc.as_ptr().add(i) as *const _) });
+        let packed = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());
+        let bytes = _mm256_permutevar8x32_epi32(packed, order);
+        // SAFETY: bytes `i..i + 8 <= n <= out.len()`.
+        unsafe {
+            _mm_storel_epi64(
+                out.as_mut_ptr().add(i) as *mut _,
+                _mm256_castsi256_si128(bytes),
+            )
+        };
+        i += 8;
+    }
+    requantize_shift(&acc[i..n], &mut out[i..n], args);
 }
 
 /// [`requantize_shift`] eight values at a time: the 64-bit products (`smull`), rounded half to

@@ -131,7 +131,7 @@ fn model() -> IntegerModel {
         function: "Half".into(),
         input: g,
         output: g,
-        table: (0..256).map(|i| ((i as i32 - 128) / 2) as i8).collect(),
+        table: (0..256).map(|i: i32| ((i - 128) / 2) as i8).collect(),
     };
     let mut c1 = conv(4, 8, 1, 3, 1, 1);
     c1.input = g_in;

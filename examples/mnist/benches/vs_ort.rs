@@ -9,6 +9,9 @@
 //! cargo bench -p burn-qat -p mnist --all-features --bench vs_ort   # reuses CI's release build
 //! # one model, one batch size, ours only (for profiling):
 //! VS_ORT_MODELS=bn VS_ORT_BATCH=1 BURN_QAT_VENV=/none cargo bench -p mnist --all-features --bench vs_ort
+//! # the integer kernels on AVX2 (or avx512, avx-vnni, neon-dot, neon, portable) instead of the
+//! # fastest instruction set of the machine; the table's header names the one used:
+//! BURN_QAT_ISA=avx2 cargo bench -p burn-qat -p mnist --all-features --bench vs_ort
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -166,11 +169,8 @@ fn main() {
     if let Some(e) = &ort_error {
         eprintln!("onnxruntime skipped: {e}");
     }
-    let cpu = if burn_qat::export::kernels::uses_vnni() {
-        "AVX-512 VNNI"
-    } else {
-        "portable kernels"
-    };
+    // The instruction set the integer kernels ran on (`BURN_QAT_ISA` picks another).
+    let cpu = format!("{} kernels", burn_qat::export::kernels::isa());
     println!(
         "\nmedian ms per call over {rounds} alternating rounds, {threads} threads, {cpu} (integer model: caller + workers; onnxruntime: intra-op threads, all optimizations)"
     );

@@ -1,8 +1,8 @@
 //! [`Isa::Avx2`](super::Isa::Avx2) and [`Isa::AvxVnni`](super::Isa::AvxVnni): the word GEMM
-//! on `4 x 16` tiles of 256-bit vectors, [`interleave4`](super::gemm::interleave4) sixteen
-//! words per step, and the direct depthwise kernel (`vpshufb` lays eight outputs' four taps
-//! side by side). One step multiplies a `u8` word with an `i8` word lane by lane in one of three
-//! ways, all exact:
+//! on `4 x 16` tiles of 256-bit vectors (`6 x 16` with AVX-VNNI),
+//! [`interleave4`](super::gemm::interleave4) sixteen words per step, and the direct depthwise
+//! kernel (`vpshufb` lays four outputs' four taps side by side from sixteen bytes). One step
+//! multiplies a `u8` word with an `i8` word lane by lane in one of three ways, all exact:
 //!
 //! - AVX-VNNI: `vpdpbusd` (256-bit), as on AVX-512;
 //! - `vpmaddubsw` (`u8 x i8` pairs summed to `i16`, saturating) then `vpmaddwd` with ones (to
@@ -11,7 +11,12 @@
 //!   weights are packed, or per channel for depthwise layers);
 //! - otherwise widening: the even and odd bytes of both words as 16-bit halves (`vpand` /
 //!   `vpsrlw`, `vpsllw` / `vpsraw`), two `vpmaddwd`. The left operand's halves are made once per
-//!   row tile ([`widen`]), `KC` words at a time.
+//!   row tile ([`widen`]), `KC` words at a time; the depthwise kernel shuffles the taps straight
+//!   into halves (two `vpshufb`).
+//!
+//! Two `vpmaddwd` (or `vpmaddubsw` + `vpmaddwd`) per 32 multiply-adds on the two vector
+//! multiply ports make AVX2 about 2.5 to 3 times slower than AVX-512 VNNI's one `vpdpbusd` per
+//! 64 on compute-bound layers; AVX-VNNI is about 1.5 times slower.
 //!
 //! A value of [`Avx2`] exists only where the CPU has what its code needs ([`get`]): that is
 //! what makes its safe methods sound.
@@ -23,8 +28,11 @@ use super::depthwise::{Depthwise, Plane};
 use super::gemm::{self, Bias, Gemm, Words, lane_blocks, row_blocks};
 use super::isa;
 
-/// Rows of a tile.
+/// Rows of a tile (`MR x 16` lanes: eight accumulators, the right words' halves and the left
+/// word's in the sixteen registers).
 const MR: usize = 4;
+/// Rows of an AVX-VNNI tile (twelve accumulators: more products in flight).
+const MR_VNNI: usize = 6;
 /// Vectors of 16 lanes of a one-row tile (a row tile has one).
 const NR_ROW: usize = 4;
 /// Words of the reduction widened at a time (exact mode): the tile's halves stay in L1.
@@ -103,10 +111,10 @@ impl Gemm for Avx2 {
     ) {
         let mode = self.mode(w.pairs_fit_i16);
         let k4 = w.b_off.len();
-        let (mr, nr) = if rows.len() == 1 {
-            (1, NR_ROW)
-        } else {
-            (MR, 1)
+        let (mr, nr) = match (rows.len() == 1, mode) {
+            (true, _) => (1, NR_ROW),
+            (false, Mode::Vnni) => (MR_VNNI, 1),
+            (false, _) => (MR, 1),
         };
         // Exact mode: a row tile's left words as halves, `KC` words at a time: row `i`'s even
         // halves at `halves[2 i KC..]`, its odd ones `KC` words later.
@@ -224,8 +232,8 @@ fn widen_word(w: u32, signed: bool) -> (u32, u32) {
     (h(b[0]) | h(b[2]) << 16, h(b[1]) | h(b[3]) << 16)
 }
 
-/// Dispatches one tile to its monomorphized kernel: `mv` rows (at most [`MR`]) of `nv` vectors
-/// of 16 lanes (one unless `mv` is 1, then at most [`NR_ROW`]).
+/// Dispatches one tile to its monomorphized kernel: `mv` rows (at most [`MR`], [`MR_VNNI`] for
+/// AVX-VNNI) of `nv` vectors of 16 lanes (one unless `mv` is 1, then at most [`NR_ROW`]).
 ///
 /// # Safety
 /// The CPU has AVX2 (and AVX-VNNI for [`Mode::Vnni`]); for `i < mv`, `k < t.k`: `t.a + i *
@@ -243,14 +251,14 @@ unsafe fn tile(mode: Mode, mv: usize, nv: usize, a_signed: bool, t: Tile) {
                     // SAFETY: as above.
                     ($m, $n, false) => unsafe { $f::<$m, { 2 * $n }, false>(t) },
                 )*
-                _ => unreachable!("tile shapes are at most MR x 1 or 1 x NR_ROW"),
+                _ => unreachable!("tile shapes are at most MR_VNNI x 1 or 1 x NR_ROW"),
             }
         };
     }
     match mode {
         Mode::Exact => pick!(exact; 1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 3, 1; 4, 1),
         Mode::Maddubs => pick!(maddubs; 1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 3, 1; 4, 1),
-        Mode::Vnni => pick!(vnni; 1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 3, 1; 4, 1),
+        Mode::Vnni => pick!(vnni; 1, 1; 1, 2; 1, 3; 1, 4; 2, 1; 3, 1; 4, 1; 5, 1; 6, 1),
     }
 }
 
@@ -411,13 +419,11 @@ unsafe fn interleave4(rows: [&[i8]; 4], dst: &mut [u32]) {
     let mut x = 0;
     while x + 16 <= n {
         macro_rules! load {
-            ($r:expr) => {
+            ($r:expr) => {{
                 // SAFETY: bytes `x..x + 16 <= n` of a row at least as long as `dst`.
-                _mm_xor_si128(
-                    unsafe { _mm_loadu_si128($r.as_ptr().add(x) as *const _) },
-                    flip,
-                )
-            };
+                let v = unsafe { _mm_loadu_si128($r.as_ptr().add(x) as *const _) };
+                _mm_xor_si128(v, flip)
+            }};
         }
         let (r0, r1, r2, r3) = (
             load!(rows[0]),
@@ -472,15 +478,16 @@ impl Depthwise for Avx2 {
         assert!(self.supports(g, groups));
         assert!(out.len() >= g.oh * g.ow && words.len() >= g.kh * groups);
         assert!(
-            g.reach(groups, 8, 4 * g.stride[1] + 16)
+            g.reach(groups, 16, 12 * g.stride[1] + 16)
                 .is_some_and(|r| r <= padded.len())
         );
         let words = &words[..g.kh * groups];
         // SAFETY: `self` exists only where the CPU has AVX2, and AVX-VNNI when `vnni` (`get`);
-        // every load ends before `reach <= padded.len()` (blocks of eight outputs, two 16-byte
-        // loads `4 sw` apart), the shuffle indices `3 sw + 3 dw` are below 16 and the weights
-        // fit the stack arrays (`supports`), stores are masked to `oh * ow <= out.len()` (all
-        // asserted above).
+        // every load ends before `reach <= padded.len()` (blocks of sixteen outputs, four
+        // 16-byte loads `4 sw` apart; this also covers the blocks of eight of the byte
+        // kernels), the shuffle indices `3 sw + 3 dw` are below 16 and the weights fit the
+        // stack arrays (`supports`), stores stay within `oh * ow <= out.len()` (all asserted
+        // above).
         unsafe {
             match self.mode(gemm::pairs_fit_i16(words)) {
                 Mode::Exact => plane_exact(padded, words, groups, bias, g, out),
@@ -491,12 +498,107 @@ impl Depthwise for Avx2 {
     }
 }
 
-/// A direct depthwise kernel: eight outputs per step, each kernel row's groups of four taps
-/// from two 16-byte loads (outputs `0..4` and `4..8`) laid out by `vpshufb`; `|acc, x, e, o|`
-/// adds `dot4(x, w)` lane by lane to `acc`, `x` the unsigned taps, `e` and `o` the group's
-/// weights (as a word, or its even and odd halves when `$halves`).
+/// Stores the first `n` lanes of `acc` (at most eight; none when `n` is 0) from `dst` on.
+///
+/// # Safety
+/// The CPU has AVX2; `dst..dst + n` is writable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store_lanes(dst: *mut i32, n: usize, acc: __m256i) {
+    if n >= 8 {
+        // SAFETY: the caller's eight values.
+        unsafe { _mm256_storeu_si256(dst as *mut _, acc) };
+    } else if n > 0 {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
+        // SAFETY: the mask writes the caller's `n` values only.
+        unsafe { _mm256_maskstore_epi32(dst, mask, acc) };
+    }
+}
+
+/// Depthwise, widening: two shuffles lay the taps' even and odd bytes out as 16-bit halves
+/// (zero-extended), against the weights' halves; sixteen outputs per step.
+///
+/// # Safety
+/// As [`Avx2::plane`] asserts (with blocks of sixteen: `reach(groups, 16, 12 sw + 16)`), and
+/// the CPU has AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn plane_exact(
+    padded: &[u8],
+    words: &[u32],
+    groups: usize,
+    bias: i32,
+    g: &Plane,
+    out: &mut [i32],
+) {
+    let mut even = [_mm256_setzero_si256(); MAX_TAP_WORDS];
+    let mut odd = [_mm256_setzero_si256(); MAX_TAP_WORDS];
+    for (t, w) in words.iter().enumerate() {
+        let (e, o) = widen_word(*w, true);
+        (even[t], odd[t]) = (_mm256_set1_epi32(e as i32), _mm256_set1_epi32(o as i32));
+    }
+    let [sh, sw] = g.stride;
+    let [dh, dw] = g.dilation;
+    let (mut ie, mut io) = ([0x80u8; 32], [0x80u8; 32]);
+    for i in 0..32 {
+        let l = i % 16 / 4;
+        if i % 2 == 0 {
+            let j = i % 4; // 0 or 2
+            ie[i] = (l * sw + j * dw) as u8;
+            io[i] = (l * sw + (j + 1) * dw) as u8;
+        }
+    }
+    // SAFETY: 32 bytes of local arrays.
+    let (ie, io) = unsafe {
+        (
+            _mm256_loadu_si256(ie.as_ptr() as *const _),
+            _mm256_loadu_si256(io.as_ptr() as *const _),
+        )
+    };
+    for oy in 0..g.oh {
+        let mut ox = 0;
+        while ox < g.ow {
+            let n = (g.ow - ox).min(16);
+            let mut acc = [_mm256_set1_epi32(bias); 2];
+            for ky in 0..g.kh {
+                let row = (oy * sh + ky * dh) * g.pw + ox * sw;
+                for q in 0..groups {
+                    let (e, o) = (even[ky * groups + q], odd[ky * groups + q]);
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: within `reach` (blocks of sixteen).
+                        let v = unsafe {
+                            let p = padded.as_ptr().add(row + 4 * q * dw + 8 * h * sw);
+                            _mm256_set_m128i(
+                                _mm_loadu_si128(p.add(4 * sw) as *const _),
+                                _mm_loadu_si128(p as *const _),
+                            )
+                        };
+                        let sum = _mm256_add_epi32(
+                            _mm256_madd_epi16(_mm256_shuffle_epi8(v, ie), e),
+                            _mm256_madd_epi16(_mm256_shuffle_epi8(v, io), o),
+                        );
+                        *a = _mm256_add_epi32(*a, sum);
+                    }
+                }
+            }
+            // SAFETY: outputs `oy * ow + ox..oy * ow + ox + n <= oh * ow <= out.len()`, the
+            // first eight from the first vector, the rest (none when `n <= 8`) from the second.
+            unsafe {
+                let dst = out.as_mut_ptr().add(oy * g.ow + ox);
+                store_lanes(dst, n.min(8), acc[0]);
+                store_lanes(dst.add(n.min(8)), n.saturating_sub(8), acc[1]);
+            }
+            ox += 16;
+        }
+    }
+}
+
+/// A direct depthwise kernel on whole words: eight outputs per step, each kernel row's groups
+/// of four taps from two 16-byte loads (outputs `0..4` and `4..8`) laid out by `vpshufb`;
+/// `|acc, x, w|` adds `dot4(x, w)` lane by lane to `acc`, `x` the unsigned taps, `w` the
+/// group's four weights.
 macro_rules! plane_kernel {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $halves:literal, |$acc:ident, $x:ident, $e:ident, $o:ident| $step:expr) => {
+    ($(#[$doc:meta])* $name:ident, $features:literal, |$acc:ident, $x:ident, $w:ident| $step:expr) => {
         $(#[$doc])*
         ///
         /// # Safety
@@ -510,15 +612,9 @@ macro_rules! plane_kernel {
             g: &Plane,
             out: &mut [i32],
         ) {
-            let mut even = [_mm256_setzero_si256(); MAX_TAP_WORDS];
-            let mut odd = [_mm256_setzero_si256(); MAX_TAP_WORDS];
-            for (t, w) in words.iter().enumerate() {
-                if $halves {
-                    let (e, o) = widen_word(*w, true);
-                    (even[t], odd[t]) = (_mm256_set1_epi32(e as i32), _mm256_set1_epi32(o as i32));
-                } else {
-                    even[t] = _mm256_set1_epi32(*w as i32);
-                }
+            let mut weights = [_mm256_setzero_si256(); MAX_TAP_WORDS];
+            for (v, w) in weights.iter_mut().zip(words) {
+                *v = _mm256_set1_epi32(*w as i32);
             }
             let [sh, sw] = g.stride;
             let [dh, dw] = g.dilation;
@@ -528,7 +624,6 @@ macro_rules! plane_kernel {
             }
             // SAFETY: 32 bytes of a local array.
             let index = unsafe { _mm256_loadu_si256(index.as_ptr() as *const _) };
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             for oy in 0..g.oh {
                 let mut ox = 0;
                 while ox < g.ow {
@@ -538,7 +633,7 @@ macro_rules! plane_kernel {
                         let row = (oy * sh + ky * dh) * g.pw + ox * sw;
                         for q in 0..groups {
                             // SAFETY: bytes `at..at + 4 sw + 16 <= reach <= padded.len()`
-                            // (`Plane::reach`, blocks of eight).
+                            // (`Plane::reach`).
                             let v = unsafe {
                                 let p = padded.as_ptr().add(row + 4 * q * dw);
                                 _mm256_set_m128i(
@@ -546,26 +641,13 @@ macro_rules! plane_kernel {
                                     _mm_loadu_si128(p as *const _),
                                 )
                             };
-                            let ($acc, $x, $e, $o) = (
-                                acc,
-                                _mm256_shuffle_epi8(v, index),
-                                even[ky * groups + q],
-                                odd[ky * groups + q],
-                            );
+                            let ($acc, $x, $w) =
+                                (acc, _mm256_shuffle_epi8(v, index), weights[ky * groups + q]);
                             acc = $step;
                         }
                     }
-                    // SAFETY: outputs `oy * ow + ox..oy * ow + ox + n <= oh * ow` (masked to
-                    // `n` lanes).
-                    unsafe {
-                        let dst = out.as_mut_ptr().add(oy * g.ow + ox);
-                        if n == 8 {
-                            _mm256_storeu_si256(dst as *mut _, acc);
-                        } else {
-                            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lanes);
-                            _mm256_maskstore_epi32(dst, mask, acc);
-                        }
-                    }
+                    // SAFETY: outputs `oy * ow + ox..oy * ow + ox + n <= oh * ow <= out.len()`.
+                    unsafe { store_lanes(out.as_mut_ptr().add(oy * g.ow + ox), n, acc) };
                     ox += 8;
                 }
             }
@@ -574,28 +656,12 @@ macro_rules! plane_kernel {
 }
 
 plane_kernel!(
-    /// Depthwise, widening: the taps' even and odd bytes against the weights' halves.
-    plane_exact,
-    "avx2",
-    true,
-    |acc, x, e, o| {
-        let low = _mm256_set1_epi32(0x00ff_00ff);
-        let sum = _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_and_si256(x, low), e),
-            _mm256_madd_epi16(_mm256_srli_epi16::<8>(x), o),
-        );
-        _mm256_add_epi32(acc, sum)
-    }
-);
-
-plane_kernel!(
     /// Depthwise, `vpmaddubsw` (a channel whose weight pairs fit in `i16`).
     plane_maddubs,
     "avx2",
-    false,
-    |acc, x, e, _o| _mm256_add_epi32(
+    |acc, x, w| _mm256_add_epi32(
         acc,
-        _mm256_madd_epi16(_mm256_maddubs_epi16(x, e), _mm256_set1_epi16(2))
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1))
     )
 );
 
@@ -603,6 +669,5 @@ plane_kernel!(
     /// Depthwise, AVX-VNNI.
     plane_vnni,
     "avx2,avxvnni",
-    false,
-    |acc, x, e, _o| _mm256_dpbusd_avx_epi32(acc, x, e)
+    |acc, x, w| _mm256_dpbusd_avx_epi32(acc, x, w)
 );

@@ -5,6 +5,7 @@
 //! packing helpers, the direct depthwise kernel, requantization, the AVX2 loops of `ops`) asks
 //! [`isa`](fn@isa) which implementation to run; every implementation gives the same bits.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -252,7 +253,9 @@ fn initial() -> Isa {
         Err(e) => {
             let best = best();
             let allowed: Vec<&str> = available().iter().map(|i| i.name()).collect();
-            eprintln!(
+            // Straight to stderr: a test harness capturing `eprintln!` does not hide it.
+            let _ = writeln!(
+                std::io::stderr(),
                 "burn-qat-runtime: warning: {ISA_VAR}={:?} is not usable: {e}; allowed on this machine: {} (or auto); using {best}",
                 std::env::var_os(ISA_VAR).unwrap_or_default(),
                 allowed.join(", "),

@@ -359,10 +359,11 @@ unsafe fn interleave4(rows: [&[i8]; 4], dst: &mut [u32]) {
     let mut x = 0;
     while x + 16 <= n {
         macro_rules! load {
-            ($r:expr) => {
+            ($r:expr) => {{
                 // SAFETY: bytes `x..x + 16 <= n` of a row at least as long as `dst`.
-                veorq_u8(unsafe { vld1q_u8($r.as_ptr().add(x) as *const u8) }, flip)
-            };
+                let v = unsafe { vld1q_u8($r.as_ptr().add(x) as *const u8) };
+                veorq_u8(v, flip)
+            }};
         }
         let v = uint8x16x4_t(
             load!(rows[0]),
