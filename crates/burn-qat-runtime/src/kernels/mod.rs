@@ -682,7 +682,11 @@ impl ConvScratch {
     /// a buffer the allocator refuses stays as it is (the kernel reports it when it needs it).
     fn reserve(&mut self, caps: [usize; SCRATCH_BUFFERS]) {
         fn room<T>(v: &mut Vec<T>, cap: usize) {
-            let _ = v.try_reserve(cap.saturating_sub(v.len()));
+            // Exact: amortized growth would hand the next thread more than the largest, and
+            // each evening-out would double the buffers.
+            if v.capacity() < cap {
+                let _ = v.try_reserve_exact(cap - v.len());
+            }
         }
         room(&mut self.starts, caps[0]);
         room(&mut self.phases, caps[1]);
