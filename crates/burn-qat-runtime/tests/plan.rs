@@ -212,7 +212,9 @@ fn a_session_allocates_nothing_after_its_first_call_at_a_batch_size() {
     let model = model();
     model.validate().unwrap();
     let mut session = model.session();
-    for batch in [1, 3, 16] {
+    // Miri interprets every step: one small batch there.
+    let batches: &[usize] = if cfg!(miri) { &[2] } else { &[1, 3, 16] };
+    for &batch in batches {
         let x = input(batch);
         let first = session.run(&x).unwrap().0.to_vec();
         let mut again = Vec::with_capacity(batch * 5);
@@ -229,6 +231,9 @@ fn a_session_allocates_nothing_after_its_first_call_at_a_batch_size() {
             "allocations at batch {batch} after the first call"
         );
         assert_eq!(again, first);
+        if cfg!(miri) {
+            continue;
+        }
         // Equal to a fresh model's forward and to the scalar reference.
         let (fresh, _) = model.clone().forward(&x).unwrap();
         let (reference, _) = model.forward_reference(&x).unwrap();
@@ -236,7 +241,7 @@ fn a_session_allocates_nothing_after_its_first_call_at_a_batch_size() {
         assert_eq!(reference, first);
     }
     // Back to an earlier batch size: its plan is kept.
-    let x = input(1);
+    let x = input(batches[0]);
     assert_eq!(allocations(|| assert!(session.run(&x).is_ok())), 0);
 }
 
