@@ -460,20 +460,7 @@ impl<'m> Session<'m> {
     /// As [`IntegerModel::forward`].
     pub fn run_int(&mut self, input: &[f32]) -> Result<Option<(&[i8], &[usize], Grid)>, RunError> {
         self.state.run(self.model, input)?;
-        let plan = &self.state.plans[self.state.last];
-        Ok((!plan.output.float).then(|| {
-            let grid = self.model.nodes[plan.output_node].grid.unwrap_or(Grid {
-                scale: 1.0,
-                zero_point: 0,
-                qmin: -128,
-                qmax: 127,
-            });
-            (
-                &self.state.ints[plan.output.index][..],
-                plan.output_shape(),
-                grid,
-            )
-        }))
+        Ok(self.state.int_output(self.model))
     }
 
     /// The plan for batch size `batch`, compiled now if it is new.
@@ -532,6 +519,14 @@ impl State {
             self.plans[at].warm = true;
         }
         Ok(())
+    }
+
+    /// The output of the last call as 8-bit values with their grid (the plan checked that a
+    /// quantized output has one), `None` if it is float.
+    fn int_output(&self, model: &IntegerModel) -> Option<(&[i8], &[usize], Grid)> {
+        let plan = &self.plans[self.last];
+        let grid = model.nodes[plan.output_node].grid?;
+        (!plan.output.float).then(|| (&self.ints[plan.output.index][..], plan.output_shape(), grid))
     }
 
     /// The output of the last call as floats (dequantized into `out` if it is quantized).
@@ -812,10 +807,12 @@ impl IntegerModel {
         &self,
         input: &[f32],
     ) -> Result<Option<(Vec<i8>, Vec<usize>, Grid)>, RunError> {
-        let mut session = self.session();
-        Ok(session
-            .run_int(input)?
-            .map(|(data, shape, grid)| (data.to_vec(), shape.to_vec(), grid)))
+        self.with_state(false, |state| {
+            state.run(self, input)?;
+            Ok(state
+                .int_output(self)
+                .map(|(data, shape, grid)| (data.to_vec(), shape.to_vec(), grid)))
+        })
     }
 
     /// A [`Session`] of its own: plans and buffers kept from call to call, the output
