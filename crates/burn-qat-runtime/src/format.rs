@@ -274,8 +274,15 @@ fn from_current(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatEr
             budget.max_memory_bytes
         )));
     }
-    let model: IntegerModel =
-        postcard::from_bytes(payload).map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
+    let (model, rest) = postcard::take_from_bytes::<IntegerModel>(payload)
+        .map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
+    if !rest.is_empty() {
+        // The checksum covers them, so they were written: by a writer this reader does not know.
+        return Err(FormatError::Invalid(format!(
+            "payload: {} bytes after the model (a version {VERSION} model is the whole payload)",
+            rest.len()
+        )));
+    }
     checked(model, budget)
 }
 

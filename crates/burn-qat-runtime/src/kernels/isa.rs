@@ -5,6 +5,7 @@
 //! packing helpers, the direct depthwise kernel, requantization, the AVX2 loops of `ops`) asks
 //! [`isa`](fn@isa) which implementation to run; every implementation gives the same bits.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -299,18 +300,39 @@ pub fn set_isa(isa: Isa) -> Result<(), IsaError> {
     Ok(())
 }
 
-/// Held by the [`IsaGuard`]s, one at a time.
+/// Held by the [`IsaGuard`]s of one thread at a time.
 static GUARD: Mutex<()> = Mutex::new(());
 
-/// Sets `isa` until the guard is dropped, then restores the previous choice. Guards are held
-/// one at a time in the process (a second `force_isa` waits for the first guard to drop; on
-/// the same thread it would wait forever), so tests that force an instruction set do not
-/// switch each other's. Code running meanwhile without a guard runs on the forced choice (same
-/// bits).
+thread_local! {
+    /// How many [`IsaGuard`]s this thread holds (nested guards share the thread's lock).
+    static HELD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets `isa` until the guard is dropped, then restores the previous choice. One thread at a
+/// time holds guards (a `force_isa` on another thread waits for them to drop), so tests that
+/// force an instruction set do not switch each other's; on the thread that holds one, a second
+/// `force_isa` nests (drop the guards in reverse order). Code running meanwhile without a guard
+/// runs on the forced choice (same bits).
+///
+/// ```
+/// use burn_qat_runtime::kernels::{Isa, force_isa, isa};
+///
+/// let outer = force_isa(Isa::Portable).unwrap();
+/// {
+///     let _inner = force_isa(Isa::Portable).unwrap(); // nests on this thread
+///     assert_eq!(isa(), Isa::Portable);
+/// }
+/// drop(outer);
+/// ```
 pub fn force_isa(isa: Isa) -> Result<IsaGuard, IsaError> {
     isa.check()?;
-    // A test that panicked while holding a guard restored the choice as it unwound.
-    let lock = GUARD.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = if HELD.get() == 0 {
+        // A test that panicked while holding a guard restored the choice as it unwound.
+        Some(GUARD.lock().unwrap_or_else(|p| p.into_inner()))
+    } else {
+        None
+    };
+    HELD.set(HELD.get() + 1);
     let previous = self::isa();
     CURRENT.store(isa.code(), Ordering::Relaxed);
     Ok(IsaGuard {
@@ -320,16 +342,19 @@ pub fn force_isa(isa: Isa) -> Result<IsaGuard, IsaError> {
 }
 
 /// Keeps an instruction set forced (see [`force_isa`]); dropping it restores the previous one.
+/// It stays on the thread that made it (it is not `Send`: the lock belongs to that thread).
 #[must_use = "the instruction set is restored when the guard is dropped"]
 pub struct IsaGuard {
     previous: Isa,
-    _lock: MutexGuard<'static, ()>,
+    /// The outermost guard of a thread holds the lock; nested ones hold none.
+    _lock: Option<MutexGuard<'static, ()>>,
 }
 
 impl Drop for IsaGuard {
     fn drop(&mut self) {
         // Runs before `_lock` is released.
         CURRENT.store(self.previous.code(), Ordering::Relaxed);
+        HELD.set(HELD.get() - 1);
     }
 }
 
