@@ -891,7 +891,7 @@ mod already_quantized {
         assert!(
             err.contains(fused::capture::ids::CLIP_FAKE_QUANT)
                 && err.contains("trace the float model")
-                && err.contains("near `act"),
+                && err.contains("in `act"),
             "{err}"
         );
     }

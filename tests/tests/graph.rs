@@ -1643,6 +1643,71 @@ struct Attention {
     k: Linear,
 }
 
+/// A YOLOX-style Focus stem: rows picked with `select` before the first conv.
+#[derive(Module, Debug)]
+struct FocusStem {
+    stem: Conv2d,
+    head: Linear,
+}
+
+/// Refusals name the Burn call in the user's words and where it is by module path: never an
+/// IR `Debug` string, never `<input>`.
+#[test]
+fn refusals_name_the_burn_call_and_the_module() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    let m = FocusStem {
+        stem: Conv2dConfig::new([1, 2], [3, 3]).init(&device),
+        head: LinearConfig::new(2 * 2 * 6, 3).init(&device),
+    };
+    let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
+        let rows = Tensor::<1, Int>::from_ints([0, 2, 4, 6], &x.device());
+        m.head
+            .forward(m.stem.forward(x.select(2, rows)).flatten::<2>(1, 3))
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`Tensor::select`, on the input, before `stem` (the first layer)"),
+        "{err}"
+    );
+    for debug in ["OpIr", "BaseFloat", "<input>", "near"] {
+        assert!(!err.contains(debug), "{debug}: {err}");
+    }
+
+    let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
+        m.stem.forward(x).flatten::<2>(1, 3).cumsum(1)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`Tensor::cumsum`, after `stem`"), "{err}");
+
+    // Division of two tensors trains; the integer model has no kernel for it, and says which
+    // call of which module that is.
+    let qat = graph::prepare(
+        &m,
+        &[1, 1, 8, 8],
+        |m: &FocusStem, x: Tensor<4>| {
+            let y = m.stem.forward(x).flatten::<2>(1, 3);
+            y.clone() / (y.exp() + 1.0)
+        },
+        &QatConfig::new(),
+    )
+    .unwrap();
+    let _: Tensor<2> = qat.forward(Tensor::<4>::random(
+        [2, 1, 8, 8],
+        Distribution::Default,
+        &device,
+    ));
+    let err = burn_qat::export::convert(&qat.valid())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`stem/div` (`a / b` (`Tensor::div` of two tensors)) cannot be converted"),
+        "{err}"
+    );
+}
+
 #[test]
 fn unsupported_forwards_are_errors_that_name_the_cause() {
     let _serial = serial();
@@ -1676,7 +1741,7 @@ fn unsupported_forwards_are_errors_that_name_the_cause() {
     .unwrap_err();
     let text = err.to_string();
     assert!(
-        text.contains("computed from the input") && text.contains("near `k`"),
+        text.contains("computed from the input") && text.contains("after `k`"),
         "{text}"
     );
 

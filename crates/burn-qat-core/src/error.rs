@@ -58,11 +58,15 @@ pub enum QatError {
         context: String,
     },
     /// Graph mode cannot capture or lift an op of a model's forward.
-    #[error("graph mode: {what} (near `{near}`): {hint}")]
+    #[error("graph mode: {what}, {near}: {hint}")]
     Graph {
-        /// The op or construct that was refused (`Matmul of two activations`, `into_scalar`).
+        /// The Burn call or construct that was refused, in the user's words (`` `Tensor::select` ``,
+        /// `` `module::max_pool2d(ceil_mode)` ``, a matmul of two activations).
         what: String,
-        /// The nearest module path (parameter-free ops name the closest layer).
+        /// Where in the forward, by module path: ``in `backbone.act` `` (an op reading that
+        /// module's parameters), ``after `layer1.0.conv2` `` (the last layer before a
+        /// parameter-free op), ``on the input, before `stem.conv` (the first layer)``, or
+        /// `in the forward` (the whole forward).
         near: String,
         /// What to do about it.
         hint: String,

@@ -216,7 +216,7 @@ impl<'a> Converter<'a> {
             (m, Some(g)) => Ok((m, g)),
             (_, None) => Err(unsupported(
                 self.gnode(i),
-                self.gnode(i).op.name(),
+                self.gnode(i).op.call(),
                 format!(
                     "its input `{}` is float: quantize it (do not skip the layer before, keep activation quantization enabled)",
                     self.gnode(self.gnode(i).inputs[k]).name
@@ -247,7 +247,7 @@ impl<'a> Converter<'a> {
         let Some(q) = t.quant else {
             return Err(unsupported(
                 node,
-                node.op.name(),
+                node.op.call(),
                 "its output has no activation quantizer (skipped layer or activations disabled for it): the integer model quantizes every computed tensor",
             ));
         };
@@ -300,7 +300,7 @@ impl<'a> Converter<'a> {
             }
             op => Err(unsupported(
                 node,
-                op.name(),
+                op.call(),
                 "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
             )),
         }
@@ -596,7 +596,7 @@ impl<'a> Converter<'a> {
         let refuse = |why: String| {
             Err(unsupported(
                 node,
-                "max pooling with ceil_mode",
+                node.op.call(),
                 format!("{why}: use ceil_mode false, or pad the input explicitly"),
             ))
         };
@@ -647,7 +647,7 @@ impl<'a> Converter<'a> {
         if ceil_mode {
             return Err(unsupported(
                 self.gnode(i),
-                "average pooling with ceil_mode",
+                self.gnode(i).op.call(),
                 "use ceil_mode false",
             ));
         }

@@ -175,14 +175,14 @@ where
             };
             return Err(QatError::Graph {
                 what: format!("the forward panicked while being recorded: {msg}"),
-                near: "<forward>".into(),
+                near: "in the forward".into(),
                 hint: hint.into(),
             });
         }
         Ok(Err(e)) => {
             return Err(QatError::Graph {
                 what: format!("capture failed: {e:?}"),
-                near: "<forward>".into(),
+                near: "in the forward".into(),
                 hint: "trace one model at a time on a fresh capture device".into(),
             });
         }
@@ -193,7 +193,7 @@ where
         Some(Err(e)) => {
             return Err(QatError::Graph {
                 what: format!("a recorded tensor has no capture id: {e}"),
-                near: "<forward>".into(),
+                near: "in the forward".into(),
                 hint: "the forward must return a tensor computed from its input".into(),
             });
         }
@@ -256,7 +256,7 @@ where
                 second.ops.len(),
                 next[0]
             ),
-            near: "<forward>".into(),
+            near: "in the forward".into(),
             hint:
                 "the forward branches on the batch size; graph mode needs one graph for every batch"
                     .into(),

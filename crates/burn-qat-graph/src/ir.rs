@@ -295,6 +295,57 @@ impl Op {
         }
     }
 
+    /// The Burn call the node comes from, in the words the user wrote it, for messages:
+    /// `` `Conv2d` layer ``, `` `activation::softmax` ``, `` `a / b` (`Tensor::div`) ``,
+    /// `` `module::avg_pool2d(ceil_mode)` ``.
+    ///
+    /// ```
+    /// use burn_qat_graph::Op;
+    ///
+    /// assert_eq!(Op::Div.call(), "`a / b` (`Tensor::div` of two tensors)");
+    /// assert_eq!(Op::Softmax { axis: 1 }.call(), "`activation::softmax`");
+    /// ```
+    pub fn call(&self) -> String {
+        let pool = |name: &str, ceil: bool| {
+            format!("`module::{name}{}`", if ceil { "(ceil_mode)" } else { "" })
+        };
+        match self {
+            Op::Input => "the input".into(),
+            Op::Layer { kind, .. } => format!("`{kind:?}` layer"),
+            Op::Relu => "`activation::relu`".into(),
+            Op::Clamp { .. } => "`Tensor::clamp`".into(),
+            Op::LeakyRelu { .. } => "`activation::leaky_relu`".into(),
+            Op::Gelu => "`activation::gelu`".into(),
+            Op::Sigmoid => "`activation::sigmoid`".into(),
+            Op::HardSigmoid { .. } => "`activation::hard_sigmoid`".into(),
+            Op::Silu => "`activation::silu`".into(),
+            Op::HardSwish => "`activation::hard_swish`".into(),
+            Op::Tanh => "`Tensor::tanh`".into(),
+            Op::Exp => "`Tensor::exp`".into(),
+            Op::Softmax { .. } => "`activation::softmax`".into(),
+            Op::Add => "`a + b` (`Tensor::add` of two tensors)".into(),
+            Op::Sub => "`a - b` (`Tensor::sub` of two tensors)".into(),
+            Op::Mul => "`a * b` (`Tensor::mul` of two tensors)".into(),
+            Op::Div => "`a / b` (`Tensor::div` of two tensors)".into(),
+            Op::AddScalar(_) => "`Tensor::add_scalar`".into(),
+            Op::SubScalar(_) => "`Tensor::sub_scalar`".into(),
+            Op::MulScalar(_) => "`Tensor::mul_scalar`".into(),
+            Op::DivScalar(_) => "`Tensor::div_scalar`".into(),
+            Op::Concat { .. } => "`Tensor::cat`".into(),
+            Op::Reshape { .. } => "`Tensor::reshape`".into(),
+            Op::SwapDims { .. } => "`Tensor::swap_dims`".into(),
+            Op::Permute { .. } => "`Tensor::permute`".into(),
+            Op::MeanDim { .. } => "`Tensor::mean_dim`".into(),
+            Op::SumDim { .. } => "`Tensor::sum_dim`".into(),
+            Op::MaxPool1d { ceil_mode, .. } => pool("max_pool1d", *ceil_mode),
+            Op::MaxPool2d { ceil_mode, .. } => pool("max_pool2d", *ceil_mode),
+            Op::AvgPool1d { ceil_mode, .. } => pool("avg_pool1d", *ceil_mode),
+            Op::AvgPool2d { ceil_mode, .. } => pool("avg_pool2d", *ceil_mode),
+            Op::AdaptiveAvgPool1d { .. } => "`module::adaptive_avg_pool1d`".into(),
+            Op::AdaptiveAvgPool2d { .. } => "`module::adaptive_avg_pool2d`".into(),
+        }
+    }
+
     /// A short name for plans and messages.
     pub fn name(&self) -> String {
         match self {

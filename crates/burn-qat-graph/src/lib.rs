@@ -15,6 +15,7 @@ mod lift;
 mod lower;
 mod module;
 pub mod rewrite;
+mod words;
 mod write_back;
 
 use burn::module::Module;

@@ -19,6 +19,7 @@ use burn_qat_transform::FusedConfig;
 use super::capture::Trace;
 use super::ir::{Dim, LayerKind, Node, Op, Program};
 use super::module::{GraphLayer, MAX_RANK, QatGraph};
+use super::words::op_words;
 
 /// Where a recorded tensor comes from.
 #[derive(Clone, Debug)]
@@ -96,7 +97,12 @@ struct Lifter<'a> {
     env: HashMap<TensorId, Src>,
     nodes: Vec<Node>,
     layers: Vec<GraphLayer>,
+    /// The module path of the last layer lifted (parameter-free ops are named after it).
     near: String,
+    /// The module whose parameters the op being lifted reads, where that is known.
+    inside: Option<String>,
+    /// The index in the trace of the op being lifted.
+    at: usize,
     batch: (usize, usize),
 }
 
@@ -109,26 +115,32 @@ fn scalar(s: &ScalarIr) -> f64 {
     }
 }
 
-fn op_name(op: &OperationIr) -> String {
-    let s = format!("{op:?}");
-    // `NumericFloat(F32, Add(BinaryOpIr {...}))` -> `NumericFloat(F32, Add`
-    s.split(['{'])
-        .next()
-        .unwrap_or("")
-        .trim_end_matches(['(', ' '])
-        .to_string()
-}
-
 impl<'a> Lifter<'a> {
     fn err(&self, what: String, hint: &str) -> QatError {
         QatError::Graph {
             what,
-            near: if self.near.is_empty() {
-                "<input>".into()
-            } else {
-                self.near.clone()
-            },
+            near: self.place(),
             hint: hint.into(),
+        }
+    }
+
+    /// Where in the user's forward the op being lifted is: in the module whose parameters it
+    /// reads, after the last layer lifted, or before the first layer (ops on the input).
+    fn place(&self) -> String {
+        if let Some(module) = &self.inside {
+            return format!("in `{module}`");
+        }
+        if !self.near.is_empty() {
+            return format!("after `{}`", self.near);
+        }
+        let next = self.trace.ops.iter().skip(self.at).find_map(|op| {
+            op.inputs()
+                .find_map(|t| self.trace.params.get(&t.id))
+                .map(|p| p.module_path().to_string())
+        });
+        match next {
+            Some(module) => format!("on the input, before `{module}` (the first layer)"),
+            None => "on the input".into(),
         }
     }
 
@@ -297,7 +309,7 @@ impl<'a> Lifter<'a> {
             (OperationIr::Activation(x), OperationIr::Activation(y)) => self.activation(a, x, y),
             (OperationIr::Module(x), OperationIr::Module(y)) => self.module(a, x, y),
             _ if std::mem::discriminant(a) != std::mem::discriminant(b) => Err(self.err(
-                format!("the op `{}` at one batch size and `{}` at another", op_name(a), op_name(b)),
+                format!("{} at one batch size and {} at another", op_words(a), op_words(b)),
                 "the forward branches on the batch size; graph mode needs one graph for every batch",
             )),
             _ => self.unsupported(a),
@@ -307,7 +319,7 @@ impl<'a> Lifter<'a> {
     /// The refusal of an op graph mode does not lift.
     fn unsupported(&self, a: &OperationIr) -> Result<(), QatError> {
         Err(self.err(
-            format!("the op `{}`", op_name(a)),
+            op_words(a),
             "graph mode does not support this op yet: keep it outside the traced forward, or file an issue \
              naming the op",
         ))
@@ -763,6 +775,8 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         nodes: vec![],
         layers: vec![],
         near: String::new(),
+        inside: None,
+        at: 0,
         batch: (input_shape[0], input_shape[0] + 1),
     };
     let mut shape: Vec<Dim> = input_shape.iter().map(|&d| Dim::Fixed(d)).collect();
@@ -783,11 +797,19 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         .zip(&live)
         .find(|(op, live)| **live && is_refused_marked(op));
     if let Some((op, _)) = marked {
-        lifter.near = param_near(trace, op).unwrap_or_default();
+        lifter.inside = param_near(trace, op);
         lifter.op(op, op)?;
+        lifter.inside = None;
     }
-    for ((a, b), live) in trace.ops.iter().zip(trace.ops_next_batch.iter()).zip(live) {
+    for (at, ((a, b), live)) in trace
+        .ops
+        .iter()
+        .zip(&trace.ops_next_batch)
+        .zip(live)
+        .enumerate()
+    {
         if live {
+            lifter.at = at;
             lifter.op(a, b)?;
         }
     }

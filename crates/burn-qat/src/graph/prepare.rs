@@ -113,7 +113,7 @@ pub(crate) fn prepare_graph(
         {
             return Err(QatError::UnsupportedLayer {
                 layer: node.name.clone(),
-                kind: "avg_pool(ceil_mode)".into(),
+                kind: node.op.call(),
                 problem: "average pooling with ceil_mode does not convert to the integer model \
                           (its last windows average over fewer values): use ceil_mode false, or \
                           pad the input explicitly"
