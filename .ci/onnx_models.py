@@ -54,7 +54,7 @@ def check(folder):
 def main():
     root = sys.argv[1]
     folders = sorted(os.path.join(root, d) for d in os.listdir(root))
-    assert len(folders) >= 11, f"expected the eleven graph-mode test models in {root}, found {folders}"
+    assert len(folders) >= 12, f"expected the twelve graph-mode test models in {root}, found {folders}"
     for folder in folders:
         check(folder)
     print("onnx models check: passed")

@@ -604,6 +604,48 @@ impl SqueezeNet {
     }
 }
 
+/// YOLOX's Focus stem as the zoo writes it (`select` of every other row and column with
+/// indices from `Tensor::arange_step`, the four patches concatenated on the channels), a conv
+/// with BatchNorm and SiLU, a 1x1 conv, then a slice with a step (`s![.., .., 0..4;2]`) before the head.
+#[derive(Module, Debug)]
+struct FocusNet {
+    conv: Conv2d,
+    bn: BatchNorm,
+    pointwise: Conv2d,
+    head: Linear,
+}
+
+impl FocusNet {
+    fn new(device: &Device) -> Self {
+        Self {
+            conv: Conv2dConfig::new([4, 8], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(false)
+                .init(device),
+            bn: BatchNormConfig::new(8).init(device),
+            pointwise: Conv2dConfig::new([8, 8], [1, 1]).init(device),
+            head: LinearConfig::new(8 * 2 * 4, 4).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let device = x.device();
+        let [_, _, h, w] = x.dims();
+        let top = Tensor::<1, Int>::arange_step(0..h as i64, 2, &device);
+        let bottom = Tensor::<1, Int>::arange_step(1..h as i64, 2, &device);
+        let left = Tensor::<1, Int>::arange_step(0..w as i64, 2, &device);
+        let right = Tensor::<1, Int>::arange_step(1..w as i64, 2, &device);
+        let tl = x.clone().select(2, top.clone()).select(3, left.clone());
+        let tr = x.clone().select(2, top).select(3, right.clone());
+        let bl = x.clone().select(2, bottom.clone()).select(3, left);
+        let br = x.select(2, bottom).select(3, right);
+        let x = Tensor::cat(vec![tl, bl, tr, br], 1); // [N, 4, 4, 4]
+        let x = burn::tensor::activation::silu(self.bn.forward(self.conv.forward(x)));
+        let x = burn::tensor::activation::relu(self.pointwise.forward(x));
+        let x = x.slice(burn::tensor::s![.., .., 0..4;2]); // [N, 8, 2, 4]
+        self.head.forward(x.flatten(1, 3))
+    }
+}
+
 // ---------------------------------------------------------------- (j) activations in several calls
 
 /// Clamp-like activations written in one to three calls after convs, and after a residual add.
@@ -677,6 +719,7 @@ user_model!(BurnMnist, "burn-mnist");
 user_model!(Mlp, "mlp");
 user_model!(SeqNet, "conv1d");
 user_model!(ConcatBn, "concat-bn");
+user_model!(FocusNet, "focus");
 user_model!(ZooMobileNetRelu, "mobilenet-relu-clamp-max");
 user_model!(ZooMobileNetClampMin, "mobilenet-clamp-min-max");
 user_model!(SqueezeNet, "squeezenet-ceil-pool");
@@ -929,7 +972,11 @@ fn per_op_within_one_lsb(
         let src = &int8.nodes[node.inputs.first().copied().unwrap_or(0)];
         let fresh = !matches!(
             src.op,
-            IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::MaxPool(_)
+            IntOp::Input
+                | IntOp::Reshape
+                | IntOp::Permute { .. }
+                | IntOp::Select { .. }
+                | IntOp::MaxPool(_)
         );
         let (Some(g_in), Some(g_out)) = (src.grid, node.grid) else {
             continue;
@@ -1139,6 +1186,7 @@ model_tests!(concat_bn, ConcatBn);
 model_tests!(zoo_mobilenet_relu, ZooMobileNetRelu);
 model_tests!(zoo_mobilenet_clamp_min, ZooMobileNetClampMin);
 model_tests!(zoo_squeezenet, SqueezeNet);
+model_tests!(zoo_focus, FocusNet);
 
 mod activation_chains {
     use super::*;

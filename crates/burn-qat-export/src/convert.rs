@@ -298,6 +298,13 @@ impl<'a> Converter<'a> {
             Op::Permute { axes } => {
                 self.layout_from_float(i, IntOp::Permute { perm: axes.clone() })
             }
+            Op::Select { axis, indices } => self.layout_from_float(
+                i,
+                IntOp::Select {
+                    axis: *axis,
+                    indices: indices.clone(),
+                },
+            ),
             op => Err(unsupported(
                 node,
                 op.call(),

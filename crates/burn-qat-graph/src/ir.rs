@@ -208,6 +208,14 @@ pub enum Op {
         /// Output size.
         output: [usize; 2],
     },
+    /// The entries `indices` of axis `axis` (not the batch axis), in that order:
+    /// `Tensor::select` with constant indices, `Tensor::slice` (with a step) on one axis.
+    Select {
+        /// The axis.
+        axis: usize,
+        /// The entries picked.
+        indices: Vec<usize>,
+    },
 }
 
 /// How an op treats the integer grid of its input, as TFLite and PyTorch FX place
@@ -238,7 +246,8 @@ impl Op {
             | Op::SwapDims { .. }
             | Op::Permute { .. }
             | Op::MaxPool1d { .. }
-            | Op::MaxPool2d { .. } => GridRole::Inherit,
+            | Op::MaxPool2d { .. }
+            | Op::Select { .. } => GridRole::Inherit,
             Op::Relu | Op::Clamp { .. } => GridRole::FusableActivation,
             _ => GridRole::Compute,
         }
@@ -343,6 +352,7 @@ impl Op {
             Op::AvgPool2d { ceil_mode, .. } => pool("avg_pool2d", *ceil_mode),
             Op::AdaptiveAvgPool1d { .. } => "`module::adaptive_avg_pool1d`".into(),
             Op::AdaptiveAvgPool2d { .. } => "`module::adaptive_avg_pool2d`".into(),
+            Op::Select { .. } => "`Tensor::select`".into(),
         }
     }
 

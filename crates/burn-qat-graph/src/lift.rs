@@ -7,7 +7,7 @@ use burn::backend::ir::{
     ActivationOperationIr, AvgPool1dOpIr, AvgPool2dOpIr, BaseOperationIr, BatchNormOpIr,
     BinaryOpIr, Conv1dOpIr, Conv2dOpIr, CustomOpIr, FloatOperationIr, LinearOpIr, MaxPool1dOpIr,
     MaxPool2dOpIr, ModuleOperationIr, NumericOperationIr, OperationIr, ScalarIr, ScalarOpIr,
-    ShapeOpIr, TensorIr,
+    SelectOpIr, ShapeOpIr, SliceOpIr, TensorIr,
 };
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv1d, Conv2d};
@@ -227,16 +227,7 @@ impl<'a> Lifter<'a> {
             ));
         }
         let shape = self.dims(out.0, out.1)?;
-        let name = match &op {
-            Op::Layer { .. } => self.near.clone(),
-            other => {
-                if self.near.is_empty() {
-                    other.name().to_lowercase()
-                } else {
-                    format!("{}/{}", self.near, other.name().to_lowercase())
-                }
-            }
-        };
+        let name = self.name_of(&op);
         self.nodes.push(Node {
             op,
             inputs,
@@ -246,6 +237,15 @@ impl<'a> Lifter<'a> {
         let i = self.nodes.len() - 1;
         self.env.insert(out.0.id, Src::Node(i));
         Ok(i)
+    }
+
+    /// A node's name: the layer's module path, or `<last layer>/<op>` for parameter-free ops.
+    fn name_of(&self, op: &Op) -> String {
+        match op {
+            Op::Layer { .. } => self.near.clone(),
+            other if self.near.is_empty() => other.name().to_lowercase(),
+            other => format!("{}/{}", self.near, other.name().to_lowercase()),
+        }
     }
 
     fn layer(
@@ -394,8 +394,115 @@ impl<'a> Lifter<'a> {
                 self.push(Op::Concat { axis: o.dim }, inputs, (&o.out, &p.out))
                     .map(drop)
             }
+            (Bs::Select(o), Bs::Select(p)) => self.select(o, p),
+            (Bs::Slice(o), Bs::Slice(p)) => self.slice(o, p),
             _ => self.unsupported(a),
         }
+    }
+
+    /// `Tensor::select` with indices made from data in the forward (`Tensor::from_ints`,
+    /// `Tensor::arange_step`): a `Select` node.
+    fn select(&mut self, o: &SelectOpIr, p: &SelectOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.tensor, "select")?;
+        let what = || "`Tensor::select`".to_string();
+        if o.dim == 0 {
+            return Err(self.err(
+                format!("{} along the batch axis", what()),
+                "graph mode keeps every item of a batch: select along the other axes",
+            ));
+        }
+        let Some(data) = self.trace.values.get(&o.indices.id) else {
+            return Err(self.err(
+                format!("{} with indices computed in the forward", what()),
+                "graph mode takes constant indices: make them from data (`Tensor::from_ints`, \
+                 `Tensor::arange_step`)",
+            ));
+        };
+        let size = o.tensor.shape.as_slice()[o.dim];
+        let indices: Vec<usize> = data
+            .iter::<i64>()
+            .map(|i| usize::try_from(i).ok().filter(|&i| i < size))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                self.err(
+                    format!("{} of an index outside 0..{size}", what()),
+                    "select entries of the axis",
+                )
+            })?;
+        if indices.is_empty() {
+            return Err(self.err(format!("{} of no entries", what()), "select at least one"));
+        }
+        self.push(
+            Op::Select {
+                axis: o.dim,
+                indices,
+            },
+            vec![x],
+            (&o.out, &p.out),
+        )
+        .map(drop)
+    }
+
+    /// `Tensor::slice` (a step included): a `Select` node per axis it narrows, nothing when it
+    /// takes everything.
+    fn slice(&mut self, o: &SliceOpIr, p: &SliceOpIr) -> Result<(), QatError> {
+        let mut x = self.node_input(&o.tensor, "slice")?;
+        let (da, db) = (o.tensor.shape.as_slice(), p.tensor.shape.as_slice());
+        let picked = |r: &burn::tensor::Slice, n: usize| -> Option<Vec<usize>> {
+            (r.step > 0).then(|| r.to_range(n).step_by(r.step as usize).collect())
+        };
+        let mut picks = vec![];
+        for (axis, (r, q)) in o.ranges.iter().zip(&p.ranges).enumerate() {
+            let (Some(ia), Some(ib)) = (picked(r, da[axis]), picked(q, db[axis])) else {
+                return Err(self.err(
+                    "`Tensor::slice` with a negative step".into(),
+                    "graph mode takes slices with a positive step",
+                ));
+            };
+            let full =
+                |i: &[usize], n: usize| i.len() == n && i.iter().enumerate().all(|(k, &v)| k == v);
+            if full(&ia, da[axis]) && full(&ib, db[axis]) {
+                continue;
+            }
+            if axis == 0 || ia != ib {
+                return Err(self.err(
+                    format!("`Tensor::slice` of {:?} along axis {axis}", r),
+                    "graph mode keeps every item of a batch: slice the other axes, by sizes that \
+                     do not depend on the batch",
+                ));
+            }
+            if ia.is_empty() {
+                return Err(self.err(
+                    format!("`Tensor::slice` of no entries along axis {axis}"),
+                    "slice at least one",
+                ));
+            }
+            picks.push((axis, ia));
+        }
+        let Some((last_axis, last)) = picks.pop() else {
+            self.env.insert(o.out.id, Src::Node(x));
+            return Ok(());
+        };
+        for (axis, indices) in picks {
+            let mut shape = self.nodes[x].shape.clone();
+            shape[axis] = Dim::Fixed(indices.len());
+            let name = self.name_of(&Op::Select {
+                axis,
+                indices: vec![],
+            });
+            self.nodes.push(Node {
+                op: Op::Select { axis, indices },
+                inputs: vec![x],
+                name,
+                shape,
+            });
+            x = self.nodes.len() - 1;
+        }
+        let op = Op::Select {
+            axis: last_axis,
+            indices: last,
+        };
+        self.push(op, vec![x], (&o.out, &p.out)).map(drop)
     }
 
     /// A reshape of a parameter stays that parameter (a bias reshaped for broadcasting); of a

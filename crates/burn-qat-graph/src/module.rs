@@ -319,9 +319,20 @@ pub fn apply_unary<const D: usize>(op: &Op, x: Tensor<D>) -> Option<Tensor<D>> {
         .then(|| Tensor::from_dispatch(eval_op(op, vec![x.into_dispatch()], 1)))
 }
 
+/// The entries `indices` of axis `axis`, by Burn's own `select` (what the user's forward ran:
+/// a strided slice gives other bits after a convolution on some backends).
+fn select(x: DispatchTensor, axis: usize, indices: &[usize]) -> DispatchTensor {
+    let device = Device::new(x.device());
+    let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    let indices =
+        Tensor::<1, Int>::from_data(TensorData::new(indices.clone(), [indices.len()]), &device);
+    Dispatch::float_select(x, axis, indices.into_dispatch())
+}
+
 /// One parameter-free op on its arguments.
 fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
-    let x = args.swap_remove(0);
+    // `remove`, not `swap_remove`: a concatenation of three or more keeps its order.
+    let x = args.remove(0);
     let second = || args[0].clone();
     match op {
         Op::Input => x,
@@ -361,6 +372,7 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
         ),
         Op::SwapDims { a, b } => Dispatch::float_swap_dims(x, *a, *b),
         Op::Permute { axes } => Dispatch::float_permute(x, axes),
+        Op::Select { axis, indices } => select(x, *axis, indices),
         Op::MeanDim { axis } => Dispatch::float_mean_dim(x, *axis),
         Op::SumDim { axis } => Dispatch::float_sum_dim(x, *axis),
         Op::MaxPool1d {

@@ -479,6 +479,9 @@ impl Graph {
                 .reshape(x(), &node.shape, first.and_then(|n| n.grid))
                 .map_err(|hint| unsupported(node, hint))?,
             IntOp::Permute { perm } => self.permute(x(), perm, first.and_then(|n| n.grid)),
+            IntOp::Select { axis, indices } => {
+                self.select(x(), *axis, indices, first.and_then(|n| n.grid))
+            }
         })
     }
 
@@ -626,6 +629,21 @@ impl Graph {
     fn permute(&mut self, x: String, perm: &[usize], grid: Option<Grid>) -> String {
         let p: Vec<i64> = perm.iter().map(|v| *v as i64).collect();
         let y = self.node("Transpose", vec![x], vec![attr_ints("perm", &p)]);
+        self.on_grid(y, grid)
+    }
+
+    /// `Gather` of constant indices along `axis` (the values keep their grid).
+    fn select(&mut self, x: String, axis: usize, indices: &[usize], grid: Option<Grid>) -> String {
+        let i = self.init(
+            "indices",
+            DataType::Int64,
+            &[indices.len()],
+            indices
+                .iter()
+                .flat_map(|&v| (v as i64).to_le_bytes())
+                .collect(),
+        );
+        let y = self.node("Gather", vec![x, i], vec![attr_int("axis", axis as i64)]);
         self.on_grid(y, grid)
     }
 }

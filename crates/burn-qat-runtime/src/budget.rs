@@ -183,6 +183,7 @@ fn parameter_bytes(op: &IntOp) -> u64 {
             u(requantize.len() * std::mem::size_of::<Option<crate::model::Lut>>() + tables)
         }
         IntOp::Permute { perm } => 8 * u(perm.len()),
+        IntOp::Select { indices, .. } => 8 * u(indices.len()),
         _ => 0,
     }
 }
@@ -277,6 +278,7 @@ pub(crate) fn node_cost(
                 .saturating_add(work);
         }
         IntOp::Permute { .. } => work = work.saturating_add(per_value(VALUE + rank * AXIS)),
+        IntOp::Select { .. } => work = work.saturating_add(per_value(VALUE)),
     }
     if is_output {
         // Dequantized (or copied) to the caller's floats.

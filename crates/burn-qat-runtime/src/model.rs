@@ -281,6 +281,15 @@ pub enum IntOp {
         /// The permutation.
         perm: Vec<usize>,
     },
+    /// The entries `indices` of axis `axis`, in that order: Burn's `Tensor::select` with
+    /// constant indices and `Tensor::slice` with a step (ONNX `Gather`). Moves values, keeps
+    /// the input's grid.
+    Select {
+        /// The axis (not the batch axis).
+        axis: usize,
+        /// The entries picked, each below the axis' size.
+        indices: Vec<usize>,
+    },
 }
 
 impl IntOp {
@@ -305,6 +314,7 @@ impl IntOp {
             IntOp::ChannelLut { .. } => "ChannelLut",
             IntOp::Reshape => "Reshape",
             IntOp::Permute { .. } => "Permute",
+            IntOp::Select { .. } => "Select",
         }
     }
 }
@@ -474,7 +484,11 @@ impl IntegerModel {
                 }
                 None if !matches!(
                     n.op,
-                    IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::MaxPool(_)
+                    IntOp::Input
+                        | IntOp::Reshape
+                        | IntOp::Permute { .. }
+                        | IntOp::Select { .. }
+                        | IntOp::MaxPool(_)
                 ) =>
                 {
                     out.push(format!(

@@ -564,12 +564,54 @@ pub fn permute<T: Copy>(perm: &[usize], x: &[T], shape: &[usize], out: &mut Vec<
     }));
 }
 
+/// The entries `indices` of axis `axis` of `x` (of shape `shape`), in that order: a copy of
+/// `indices.len()` runs of the axis' inner size per outer index.
+pub fn select<T: Copy>(axis: usize, indices: &[usize], x: &[T], shape: &[usize], out: &mut Vec<T>) {
+    let inner: usize = shape[axis + 1..].iter().product();
+    let outer: usize = shape[..axis].iter().product();
+    let block = shape[axis] * inner;
+    out.clear();
+    for o in 0..outer {
+        for &i in indices {
+            let start = o * block + i * inner;
+            out.extend_from_slice(&x[start..start + inner]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn select_equals_the_coordinate_definition(
+            dims in proptest::collection::vec(1usize..5, 2..5),
+            axis_seed in any::<usize>(),
+            picks in proptest::collection::vec(any::<usize>(), 1..7),
+        ) {
+            let axis = 1 + axis_seed % (dims.len() - 1);
+            let indices: Vec<usize> = picks.iter().map(|p| p % dims[axis]).collect();
+            let x: Vec<i32> = (0..dims.iter().product::<usize>() as i32).collect();
+            let mut out = vec![9; 2];
+            select(axis, &indices, &x, &dims, &mut out);
+            let mut shape = dims.clone();
+            shape[axis] = indices.len();
+            prop_assert_eq!(out.len(), shape.iter().product::<usize>());
+            for (flat, v) in out.iter().enumerate() {
+                // The output coordinates, last axis first; the input's differ on `axis` only.
+                let (mut rest, mut src, mut stride) = (flat, 0, 1);
+                for d in (0..shape.len()).rev() {
+                    let c = rest % shape[d];
+                    rest /= shape[d];
+                    src += if d == axis { indices[c] } else { c } * stride;
+                    stride *= dims[d];
+                }
+                prop_assert_eq!(*v, x[src]);
+            }
+        }
+
         #[test]
         fn fast_max_pool_equals_the_window_definition(
             n in 1usize..3, c in 1usize..4, h in 2usize..9, w in 2usize..9,

@@ -335,7 +335,7 @@ fn value_is_float(model: &IntegerModel, i: usize, inputs: &[Slot]) -> Result<boo
             }
             false
         }
-        IntOp::Reshape | IntOp::Permute { .. } => {
+        IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
             inputs
                 .first()
                 .ok_or_else(|| err(model, i, "its input was not computed".into()))?
@@ -641,6 +641,9 @@ impl Buffers<'_> {
             IntOp::Permute { perm } => {
                 ops::permute(perm, self.float(step.inputs[0]), in_shape(0), out)
             }
+            IntOp::Select { axis, indices } => {
+                ops::select(*axis, indices, self.float(step.inputs[0]), in_shape(0), out)
+            }
             _ => unreachable!("the plan gives float buffers to float values only"),
         }
         Ok(())
@@ -748,6 +751,9 @@ impl Buffers<'_> {
                 out.extend_from_slice(x(0));
             }
             (IntOp::Permute { perm }, _) => ops::permute(perm, x(0), in_shape(0), out),
+            (IntOp::Select { axis, indices }, _) => {
+                ops::select(*axis, indices, x(0), in_shape(0), out)
+            }
             (IntOp::Input, _) => unreachable!("the input is float"),
         }
         Ok(())

@@ -171,6 +171,7 @@ pub(crate) fn infer(
         IntOp::Reduce { axis, .. } => reduce_shape(*axis, x()),
         IntOp::Reshape => reshape_shape(&x(), declared),
         IntOp::Permute { perm } => permute_shape(perm, x()),
+        IntOp::Select { axis, indices } => select_shape(*axis, indices, x()),
     }
 }
 
@@ -273,6 +274,27 @@ fn permute_shape(perm: &[usize], s: Vec<usize>) -> Result<Vec<usize>, String> {
     Ok(perm.iter().map(|p| s[*p]).collect())
 }
 
+/// The entries `indices` of axis `axis` (not the batch axis), at least one, each inside it.
+fn select_shape(axis: usize, indices: &[usize], mut s: Vec<usize>) -> Result<Vec<usize>, String> {
+    if axis == 0 || axis >= s.len() {
+        return Err(format!(
+            "select along axis {axis} of {s:?}: allowed are axes 1 to {}",
+            s.len().saturating_sub(1)
+        ));
+    }
+    if indices.is_empty() {
+        return Err("select of no entries".into());
+    }
+    if let Some(i) = indices.iter().find(|&&i| i >= s[axis]) {
+        return Err(format!(
+            "select of entry {i} along axis {axis} of {s:?}: allowed are 0 to {}",
+            s[axis].saturating_sub(1)
+        ));
+    }
+    s[axis] = indices.len();
+    Ok(s)
+}
+
 /// Window sizes small enough that no size computed from them overflows.
 fn window_ok(
     kernel: [usize; 2],
@@ -362,7 +384,7 @@ fn table_ok(t: &Lut, len: usize) -> Result<(), String> {
 fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
     arity_ok(op, n_inputs)?;
     match op {
-        IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } => Ok(()),
+        IntOp::Input | IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => Ok(()),
         IntOp::Quantize(g) => grid_ok(g, "quantization"),
         IntOp::Conv2d(c) => conv2d_ok(c),
         IntOp::Linear(l) => linear_ok(l),
@@ -549,7 +571,9 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
             return Err("quantizes an integer tensor".into());
         }
         IntOp::Quantize(_) => (false, true),
-        IntOp::Reshape | IntOp::Permute { .. } => (false, first == Some(true)),
+        IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
+            (false, first == Some(true))
+        }
         IntOp::Conv2d(c) => (true, matches!(c.output, Output::Quantized { .. })),
         IntOp::Linear(l) => (true, matches!(l.output, Output::Quantized { .. })),
         IntOp::Add(_)
@@ -574,7 +598,9 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
         IntOp::Add(a) => Some(a.out),
         IntOp::Mul(m) => Some(m.out),
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
-        IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } => first(),
+        IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
+            first()
+        }
         IntOp::Input
         | IntOp::Concat { .. }
         | IntOp::AvgPool { .. }
@@ -612,7 +638,8 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
         | IntOp::Quantize(_)
         | IntOp::MaxPool(_)
         | IntOp::Reshape
-        | IntOp::Permute { .. } => vec![],
+        | IntOp::Permute { .. }
+        | IntOp::Select { .. } => vec![],
     }
 }
 

@@ -458,6 +458,25 @@ fn layout_model() -> (IntegerModel, Vec<usize>) {
     (g.model(), vec![4, 3])
 }
 
+/// Select: every other row of an image (a Focus stem's slice), then columns picked out of
+/// order and twice.
+fn select_model() -> (IntegerModel, Vec<usize>) {
+    let gi = g8(0.05, 3);
+    let mut g = Graph::new(&[3, 4, 4]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[3, 4, 4]);
+    let rows = IntOp::Select {
+        axis: 2,
+        indices: vec![0, 2],
+    };
+    let r = g.add("rows", rows, &[q], &[3, 2, 4]);
+    let cols = IntOp::Select {
+        axis: 3,
+        indices: vec![3, 1, 1],
+    };
+    g.add("cols", cols, &[r], &[3, 2, 3]);
+    (g.model(), vec![3, 4, 4])
+}
+
 impl Graph {
     /// A node whose op does not name its output grid (pooling, reductions).
     fn add_with_grid(
@@ -482,6 +501,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("elementwise", elementwise_model()),
         ("pool", pool_model()),
         ("layout", layout_model()),
+        ("select", select_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -505,9 +525,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::ChannelLut { .. } => 12,
         IntOp::Reshape => 13,
         IntOp::Permute { .. } => 14,
+        IntOp::Select { .. } => 15,
     }
 }
-const VARIANTS: usize = 15;
+const VARIANTS: usize = 16;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {
@@ -785,4 +806,30 @@ fn crc(data: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+/// A select outside its axis, along the batch axis or of nothing is refused at validation,
+/// naming the entry, the axis and what is allowed.
+#[test]
+fn bad_selects_are_refused_by_name() {
+    let (model, _) = select_model();
+    let cases: [(usize, Vec<usize>, &str); 3] = [
+        (
+            3,
+            vec![1, 4],
+            "select of entry 4 along axis 3 of [1, 3, 2, 4]: allowed are 0 to 3",
+        ),
+        (
+            0,
+            vec![0],
+            "select along axis 0 of [1, 3, 2, 4]: allowed are axes 1 to 3",
+        ),
+        (3, vec![], "select of no entries"),
+    ];
+    for (axis, indices, want) in cases {
+        let mut bad = model.clone();
+        bad.nodes[3].op = IntOp::Select { axis, indices };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
 }
