@@ -606,12 +606,14 @@ impl SqueezeNet {
 
 /// YOLOX's Focus stem as the zoo writes it (`select` of every other row and column with
 /// indices from `Tensor::arange_step`, the four patches concatenated on the channels), a conv
-/// with BatchNorm and SiLU, a 1x1 conv, then a slice with a step (`s![.., .., 0..4;2]`) before the head.
+/// with BatchNorm and SiLU, a 1x1 conv, nearest upsampling (`Interpolate2d`, scale 2) joined to
+/// the input as PAFPN joins its levels, then a slice with a step before the head.
 #[derive(Module, Debug)]
 struct FocusNet {
     conv: Conv2d,
     bn: BatchNorm,
     pointwise: Conv2d,
+    upsample: burn::nn::interpolate::Interpolate2d,
     head: Linear,
 }
 
@@ -624,7 +626,11 @@ impl FocusNet {
                 .init(device),
             bn: BatchNormConfig::new(8).init(device),
             pointwise: Conv2dConfig::new([8, 8], [1, 1]).init(device),
-            head: LinearConfig::new(8 * 2 * 4, 4).init(device),
+            upsample: burn::nn::interpolate::Interpolate2dConfig::new()
+                .with_scale_factor(Some([2.0, 2.0]))
+                .with_mode(burn::nn::interpolate::InterpolateMode::Nearest)
+                .init(),
+            head: LinearConfig::new(9 * 2 * 8, 4).init(device),
         }
     }
     fn forward(&self, x: Tensor<4>) -> Tensor<2> {
@@ -634,6 +640,7 @@ impl FocusNet {
         let bottom = Tensor::<1, Int>::arange_step(1..h as i64, 2, &device);
         let left = Tensor::<1, Int>::arange_step(0..w as i64, 2, &device);
         let right = Tensor::<1, Int>::arange_step(1..w as i64, 2, &device);
+        let input = x.clone();
         let tl = x.clone().select(2, top.clone()).select(3, left.clone());
         let tr = x.clone().select(2, top).select(3, right.clone());
         let bl = x.clone().select(2, bottom.clone()).select(3, left);
@@ -641,7 +648,8 @@ impl FocusNet {
         let x = Tensor::cat(vec![tl, bl, tr, br], 1); // [N, 4, 4, 4]
         let x = burn::tensor::activation::silu(self.bn.forward(self.conv.forward(x)));
         let x = burn::tensor::activation::relu(self.pointwise.forward(x));
-        let x = x.slice(burn::tensor::s![.., .., 0..4;2]); // [N, 8, 2, 4]
+        let x = Tensor::cat(vec![self.upsample.forward(x), input], 1); // [N, 9, 8, 8]
+        let x = x.slice(burn::tensor::s![.., .., 0..8;4]); // [N, 9, 2, 8]
         self.head.forward(x.flatten(1, 3))
     }
 }
@@ -1691,7 +1699,7 @@ struct Attention {
     k: Linear,
 }
 
-/// A YOLOX-style Focus stem: rows picked with `select` before the first conv.
+/// A conv and a head, for refusals before, after and between them.
 #[derive(Module, Debug)]
 struct FocusStem {
     stem: Conv2d,
@@ -1710,13 +1718,13 @@ fn refusals_name_the_burn_call_and_the_module() {
     };
     let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
         let rows = Tensor::<1, Int>::from_ints([0, 2, 4, 6], &x.device());
-        m.head
-            .forward(m.stem.forward(x.select(2, rows)).flatten::<2>(1, 3))
+        let x = x.select(2, rows).flip([3]);
+        m.head.forward(m.stem.forward(x).flatten::<2>(1, 3))
     })
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("`Tensor::select`, on the input, before `stem` (the first layer)"),
+        err.contains("`Tensor::flip`, on the input, before `stem` (the first layer)"),
         "{err}"
     );
     for debug in ["OpIr", "BaseFloat", "<input>", "near"] {
@@ -1729,6 +1737,22 @@ fn refusals_name_the_burn_call_and_the_module() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("`Tensor::cumsum`, after `stem`"), "{err}");
+
+    let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
+        let options = burn::tensor::ops::InterpolateOptions::new(
+            burn::tensor::ops::InterpolateMode::Bilinear,
+        )
+        .with_output_size([3, 3]);
+        let y = burn::tensor::module::interpolate(m.stem.forward(x), options);
+        y.flatten::<2>(1, 3)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`module::interpolate(mode Bilinear)`, after `stem`")
+            && err.contains("InterpolateMode::Nearest"),
+        "{err}"
+    );
 
     // Division of two tensors trains; the integer model has no kernel for it, and says which
     // call of which module that is.

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use burn::backend::capture::TensorId;
 use burn::backend::ir::{
     ActivationOperationIr, AvgPool1dOpIr, AvgPool2dOpIr, BaseOperationIr, BatchNormOpIr,
-    BinaryOpIr, Conv1dOpIr, Conv2dOpIr, CustomOpIr, FloatOperationIr, LinearOpIr, MaxPool1dOpIr,
-    MaxPool2dOpIr, ModuleOperationIr, NumericOperationIr, OperationIr, ScalarIr, ScalarOpIr,
-    SelectOpIr, ShapeOpIr, SliceOpIr, TensorIr,
+    BinaryOpIr, Conv1dOpIr, Conv2dOpIr, CustomOpIr, FloatOperationIr, InterpolateModeIr,
+    InterpolateOpIr, LinearOpIr, MaxPool1dOpIr, MaxPool2dOpIr, ModuleOperationIr,
+    NumericOperationIr, OperationIr, ScalarIr, ScalarOpIr, SelectOpIr, ShapeOpIr, SliceOpIr,
+    TensorIr,
 };
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv1d, Conv2d};
@@ -479,8 +480,39 @@ impl<'a> Lifter<'a> {
             }
             picks.push((axis, ia));
         }
+        self.selects(x, picks, (&o.out, &p.out))
+    }
+
+    /// Nearest-neighbour `interpolate`: output entry `o` of an axis of `n` entries resized to
+    /// `m` is input entry `floor(o * n / m)` (Burn's rule), a `Select` per resized axis.
+    fn interpolate(&mut self, o: &InterpolateOpIr, p: &InterpolateOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.x, "interpolate")?;
+        let dims = o.x.shape.as_slice();
+        let mut picks = vec![];
+        for (k, &m) in o.output_size.iter().enumerate() {
+            let (axis, n) = (2 + k, dims[2 + k]);
+            if m == n {
+                continue;
+            }
+            let ratio = n as f64 / m as f64;
+            let indices = (0..m)
+                .map(|j| ((j as f64 * ratio).floor() as usize).min(n - 1))
+                .collect();
+            picks.push((axis, indices));
+        }
+        self.selects(x, picks, (&o.out, &p.out))
+    }
+
+    /// `Select` nodes on `x`, one per `(axis, indices)`, the last one's output `out`; `x`
+    /// itself when there are none.
+    fn selects(
+        &mut self,
+        mut x: usize,
+        mut picks: Vec<(usize, Vec<usize>)>,
+        out: (&TensorIr, &TensorIr),
+    ) -> Result<(), QatError> {
         let Some((last_axis, last)) = picks.pop() else {
-            self.env.insert(o.out.id, Src::Node(x));
+            self.env.insert(out.0.id, Src::Node(x));
             return Ok(());
         };
         for (axis, indices) in picks {
@@ -502,7 +534,7 @@ impl<'a> Lifter<'a> {
             axis: last_axis,
             indices: last,
         };
-        self.push(op, vec![x], (&o.out, &p.out)).map(drop)
+        self.push(op, vec![x], out).map(drop)
     }
 
     /// A reshape of a parameter stays that parameter (a bias reshaped for broadcasting); of a
@@ -721,6 +753,17 @@ impl<'a> Lifter<'a> {
                 };
                 self.one_input(op, &o.x, "adaptive_avg_pool1d", (&o.out, &p.out))
             }
+            (M::Interpolate(o), M::Interpolate(p))
+                if o.options.mode == InterpolateModeIr::Nearest && o.output_size == p.output_size =>
+            {
+                self.interpolate(o, p)
+            }
+            (M::Interpolate(_), _) => Err(self.err(
+                op_words(a),
+                "graph mode resizes with nearest-neighbour interpolation (entries copied, which the \
+                 integer model and ONNX reproduce exactly); bilinear and bicubic weights are not \
+                 lifted yet: use `InterpolateMode::Nearest`",
+            )),
             _ => self.unsupported(a),
         }
     }
