@@ -447,7 +447,7 @@ impl<'a> Lifter<'a> {
     /// `Tensor::slice` (a step included): a `Select` node per axis it narrows, nothing when it
     /// takes everything.
     fn slice(&mut self, o: &SliceOpIr, p: &SliceOpIr) -> Result<(), QatError> {
-        let mut x = self.node_input(&o.tensor, "slice")?;
+        let x = self.node_input(&o.tensor, "slice")?;
         let (da, db) = (o.tensor.shape.as_slice(), p.tensor.shape.as_slice());
         let picked = |r: &burn::tensor::Slice, n: usize| -> Option<Vec<usize>> {
             (r.step > 0).then(|| r.to_range(n).step_by(r.step as usize).collect())
