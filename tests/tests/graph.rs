@@ -1936,3 +1936,109 @@ fn float_output_keeps_logits_float_and_folded_graph_matches() {
     let d = max_abs_diff(&got, &want);
     assert!(d <= 0.02 * span, "folded: max difference {d} of {span}");
 }
+
+/// A detection-style float tail (a decoding with a division the integer model has no kernel
+/// for).
+#[derive(Module, Debug)]
+struct Detector {
+    conv: Conv2d,
+    relu: Relu,
+    head: Linear,
+}
+
+/// The whole graph does not convert (the division); `convert_until` the head does, its output
+/// equals the QAT graph's at the head's quantizer within 1 LSB, unknown names are errors that
+/// list the names, and the ONNX file ends with a `DequantizeLinear`.
+#[test]
+fn a_float_tail_stays_out_of_the_integer_model() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    let m = Detector {
+        conv: Conv2dConfig::new([1, 4], [3, 3]).init(&device),
+        relu: Relu::new(),
+        head: LinearConfig::new(4 * 6 * 6, 4).init(&device),
+    };
+    let run = |m: &Detector, x: Tensor<4>| {
+        let y = m
+            .head
+            .forward(m.relu.forward(m.conv.forward(x)).flatten::<2>(1, 3));
+        y.clone() / (y.exp() + 1.0)
+    };
+    let qat = graph::prepare(&m, &[1, 1, 8, 8], run, &QatConfig::new()).unwrap();
+    let mut r = burn_qat_tests::uniform(5);
+    let data: Vec<f32> = (0..8 * 64).map(|_| r() * 2.0).collect();
+    let _: Tensor<2> = qat.forward(Tensor::<4>::from_data(
+        TensorData::new(data.clone(), [8, 1, 8, 8]),
+        &device,
+    ));
+    let eval = qat.valid();
+    let err = burn_qat::export::convert(&eval).unwrap_err().to_string();
+    assert!(err.contains("`Tensor::div` of two tensors"), "{err}");
+    let err = burn_qat::export::convert_until(&eval, "heads")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no node has this name") && err.contains("\"head\""),
+        "{err}"
+    );
+
+    let int8 = burn_qat::export::convert_until(&eval, "head").unwrap();
+    let k = eval
+        .program
+        .nodes
+        .iter()
+        .position(|n| n.name == "head/quant")
+        .unwrap_or_else(|| panic!("{}", eval.plan()));
+    let x = Tensor::<4>::from_data(TensorData::new(data.clone(), [8, 1, 8, 8]), &Device::flex());
+    let want = graph_values(&eval, k, x);
+    let (q, shape, grid) = int8
+        .forward_int(&data)
+        .unwrap()
+        .expect("a quantized output");
+    assert_eq!(shape, vec![8, 4]);
+    let mut exact = 0;
+    for (v, qi) in want.iter().zip(&q) {
+        let d = (grid.quantize(*v) - *qi as i32).abs();
+        assert!(d <= 1, "QAT {v}, integer {qi}\n{}", int8.plan());
+        exact += usize::from(d == 0);
+    }
+    assert!(exact * 4 >= q.len() * 3, "{exact} of {} exact", q.len());
+    // The user's float tail runs on the dequantized output.
+    let (y, _) = int8.forward(&data).unwrap();
+    assert!(y.iter().all(|v| v.is_finite()));
+
+    // By index: the same model.
+    let by_index = burn_qat::export::convert_until(&eval, &format!("%{k}")).unwrap();
+    assert_eq!(by_index, int8);
+    // A name several nodes share (the Focus stem's selects) is refused with their indices.
+    let focus = graph::prepare(
+        &FocusNet::new(&device),
+        &[1, 1, 8, 8],
+        |m: &FocusNet, x: Tensor<4>| m.forward(x),
+        &QatConfig::new(),
+    )
+    .unwrap();
+    let err = burn_qat::export::convert_until(&focus, "select")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("8 nodes have this name (%"), "{err}");
+
+    let proto = burn_qat::onnx::to_model_proto(&int8, &Default::default()).unwrap();
+    let graph = proto.graph.unwrap();
+    // The output is a DequantizeLinear's (renamed by an Identity).
+    let ops: Vec<&str> = graph
+        .node
+        .iter()
+        .map(|n| n.op_type.as_deref().unwrap_or(""))
+        .collect();
+    assert!(
+        ops.ends_with(&["DequantizeLinear", "Identity"]) || ops.ends_with(&["DequantizeLinear"]),
+        "{ops:?}"
+    );
+    assert!(
+        !graph
+            .node
+            .iter()
+            .any(|n| n.op_type.as_deref() == Some("Div"))
+    );
+}

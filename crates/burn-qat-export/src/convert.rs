@@ -1097,6 +1097,113 @@ fn accumulator_ok(
 /// (softmax, division), a tensor that is not quantized (a skipped layer,
 /// activations disabled), a quantizer that has seen no data, weights wider than 8 bits.
 pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
+    convert_program(graph)
+}
+
+/// Converts the part of `graph` that computes the output of the layer (or op) named `until`,
+/// with the activations fused after it and its quantizer: the integer model ends there, its
+/// output is that tensor (dequantized by [`IntegerModel::forward`]; the ONNX file ends with a
+/// `DequantizeLinear` when it is quantized), and the rest of the forward (a detection head's box decoding, score
+/// thresholds, a softmax) stays float, in the user's own code, applied to that output. What
+/// comes after the cut is not converted, so it may use ops the integer model has no kernel
+/// for.
+///
+/// `until` is a node as [`QatGraph::plan`] prints it: a layer's module path (`head.cls`),
+/// `<nearest layer>/<op>` for a parameter-free op, or `%index` where several nodes share a
+/// name.
+///
+/// ```
+/// use burn::nn::{Linear, LinearConfig, Relu};
+/// use burn::prelude::*;
+/// use burn_qat::graph;
+/// use burn_qat::model::QatConfig;
+///
+/// #[derive(Module, Debug)]
+/// struct Net { fc1: Linear, relu: Relu, fc2: Linear }
+///
+/// let device = Device::flex().autodiff();
+/// let model = Net { fc1: LinearConfig::new(4, 8).init(&device), relu: Relu::new(), fc2: LinearConfig::new(8, 3).init(&device) };
+/// // A float tail the integer model has no kernel for: a division of two tensors.
+/// let run = |m: &Net, x: Tensor<2>| {
+///     let y = m.fc2.forward(m.relu.forward(m.fc1.forward(x)));
+///     y.clone() / (y.exp() + 1.0)
+/// };
+/// let qat = graph::prepare(&model, &[1, 4], run, &QatConfig::new()).unwrap();
+/// let _ = qat.forward::<2, 2>(Tensor::ones([8, 4], &device)); // calibrates the quantizers
+/// assert!(burn_qat_export::convert(&qat.valid()).is_err()); // the division
+/// let int8 = burn_qat_export::convert_until(&qat.valid(), "fc2").unwrap();
+/// let (logits, shape) = int8.forward(&[1.0; 4]).unwrap(); // fc2's quantized output
+/// assert_eq!(shape, vec![1, 3]);
+/// # let _ = logits;
+/// ```
+///
+/// # Errors
+///
+/// No node named `until` (the error lists names), several (the error gives their indices), or
+/// what [`convert`] refuses in the part before the cut.
+pub fn convert_until(graph: &QatGraph, until: &str) -> Result<IntegerModel, ExportError> {
+    let mut cut = graph.valid();
+    let nodes = &cut.program.nodes;
+    let refuse = |hint: String| ExportError::Unsupported {
+        path: until.into(),
+        kind: "integer model output".into(),
+        hint,
+    };
+    let hits: Vec<usize> = match until.strip_prefix('%').map(str::parse::<usize>) {
+        Some(Ok(i)) if i < nodes.len() => vec![i],
+        Some(_) => {
+            return Err(refuse(format!(
+                "no node %{}: the graph has %0 to %{}",
+                &until[1..],
+                nodes.len() - 1
+            )));
+        }
+        None => (0..nodes.len())
+            .filter(|&i| nodes[i].name == until)
+            .collect(),
+    };
+    let mut k = match hits[..] {
+        [k] => k,
+        [] => {
+            let mut names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+            names.dedup();
+            let shown = names.len().min(24);
+            let more = if names.len() > shown { ", ..." } else { "" };
+            return Err(refuse(format!(
+                "no node has this name; the graph's nodes are {:?}{more} (`QatGraph::plan` lists them all)",
+                &names[..shown]
+            )));
+        }
+        _ => {
+            let at: Vec<String> = hits.iter().map(|i| format!("%{i}")).collect();
+            return Err(refuse(format!(
+                "{} nodes have this name ({}): name one by its index as `QatGraph::plan` prints it",
+                hits.len(),
+                at.join(", ")
+            )));
+        }
+    };
+    // The activations fused after it, then its quantizer, belong to it.
+    let users = cut.program.consumers();
+    while let [u] = users[k][..] {
+        match &nodes[u].op {
+            Op::Layer {
+                kind: LayerKind::Quant,
+                ..
+            } => {
+                k = u;
+                break;
+            }
+            op if op.grid_role() == GridRole::FusableActivation => k = u,
+            _ => break,
+        }
+    }
+    cut.program.output = k;
+    convert_program(&cut)
+}
+
+/// [`convert`] of the nodes the graph's output reads.
+fn convert_program(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
     let graph = graph.valid();
     let mut c = Converter {
         graph: &graph,
@@ -1105,8 +1212,10 @@ pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
         nodes: Vec::new(),
         map: vec![None; graph.program.nodes.len()],
     };
+    // Only what the output reads: a float tail cut off by `convert_until` is not converted.
+    let live = graph.program.live();
     for i in 0..graph.program.nodes.len() {
-        if c.map[i].is_none() {
+        if live[i] && c.map[i].is_none() {
             c.convert_node(i)?;
         }
     }

@@ -18,4 +18,4 @@ pub use burn_qat_runtime::{
     Lut, ModelError, Output, RunError, Values, WeightCache, Window, accumulator_bound, budget,
     format, grid, kernels, model, ops, requant,
 };
-pub use convert::{ExportError, convert, grid_from_spec};
+pub use convert::{ExportError, convert, convert_until, grid_from_spec};

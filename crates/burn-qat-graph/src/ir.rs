@@ -408,6 +408,20 @@ impl Program {
         &self.nodes[0].shape
     }
 
+    /// For each node, whether the output reads it (directly or through other nodes).
+    pub fn live(&self) -> Vec<bool> {
+        let mut live = vec![false; self.nodes.len()];
+        live[self.output] = true;
+        for i in (0..self.nodes.len()).rev() {
+            if live[i] {
+                for &j in &self.nodes[i].inputs {
+                    live[j] = true;
+                }
+            }
+        }
+        live
+    }
+
     /// For each node, the nodes that read it.
     pub fn consumers(&self) -> Vec<Vec<usize>> {
         let mut users = vec![vec![]; self.nodes.len()];

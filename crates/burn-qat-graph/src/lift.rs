@@ -406,6 +406,12 @@ impl<'a> Lifter<'a> {
     fn select(&mut self, o: &SelectOpIr, p: &SelectOpIr) -> Result<(), QatError> {
         let x = self.node_input(&o.tensor, "select")?;
         let what = || "`Tensor::select`".to_string();
+        if o.dim != p.dim || o.indices.shape != p.indices.shape {
+            return Err(self.err(
+                format!("{} of other entries at another batch size", what()),
+                "graph mode needs one graph for every batch size: select the same entries",
+            ));
+        }
         if o.dim == 0 {
             return Err(self.err(
                 format!("{} along the batch axis", what()),
@@ -758,10 +764,14 @@ impl<'a> Lifter<'a> {
             {
                 self.interpolate(o, p)
             }
+            (M::Interpolate(o), _) if o.options.mode == InterpolateModeIr::Nearest => Err(self.err(
+                format!("{} to a size that depends on the batch size", op_words(a)),
+                "graph mode needs one graph for every batch size: resize to a fixed size",
+            )),
             (M::Interpolate(_), _) => Err(self.err(
                 op_words(a),
                 "graph mode resizes with nearest-neighbour interpolation (entries copied, which the \
-                 integer model and ONNX reproduce exactly); bilinear and bicubic weights are not \
+                 integer model and ONNX reproduce exactly); other modes weigh entries and are not \
                  lifted yet: use `InterpolateMode::Nearest`",
             )),
             _ => self.unsupported(a),
