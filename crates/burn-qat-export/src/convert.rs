@@ -1214,8 +1214,8 @@ fn convert_program(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
     };
     // Only what the output reads: a float tail cut off by `convert_until` is not converted.
     let live = graph.program.live();
-    for i in 0..graph.program.nodes.len() {
-        if live[i] && c.map[i].is_none() {
+    for (i, live) in live.into_iter().enumerate() {
+        if live && c.map[i].is_none() {
             c.convert_node(i)?;
         }
     }
