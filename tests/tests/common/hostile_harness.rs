@@ -36,7 +36,7 @@ use serde_json::Value;
 
 /// Every integer op: conv (padding, BatchNorm, ReLU), depthwise conv (ReLU6), add, mul,
 /// sigmoid (table), concat, BatchNorm after the concat (per-channel tables), max/avg/adaptive
-/// pooling, mean, flatten, linear with GELU, a float head.
+/// pooling, permute, mean, flatten, select, linear with GELU, a float head.
 #[derive(Module, Debug)]
 struct Kitchen {
     c1: Conv2d,
@@ -90,7 +90,14 @@ impl Kitchen {
         let n = silu(self.bn2.forward(Tensor::cat(vec![g, c], 1)));
         let p = self.avg.forward(self.max.forward(n));
         let pooled = self.gap.forward(p.clone()).flatten::<2>(1, 3);
-        let mean = p.mean_dim(3).mean_dim(2).flatten::<2>(1, 3);
+        // Permuted, then entries picked out of order and twice (Permute, Select).
+        let mean = p
+            .permute([0, 1, 3, 2])
+            .mean_dim(3)
+            .mean_dim(2)
+            .flatten::<2>(1, 3);
+        let picks = Tensor::<1, Int>::from_ints([7, 0, 3, 3, 1, 2, 5, 6], &mean.device());
+        let mean = mean.select(1, picks);
         let h = self
             .gelu
             .forward(self.fc.forward(Tensor::cat(vec![pooled, mean], 1)));
@@ -131,6 +138,8 @@ pub fn kitchen_model() -> IntegerModel {
         "AdaptiveAvgPool",
         "Mean",
         "Reshape",
+        "Permute",
+        "Select",
         "Linear",
     ] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
