@@ -352,7 +352,8 @@ impl Op {
             Op::AvgPool2d { ceil_mode, .. } => pool("avg_pool2d", *ceil_mode),
             Op::AdaptiveAvgPool1d { .. } => "`module::adaptive_avg_pool1d`".into(),
             Op::AdaptiveAvgPool2d { .. } => "`module::adaptive_avg_pool2d`".into(),
-            Op::Select { .. } => "`Tensor::select`".into(),
+            // `slice` and nearest `interpolate` lift to selects too.
+            Op::Select { .. } => "`Tensor::select` (or `slice`, nearest `interpolate`)".into(),
         }
     }
 

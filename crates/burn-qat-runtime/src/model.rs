@@ -285,7 +285,9 @@ pub enum IntOp {
     /// constant indices and `Tensor::slice` with a step (ONNX `Gather`). Moves values, keeps
     /// the input's grid.
     Select {
-        /// The axis (not the batch axis).
+        /// The axis: axis 0, the batch, is refused. (A file that first permutes the batch axis
+        /// elsewhere gets what it asks for; shapes are checked at every batch size before a
+        /// kernel runs, so nothing reads out of bounds.)
         axis: usize,
         /// The entries picked, each below the axis' size.
         indices: Vec<usize>,

@@ -274,7 +274,7 @@ fn permute_shape(perm: &[usize], s: Vec<usize>) -> Result<Vec<usize>, String> {
     Ok(perm.iter().map(|p| s[*p]).collect())
 }
 
-/// The entries `indices` of axis `axis` (not the batch axis), at least one, each inside it.
+/// The entries `indices` of axis `axis` (not axis 0, the batch), at least one, each inside it.
 fn select_shape(axis: usize, indices: &[usize], mut s: Vec<usize>) -> Result<Vec<usize>, String> {
     if axis == 0 || axis >= s.len() {
         return Err(format!(
