@@ -323,9 +323,9 @@ pub fn apply_unary<const D: usize>(op: &Op, x: Tensor<D>) -> Option<Tensor<D>> {
 /// a strided slice gives other bits after a convolution on some backends).
 fn select(x: DispatchTensor, axis: usize, indices: &[usize]) -> DispatchTensor {
     let device = Device::new(x.device());
+    let n = indices.len();
     let indices: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
-    let indices =
-        Tensor::<1, Int>::from_data(TensorData::new(indices.clone(), [indices.len()]), &device);
+    let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [n]), &device);
     Dispatch::float_select(x, axis, indices.into_dispatch())
 }
 

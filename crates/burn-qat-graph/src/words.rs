@@ -55,7 +55,6 @@ fn method(variant: &str) -> String {
         "ArcTanh" => "atanh".into(),
         "ArcTan2" => "atan2".into(),
         "Lower" => "lower".into(),
-        "Empty" | "Zeros" | "Ones" | "Full" => snake(variant),
         other => snake(other),
     }
 }

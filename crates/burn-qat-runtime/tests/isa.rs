@@ -216,6 +216,34 @@ fn conv_everywhere(case: &ConvCase) -> Result<(), TestCaseError> {
 const SMALL: bool = cfg!(miri);
 
 /// `PROPTEST_CASES` when set (CI's Miri run asks for a few), else `default`.
+/// A square convolution with 8-bit weights `w`, scale 0.01, a spread of biases, input zero
+/// point -7 and a quantized output (tests override fields with `..conv(..)`).
+fn conv(
+    cin: usize,
+    cout: usize,
+    groups: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    w: Vec<i8>,
+) -> IntConv2d {
+    IntConv2d {
+        in_channels: cin,
+        out_channels: cout,
+        groups,
+        kernel: [k, k],
+        stride: [s, s],
+        dilation: [1, 1],
+        padding: [p; 4],
+        weight: w,
+        weight_bits: 8,
+        weight_scale: vec![0.01; cout],
+        bias: (0..cout as i32).map(|i| i * 37 - 900).collect(),
+        input: grid(-7),
+        output: output(cout, false, 3),
+    }
+}
+
 fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -344,24 +372,6 @@ fn large_and_typical_layers_equal_the_reference_on_every_isa() {
         (seed >> 33) as u32
     };
     let mut bytes = |n: usize| (0..n).map(|_| next() as u8 as i8).collect::<Vec<i8>>();
-    let conv =
-        |cin: usize, cout: usize, groups: usize, k: usize, s: usize, p: usize, w: Vec<i8>| {
-            IntConv2d {
-                in_channels: cin,
-                out_channels: cout,
-                groups,
-                kernel: [k, k],
-                stride: [s, s],
-                dilation: [1, 1],
-                padding: [p; 4],
-                weight: w,
-                weight_bits: 8,
-                weight_scale: vec![0.01; cout],
-                bias: (0..cout as i32).map(|i| i * 37 - 900).collect(),
-                input: grid(-7),
-                output: output(cout, false, 3),
-            }
-        };
     let cases = [
         // 3x3 conv 32 -> 64 on 14 x 14, channel words.
         (
@@ -442,19 +452,10 @@ fn weight_pairs_at_the_i16_limit_are_exact_on_every_isa() {
         let (cin, cout) = (8, 5);
         let weight: Vec<i8> = (0..cout * cin * 9).map(|i| pair[i % 2]).collect();
         let c = IntConv2d {
-            in_channels: cin,
-            out_channels: cout,
-            groups: 1,
-            kernel: [3, 3],
-            stride: [1, 1],
-            dilation: [1, 1],
-            padding: [1; 4],
-            weight,
-            weight_bits: 8,
-            weight_scale: vec![0.01; cout],
             bias: vec![3; cout],
             input: grid(0),
             output: output(cout, true, 1),
+            ..conv(cin, cout, 1, 3, 1, 1, weight)
         };
         // Inputs of 127 are 255 as `u8`; some -128 (0) for contrast.
         let side = if SMALL { 5 } else { 9 };
@@ -510,22 +511,14 @@ fn weight_pairs_at_the_i16_limit_are_exact_on_every_isa() {
 #[cfg_attr(miri, ignore = "millions of multiply-adds: too slow interpreted")]
 fn fused_conv_max_pool_is_the_same_on_every_isa() {
     let (cin, cout) = (6, 10);
+    let weight = (0..cout * cin * 9)
+        .map(|i| (i * 89 % 255) as u8 as i8)
+        .collect();
     let c = IntConv2d {
-        in_channels: cin,
-        out_channels: cout,
-        groups: 1,
-        kernel: [3, 3],
-        stride: [1, 1],
-        dilation: [1, 1],
-        padding: [0; 4],
-        weight: (0..cout * cin * 9)
-            .map(|i| (i * 89 % 255) as u8 as i8)
-            .collect(),
-        weight_bits: 8,
-        weight_scale: vec![0.01; cout],
         bias: (0..cout as i32).map(|i| i * 100 - 400).collect(),
         input: grid(4),
         output: output(cout, false, 2),
+        ..conv(cin, cout, 1, 3, 1, 0, weight)
     };
     let pool = Window {
         kernel: [2, 2],
