@@ -7,9 +7,9 @@ model.onnx, input.npy and int8_out.npy (the burn-qat integer model's dequantized
 
 Per model: (a) onnx.checker full_check; (b) with all graph optimizations, the optimized graph
 runs int8 kernels (QLinearConv / QGemm / QLinearMatMul / QLinearAdd / ...); (c) its outputs
-equal the integer model's within 2 steps of the output grid on >= 99% of values (float
-accumulation and float requantization in onnxruntime can land on the other side of a rounding
-tie), and the predictions (argmax) agree on every row but at most one.
+are within 1 step of the output grid of the integer model's everywhere (float accumulation and
+float requantization in onnxruntime can land on the other side of a rounding tie; the issue's
+bar is 1 step), and the predictions (argmax) agree on every row but at most one.
 """
 
 import os
@@ -42,19 +42,20 @@ def check(folder):
     # The output grid's step: the smallest nonzero gap between distinct output values.
     levels = np.unique(want)
     step = float(np.min(np.diff(levels))) if len(levels) > 1 else 1.0
-    close = float((np.abs(got - want) <= 2 * step + 1e-6).mean())
+    close = float((np.abs(got - want) <= step + 1e-6).mean())
+    worst = float(np.abs(got - want).max() / step)
     agree = int((got.argmax(1) == want.argmax(1)).sum())
-    print(f"{name}: checker ok, int8 kernels {sorted(kernels)}, {close:.2%} of outputs within 2 steps, "
+    print(f"{name}: checker ok, int8 kernels {sorted(kernels)}, {close:.2%} of outputs within 1 step (at most {worst:.2f}), "
           f"predictions agree on {agree}/{len(want)}")
     assert kernels, f"{name}: no int8 kernels in the optimized graph: {ops}"
-    assert close >= 0.99, f"{name}: onnxruntime disagrees with the integer model"
+    assert close == 1.0, f"{name}: onnxruntime is more than 1 step from the integer model: {worst:.2f}"
     assert agree >= len(want) - 1, f"{name}: predictions disagree"
 
 
 def main():
     root = sys.argv[1]
     folders = sorted(os.path.join(root, d) for d in os.listdir(root))
-    assert len(folders) >= 12, f"expected the twelve graph-mode test models in {root}, found {folders}"
+    assert len(folders) >= 13, f"expected the thirteen graph-mode test models in {root}, found {folders}"
     for folder in folders:
         check(folder)
     print("onnx models check: passed")

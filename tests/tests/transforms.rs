@@ -703,3 +703,63 @@ fn fused_conv1d_and_linear_with_bn_train_like_the_pair_and_fold_bit_for_bit() {
         );
     }
 }
+
+/// On an input grid of scale `s_in`, the layer adds the integer model's bias
+/// (`bias_steps(b, s_in, s_w) * s_in * s_w`, exactly) instead of the float bias, in evaluation
+/// and in training, with the float bias's gradient passed straight through; the folded form
+/// bakes it; without a scale or with weight fake-quant off the float bias stays.
+#[test]
+fn on_an_input_grid_the_bias_is_the_integer_models() {
+    use burn_qat::core::reference::bias_steps;
+    for b in backends() {
+        let device = b.device.clone().autodiff();
+        let mut linear = LinearConfig::new(3, 4).init(&device);
+        // Biases between grid steps of the accumulator.
+        let s_in = 0.05f32;
+        linear.bias = Some(Param::from_tensor(Tensor::from_floats(
+            [0.0123, -0.0456, 0.3, 0.77],
+            &device,
+        )));
+        let fused = FusedConfig::new()
+            .with_output(None)
+            .init(linear, None)
+            .unwrap();
+        let x = Tensor::<2>::zeros([1, 3], &device).require_grad();
+        // Zero input: the output is the bias alone.
+        let y = fused.forward_on_grid::<2, 2>(x.clone(), Some(s_in));
+        let wq = fused.weight_quant.as_ref().unwrap();
+        let qps = wq.qparams_for(fused.layer.weight.val());
+        let floats = values(fused.layer.bias.as_ref().unwrap().val());
+        let want: Vec<f32> = floats
+            .iter()
+            .zip(&qps)
+            .map(|(&bias, qp)| bias_steps(bias, s_in, qp.scale) * (s_in * qp.scale))
+            .collect();
+        assert_eq!(values(y.clone()), want, "{}", b.name);
+        assert_ne!(
+            want, floats,
+            "{}: the test needs biases off the grid",
+            b.name
+        );
+        // Straight through: d(sum y)/d(bias) = 1 per channel.
+        let grads = y.sum().backward();
+        let g = fused.layer.bias.as_ref().unwrap().grad(&grads).unwrap();
+        assert_eq!(values(g), vec![1.0; 4], "{}", b.name);
+        // Evaluation and the folded form: the same values.
+        let eval = fused.valid();
+        let x = Tensor::<2>::zeros([1, 3], &b.device);
+        assert_eq!(
+            values(eval.forward_on_grid::<2, 2>(x.clone(), Some(s_in))),
+            want
+        );
+        let folded = eval.clone().folded_on_grid::<2, 2>(Some(s_in));
+        assert_eq!(values(folded.forward::<2, 2>(x.clone())), want);
+        // No input scale, or weight fake-quant off: the float bias.
+        assert_eq!(
+            values(eval.forward_on_grid::<2, 2>(x.clone(), None)),
+            floats
+        );
+        let off = burn_qat::switches::set_fake_quant_enabled(eval, false);
+        assert_eq!(values(off.forward_on_grid::<2, 2>(x, Some(s_in))), floats);
+    }
+}

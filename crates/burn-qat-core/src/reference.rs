@@ -37,6 +37,27 @@ pub fn round_half_even(x: f32) -> f32 {
     x.round_ties_even()
 }
 
+/// A conv or linear layer's bias in steps of its int32 accumulator:
+/// `round_half_even(bias / (input_scale * weight_scale))`, in `f32`.
+///
+/// The integer model adds this to `sum (q_in - z_in) * q_w`, whose unit is
+/// `input_scale * weight_scale`; the QAT graph adds `bias_steps(..) * (input_scale *
+/// weight_scale)` instead of the float bias, so both compute the same sum. Both call this
+/// function, so they round the same way. The caller checks the result fits in `i32`.
+///
+/// ```
+/// use burn_qat_core::reference::bias_steps;
+///
+/// // 0.3 in units of 0.5 * 0.25 = 0.125 is 2.4 steps: 2.
+/// assert_eq!(bias_steps(0.3, 0.5, 0.25), 2.0);
+/// // 2.5 steps round to even.
+/// assert_eq!(bias_steps(0.3125, 0.5, 0.25), 2.0);
+/// assert_eq!(bias_steps(-0.4375, 0.5, 0.25), -4.0);
+/// ```
+pub fn bias_steps(bias: f32, input_scale: f32, weight_scale: f32) -> f32 {
+    (bias / (input_scale * weight_scale)).round_ties_even()
+}
+
 /// Rounds half away from zero (`0.5 -> 1`, `-0.5 -> -1`), like C's `std::round`.
 pub fn round_half_away(x: f32) -> f32 {
     x.round()

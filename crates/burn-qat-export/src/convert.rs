@@ -999,7 +999,8 @@ fn finite_weights<const D: usize>(w: Tensor<D>, node: &Node) -> Result<Vec<f32>,
     Ok(values)
 }
 
-/// The float bias of each channel in units of `s_in * s_w[c]`, rounded half to even, in int32.
+/// The float bias of each channel in units of `s_in * s_w[c]`, rounded half to even, in int32
+/// ([`reference::bias_steps`], which the QAT graph's forward emulates).
 fn quantize_bias(
     bias_f: &[f32],
     input: &Grid,
@@ -1017,9 +1018,10 @@ fn quantize_bias(
                 ),
             });
         }
-        let s = input.scale as f64 * weight_scale[c] as f64;
-        let q = (bias_f[c] as f64 / s).round_ties_even();
-        if !q.is_finite() || q.abs() > i32::MAX as f64 {
+        // In f32, by the function the QAT graph's forward uses (the same steps exactly).
+        let s = input.scale * weight_scale[c];
+        let q = reference::bias_steps(bias_f[c], input.scale, weight_scale[c]);
+        if !q.is_finite() || q.abs() >= i32::MAX as f32 {
             return Err(ExportError::NotRepresentable {
                 path: node.name.clone(),
                 what: format!(

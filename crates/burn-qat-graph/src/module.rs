@@ -11,7 +11,7 @@ use burn_qat_core::QatError;
 use burn_qat_nn::ActQuant;
 use burn_qat_transform::{FusedConv1d, FusedConv2d, FusedLinear};
 
-use super::ir::{Dim, LayerKind, Node, Op, Program};
+use super::ir::{Dim, GridRole, LayerKind, Node, Op, Program};
 
 /// A module of a [`QatGraph`]: the layers that hold parameters or state.
 #[derive(Module, Debug)]
@@ -241,20 +241,58 @@ impl QatGraph {
     fn eval(&self, node: &Node, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
         let rank = node.inputs.first().map(|&j| self.rank_of(j)).unwrap_or(0);
         match &node.op {
-            Op::Layer { index, .. } => {
-                self.eval_layer(&self.layers[*index], args.swap_remove(0), rank)
-            }
+            Op::Layer { index, .. } => self.eval_layer(
+                &self.layers[*index],
+                args.swap_remove(0),
+                rank,
+                self.input_scale(node),
+            ),
             op => eval_op(op, args, batch),
         }
     }
 
-    fn eval_layer(&self, layer: &GraphLayer, x: DispatchTensor, rank: usize) -> DispatchTensor {
-        match layer {
-            GraphLayer::Conv1d(l) => l.forward::<3, 3>(Tensor::from_dispatch(x)).into_dispatch(),
-            GraphLayer::Conv2d(l) => l.forward::<4, 4>(Tensor::from_dispatch(x)).into_dispatch(),
-            GraphLayer::Linear(l) if rank == 2 => {
-                l.forward::<2, 2>(Tensor::from_dispatch(x)).into_dispatch()
+    /// The scale of the grid node `node`'s (first) input is on: that of the activation
+    /// quantizer it comes from through ops that keep grids (max pooling, reshapes, selects), as
+    /// the integer model sees it; `None` for a float input or a disabled quantizer.
+    pub fn input_scale(&self, node: &Node) -> Option<f32> {
+        let mut j = *node.inputs.first()?;
+        loop {
+            let value = &self.program.nodes[j];
+            match &value.op {
+                Op::Layer { index, .. } => {
+                    let GraphLayer::Quant(q) = &self.layers[*index] else {
+                        return None;
+                    };
+                    if !q.observer().is_enabled() {
+                        return None;
+                    }
+                    let (_, qps) = q.grid()?;
+                    return (qps.len() == 1).then(|| qps[0].scale);
+                }
+                op if op.grid_role() == GridRole::Inherit => j = *value.inputs.first()?,
+                _ => return None,
             }
+        }
+    }
+
+    /// A layer on its input `x` (of rank `rank`, on a grid of scale `input_scale`).
+    fn eval_layer(
+        &self,
+        layer: &GraphLayer,
+        x: DispatchTensor,
+        rank: usize,
+        input_scale: Option<f32>,
+    ) -> DispatchTensor {
+        match layer {
+            GraphLayer::Conv1d(l) => l
+                .forward_on_grid::<3, 3>(Tensor::from_dispatch(x), input_scale)
+                .into_dispatch(),
+            GraphLayer::Conv2d(l) => l
+                .forward_on_grid::<4, 4>(Tensor::from_dispatch(x), input_scale)
+                .into_dispatch(),
+            GraphLayer::Linear(l) if rank == 2 => l
+                .forward_on_grid::<2, 2>(Tensor::from_dispatch(x), input_scale)
+                .into_dispatch(),
             GraphLayer::Linear(l) => {
                 // Linear on the last axis of any rank: rows of every leading axis.
                 let dims = x.shape().to_vec();
@@ -264,7 +302,7 @@ impl QatGraph {
                     x,
                     Shape::from(vec![rows, d_in]),
                 ));
-                let y = l.forward::<2, 2>(flat);
+                let y = l.forward_on_grid::<2, 2>(flat, input_scale);
                 let mut out = dims;
                 out[rank - 1] = y.dims()[1];
                 Dispatch::float_reshape(y.into_dispatch(), Shape::from(out))
@@ -278,15 +316,31 @@ impl QatGraph {
     /// weight and folded bias for good (`Fused::folded` on each layer), activation quantizers
     /// kept. The same outputs as this graph in evaluation, with fewer ops; for evaluation, not
     /// for further training.
+    ///
+    /// Each layer bakes the integer model's bias for the grid in front of it
+    /// ([`Fused::forward_on_grid`](burn_qat_transform::Fused::forward_on_grid)); a layer
+    /// called on inputs of different scales (one module called twice) stays unfolded.
     pub fn folded(mut self) -> Self {
+        // The input scales of each layer's calls.
+        let mut scales: Vec<Vec<Option<f32>>> = vec![Vec::new(); self.layers.len()];
+        for node in &self.program.nodes {
+            if let Op::Layer { index, .. } = node.op {
+                scales[index].push(self.input_scale(node));
+            }
+        }
+        let one_scale = |calls: &[Option<f32>]| match calls {
+            [first, rest @ ..] if rest.iter().all(|s| s == first) => Some(*first),
+            _ => None,
+        };
         self.layers = self
             .layers
             .into_iter()
-            .map(|layer| match layer {
-                GraphLayer::Conv1d(f) => GraphLayer::Conv1d(f.folded::<3, 3>()),
-                GraphLayer::Conv2d(f) => GraphLayer::Conv2d(f.folded::<4, 4>()),
-                GraphLayer::Linear(f) => GraphLayer::Linear(f.folded::<2, 2>()),
-                other => other,
+            .zip(&scales)
+            .map(|(layer, calls)| match (layer, one_scale(calls)) {
+                (GraphLayer::Conv1d(f), Some(s)) => GraphLayer::Conv1d(f.folded_on_grid::<3, 3>(s)),
+                (GraphLayer::Conv2d(f), Some(s)) => GraphLayer::Conv2d(f.folded_on_grid::<4, 4>(s)),
+                (GraphLayer::Linear(f), Some(s)) => GraphLayer::Linear(f.folded_on_grid::<2, 2>(s)),
+                (other, _) => other,
             })
             .collect();
         self

@@ -396,7 +396,25 @@ impl<L: Module> Fused<L> {
     where
         L: Fusable<DI, DW>,
     {
+        self.folded_params_on_grid(None)
+    }
+
+    /// [`folded_params`](Self::folded_params) with the integer model's bias for an input of
+    /// scale `input_scale` (see [`forward_on_grid`](Self::forward_on_grid)).
+    pub fn folded_params_on_grid<const DI: usize, const DW: usize>(
+        &self,
+        input_scale: Option<f32>,
+    ) -> (Tensor<DW>, Option<Tensor<1>>)
+    where
+        L: Fusable<DI, DW>,
+    {
         let (w, b) = self.folded_float();
+        let b = match (b, input_scale, &self.weight_quant) {
+            (Some(b), Some(s_in), Some(wq)) if wq.is_enabled() => {
+                Some(integer_bias(b, s_in, &wq.qparams_for(w.clone())))
+            }
+            (b, ..) => b,
+        };
         (self.quantize_weight(w), b)
     }
 
@@ -429,6 +447,30 @@ impl<L: Module> Fused<L> {
     where
         L: Fusable<DI, DW>,
     {
+        self.forward_on_grid(input, None)
+    }
+
+    /// [`forward`](Self::forward) on an input quantized with scale `input_scale`: the bias is
+    /// the integer model's, `bias_steps * input_scale * s_w` ([`reference::bias_steps`], int32
+    /// steps of the accumulator; gradient straight through to the float bias), so the layer
+    /// computes what the integer layer computes. `None`, an unquantized weight or a BatchNorm
+    /// folded with batch statistics (training: the bias changes every batch) keep the float
+    /// bias. [`QatGraph`](https://docs.rs/burn-qat-graph) passes the scale of the quantizer in
+    /// front of each layer.
+    ///
+    /// [`reference::bias_steps`]: burn_qat_core::reference::bias_steps
+    ///
+    /// # Shapes
+    ///
+    /// Those of [`forward`](Self::forward).
+    pub fn forward_on_grid<const DI: usize, const DW: usize>(
+        &self,
+        input: Tensor<DI>,
+        input_scale: Option<f32>,
+    ) -> Tensor<DI>
+    where
+        L: Fusable<DI, DW>,
+    {
         let training_bn = match &self.bn {
             Some(bn) => input.is_autodiff() && bn.training.is_enabled() && !self.is_bn_frozen(),
             None => false,
@@ -439,7 +481,7 @@ impl<L: Module> Fused<L> {
                 BnFoldMode::Exact => self.forward_exact(input, bn),
             },
             _ => {
-                let (w, b) = self.folded_params();
+                let (w, b) = self.folded_params_on_grid(input_scale);
                 self.layer.forward_with(input, w, b)
             }
         };
@@ -515,7 +557,16 @@ impl<L: Module> Fused<L> {
     where
         L: Fusable<DI, DW>,
     {
-        let (w, b) = self.folded_params();
+        self.folded_on_grid(None)
+    }
+
+    /// [`folded`](Self::folded), baking the integer model's bias for an input of scale
+    /// `input_scale` (see [`forward_on_grid`](Self::forward_on_grid)).
+    pub fn folded_on_grid<const DI: usize, const DW: usize>(self, input_scale: Option<f32>) -> Self
+    where
+        L: Fusable<DI, DW>,
+    {
+        let (w, b) = self.folded_params_on_grid(input_scale);
         let c = w.dims()[L::WEIGHT_AXIS];
         let b = b.unwrap_or_else(|| Tensor::zeros([c], &w.device()));
         Fused {
@@ -554,6 +605,28 @@ impl FusedAdd {
             None => y,
         }
     }
+}
+
+/// `bias` replaced by the integer model's: per channel `bias_steps(b, s_in, s_w) * s_in * s_w`
+/// (the int32 bias in accumulator units), the float bias's gradient passed straight through.
+/// A non-finite bias or step stays as it is (conversion refuses it with its channel).
+fn integer_bias(bias: Tensor<1>, input_scale: f32, weight: &[burn_qat_core::QParams]) -> Tensor<1> {
+    let device = bias.device();
+    let values = burn_qat_nn::tree::to_vec::<1>(bias.clone().detach());
+    let emulated: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(c, &b)| {
+            let s_w = weight[if weight.len() == 1 { 0 } else { c }].scale;
+            let steps = burn_qat_core::reference::bias_steps(b, input_scale, s_w);
+            let v = steps * (input_scale * s_w);
+            if v.is_finite() { v } else { b }
+        })
+        .collect();
+    let n = emulated.len();
+    let emulated = Tensor::<1>::from_data(TensorData::new(emulated, [n]), &device);
+    // `e + (b - b)`: exactly `e` forward (`b + (e - b)` would round twice), gradient 1 to `b`.
+    emulated + (bias.clone() - bias.detach())
 }
 
 #[cfg(test)]
