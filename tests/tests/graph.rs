@@ -1827,28 +1827,36 @@ fn refusals_name_the_burn_call_and_the_module() {
         "{err}"
     );
 
-    // Division of two tensors trains; the integer model has no kernel for it, and says which
-    // call of which module that is.
-    let qat = graph::prepare(
-        &m,
-        &[1, 1, 8, 8],
-        |m: &FocusStem, x: Tensor<4>| {
-            let y = m.stem.forward(x).flatten::<2>(1, 3);
-            y.clone() / (y.exp() + 1.0)
-        },
-        &QatConfig::new(),
-    )
-    .unwrap();
+    // Division of two tensors: the integer model has no kernel for it, so `prepare` refuses
+    // it before training, naming the call, the module, and the end to declare instead.
+    let div = |m: &FocusStem, x: Tensor<4>| {
+        let y = m.stem.forward(x).flatten::<2>(1, 3);
+        y.clone() / (y.exp() + 1.0)
+    };
+    let err = graph::prepare(&m, &[1, 1, 8, 8], div, &QatConfig::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`stem/div`")
+            && err.contains("`a / b` (`Tensor::div` of two tensors)")
+            && err.contains("with_integer_until(\"stem/reshape[n, 72]\")"),
+        "{err}"
+    );
+    // Declared as a float tail, it trains; converting past the end is refused (the tail is
+    // float: its first op has no quantizer).
+    let config = QatConfig::new().with_integer_until("stem/reshape[n, 72]");
+    let qat = graph::prepare(&m, &[1, 1, 8, 8], div, &config).unwrap();
     let _: Tensor<2> = qat.forward(Tensor::<4>::random(
         [2, 1, 8, 8],
         Distribution::Default,
         &device,
     ));
-    let err = burn_qat::export::convert(&qat.valid())
+    let err = burn_qat::export::convert_until(&qat.valid(), "stem/div")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("`stem/div` (`a / b` (`Tensor::div` of two tensors)) cannot be converted"),
+        err.contains("`stem/exp` (`Tensor::exp`) cannot be converted")
+            && err.contains("no activation quantizer"),
         "{err}"
     );
 }
@@ -2017,6 +2025,7 @@ struct Detector {
     conv: Conv2d,
     relu: Relu,
     head: Linear,
+    decode: Linear,
 }
 
 /// The whole graph does not convert (the division); `convert_until` the head does, its output
@@ -2030,14 +2039,55 @@ fn a_float_tail_stays_out_of_the_integer_model() {
         conv: Conv2dConfig::new([1, 4], [3, 3]).init(&device),
         relu: Relu::new(),
         head: LinearConfig::new(4 * 6 * 6, 4).init(&device),
+        decode: LinearConfig::new(4, 2).init(&device),
     };
+    // A detection head's float decoding: a division of two tensors and a layer.
     let run = |m: &Detector, x: Tensor<4>| {
         let y = m
             .head
             .forward(m.relu.forward(m.conv.forward(x)).flatten::<2>(1, 3));
-        y.clone() / (y.exp() + 1.0)
+        m.decode.forward(y.clone() / (y.exp() + 1.0))
     };
-    let qat = graph::prepare(&m, &[1, 1, 8, 8], run, &QatConfig::new()).unwrap();
+    // Undeclared, the division is refused before training, with the call to make.
+    let err = graph::prepare(&m, &[1, 1, 8, 8], run, &QatConfig::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`Tensor::div` of two tensors")
+            && err.contains("with_integer_until(\"head\")"),
+        "{err}"
+    );
+    let err = graph::prepare(
+        &m,
+        &[1, 1, 8, 8],
+        run,
+        &QatConfig::new().with_integer_until("heads"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("QatConfig.integer_until") && err.contains("\"head\""),
+        "{err}"
+    );
+    let config = QatConfig::new().with_integer_until("head");
+    let qat = graph::prepare(&m, &[1, 1, 8, 8], run, &config).unwrap();
+    // The tail trains in float: no quantizer after the head's, float weights in `decode`.
+    let end = qat.program.integer_end.expect("an integer end");
+    assert_eq!(qat.program.nodes[end].name, "head/quant", "{}", qat.plan());
+    for (i, node) in qat.program.nodes.iter().enumerate().skip(end + 1) {
+        if let Op::Layer { index, .. } = node.op {
+            match &qat.layers[index] {
+                GraphLayer::Linear(f) => assert!(f.weight_quant.is_none(), "{}", node.name),
+                GraphLayer::Quant(_) => panic!("a quantizer in the tail at %{i}\n{}", qat.plan()),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        qat.plan().contains("the integer model ends at"),
+        "{}",
+        qat.plan()
+    );
     let mut r = burn_qat_tests::uniform(5);
     let data: Vec<f32> = (0..8 * 64).map(|_| r() * 2.0).collect();
     let _: Tensor<2> = qat.forward(Tensor::<4>::from_data(
@@ -2045,8 +2095,6 @@ fn a_float_tail_stays_out_of_the_integer_model() {
         &device,
     ));
     let eval = qat.valid();
-    let err = burn_qat::export::convert(&eval).unwrap_err().to_string();
-    assert!(err.contains("`Tensor::div` of two tensors"), "{err}");
     let err = burn_qat::export::convert_until(&eval, "heads")
         .unwrap_err()
         .to_string();
@@ -2055,7 +2103,12 @@ fn a_float_tail_stays_out_of_the_integer_model() {
         "{err}"
     );
 
-    let int8 = burn_qat::export::convert_until(&eval, "head").unwrap();
+    // `convert` ends where the config says; `convert_until` names the same node.
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    assert_eq!(
+        burn_qat::export::convert_until(&eval, "head").unwrap(),
+        int8
+    );
     let k = eval
         .program
         .nodes

@@ -308,7 +308,7 @@ impl<'a> Converter<'a> {
             op => Err(unsupported(
                 node,
                 op.call(),
-                "no integer kernel (softmax, division of two tensors): leave it out of the traced forward and apply it to the integer model's float output",
+                op.integer_refusal().unwrap_or("no integer kernel"),
             )),
         }
     }
@@ -1096,14 +1096,28 @@ fn accumulator_ok(
 /// # Errors
 ///
 /// [`ExportError`] naming the node (the user's module path): an op with no integer kernel
-/// (softmax, division), a tensor that is not quantized (a skipped layer,
-/// activations disabled), a quantizer that has seen no data, weights wider than 8 bits.
+/// (softmax, division: `graph::prepare` refuses these up front unless they come after the end
+/// of the integer model), a tensor that is not quantized (a skipped layer, activations
+/// disabled), a quantizer that has seen no data, weights wider than 8 bits.
+///
+/// A graph prepared with `QatConfig::with_integer_until` converts up to that node: the
+/// integer model returns its value, and the float tail after it stays in your code (see
+/// [`convert_until`]).
 pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
-    convert_program(graph)
+    match graph.program.integer_end {
+        Some(end) => {
+            let mut cut = graph.clone();
+            cut.program.output = end;
+            convert_program(&cut)
+        }
+        None => convert_program(graph),
+    }
 }
 
 /// Converts the part of `graph` that computes the output of the layer (or op) named `until`,
-/// with the activations fused after it and its quantizer: the integer model ends there, its
+/// with the activations fused after it and its quantizer (for a float tail declared before
+/// training, use `QatConfig::with_integer_until` and [`convert`]; this cuts any prepared
+/// graph, e.g. to compare a hidden layer): the integer model ends there, its
 /// output is that tensor (dequantized by [`IntegerModel::forward`]; the ONNX file ends with a
 /// `DequantizeLinear` when it is quantized), and the rest of the forward (a detection head's box decoding, score
 /// thresholds, a softmax) stays float, in the user's own code, applied to that output. What
@@ -1130,12 +1144,17 @@ pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
 ///     let y = m.fc2.forward(m.relu.forward(m.fc1.forward(x)));
 ///     y.clone() / (y.exp() + 1.0)
 /// };
-/// let qat = graph::prepare(&model, &[1, 4], run, &QatConfig::new()).unwrap();
-/// let _ = qat.forward::<2, 2>(Tensor::ones([8, 4], &device)); // calibrates the quantizers
-/// assert!(burn_qat_export::convert(&qat.valid()).is_err()); // the division
-/// let int8 = burn_qat_export::convert_until(&qat.valid(), "fc2").unwrap();
+/// // Undeclared, it is refused before training (it could not deploy).
+/// assert!(graph::prepare(&model, &[1, 4], run, &QatConfig::new()).is_err());
+/// let config = QatConfig::new().with_integer_until("fc2");
+/// let qat = graph::prepare(&model, &[1, 4], run, &config).unwrap();
+/// let _ = qat.forward::<2, 2>(Tensor::ones([8, 4], &device)); // calibrates; the tail is float
+/// let int8 = burn_qat_export::convert(&qat.valid()).unwrap(); // ends at fc2
 /// let (logits, shape) = int8.forward(&[1.0; 4]).unwrap(); // fc2's quantized output
 /// assert_eq!(shape, vec![1, 3]);
+/// // An earlier end, to look at a hidden layer (fc1 with its fused ReLU and quantizer):
+/// let hidden = burn_qat_export::convert_until(&qat.valid(), "fc1").unwrap();
+/// assert_eq!(hidden.forward(&[1.0; 4]).unwrap().1, vec![1, 8]);
 /// # let _ = logits;
 /// ```
 ///

@@ -253,6 +253,29 @@ impl Op {
         }
     }
 
+    /// Why the integer model cannot compute this op, or `None` if it can: the one list that
+    /// `graph::prepare` refuses up front and `export::convert` refuses.
+    pub fn integer_refusal(&self) -> Option<&'static str> {
+        match self {
+            Op::Softmax { .. } | Op::Div => Some(
+                "no integer kernel (softmax, division of two tensors): end the integer model \
+                 before it (QatConfig::with_integer_until, naming the last node the integer \
+                 model computes) and apply the rest to its float output",
+            ),
+            Op::AvgPool1d {
+                ceil_mode: true, ..
+            }
+            | Op::AvgPool2d {
+                ceil_mode: true, ..
+            } => Some(
+                "average pooling with ceil_mode does not convert to the integer model (its last \
+                 windows average over fewer values): use ceil_mode false, or pad the input \
+                 explicitly",
+            ),
+            _ => None,
+        }
+    }
+
     /// Whether the op is elementwise on one input (an activation or scalar arithmetic): on
     /// 8-bit values, a 256-entry lookup table.
     pub fn is_unary(&self) -> bool {
@@ -401,6 +424,11 @@ pub struct Program {
     pub nodes: Vec<Node>,
     /// The node whose value the forward returns.
     pub output: usize,
+    /// Where the integer model ends, when it ends before the output
+    /// (`QatConfig::with_integer_until`): the node whose value `export::convert` returns; the
+    /// nodes after it are a float tail (no fake-quant) that stays in the user's code.
+    #[serde(default)]
+    pub integer_end: Option<usize>,
 }
 
 impl Program {
@@ -411,8 +439,14 @@ impl Program {
 
     /// For each node, whether the output reads it (directly or through other nodes).
     pub fn live(&self) -> Vec<bool> {
+        self.live_for(self.output)
+    }
+
+    /// For each node, whether node `end` reads it (directly or through other nodes; `end`
+    /// included).
+    pub fn live_for(&self, end: usize) -> Vec<bool> {
         let mut live = vec![false; self.nodes.len()];
-        live[self.output] = true;
+        live[end] = true;
         for i in (0..self.nodes.len()).rev() {
             if live[i] {
                 for &j in &self.nodes[i].inputs {
@@ -470,6 +504,13 @@ impl fmt::Display for Program {
                 n.name
             )?;
         }
-        write!(f, "return %{}", self.output)
+        write!(f, "return %{}", self.output)?;
+        match self.integer_end {
+            Some(k) => write!(
+                f,
+                "  (the integer model ends at %{k}; a float tail follows)"
+            ),
+            None => Ok(()),
+        }
     }
 }

@@ -985,6 +985,7 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
     let mut program = Program {
         nodes: lifter.nodes,
         output,
+        integer_end: None,
     };
     super::rewrite::fuse_gated_activations(&mut program);
     super::rewrite::compose_activations(&mut program);

@@ -288,6 +288,7 @@ pub fn from_sequential(model: &Sequential, input_dims: &[usize]) -> Result<QatGr
     let mut program = Program {
         nodes: l.nodes,
         output,
+        integer_end: None,
     };
     // A fused layer's activation followed by `Relu`/`Relu6` layers: one clamp.
     crate::rewrite::compose_activations(&mut program);

@@ -64,10 +64,14 @@ impl Editor {
             self.program.nodes[n].inputs = inputs;
         }
         self.program.output = self.resolve(self.program.output);
+        self.program.integer_end = self.program.integer_end.map(|k| self.resolve(k));
         let nodes = &self.program.nodes;
         let mut needed = vec![false; nodes.len()];
         needed[0] = true;
         needed[self.program.output] = true;
+        if let Some(k) = self.program.integer_end {
+            needed[k] = true;
+        }
         for i in (0..nodes.len()).rev() {
             if needed[i] {
                 for &j in &nodes[i].inputs {
@@ -102,6 +106,7 @@ impl Editor {
             program: super::ir::Program {
                 nodes: kept,
                 output: new_index[self.program.output],
+                integer_end: self.program.integer_end.map(|k| new_index[k]),
             },
         }
     }

@@ -57,7 +57,10 @@
 //! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, max/avg pooling (1-D and 2-D),
 //! adaptive average pooling, add, sub, mul, div (of two tensors or by a scalar), concat,
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
-//! else is an error naming the op, the nearest layer and what to do.
+//! else is an error naming the op, the nearest layer and what to do. Softmax and division of
+//! two tensors have no integer kernel: [`prepare`] refuses them unless they come after the end
+//! of the integer model ([`QatConfig::with_integer_until`]: a float tail, no fake-quant, left
+//! in your code at deployment); [`build`] (float graphs) takes them anywhere.
 
 mod prepare;
 
@@ -81,7 +84,10 @@ use crate::model::QatConfig;
 /// # Errors
 ///
 /// See [`build`] and [`plan`](fn@crate::model::plan); invalid activation settings or an activation pattern that
-/// matches no node.
+/// matches no node; an op the integer model cannot compute before its end (softmax, division
+/// of two tensors, average pooling in ceil mode: the error names the call, the module and the
+/// `QatConfig::with_integer_until` to declare instead); an `integer_until` that names no node
+/// or several.
 pub fn prepare<M, const DI: usize, const DO: usize, F>(
     model: &M,
     input_dims: &[usize],

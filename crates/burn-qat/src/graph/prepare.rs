@@ -102,24 +102,34 @@ pub(crate) fn prepare_graph(
             allowed: e.to_string(),
         })?;
     }
-    // What trains must deploy: refuse up front what `export::convert` cannot turn into integers.
-    for node in &graph.program.nodes {
-        if let Op::AvgPool1d {
-            ceil_mode: true, ..
-        }
-        | Op::AvgPool2d {
-            ceil_mode: true, ..
-        } = node.op
-        {
-            return Err(QatError::UnsupportedLayer {
-                layer: node.name.clone(),
-                kind: node.op.call(),
-                problem: "average pooling with ceil_mode does not convert to the integer model \
-                          (its last windows average over fewer values): use ceil_mode false, or \
-                          pad the input explicitly"
-                    .into(),
-            });
-        }
+    // Where the integer model ends, then what trains must deploy: refuse up front what
+    // `export::convert` cannot turn into integers before that end.
+    let mut graph = graph;
+    graph.program.integer_end = match &config.integer_until {
+        Some(name) => Some(integer_end(&graph.program, name)?),
+        None => None,
+    };
+    let end = graph.program.integer_end.unwrap_or(graph.program.output);
+    let integer = graph.program.live_for(end);
+    for (i, node) in graph.program.nodes.iter().enumerate() {
+        let Some(problem) = node.op.integer_refusal().filter(|_| integer[i]) else {
+            continue;
+        };
+        let before = node
+            .inputs
+            .first()
+            .map(|&j| graph.program.nodes[j].name.as_str())
+            .unwrap_or("input");
+        return Err(QatError::UnsupportedLayer {
+            layer: node.name.clone(),
+            kind: node.op.call(),
+            problem: match node.op {
+                Op::Softmax { .. } | Op::Div => format!(
+                    "{problem}; here, e.g. `QatConfig::new().with_integer_until(\"{before}\")`"
+                ),
+                _ => problem.to_string(),
+            },
+        });
     }
     for (pattern, _) in &config.activation_rules {
         let Selector::Path(p) = pattern else { continue };
@@ -199,12 +209,20 @@ pub(crate) fn prepare_graph(
     }
     let mut graph = e.finish();
 
-    // 3. Weight fake-quant per the plan, on the axis the graph uses the weight on.
+    // 3. Weight fake-quant per the plan, on the axis the graph uses the weight on; the float
+    // tail after the integer model's end keeps float weights.
+    let integer = graph
+        .program
+        .live_for(graph.program.integer_end.unwrap_or(graph.program.output));
     let mut skipped = vec![false; graph.program.nodes.len()];
     for (i, node) in graph.program.nodes.iter().enumerate() {
         let Op::Layer { index, .. } = node.op else {
             continue;
         };
+        if !integer[i] {
+            skipped[i] = true;
+            continue;
+        }
         let layer = &mut graph.layers[index];
         let id = match layer {
             GraphLayer::Conv1d(f) => Some(f.layer.weight.id),
@@ -244,17 +262,20 @@ pub(crate) fn prepare_graph(
             GridRole::Compute => {
                 !(users[i].len() == 1 && role(users[i][0]) == GridRole::FusableActivation)
             }
-        } && !skipped[i];
+        } && !skipped[i]
+            && integer[i];
     }
     if config.float_output {
-        // The node that computes the output, through the ops that keep their input's grid.
-        let mut at = graph.program.output;
+        // The node that computes the integer model's output, through the ops that keep their
+        // input's grid.
+        let mut at = graph.program.integer_end.unwrap_or(graph.program.output);
         while role(at) == GridRole::Inherit {
             at = nodes[at].inputs[0];
         }
         quant_after[at] = false;
     }
     let old_output = graph.program.output;
+    let old_end = graph.program.integer_end;
     let mut layers = graph.layers;
     let mut out_nodes: Vec<Node> = Vec::new();
     let mut remap = vec![0; quant_after.len()];
@@ -289,7 +310,48 @@ pub(crate) fn prepare_graph(
         program: Program {
             nodes: out_nodes,
             output: remap[old_output],
+            // Its quantizer, if one follows it.
+            integer_end: old_end.map(|k| remap[k]),
         },
     };
     Ok(Editor::new(graph).finish())
+}
+
+/// The node named `name` (unique), where the integer model ends.
+fn integer_end(program: &Program, name: &str) -> Result<usize, QatError> {
+    let hits: Vec<usize> = (0..program.nodes.len())
+        .filter(|&i| program.nodes[i].name == name)
+        .collect();
+    match hits[..] {
+        [k] if k > 0 => Ok(k),
+        [k] => Err(QatError::InvalidConfig {
+            field: "QatConfig.integer_until".into(),
+            value: format!("{name:?}"),
+            allowed: format!("a node after the input (`{name}` is node %{k}, the input)"),
+        }),
+        [] => {
+            let mut names: Vec<&str> = program.nodes.iter().map(|n| n.name.as_str()).collect();
+            names.dedup();
+            let shown = names.len().min(24);
+            let more = if names.len() > shown { ", ..." } else { "" };
+            Err(QatError::InvalidConfig {
+                field: "QatConfig.integer_until".into(),
+                value: format!("{name:?}"),
+                allowed: format!(
+                    "the name of a node of this graph: {:?}{more} (`QatGraph::plan` lists them)",
+                    &names[..shown]
+                ),
+            })
+        }
+        _ => Err(QatError::InvalidConfig {
+            field: "QatConfig.integer_until".into(),
+            value: format!("{name:?}"),
+            allowed: format!(
+                "one node's name: {} nodes have this one (a module called {} times); end the \
+                 integer model at a node after them",
+                hits.len(),
+                hits.len()
+            ),
+        }),
+    }
 }

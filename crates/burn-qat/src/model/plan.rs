@@ -248,6 +248,16 @@ pub struct QatConfig {
     /// want: 8-bit logits tie and cost accuracy. Default: quantized, as TFLite and PyTorch FX.
     #[serde(default)]
     pub float_output: bool,
+    /// Graph mode: where the integer model ends, when it ends before the model's output: a
+    /// node as `QatGraph::plan` prints it (a layer's module path such as `head.cls`, or
+    /// `<nearest layer>/<op>`). The nodes after it are a float tail (a detection head's box
+    /// decoding, a softmax): they get no fake-quant, train in float, may use ops the integer
+    /// model has no kernel for, and stay in your code at deployment; `export::convert` returns
+    /// that node's value (the ONNX file ends with a `DequantizeLinear` there). `None`: the
+    /// integer model computes the whole forward, and `graph::prepare` refuses up front an op it
+    /// cannot compute.
+    #[serde(default)]
+    pub integer_until: Option<String>,
 }
 
 /// Activation fake-quant settings for graph mode: the grid after each conv/linear (+ its fused
@@ -335,6 +345,7 @@ impl QatConfig {
             activation_rules: vec![],
             bn_fold: BnFoldMode::Approximate,
             float_output: false,
+            integer_until: None,
         }
     }
     /// Graph mode: the default activation settings.
@@ -352,6 +363,12 @@ impl QatConfig {
     /// Graph mode: keep the model's output in float (see [`float_output`](Self::float_output)).
     pub fn with_float_output(mut self, float: bool) -> Self {
         self.float_output = float;
+        self
+    }
+    /// Graph mode: the integer model ends at the node named `node` (see
+    /// [`integer_until`](Self::integer_until)); what follows is a float tail.
+    pub fn with_integer_until(mut self, node: &str) -> Self {
+        self.integer_until = Some(node.to_string());
         self
     }
     /// Graph mode: the BatchNorm folding mode in training.
