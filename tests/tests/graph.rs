@@ -700,6 +700,109 @@ impl ResNet18Depth {
     }
 }
 
+// ---------------------------------------------------------------- (i3) a detection head's decoding
+
+/// YOLOX's head and decoding as the zoo writes them: per-cell predictions flattened and
+/// transposed to `[N, cells, 5]`, then decoded in the forward with a grid of cell coordinates
+/// made from `arange` / `repeat_dim` / `stack` on Int tensors and a stride from `Tensor::full`
+/// (constants the graph folds when it traces), `exp` of the box sizes, slices and a concat: the
+/// float tail after the integer model's end.
+#[derive(Module, Debug)]
+struct YoloxLike {
+    stem: Conv2d,
+    pred: Conv2d,
+}
+
+fn cell_grid(w: usize, h: usize, device: &Device) -> Tensor<3, Int> {
+    let y = Tensor::<1, Int>::arange(0..h as i64, device)
+        .reshape([h, 1])
+        .repeat_dim(1, w)
+        .reshape([h, w]);
+    let x = Tensor::<1, Int>::arange(0..w as i64, device)
+        .reshape([1, w])
+        .repeat_dim(0, h)
+        .reshape([h, w]);
+    Tensor::stack(vec![x, y], 2)
+}
+
+impl YoloxLike {
+    fn new(device: &Device) -> Self {
+        Self {
+            stem: Conv2dConfig::new([1, 8], [3, 3])
+                .with_stride([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            pred: Conv2dConfig::new([8, 5], [1, 1]).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<3> {
+        let x = burn::tensor::activation::silu(self.stem.forward(x));
+        let out = self.pred.forward(x); // [N, 5, 4, 4]
+        let [b, c, h, w] = out.dims();
+        let out = out.reshape([b, c, h * w]).swap_dims(2, 1); // [N, 16, 5]
+        let device = out.device();
+        let grid = cell_grid(w, h, &device).reshape([1, h * w, 2]).float();
+        let stride = Tensor::<3, Int>::full([1, h * w, 1], 2, &device).float();
+        Tensor::cat(
+            vec![
+                (out.clone().slice([0..b, 0..h * w, 0..2]) + grid) * stride.clone(),
+                out.clone().slice([0..b, 0..h * w, 2..4]).exp() * stride,
+                burn::tensor::activation::sigmoid(out.slice([0..b, 0..h * w, 4..5])),
+            ],
+            2,
+        )
+    }
+}
+
+#[test]
+fn a_detection_heads_decoding_with_constants_is_a_float_tail() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    device.seed(3);
+    let m = YoloxLike::new(&device);
+    let run = |m: &YoloxLike, x: Tensor<4>| m.forward(x);
+    // The float graph folds the grid and the stride and equals the user's forward.
+    let g = graph::build(&m, &[1, 1, 8, 8], run).unwrap();
+    let constants = g
+        .program
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Constant { .. }))
+        .count();
+    assert!(constants >= 2, "{}", g.plan());
+    let x = Tensor::<4>::random([3, 1, 8, 8], Distribution::Default, &Device::flex());
+    let want = values(m.valid().forward(x.clone()));
+    assert_eq!(values(g.valid().forward::<4, 3>(x.clone())), want);
+
+    // Undeclared, the constant in the decoding is refused before training.
+    let err = graph::prepare(&m, &[1, 1, 8, 8], run, &QatConfig::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("with_integer_until"), "{err}");
+    // The integer model ends at the predictions; the decoding trains and runs in float.
+    let config = QatConfig::new().with_integer_until("pred");
+    let mut qat = graph::prepare(&m, &[1, 1, 8, 8], run, &config).unwrap();
+    let mut optim = AdamConfig::new().init();
+    let input = Tensor::<4>::random([4, 1, 8, 8], Distribution::Default, &device);
+    for _ in 0..3 {
+        let y: Tensor<3> = qat.forward(input.clone());
+        let l = y.powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(l.backward(), &qat);
+        qat = optim.step(1e-2, qat, grads);
+    }
+    let eval = qat.valid();
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    let end = eval.program.integer_end.expect("an integer end");
+    let data = values(x.clone());
+    let (q, shape, grid) = int8.forward_int(&data).unwrap().expect("quantized");
+    assert_eq!(shape, vec![3, 5, 4, 4]);
+    let fq = graph_values(&eval, end, x);
+    for (v, qi) in fq.iter().zip(&q) {
+        assert_eq!(grid.quantize(*v), *qi as i32, "{}", int8.plan());
+    }
+    let _: YoloxLike = qat.write_back(m).unwrap();
+}
+
 // ---------------------------------------------------------------- (j) activations in several calls
 
 /// Clamp-like activations written in one to three calls after convs, and after a residual add.

@@ -216,6 +216,14 @@ pub enum Op {
         /// The entries picked.
         indices: Vec<usize>,
     },
+    /// A tensor the forward computes from constants alone (a detection head's grid of cell
+    /// coordinates, strides), folded when the forward is traced: no input, not trained.
+    Constant {
+        /// Its shape (no batch axis: the same at every batch size).
+        shape: Vec<usize>,
+        /// Its values, row-major.
+        values: Vec<f32>,
+    },
 }
 
 /// How an op treats the integer grid of its input, as TFLite and PyTorch FX place
@@ -257,6 +265,10 @@ impl Op {
     /// `graph::prepare` refuses up front and `export::convert` refuses.
     pub fn integer_refusal(&self) -> Option<&'static str> {
         match self {
+            Op::Constant { .. } => Some(
+                "a constant made in the forward has no integer form yet: keep it in a float tail \
+                 (QatConfig::with_integer_until, naming the last node the integer model computes)",
+            ),
             Op::Softmax { .. } | Op::Div => Some(
                 "no integer kernel (softmax, division of two tensors): end the integer model \
                  before it (QatConfig::with_integer_until, naming the last node the integer \
@@ -377,6 +389,9 @@ impl Op {
             Op::AdaptiveAvgPool2d { .. } => "`module::adaptive_avg_pool2d`".into(),
             // `slice` and nearest `interpolate` lift to selects too.
             Op::Select { .. } => "`Tensor::select` (or `slice`, nearest `interpolate`)".into(),
+            Op::Constant { shape, .. } => {
+                format!("a constant tensor of shape {shape:?} made in the forward")
+            }
         }
     }
 
@@ -386,6 +401,7 @@ impl Op {
             Op::Layer { kind, .. } => format!("{kind:?}"),
             Op::Clamp { min, max } if *min == 0.0 && *max == 6.0 => "ReLU6".into(),
             Op::Clamp { min, max } => format!("Clamp[{min}, {max}]"),
+            Op::Constant { shape, .. } => format!("Constant{shape:?}"),
             Op::Reshape { shape } => format!(
                 "Reshape[{}]",
                 shape

@@ -96,6 +96,10 @@ struct Lifter<'a> {
     trace: &'a Trace,
     device: Device,
     env: HashMap<TensorId, Src>,
+    /// Values of tensors the forward computes from constants alone (folded at trace time).
+    consts: HashMap<TensorId, TensorData>,
+    /// Burn's IR interpreter on the CPU, for folding (made at the first constant op).
+    interpreter: Option<burn_router::TensorInterpreter<burn::backend::Flex>>,
     nodes: Vec<Node>,
     layers: Vec<GraphLayer>,
     /// The module path of the last layer lifted (parameter-free ops are named after it).
@@ -143,6 +147,98 @@ impl<'a> Lifter<'a> {
             Some(module) => format!("on the input, before `{module}` (the first layer)"),
             None => "on the input".into(),
         }
+    }
+
+    /// A recorded value that is data, not a parameter, or a folded constant.
+    fn constant(&self, id: TensorId) -> Option<&TensorData> {
+        // The input is recorded as data too; a node's value is computed from it.
+        if id == self.trace.input
+            || self.trace.params.contains_key(&id)
+            || self.env.contains_key(&id)
+        {
+            return None;
+        }
+        self.consts.get(&id).or_else(|| self.trace.values.get(&id))
+    }
+
+    /// Folds `a` if it computes from constants alone (no input, no parameter, no randomness):
+    /// runs it with Burn's IR interpreter on the CPU and keeps its outputs' values. Returns
+    /// whether it did. `b` (the same op at the other batch size) must make the same shapes.
+    fn fold(&mut self, a: &OperationIr, b: &OperationIr) -> Result<bool, QatError> {
+        let random = matches!(
+            a,
+            OperationIr::Float(_, FloatOperationIr::Random(_))
+                | OperationIr::NumericInt(_, NumericOperationIr::IntRandom(_))
+        );
+        if matches!(
+            a,
+            OperationIr::Drop(_) | OperationIr::Init(_) | OperationIr::Custom(_)
+        ) || random
+            || !a.inputs().all(|t| self.constant(t.id).is_some())
+        {
+            return Ok(false);
+        }
+        let same_shapes = a
+            .outputs()
+            .zip(b.outputs())
+            .all(|(x, y)| x.shape == y.shape);
+        if !same_shapes {
+            return Err(self.err(
+                format!("{}, on a constant whose size depends on the batch", op_words(a)),
+                "graph mode folds constants made in the forward; make them the same at every batch size",
+            ));
+        }
+        let inputs: Vec<(TensorId, TensorData)> = a
+            .inputs()
+            .map(|t| (t.id, self.constant(t.id).cloned().expect("checked")))
+            .collect();
+        let interpreter = self.interpreter.get_or_insert_with(|| {
+            burn_router::TensorInterpreter::new(burn::backend::flex::FlexDevice)
+        });
+        for (id, data) in inputs {
+            interpreter.register_tensor_data_id(id, data);
+        }
+        interpreter.register_op(a.clone());
+        let read: Vec<_> = a
+            .outputs()
+            .map(|out| {
+                // Recorded as not yet computed; read as computed.
+                let mut read = out.clone();
+                read.status = burn::backend::ir::TensorStatus::ReadOnly;
+                (out.id, ready(interpreter.read_tensor_async(read)))
+            })
+            .collect();
+        for (id, data) in read {
+            let data = data.map_err(|e| {
+                self.err(
+                    format!("{}, on constants: {e:?}", op_words(a)),
+                    "graph mode could not fold this constant; compute it outside the forward",
+                )
+            })?;
+            self.consts.insert(id, data);
+        }
+        Ok(true)
+    }
+
+    /// A node for each float constant `a` reads (the same tensors of `b` at the other batch
+    /// size), once.
+    fn constant_nodes(&mut self, a: &OperationIr, b: &OperationIr) -> Result<(), QatError> {
+        for (x, y) in a.inputs().zip(b.inputs()) {
+            if self.env.contains_key(&x.id) || !x.dtype.is_float() {
+                continue;
+            }
+            let Some(data) = self.constant(x.id) else {
+                continue;
+            };
+            let shape = data.shape().to_vec();
+            let values = data
+                .clone()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
+            self.push(Op::Constant { shape, values }, vec![], (x, y))?;
+        }
+        Ok(())
     }
 
     fn src(&self, t: &TensorIr) -> Result<Src, QatError> {
@@ -418,7 +514,7 @@ impl<'a> Lifter<'a> {
                 "graph mode keeps every item of a batch: select along the other axes",
             ));
         }
-        let Some(data) = self.trace.values.get(&o.indices.id) else {
+        let Some(data) = self.constant(o.indices.id) else {
             return Err(self.err(
                 format!("{} with indices computed in the forward", what()),
                 "graph mode takes constant indices: make them from data (`Tensor::from_ints`, \
@@ -932,6 +1028,8 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         trace,
         device: device.clone(),
         env: HashMap::new(),
+        consts: HashMap::new(),
+        interpreter: None,
         nodes: vec![],
         layers: vec![],
         near: String::new(),
@@ -970,6 +1068,10 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
     {
         if live {
             lifter.at = at;
+            if lifter.fold(a, b)? {
+                continue;
+            }
+            lifter.constant_nodes(a, b)?;
             lifter.op(a, b)?;
         }
     }
@@ -994,4 +1096,16 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         program,
     })
     .finish())
+}
+
+/// The value of a future that is ready at once (the CPU interpreter's reads).
+fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
 }

@@ -212,6 +212,7 @@ impl QatGraph {
     fn run(&self, input: DispatchTensor, batch: usize) -> DispatchTensor {
         let nodes = &self.program.nodes;
         let last = self.program.last_use();
+        let device = Device::new(input.device());
         let mut values: Vec<Option<DispatchTensor>> = vec![None; nodes.len()];
         values[0] = Some(input);
         for (i, node) in nodes.iter().enumerate().skip(1) {
@@ -227,7 +228,17 @@ impl QatGraph {
                     .expect("a node reads a value computed before it")
                 })
                 .collect();
-            values[i] = Some(self.eval(node, args, batch));
+            values[i] = Some(match &node.op {
+                Op::Constant { shape, values } => Dispatch::float_reshape(
+                    Tensor::<1>::from_data(
+                        TensorData::new(values.clone(), [values.len()]),
+                        &device,
+                    )
+                    .into_dispatch(),
+                    Shape::from(shape.clone()),
+                ),
+                _ => self.eval(node, args, batch),
+            });
         }
         values[self.program.output]
             .take()
@@ -391,6 +402,7 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
     match op {
         Op::Input => x,
         Op::Layer { .. } => unreachable!("layers run in QatGraph::eval"),
+        Op::Constant { .. } => unreachable!("constants are made in QatGraph::run"),
         Op::Relu => Dispatch::relu(x),
         Op::Clamp { min, max } => clamp(x, *min, *max),
         Op::LeakyRelu { slope } => Dispatch::leaky_relu(x, (*slope).into()),
