@@ -778,7 +778,11 @@ fn a_detection_heads_decoding_with_constants_is_a_float_tail() {
     let err = graph::prepare(&m, &[1, 1, 8, 8], run, &QatConfig::new())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("with_integer_until"), "{err}");
+    assert!(
+        err.contains("a constant tensor of shape [1, 16, 2] made in the forward")
+            && err.contains("with_integer_until(\"pred/swapdims\")"),
+        "{err}"
+    );
     // The integer model ends at the predictions; the decoding trains and runs in float.
     let config = QatConfig::new().with_integer_until("pred");
     let mut qat = graph::prepare(&m, &[1, 1, 8, 8], run, &config).unwrap();

@@ -252,12 +252,18 @@ impl QatGraph {
     fn eval(&self, node: &Node, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
         let rank = node.inputs.first().map(|&j| self.rank_of(j)).unwrap_or(0);
         match &node.op {
-            Op::Layer { index, .. } => self.eval_layer(
-                &self.layers[*index],
-                args.swap_remove(0),
-                rank,
-                self.input_scale(node),
-            ),
+            Op::Layer { index, .. } => {
+                let x = args.swap_remove(0);
+                // The integer model's bias in evaluation; training keeps the float bias (the
+                // rounding moves it by under half an accumulator step, and reading the grids
+                // back every step cost 5% of a small model's step).
+                let scale = if Device::new(x.device()).is_autodiff() {
+                    None
+                } else {
+                    self.input_scale(node)
+                };
+                self.eval_layer(&self.layers[*index], x, rank, scale)
+            }
             op => eval_op(op, args, batch),
         }
     }

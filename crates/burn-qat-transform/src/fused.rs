@@ -456,7 +456,8 @@ impl<L: Module> Fused<L> {
     /// computes what the integer layer computes. `None`, an unquantized weight or a BatchNorm
     /// folded with batch statistics (training: the bias changes every batch) keep the float
     /// bias. [`QatGraph`](https://docs.rs/burn-qat-graph) passes the scale of the quantizer in
-    /// front of each layer.
+    /// front of each layer in evaluation (inputs without autodiff: a `valid()` graph), so that
+    /// it equals the integer model; training keeps the float bias.
     ///
     /// [`reference::bias_steps`]: burn_qat_core::reference::bias_steps
     ///

@@ -115,19 +115,18 @@ pub(crate) fn prepare_graph(
         let Some(problem) = node.op.integer_refusal().filter(|_| integer[i]) else {
             continue;
         };
-        let before = node
-            .inputs
-            .first()
-            .map(|&j| graph.program.nodes[j].name.as_str())
-            .unwrap_or("input");
+        let suggestion = match node.op {
+            Op::AvgPool1d { .. } | Op::AvgPool2d { .. } => None,
+            _ => suggested_end(&graph.program, i),
+        };
         return Err(QatError::UnsupportedLayer {
             layer: node.name.clone(),
             kind: node.op.call(),
-            problem: match node.op {
-                Op::Softmax { .. } | Op::Div => format!(
-                    "{problem}; here, e.g. `QatConfig::new().with_integer_until(\"{before}\")`"
+            problem: match suggestion {
+                Some(end) => format!(
+                    "{problem}; here, e.g. `QatConfig::new().with_integer_until(\"{end}\")`"
                 ),
-                _ => problem.to_string(),
+                None => problem.to_string(),
             },
         });
     }
@@ -317,6 +316,30 @@ pub(crate) fn prepare_graph(
     Ok(Editor::new(graph).finish())
 }
 
+/// Where to end the integer model so that node `r` (which it cannot compute) falls in the float
+/// tail: the value `r` (or, for a constant, the op reading it) computes on, walked back
+/// through grid-keeping ops (reshape, slices, transposes) that only lead there, to where the
+/// forward branches; `None` if that node's name is not unique.
+fn suggested_end(program: &Program, r: usize) -> Option<String> {
+    let users = program.consumers();
+    let nodes = &program.nodes;
+    let mut x = match nodes[r].inputs.first() {
+        Some(&j) => j,
+        None => {
+            let c = *users[r].first()?;
+            *nodes[c]
+                .inputs
+                .iter()
+                .find(|&&j| j != r && !matches!(nodes[j].op, Op::Constant { .. }))?
+        }
+    };
+    while x > 0 && nodes[x].op.grid_role() == GridRole::Inherit && users[x].len() == 1 {
+        x = nodes[x].inputs[0];
+    }
+    let name = &nodes[x].name;
+    (x > 0 && nodes.iter().filter(|n| &n.name == name).count() == 1).then(|| name.clone())
+}
+
 /// The node named `name` (unique), where the integer model ends.
 fn integer_end(program: &Program, name: &str) -> Result<usize, QatError> {
     let hits: Vec<usize> = (0..program.nodes.len())
@@ -338,7 +361,8 @@ fn integer_end(program: &Program, name: &str) -> Result<usize, QatError> {
                 field: "QatConfig.integer_until".into(),
                 value: format!("{name:?}"),
                 allowed: format!(
-                    "the name of a node of this graph: {:?}{more} (`QatGraph::plan` lists them)",
+                    "the name of a node of this graph: {:?}{more} (`graph::build(&model, dims, forward)?.plan()` \
+                     lists them all)",
                     &names[..shown]
                 ),
             })
