@@ -763,3 +763,46 @@ fn on_an_input_grid_the_bias_is_the_integer_models() {
         assert_eq!(values(off.forward_on_grid::<2, 2>(x, Some(s_in))), floats);
     }
 }
+
+/// In evaluation on an input grid, a layer computes the integer layer's sum: every output is
+/// `(sum (x / s_in) * (w / s_w) + bias_steps) * (s_in * s_w)` exactly (integers summed, one
+/// rounding), which a float sum of the dequantized products would miss in the last bits.
+#[test]
+fn on_an_input_grid_evaluation_computes_the_integer_sum() {
+    use burn_qat::core::reference::bias_steps;
+    let device = Device::flex();
+    let (d_in, d_out, n) = (64, 16, 8);
+    let linear = LinearConfig::new(d_in, d_out).init(&device);
+    let fused = FusedConfig::new()
+        .with_output(None)
+        .init(linear, None)
+        .unwrap();
+    // Inputs on a grid of scale s_in: s_in * (q - z) for q - z in [-128, 127].
+    let s_in = 0.0371f32;
+    let mut r = burn_qat_tests::uniform(17);
+    let steps: Vec<f32> = (0..n * d_in).map(|_| (r() * 127.0).round()).collect();
+    let x: Vec<f32> = steps.iter().map(|q| q * s_in).collect();
+    let input = Tensor::<2>::from_data(TensorData::new(x, [n, d_in]), &device);
+    let got = values(fused.forward_on_grid::<2, 2>(input.clone(), Some(s_in)));
+
+    let wq = fused.weight_quant.as_ref().unwrap();
+    let w = fused.layer.weight.val();
+    let qps = wq.qparams_for(w.clone());
+    let w_fq = values(burn::module::Reparameterization::apply(wq, w)); // [d_in, d_out]
+    let bias = values(fused.layer.bias.as_ref().unwrap().val());
+    let mut want = vec![0f32; n * d_out];
+    for i in 0..n {
+        for c in 0..d_out {
+            let s_w = qps[c].scale;
+            let mut acc = 0f32;
+            for k in 0..d_in {
+                acc += steps[i * d_in + k] * (w_fq[k * d_out + c] / s_w).round();
+            }
+            want[i * d_out + c] = (acc + bias_steps(bias[c], s_in, s_w)) * (s_in * s_w);
+        }
+    }
+    assert_eq!(got, want);
+    // The float arithmetic (no grid) differs from it somewhere: the test can tell them apart.
+    let float = values(fused.forward_on_grid::<2, 2>(input, None));
+    assert_ne!(float, want);
+}
