@@ -6,7 +6,8 @@ DIR holds one folder per model (written by `cargo test --test graph` with BURN_Q
 model.onnx, input.npy and int8_out.npy (the burn-qat integer model's dequantized output).
 
 Per model: (a) onnx.checker full_check; (b) with all graph optimizations, the optimized graph
-runs int8 kernels (QLinearConv / QGemm / QLinearMatMul / QLinearAdd / ...); (c) its outputs
+runs int8 kernels (QLinearConv / QGemm / QLinearMatMul / QLinearAdd / ...) and no float Conv,
+Gemm or MatMul; (c) its outputs
 are within 1 step of the output grid of the integer model's everywhere (float accumulation and
 float requantization in onnxruntime can land on the other side of a rounding tie; the issue's
 bar is 1 step), and the predictions (argmax) agree on every row but at most one.
@@ -48,6 +49,10 @@ def check(folder):
     print(f"{name}: checker ok, int8 kernels {sorted(kernels)}, {close:.2%} of outputs within 1 step (at most {worst:.2f}), "
           f"predictions agree on {agree}/{len(want)}")
     assert kernels, f"{name}: no int8 kernels in the optimized graph: {ops}"
+    # Every convolution and matrix product runs on int8 kernels (uint8 activations, int8
+    # weights): none is left in float.
+    float_ops = {"Conv", "Gemm", "MatMul"} & set(ops)
+    assert not float_ops, f"{name}: float {sorted(float_ops)} left in the optimized graph: {ops}"
     assert close == 1.0, f"{name}: onnxruntime is more than 1 step from the integer model: {worst:.2f}"
     assert agree >= len(want) - 1, f"{name}: predictions disagree"
 

@@ -603,7 +603,7 @@ mod sequential {
                         || docs
                             .iter()
                             .any(|d| d
-                                .starts_with(&format!("{bits}-bit values in an int8 container"))),
+                                .starts_with(&format!("{bits}-bit values in a uint8 container"))),
                     "{docs:?}"
                 );
                 assert_eq!(

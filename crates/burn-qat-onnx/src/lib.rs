@@ -2,7 +2,8 @@
 //!
 //! Exports a burn-qat integer model to ONNX in QDQ form, the form onnxruntime, TensorRT and
 //! tract turn into int8 kernels: `QuantizeLinear`/`DequantizeLinear` pairs with the trained
-//! scale and zero point on every activation edge, int8 weights dequantized per output channel
+//! scale and zero point on every activation edge (uint8 activations: `q + 128`, zero point
+//! `z + 128`, the U8S8 form onnxruntime's CPU kernels fuse), int8 weights dequantized per output channel
 //! (`Conv` axis 0; `Linear` written as `Gemm` with its `[d_input, d_output]` weight as `B`,
 //! axis 1), int32 biases with scale `s_in * s_w`, and equal quantization parameters across
 //! shape-only operators (`MaxPool`, `Flatten`) and `AveragePool` (TFLite's convention).

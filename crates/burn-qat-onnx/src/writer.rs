@@ -120,6 +120,18 @@ impl Graph {
         )
     }
 
+    /// Activation values as uint8 (`q + 128`): onnxruntime's CPU kernels take uint8
+    /// activations with int8 weights (U8S8); with int8 activations it ran most convolutions and
+    /// every residual add in float. The same real values: `scale * ((q + 128) - (z + 128))`.
+    fn u8s(&mut self, base: &str, dims: &[usize], v: &[i8]) -> String {
+        self.init(
+            base,
+            DataType::Uint8,
+            dims,
+            v.iter().map(|x| (i16::from(*x) + 128) as u8).collect(),
+        )
+    }
+
     fn i32s(&mut self, base: &str, dims: &[usize], v: &[i32]) -> String {
         self.init(
             base,
@@ -147,16 +159,16 @@ impl Graph {
     /// narrower than int8 (fewer bits) says so in the `QuantizeLinear` node's doc string.
     fn qdq(&mut self, x: String, q: &Grid) -> String {
         let s = self.f32s("scale", &[], &[q.scale]);
-        let z = self.i8s("zero_point", &[], &[q.zero_point as i8]);
+        let z = self.u8s("zero_point", &[], &[q.zero_point as i8]);
         let xq = self.node("QuantizeLinear", vec![x, s.clone(), z.clone()], vec![]);
         if (q.qmin, q.qmax) != (-128, 127)
             && let Some(node) = self.nodes.last_mut()
         {
             node.doc_string = Some(format!(
-                "{}-bit values in an int8 container: [{}, {}]",
+                "{}-bit values in a uint8 container: [{}, {}]",
                 q.bits(),
-                q.qmin,
-                q.qmax
+                q.qmin + 128,
+                q.qmax + 128
             ));
         }
         let xd = self.node("DequantizeLinear", vec![xq.clone(), s, z], vec![]);
@@ -332,7 +344,7 @@ impl Graph {
             vec![shifted],
             vec![attr_int("to", DataType::Int64 as i64)],
         );
-        let table = self.i8s(
+        let table = self.u8s(
             &format!("lut_{}", lut.function.to_lowercase()),
             &[lut.table.len()],
             &lut.table,
@@ -340,12 +352,12 @@ impl Graph {
         let y = self.node("Gather", vec![table, index], vec![attr_int("axis", 0)]);
         if let Some(node) = self.nodes.last_mut() {
             node.doc_string = Some(format!(
-                "{} as a 256-entry table on int8 values",
+                "{} as a 256-entry table on uint8 values",
                 lut.function
             ));
         }
         let s = self.f32s("scale", &[], &[lut.output.scale]);
-        let z = self.i8s("zero_point", &[], &[lut.output.zero_point as i8]);
+        let z = self.u8s("zero_point", &[], &[lut.output.zero_point as i8]);
         let yd = self.node("DequantizeLinear", vec![y.clone(), s, z], vec![]);
         self.int8_of.insert(yd.clone(), y);
         yd
