@@ -704,9 +704,10 @@ fn fused_conv1d_and_linear_with_bn_train_like_the_pair_and_fold_bit_for_bit() {
     }
 }
 
-/// On an input grid of scale `s_in`, the layer adds the integer model's bias
-/// (`bias_steps(b, s_in, s_w) * s_in * s_w`, exactly) instead of the float bias, in evaluation
-/// and in training, with the float bias's gradient passed straight through; the folded form
+/// Given an input grid of scale `s_in`, the layer adds the integer model's bias
+/// (`bias_steps(b, s_in, s_w) * s_in * s_w`, exactly) instead of the float bias, on autodiff
+/// inputs too (a `QatGraph` passes the scale in evaluation only), with the float bias's
+/// gradient passed straight through; the folded form
 /// bakes it; without a scale or with weight fake-quant off the float bias stays.
 #[test]
 fn on_an_input_grid_the_bias_is_the_integer_models() {

@@ -331,12 +331,14 @@ impl QatGraph {
 
     /// The graph for inference: every conv/linear holds its BatchNorm-folded, fake-quantized
     /// weight and folded bias for good (`Fused::folded` on each layer), activation quantizers
-    /// kept. The same outputs as this graph in evaluation, with fewer ops; for evaluation, not
-    /// for further training.
+    /// kept, with fewer ops; for evaluation, not for further training.
     ///
-    /// Each layer bakes the integer model's bias for the grid in front of it
-    /// ([`Fused::forward_on_grid`](burn_qat_transform::Fused::forward_on_grid)); a layer
-    /// called on inputs of different scales (one module called twice) stays unfolded.
+    /// Each layer bakes the integer model's bias for the grid in front of it; a layer called
+    /// on inputs of different scales (one module called twice) stays unfolded. Its outputs
+    /// equal this graph's in evaluation up to float rounding: a folded layer sums the float
+    /// products of its baked weights, where this graph sums integer steps as the integer model
+    /// does ([`Fused::forward_on_grid`](burn_qat_transform::Fused::forward_on_grid)), so a value
+    /// near a rounding tie of the next quantizer can land one step away.
     pub fn folded(mut self) -> Self {
         // The input scales of each layer's calls.
         let mut scales: Vec<Vec<Option<f32>>> = vec![Vec::new(); self.layers.len()];

@@ -59,8 +59,6 @@ pub enum OnnxError {
 #[derive(Default)]
 struct Graph {
     opset: i64,
-    /// For a dequantized tensor, the int8 tensor it was dequantized from.
-    int8_of: std::collections::HashMap<String, String>,
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
     count: usize,
@@ -171,9 +169,7 @@ impl Graph {
                 q.qmax + 128
             ));
         }
-        let xd = self.node("DequantizeLinear", vec![xq.clone(), s, z], vec![]);
-        self.int8_of.insert(xd.clone(), xq);
-        xd
+        self.node("DequantizeLinear", vec![xq, s, z], vec![])
     }
 
     /// Per-channel dequantized weight and bias initializers.
@@ -358,9 +354,7 @@ impl Graph {
         }
         let s = self.f32s("scale", &[], &[lut.output.scale]);
         let z = self.u8s("zero_point", &[], &[lut.output.zero_point as i8]);
-        let yd = self.node("DequantizeLinear", vec![y.clone(), s, z], vec![]);
-        self.int8_of.insert(yd.clone(), y);
-        yd
+        self.node("DequantizeLinear", vec![y, s, z], vec![])
     }
 
     fn pool(

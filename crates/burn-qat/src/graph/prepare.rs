@@ -130,6 +130,33 @@ pub(crate) fn prepare_graph(
             },
         });
     }
+    // The float tail reads the integer model's output only (and the model's input, and
+    // constants): what it reads from inside the integer model would not exist at deployment.
+    if let Some(end) = graph.program.integer_end {
+        let output_live = graph.program.live();
+        for (i, node) in graph.program.nodes.iter().enumerate() {
+            if integer[i] || !output_live[i] {
+                continue;
+            }
+            if let Some(&j) = node
+                .inputs
+                .iter()
+                .find(|&&j| integer[j] && j != end && j != 0)
+            {
+                let read = &graph.program.nodes[j].name;
+                let end_name = &graph.program.nodes[end].name;
+                return Err(QatError::UnsupportedLayer {
+                    layer: node.name.clone(),
+                    kind: node.op.call(),
+                    problem: format!(
+                        "it is after the integer model's end `{end_name}` (QatConfig.integer_until) \
+                         but reads `{read}`, inside the integer model, which the integer model \
+                         does not return: end the integer model after every value the float tail reads"
+                    ),
+                });
+            }
+        }
+    }
     for (pattern, _) in &config.activation_rules {
         let Selector::Path(p) = pattern else { continue };
         let g = glob(p)?;
@@ -166,7 +193,11 @@ pub(crate) fn prepare_graph(
         let Op::Layer { kind, .. } = e.program.nodes[c].op else {
             continue;
         };
-        if !is_foldable(kind, e.program.nodes[c].shape.len()) || users[c] != [i] {
+        // The integer model's end returns its own value: a BatchNorm after it is the tail's.
+        if !is_foldable(kind, e.program.nodes[c].shape.len())
+            || users[c] != [i]
+            || e.program.integer_end == Some(c)
+        {
             continue;
         }
         let Some(GraphLayer::BatchNorm(bn)) = e.take_layer(i) else {
@@ -258,8 +289,11 @@ pub(crate) fn prepare_graph(
             GridRole::Quantized => i == 0,
             GridRole::Inherit => false,
             GridRole::FusableActivation => true,
+            // Not when the activation after it (in the integer model) takes the quantizer.
             GridRole::Compute => {
-                !(users[i].len() == 1 && role(users[i][0]) == GridRole::FusableActivation)
+                !(users[i].len() == 1
+                    && role(users[i][0]) == GridRole::FusableActivation
+                    && integer[users[i][0]])
             }
         } && !skipped[i]
             && integer[i];
