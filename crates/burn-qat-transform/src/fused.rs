@@ -521,7 +521,7 @@ impl<L: Module> Fused<L> {
         let w = self.quantize_weight(wf);
         let c = w.dims()[L::WEIGHT_AXIS];
         let device = w.device();
-        let s_w = |ch: usize| qps[if qps.len() == 1 { 0 } else { ch }].scale;
+        let s_w = |ch: usize| weight_scale(&qps, ch);
         let per_channel =
             |values: Vec<f32>| Tensor::<1>::from_data(TensorData::new(values, [c]), &device);
         let w_steps =
@@ -530,19 +530,7 @@ impl<L: Module> Fused<L> {
         let x_int = input.div_scalar(s_in).round();
         let acc = self.layer.forward_with(x_int, w_int, None);
         let bias = match b {
-            Some(b) => burn_qat_nn::tree::to_vec::<1>(b)
-                .iter()
-                .enumerate()
-                .map(|(ch, &v)| {
-                    let steps = burn_qat_core::reference::bias_steps(v, s_in, s_w(ch));
-                    // A non-finite bias (conversion refuses it) stays as it is.
-                    if steps.is_finite() {
-                        steps
-                    } else {
-                        v / (s_in * s_w(ch))
-                    }
-                })
-                .collect(),
+            Some(b) => bias_in_steps(&burn_qat_nn::tree::to_vec::<1>(b), s_in, &qps),
             None => vec![0.0; c],
         };
         let unit = per_channel((0..c).map(|ch| s_in * s_w(ch)).collect());
@@ -670,21 +658,42 @@ impl FusedAdd {
 /// A non-finite bias or step stays as it is (conversion refuses it with its channel).
 fn integer_bias(bias: Tensor<1>, input_scale: f32, weight: &[burn_qat_core::QParams]) -> Tensor<1> {
     let device = bias.device();
-    let values = burn_qat_nn::tree::to_vec::<1>(bias.clone().detach());
-    let emulated: Vec<f32> = values
+    let steps = bias_in_steps(
+        &burn_qat_nn::tree::to_vec::<1>(bias.clone().detach()),
+        input_scale,
+        weight,
+    );
+    let emulated: Vec<f32> = steps
         .iter()
         .enumerate()
-        .map(|(c, &b)| {
-            let s_w = weight[if weight.len() == 1 { 0 } else { c }].scale;
-            let steps = burn_qat_core::reference::bias_steps(b, input_scale, s_w);
-            let v = steps * (input_scale * s_w);
-            if v.is_finite() { v } else { b }
-        })
+        .map(|(c, &q)| q * (input_scale * weight_scale(weight, c)))
         .collect();
     let n = emulated.len();
     let emulated = Tensor::<1>::from_data(TensorData::new(emulated, [n]), &device);
     // `e + (b - b)`: exactly `e` forward (`b + (e - b)` would round twice), gradient 1 to `b`.
     emulated + (bias.clone() - bias.detach())
+}
+
+/// The weight scale of channel `c` (one scale for every channel of a per-tensor grid).
+fn weight_scale(weight: &[burn_qat_core::QParams], c: usize) -> f32 {
+    weight[if weight.len() == 1 { 0 } else { c }].scale
+}
+
+/// Each channel's bias in int32 steps of its accumulator (`reference::bias_steps`); a
+/// non-finite one (conversion refuses it) keeps its float value in those units.
+fn bias_in_steps(bias: &[f32], input_scale: f32, weight: &[burn_qat_core::QParams]) -> Vec<f32> {
+    bias.iter()
+        .enumerate()
+        .map(|(c, &b)| {
+            let s_w = weight_scale(weight, c);
+            let steps = burn_qat_core::reference::bias_steps(b, input_scale, s_w);
+            if steps.is_finite() {
+                steps
+            } else {
+                b / (input_scale * s_w)
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
