@@ -2,7 +2,9 @@
 //! (batch 128) models: float, the QAT graph with its fake-quant switched off, QAT with the fused
 //! fake-quant kernels, and QAT with the composed tensor ops (the path before the kernels, and
 //! the one backends without them run), in this process, on the device `BURN_DEVICE` names (flex by default). Prints QAT / float ratios.
-//! `QAT_STEP_MODELS=bn` (or `tutorial`) runs one model.
+//! `QAT_STEP_MODELS=bn` (or `tutorial`) runs one model. The zoo's patterns (see `zoo`), batch 8
+//! at `QAT_STEP_SIZE` (default 224; YOLOX at 416, its own size: `QAT_STEP_YOLOX_SIZE`), run
+//! when named: `QAT_STEP_MODELS=resnet18,mobilenetv2,squeezenet,yolox`.
 //!
 //! ```sh
 //! cargo bench -p mnist --all-features --bench qat_step
@@ -11,11 +13,12 @@
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{Criterion, criterion_group, criterion_main};
-use mnist::model::{BnNet, Classifier, Tutorial, prepare_qat};
+use mnist::model::{BnNet, Classifier, Tutorial, qat_config};
 
 #[path = "../../../crates/burn-qat/benches/common/mod.rs"]
 mod common;
 mod train_step;
+mod zoo;
 use common::mean;
 use train_step::{alternating_ratios, bench_step, stepper};
 
@@ -24,9 +27,14 @@ fn model_steps<M: Classifier + 'static>(
     name: &str,
     batch: usize,
     model: M,
+    [channels, side]: [usize; 2],
     device: &Device,
 ) {
-    let x = Tensor::<4>::random([batch, 1, 28, 28], Distribution::Uniform(0.0, 1.0), device);
+    let x = Tensor::<4>::random(
+        [batch, channels, side, side],
+        Distribution::Uniform(0.0, 1.0),
+        device,
+    );
     let y = Tensor::<1, Int>::from_ints(
         (0..batch as i64)
             .map(|i| i % 10)
@@ -34,7 +42,13 @@ fn model_steps<M: Classifier + 'static>(
             .as_slice(),
         device,
     );
-    let graph = prepare_qat(&model, 8, 8).expect("prepare");
+    let graph = burn_qat::graph::prepare(
+        &model,
+        &[1, channels, side, side],
+        |m: &M, x: Tensor<4>| m.logits(x),
+        &qat_config(8, 8),
+    )
+    .expect("prepare");
     // The same prepared graph with every fake-quant switched off and observers frozen: the
     // module structure of the QAT model (folded BatchNorm, lifted layers) without quantization.
     use burn_qat::nn::switches;
@@ -48,7 +62,11 @@ fn model_steps<M: Classifier + 'static>(
     }
     // Rounds of at least about half a second, so that the cost of switching models (caches,
     // the allocator's free lists) stays small against the steps.
-    let (rounds, steps) = (15, if batch < 64 { 100 } else { 2 });
+    let (rounds, steps) = match std::env::var("QAT_STEP_ROUNDS") {
+        Ok(r) => (r.parse().expect("QAT_STEP_ROUNDS: a number"), 1),
+        Err(_) if side > 28 => (9, 1),
+        Err(_) => (15, if batch < 64 { 100 } else { 2 }),
+    };
     let r = alternating_ratios(
         &mut [
             stepper(model.clone(), &x, &y),
@@ -123,11 +141,29 @@ fn bench(c: &mut Criterion) {
     // `QAT_STEP_MODELS=bn` runs one model (for profiling).
     let models = std::env::var("QAT_STEP_MODELS").unwrap_or_else(|_| "tutorial,bn".into());
     let models: Vec<&str> = models.split(',').collect();
+    let mnist = [1, 28];
     if models.contains(&"tutorial") {
-        model_steps(c, "tutorial", 32, Tutorial::new(&device), &device);
+        model_steps(c, "tutorial", 32, Tutorial::new(&device), mnist, &device);
     }
     if models.contains(&"bn") {
-        model_steps(c, "bn", 128, BnNet::new(&device), &device);
+        model_steps(c, "bn", 128, BnNet::new(&device), mnist, &device);
+    }
+    let size = |var: &str, default: usize| {
+        std::env::var(var).map_or(default, |s| s.parse().expect("a size in pixels"))
+    };
+    let side = [3, size("QAT_STEP_SIZE", 224)];
+    if models.contains(&"resnet18") {
+        model_steps(c, "resnet18", 8, zoo::ResNet18::new(&device), side, &device);
+    }
+    if models.contains(&"mobilenetv2") {
+        model_steps(c, "mobilenetv2", 8, zoo::MobileNetV2::new(&device), side, &device);
+    }
+    if models.contains(&"squeezenet") {
+        model_steps(c, "squeezenet", 8, zoo::SqueezeNet::new(&device), side, &device);
+    }
+    if models.contains(&"yolox") {
+        let side = [3, size("QAT_STEP_YOLOX_SIZE", 416)];
+        model_steps(c, "yolox", 8, zoo::Yolox::new(&device), side, &device);
     }
 }
 

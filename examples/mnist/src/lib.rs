@@ -10,14 +10,62 @@ pub mod report;
 pub mod training;
 
 /// Every process linking the example (its binaries, benches and tests) allocates through
-/// mimalloc. Burn's CPU backends allocate a fresh buffer per tensor op; glibc's `malloc` hands
-/// buffers of this size back to the kernel on free and maps them again on the next op, so that
-/// page faults took about a fifth of a `bn` training step on flex (5.1 million faults in 47 s of
-/// the `qat_step` bench). A caching allocator keeps them: the float step 330 -> 270 ms, the QAT
-/// step more (it allocates more). Your own training binaries on flex or ndarray gain the same
-/// with these two lines.
+/// mimalloc, with purging off. Burn's CPU backends allocate a fresh buffer per tensor op;
+/// glibc's `malloc` hands buffers of this size back to the kernel on free and maps them again
+/// on the next op, so that page faults took about a fifth of a `bn` training step on flex (5.1
+/// million faults in 47 s of the `qat_step` bench). mimalloc keeps them, but by default it
+/// still returns ("purges") freed pages to the kernel 10 ms after the free, and the kernel
+/// hands them back zeroed on the next touch: on a YOLOX-nano-sized step at batch 8, 278,000
+/// page faults and a fifth of the time in the kernel zeroing pages, more on the QAT step
+/// (it allocates more). With purging off (the first allocation sets mimalloc's
+/// `purge_delay` to -1; the same as `MIMALLOC_PURGE_DELAY=-1`) the run had 2,100 faults,
+/// took 24 s instead of 32, and QAT / float went from 1.78x to 1.26x. The process keeps its
+/// peak memory. Your own training binaries on flex or ndarray gain the same with
+/// [`KeepPages`].
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: KeepPages = KeepPages;
+
+/// mimalloc with purging switched off on the first allocation (see the note on the example's
+/// allocator above): freed memory stays mapped for the next tensor of the same size. A process
+/// that links this crate already allocates through it (one global allocator per process); in
+/// your own binary, copy these forty lines or set `MIMALLOC_PURGE_DELAY=-1` with plain
+/// `mimalloc::MiMalloc`.
+pub struct KeepPages;
+
+
+static PURGE_OFF: std::sync::Once = std::sync::Once::new();
+
+// mimalloc's option index of `mi_option_purge_delay` (its v2 and v3 headers agree).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn purge_off() {
+    // SAFETY: sets a plain integer option (no allocation); mimalloc reads it when it purges.
+    PURGE_OFF.call_once(|| unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) });
+}
+
+// SAFETY: every call goes to mimalloc unchanged, after an option that neither allocates nor
+// touches the memory handed out.
+unsafe impl std::alloc::GlobalAlloc for KeepPages {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        purge_off();
+        // SAFETY: forwarded as is.
+        unsafe { mimalloc::MiMalloc.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        purge_off();
+        // SAFETY: forwarded as is.
+        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded as is.
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        purge_off();
+        // SAFETY: forwarded as is.
+        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+    }
+}
 
 use std::path::Path;
 
