@@ -496,8 +496,11 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
     }
 }
 
+/// A clamp from 0 runs as `relu` then `clamp_max`: one comparison and mask each way where
+/// Burn's autodiff records `float_clamp` as two (see `Activation::forward`).
 fn clamp(x: DispatchTensor, min: f64, max: f64) -> DispatchTensor {
     match (min.is_finite(), max.is_finite()) {
+        (true, _) if min == 0.0 => clamp(Dispatch::relu(x), f64::NEG_INFINITY, max),
         (true, true) => Dispatch::float_clamp(x, min.into(), max.into()),
         (true, false) => Dispatch::float_clamp_min(x, min.into()),
         (false, true) => Dispatch::float_clamp_max(x, max.into()),
