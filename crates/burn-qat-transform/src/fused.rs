@@ -43,10 +43,11 @@ impl Activation {
             Activation::Identity => x,
             Activation::Relu => activation::relu(x),
             Activation::Relu6 => activation::relu(x).clamp_max(6.0),
-            Activation::Clamp { min, max } if min == 0.0 && max == f32::INFINITY => {
-                activation::relu(x)
-            }
-            Activation::Clamp { min, max } if min == 0.0 => activation::relu(x).clamp_max(max),
+            Activation::Clamp {
+                min: 0.0,
+                max: f32::INFINITY,
+            } => activation::relu(x),
+            Activation::Clamp { min: 0.0, max } => activation::relu(x).clamp_max(max),
             Activation::Clamp { min, max } => x.clamp(min, max),
         }
     }

@@ -156,10 +156,24 @@ fn bench(c: &mut Criterion) {
         model_steps(c, "resnet18", 8, zoo::ResNet18::new(&device), side, &device);
     }
     if models.contains(&"mobilenetv2") {
-        model_steps(c, "mobilenetv2", 8, zoo::MobileNetV2::new(&device), side, &device);
+        model_steps(
+            c,
+            "mobilenetv2",
+            8,
+            zoo::MobileNetV2::new(&device),
+            side,
+            &device,
+        );
     }
     if models.contains(&"squeezenet") {
-        model_steps(c, "squeezenet", 8, zoo::SqueezeNet::new(&device), side, &device);
+        model_steps(
+            c,
+            "squeezenet",
+            8,
+            zoo::SqueezeNet::new(&device),
+            side,
+            &device,
+        );
     }
     if models.contains(&"yolox") {
         let side = [3, size("QAT_STEP_YOLOX_SIZE", 416)];

@@ -32,7 +32,6 @@ static ALLOCATOR: KeepPages = KeepPages;
 /// `mimalloc::MiMalloc`.
 pub struct KeepPages;
 
-
 static PURGE_OFF: std::sync::Once = std::sync::Once::new();
 
 // mimalloc's option index of `mi_option_purge_delay` (its v2 and v3 headers agree).

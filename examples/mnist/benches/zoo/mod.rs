@@ -18,7 +18,14 @@ use mnist::model::Classifier;
 
 const CLASSES: usize = 10;
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, device: &Device) -> Conv2d {
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    groups: usize,
+    device: &Device,
+) -> Conv2d {
     let p = k / 2;
     Conv2dConfig::new([cin, cout], [k, k])
         .with_stride([stride, stride])
@@ -36,7 +43,14 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, device: &Device) -> Self {
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        device: &Device,
+    ) -> Self {
         Self {
             conv: conv(cin, cout, k, stride, groups, device),
             bn: BatchNormConfig::new(cout).init(device),
@@ -90,7 +104,12 @@ impl ResNet18 {
         let mut blocks = Vec::new();
         let mut cin = 64;
         for (stage, w) in [64, 128, 256, 512].into_iter().enumerate() {
-            blocks.push(BasicBlock::new(cin, w, if stage == 0 { 1 } else { 2 }, device));
+            blocks.push(BasicBlock::new(
+                cin,
+                w,
+                if stage == 0 { 1 } else { 2 },
+                device,
+            ));
             blocks.push(BasicBlock::new(w, w, 1, device));
             cin = w;
         }
@@ -174,7 +193,13 @@ impl MobileNetV2 {
         let mut cin = 32;
         for (t, c, n, s) in settings {
             for i in 0..n {
-                blocks.push(InvertedResidual::new(cin, c, if i == 0 { s } else { 1 }, t, device));
+                blocks.push(InvertedResidual::new(
+                    cin,
+                    c,
+                    if i == 0 { s } else { 1 },
+                    t,
+                    device,
+                ));
                 cin = c;
             }
         }
@@ -220,7 +245,13 @@ impl Fire {
     }
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let s = relu(self.squeeze.forward(x));
-        Tensor::cat(vec![relu(self.expand1.forward(s.clone())), relu(self.expand3.forward(s))], 1)
+        Tensor::cat(
+            vec![
+                relu(self.expand1.forward(s.clone())),
+                relu(self.expand3.forward(s)),
+            ],
+            1,
+        )
     }
 }
 
@@ -251,7 +282,9 @@ impl SqueezeNet {
         .map(|(c, s, e)| Fire::new(c, s, e, device))
         .collect();
         Self {
-            stem: Conv2dConfig::new([3, 64], [3, 3]).with_stride([2, 2]).init(device),
+            stem: Conv2dConfig::new([3, 64], [3, 3])
+                .with_stride([2, 2])
+                .init(device),
             pool: MaxPool2dConfig::new([3, 3])
                 .with_strides([2, 2])
                 .with_ceil_mode(true)
@@ -286,8 +319,17 @@ pub struct BaseConv {
 }
 
 impl BaseConv {
-    fn new(cin: usize, cout: usize, k: usize, stride: usize, groups: usize, device: &Device) -> Self {
-        Self { inner: ConvBn::new(cin, cout, k, stride, groups, device) }
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+        device: &Device,
+    ) -> Self {
+        Self {
+            inner: ConvBn::new(cin, cout, k, stride, groups, device),
+        }
     }
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         silu(self.inner.forward(x))
@@ -353,8 +395,12 @@ impl CspLayer {
         }
     }
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let a = self.m.iter().fold(self.conv1.forward(x.clone()), |a, b| b.forward(a));
-        self.conv3.forward(Tensor::cat(vec![a, self.conv2.forward(x)], 1))
+        let a = self
+            .m
+            .iter()
+            .fold(self.conv1.forward(x.clone()), |a, b| b.forward(a));
+        self.conv3
+            .forward(Tensor::cat(vec![a, self.conv2.forward(x)], 1))
     }
 }
 
@@ -406,8 +452,12 @@ impl HeadLevel {
         let pred = |c: usize| Conv2dConfig::new([width, c], [1, 1]).init(device);
         Self {
             stem: BaseConv::new(cin, width, 1, 1, 1, device),
-            cls: (0..2).map(|_| DwConv::new(width, width, 3, 1, device)).collect(),
-            reg: (0..2).map(|_| DwConv::new(width, width, 3, 1, device)).collect(),
+            cls: (0..2)
+                .map(|_| DwConv::new(width, width, 3, 1, device))
+                .collect(),
+            reg: (0..2)
+                .map(|_| DwConv::new(width, width, 3, 1, device))
+                .collect(),
             cls_pred: pred(classes),
             reg_pred: pred(4),
             obj_pred: pred(1),
@@ -419,7 +469,11 @@ impl HeadLevel {
         let c = self.cls.iter().fold(x.clone(), |c, l| l.forward(c));
         let r = self.reg.iter().fold(x, |r, l| l.forward(r));
         let out = Tensor::cat(
-            vec![self.reg_pred.forward(r.clone()), self.obj_pred.forward(r), self.cls_pred.forward(c)],
+            vec![
+                self.reg_pred.forward(r.clone()),
+                self.obj_pred.forward(r),
+                self.cls_pred.forward(c),
+            ],
             1,
         );
         out.flatten(2, 3)
@@ -491,13 +545,26 @@ impl Yolox {
         let x = self.dark2.1.forward(self.dark2.0.forward(x));
         let d3 = self.dark3.1.forward(self.dark3.0.forward(x));
         let d4 = self.dark4.1.forward(self.dark4.0.forward(d3.clone()));
-        let d5 = self.dark5.2.forward(self.dark5.1.forward(self.dark5.0.forward(d4.clone())));
+        let d5 = self
+            .dark5
+            .2
+            .forward(self.dark5.1.forward(self.dark5.0.forward(d4.clone())));
         let fpn0 = self.lateral0.forward(d5);
-        let f = self.c3_p4.forward(Tensor::cat(vec![self.upsample.forward(fpn0.clone()), d4], 1));
+        let f = self.c3_p4.forward(Tensor::cat(
+            vec![self.upsample.forward(fpn0.clone()), d4],
+            1,
+        ));
         let fpn1 = self.reduce1.forward(f);
-        let p3 = self.c3_p3.forward(Tensor::cat(vec![self.upsample.forward(fpn1.clone()), d3], 1));
-        let p4 = self.c3_n3.forward(Tensor::cat(vec![self.bu2.forward(p3.clone()), fpn1], 1));
-        let p5 = self.c3_n4.forward(Tensor::cat(vec![self.bu1.forward(p4.clone()), fpn0], 1));
+        let p3 = self.c3_p3.forward(Tensor::cat(
+            vec![self.upsample.forward(fpn1.clone()), d3],
+            1,
+        ));
+        let p4 = self
+            .c3_n3
+            .forward(Tensor::cat(vec![self.bu2.forward(p3.clone()), fpn1], 1));
+        let p5 = self
+            .c3_n4
+            .forward(Tensor::cat(vec![self.bu1.forward(p4.clone()), fpn0], 1));
         let outs = [p3, p4, p5]
             .into_iter()
             .zip(&self.heads)
