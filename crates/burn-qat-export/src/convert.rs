@@ -150,6 +150,10 @@ struct Tail {
     activations: Vec<usize>,
     activation: Activation,
     quant: Option<usize>,
+    /// `quant` is the quantizer of the concat that alone reads this node (`graph::prepare`
+    /// quantizes such outputs on the concat's grid only): the node requantizes onto that grid,
+    /// the concat computes the quantizer.
+    borrowed: bool,
 }
 
 struct Converter<'a> {
@@ -196,11 +200,21 @@ impl<'a> Converter<'a> {
             activation = activation.then(a);
             at = u;
         }
-        let quant = single(at).filter(|u| self.quant_layer(*u).is_some());
+        let quant_after = |j: usize| single(j).filter(|u| self.quant_layer(*u).is_some());
+        let (quant, borrowed) = match quant_after(at) {
+            Some(q) => (Some(q), false),
+            None => {
+                let concat = single(at)
+                    .filter(|&c| matches!(self.gnode(c).op, Op::Concat { .. }))
+                    .and_then(quant_after);
+                (concat, concat.is_some())
+            }
+        };
         Tail {
             activations,
             activation,
             quant,
+            borrowed,
         }
     }
 
@@ -258,7 +272,8 @@ impl<'a> Converter<'a> {
     /// Maps the activations and quantizer after graph node `i` to integer node `n`.
     fn emit_cover(&mut self, i: usize, n: usize) {
         let t = self.tail(i);
-        for j in t.activations.into_iter().chain(t.quant) {
+        let own = t.quant.filter(|_| !t.borrowed);
+        for j in t.activations.into_iter().chain(own) {
             self.map[j] = Some(n);
         }
     }

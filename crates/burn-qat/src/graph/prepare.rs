@@ -298,6 +298,23 @@ pub(crate) fn prepare_graph(
         } && !skipped[i]
             && integer[i];
     }
+    // An output that only a concat reads is quantized on the concat's grid alone (the integer
+    // model requantizes it straight onto that grid, as TFLite's and PyTorch's concat share
+    // their inputs' quantization parameters): no second rounding, one fake-quant pass fewer.
+    // Last to first, so that a concat read only by another concat has lost its own quantizer
+    // before its inputs look at it.
+    let end = graph.program.integer_end.unwrap_or(graph.program.output);
+    for i in (1..nodes.len()).rev() {
+        if let [c] = users[i][..]
+            && quant_after[i]
+            && quant_after[c]
+            && i != end
+            && matches!(nodes[c].op, Op::Concat { .. })
+            && activation_settings(&nodes[c].name, config, &rules).enabled
+        {
+            quant_after[i] = false;
+        }
+    }
     if config.float_output {
         // The node that computes the integer model's output, through the ops that keep their
         // input's grid.
