@@ -236,7 +236,42 @@ pub fn max_pool(w: &Window, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
     if row_wise(w) {
         return max_pool_valid(w, x, shape, out);
     }
+    if let Some(inner) = without_begin_padding(w) {
+        thread_local! {
+            /// The input with its begin padding written out (kept between calls).
+            static PADDED: std::cell::RefCell<Vec<i8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let [n, c, h, wd] = nchw(shape);
+        let [top, left] = [w.padding[0], w.padding[2]];
+        let (ph, pw) = (h + top, wd + left);
+        return PADDED.with_borrow_mut(|padded| {
+            padded.clear();
+            padded.resize(n * c * ph * pw, i8::MIN);
+            for (plane, src) in padded.chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * wd)) {
+                for (row, src) in plane[top * pw..]
+                    .chunks_exact_mut(pw)
+                    .zip(src.chunks_exact(wd))
+                {
+                    row[left..].copy_from_slice(src);
+                }
+            }
+            max_pool_valid(&inner, padded, &[n, c, ph, pw], out)
+        });
+    }
     windows(w, x, shape, |it| it.flatten().fold(i8::MIN, i8::max), out)
+}
+
+/// `w` without its begin padding, for an input with that padding written out as `i8::MIN`
+/// (which never wins against the window's part inside the input: every window of a padding
+/// narrower than the kernel holds some of the input), when the rest is [`row_wise`]. ResNet's
+/// stem pooling (3x3, stride 2, padding 1) takes the row-wise path this way.
+fn without_begin_padding(w: &Window) -> Option<Window> {
+    let narrower = w.padding[0] < w.kernel[0] && w.padding[2] < w.kernel[1];
+    let inner = Window {
+        padding: [0, w.padding[1], 0, w.padding[3]],
+        ..*w
+    };
+    (narrower && row_wise(&inner)).then_some(inner)
 }
 
 /// Whether [`max_pool_planes`] pools with window `w`: no dilation, no begin padding, end
@@ -619,10 +654,12 @@ mod tests {
             seed in any::<u64>(),
         ) {
             prop_assume!(kh <= h && kw <= w);
-            // End padding narrower than the kernel (ceil mode's), or none.
+            // End padding narrower than the kernel (ceil mode's), or none; begin padding
+            // narrower than the kernel (ResNet's stem pooling) every other case.
             let (eh, ew) = ((seed % 7) as usize % kh, (seed / 7 % 7) as usize % kw);
-            let win = Window { kernel: [kh, kw], stride: [sh, sw], padding: [0, eh, 0, ew], dilation: [1, 1] };
-            prop_assert!(row_wise(&win));
+            let (bh, bw) = if seed % 2 == 0 { (0, 0) } else { ((seed / 49) as usize % kh, (seed / 343) as usize % kw) };
+            let win = Window { kernel: [kh, kw], stride: [sh, sw], padding: [bh, eh, bw, ew], dilation: [1, 1] };
+            prop_assert!(row_wise(&win) || without_begin_padding(&win).is_some());
             let shape = [n, c, h, w];
             let x: Vec<i8> = (0..n * c * h * w)
                 .map(|i| (seed.wrapping_mul(6364136223846793005).wrapping_add((i as u64).wrapping_mul(1442695040888963407)) >> 56) as i8)

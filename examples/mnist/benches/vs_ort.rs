@@ -1,6 +1,8 @@
 //! The integer model against onnxruntime running the very ONNX file burn-qat exports, for every
-//! example model (`tutorial`, `bn`, `residual`, `mobile`, `resnet`), batch 1 and 256, same thread
-//! count: the integer model timed in this process, onnxruntime by `.ci/ort_bench.py` in the venv
+//! example model (`tutorial`, `bn`, `residual`, `mobile`, `resnet`), batch 1 and 256, and, when
+//! named in `VS_ORT_MODELS`, the model zoo's patterns of the `qat_step` bench (`zoo-resnet18`,
+//! `zoo-mobilenetv2`, `zoo-squeezenet` at 3x224x224, `zoo-yolox` at 3x416x416; batch 1 and 8),
+//! same thread count: the integer model timed in this process, onnxruntime by `.ci/ort_bench.py` in the venv
 //! CI builds (`BURN_QAT_VENV`, default `~/.cache/burn-qat/venv`), in alternating rounds
 //! (`VS_ORT_ROUNDS`, default 3). Prints one table with the ratios of the medians. Models are
 //! calibrated on random images (speed does not depend on the weights).
@@ -20,7 +22,10 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use mnist::model::{BnNet, Classifier, MobileNet, ResNet, ResidualNet, Tutorial, prepare_qat};
+use mnist::model::{BnNet, Classifier, MobileNet, ResNet, ResidualNet, Tutorial, qat_config};
+
+#[allow(dead_code)] // the zoo's classifiers only; `qat_step` uses the rest
+mod zoo;
 
 /// Median seconds per call of `f` over about `budget` of calls (after one warm-up call).
 fn median_time(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -41,12 +46,25 @@ fn median_time(budget: Duration, mut f: impl FnMut()) -> f64 {
 fn export<M: Classifier>(
     name: &str,
     model: M,
+    input: [usize; 3],
     device: &Device,
     dir: &Path,
-) -> (String, burn_qat::export::IntegerModel) {
-    let qat = prepare_qat(&model, 8, 8).expect("prepare");
+) -> Exported {
+    let [c, h, w] = input;
+    let qat = burn_qat::graph::prepare(
+        &model,
+        &[1, c, h, w],
+        |m: &M, x: Tensor<4>| m.logits(x),
+        &qat_config(8, 8),
+    )
+    .expect("prepare");
+    let calibration = if h > 28 { 4 } else { 32 };
     for _ in 0..2 {
-        let x = Tensor::<4>::random([32, 1, 28, 28], Distribution::Uniform(0.0, 1.0), device);
+        let x = Tensor::<4>::random(
+            [calibration, c, h, w],
+            Distribution::Uniform(0.0, 1.0),
+            device,
+        );
         let _: Tensor<2> = qat.forward(x);
     }
     let int8 = burn_qat::export::convert(&qat.valid()).expect("convert");
@@ -58,20 +76,38 @@ fn export<M: Classifier>(
         &Default::default(),
     )
     .expect("onnx");
-    (name.to_string(), int8)
+    // Batch 256 at MNIST's size; the zoo's models at 224 px and more take batch 8.
+    let batches = [1, if h > 28 { 8 } else { 256 }];
+    Exported {
+        name: name.to_string(),
+        int8,
+        item: c * h * w,
+        batches,
+    }
 }
 
-/// Median seconds per call of the integer model at batch 1 and 256 (`None` for a batch
+/// A converted model, its ONNX file written.
+struct Exported {
+    name: String,
+    int8: burn_qat::export::IntegerModel,
+    /// Values per input item.
+    item: usize,
+    /// The two batch sizes timed.
+    batches: [usize; 2],
+}
+
+/// Median seconds per call of the integer model at its two batch sizes (`None` for a batch
 /// `VS_ORT_BATCH` leaves out), about `budget` each.
-fn ours(int8: &burn_qat::export::IntegerModel, budget: Duration) -> [Option<f64>; 2] {
+fn ours(model: &Exported, budget: Duration) -> [Option<f64>; 2] {
     let only: Option<usize> = std::env::var("VS_ORT_BATCH")
         .ok()
         .and_then(|b| b.parse().ok());
-    [1usize, 256].map(|batch| {
+    let int8 = &model.int8;
+    model.batches.map(|batch| {
         if only.is_some_and(|b| b != batch) {
             return None;
         }
-        let x: Vec<f32> = (0..batch * 28 * 28)
+        let x: Vec<f32> = (0..batch * model.item)
             .map(|i| (i % 255) as f32 / 255.0)
             .collect();
         Some(median_time(budget, || {
@@ -80,14 +116,22 @@ fn ours(int8: &burn_qat::export::IntegerModel, budget: Duration) -> [Option<f64>
     })
 }
 
-/// onnxruntime's median seconds per call at batch 1 and 256 on the model's file, or why not.
-fn ort(venv: &Path, dir: &Path, threads: usize, seconds: f64) -> Result<[f64; 2], String> {
+/// onnxruntime's median seconds per call at the two batch sizes on the model's file, or why
+/// not.
+fn ort(
+    venv: &Path,
+    dir: &Path,
+    threads: usize,
+    seconds: f64,
+    batches: [usize; 2],
+) -> Result<[f64; 2], String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/ort_bench.py");
     let out = Command::new(venv.join("bin/python"))
         .arg(&script)
         .arg(dir)
         .arg(threads.to_string())
         .arg(seconds.to_string())
+        .arg(format!("{},{}", batches[0], batches[1]))
         .output()
         .map_err(|e| format!("{} not runnable ({e})", venv.display()))?;
     if !out.status.success() {
@@ -123,21 +167,62 @@ fn main() {
         only.as_ref()
             .is_none_or(|o| o.split(',').any(|m| m == name))
     };
+    let mnist = [1, 28, 28];
     let mut models = vec![];
     if wanted("tutorial") {
-        models.push(export("tutorial", Tutorial::new(&device), &device, &dir));
+        models.push(export(
+            "tutorial",
+            Tutorial::new(&device),
+            mnist,
+            &device,
+            &dir,
+        ));
     }
     if wanted("bn") {
-        models.push(export("bn", BnNet::new(&device), &device, &dir));
+        models.push(export("bn", BnNet::new(&device), mnist, &device, &dir));
     }
     if wanted("residual") {
-        models.push(export("residual", ResidualNet::new(&device), &device, &dir));
+        models.push(export(
+            "residual",
+            ResidualNet::new(&device),
+            mnist,
+            &device,
+            &dir,
+        ));
     }
     if wanted("mobile") {
-        models.push(export("mobile", MobileNet::new(&device), &device, &dir));
+        models.push(export(
+            "mobile",
+            MobileNet::new(&device),
+            mnist,
+            &device,
+            &dir,
+        ));
     }
     if wanted("resnet") {
-        models.push(export("resnet", ResNet::new(&device), &device, &dir));
+        models.push(export("resnet", ResNet::new(&device), mnist, &device, &dir));
+    }
+    // The zoo's patterns, only when named.
+    let named = |name: &str| {
+        only.as_ref()
+            .is_some_and(|o| o.split(',').any(|m| m == name))
+    };
+    let imagenet = [3, 224, 224];
+    if named("zoo-resnet18") {
+        let m = zoo::ResNet18::new(&device);
+        models.push(export("zoo-resnet18", m, imagenet, &device, &dir));
+    }
+    if named("zoo-mobilenetv2") {
+        let m = zoo::MobileNetV2::new(&device);
+        models.push(export("zoo-mobilenetv2", m, imagenet, &device, &dir));
+    }
+    if named("zoo-squeezenet") {
+        let m = zoo::SqueezeNet::new(&device);
+        models.push(export("zoo-squeezenet", m, imagenet, &device, &dir));
+    }
+    if named("zoo-yolox") {
+        let m = zoo::Yolox::new(&device);
+        models.push(export("zoo-yolox", m, [3, 416, 416], &device, &dir));
     }
     let venv = std::env::var("BURN_QAT_VENV")
         .map(PathBuf::from)
@@ -154,12 +239,14 @@ fn main() {
     let mut times: Vec<[[Vec<f64>; 2]; 2]> = vec![Default::default(); models.len()];
     let mut ort_error = None;
     for _ in 0..rounds.max(1) {
-        for ((name, int8), t) in models.iter().zip(&mut times) {
-            for (b, v) in ours(int8, budget).into_iter().enumerate() {
+        for (model, t) in models.iter().zip(&mut times) {
+            for (b, v) in ours(model, budget).into_iter().enumerate() {
                 t[0][b].extend(v);
             }
             if ort_error.is_none() {
-                match ort(&venv, &dir.join(name), threads, budget.as_secs_f64()) {
+                let seconds = budget.as_secs_f64();
+                let folder = dir.join(&model.name);
+                match ort(&venv, &folder, threads, seconds, model.batches) {
                     Ok(v) => (0..2).for_each(|b| t[1][b].push(v[b])),
                     Err(e) => ort_error = Some(e),
                 }
@@ -175,11 +262,11 @@ fn main() {
         "\nmedian ms per call over {rounds} alternating rounds, {threads} threads, {cpu} (integer model: caller + workers; onnxruntime: intra-op threads, all optimizations)"
     );
     println!(
-        "| model | int8 batch 1 | ORT batch 1 | int8 / ORT | int8 batch 256 | ORT batch 256 | int8 / ORT |"
+        "| model | int8 batch 1 | ORT batch 1 | int8 / ORT | batch | int8 batch 256 (zoo: 8) | ORT | int8 / ORT |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let ms = |t: Option<f64>| t.map_or("n/a".to_string(), |t| format!("{:.3}", t * 1e3));
-    for ((name, _), t) in models.iter().zip(times) {
+    for (model, t) in models.iter().zip(times) {
         let cells: Vec<String> = (0..2)
             .map(|b| {
                 let (a, o) = (median(t[0][b].clone()), median(t[1][b].clone()));
@@ -190,7 +277,10 @@ fn main() {
                 format!("{} | {} | {ratio}", ms(a), ms(o))
             })
             .collect();
-        println!("| {name} | {} | {} |", cells[0], cells[1]);
+        println!(
+            "| {} | {} | {} | {} |",
+            model.name, cells[0], model.batches[1], cells[1]
+        );
     }
 }
 
