@@ -411,10 +411,26 @@ fn max_planes(
                     dst[wd / 2] = rows_max[wd - 1];
                 }
             } else {
+                // Three wide (ResNet's, SqueezeNet's pooling): the max of every three neighbours
+                // in place, one vectorized pass (each write reads only entries after it), then
+                // every stride-th; windows that run past the end keep the fold below.
+                let full = if kernel[1] == 3 {
+                    let full = wd.saturating_sub(2);
+                    for i in 0..full {
+                        rows_max[i] = rows_max[i].max(rows_max[i + 1]).max(rows_max[i + 2]);
+                    }
+                    full
+                } else {
+                    0
+                };
                 for (ox, d) in dst.iter_mut().enumerate() {
                     let start = ox * stride[1];
-                    let window = &rows_max[start..(start + kernel[1]).min(wd)];
-                    *d = window.iter().copied().fold(i8::MIN, i8::max);
+                    *d = if start < full {
+                        rows_max[start]
+                    } else {
+                        let window = &rows_max[start..(start + kernel[1]).min(wd)];
+                        window.iter().copied().fold(i8::MIN, i8::max)
+                    };
                 }
             }
         }
