@@ -60,7 +60,7 @@ def check(folder):
 def main():
     root = sys.argv[1]
     folders = sorted(os.path.join(root, d) for d in os.listdir(root))
-    assert len(folders) >= 13, f"expected the thirteen graph-mode test models in {root}, found {folders}"
+    assert len(folders) >= 14, f"expected the fourteen graph-mode test models in {root}, found {folders}"
     for folder in folders:
         check(folder)
     print("onnx models check: passed")

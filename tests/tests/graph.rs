@@ -654,6 +654,76 @@ impl FocusNet {
     }
 }
 
+// ---------------------------------------------------------------- (i1b) bilinear upsampling
+
+/// A feature-pyramid pattern with bilinear resizing (segmentation heads, FPNs): a strided conv,
+/// bilinear upsampling (half-pixel centres, `Interpolate2d` with a scale factor) joined to the
+/// full-resolution features, a second resize with `align_corners` to a size that is not a
+/// multiple of the input, a ReLU after it (its own grid: the resize writes one), a head.
+#[derive(Module, Debug)]
+struct Upsampler {
+    down: Conv2d,
+    up: burn::nn::interpolate::Interpolate2d,
+    lateral: Conv2d,
+    fuse: Conv2d,
+    head: Linear,
+}
+
+impl Upsampler {
+    fn new(device: &Device) -> Self {
+        Self {
+            down: Conv2dConfig::new([1, 4], [3, 3])
+                .with_stride([2, 2])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            up: burn::nn::interpolate::Interpolate2dConfig::new()
+                .with_scale_factor(Some([2.0, 2.0]))
+                .with_mode(burn::nn::interpolate::InterpolateMode::Linear)
+                .with_align_corners(false)
+                .init(),
+            lateral: Conv2dConfig::new([1, 4], [1, 1]).init(device),
+            fuse: Conv2dConfig::new([8, 4], [3, 3]).init(device),
+            head: LinearConfig::new(4 * 5 * 5, 4).init(device),
+        }
+    }
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        use burn::tensor::module::interpolate;
+        use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+        let low = burn::tensor::activation::relu(self.down.forward(x.clone())); // [N, 4, 4, 4]
+        let up = self.up.forward(low); // [N, 4, 8, 8]
+        let x = Tensor::cat(vec![up, self.lateral.forward(x)], 1);
+        let x = self.fuse.forward(x); // [N, 4, 6, 6]
+        let mut corners = InterpolateOptions::new(InterpolateMode::Bilinear);
+        corners.align_corners = true;
+        corners.output_size = Some([5, 5]);
+        let x = burn::tensor::activation::relu(interpolate(x, corners));
+        self.head.forward(x.flatten(1, 3))
+    }
+}
+
+#[test]
+fn bilinear_resizes_get_their_own_grids() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    let g = prepared(&Upsampler::new(&device));
+    let plan = g.plan();
+    let resizes: Vec<usize> = (0..g.program.nodes.len())
+        .filter(|&i| matches!(g.program.nodes[i].op, Op::Bilinear { .. }))
+        .collect();
+    assert_eq!(resizes.len(), 2, "{plan}");
+    let users = g.program.consumers();
+    // The first is read by a concat alone (quantized on its grid), the second by a ReLU
+    // (which takes a grid of its own after the resize's).
+    assert!(
+        matches!(g.program.nodes[users[resizes[0]][0]].op, Op::Concat { .. }),
+        "{plan}"
+    );
+    assert!(quant_follows(&g, resizes[1]), "{plan}");
+    let relu = users[users[resizes[1]][0]][0];
+    assert!(matches!(g.program.nodes[relu].op, Op::Relu), "{plan}");
+    assert!(quant_follows(&g, relu), "{plan}");
+}
+
 // ---------------------------------------------------------------- (i2) ResNet-18 depth
 
 /// ResNet-18's depth and layout (a 3x3 stem, four stages of two basic blocks, 1x1 projection
@@ -858,6 +928,25 @@ trait UserModel: Module + Sized {
     const NAME: &'static str;
     fn make(device: &Device) -> Self;
     fn run(&self, x: Tensor<4>) -> Tensor<2>;
+    /// Why the model cannot train on `backend` (the user's own float model cannot either), or
+    /// `None`.
+    fn cannot_train_on(_backend: &str) -> Option<&'static str> {
+        None
+    }
+}
+
+/// The backends `M` trains on; the others reported as skipped, with the reason.
+fn training_backends<M: UserModel>(test: &str) -> Vec<Backend> {
+    backends()
+        .into_iter()
+        .filter(|b| match M::cannot_train_on(b.name) {
+            Some(why) => {
+                burn_qat_tests::skip(&format!("{test} ({})", M::NAME), b.name, why);
+                false
+            }
+            None => true,
+        })
+        .collect()
 }
 
 macro_rules! user_model {
@@ -886,6 +975,20 @@ user_model!(ZooMobileNetClampMin, "mobilenet-clamp-min-max");
 user_model!(SqueezeNet, "squeezenet-ceil-pool");
 user_model!(Chains, "activation-chains");
 user_model!(ResNet18Depth, "resnet18-depth");
+impl UserModel for Upsampler {
+    const NAME: &'static str = "bilinear";
+    fn make(device: &Device) -> Self {
+        Upsampler::new(device)
+    }
+    fn run(&self, x: Tensor<4>) -> Tensor<2> {
+        self.forward(x)
+    }
+    fn cannot_train_on(backend: &str) -> Option<&'static str> {
+        matches!(backend, "ndarray" | "wgpu").then_some(
+            "Burn 0.22 has no bilinear interpolation backward on this backend (it panics)",
+        )
+    }
+}
 
 fn input(device: &Device, n: usize) -> Tensor<4> {
     Tensor::random([n, 1, 8, 8], Distribution::Normal(0.0, 1.0), device)
@@ -940,7 +1043,7 @@ fn close(b: &Backend, what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 fn float_graph_equals_user_forward<M: UserModel>() {
-    for b in backends() {
+    for b in training_backends::<M>("float_graph_equals_user_forward") {
         let device = b.device.clone().autodiff();
         device.seed(7);
         let model = warm_up(M::make(&device), &device);
@@ -979,7 +1082,7 @@ fn prepared<M: UserModel>(model: &M) -> QatGraph {
 }
 
 fn train<M: UserModel>() {
-    for b in backends() {
+    for b in training_backends::<M>("train") {
         let device = b.device.clone().autodiff();
         device.seed(11);
         let model = warm_up(M::make(&device), &device);
@@ -1021,7 +1124,7 @@ fn train<M: UserModel>() {
 }
 
 fn resume<M: UserModel>() {
-    for b in backends() {
+    for b in training_backends::<M>("resume") {
         let device = b.device.clone().autodiff();
         device.seed(5);
         let model = warm_up(M::make(&device), &device);
@@ -1360,6 +1463,7 @@ model_tests!(zoo_mobilenet_relu, ZooMobileNetRelu);
 model_tests!(zoo_mobilenet_clamp_min, ZooMobileNetClampMin);
 model_tests!(zoo_squeezenet, SqueezeNet);
 model_tests!(zoo_focus, FocusNet);
+model_tests!(bilinear, Upsampler);
 
 mod resnet18_depth {
     use super::*;

@@ -302,6 +302,10 @@ impl<'a> Converter<'a> {
             | Op::AvgPool2d { .. } => self.pool_from_float(i),
             Op::AdaptiveAvgPool1d { output } => self.adaptive_pool_from_float(i, [1, *output]),
             Op::AdaptiveAvgPool2d { output } => self.adaptive_pool_from_float(i, *output),
+            Op::Bilinear {
+                size,
+                align_corners,
+            } => self.bilinear_from_float(i, *size, *align_corners),
             Op::MeanDim { axis } => self.reduce_from_float(i, *axis, true),
             Op::SumDim { axis } => self.reduce_from_float(i, *axis, false),
             Op::Reshape { .. } => self.layout_from_float(i, IntOp::Reshape),
@@ -565,6 +569,33 @@ impl<'a> Converter<'a> {
             }
         };
         self.emit(i, op, vec![ma, mb], Some(out));
+        Ok(())
+    }
+
+    /// Bilinear resizing onto the grid of the quantizer after it (an activation after it is
+    /// applied on that grid by a table, as after a concatenation).
+    fn bilinear_from_float(
+        &mut self,
+        i: usize,
+        size: [usize; 2],
+        align_corners: bool,
+    ) -> Result<(), ExportError> {
+        let (m, input) = self.int_input(i, 0)?;
+        let (activation, out) = self.required_tail(i)?;
+        if activation != Activation::Identity {
+            return Err(unsupported(
+                self.gnode(i),
+                self.gnode(i).op.call(),
+                "an activation right after a bilinear resize: quantize between them (graph::prepare \
+                 does), or apply it before the resize",
+            ));
+        }
+        let op = IntOp::Bilinear {
+            size,
+            align_corners,
+            input,
+        };
+        self.emit(i, op, vec![m], Some(out.grid));
         Ok(())
     }
 

@@ -208,6 +208,15 @@ pub enum Op {
         /// Output size.
         output: [usize; 2],
     },
+    /// Bilinear resizing of `[N, C, H, W]` to `[N, C, size]` (`module::interpolate` with
+    /// `InterpolateMode::Bilinear`): each output weighs four neighbours, so it gets a grid of
+    /// its own.
+    Bilinear {
+        /// Output `[h, w]`.
+        size: [usize; 2],
+        /// Corner pixels' centres aligned (else half-pixel centres).
+        align_corners: bool,
+    },
     /// The entries `indices` of axis `axis` (not the batch axis), in that order:
     /// `Tensor::select` with constant indices, `Tensor::slice` (with a step) on one axis.
     Select {
@@ -387,6 +396,7 @@ impl Op {
             Op::AvgPool2d { ceil_mode, .. } => pool("avg_pool2d", *ceil_mode),
             Op::AdaptiveAvgPool1d { .. } => "`module::adaptive_avg_pool1d`".into(),
             Op::AdaptiveAvgPool2d { .. } => "`module::adaptive_avg_pool2d`".into(),
+            Op::Bilinear { .. } => "`module::interpolate` (mode Bilinear)".into(),
             // `slice` and nearest `interpolate` lift to selects too.
             Op::Select { .. } => "`Tensor::select` (or `slice`, nearest `interpolate`)".into(),
             Op::Constant { shape, .. } => {

@@ -856,19 +856,38 @@ impl<'a> Lifter<'a> {
                 self.one_input(op, &o.x, "adaptive_avg_pool1d", (&o.out, &p.out))
             }
             (M::Interpolate(o), M::Interpolate(p))
-                if o.options.mode == InterpolateModeIr::Nearest && o.output_size == p.output_size =>
+                if o.options.mode == InterpolateModeIr::Nearest
+                    && o.output_size == p.output_size =>
             {
                 self.interpolate(o, p)
             }
-            (M::Interpolate(o), _) if o.options.mode == InterpolateModeIr::Nearest => Err(self.err(
-                format!("{} to a size that depends on the batch size", op_words(a)),
-                "graph mode needs one graph for every batch size: resize to a fixed size",
-            )),
+            (M::Interpolate(o), M::Interpolate(p))
+                if o.options.mode == InterpolateModeIr::Bilinear
+                    && o.output_size == p.output_size
+                    && o.x.shape.len() == 4 =>
+            {
+                let op = Op::Bilinear {
+                    size: o.output_size,
+                    align_corners: o.options.align_corners,
+                };
+                self.one_input(op, &o.x, "interpolate", (&o.out, &p.out))
+            }
+            (M::Interpolate(o), _)
+                if matches!(
+                    o.options.mode,
+                    InterpolateModeIr::Nearest | InterpolateModeIr::Bilinear
+                ) =>
+            {
+                Err(self.err(
+                    format!("{} to a size that depends on the batch size", op_words(a)),
+                    "graph mode needs one graph for every batch size: resize to a fixed size",
+                ))
+            }
             (M::Interpolate(_), _) => Err(self.err(
                 op_words(a),
-                "graph mode resizes with nearest-neighbour interpolation (entries copied, which the \
-                 integer model and ONNX reproduce exactly); other modes weigh entries and are not \
-                 lifted yet: use `InterpolateMode::Nearest`",
+                "graph mode resizes with nearest-neighbour (entries copied) or bilinear \
+                 interpolation, which the integer model and ONNX compute too; bicubic and \
+                 Lanczos are not lifted yet: use `InterpolateMode::Nearest` or `Bilinear`",
             )),
             _ => self.unsupported(a),
         }

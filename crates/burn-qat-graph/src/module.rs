@@ -493,6 +493,16 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
         ),
         Op::AdaptiveAvgPool1d { output } => Dispatch::adaptive_avg_pool1d(x, *output),
         Op::AdaptiveAvgPool2d { output } => Dispatch::adaptive_avg_pool2d(x, *output),
+        Op::Bilinear {
+            size,
+            align_corners,
+        } => {
+            let mut options = burn::tensor::ops::InterpolateOptions::new(
+                burn::tensor::ops::InterpolateMode::Bilinear,
+            );
+            options.align_corners = *align_corners;
+            Dispatch::interpolate(x, *size, options)
+        }
     }
 }
 

@@ -73,6 +73,15 @@ fn attr_int(name: &str, v: i64) -> AttributeProto {
     }
 }
 
+fn attr_str(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::String as i32),
+        s: Some(v.as_bytes().to_vec()),
+        ..Default::default()
+    }
+}
+
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         name: Some(name.into()),
@@ -481,6 +490,11 @@ impl Graph {
                     .map_err(|hint| unsupported(node, hint))?
             }
             IntOp::Reduce { axis, mean, .. } => self.mean_or_sum(x(), *axis, *mean, node.grid),
+            IntOp::Bilinear {
+                size,
+                align_corners,
+                ..
+            } => self.bilinear(x(), *size, *align_corners, node.grid),
             IntOp::Reshape => self
                 .reshape(x(), &node.shape, first.and_then(|n| n.grid))
                 .map_err(|hint| unsupported(node, hint))?,
@@ -594,6 +608,45 @@ impl Graph {
             );
         };
         Ok(self.on_grid(y, grid))
+    }
+
+    /// `Resize` (linear, `half_pixel` or `align_corners` coordinates) to `[N, C, size]`, its
+    /// sizes made from the input's own shape (the batch is free), requantized to the node's
+    /// grid.
+    fn bilinear(
+        &mut self,
+        x: String,
+        size: [usize; 2],
+        align_corners: bool,
+        grid: Option<Grid>,
+    ) -> String {
+        let shape = self.node("Shape", vec![x.clone()], vec![]);
+        let i64s = |g: &mut Self, base: &str, v: &[i64]| {
+            g.init(
+                base,
+                DataType::Int64,
+                &[v.len()],
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        };
+        let (start, end) = (i64s(self, "start", &[0]), i64s(self, "end", &[2]));
+        let nc = self.node("Slice", vec![shape, start, end], vec![]);
+        let hw = i64s(self, "size", &[size[0] as i64, size[1] as i64]);
+        let sizes = self.node("Concat", vec![nc, hw], vec![attr_int("axis", 0)]);
+        let mode = if align_corners {
+            "align_corners"
+        } else {
+            "half_pixel"
+        };
+        let y = self.node(
+            "Resize",
+            vec![x, String::new(), String::new(), sizes],
+            vec![
+                attr_str("mode", "linear"),
+                attr_str("coordinate_transformation_mode", mode),
+            ],
+        );
+        self.on_grid(y, grid)
     }
 
     /// `ReduceMean` or `ReduceSum` along `axis`, requantized to the node's grid.

@@ -265,6 +265,11 @@ pub(crate) fn node_cost(
                 .saturating_add(per_value(SLOW))
                 .saturating_add(work);
         }
+        IntOp::Bilinear { .. } => {
+            work = product(&[v, 4, WIDE])
+                .saturating_add(per_value(SLOW))
+                .saturating_add(work);
+        }
         IntOp::AdaptiveAvgPool { .. } => {
             work = read
                 .saturating_mul(VALUE)

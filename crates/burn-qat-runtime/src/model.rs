@@ -292,6 +292,19 @@ pub enum IntOp {
         /// The entries picked, each below the axis' size.
         indices: Vec<usize>,
     },
+    /// (Last: variants are numbered in files, in order.)
+    ///
+    /// Bilinear resizing of `[n, c, h, w]` planes to `size`, as Burn's `interpolate` computes
+    /// it (four neighbours weighted in `f32` from the dequantized input, half-pixel centres or
+    /// `align_corners`), requantized to the node's grid.
+    Bilinear {
+        /// Output `[h, w]`.
+        size: [usize; 2],
+        /// Burn's `align_corners`: corner pixels' centres aligned (else half-pixel centres).
+        align_corners: bool,
+        /// Input grid.
+        input: Grid,
+    },
 }
 
 impl IntOp {
@@ -310,6 +323,7 @@ impl IntOp {
             IntOp::MaxPool(_) => "MaxPool",
             IntOp::AvgPool { .. } => "AvgPool",
             IntOp::AdaptiveAvgPool { .. } => "AdaptiveAvgPool",
+            IntOp::Bilinear { .. } => "Bilinear",
             IntOp::Reduce { mean: true, .. } => "Mean",
             IntOp::Reduce { .. } => "Sum",
             IntOp::Lut(_) => "Lut",

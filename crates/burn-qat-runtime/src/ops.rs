@@ -503,6 +503,65 @@ fn adaptive_range(i: usize, len: usize, out: usize) -> (usize, usize) {
     (i * len / out, ((i + 1) * len).div_ceil(out))
 }
 
+/// The two input entries and the weight of the second for output entry `o` of an axis resized
+/// from `n_in` to `n_out` entries, as Burn's flex backend computes them (in `f64`).
+fn bilinear_tap(o: usize, n_in: usize, n_out: usize, align_corners: bool) -> (usize, usize, f32) {
+    let at = if align_corners {
+        o as f64 * ((n_in as f64 - 1.0) / (n_out.max(1) - 1).max(1) as f64)
+    } else {
+        (o as f64 + 0.5) * (n_in as f64 / n_out as f64) - 0.5
+    };
+    let low = (at.floor().max(0.0) as usize).min(n_in - 1);
+    let high = (low + 1).min(n_in - 1);
+    (low, high, (at - low as f64).max(0.0) as f32)
+}
+
+/// Bilinear resizing of `[n, c, h, w]` (`shape`) to `[n, c, size[0], size[1]]`: each output
+/// the four neighbours' dequantized values weighted in `f32` in Burn's order,
+/// `a (1 - wx)(1 - wy) + b wx (1 - wy) + c (1 - wx) wy + d wx wy`, quantized to `out`. Planes
+/// run in parallel chunks.
+pub fn bilinear(
+    size: [usize; 2],
+    align_corners: bool,
+    input: &Grid,
+    out: &Grid,
+    x: &[i8],
+    shape: &[usize],
+    dst: &mut Vec<i8>,
+) {
+    let [n, c, h, wd] = nchw(shape);
+    let [oh, ow] = size;
+    let data = sized(dst, n * c * oh * ow);
+    if data.is_empty() || h == 0 || wd == 0 {
+        return;
+    }
+    let value: Vec<f32> = (-128..128).map(|q| input.dequantize(q)).collect();
+    let v = |q: i8| value[(q as i32 + 128) as usize];
+    let ys: Vec<_> = (0..oh)
+        .map(|o| bilinear_tap(o, h, oh, align_corners))
+        .collect();
+    let xs: Vec<_> = (0..ow)
+        .map(|o| bilinear_tap(o, wd, ow, align_corners))
+        .collect();
+    let planes = ((1 << 14) / (oh * ow).max(1)).max(1);
+    for_each_chunk(data, planes * oh * ow, |i, dst, _: &mut ()| {
+        let src = x.chunks(h * wd).skip(i * planes);
+        for (plane, dst) in src.zip(dst.chunks_mut(oh * ow)) {
+            for (&(y0, y1, wy), dst) in ys.iter().zip(dst.chunks_mut(ow)) {
+                let (r0, r1) = (&plane[y0 * wd..][..wd], &plane[y1 * wd..][..wd]);
+                for (&(x0, x1, wx), d) in xs.iter().zip(dst.iter_mut()) {
+                    let one = 1.0f32;
+                    let result = v(r0[x0]) * (one - wx) * (one - wy)
+                        + v(r0[x1]) * wx * (one - wy)
+                        + v(r1[x0]) * (one - wx) * wy
+                        + v(r1[x1]) * wx * wy;
+                    *d = out.quantize(result) as i8;
+                }
+            }
+        }
+    });
+}
+
 /// Adaptive average pooling to `size` (`[1, l]` for rank-3 inputs), requantized to `out`.
 pub fn adaptive_avg_pool(
     size: [usize; 2],

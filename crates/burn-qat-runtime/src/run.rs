@@ -735,6 +735,14 @@ impl Buffers<'_> {
                 _,
             ) => ops::adaptive_avg_pool(*output, g_in, &grid, x(0), in_shape(0), out),
             (
+                IntOp::Bilinear {
+                    size,
+                    align_corners,
+                    input: g_in,
+                },
+                _,
+            ) => ops::bilinear(*size, *align_corners, g_in, &grid, x(0), in_shape(0), out),
+            (
                 IntOp::Reduce {
                     axis,
                     mean,

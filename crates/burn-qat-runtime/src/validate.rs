@@ -168,6 +168,12 @@ pub(crate) fn infer(
             ops::pool_shape(w, &x()).ok_or(format!("window does not fit {:?}", x()))
         }
         IntOp::AdaptiveAvgPool { output, .. } => adaptive_avg_pool_shape(*output, x()),
+        IntOp::Bilinear { size, .. } => match x().as_slice() {
+            [n, c, h, w] if *h > 0 && *w > 0 => Ok(vec![*n, *c, size[0], size[1]]),
+            s => Err(format!(
+                "bilinear resizing of {s:?} (needs [n, c, h, w], h and w above 0)"
+            )),
+        },
         IntOp::Reduce { axis, .. } => reduce_shape(*axis, x()),
         IntOp::Reshape => reshape_shape(&x(), declared),
         IntOp::Permute { perm } => permute_shape(perm, x()),
@@ -401,6 +407,12 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
             window: w, input, ..
         } => avg_pool_ok(w, input),
         IntOp::AdaptiveAvgPool { output, input } => adaptive_avg_pool_ok(*output, input),
+        IntOp::Bilinear { size, input, .. } => {
+            if size.contains(&0) {
+                return Err(format!("bilinear resizing to {size:?}: an empty output"));
+            }
+            grid_ok(input, "input")
+        }
         IntOp::Reduce { input, .. } => grid_ok(input, "input"),
     }
 }
@@ -582,6 +594,7 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
         | IntOp::MaxPool(_)
         | IntOp::AvgPool { .. }
         | IntOp::AdaptiveAvgPool { .. }
+        | IntOp::Bilinear { .. }
         | IntOp::Reduce { .. }
         | IntOp::Lut(_)
         | IntOp::ChannelLut { .. } => (true, true),
@@ -605,6 +618,7 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
         | IntOp::Concat { .. }
         | IntOp::AvgPool { .. }
         | IntOp::AdaptiveAvgPool { .. }
+        | IntOp::Bilinear { .. }
         | IntOp::Reduce { .. } => own,
     }
 }
@@ -620,6 +634,7 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => vec![(0, t.input)],
         IntOp::AvgPool { input, .. }
         | IntOp::AdaptiveAvgPool { input, .. }
+        | IntOp::Bilinear { input, .. }
         | IntOp::Reduce { input, .. } => vec![(0, *input)],
         IntOp::Concat { requantize, .. } => {
             let untabled = own.unwrap_or(Grid {

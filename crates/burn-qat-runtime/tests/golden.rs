@@ -420,6 +420,27 @@ fn pool_model() -> (IntegerModel, Vec<usize>) {
     (g.model(), vec![2, 7, 7])
 }
 
+/// Bilinear resizing both ways: up with half-pixel centres (to a size that is not a multiple
+/// of the input), down with aligned corners, each requantized to a grid of its own.
+fn resize_model() -> (IntegerModel, Vec<usize>) {
+    let (gi, gu, gd) = (g8(0.05, 3), g8(0.04, -5), g8(0.06, 2));
+    let mut g = Graph::new(&[2, 3, 4]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[2, 3, 4]);
+    let up = IntOp::Bilinear {
+        size: [7, 5],
+        align_corners: false,
+        input: gi,
+    };
+    let up = g.add_with_grid("bilinear_up", up, &[q], &[2, 7, 5], gu);
+    let down = IntOp::Bilinear {
+        size: [2, 3],
+        align_corners: true,
+        input: gu,
+    };
+    g.add_with_grid("bilinear_down", down, &[up], &[2, 2, 3], gd);
+    (g.model(), vec![2, 3, 4])
+}
+
 /// Layout ops: permute, reshape, a table, a concatenation requantizing one of its inputs.
 fn layout_model() -> (IntegerModel, Vec<usize>) {
     let gi = g8(0.05, 0);
@@ -502,6 +523,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("pool", pool_model()),
         ("layout", layout_model()),
         ("select", select_model()),
+        ("resize", resize_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -526,9 +548,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::Reshape => 13,
         IntOp::Permute { .. } => 14,
         IntOp::Select { .. } => 15,
+        IntOp::Bilinear { .. } => 16,
     }
 }
-const VARIANTS: usize = 16;
+const VARIANTS: usize = 17;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {
@@ -832,4 +855,78 @@ fn bad_selects_are_refused_by_name() {
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains(want), "{err}");
     }
+}
+
+/// A bilinear resize to nothing, of a tensor that is not `[n, c, h, w]`, or reading a grid
+/// that is not usable is refused at validation, naming what is wrong.
+#[test]
+fn bad_bilinear_resizes_are_refused_by_name() {
+    let (model, _) = resize_model();
+    let up = |size: [usize; 2], input: Grid| IntOp::Bilinear {
+        size,
+        align_corners: false,
+        input,
+    };
+    let cases = [
+        (
+            up([0, 5], g8(0.05, 3)),
+            "bilinear resizing to [0, 5]: an empty output",
+        ),
+        (up([7, 5], g8(f32::NAN, 3)), "input"),
+    ];
+    for (op, want) in cases {
+        let mut bad = model.clone();
+        bad.nodes[2].op = op;
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    // A rank-3 input (the model's item is [3, 4]: rank 3 with the batch).
+    let mut flat = model.clone();
+    flat.nodes[2].inputs = vec![1];
+    flat.nodes[1].shape = vec![Dim::Batch(1), Dim::Fixed(12)];
+    flat.nodes[0].shape = vec![Dim::Batch(1), Dim::Fixed(12)];
+    assert!(flat.validate().is_err());
+}
+
+/// The resize's integers against the definition written out: the four neighbours' values
+/// weighed in `f32` in Burn's order, rounded half to even onto the output grid.
+#[test]
+fn bilinear_resizes_equal_the_definition() {
+    let (model, item) = resize_model();
+    let n: usize = item.iter().product();
+    let input = Lcg(7).f32s(2 * n, -4.0, 4.0);
+    let IntOp::Bilinear { input: gi, .. } = model.nodes[2].op else {
+        unreachable!("the resize model's node 2 resizes")
+    };
+    let gu = model.nodes[2].grid.expect("a grid");
+    let up_only = IntegerModel::new(model.nodes[..3].to_vec(), 2);
+    let (q, shape, _) = up_only.forward_int(&input).unwrap().expect("integers");
+    assert_eq!(shape, vec![2, 2, 7, 5]);
+    let xq: Vec<i32> = input.iter().map(|v| gi.quantize(*v)).collect();
+    let tap = |o: usize, n_in: usize, n_out: usize| {
+        let at = (o as f64 + 0.5) * (n_in as f64 / n_out as f64) - 0.5;
+        let low = at.floor().max(0.0) as usize;
+        (
+            (low).min(n_in - 1),
+            (low + 1).min(n_in - 1),
+            (at - low as f64).max(0.0) as f32,
+        )
+    };
+    let mut k = 0;
+    for plane in xq.chunks(12) {
+        for oy in 0..7 {
+            let (y0, y1, wy) = tap(oy, 3, 7);
+            for ox in 0..5 {
+                let (x0, x1, wx) = tap(ox, 4, 5);
+                let v = |y: usize, x: usize| gi.dequantize(plane[y * 4 + x]);
+                let want = v(y0, x0) * (1.0 - wx) * (1.0 - wy)
+                    + v(y0, x1) * wx * (1.0 - wy)
+                    + v(y1, x0) * (1.0 - wx) * wy
+                    + v(y1, x1) * wx * wy;
+                assert_eq!(q[k] as i32, gu.quantize(want), "output {k}");
+                k += 1;
+            }
+        }
+    }
+    assert_eq!(k, q.len());
 }

@@ -290,10 +290,13 @@ pub(crate) fn prepare_graph(
             GridRole::Inherit => false,
             GridRole::FusableActivation => true,
             // Not when the activation after it (in the integer model) takes the quantizer.
+            // (A bilinear resize keeps its own: the integer resize writes its grid, and an
+            // activation after it reads that grid by table.)
             GridRole::Compute => {
                 !(users[i].len() == 1
                     && role(users[i][0]) == GridRole::FusableActivation
                     && integer[users[i][0]])
+                    || matches!(nodes[i].op, Op::Bilinear { .. })
             }
         } && !skipped[i]
             && integer[i];
