@@ -7,7 +7,8 @@
 //! it, ReLU/ReLU6 fused, weights fake-quantized per output channel, and activation
 //! fake-quantizers where TFLite and PyTorch FX put them (graph input; after each conv/linear
 //! with its activation, add, mul, concat, average pooling and float activation; none after max
-//! pooling, reshape, flatten or permute, which keep their input's grid).
+//! pooling, reshape, flatten or permute, which keep their input's grid; an output that only a
+//! concat reads is quantized on the concat's grid alone, as TFLite and PyTorch share it).
 //!
 //! ```
 //! use burn::module::Module;
@@ -55,7 +56,8 @@
 //! Supported ops: Conv1d, Conv2d (groups, depthwise, stride, padding, dilation, with or without
 //! bias), Linear (any input rank), BatchNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
 //! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, max/avg pooling (1-D and 2-D),
-//! adaptive average pooling, add, sub, mul, div (of two tensors or by a scalar), concat,
+//! adaptive average pooling, nearest and bilinear resizing (`interpolate`), add, sub, mul, div
+//! (of two tensors or by a scalar), concat,
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
 //! else is an error naming the op, the nearest layer and what to do. Softmax and division of
 //! two tensors have no integer kernel: [`prepare`] refuses them unless they come after the end
