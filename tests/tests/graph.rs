@@ -2059,7 +2059,7 @@ fn refusals_name_the_burn_call_and_the_module() {
 
     let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
         let options = burn::tensor::ops::InterpolateOptions::new(
-            burn::tensor::ops::InterpolateMode::Bilinear,
+            burn::tensor::ops::InterpolateMode::Bicubic,
         )
         .with_output_size([3, 3]);
         let y = burn::tensor::module::interpolate(m.stem.forward(x), options);
@@ -2068,8 +2068,8 @@ fn refusals_name_the_burn_call_and_the_module() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("`module::interpolate(mode Bilinear)`, after `stem`")
-            && err.contains("InterpolateMode::Nearest"),
+        err.contains("`module::interpolate(mode Bicubic)`, after `stem`")
+            && err.contains("InterpolateMode::Nearest` or `Bilinear`"),
         "{err}"
     );
 
