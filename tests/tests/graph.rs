@@ -1175,7 +1175,7 @@ fn resume<M: UserModel>() {
 /// The QAT graph's values at node `k` (a copy of the graph that returns node `k`).
 fn graph_values(eval: &QatGraph, k: usize, x: Tensor<4>) -> Vec<f32> {
     let mut g = eval.clone();
-    g.program.output = k;
+    g.program.outputs = vec![k];
     match g.program.nodes[k].shape.len() {
         2 => values(g.forward::<4, 2>(x)),
         3 => values(g.forward::<4, 3>(x)),
@@ -1921,7 +1921,11 @@ fn config_rules_use_the_user_paths() {
             }
             GraphLayer::Linear(f) => {
                 assert!(f.weight_quant.is_none(), "skipped: {plan}");
-                assert_eq!(i, g.program.output, "skipped head: float output: {plan}");
+                assert_eq!(
+                    [i],
+                    g.program.outputs[..],
+                    "skipped head: float output: {plan}"
+                );
             }
             GraphLayer::Quant(q) if n.name == "conv1/quant" => {
                 assert_eq!(q.spec().bits, 6, "{plan}")
@@ -2058,10 +2062,9 @@ fn refusals_name_the_burn_call_and_the_module() {
     assert!(err.contains("`Tensor::cumsum`, after `stem`"), "{err}");
 
     let err = graph::build(&m, &[1, 1, 8, 8], |m: &FocusStem, x: Tensor<4>| {
-        let options = burn::tensor::ops::InterpolateOptions::new(
-            burn::tensor::ops::InterpolateMode::Bicubic,
-        )
-        .with_output_size([3, 3]);
+        let options =
+            burn::tensor::ops::InterpolateOptions::new(burn::tensor::ops::InterpolateMode::Bicubic)
+                .with_output_size([3, 3]);
         let y = burn::tensor::module::interpolate(m.stem.forward(x), options);
         y.flatten::<2>(1, 3)
     })
@@ -2229,7 +2232,7 @@ fn float_output_keeps_logits_float_and_folded_graph_matches() {
     let config = QatConfig::new().with_float_output(true);
     let mut qat = graph::prepare(&model, &DIMS, |m: &BurnMnist, x| m.forward(x), &config).unwrap();
     // No quantizer after the last linear layer: the output node is `fc2` itself.
-    let out = qat.program.output;
+    let out = qat.program.outputs[0];
     assert_eq!(qat.program.nodes[out].name, "fc2", "{}", qat.plan());
     assert!(!quant_follows(&qat, out));
     let (x, y) = (input(&device, 16), labels(&device, 16));
@@ -2507,4 +2510,310 @@ fn the_integer_model_ends_where_the_config_says() {
         err.contains("after the integer model's end `c`") && err.contains("reads `b/"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------- several inputs and outputs
+
+/// Two inputs (an image and a metadata vector) and two outputs (class logits from the joined
+/// embeddings, a regression from their L1 distance), as multi-task and detection models are written: a plain
+/// Burn struct whose forward takes and returns tuples.
+#[derive(Module, Debug)]
+struct TwoInTwoOut {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    relu: Relu,
+    pool: AdaptiveAvgPool2d,
+    meta: Linear,
+    cls: Linear,
+    reg: Linear,
+}
+
+impl TwoInTwoOut {
+    fn new(device: &Device) -> Self {
+        let conv = |i, o| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        Self {
+            conv1: conv(1, 6),
+            bn1: BatchNormConfig::new(6).init(device),
+            conv2: conv(6, 8),
+            relu: Relu::new(),
+            pool: AdaptiveAvgPool2dConfig::new([1, 1]).init(),
+            meta: LinearConfig::new(3, 8).init(device),
+            cls: LinearConfig::new(8, 10).init(device),
+            reg: LinearConfig::new(8, 4).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, meta: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+        let h = self.relu.forward(self.bn1.forward(self.conv1.forward(x)));
+        let h = self.relu.forward(self.conv2.forward(h));
+        let h = self.pool.forward(h).flatten::<2>(1, 3);
+        let m = self.meta.forward(meta);
+        let joint = self.relu.forward(h.clone() + m.clone());
+        // An L1 distance between the two embeddings (`Tensor::abs`: a table in the integer
+        // model).
+        (self.cls.forward(joint), self.reg.forward((h - m).abs()))
+    }
+}
+
+type Pair = (Tensor<2>, Tensor<2>);
+
+fn two_in_two_out(m: &TwoInTwoOut, (x, meta): (Tensor<4>, Tensor<2>)) -> Pair {
+    m.forward(x, meta)
+}
+
+const TWO_DIMS: [&[usize]; 2] = [&[1, 1, 8, 8], &[1, 3]];
+
+fn meta_input(device: &Device, n: usize, seed: u64) -> Tensor<2> {
+    let mut r = burn_qat_tests::uniform(seed);
+    let data: Vec<f32> = (0..n * 3).map(|_| r() * 2.0 - 1.0).collect();
+    Tensor::from_data(TensorData::new(data, [n, 3]), device)
+}
+
+fn image_input(device: &Device, n: usize, seed: u64) -> Tensor<4> {
+    let mut r = burn_qat_tests::uniform(seed);
+    let data: Vec<f32> = (0..n * 64).map(|_| r() * 2.4).collect();
+    Tensor::from_data(TensorData::new(data, [n, 1, 8, 8]), device)
+}
+
+/// The float graph of a two-input, two-output forward equals the user's forward bit for bit
+/// on flex (close elsewhere), at several batch sizes.
+#[test]
+fn several_inputs_and_outputs_trace_as_the_users_forward() {
+    let _serial = serial();
+    for b in backends() {
+        let device = b.device.clone();
+        device.seed(3);
+        let model = TwoInTwoOut::new(&device);
+        let g = graph::build_many(&model, &TWO_DIMS, two_in_two_out).unwrap();
+        let inputs = g.program.inputs();
+        assert_eq!(inputs, [0, 1], "{}\n{}", b.name, g.program);
+        assert_eq!(g.program.outputs.len(), 2, "{}", b.name);
+        for n in [1, 3] {
+            let (x, meta) = (image_input(&device, n, 1), meta_input(&device, n, 2));
+            let (want_c, want_r) = model.forward(x.clone(), meta.clone());
+            let (got_c, got_r): Pair = g.forward_many((x, meta));
+            for (what, got, want) in [("cls", got_c, want_c), ("reg", got_r, want_r)] {
+                let (got, want) = (values(got), values(want));
+                if b.name == "flex" {
+                    assert_eq!(got, want, "{} batch {n}: {what} not bit-exact", b.name);
+                } else {
+                    close(&b, &format!("batch {n} {what}"), &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+/// prepare -> QAT training (a loss on each output) -> convert -> `.bqi` -> ONNX ->
+/// write_back, with two inputs and two outputs: each output of the integer model within 1 LSB
+/// of the QAT graph's (98% bit-exact), fast and reference kernels equal, the file and the
+/// ONNX graph take both inputs and return both outputs.
+#[test]
+fn several_inputs_and_outputs_train_convert_and_export() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    device.seed(23);
+    let model = TwoInTwoOut::new(&device);
+    let mut qat =
+        graph::prepare_many(&model, &TWO_DIMS, two_in_two_out, &QatConfig::new()).unwrap();
+    // The outputs are quantized where they are computed.
+    for &o in &qat.program.outputs {
+        assert!(is_quant(&qat, o), "output %{o}\n{}", qat.plan());
+    }
+    let (x, meta) = (image_input(&device, 16, 5), meta_input(&device, 16, 6));
+    let y = labels(&device, 16);
+    let target = meta.clone().repeat_dim(1, 2).slice([0..16, 0..4]);
+    let mut optim = AdamConfig::new().init();
+    let mut losses = vec![];
+    for _ in 0..20 {
+        let (c, r): Pair = qat.forward_many((x.clone(), meta.clone()));
+        let l = loss(c, y.clone()) + (r - target.clone()).powi_scalar(2).mean();
+        losses.push(l.clone().into_scalar::<f32>());
+        let grads = GradientsParams::from_grads(l.backward(), &qat);
+        qat = optim.step(2e-2, qat, grads);
+    }
+    assert!(
+        *losses.last().unwrap() < 0.9 * losses[0],
+        "QAT loss did not go down: {losses:?}"
+    );
+
+    let eval = qat.valid();
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    assert_eq!(int8.inputs(), 0..2);
+    assert_eq!(int8.input_shapes(), [vec![1, 8, 8], vec![3]]);
+    assert_eq!(int8.outputs.len(), 2);
+    let plain = Device::flex();
+    let n = 32;
+    let (x, meta) = (image_input(&plain, n, 7), meta_input(&plain, n, 8));
+    let (pixels, metas) = (values(x.clone()), values(meta.clone()));
+    let (fq_c, fq_r): Pair = eval.forward_many((x, meta));
+    let ints = int8.forward_int_many(&[&pixels, &metas]).unwrap();
+    for (what, fq, int) in [
+        ("cls", values(fq_c), &ints[0]),
+        ("reg", values(fq_r), &ints[1]),
+    ] {
+        let (q, shape, grid) = int.as_ref().expect("a quantized output");
+        assert_eq!(shape[0], n, "{what}");
+        let mut exact = 0;
+        for (i, (f, qi)) in fq.iter().zip(q).enumerate() {
+            let d = (grid.quantize(*f) - *qi as i32).abs();
+            assert!(
+                d <= 1,
+                "{what} {i}: fake-quant {}, integer {qi}",
+                grid.quantize(*f)
+            );
+            exact += usize::from(d == 0);
+        }
+        assert!(
+            exact * 100 >= q.len() * 98,
+            "{what}: {exact} of {} exact",
+            q.len()
+        );
+    }
+    let outs = int8.forward_many(&[&pixels, &metas]).unwrap();
+    assert_eq!(
+        outs,
+        int8.forward_reference_many(&[&pixels, &metas]).unwrap()
+    );
+    assert_eq!(
+        (outs[0].1.clone(), outs[1].1.clone()),
+        (vec![n, 10], vec![n, 4])
+    );
+    // Any batch size; a one-output call is refused with the call to use; inputs of different
+    // batch sizes are refused.
+    let one = int8.forward_many(&[&pixels[..64], &metas[..3]]).unwrap();
+    assert_eq!(one[1].0[..], outs[1].0[..4]);
+    let err = int8.forward(&pixels).unwrap_err().to_string();
+    assert!(err.contains("forward_many"), "{err}");
+    let err = int8
+        .forward_many(&[&pixels[..128], &metas[..3]])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batch sizes differ"), "{err}");
+    let err = int8.forward_many(&[&pixels]).unwrap_err().to_string();
+    assert!(
+        err.contains("1 slices") && err.contains("2 inputs"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.bqi");
+    burn_qat::export::format::save(&int8, &path).unwrap();
+    let loaded = burn_qat::export::format::load(&path).unwrap();
+    assert_eq!(loaded, int8);
+    assert_eq!(loaded.forward_many(&[&pixels, &metas]).unwrap(), outs);
+
+    let proto = burn_qat::onnx::to_model_proto(&int8, &Default::default()).unwrap();
+    let g = proto.graph.unwrap();
+    let names = |v: &[burn_qat::onnx::proto::ValueInfoProto]| -> Vec<String> {
+        v.iter()
+            .map(|i| i.name.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(names(&g.input), ["input_0", "input_1"]);
+    assert_eq!(names(&g.output), ["output_0", "output_1"]);
+    if let Ok(out) = std::env::var("BURN_QAT_ONNX_DIR") {
+        let out = std::path::Path::new(&out).join("two_in_two_out");
+        std::fs::create_dir_all(&out).unwrap();
+        burn_qat::onnx::save(&int8, &out.join("model.onnx"), &Default::default()).unwrap();
+        write_npy(&out.join("input_0.npy"), &pixels, &[n, 1, 8, 8]).unwrap();
+        write_npy(&out.join("input_1.npy"), &metas, &[n, 3]).unwrap();
+        for (k, (data, shape)) in outs.iter().enumerate() {
+            write_npy(&out.join(format!("int8_out_{k}.npy")), data, shape).unwrap();
+        }
+    }
+
+    // The trained weights go back into the user's struct: with fake-quant off, the graph's
+    // float forward is the user's forward.
+    let float = switches::set_fake_quant_enabled(qat.clone(), false).valid();
+    let mine: TwoInTwoOut = qat.write_back(model).unwrap();
+    let (x, meta) = (image_input(&plain, 4, 9), meta_input(&plain, 4, 10));
+    let (want_c, want_r) = mine.valid().forward(x.clone(), meta.clone());
+    let (got_c, got_r): Pair = float.forward_many((x, meta));
+    let flex = &backends()[0];
+    close(
+        flex,
+        "write_back cls",
+        &values(got_c),
+        &values(want_c),
+        1e-4,
+    );
+    close(
+        flex,
+        "write_back reg",
+        &values(got_r),
+        &values(want_r),
+        1e-4,
+    );
+}
+
+/// What does not fit a forward of several inputs is refused, naming the field and what is
+/// allowed.
+#[test]
+fn several_inputs_and_outputs_refuse_bad_calls() {
+    let _serial = serial();
+    let device = Device::flex();
+    let model = TwoInTwoOut::new(&device);
+    let err = graph::build_many(&model, &[&[1, 1, 8, 8]], two_in_two_out).unwrap_err();
+    assert!(err.to_string().contains("2 shapes, one per input"), "{err}");
+    let err = graph::build_many(&model, &[&[1, 1, 8, 8], &[2, 3]], two_in_two_out).unwrap_err();
+    assert!(
+        err.to_string().contains("input_dims[1]") && err.to_string().contains("batch size"),
+        "{err}"
+    );
+    let err = graph::build_many(&model, &[&[1, 1, 8, 8], &[1, 3, 1]], two_in_two_out).unwrap_err();
+    assert!(err.to_string().contains("2 dimensions"), "{err}");
+    let g = graph::build_many(&model, &TWO_DIMS, two_in_two_out).unwrap();
+    let err = g
+        .try_forward_many::<_, Pair>((image_input(&device, 2, 1), meta_input(&device, 3, 1)))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("input 1") && err.to_string().contains("the same for every input"),
+        "{err}"
+    );
+    let err = g
+        .try_forward_many::<_, Tensor<2>>((image_input(&device, 2, 1), meta_input(&device, 2, 1)))
+        .unwrap_err();
+    assert!(err.to_string().contains("output ranks"), "{err}");
+    let err = g
+        .try_forward::<4, 2>(image_input(&device, 2, 1))
+        .unwrap_err();
+    assert!(err.to_string().contains("2, the inputs"), "{err}");
+    // An integer end whose float tail reads a value inside the integer model.
+    let config = QatConfig::new().with_integer_until("cls");
+    let err = graph::prepare_many(&model, &TWO_DIMS, two_in_two_out, &config).unwrap_err();
+    assert!(
+        err.to_string().contains("integer_until") && err.to_string().contains("does not return"),
+        "{err}"
+    );
+    // An integer end that leaves another output inside the integer model: the integer model
+    // would not return it.
+    let joined = |m: &TwoInTwoOut, (x, meta): (Tensor<4>, Tensor<2>)| {
+        let (c, r) = m.forward(x, meta);
+        (c.clone(), Tensor::cat(vec![c, r], 1))
+    };
+    let g = graph::build_many(&model, &TWO_DIMS, joined).unwrap();
+    let cat = g
+        .program
+        .nodes
+        .iter()
+        .find(|n| matches!(n.op, Op::Concat { .. }))
+        .unwrap()
+        .name
+        .clone();
+    let config = QatConfig::new().with_integer_until(cat.as_str());
+    let err = graph::prepare_many(&model, &TWO_DIMS, joined, &config).unwrap_err();
+    assert!(
+        err.to_string().contains("also returns `cls`")
+            && err.to_string().contains("leave `integer_until` unset"),
+        "{err}"
+    );
+    // Unset, the integer model returns both.
+    let qat = graph::prepare_many(&model, &TWO_DIMS, joined, &QatConfig::new()).unwrap();
+    assert_eq!(qat.program.outputs.len(), 2);
 }

@@ -77,6 +77,15 @@ fn run(args: Args) -> Result<(), String> {
     let Some(input_path) = &args.input else {
         return Err("no input: give an .npy file after the model, or --info".into());
     };
+    if model.inputs().len() != 1 || model.outputs.len() != 1 {
+        return Err(format!(
+            "{}: the model takes {} inputs and returns {} outputs; bqi runs models of one input \
+             and one output (run the others with IntegerModel::forward_many)",
+            args.model.display(),
+            model.inputs().len(),
+            model.outputs.len()
+        ));
+    }
     let (data, shape) = read_npy(input_path)?;
     let item = model.input_shape();
     let item_len: usize = item.iter().product();
@@ -144,10 +153,16 @@ fn info(model: &IntegerModel) -> String {
         Ok(c) => format!("{} work units, {} bytes", c.work, c.memory_bytes),
         Err(e) => format!("unknown ({e})"),
     };
+    let inputs: Vec<String> = model
+        .input_shapes()
+        .iter()
+        .map(|s| format!("[N, {}]", join(s)))
+        .collect();
     format!(
-        "input [N, {}]\nnodes {}, parameters {} bytes\ncost per batch item: {cost} \
+        "input{} {}\nnodes {}, parameters {} bytes\ncost per batch item: {cost} \
          (budget {} units, {} bytes)\nkernels: {}\nprecision: {}\n{}",
-        join(&model.input_shape()),
+        if inputs.len() == 1 { "" } else { "s" },
+        inputs.join(", "),
         model.nodes.len(),
         model.parameter_bytes(),
         model.budget().max_work,

@@ -185,7 +185,8 @@ impl<'a> Converter<'a> {
 
     fn tail(&self, i: usize) -> Tail {
         let single = |j: usize| {
-            (self.users[j].len() == 1 && self.graph.program.output != j).then(|| self.users[j][0])
+            (self.users[j].len() == 1 && !self.graph.program.outputs.contains(&j))
+                .then(|| self.users[j][0])
         };
         let mut at = i;
         let mut activations = Vec::new();
@@ -736,7 +737,7 @@ impl<'a> Converter<'a> {
         op: impl FnOnce(Grid) -> IntOp,
     ) -> Result<(), ExportError> {
         let (m, g_in) = self.int_input(i, 0)?;
-        if mean && self.tail(i).quant.is_none() && self.graph.program.output != i {
+        if mean && self.tail(i).quant.is_none() && !self.graph.program.outputs.contains(&i) {
             self.push(i, op(g_in), vec![m], Some(g_in));
             return Ok(());
         }
@@ -834,7 +835,7 @@ impl<'a> Converter<'a> {
         input: &Grid,
         weight_scale: &[f32],
     ) -> Result<Output, ExportError> {
-        if self.tail(i).quant.is_none() && self.graph.program.output == i {
+        if self.tail(i).quant.is_none() && self.graph.program.outputs.contains(&i) {
             let (lo, hi) = activation.bounds();
             return Ok(Output::Float {
                 scale: weight_scale.iter().map(|sw| input.scale * sw).collect(),
@@ -1115,7 +1116,7 @@ fn accumulator_ok(
 /// both inputs, mul, concat (requantized to the output grid), max pooling (ceil mode
 /// included)/average (not in ceil mode)/adaptive-average pooling, mean/sum along an
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
-/// hard-swish, leaky ReLU, exp, scalar arithmetic), a BatchNorm that follows no conv/linear
+/// hard-swish, leaky ReLU, exp, abs, scalar arithmetic), a BatchNorm that follows no conv/linear
 /// (one table per channel), reshape/flatten/permute.
 ///
 /// ```
@@ -1153,7 +1154,7 @@ pub fn convert(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
     match graph.program.integer_end {
         Some(end) => {
             let mut cut = graph.clone();
-            cut.program.output = end;
+            cut.program.outputs = vec![end];
             convert_program(&cut)
         }
         None => convert_program(graph),
@@ -1265,11 +1266,11 @@ pub fn convert_until(graph: &QatGraph, until: &str) -> Result<IntegerModel, Expo
             _ => break,
         }
     }
-    cut.program.output = k;
+    cut.program.outputs = vec![k];
     convert_program(&cut)
 }
 
-/// [`convert`] of the nodes the graph's output reads.
+/// [`convert`] of the inputs and the nodes the graph's outputs read.
 fn convert_program(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
     let graph = graph.valid();
     let mut c = Converter {
@@ -1279,8 +1280,12 @@ fn convert_program(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
         nodes: Vec::new(),
         map: vec![None; graph.program.nodes.len()],
     };
-    // Only what the output reads: a float tail cut off by `convert_until` is not converted.
-    let live = graph.program.live();
+    // The inputs (all of them: they are the model's arguments), then only what the outputs
+    // read: a float tail cut off by `convert_until` is not converted.
+    let mut live = graph.program.live();
+    for i in graph.program.inputs() {
+        live[i] = true;
+    }
     for (i, live) in live.into_iter().enumerate() {
         if live && c.map[i].is_none() {
             c.convert_node(i)?;
@@ -1293,8 +1298,13 @@ fn convert_program(graph: &QatGraph) -> Result<IntegerModel, ExportError> {
             hint: "the input is never quantized: start the model with a FakeQuant of its input (graph::prepare places one)".into(),
         });
     }
-    let output = c.map[graph.program.output].expect("every node is converted");
-    let model = IntegerModel::new(c.nodes, output);
+    let outputs = graph
+        .program
+        .outputs
+        .iter()
+        .map(|&o| c.map[o].expect("every node is converted"))
+        .collect();
+    let model = IntegerModel::with_outputs(c.nodes, outputs);
     // Consistency only: the budget is for files; a converted model that needs more than the
     // default is refused by `forward` with a message saying how to raise it.
     model.cost().map_err(|e| ExportError::Unsupported {

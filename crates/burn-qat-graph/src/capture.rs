@@ -12,6 +12,8 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn_qat_core::QatError;
 
+use crate::io::GraphIo;
+
 /// One parameter of the traced model: where it lives in the user's module tree.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TracedParam {
@@ -32,7 +34,7 @@ impl TracedParam {
 }
 
 /// A recorded forward: the op list, the values of every parameter, and which parameter each
-/// recorded value is. Made by [`trace`](crate::trace).
+/// recorded value is. Made by [`trace`](crate::trace) and [`trace_many`](crate::trace_many).
 #[derive(Clone, Debug)]
 pub struct Trace {
     /// The recorded ops, in execution order, at [`input_dims`](Self::input_dims).
@@ -43,14 +45,14 @@ pub struct Trace {
     pub values: BTreeMap<TensorId, TensorData>,
     /// Recorded id of each parameter value.
     pub params: HashMap<TensorId, TracedParam>,
-    /// The graph input.
-    pub input: TensorId,
-    /// The graph output.
-    pub output: TensorId,
-    /// Input shape of the traced call (batch first).
-    pub input_dims: Vec<usize>,
-    /// Output shape of the traced call.
-    pub output_dims: Vec<usize>,
+    /// The graph inputs, in the order of the forward's arguments.
+    pub inputs: Vec<TensorId>,
+    /// The graph outputs, in the order the forward returns them.
+    pub outputs: Vec<TensorId>,
+    /// Shape of each input of the traced call (batch first).
+    pub input_dims: Vec<Vec<usize>>,
+    /// Shape of each output of the traced call.
+    pub output_dims: Vec<Vec<usize>>,
 }
 
 #[derive(Default)]
@@ -107,51 +109,44 @@ struct Recorded {
     ops: Vec<OperationIr>,
     values: BTreeMap<TensorId, TensorData>,
     params: Vec<(TensorId, String, ParamId)>,
-    input: TensorId,
-    output: TensorId,
-    output_dims: Vec<usize>,
+    inputs: Vec<TensorId>,
+    outputs: Vec<TensorId>,
+    output_dims: Vec<Vec<usize>>,
 }
 
-fn record<M, const DI: usize, const DO: usize, F>(
-    model: &M,
-    dims: [usize; DI],
-    forward: &F,
-) -> Result<Recorded, QatError>
+type Ids = (
+    Vec<(TensorId, String, ParamId)>,
+    Vec<TensorId>,
+    Vec<TensorId>,
+    Vec<Vec<usize>>,
+);
+
+fn record<M, I, O, F>(model: &M, dims: &[Vec<usize>], forward: &F) -> Result<Recorded, QatError>
 where
     M: Module,
-    F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
+    I: GraphIo,
+    O: GraphIo,
+    F: Fn(&M, I) -> O,
 {
     // `valid()` builds fresh RunningState cells and strips autodiff: moving a clone would move
     // the caller's BatchNorm statistics onto the capture device.
     let snapshot = model.valid();
     let device = Device::capture();
-    let out: RefCell<
-        Option<
-            Result<
-                (
-                    Vec<(TensorId, String, ParamId)>,
-                    TensorId,
-                    TensorId,
-                    Vec<usize>,
-                ),
-                String,
-            >,
-        >,
-    > = RefCell::new(None);
+    let out: RefCell<Option<Result<Ids, String>>> = RefCell::new(None);
     let result = catch_unwind(AssertUnwindSafe(|| {
         device.capture_scope(|scope| {
             let moved = snapshot.to_device(&device);
             let mut ids = ParamIds::default();
             moved.visit(&mut ids);
-            let x = Tensor::<DI>::from_data(TensorData::zeros::<f32, _>(dims), &device);
-            let ids_x = tensor_id(&x);
+            let x = I::zeros(dims, &device);
+            let ids_x = x.capture_ids();
             let y = forward(&moved, x);
-            let output_dims = y.dims().to_vec();
-            let ids_y = tensor_id(&y);
+            let output_dims = y.shapes();
+            let ids_y = y.capture_ids();
             match (ids.error, ids_x, ids_y) {
                 (None, Ok(xi), Ok(yi)) => {
-                    *out.borrow_mut() = Some(Ok((ids.found, xi, yi, output_dims)));
-                    scope.complete([xi], [yi])
+                    *out.borrow_mut() = Some(Ok((ids.found, xi.clone(), yi.clone(), output_dims)));
+                    scope.complete(xi, yi)
                 }
                 (e, a, b) => {
                     *out.borrow_mut() = Some(Err(e.or(a.err()).or(b.err()).unwrap_or_default()));
@@ -188,7 +183,7 @@ where
         }
         Ok(Ok(graph)) => graph,
     };
-    let (params, input, output, output_dims) = match out.into_inner() {
+    let (params, inputs, outputs, output_dims) = match out.into_inner() {
         Some(Ok(v)) => v,
         Some(Err(e)) => {
             return Err(QatError::Graph {
@@ -203,8 +198,8 @@ where
         ops: captured.graph.operations,
         values: captured.values,
         params,
-        input,
-        output,
+        inputs,
+        outputs,
         output_dims,
     })
 }
@@ -214,7 +209,8 @@ where
 ///
 /// The model is traced as `model.valid()`; the caller's model is not touched. The forward is
 /// recorded twice, at batch size `input_dims[0]` and one more, so that shapes that depend on the
-/// batch (a flatten's `[batch, -1]`) are found.
+/// batch (a flatten's `[batch, -1]`) are found. [`trace_many`] records a forward with several
+/// inputs or outputs.
 ///
 /// # Errors
 ///
@@ -229,32 +225,121 @@ where
     M: Module,
     F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
 {
-    let dims: [usize; DI] = input_dims.try_into().map_err(|_| QatError::InvalidConfig {
-        field: "input_dims".into(),
-        value: format!("{input_dims:?}"),
-        allowed: format!("{DI} dimensions, the rank of the forward's input (batch first)"),
-    })?;
-    if dims.contains(&0) {
+    trace_many(model, &[input_dims], forward)
+}
+
+/// [`trace`] for a forward with several inputs or outputs: `forward(model, inputs)` takes the
+/// tensors of [`GraphIo`] `I` (one tensor or a tuple), of shapes `input_dims` (one per input,
+/// each batch first, the same batch size), and returns one tensor or a tuple.
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig};
+/// use burn::prelude::*;
+///
+/// #[derive(Module, Debug)]
+/// struct TwoHeads { image: Linear, meta: Linear, head: Linear, aux: Linear }
+///
+/// let device = Device::flex();
+/// let m = TwoHeads {
+///     image: LinearConfig::new(16, 8).init(&device),
+///     meta: LinearConfig::new(3, 8).init(&device),
+///     head: LinearConfig::new(8, 10).init(&device),
+///     aux: LinearConfig::new(8, 1).init(&device),
+/// };
+/// let trace = burn_qat_graph::trace_many(
+///     &m,
+///     &[&[1, 16], &[1, 3]],
+///     |m: &TwoHeads, (x, meta): (Tensor<2>, Tensor<2>)| {
+///         let h = m.image.forward(x) + m.meta.forward(meta);
+///         (m.head.forward(h.clone()), m.aux.forward(h))
+///     },
+/// )
+/// .unwrap();
+/// assert_eq!((trace.inputs.len(), trace.outputs.len()), (2, 2));
+/// assert_eq!(trace.output_dims, [vec![1, 10], vec![1, 1]]);
+/// ```
+///
+/// # Errors
+///
+/// As [`trace`]; also a count of `input_dims` other than the forward's inputs, or inputs of
+/// different batch sizes.
+pub fn trace_many<M, I, O, F>(
+    model: &M,
+    input_dims: &[&[usize]],
+    forward: F,
+) -> Result<Trace, QatError>
+where
+    M: Module,
+    I: GraphIo,
+    O: GraphIo,
+    F: Fn(&M, I) -> O,
+{
+    let ranks = I::ranks();
+    let field = |k: usize| {
+        if ranks.len() == 1 {
+            "input_dims".to_string()
+        } else {
+            format!("input_dims[{k}]")
+        }
+    };
+    if input_dims.len() != ranks.len() {
         return Err(QatError::InvalidConfig {
             field: "input_dims".into(),
             value: format!("{input_dims:?}"),
-            allowed: "non-zero sizes (the batch size is free later; any batch works here)".into(),
+            allowed: format!("{} shapes, one per input of the forward", ranks.len()),
         });
     }
+    for (k, (dims, &rank)) in input_dims.iter().zip(&ranks).enumerate() {
+        if dims.len() != rank {
+            return Err(QatError::InvalidConfig {
+                field: field(k),
+                value: format!("{dims:?}"),
+                allowed: format!(
+                    "{rank} dimensions, the rank of the forward's input (batch first)"
+                ),
+            });
+        }
+        if dims.contains(&0) {
+            return Err(QatError::InvalidConfig {
+                field: field(k),
+                value: format!("{dims:?}"),
+                allowed: "non-zero sizes (the batch size is free later; any batch works here)"
+                    .into(),
+            });
+        }
+        if dims[0] != input_dims[0][0] {
+            return Err(QatError::InvalidConfig {
+                field: field(k),
+                value: format!("{dims:?}"),
+                allowed: format!(
+                    "the batch size of the first input, {} (inputs are batch first)",
+                    input_dims[0][0]
+                ),
+            });
+        }
+    }
+    let dims: Vec<Vec<usize>> = input_dims.iter().map(|d| d.to_vec()).collect();
     let mut flags = ParamFlags::default();
     model.visit(&mut flags);
-    let first = record(model, dims, &forward)?;
-    let mut next = dims;
-    next[0] += 1;
-    let second = record(model, next, &forward)?;
+    let first = record(model, &dims, &forward)?;
+    let next: Vec<Vec<usize>> = dims
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d[0] += 1;
+            d
+        })
+        .collect();
+    let second = record(model, &next, &forward)?;
     if second.ops.len() != first.ops.len() {
         return Err(QatError::Graph {
             what: format!(
                 "the forward records {} ops at batch {} and {} at batch {}",
                 first.ops.len(),
-                dims[0],
+                dims[0][0],
                 second.ops.len(),
-                next[0]
+                next[0][0]
             ),
             near: "in the forward".into(),
             hint:
@@ -282,9 +367,9 @@ where
         ops_next_batch: second.ops,
         values: first.values,
         params,
-        input: first.input,
-        output: first.output,
-        input_dims: dims.to_vec(),
+        inputs: first.inputs,
+        outputs: first.outputs,
+        input_dims: dims,
         output_dims: first.output_dims,
     })
 }

@@ -51,7 +51,7 @@ pub enum LayerKind {
 /// What a node computes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// The graph input.
+    /// A graph input (the forward's arguments, in order, are the first nodes).
     Input,
     /// A module of the graph, at this index of [`QatGraph::layers`](super::QatGraph).
     Layer {
@@ -93,6 +93,8 @@ pub enum Op {
     Tanh,
     /// Exponential.
     Exp,
+    /// Absolute value.
+    Abs,
     /// Softmax along an axis.
     Softmax {
         /// The axis.
@@ -312,6 +314,7 @@ impl Op {
                 | Op::HardSwish
                 | Op::Tanh
                 | Op::Exp
+                | Op::Abs
                 | Op::AddScalar(_)
                 | Op::SubScalar(_)
                 | Op::MulScalar(_)
@@ -375,6 +378,7 @@ impl Op {
             Op::HardSwish => "`activation::hard_swish`".into(),
             Op::Tanh => "`Tensor::tanh`".into(),
             Op::Exp => "`Tensor::exp`".into(),
+            Op::Abs => "`Tensor::abs`".into(),
             Op::Softmax { .. } => "`activation::softmax`".into(),
             Op::Add => "`a + b` (`Tensor::add` of two tensors)".into(),
             Op::Sub => "`a - b` (`Tensor::sub` of two tensors)".into(),
@@ -443,14 +447,14 @@ pub struct Node {
 }
 
 /// The graph as data: nodes in execution order (every input precedes its reader), the input
-/// node first.
+/// nodes first (one [`Op::Input`] per argument of the traced forward, in argument order).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Program {
     /// The nodes.
     pub nodes: Vec<Node>,
-    /// The node whose value the forward returns.
-    pub output: usize,
-    /// Where the integer model ends, when it ends before the output
+    /// The nodes whose values the forward returns, in order (one per returned tensor).
+    pub outputs: Vec<usize>,
+    /// Where the integer model ends, when it ends before the outputs
     /// (`QatConfig::with_integer_until`): the node whose value `export::convert` returns; the
     /// nodes after it are a float tail (no fake-quant) that stays in the user's code.
     #[serde(default)]
@@ -458,21 +462,52 @@ pub struct Program {
 }
 
 impl Program {
-    /// Input shape (the batch symbolic).
+    /// The input nodes, in the order of the forward's arguments (they lead the node list).
+    pub fn inputs(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .take_while(|&i| self.nodes[i].op == Op::Input)
+            .collect()
+    }
+
+    /// Shape of the first input (the batch symbolic).
     pub fn input_shape(&self) -> &[Dim] {
         &self.nodes[0].shape
     }
 
-    /// For each node, whether the output reads it (directly or through other nodes).
+    /// Shapes of every input, in argument order (the batch symbolic).
+    pub fn input_shapes(&self) -> Vec<&[Dim]> {
+        self.inputs()
+            .into_iter()
+            .map(|i| self.nodes[i].shape.as_slice())
+            .collect()
+    }
+
+    /// The nodes the integer model returns: the integer end when one is set, else the outputs.
+    pub fn ends(&self) -> Vec<usize> {
+        match self.integer_end {
+            Some(k) => vec![k],
+            None => self.outputs.clone(),
+        }
+    }
+
+    /// For each node, whether an output reads it (directly or through other nodes).
     pub fn live(&self) -> Vec<bool> {
-        self.live_for(self.output)
+        self.live_for_all(&self.outputs)
     }
 
     /// For each node, whether node `end` reads it (directly or through other nodes; `end`
     /// included).
     pub fn live_for(&self, end: usize) -> Vec<bool> {
+        self.live_for_all(&[end])
+    }
+
+    /// For each node, whether one of `ends` reads it (directly or through other nodes; the
+    /// ends included).
+    pub fn live_for_all(&self, ends: &[usize]) -> Vec<bool> {
         let mut live = vec![false; self.nodes.len()];
-        live[end] = true;
+        for &end in ends {
+            live[end] = true;
+        }
         for i in (0..self.nodes.len()).rev() {
             if live[i] {
                 for &j in &self.nodes[i].inputs {
@@ -495,7 +530,7 @@ impl Program {
     }
 
     /// For each node, the index of the last node that reads it (its value can be dropped
-    /// after that); the output is kept to the end.
+    /// after that); the outputs are kept to the end.
     pub fn last_use(&self) -> Vec<usize> {
         let mut last = vec![0; self.nodes.len()];
         for (i, n) in self.nodes.iter().enumerate() {
@@ -503,7 +538,9 @@ impl Program {
                 last[j] = i;
             }
         }
-        last[self.output] = usize::MAX;
+        for &o in &self.outputs {
+            last[o] = usize::MAX;
+        }
         last
     }
 }
@@ -530,7 +567,13 @@ impl fmt::Display for Program {
                 n.name
             )?;
         }
-        write!(f, "return %{}", self.output)?;
+        let outputs = self
+            .outputs
+            .iter()
+            .map(|o| format!("%{o}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        write!(f, "return {outputs}")?;
         match self.integer_end {
             Some(k) => write!(
                 f,

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 mod capture;
+mod io;
 mod ir;
 mod lift;
 mod lower;
@@ -22,7 +23,8 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn_qat_core::QatError;
 
-pub use capture::{Trace, TracedParam, trace};
+pub use capture::{Trace, TracedParam, trace, trace_many};
+pub use io::{GraphIo, GraphTensor};
 pub use ir::{Dim, GridRole, LayerKind, Node, Op, Program};
 pub use lift::lift;
 pub use lower::from_sequential;
@@ -49,5 +51,25 @@ where
     F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
 {
     let trace = trace(model, input_dims, forward)?;
+    lift::lift(&trace, &model_device(model))
+}
+
+/// [`build`] for a forward with several inputs or outputs ([`trace_many`]).
+///
+/// # Errors
+///
+/// See [`trace_many`] and [`build`].
+pub fn build_many<M, I, O, F>(
+    model: &M,
+    input_dims: &[&[usize]],
+    forward: F,
+) -> Result<QatGraph, QatError>
+where
+    M: Module,
+    I: GraphIo,
+    O: GraphIo,
+    F: Fn(&M, I) -> O,
+{
+    let trace = trace_many(model, input_dims, forward)?;
     lift::lift(&trace, &model_device(model))
 }

@@ -72,8 +72,8 @@ fn param_near(trace: &Trace, op: &OperationIr) -> Option<String> {
 /// Which recorded ops the output depends on. A pass-through quantizer depends on its `x` only,
 /// so the arithmetic that made its grid (observers' min/max, scale and zero point from a
 /// recorded range) is not live, and neither is anything else the output does not read.
-fn live_ops(ops: &[OperationIr], output: TensorId) -> Vec<bool> {
-    let mut needed: std::collections::HashSet<TensorId> = [output].into();
+fn live_ops(ops: &[OperationIr], outputs: &[TensorId]) -> Vec<bool> {
+    let mut needed: std::collections::HashSet<TensorId> = outputs.iter().copied().collect();
     let mut live = vec![false; ops.len()];
     for (i, op) in ops.iter().enumerate().rev() {
         if !op.outputs().any(|t| needed.contains(&t.id)) {
@@ -152,7 +152,7 @@ impl<'a> Lifter<'a> {
     /// A recorded value that is data, not a parameter, or a folded constant.
     fn constant(&self, id: TensorId) -> Option<&TensorData> {
         // The input is recorded as data too; a node's value is computed from it.
-        if id == self.trace.input
+        if self.trace.inputs.contains(&id)
             || self.trace.params.contains_key(&id)
             || self.env.contains_key(&id)
         {
@@ -695,6 +695,9 @@ impl<'a> Lifter<'a> {
                 let op = Op::MeanDim { axis: o.axis };
                 self.one_input(op, &o.input, "a reduction", (&o.out, &p.out))
             }
+            (N::Abs(o), N::Abs(p)) => {
+                self.one_input(Op::Abs, &o.input, "`Tensor::abs`", (&o.out, &p.out))
+            }
             (N::SumDim(o), N::SumDim(p)) => {
                 let op = Op::SumDim { axis: o.axis };
                 self.one_input(op, &o.input, "a reduction", (&o.out, &p.out))
@@ -1042,7 +1045,7 @@ fn activation_out(a: &ActivationOperationIr) -> &TensorIr {
 
 /// Lifts `trace` into a float [`QatGraph`] on `device`: the user's forward, op for op.
 pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
-    let input_shape = trace.input_dims.clone();
+    let batch = trace.input_dims[0][0];
     let mut lifter = Lifter {
         trace,
         device: device.clone(),
@@ -1054,18 +1057,29 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         near: String::new(),
         inside: None,
         at: 0,
-        batch: (input_shape[0], input_shape[0] + 1),
+        batch: (batch, batch + 1),
     };
-    let mut shape: Vec<Dim> = input_shape.iter().map(|&d| Dim::Fixed(d)).collect();
-    shape[0] = Dim::Batch(1);
-    lifter.nodes.push(Node {
-        op: Op::Input,
-        inputs: vec![],
-        name: "input".into(),
-        shape,
-    });
-    lifter.env.insert(trace.input, Src::Node(0));
-    let live = live_ops(&trace.ops, trace.output);
+    for (k, (dims, &id)) in trace.input_dims.iter().zip(&trace.inputs).enumerate() {
+        let mut shape: Vec<Dim> = dims.iter().map(|&d| Dim::Fixed(d)).collect();
+        shape[0] = Dim::Batch(1);
+        lifter.nodes.push(Node {
+            op: Op::Input,
+            inputs: vec![],
+            name: if trace.inputs.len() == 1 {
+                "input".into()
+            } else {
+                format!("input.{k}")
+            },
+            shape,
+        });
+        if lifter.env.insert(id, Src::Node(k)).is_some() {
+            return Err(lifter.err(
+                format!("input {k} is the same tensor as an earlier input"),
+                "pass each input once",
+            ));
+        }
+    }
+    let live = live_ops(&trace.ops, &trace.outputs);
     // A marked op the float graph cannot read through (a learned clip) is reported by name
     // before the arithmetic on its parameters fails with a less useful message.
     let marked = trace
@@ -1094,18 +1108,26 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
             lifter.op(a, b)?;
         }
     }
-    let output = match lifter.env.get(&trace.output) {
-        Some(Src::Node(i)) => *i,
-        _ => {
-            return Err(lifter.err(
-                "the forward returns a parameter, not a value computed from the input".into(),
-                "return the model's output",
-            ));
+    let mut outputs = Vec::with_capacity(trace.outputs.len());
+    for (k, id) in trace.outputs.iter().enumerate() {
+        match lifter.env.get(id) {
+            Some(Src::Node(i)) => outputs.push(*i),
+            _ => {
+                return Err(lifter.err(
+                    if trace.outputs.len() == 1 {
+                        "the forward returns a parameter, not a value computed from the input"
+                            .into()
+                    } else {
+                        format!("output {k} is a parameter, not a value computed from the inputs")
+                    },
+                    "return the model's outputs",
+                ));
+            }
         }
-    };
+    }
     let mut program = Program {
         nodes: lifter.nodes,
-        output,
+        outputs,
         integer_end: None,
     };
     super::rewrite::fuse_gated_activations(&mut program);

@@ -287,7 +287,7 @@ pub fn from_sequential(model: &Sequential, input_dims: &[usize]) -> Result<QatGr
     let output = l.lower(&model.layers, "layers", 0)?;
     let mut program = Program {
         nodes: l.nodes,
-        output,
+        outputs: vec![output],
         integer_end: None,
     };
     // A fused layer's activation followed by `Relu`/`Relu6` layers: one clamp.

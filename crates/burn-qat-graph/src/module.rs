@@ -12,6 +12,7 @@ use burn_qat_nn::ActQuant;
 use burn_qat_transform::{FusedConv1d, FusedConv2d, FusedLinear};
 
 use super::ir::{Dim, GridRole, LayerKind, Node, Op, Program};
+use crate::io::GraphIo;
 
 /// A module of a [`QatGraph`]: the layers that hold parameters or state.
 #[derive(Module, Debug)]
@@ -111,9 +112,9 @@ impl GraphLayer {
 /// same model with the same configuration (a record of another graph is refused by Burn's
 /// path check).
 ///
-/// One input and one output: [`forward`](Self::forward) takes and returns one tensor. Models
-/// with several inputs or outputs are not supported yet (slicing ops are not lifted); trace a
-/// closure that feeds the model one tensor and returns one.
+/// [`forward`](Self::forward) takes and returns one tensor; a graph traced with several inputs
+/// or outputs ([`trace_many`](crate::trace_many)) runs with
+/// [`forward_many`](Self::forward_many), tuples in and out.
 #[derive(Module, Debug)]
 pub struct QatGraph {
     /// The modules, in the order the program first runs them.
@@ -179,43 +180,108 @@ impl QatGraph {
         &self,
         input: Tensor<DI>,
     ) -> Result<Tensor<DO>, QatError> {
-        let expected = self.program.input_shape();
-        let dims = input.dims();
-        let batch = dims[0];
-        let fits = expected.len() == DI
-            && expected
-                .iter()
-                .zip(dims.iter())
-                .all(|(d, &n)| matches!(d, Dim::Batch(1)) || d.at(batch) == n);
-        if !fits {
-            return Err(QatError::InvalidConfig {
-                field: "QatGraph::forward input".into(),
-                value: format!("shape {dims:?}"),
-                allowed: format!(
-                    "the traced shape [{}] (N: any batch size)",
-                    shape_text(expected)
-                ),
-            });
-        }
-        let out_rank = self.program.nodes[self.program.output].shape.len();
-        if out_rank != DO {
-            return Err(QatError::InvalidConfig {
-                field: "QatGraph::forward output rank".into(),
-                value: DO.to_string(),
-                allowed: format!("{out_rank}, the rank the traced forward returns"),
-            });
-        }
-        let out = self.run(input.into_dispatch(), batch);
-        Ok(Tensor::from_dispatch(out))
+        self.try_forward_many(input)
     }
 
-    fn run(&self, input: DispatchTensor, batch: usize) -> DispatchTensor {
+    /// Runs a graph of several inputs or outputs (traced with
+    /// [`trace_many`](crate::trace_many)): the inputs as one tensor or a tuple, in the traced
+    /// order, the outputs likewise.
+    ///
+    /// # Shapes
+    ///
+    /// - inputs: the traced input shapes, any batch size, the same for every input
+    /// - outputs: the traced output shapes at that batch size
+    ///
+    /// # Panics
+    ///
+    /// As [`forward`](Self::forward); [`try_forward_many`](Self::try_forward_many) returns
+    /// these as errors.
+    pub fn forward_many<I: GraphIo, O: GraphIo>(&self, inputs: I) -> O {
+        self.try_forward_many(inputs)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`forward_many`](Self::forward_many), with a wrong count, rank or input size as an
+    /// error.
+    pub fn try_forward_many<I: GraphIo, O: GraphIo>(&self, inputs: I) -> Result<O, QatError> {
+        let expected = self.program.input_shapes();
+        let given = inputs.shapes();
+        let many = expected.len() > 1;
+        if given.len() != expected.len() {
+            return Err(QatError::InvalidConfig {
+                field: "QatGraph::forward inputs".into(),
+                value: format!("{} tensors", given.len()),
+                allowed: format!("{}, the inputs the traced forward takes", expected.len()),
+            });
+        }
+        let batch = given[0][0];
+        for (k, (shape, dims)) in expected.iter().zip(&given).enumerate() {
+            let fits = shape.len() == dims.len()
+                && shape
+                    .iter()
+                    .zip(dims.iter())
+                    .all(|(d, &n)| matches!(d, Dim::Batch(1)) || d.at(batch) == n)
+                && dims[0] == batch;
+            if !fits {
+                return Err(QatError::InvalidConfig {
+                    field: if many {
+                        format!("QatGraph::forward input {k}")
+                    } else {
+                        "QatGraph::forward input".into()
+                    },
+                    value: format!("shape {dims:?}"),
+                    allowed: format!(
+                        "the traced shape [{}] (N: any batch size{})",
+                        shape_text(shape),
+                        if many {
+                            ", the same for every input"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+        }
+        let ranks: Vec<usize> = self
+            .program
+            .outputs
+            .iter()
+            .map(|&o| self.program.nodes[o].shape.len())
+            .collect();
+        if O::ranks() != ranks {
+            let (field, value, allowed) = if ranks.len() == 1 && O::ranks().len() == 1 {
+                (
+                    "QatGraph::forward output rank",
+                    O::ranks()[0].to_string(),
+                    format!("{}, the rank the traced forward returns", ranks[0]),
+                )
+            } else {
+                (
+                    "QatGraph::forward output ranks",
+                    format!("{:?}", O::ranks()),
+                    format!("{ranks:?}, the ranks of what the traced forward returns"),
+                )
+            };
+            return Err(QatError::InvalidConfig {
+                field: field.into(),
+                value,
+                allowed,
+            });
+        }
+        let out = self.run(inputs.into_parts(), batch);
+        Ok(O::from_parts(out))
+    }
+
+    fn run(&self, inputs: Vec<DispatchTensor>, batch: usize) -> Vec<DispatchTensor> {
         let nodes = &self.program.nodes;
         let last = self.program.last_use();
-        let device = Device::new(input.device());
+        let device = Device::new(inputs[0].device());
         let mut values: Vec<Option<DispatchTensor>> = vec![None; nodes.len()];
-        values[0] = Some(input);
-        for (i, node) in nodes.iter().enumerate().skip(1) {
+        let count = inputs.len();
+        for (k, x) in inputs.into_iter().enumerate() {
+            values[k] = Some(x);
+        }
+        for (i, node) in nodes.iter().enumerate().skip(count) {
             let args: Vec<DispatchTensor> = node
                 .inputs
                 .iter()
@@ -240,9 +306,11 @@ impl QatGraph {
                 _ => self.eval(node, args, batch),
             });
         }
-        values[self.program.output]
-            .take()
-            .expect("the output is computed")
+        self.program
+            .outputs
+            .iter()
+            .map(|&o| values[o].clone().expect("the outputs are computed"))
+            .collect()
     }
 
     fn rank_of(&self, node: usize) -> usize {
@@ -426,6 +494,7 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
         ),
         Op::Tanh => Dispatch::float_tanh(x),
         Op::Exp => Dispatch::float_exp(x),
+        Op::Abs => Dispatch::float_abs(x),
         Op::Softmax { axis } => Dispatch::softmax(x, *axis),
         Op::Add => Dispatch::float_add(x, second()),
         Op::Sub => Dispatch::float_sub(x, second()),

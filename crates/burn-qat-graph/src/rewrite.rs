@@ -52,7 +52,7 @@ impl Editor {
         }
     }
 
-    /// Applies the redirections, drops every node the output does not need, and renumbers
+    /// Applies the redirections, drops every node the outputs do not need, and renumbers
     /// nodes and layers.
     pub fn finish(mut self) -> QatGraph {
         for n in 0..self.program.nodes.len() {
@@ -63,12 +63,19 @@ impl Editor {
                 .collect();
             self.program.nodes[n].inputs = inputs;
         }
-        self.program.output = self.resolve(self.program.output);
+        self.program.outputs = (0..self.program.outputs.len())
+            .map(|k| self.resolve(self.program.outputs[k]))
+            .collect();
         self.program.integer_end = self.program.integer_end.map(|k| self.resolve(k));
         let nodes = &self.program.nodes;
         let mut needed = vec![false; nodes.len()];
-        needed[0] = true;
-        needed[self.program.output] = true;
+        // Every input stays (they are the forward's arguments), read or not.
+        for i in self.program.inputs() {
+            needed[i] = true;
+        }
+        for &o in &self.program.outputs {
+            needed[o] = true;
+        }
         if let Some(k) = self.program.integer_end {
             needed[k] = true;
         }
@@ -105,7 +112,7 @@ impl Editor {
             layers,
             program: super::ir::Program {
                 nodes: kept,
-                output: new_index[self.program.output],
+                outputs: self.program.outputs.iter().map(|&o| new_index[o]).collect(),
                 integer_end: self.program.integer_end.map(|k| new_index[k]),
             },
         }
@@ -159,7 +166,7 @@ pub(crate) fn compose_activations(program: &mut Program) {
         let Some(inner) = program.nodes[j].op.activation() else {
             continue;
         };
-        if users[j] != [i] || program.output == j {
+        if users[j] != [i] || program.outputs.contains(&j) {
             continue;
         }
         // Nodes are in order, so `j` already holds the chain before it.

@@ -22,4 +22,6 @@
 pub mod proto;
 mod writer;
 
-pub use writer::{OnnxError, OnnxOptions, decode_model, save, to_model_proto};
+pub use writer::{
+    OnnxError, OnnxOptions, decode_model, input_names, output_names, save, to_model_proto,
+};

@@ -437,13 +437,48 @@ fn dim_text(d: &Dim) -> Option<usize> {
 /// The float name of every node's values (dequantized for integer nodes).
 fn write_nodes(g: &mut Graph, model: &IntegerModel) -> Result<Vec<String>, OnnxError> {
     let mut names: Vec<String> = Vec::with_capacity(model.nodes.len());
-    for node in &model.nodes {
+    let inputs = input_names(model);
+    for (i, node) in model.nodes.iter().enumerate() {
+        if let Some(name) = inputs.get(i) {
+            names.push(name.clone());
+            continue;
+        }
         let xs: Vec<String> = node.inputs.iter().map(|j| names[*j].clone()).collect();
         let first = node.inputs.first().map(|j| &model.nodes[*j]);
         let out = g.write_node(node, xs, first)?;
         names.push(out);
     }
     Ok(names)
+}
+
+/// The graph's input names, in order: `input` for a model of one input, else `input_0`,
+/// `input_1`, ...
+pub fn input_names(model: &IntegerModel) -> Vec<String> {
+    let n = model.inputs().len();
+    (0..n)
+        .map(|k| {
+            if n == 1 {
+                "input".into()
+            } else {
+                format!("input_{k}")
+            }
+        })
+        .collect()
+}
+
+/// The graph's output names, in order: `logits` for a model of one output, else `output_0`,
+/// `output_1`, ...
+pub fn output_names(model: &IntegerModel) -> Vec<String> {
+    let n = model.outputs.len();
+    (0..n)
+        .map(|k| {
+            if n == 1 {
+                "logits".into()
+            } else {
+                format!("output_{k}")
+            }
+        })
+        .collect()
 }
 
 /// Why `node` has no ONNX form.
@@ -467,7 +502,7 @@ impl Graph {
         let x = || xs[0].clone();
         let rank = first.map_or(0, |n| n.shape.len());
         Ok(match &node.op {
-            IntOp::Input => "input".to_string(),
+            IntOp::Input => unreachable!("write_nodes names the inputs"),
             IntOp::Quantize(a) => self.quantize(x(), a),
             IntOp::Conv2d(c) => self.conv(x(), c, rank == 3),
             IntOp::Linear(l) => self.linear(x(), l, rank),
@@ -753,20 +788,32 @@ pub fn to_model_proto(
         ..Default::default()
     };
     let names = write_nodes(&mut g, model)?;
-    let out = names[model.output].clone();
-    let identity = NodeProto {
-        name: Some("output".into()),
-        op_type: Some("Identity".into()),
-        input: vec![out],
-        output: vec!["logits".into()],
-        ..Default::default()
-    };
-    g.nodes.push(identity);
-    let input_dims: Vec<Option<usize>> = model.nodes[0].shape.iter().map(dim_text).collect();
-    let output_dims: Vec<Option<usize>> = model.nodes[model.output]
-        .shape
+    let dims =
+        |i: usize| -> Vec<Option<usize>> { model.nodes[i].shape.iter().map(dim_text).collect() };
+    let outputs = output_names(model);
+    for (k, (&o, name)) in model.outputs.iter().zip(&outputs).enumerate() {
+        g.nodes.push(NodeProto {
+            name: Some(if outputs.len() == 1 {
+                "output".into()
+            } else {
+                format!("output.{k}")
+            }),
+            op_type: Some("Identity".into()),
+            input: vec![names[o].clone()],
+            output: vec![name.clone()],
+            ..Default::default()
+        });
+    }
+    let input_infos = input_names(model)
         .iter()
-        .map(dim_text)
+        .enumerate()
+        .map(|(i, name)| value_info(name, &dims(i)))
+        .collect();
+    let output_infos = model
+        .outputs
+        .iter()
+        .zip(&outputs)
+        .map(|(&o, name)| value_info(name, &dims(o)))
         .collect();
     Ok(ModelProto {
         ir_version: Some(if options.opset >= 21 { 10 } else { 7 }),
@@ -784,8 +831,8 @@ pub fn to_model_proto(
             name: Some("burn_qat_model".into()),
             node: g.nodes,
             initializer: g.inits,
-            input: vec![value_info("input", &input_dims)],
-            output: vec![value_info("logits", &output_dims)],
+            input: input_infos,
+            output: output_infos,
             ..Default::default()
         }),
         ..Default::default()

@@ -23,7 +23,7 @@
 //! writer's runtime computed. Writers write [`VERSION`] only.
 //!
 //! - **What a version number is**: the meaning of the payload's bytes. The payload is the
-//!   `postcard` encoding of [`IntegerModel`] (its nodes and output; the weight cache and the
+//!   `postcard` encoding of [`IntegerModel`] (its nodes and outputs; the weight cache and the
 //!   budget are not saved), so the version names the serde layout of every type inside it and
 //!   the arithmetic each op means.
 //! - **What bumps it**: a change to the bytes of what existing files hold or to what they
@@ -43,8 +43,9 @@
 //! - **Old versions are upgraded, one function per version**: a version's payload types are
 //!   frozen in a module of their own (`format/v2.rs`: private serde types that are never
 //!   edited) with an upgrade to the next version, and loading runs the chain up to the current
-//!   model, then validates it as any file. When version 4 comes, version 3's types move into
-//!   `format/v3.rs` with `v3 -> v4`.
+//!   model, then validates it as any file. Version 3 (`format/v3.rs`, `v3 -> v4`) differs from
+//!   version 4 in the model's ends only (one `output`), so it shares the current node types,
+//!   whose variants are only ever appended.
 //! - **Golden files** (`crates/burn-qat-runtime/golden/`, test `tests/golden.rs`) pin the bytes:
 //!   one small model per kind of op written as the current version, and files the old writers
 //!   of versions 1 and 2 wrote, each with an input and the output it must give, value for
@@ -55,7 +56,8 @@
 //! |---|---|---|---|
 //! | 1 | commits 0c9cfa4..03ffdeb | `{ input_shape, layers }`: a list of layers (quantize, conv, linear, max/avg pool, clamp, flatten, residual block), 8-bit weights | `v1 -> v2 -> current` |
 //! | 2 | commits 0d01961..c068d46 | version 1 plus `weight_bits` on conv and linear (sub-8-bit weights) | `v2 -> current` |
-//! | 3 | commit 1071085 on | [`IntegerModel`]: a graph of [`IntNode`](crate::model::IntNode)s | itself |
+//! | 3 | commits 1071085..8041836 | `{ nodes, output }`: a graph of [`IntNode`](crate::model::IntNode)s, one input, one output | `v3 -> current` |
+//! | 4 | commits after 8041836 | [`IntegerModel`]: version 3's nodes, several inputs (the leading `Input` nodes) and `outputs` | itself |
 //!
 //! A version 1 or 2 model becomes a chain of nodes named by their old place (`layers.2`,
 //! `layers.2.body.0`, `layers.2.add`): a clamp becomes a 256-entry table, a flatten a reshape,
@@ -84,8 +86,8 @@
 //! let mut newer = bytes.clone();
 //! newer[8..12].copy_from_slice(&(format::VERSION + 1).to_le_bytes());
 //! let err = format::from_bytes(&newer).unwrap_err();
-//! assert!(matches!(err, format::FormatError::Newer { found: 4, supported: 3 }));
-//! assert!(err.to_string().contains("version 4") && err.to_string().contains("version 3"));
+//! assert!(matches!(err, format::FormatError::Newer { found: 5, supported: 4 }));
+//! assert!(err.to_string().contains("version 5") && err.to_string().contains("version 4"));
 //! ```
 
 use std::path::Path;
@@ -97,12 +99,13 @@ use crate::model::IntegerModel;
 
 mod v1;
 mod v2;
+mod v3;
 
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"BQATINT8";
 /// Current format version: what [`to_bytes`] and [`save`] write. Every version from
 /// [`OLDEST_VERSION`] to this one is read.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest format version, read by every build.
 pub const OLDEST_VERSION: u32 = 1;
 const HEADER: usize = 8 + 4 + 8 + 4;
@@ -218,7 +221,14 @@ pub fn from_bytes_with_budget(bytes: &[u8], budget: Budget) -> Result<IntegerMod
             let old = v2::decode(payload).map_err(|e| legacy(2, e))?;
             checked(v2::upgrade(old).map_err(|e| legacy(2, e))?, budget)
         }
-        _ => from_current(payload, budget),
+        3 => {
+            let old = from_graph::<v3::IntegerModel3>(payload, budget, 3)?;
+            checked(v3::upgrade(old), budget)
+        }
+        _ => checked(
+            from_graph::<IntegerModel>(payload, budget, VERSION)?,
+            budget,
+        ),
     }
 }
 
@@ -260,8 +270,12 @@ fn from_v1(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatError> 
     }
 }
 
-/// A payload of the current version.
-fn from_current(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatError> {
+/// A payload of a version that encodes a graph of nodes (3 on), decoded as `T`.
+fn from_graph<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    budget: Budget,
+    version: u32,
+) -> Result<T, FormatError> {
     // The payload begins with the number of nodes: their decoded size is checked before
     // they are decoded (a small node decodes to a few hundred bytes).
     if let Some(nodes) = leading_varint(payload)
@@ -274,16 +288,16 @@ fn from_current(payload: &[u8], budget: Budget) -> Result<IntegerModel, FormatEr
             budget.max_memory_bytes
         )));
     }
-    let (model, rest) = postcard::take_from_bytes::<IntegerModel>(payload)
+    let (model, rest) = postcard::take_from_bytes::<T>(payload)
         .map_err(|e| FormatError::Invalid(format!("payload: {e}")))?;
     if !rest.is_empty() {
         // The checksum covers them, so they were written: by a writer this reader does not know.
         return Err(FormatError::Invalid(format!(
-            "payload: {} bytes after the model (a version {VERSION} model is the whole payload)",
+            "payload: {} bytes after the model (a version {version} model is the whole payload)",
             rest.len()
         )));
     }
-    checked(model, budget)
+    Ok(model)
 }
 
 /// Writes `model` to `path` (through a temporary file in the same directory).

@@ -31,4 +31,4 @@ pub use model::{
     RunError, Window,
 };
 pub use run::{Plan, Session, Values, WeightCache};
-pub use validate::accumulator_bound;
+pub use validate::{MAX_OUTPUTS, accumulator_bound};

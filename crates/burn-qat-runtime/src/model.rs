@@ -350,17 +350,19 @@ pub struct IntNode {
     pub grid: Option<Grid>,
 }
 
-/// An integer model: nodes in execution order (node 0 is the float input), and the output node.
+/// An integer model: nodes in execution order (the float inputs first, one
+/// [`IntOp::Input`] each, in argument order), and the output nodes.
 /// Plain data (saved by [`crate::format`], written to ONNX by `burn-qat-onnx`), plus a cache of
 /// weights packed for this machine's kernels that is filled on the first forward and never
 /// saved, and the [`Budget`](crate::budget::Budget) it is validated against (a setting, not
-/// saved; two models are equal when their nodes and output are).
+/// saved; two models are equal when their nodes and outputs are).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct IntegerModel {
     /// Nodes, each reading only earlier ones.
     pub nodes: Vec<IntNode>,
-    /// The node whose values the model returns (dequantized if they are integers).
-    pub output: usize,
+    /// The nodes whose values the model returns, in order (dequantized if they are
+    /// integers).
+    pub outputs: Vec<usize>,
     #[serde(skip)]
     pub(crate) cache: crate::run::WeightCache,
     #[serde(skip)]
@@ -369,7 +371,7 @@ pub struct IntegerModel {
 
 impl PartialEq for IntegerModel {
     fn eq(&self, other: &Self) -> bool {
-        self.nodes == other.nodes && self.output == other.output
+        self.nodes == other.nodes && self.outputs == other.outputs
     }
 }
 
@@ -399,6 +401,20 @@ pub enum RunError {
     /// The model is inconsistent.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Inputs given in another count than the model's, or of different batch sizes.
+    #[error("inputs: {given}; the model takes {expected} (the same batch size for each)")]
+    Inputs {
+        /// What was given.
+        given: String,
+        /// The model's inputs: count and item shapes.
+        expected: String,
+    },
+    /// A call that returns one output on a model of several.
+    #[error("the model returns {count} outputs: use forward_many / run_many")]
+    Outputs {
+        /// How many outputs the model has.
+        count: usize,
+    },
 }
 
 /// Output length of a convolution or pooling window along one axis, `None` if the window does
@@ -437,20 +453,39 @@ impl IntegerModel {
     /// default [`Budget`](crate::budget::Budget). Check it with [`validate`](Self::validate)
     /// (every run does).
     pub fn new(nodes: Vec<IntNode>, output: usize) -> Self {
+        Self::with_outputs(nodes, vec![output])
+    }
+
+    /// A model of several inputs (the leading [`IntOp::Input`] nodes) or outputs.
+    pub fn with_outputs(nodes: Vec<IntNode>, outputs: Vec<usize>) -> Self {
         Self {
             nodes,
-            output,
+            outputs,
             cache: Default::default(),
             budget: Default::default(),
         }
     }
 
-    /// The input shape of one item (batch axis removed).
+    /// The input nodes, in argument order (the leading [`IntOp::Input`] nodes).
+    pub fn inputs(&self) -> std::ops::Range<usize> {
+        0..self
+            .nodes
+            .iter()
+            .take_while(|n| matches!(n.op, IntOp::Input))
+            .count()
+    }
+
+    /// The input shape of one item (batch axis removed) of the first input.
     pub fn input_shape(&self) -> Vec<usize> {
-        self.nodes
-            .first()
-            .map(|n| {
-                n.shape
+        self.input_shapes().into_iter().next().unwrap_or_default()
+    }
+
+    /// The input shape of one item (batch axis removed) of every input, in argument order.
+    pub fn input_shapes(&self) -> Vec<Vec<usize>> {
+        self.inputs()
+            .map(|i| {
+                self.nodes[i]
+                    .shape
                     .iter()
                     .filter_map(|d| match d {
                         Dim::Fixed(v) => Some(*v),
@@ -458,7 +493,7 @@ impl IntegerModel {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     /// One line per weighted node and per quantizing node: its bit width and the range its
@@ -553,7 +588,12 @@ impl IntegerModel {
                 shape.join(", ")
             ));
         }
-        s.push_str(&format!("output: %{}\n", self.output));
+        let outputs: Vec<String> = self.outputs.iter().map(|o| format!("%{o}")).collect();
+        s.push_str(&format!(
+            "output{}: {}\n",
+            if outputs.len() == 1 { "" } else { "s" },
+            outputs.join(", ")
+        ));
         s
     }
 }

@@ -182,8 +182,8 @@ pub struct Plan {
     steps: Vec<Step>,
     ints: usize,
     floats: usize,
-    output: Slot,
-    output_node: usize,
+    outputs: Vec<Slot>,
+    output_nodes: Vec<usize>,
     /// Whether a call has run and the kernels' per-thread buffers were evened out after it.
     warm: bool,
 }
@@ -194,9 +194,17 @@ impl Plan {
         self.batch
     }
 
-    /// The output's shape.
+    /// The (first) output's shape.
     pub fn output_shape(&self) -> &[usize] {
-        &self.shapes[self.output_node]
+        &self.shapes[self.output_nodes[0]]
+    }
+
+    /// Every output's shape, in order.
+    pub fn output_shapes(&self) -> Vec<&[usize]> {
+        self.output_nodes
+            .iter()
+            .map(|&o| &self.shapes[o][..])
+            .collect()
     }
 
     /// How many `i8` and `f32` buffers the steps share.
@@ -226,7 +234,9 @@ impl Plan {
                 readers[*j] += 1;
             }
         }
-        last_use[model.output] = usize::MAX;
+        for &o in &model.outputs {
+            last_use[o] = usize::MAX;
+        }
         let mut float = vec![false; n];
         let mut slots: Vec<Option<Slot>> = vec![None; n];
         let (mut free_int, mut free_float) = (Vec::new(), Vec::new());
@@ -303,16 +313,19 @@ impl Plan {
                 out,
             });
         }
-        let output = slots[model.output]
-            .ok_or_else(|| err(model, model.output, "the output is not computed".into()))?;
+        let outputs = model
+            .outputs
+            .iter()
+            .map(|&o| slots[o].ok_or_else(|| err(model, o, "the output is not computed".into())))
+            .collect::<Result<Vec<Slot>, RunError>>()?;
         Ok(Plan {
             batch,
             shapes,
             steps,
             ints,
             floats,
-            output,
-            output_node: model.output,
+            outputs,
+            output_nodes: model.outputs.clone(),
             warm: false,
         })
     }
@@ -391,7 +404,7 @@ fn pool_after(model: &IntegerModel, i: usize, readers: &[usize]) -> Option<usize
     let IntOp::MaxPool(w) = &next.op else {
         return None;
     };
-    let only_reader = next.inputs == [i] && readers[i] == 1 && i != model.output;
+    let only_reader = next.inputs == [i] && readers[i] == 1 && !model.outputs.contains(&i);
     (only_reader && ops::row_wise(w) && c.output.grid().is_some()).then_some(i + 1)
 }
 
@@ -401,13 +414,14 @@ struct State {
     plans: Vec<Plan>,
     /// The plan of the last call.
     last: usize,
-    /// Values in one batch item of the input.
-    item: Option<usize>,
+    /// Values in one batch item of each input.
+    items: Option<Vec<usize>>,
     reference: bool,
     ints: Vec<Vec<i8>>,
     floats: Vec<Vec<f32>>,
     acc: Vec<i32>,
-    out: Vec<f32>,
+    /// The dequantized outputs of the last call (one buffer per output).
+    out: Vec<Vec<f32>>,
 }
 
 /// Runs an [`IntegerModel`] again and again: keeps a [`Plan`] per batch size and the buffers
@@ -448,8 +462,24 @@ impl<'m> Session<'m> {
     ///
     /// As [`IntegerModel::forward`].
     pub fn run(&mut self, input: &[f32]) -> Result<(&[f32], &[usize]), RunError> {
-        self.state.run(self.model, input)?;
-        Ok(self.state.float_output(self.model))
+        self.model.one_output()?;
+        self.state.run(self.model, &[input])?;
+        self.state.dequantize(self.model);
+        Ok(self.state.float_output(self.model, 0))
+    }
+
+    /// [`run`](Self::run) for a model of several inputs or outputs: one slice per input (each
+    /// `[n, ..its item shape]`, the same `n`), one `(values, shape)` per output.
+    ///
+    /// # Errors
+    ///
+    /// As [`IntegerModel::forward_many`].
+    pub fn run_many(&mut self, inputs: &[&[f32]]) -> Result<Vec<(&[f32], &[usize])>, RunError> {
+        self.state.run(self.model, inputs)?;
+        self.state.dequantize(self.model);
+        Ok((0..self.model.outputs.len())
+            .map(|k| self.state.float_output(self.model, k))
+            .collect())
     }
 
     /// Like [`run`](Self::run), returning the raw integer output with its shape and grid, or
@@ -459,8 +489,9 @@ impl<'m> Session<'m> {
     ///
     /// As [`IntegerModel::forward`].
     pub fn run_int(&mut self, input: &[f32]) -> Result<Option<(&[i8], &[usize], Grid)>, RunError> {
-        self.state.run(self.model, input)?;
-        Ok(self.state.int_output(self.model))
+        self.model.one_output()?;
+        self.state.run(self.model, &[input])?;
+        Ok(self.state.int_output(self.model, 0))
     }
 
     /// The plan for batch size `batch`, compiled now if it is new.
@@ -492,18 +523,43 @@ impl State {
         Ok(self.plans.len() - 1)
     }
 
-    /// Runs `input` (the plan that ran is `self.last`).
-    fn run(&mut self, model: &IntegerModel, input: &[f32]) -> Result<(), RunError> {
-        let item = *self
-            .item
-            .get_or_insert_with(|| model.input_shape().iter().product());
-        if item == 0 || !input.len().is_multiple_of(item) {
-            return Err(RunError::Input {
-                len: input.len(),
-                input_shape: model.input_shape(),
+    /// Runs `inputs` (the plan that ran is `self.last`).
+    fn run(&mut self, model: &IntegerModel, inputs: &[&[f32]]) -> Result<(), RunError> {
+        let items = self.items.get_or_insert_with(|| {
+            model
+                .input_shapes()
+                .iter()
+                .map(|s| s.iter().product())
+                .collect()
+        });
+        if inputs.len() != items.len() {
+            return Err(RunError::Inputs {
+                given: format!("{} slices", inputs.len()),
+                expected: format!("{} inputs of {:?}", items.len(), model.input_shapes()),
             });
         }
-        let at = self.plan(model, input.len() / item)?;
+        let whole = |k: usize| items[k] > 0 && inputs[k].len().is_multiple_of(items[k]);
+        if let Some(k) = (0..items.len()).find(|&k| !whole(k)) {
+            if items.len() == 1 {
+                return Err(RunError::Input {
+                    len: inputs[0].len(),
+                    input_shape: model.input_shape(),
+                });
+            }
+            return Err(RunError::Inputs {
+                given: format!("{} values for input {k}", inputs[k].len()),
+                expected: format!("{} inputs of {:?}", items.len(), model.input_shapes()),
+            });
+        }
+        let batch = inputs[0].len() / items[0];
+        if (1..items.len()).any(|k| inputs[k].len() / items[k] != batch) {
+            let lens: Vec<usize> = inputs.iter().map(|x| x.len()).collect();
+            return Err(RunError::Inputs {
+                given: format!("{lens:?} values (batch sizes differ)"),
+                expected: format!("{} inputs of {:?}", items.len(), model.input_shapes()),
+            });
+        }
+        let at = self.plan(model, batch)?;
         self.last = at;
         let plan = &self.plans[at];
         let mut buffers = Buffers {
@@ -512,7 +568,7 @@ impl State {
             acc: &mut self.acc,
         };
         for step in &plan.steps {
-            buffers.step(model, plan, step, input, self.reference)?;
+            buffers.step(model, plan, step, inputs, self.reference)?;
         }
         if !plan.warm && !self.reference {
             kernels::equalize_scratch();
@@ -521,28 +577,45 @@ impl State {
         Ok(())
     }
 
-    /// The output of the last call as 8-bit values with their grid (the plan checked that a
+    /// Output `k` of the last call as 8-bit values with their grid (the plan checked that a
     /// quantized output has one), `None` if it is float.
-    fn int_output(&self, model: &IntegerModel) -> Option<(&[i8], &[usize], Grid)> {
+    fn int_output(&self, model: &IntegerModel, k: usize) -> Option<(&[i8], &[usize], Grid)> {
         let plan = &self.plans[self.last];
-        let grid = model.nodes[plan.output_node].grid?;
-        (!plan.output.float).then(|| (&self.ints[plan.output.index][..], plan.output_shape(), grid))
+        let node = plan.output_nodes[k];
+        let grid = model.nodes[node].grid?;
+        let slot = plan.outputs[k];
+        (!slot.float).then(|| (&self.ints[slot.index][..], &plan.shapes[node][..], grid))
     }
 
-    /// The output of the last call as floats (dequantized into `out` if it is quantized).
-    fn float_output(&mut self, model: &IntegerModel) -> (&[f32], &[usize]) {
+    /// Dequantizes the quantized outputs of the last call into `out`.
+    fn dequantize(&mut self, model: &IntegerModel) {
         let plan = &self.plans[self.last];
-        if plan.output.float {
-            return (&self.floats[plan.output.index], plan.output_shape());
+        self.out.resize_with(plan.outputs.len(), Vec::new);
+        for (k, slot) in plan.outputs.iter().enumerate() {
+            if slot.float {
+                continue;
+            }
+            let grid = model.nodes[plan.output_nodes[k]].grid;
+            let out = &mut self.out[k];
+            out.clear();
+            out.extend(
+                self.ints[slot.index]
+                    .iter()
+                    .map(|q| grid.map_or(*q as f32, |g| g.dequantize(*q as i32))),
+            );
         }
-        let grid = model.nodes[plan.output_node].grid;
-        let data = &self.ints[plan.output.index];
-        self.out.clear();
-        self.out.extend(
-            data.iter()
-                .map(|q| grid.map_or(*q as f32, |g| g.dequantize(*q as i32))),
-        );
-        (&self.out, plan.output_shape())
+    }
+
+    /// Output `k` of the last call as floats (after [`dequantize`](Self::dequantize)).
+    fn float_output(&self, _model: &IntegerModel, k: usize) -> (&[f32], &[usize]) {
+        let plan = &self.plans[self.last];
+        let slot = plan.outputs[k];
+        let shape = &plan.shapes[plan.output_nodes[k]][..];
+        if slot.float {
+            (&self.floats[slot.index], shape)
+        } else {
+            (&self.out[k], shape)
+        }
     }
 }
 
@@ -561,7 +634,7 @@ impl Buffers<'_> {
         model: &IntegerModel,
         plan: &Plan,
         step: &Step,
-        input: &[f32],
+        inputs: &[&[f32]],
         reference: bool,
     ) -> Result<(), RunError> {
         if step.kind == Kind::Move {
@@ -570,7 +643,7 @@ impl Buffers<'_> {
         let i = step.node;
         let result = if step.out.float {
             let mut out = std::mem::take(&mut self.floats[step.out.index]);
-            let r = self.float_step(model, plan, step, input, reference, &mut out);
+            let r = self.float_step(model, plan, step, inputs, reference, &mut out);
             self.floats[step.out.index] = out;
             r
         } else {
@@ -597,7 +670,7 @@ impl Buffers<'_> {
         model: &IntegerModel,
         plan: &Plan,
         step: &Step,
-        input: &[f32],
+        inputs: &[&[f32]],
         reference: bool,
         out: &mut Vec<f32>,
     ) -> Result<(), kernels::OutOfMemory> {
@@ -606,8 +679,9 @@ impl Buffers<'_> {
         let slot = || model.cache.slot(step.node, model.nodes.len());
         match &node.op {
             IntOp::Input => {
+                // The inputs are the leading nodes, in argument order.
                 out.clear();
-                out.extend_from_slice(input);
+                out.extend_from_slice(inputs[step.node]);
             }
             IntOp::Conv2d(c) if reference => {
                 *out = float_values(kernels::conv2d_reference(
@@ -798,21 +872,58 @@ impl IntegerModel {
     /// model is inconsistent (see [`validate`](Self::validate)) or a buffer cannot be
     /// allocated.
     pub fn forward(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.with_state(false, |state| {
-            state.run(self, input)?;
-            let (data, shape) = state.float_output(self);
-            Ok((data.to_vec(), shape.to_vec()))
-        })
+        self.one_output()?;
+        Ok(self.forward_many(&[input])?.swap_remove(0))
+    }
+
+    /// [`forward`](Self::forward) for a model of several inputs or outputs: one slice per
+    /// input (each `[n, ..its item shape]` row-major, the same `n` for all), one
+    /// `(values, shape)` per output, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`RunError::Inputs`] for another count of inputs or different batch sizes, else as
+    /// [`forward`](Self::forward).
+    pub fn forward_many(&self, inputs: &[&[f32]]) -> Result<Vec<(Vec<f32>, Vec<usize>)>, RunError> {
+        self.with_state(false, |state| Self::outputs_of(self, state, inputs))
+    }
+
+    fn outputs_of(
+        model: &IntegerModel,
+        state: &mut State,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<(Vec<f32>, Vec<usize>)>, RunError> {
+        state.run(model, inputs)?;
+        state.dequantize(model);
+        Ok((0..model.outputs.len())
+            .map(|k| {
+                let (data, shape) = state.float_output(model, k);
+                (data.to_vec(), shape.to_vec())
+            })
+            .collect())
+    }
+
+    /// A call that returns one output refuses a model of several.
+    fn one_output(&self) -> Result<(), RunError> {
+        match self.outputs.len() {
+            1 => Ok(()),
+            count => Err(RunError::Outputs { count }),
+        }
     }
 
     /// Like [`forward`](Self::forward), with the slow scalar reference kernels for
     /// convolutions, linear layers and two-input ops (nested loops, no fusion).
     pub fn forward_reference(&self, input: &[f32]) -> Result<(Vec<f32>, Vec<usize>), RunError> {
-        self.with_state(true, |state| {
-            state.run(self, input)?;
-            let (data, shape) = state.float_output(self);
-            Ok((data.to_vec(), shape.to_vec()))
-        })
+        self.one_output()?;
+        Ok(self.forward_reference_many(&[input])?.swap_remove(0))
+    }
+
+    /// [`forward_reference`](Self::forward_reference) for several inputs or outputs.
+    pub fn forward_reference_many(
+        &self,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<(Vec<f32>, Vec<usize>)>, RunError> {
+        self.with_state(true, |state| Self::outputs_of(self, state, inputs))
     }
 
     /// Runs the model and returns the raw integer output with its shape and grid, or `None`
@@ -821,11 +932,25 @@ impl IntegerModel {
         &self,
         input: &[f32],
     ) -> Result<Option<(Vec<i8>, Vec<usize>, Grid)>, RunError> {
+        self.one_output()?;
+        Ok(self.forward_int_many(&[input])?.swap_remove(0))
+    }
+
+    /// [`forward_int`](Self::forward_int) for several inputs or outputs: per output, its raw
+    /// integer values, shape and grid, or `None` for a float output.
+    pub fn forward_int_many(
+        &self,
+        inputs: &[&[f32]],
+    ) -> Result<Vec<Option<(Vec<i8>, Vec<usize>, Grid)>>, RunError> {
         self.with_state(false, |state| {
-            state.run(self, input)?;
-            Ok(state
-                .int_output(self)
-                .map(|(data, shape, grid)| (data.to_vec(), shape.to_vec(), grid)))
+            state.run(self, inputs)?;
+            Ok((0..self.outputs.len())
+                .map(|k| {
+                    state
+                        .int_output(self, k)
+                        .map(|(data, shape, grid)| (data.to_vec(), shape.to_vec(), grid))
+                })
+                .collect())
         })
     }
 

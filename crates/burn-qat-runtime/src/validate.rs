@@ -658,12 +658,13 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
     }
 }
 
-/// A node on its own: the only input is node 0, it reads earlier nodes, its parameters agree,
-/// and its declared shape has rank at most 8 and at most [`MAX_ITEM_VALUES`] values per item.
+/// The most outputs a model may return.
+pub const MAX_OUTPUTS: usize = 64;
+
+/// A node on its own: it reads earlier nodes, its parameters agree, and its declared shape
+/// has rank at most 8 and at most [`MAX_ITEM_VALUES`] values per item (that inputs lead the
+/// node list is [`IntegerModel::ends_ok`]'s).
 fn node_ok(i: usize, node: &IntNode) -> Result<(), String> {
-    if i > 0 && matches!(node.op, IntOp::Input) {
-        return Err("a second input".into());
-    }
     if let Some(j) = node.inputs.iter().find(|j| **j >= i) {
         return Err(format!("reads node {j}, which does not run before it"));
     }
@@ -715,7 +716,11 @@ impl Ledger {
                 }
             }
         }
-        last_use[model.output] = usize::MAX;
+        for &o in &model.outputs {
+            if let Some(l) = last_use.get_mut(o) {
+                *l = usize::MAX;
+            }
+        }
         Self {
             last_use,
             alive: vec![0u64; model.nodes.len()],
@@ -917,34 +922,55 @@ impl IntegerModel {
         self.ends_ok().map_err(|(i, e)| fail(i, e))?;
         let mut walk = Walk::new(self);
         for (i, node) in self.nodes.iter().enumerate() {
-            walk.node(i, node, i == self.output, budget)
+            walk.node(i, node, self.outputs.contains(&i), budget)
                 .map_err(|e| fail(i, e))?;
         }
         Ok(walk.ledger.cost)
     }
 
-    /// Node 0 is the input, of shape `[batch, fixed sizes > 0]`, and the output node exists;
-    /// errors name the node at fault.
+    /// The inputs lead the node list (node 0 is one) and have shapes `[batch, fixed sizes >
+    /// 0]`; there is at least one output, at most [`MAX_OUTPUTS`], and each exists; errors
+    /// name the node at fault.
     fn ends_ok(&self) -> Result<(), (usize, String)> {
         if !matches!(self.nodes.first().map(|n| &n.op), Some(IntOp::Input)) {
-            return Err((0, "the first node must be the input".into()));
+            return Err((0, "the first node must be an input".into()));
         }
-        if self.output >= self.nodes.len() {
-            return Err((
-                self.output,
-                format!("output node {} does not exist", self.output),
-            ));
-        }
-        let input = &self.nodes[0].shape;
-        if input.first() != Some(&Dim::Batch(1))
-            || input[1..]
-                .iter()
-                .any(|d| !matches!(d, Dim::Fixed(v) if *v > 0))
+        let inputs = self.inputs();
+        if let Some(i) =
+            (inputs.end..self.nodes.len()).find(|&i| matches!(self.nodes[i].op, IntOp::Input))
         {
             return Err((
-                0,
-                format!("input shape {input:?} is not [batch, fixed sizes > 0]"),
+                i,
+                format!(
+                    "an input after other nodes (inputs are the leading nodes; {} lead here)",
+                    inputs.end
+                ),
             ));
+        }
+        if self.outputs.is_empty() || self.outputs.len() > MAX_OUTPUTS {
+            return Err((
+                self.nodes.len() - 1,
+                format!(
+                    "{} outputs (a model returns 1 to {MAX_OUTPUTS})",
+                    self.outputs.len()
+                ),
+            ));
+        }
+        if let Some(&o) = self.outputs.iter().find(|&&o| o >= self.nodes.len()) {
+            return Err((o, format!("output node {o} does not exist")));
+        }
+        for i in inputs {
+            let input = &self.nodes[i].shape;
+            if input.first() != Some(&Dim::Batch(1))
+                || input[1..]
+                    .iter()
+                    .any(|d| !matches!(d, Dim::Fixed(v) if *v > 0))
+            {
+                return Err((
+                    i,
+                    format!("input shape {input:?} is not [batch, fixed sizes > 0]"),
+                ));
+            }
         }
         Ok(())
     }

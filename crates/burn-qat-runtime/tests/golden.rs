@@ -3,16 +3,17 @@
 //! `golden/` holds small models in every format version ever written, each `NAME.vN.bqi` with
 //! `NAME.vN.json` beside it: an input (`input`, `input_shape`) and the output the model gives
 //! on it (`output` as numbers, `output_bits` as the exact `f32` bits, `output_int` the integers
-//! when the model ends in integers). The version 3 models are built by hand below, covering
-//! every [`IntOp`] variant; the version 1 and 2 files were written by the old writers
+//! when the model ends in integers). The current version's models are built by hand below,
+//! covering every [`IntOp`] variant (version 3 files of the same models are kept: version 4
+//! only added several inputs and outputs, `multi_io`); the version 1 and 2 files were written by the old writers
 //! themselves and their outputs computed by the old runner (see `golden/README.md`).
 //!
-//! The tests check that (a) writing each version 3 model gives its committed file byte for
+//! The tests check that (a) writing each current model gives its committed file byte for
 //! byte, and its input and output are the committed ones; (b) every committed file of every
 //! version loads and, run on its committed input, gives its committed output value for value;
 //! (c) a file of a newer version is refused, naming both versions.
 //!
-//! Regenerating the version 3 files is explicit:
+//! Regenerating the current version's files is explicit:
 //!
 //! ```text
 //! BURN_QAT_BLESS=1 cargo test -p burn-qat-runtime --test golden
@@ -22,7 +23,7 @@
 //! this test. A committed file whose bytes or output change under an unchanged model is a
 //! format change: it needs a new `format::VERSION`, the old version's types frozen in
 //! `src/format/` with an upgrade, and the old files kept (see the `format` module docs).
-//! The version 1 and 2 files are never rewritten.
+//! The files of older versions are never rewritten.
 
 use std::path::{Path, PathBuf};
 
@@ -514,7 +515,113 @@ impl Graph {
     }
 }
 
-/// The version 3 models: name, model, input shape of one item.
+/// Two inputs and two outputs (format version 4 on): the first input through a linear layer,
+/// the second quantized and added to it (a quantized output), and a float head after the add
+/// (a float output).
+fn multi_io_model() -> IntegerModel {
+    let mut r = Lcg(19);
+    let (g0, g1) = (g8(0.05, 2), g8(0.03, -4));
+    let (gl, ga) = (g8(0.08, 0), g8(0.1, -6));
+    let mut g = Graph::new(&[6]);
+    g.0.push(IntNode {
+        name: "input.1".into(),
+        op: IntOp::Input,
+        inputs: vec![],
+        shape: shape(&[4]),
+        grid: None,
+    });
+    let q0 = g.add("quant0", IntOp::Quantize(g0), &[0], &[6]);
+    let q1 = g.add("quant1", IntOp::Quantize(g1), &[1], &[4]);
+    let op = linear(&mut r, (6, 4), 8, g0, |ws| quantized(g0, ws, gl, -128, 127));
+    let l = g.add("fc", op, &[q0], &[4]);
+    let a = g.add(
+        "add",
+        IntOp::Add(fixed_add(gl, g1, ga, 1.0)),
+        &[l, q1],
+        &[4],
+    );
+    let op = linear(&mut r, (4, 2), 8, ga, |ws| {
+        float(ga, ws, f32::NEG_INFINITY, f32::INFINITY)
+    });
+    let h = g.add("head", op, &[a], &[2]);
+    IntegerModel::with_outputs(g.0, vec![a, h])
+}
+
+/// Inputs and outputs of the two-input model on a batch of three.
+fn multi_io_expected(model: &IntegerModel) -> Value {
+    let mut r = Lcg(200);
+    let inputs = [r.f32s(3 * 6, -4.0, 4.0), r.f32s(3 * 4, -4.0, 4.0)];
+    let outs = model
+        .forward_many(&[&inputs[0], &inputs[1]])
+        .expect("the golden model runs");
+    json!({
+        "inputs": inputs,
+        "outputs_bits": outs.iter().map(|(o, _)| o.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "outputs": outs.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
+        "output_shapes": outs.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(),
+    })
+}
+
+/// The two-input, two-output model writes its committed file byte for byte, and the committed
+/// file loads and gives its committed outputs bit for bit (fast and reference kernels).
+#[test]
+fn several_inputs_and_outputs_write_and_read_the_committed_bytes() {
+    let model = multi_io_model();
+    model.validate().unwrap();
+    assert_eq!((model.inputs(), model.outputs.clone()), (0..2, vec![5, 6]));
+    let bytes = format::to_bytes(&model);
+    let name = format!("multi_io.v{}", format::VERSION);
+    check_file(&format!("{name}.bqi"), &bytes);
+    let json = serde_json::to_string_pretty(&multi_io_expected(&model)).unwrap() + "\n";
+    check_file(&format!("{name}.json"), json.as_bytes());
+    let loaded = format::load(&dir().join(format!("{name}.bqi"))).unwrap();
+    assert_eq!(loaded, model);
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let inputs: Vec<Vec<f32>> = numbers(&json, "inputs");
+    let refs: Vec<&[f32]> = inputs.iter().map(|v| &v[..]).collect();
+    let want: Vec<Vec<u32>> = numbers(&json, "outputs_bits");
+    for outs in [
+        loaded.forward_many(&refs).unwrap(),
+        loaded.forward_reference_many(&refs).unwrap(),
+    ] {
+        let bits: Vec<Vec<u32>> = outs
+            .iter()
+            .map(|(o, _)| o.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        assert_eq!(bits, want);
+    }
+    // The one-output calls refuse it, naming the call to use.
+    let err = loaded.forward(&inputs[0]).unwrap_err().to_string();
+    assert!(
+        err.contains("2 outputs") && err.contains("forward_many"),
+        "{err}"
+    );
+}
+
+/// A version 3 file is one input and one output: it loads as a model of `outputs == [output]`.
+#[test]
+fn version_3_files_load_with_their_one_output() {
+    let built = models();
+    for (path, version) in golden_files() {
+        if version != 3 {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let model = format::load(&path).unwrap();
+        let base = name.split('.').next().unwrap();
+        let (_, m, _) = built
+            .iter()
+            .find(|(n, _, _)| *n == base)
+            .expect("a built model");
+        assert_eq!(&model, m, "{name}");
+        assert_eq!(model.outputs, [model.nodes.len() - 1], "{name}");
+    }
+}
+
+/// The single-output models: name, model, input shape of one item (each written as the
+/// current version; the version 3 files of the same models are kept).
 fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
     let named = [
         ("conv", conv_model()),
@@ -594,8 +701,8 @@ fn check_file(name: &str, bytes: &[u8]) {
     }
 }
 
-/// (a) Each version 3 model writes its committed file byte for byte, with its committed input
-/// and output; together they hold every op.
+/// (a) Each model writes its committed file of the current version byte for byte, with its
+/// committed input and output; together they hold every op.
 #[test]
 fn current_version_writes_the_committed_bytes() {
     let mut seen = [false; VARIANTS];
@@ -660,6 +767,10 @@ fn every_version_loads_and_computes_its_output() {
             "{name} holds version {version}"
         );
         let model = format::load(path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if name.starts_with("multi_io.") {
+            // Several inputs and outputs: its own test.
+            continue;
+        }
         if *version == format::VERSION {
             let base = stem.split('.').next().unwrap();
             let (_, m, _) = built
@@ -929,4 +1040,72 @@ fn bilinear_resizes_equal_the_definition() {
         }
     }
     assert_eq!(k, q.len());
+}
+
+/// Several inputs and outputs are checked as any model: inputs only at the start, one to
+/// `MAX_OUTPUTS` outputs that exist; a session's `run_many` gives `forward_many`'s outputs.
+#[test]
+fn several_inputs_and_outputs_are_validated() {
+    let model = multi_io_model();
+    let mut late_input = model.clone();
+    let input = late_input.nodes.remove(1);
+    late_input.nodes.push(input);
+    let err = late_input.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("reads node") || err.contains("an input after other nodes"),
+        "{err}"
+    );
+    let mut moved = model.clone();
+    moved.nodes.swap(1, 2);
+    for n in &mut moved.nodes {
+        for i in &mut n.inputs {
+            *i = match *i {
+                1 => 2,
+                2 => 1,
+                i => i,
+            };
+        }
+    }
+    let err = moved.validate().unwrap_err().to_string();
+    assert!(err.contains("an input after other nodes"), "{err}");
+    let mut none = model.clone();
+    none.outputs.clear();
+    assert!(
+        none.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("0 outputs")
+    );
+    let mut many = model.clone();
+    many.outputs = vec![6; burn_qat_runtime::MAX_OUTPUTS + 1];
+    assert!(
+        many.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("outputs (a model returns 1 to")
+    );
+    let mut missing = model.clone();
+    missing.outputs = vec![6, 99];
+    assert!(
+        missing
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("output node 99 does not exist")
+    );
+    let mut r = Lcg(5);
+    let (a, b) = (r.f32s(2 * 6, -2.0, 2.0), r.f32s(2 * 4, -2.0, 2.0));
+    let want = model.forward_many(&[&a, &b]).unwrap();
+    let mut session = model.session();
+    let got: Vec<(Vec<f32>, Vec<usize>)> = session
+        .run_many(&[&a, &b])
+        .unwrap()
+        .into_iter()
+        .map(|(v, s)| (v.to_vec(), s.to_vec()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        session.plan(2).unwrap().output_shapes(),
+        [&[2usize, 4][..], &[2, 2][..]]
+    );
 }

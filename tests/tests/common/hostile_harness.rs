@@ -356,8 +356,10 @@ fn splice_chain(m: &mut IntegerModel, rng: &mut Rng) -> String {
             }
         }
     }
-    if m.output >= j {
-        m.output += len;
+    for o in &mut m.outputs {
+        if *o >= j {
+            *o += len;
+        }
     }
     m.nodes.splice(j + 1..j + 1, chain);
     format!(

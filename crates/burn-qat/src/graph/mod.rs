@@ -55,7 +55,7 @@
 //!
 //! Supported ops: Conv1d, Conv2d (groups, depthwise, stride, padding, dilation, with or without
 //! bias), Linear (any input rank), BatchNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
-//! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, max/avg pooling (1-D and 2-D),
+//! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, abs, max/avg pooling (1-D and 2-D),
 //! adaptive average pooling, nearest and bilinear resizing (`interpolate`), add, sub, mul, div
 //! (of two tensors or by a scalar), concat,
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
@@ -100,10 +100,75 @@ where
     M: Module,
     F: Fn(&M, Tensor<DI>) -> Tensor<DO>,
 {
+    prepare_many(model, &[input_dims], forward, config)
+}
+
+/// [`prepare`] for a forward with several inputs or outputs ([`trace_many`]): the inputs as one
+/// tensor or a tuple (shapes in `input_dims`, one per input, batch first), the outputs likewise.
+/// Every output is quantized where it is computed; the integer model ([`convert`]) takes the
+/// same inputs and returns every output ([`IntegerModel::forward_many`], one ONNX graph
+/// input and output each), unless `config` ends it earlier
+/// ([`QatConfig::with_integer_until`], one end).
+///
+/// [`convert`]: crate::export::convert
+/// [`IntegerModel::forward_many`]: crate::runtime::IntegerModel::forward_many
+///
+/// ```
+/// use burn::module::Module;
+/// use burn::nn::{Linear, LinearConfig, Relu};
+/// use burn::prelude::*;
+/// use burn_qat::graph::{self, QatGraph};
+/// use burn_qat::model::QatConfig;
+///
+/// // Image features and metadata in; class logits and a regression out.
+/// #[derive(Module, Debug)]
+/// struct Net { image: Linear, meta: Linear, relu: Relu, cls: Linear, reg: Linear }
+/// impl Net {
+///     fn forward(&self, x: Tensor<2>, meta: Tensor<2>) -> (Tensor<2>, Tensor<2>) {
+///         let h = self.relu.forward(self.image.forward(x) + self.meta.forward(meta));
+///         (self.cls.forward(h.clone()), self.reg.forward(h))
+///     }
+/// }
+///
+/// let device = Device::flex().autodiff();
+/// let model = Net {
+///     image: LinearConfig::new(16, 8).init(&device),
+///     meta: LinearConfig::new(3, 8).init(&device),
+///     relu: Relu::new(),
+///     cls: LinearConfig::new(8, 10).init(&device),
+///     reg: LinearConfig::new(8, 1).init(&device),
+/// };
+/// let run = |m: &Net, (x, meta): (Tensor<2>, Tensor<2>)| m.forward(x, meta);
+/// let qat: QatGraph = graph::prepare_many(&model, &[&[1, 16], &[1, 3]], run, &QatConfig::new()).unwrap();
+/// let (logits, reg): (Tensor<2>, Tensor<2>) =
+///     qat.forward_many((Tensor::<2>::ones([4, 16], &device), Tensor::<2>::ones([4, 3], &device)));
+/// assert_eq!((logits.dims(), reg.dims()), ([4, 10], [4, 1]));
+///
+/// let int8 = burn_qat::export::convert(&qat.valid()).unwrap();
+/// let outs = int8.forward_many(&[&[1.0; 2 * 16], &[1.0; 2 * 3]]).unwrap(); // batch 2
+/// assert_eq!((outs[0].1.clone(), outs[1].1.clone()), (vec![2, 10], vec![2, 1]));
+/// ```
+///
+/// # Errors
+///
+/// As [`prepare`] and [`trace_many`]; also an `integer_until` that leaves an output inside the
+/// integer model.
+pub fn prepare_many<M, I, O, F>(
+    model: &M,
+    input_dims: &[&[usize]],
+    forward: F,
+    config: &QatConfig,
+) -> Result<QatGraph, QatError>
+where
+    M: Module,
+    I: GraphIo,
+    O: GraphIo,
+    F: Fn(&M, I) -> O,
+{
     // A model already wrapped by `quantize` prepares as its float model: its weight
     // quantizers are marked ops the float graph reads through (graph mode places its own).
     let planned = crate::model::plan::plan_with(model, config, true)?;
-    let trace = trace(model, input_dims, forward)?;
+    let trace = trace_many(model, input_dims, forward)?;
     let device = model_device(model);
     let float = lift(&trace, &device)?;
     let by_path: HashMap<&str, &crate::model::PlannedParam> =

@@ -109,8 +109,7 @@ pub(crate) fn prepare_graph(
         Some(name) => Some(integer_end(&graph.program, name)?),
         None => None,
     };
-    let end = graph.program.integer_end.unwrap_or(graph.program.output);
-    let integer = graph.program.live_for(end);
+    let integer = graph.program.live_for_all(&graph.program.ends());
     for (i, node) in graph.program.nodes.iter().enumerate() {
         let Some(problem) = node.op.integer_refusal().filter(|_| integer[i]) else {
             continue;
@@ -133,6 +132,24 @@ pub(crate) fn prepare_graph(
     // The float tail reads the integer model's output only (and the model's input, and
     // constants): what it reads from inside the integer model would not exist at deployment.
     if let Some(end) = graph.program.integer_end {
+        let inside = graph
+            .program
+            .outputs
+            .iter()
+            .find(|&&o| integer[o] && o != end && graph.program.nodes[o].op != Op::Input);
+        if let Some(&o) = inside {
+            return Err(QatError::InvalidConfig {
+                field: "QatConfig.integer_until".into(),
+                value: format!("{:?}", graph.program.nodes[end].name),
+                allowed: format!(
+                    "a node that every output the integer model computes leads to: the forward \
+                     also returns `{}`, inside the integer model, which the integer model would \
+                     not return (leave `integer_until` unset: the integer model then returns \
+                     every output)",
+                    graph.program.nodes[o].name
+                ),
+            });
+        }
         let output_live = graph.program.live();
         for (i, node) in graph.program.nodes.iter().enumerate() {
             if integer[i] || !output_live[i] {
@@ -141,7 +158,7 @@ pub(crate) fn prepare_graph(
             if let Some(&j) = node
                 .inputs
                 .iter()
-                .find(|&&j| integer[j] && j != end && j != 0)
+                .find(|&&j| integer[j] && j != end && graph.program.nodes[j].op != Op::Input)
             {
                 let read = &graph.program.nodes[j].name;
                 let end_name = &graph.program.nodes[end].name;
@@ -196,7 +213,7 @@ pub(crate) fn prepare_graph(
         // The integer model's end returns its own value: a BatchNorm after it is the tail's.
         if !is_foldable(kind, e.program.nodes[c].shape.len())
             || users[c] != [i]
-            || e.program.integer_end == Some(c)
+            || e.program.ends().contains(&c)
         {
             continue;
         }
@@ -241,9 +258,7 @@ pub(crate) fn prepare_graph(
 
     // 3. Weight fake-quant per the plan, on the axis the graph uses the weight on; the float
     // tail after the integer model's end keeps float weights.
-    let integer = graph
-        .program
-        .live_for(graph.program.integer_end.unwrap_or(graph.program.output));
+    let integer = graph.program.live_for_all(&graph.program.ends());
     let mut skipped = vec![false; graph.program.nodes.len()];
     for (i, node) in graph.program.nodes.iter().enumerate() {
         let Op::Layer { index, .. } = node.op else {
@@ -286,7 +301,7 @@ pub(crate) fn prepare_graph(
     let mut quant_after = vec![false; nodes.len()];
     for i in 0..nodes.len() {
         quant_after[i] = match role(i) {
-            GridRole::Quantized => i == 0,
+            GridRole::Quantized => nodes[i].op == Op::Input,
             GridRole::Inherit => false,
             GridRole::FusableActivation => true,
             // Not when the activation after it (in the integer model) takes the quantizer.
@@ -306,12 +321,13 @@ pub(crate) fn prepare_graph(
     // their inputs' quantization parameters): no second rounding, one fake-quant pass fewer.
     // Last to first, so that a concat read only by another concat has lost its own quantizer
     // before its inputs look at it.
-    let end = graph.program.integer_end.unwrap_or(graph.program.output);
-    for i in (1..nodes.len()).rev() {
+    let ends = graph.program.ends();
+    for i in (0..nodes.len()).rev() {
         if let [c] = users[i][..]
+            && nodes[i].op != Op::Input
             && quant_after[i]
             && quant_after[c]
-            && i != end
+            && !ends.contains(&i)
             && matches!(nodes[c].op, Op::Concat { .. })
             && activation_settings(&nodes[c].name, config, &rules).enabled
         {
@@ -321,29 +337,32 @@ pub(crate) fn prepare_graph(
     if config.float_output {
         // The node that computes the integer model's output, through the ops that keep their
         // input's grid.
-        let mut at = graph.program.integer_end.unwrap_or(graph.program.output);
-        while role(at) == GridRole::Inherit {
-            at = nodes[at].inputs[0];
+        for mut at in graph.program.ends() {
+            while role(at) == GridRole::Inherit {
+                at = nodes[at].inputs[0];
+            }
+            quant_after[at] = false;
         }
-        quant_after[at] = false;
     }
-    let old_output = graph.program.output;
+    let old_outputs = graph.program.outputs.clone();
     let old_end = graph.program.integer_end;
     let mut layers = graph.layers;
     let mut out_nodes: Vec<Node> = Vec::new();
     let mut remap = vec![0; quant_after.len()];
-    for (i, mut node) in graph.program.nodes.into_iter().enumerate() {
-        node.inputs = node.inputs.iter().map(|&j| remap[j]).collect();
-        let shape = node.shape.clone();
-        let name = node.name.clone();
-        out_nodes.push(node);
-        remap[i] = out_nodes.len() - 1;
-        if !quant_after[i] {
-            continue;
-        }
+    // The inputs stay the leading nodes: their quantizers follow all of them.
+    let inputs = graph.program.inputs().len();
+    let quantize_after = |i: usize,
+                          layers: &mut Vec<GraphLayer>,
+                          out_nodes: &mut Vec<Node>,
+                          remap: &mut [usize]|
+     -> Result<(), QatError> {
+        let (name, shape) = (
+            out_nodes[remap[i]].name.clone(),
+            out_nodes[remap[i]].shape.clone(),
+        );
         let settings = activation_settings(&name, config, &rules);
-        if !settings.enabled {
-            continue;
+        if !quant_after[i] || !settings.enabled {
+            return Ok(());
         }
         let q = ActQuant::init(&settings.config(), settings.learned, device)?;
         layers.push(GraphLayer::Quant(q));
@@ -357,12 +376,25 @@ pub(crate) fn prepare_graph(
             shape,
         });
         remap[i] = out_nodes.len() - 1;
+        Ok(())
+    };
+    for (i, mut node) in graph.program.nodes.into_iter().enumerate() {
+        node.inputs = node.inputs.iter().map(|&j| remap[j]).collect();
+        out_nodes.push(node);
+        remap[i] = out_nodes.len() - 1;
+        if i + 1 == inputs {
+            for k in 0..inputs {
+                quantize_after(k, &mut layers, &mut out_nodes, &mut remap)?;
+            }
+        } else if i >= inputs {
+            quantize_after(i, &mut layers, &mut out_nodes, &mut remap)?;
+        }
     }
     let graph = QatGraph {
         layers,
         program: Program {
             nodes: out_nodes,
-            output: remap[old_output],
+            outputs: old_outputs.iter().map(|&o| remap[o]).collect(),
             // Its quantizer, if one follows it.
             integer_end: old_end.map(|k| remap[k]),
         },
@@ -387,11 +419,12 @@ fn suggested_end(program: &Program, r: usize) -> Option<String> {
                 .find(|&&j| j != r && !matches!(nodes[j].op, Op::Constant { .. }))?
         }
     };
-    while x > 0 && nodes[x].op.grid_role() == GridRole::Inherit && users[x].len() == 1 {
+    let input = |x: usize| nodes[x].op == Op::Input;
+    while !input(x) && nodes[x].op.grid_role() == GridRole::Inherit && users[x].len() == 1 {
         x = nodes[x].inputs[0];
     }
     let name = &nodes[x].name;
-    (x > 0 && nodes.iter().filter(|n| &n.name == name).count() == 1).then(|| name.clone())
+    (!input(x) && nodes.iter().filter(|n| &n.name == name).count() == 1).then(|| name.clone())
 }
 
 /// The node named `name` (unique), where the integer model ends.
@@ -400,11 +433,11 @@ fn integer_end(program: &Program, name: &str) -> Result<usize, QatError> {
         .filter(|&i| program.nodes[i].name == name)
         .collect();
     match hits[..] {
-        [k] if k > 0 => Ok(k),
+        [k] if program.nodes[k].op != Op::Input => Ok(k),
         [k] => Err(QatError::InvalidConfig {
             field: "QatConfig.integer_until".into(),
             value: format!("{name:?}"),
-            allowed: format!("a node after the input (`{name}` is node %{k}, the input)"),
+            allowed: format!("a node after the inputs (`{name}` is node %{k}, an input)"),
         }),
         [] => {
             let mut names: Vec<&str> = program.nodes.iter().map(|n| n.name.as_str()).collect();
