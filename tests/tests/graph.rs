@@ -2817,3 +2817,107 @@ fn several_inputs_and_outputs_refuse_bad_calls() {
     let qat = graph::prepare_many(&model, &TWO_DIMS, joined, &QatConfig::new()).unwrap();
     assert_eq!(qat.program.outputs.len(), 2);
 }
+
+// ---------------------------------------------------------------- layers on token axes
+
+/// A token MLP: `Linear` layers on `[batch, tokens, features]`, as transformer blocks apply
+/// theirs. Burn records such a layer as one batched matmul at batch 1 and as a matmul over the
+/// merged rows at batch 2 (other reshapes, the same arithmetic), so recordings at two batch
+/// sizes differ with no branch in the forward.
+#[derive(Module, Debug)]
+struct TokenMlp {
+    embed: Linear,
+    fc1: Linear,
+    gelu: Gelu,
+    fc2: Linear,
+    head: Linear,
+}
+
+impl TokenMlp {
+    fn new(device: &Device) -> Self {
+        Self {
+            embed: LinearConfig::new(8, 16).init(device),
+            fc1: LinearConfig::new(16, 32).init(device),
+            gelu: Gelu::new(),
+            fc2: LinearConfig::new(32, 16).init(device),
+            head: LinearConfig::new(16, 10).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<2> {
+        let h = self.embed.forward(x);
+        let h = h.clone() + self.fc2.forward(self.gelu.forward(self.fc1.forward(h)));
+        self.head.forward(h.mean_dim(1).flatten::<2>(1, 2))
+    }
+}
+
+fn tokens(device: &Device, n: usize, seed: u64) -> Tensor<3> {
+    let mut r = burn_qat_tests::uniform(seed);
+    let data: Vec<f32> = (0..n * 8 * 8).map(|_| r() * 2.0 - 1.0).collect();
+    Tensor::from_data(TensorData::new(data, [n, 8, 8]), device)
+}
+
+/// Traced at batch 1 (where Burn lays the layers out otherwise than at batch 2), the graph
+/// computes the user's forward at every batch size, trains and converts; a forward that does
+/// branch on the batch size is still refused, naming the batch sizes and the op.
+#[test]
+fn layers_on_token_axes_trace_at_batch_one() {
+    let _serial = serial();
+    let device = flex_autodiff();
+    device.seed(31);
+    let model = TokenMlp::new(&device);
+    let run = |m: &TokenMlp, x: Tensor<3>| m.forward(x);
+    // The recordings at batch 1 and 2 differ (reshapes only): traced at batches 2 and 3.
+    let trace = graph::trace(&model, &[1, 8, 8], run).unwrap();
+    assert_eq!(trace.input_dims, [vec![2, 8, 8]]);
+    let g = graph::build(&model, &[1, 8, 8], run).unwrap();
+    let (eval, user) = (g.valid(), model.valid());
+    let flex = &backends()[0];
+    for n in [1, 2, 5, 64] {
+        let x = tokens(&Device::flex(), n, n as u64);
+        let want = values(user.forward(x.clone()));
+        let got = values(eval.forward::<3, 2>(x));
+        close(flex, &format!("token MLP batch {n}"), &got, &want, 1e-5);
+    }
+    let mut qat = graph::prepare(&model, &[1, 8, 8], run, &QatConfig::new()).unwrap();
+    let (x, y) = (tokens(&device, 16, 3), labels(&device, 16));
+    let mut optim = AdamConfig::new().init();
+    for _ in 0..5 {
+        let l = loss(qat.forward(x.clone()), y.clone());
+        let grads = GradientsParams::from_grads(l.backward(), &qat);
+        qat = optim.step(1e-2, qat, grads);
+    }
+    let eval = qat.valid();
+    let int8 = burn_qat::export::convert(&eval).unwrap();
+    let x = tokens(&Device::flex(), 32, 4);
+    let fq = values(eval.forward::<3, 2>(x.clone()));
+    let (q, _, grid) = int8.forward_int(&values(x)).unwrap().unwrap();
+    let exact = fq
+        .iter()
+        .zip(&q)
+        .map(|(f, q)| {
+            let d = (grid.quantize(*f) - *q as i32).abs();
+            assert!(d <= 1, "fake-quant {}, integer {q}", grid.quantize(*f));
+            usize::from(d == 0)
+        })
+        .sum::<usize>();
+    assert!(exact * 100 >= q.len() * 98, "{exact} of {} exact", q.len());
+
+    // A real branch on the batch size.
+    let branching = |m: &TokenMlp, x: Tensor<3>| {
+        let y = m.forward(x.clone());
+        if x.dims()[0] == 1 {
+            burn::tensor::activation::sigmoid(y)
+        } else {
+            y
+        }
+    };
+    let err = graph::build(&model, &[1, 8, 8], branching)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("other ops at batch 1 than at batch 2")
+            && err.contains("branches on the batch size"),
+        "{err}"
+    );
+}

@@ -204,12 +204,34 @@ where
     })
 }
 
+/// The op kind (`BaseFloat(Reshape`) of a recorded op.
+fn op_kind(op: &OperationIr) -> String {
+    let text = format!("{op:?}");
+    let mut parens = text.match_indices('(').map(|(i, _)| i);
+    let end = parens.nth(1).or(text.find('(')).unwrap_or(text.len());
+    text[..end].to_string()
+}
+
+/// Where two recordings differ (count, or the first op of another kind), `None` if they do not.
+fn first_difference(a: &[OperationIr], b: &[OperationIr]) -> Option<String> {
+    if let Some(k) = (0..a.len().min(b.len())).find(|&k| op_kind(&a[k]) != op_kind(&b[k])) {
+        return Some(format!(
+            "op {k} is `{}` in one and `{}` in the other",
+            op_kind(&a[k]),
+            op_kind(&b[k])
+        ));
+    }
+    (a.len() != b.len()).then(|| format!("{} ops against {}", a.len(), b.len()))
+}
+
 /// Records `forward(model, x)` for an input of shape `input_dims` (batch first) without running
 /// it, and maps every recorded parameter value to its module path and `ParamId`.
 ///
 /// The model is traced as `model.valid()`; the caller's model is not touched. The forward is
 /// recorded twice, at batch size `input_dims[0]` and one more, so that shapes that depend on the
-/// batch (a flatten's `[batch, -1]`) are found. [`trace_many`] records a forward with several
+/// batch (a flatten's `[batch, -1]`) are found; where Burn decomposes an op differently at those
+/// two sizes (a `Linear` on a 3-D input at batch 1), at the first pair of 2, 3, 4 and one more
+/// that records the same ops. [`trace_many`] records a forward with several
 /// inputs or outputs.
 ///
 /// # Errors
@@ -322,31 +344,74 @@ where
     let dims: Vec<Vec<usize>> = input_dims.iter().map(|d| d.to_vec()).collect();
     let mut flags = ParamFlags::default();
     model.visit(&mut flags);
-    let first = record(model, &dims, &forward)?;
-    let next: Vec<Vec<usize>> = dims
-        .iter()
-        .map(|d| {
-            let mut d = d.clone();
-            d[0] += 1;
-            d
-        })
-        .collect();
-    let second = record(model, &next, &forward)?;
-    if second.ops.len() != first.ops.len() {
+    // Burn picks an op's decomposition by shape (a `Linear` on a 3-D input is one batched
+    // matmul at batch 1 and one matmul over merged rows at larger batches), so recordings at
+    // two batch sizes can differ with no branch in the forward: the first pair of consecutive
+    // batch sizes (from the one given, then 2, 3, 4) that records the same ops is kept, if the
+    // given batch computes the same ops.
+    let at = |n: usize| -> Vec<Vec<usize>> {
+        dims.iter()
+            .map(|d| {
+                let mut d = d.clone();
+                d[0] = n;
+                d
+            })
+            .collect()
+    };
+    let b = dims[0][0];
+    let mut recorded: HashMap<usize, Recorded> = HashMap::new();
+    let mut mismatch = None;
+    let mut pair = None;
+    let mut tried = Vec::new();
+    for n in [b, 2, 3, 4] {
+        if pair.is_some() {
+            break;
+        }
+        if tried.contains(&n) {
+            continue;
+        }
+        tried.push(n);
+        for m in [n, n + 1] {
+            if let std::collections::hash_map::Entry::Vacant(e) = recorded.entry(m) {
+                e.insert(record(model, &at(m), &forward)?);
+            }
+        }
+        match first_difference(&recorded[&n].ops, &recorded[&(n + 1)].ops) {
+            None => pair = Some(n),
+            Some(d) => {
+                mismatch.get_or_insert((n, d));
+            }
+        }
+    }
+    // Another pair than the given batch's is kept only if the given batch's recording differs
+    // from it by reshapes alone (how Burn lays out the same ops), not by what it computes.
+    let pair = pair.filter(|&n| {
+        n == b || {
+            let computing = |ops: &[OperationIr]| -> Vec<String> {
+                ops.iter()
+                    .map(op_kind)
+                    .filter(|k| k != "BaseFloat(Reshape")
+                    .collect()
+            };
+            computing(&recorded[&b].ops) == computing(&recorded[&n].ops)
+        }
+    });
+    let Some(n) = pair else {
+        let (n, what) = mismatch.expect("a pair was tried");
         return Err(QatError::Graph {
             what: format!(
-                "the forward records {} ops at batch {} and {} at batch {}",
-                first.ops.len(),
-                dims[0][0],
-                second.ops.len(),
-                next[0][0]
+                "the forward records other ops at batch {n} than at batch {}: {what}",
+                n + 1
             ),
             near: "in the forward".into(),
             hint:
                 "the forward branches on the batch size; graph mode needs one graph for every batch"
                     .into(),
         });
-    }
+    };
+    let first = recorded.remove(&n).expect("recorded");
+    let second = recorded.remove(&(n + 1)).expect("recorded");
+    let dims = at(n);
     let params = first
         .params
         .into_iter()
