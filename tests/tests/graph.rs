@@ -28,6 +28,45 @@ use burn_qat::{QatError, switches};
 use burn_qat_tests::{Backend, backends, values};
 use mnist::write_npy;
 
+// ---------------------------------------------------------------- matrix products of activations
+
+/// Self-attention without a softmax, as linear-attention and bilinear-pooling models write it:
+/// queries, keys and values from `Linear` layers on the image's rows (8 tokens of 8), `Q Kᵀ`
+/// scaled, times `V`, a residual add and a linear head.
+#[derive(Module, Debug)]
+struct MatMulAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    head: Linear,
+}
+
+impl MatMulAttention {
+    fn new(device: &Device) -> Self {
+        Self {
+            q: LinearConfig::new(8, 8).init(device),
+            k: LinearConfig::new(8, 8).init(device),
+            v: LinearConfig::new(8, 8).init(device),
+            head: LinearConfig::new(64, 10).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let [b, _, h, w] = x.dims();
+        let t = x.reshape([b, h, w]);
+        let (q, k, v) = (
+            self.q.forward(t.clone()),
+            self.k.forward(t.clone()),
+            self.v.forward(t.clone()),
+        );
+        let scores = q
+            .matmul(k.swap_dims(1, 2))
+            .mul_scalar(1.0 / (w as f32).sqrt());
+        let y = t + scores.matmul(v);
+        self.head.forward(y.reshape([b, h * w]))
+    }
+}
+
 // ---------------------------------------------------------------- (a) ResNet, basic blocks
 
 #[derive(Module, Debug)]
@@ -975,6 +1014,7 @@ user_model!(ZooMobileNetClampMin, "mobilenet-clamp-min-max");
 user_model!(SqueezeNet, "squeezenet-ceil-pool");
 user_model!(Chains, "activation-chains");
 user_model!(ResNet18Depth, "resnet18-depth");
+user_model!(MatMulAttention, "matmul-attention");
 impl UserModel for Upsampler {
     const NAME: &'static str = "bilinear";
     fn make(device: &Device) -> Self {
@@ -1233,7 +1273,7 @@ fn per_op_within_one_lsb(
         if onto_concat {
             continue;
         }
-        let single = matches!(
+        let alone_op = matches!(
             node.op,
             IntOp::Conv2d(_)
                 | IntOp::Linear(_)
@@ -1242,51 +1282,84 @@ fn per_op_within_one_lsb(
                 | IntOp::AvgPool { .. }
                 | IntOp::AdaptiveAvgPool { .. }
                 | IntOp::Reduce { .. }
+                | IntOp::Add(_)
+                | IntOp::Mul(_)
+                | IntOp::MatMul(_)
         );
-        let src = &int8.nodes[node.inputs.first().copied().unwrap_or(0)];
-        let fresh = !matches!(
-            src.op,
-            IntOp::Input
-                | IntOp::Reshape
-                | IntOp::Permute { .. }
-                | IntOp::Select { .. }
-                | IntOp::MaxPool(_)
-        );
-        let (Some(g_in), Some(g_out)) = (src.grid, node.grid) else {
-            continue;
-        };
-        let (Some(gi), Some(go)) = (find(g_in), find(g_out)) else {
-            continue;
-        };
-        if !single || !fresh {
+        if !alone_op {
             continue;
         }
-        let input = graph_values(eval, gi, x.clone());
+        // Each input: the graph's quantized value it is computed from, through the layout
+        // ops (reshape, permute, select) between them, which the lone model repeats.
+        let mut sources = Vec::new();
+        for &j in &node.inputs {
+            let mut chain = Vec::new();
+            let mut at = j;
+            while matches!(
+                int8.nodes[at].op,
+                IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } | IntOp::MaxPool(_)
+            ) {
+                chain.push(at);
+                at = int8.nodes[at].inputs[0];
+            }
+            let src = &int8.nodes[at];
+            let graph_node = src.grid.and_then(|g| {
+                (!matches!(src.op, IntOp::Input | IntOp::Quantize(_)))
+                    .then(|| find(g))
+                    .flatten()
+            });
+            let (Some(g), Some(gn)) = (src.grid, graph_node) else {
+                break;
+            };
+            chain.reverse();
+            sources.push((at, g, gn, chain));
+        }
+        let (Some(_), true) = (node.grid, sources.len() == node.inputs.len()) else {
+            continue;
+        };
+        let go = match node.grid.and_then(find) {
+            Some(go) => go,
+            None => continue,
+        };
         let want = graph_values(eval, go, x.clone());
-        let alone = IntegerModel::new(
-            vec![
-                IntNode {
-                    name: "input".into(),
-                    op: IntOp::Input,
-                    inputs: vec![],
-                    shape: src.shape.clone(),
-                    grid: None,
-                },
-                IntNode {
-                    name: "quant".into(),
-                    op: IntOp::Quantize(g_in),
-                    inputs: vec![0],
-                    shape: src.shape.clone(),
-                    grid: Some(g_in),
-                },
-                IntNode {
-                    inputs: vec![1],
-                    ..node.clone()
-                },
-            ],
-            2,
-        );
-        let (q, _, grid) = alone.forward_int(&input).unwrap().expect("a quantized op");
+        let mut nodes = Vec::new();
+        let mut inputs_data = Vec::new();
+        for (at, _, gn, _) in &sources {
+            nodes.push(IntNode {
+                name: format!("input.{at}"),
+                op: IntOp::Input,
+                inputs: vec![],
+                shape: int8.nodes[*at].shape.clone(),
+                grid: None,
+            });
+            inputs_data.push(graph_values(eval, *gn, x.clone()));
+        }
+        let mut ends = Vec::new();
+        for (k, (at, g, _, chain)) in sources.iter().enumerate() {
+            nodes.push(IntNode {
+                name: format!("quant.{at}"),
+                op: IntOp::Quantize(*g),
+                inputs: vec![k],
+                shape: int8.nodes[*at].shape.clone(),
+                grid: Some(*g),
+            });
+            for &c in chain {
+                let last = nodes.len() - 1;
+                nodes.push(IntNode {
+                    inputs: vec![last],
+                    ..int8.nodes[c].clone()
+                });
+            }
+            ends.push(nodes.len() - 1);
+        }
+        nodes.push(IntNode {
+            inputs: ends,
+            ..node.clone()
+        });
+        let alone = IntegerModel::new(nodes.clone(), nodes.len() - 1);
+        let refs: Vec<&[f32]> = inputs_data.iter().map(|v| &v[..]).collect();
+        let q_all = alone.forward_int_many(&refs).unwrap();
+        let (q, _, grid) = q_all[0].clone().expect("a quantized op");
         assert_eq!(q.len(), want.len(), "{}", node.name);
         for (v, qi) in want.iter().zip(&q) {
             let d = (grid.quantize(*v) - *qi as i32).abs();
@@ -1464,6 +1537,7 @@ model_tests!(zoo_mobilenet_clamp_min, ZooMobileNetClampMin);
 model_tests!(zoo_squeezenet, SqueezeNet);
 model_tests!(zoo_focus, FocusNet);
 model_tests!(bilinear, Upsampler);
+model_tests!(matmul_attention, MatMulAttention);
 
 mod resnet18_depth {
     use super::*;

@@ -19,7 +19,8 @@ use thiserror::Error;
 
 use burn_qat_runtime::requant::FixedMultiplier;
 use burn_qat_runtime::{
-    Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output, Window,
+    Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
+    Output, Window,
 };
 
 /// The integer grid of a per-tensor quantized tensor with quantization parameters `qp` from
@@ -294,7 +295,7 @@ impl<'a> Converter<'a> {
         match &node.op {
             Op::Input => self.input_from_float(i),
             Op::Layer { index, .. } => self.layer_from_float(i, *index),
-            Op::Add | Op::Sub | Op::Mul => self.binary_from_float(i),
+            Op::Add | Op::Sub | Op::Mul | Op::MatMul => self.binary_from_float(i),
             Op::Concat { axis } => self.concat_from_float(i, *axis),
             op if op.is_unary() => self.lut_from_float(i),
             Op::MaxPool1d { .. }
@@ -529,14 +530,21 @@ impl<'a> Converter<'a> {
         let (mb, b) = self.int_input(i, 1)?;
         let (activation, Quantizer { grid: out, .. }) = self.required_tail(i)?;
         let (lo, hi) = clamp_bounds(activation, &out);
+        let multiplier = FixedMultiplier::new(a.scale as f64 * b.scale as f64 / out.scale as f64);
         let op = match node.op {
+            Op::MatMul => IntOp::MatMul(IntMatMul {
+                a,
+                b,
+                out,
+                multiplier,
+                lo,
+                hi,
+            }),
             Op::Mul => IntOp::Mul(IntMul {
                 a,
                 b,
                 out,
-                multiplier: FixedMultiplier::new(
-                    a.scale as f64 * b.scale as f64 / out.scale as f64,
-                ),
+                multiplier,
                 lo,
                 hi,
             }),
@@ -1113,7 +1121,7 @@ fn accumulator_ok(
 ///
 /// Integer ops: conv (depthwise included) and linear with folded BatchNorm and fused
 /// ReLU/ReLU6/clamp (several in a row composed into one), add/sub with fixed-point rescaling of
-/// both inputs, mul, concat (requantized to the output grid), max pooling (ceil mode
+/// both inputs, mul, matmul of two activations (exact `i32` sums), concat (requantized to the output grid), max pooling (ceil mode
 /// included)/average (not in ceil mode)/adaptive-average pooling, mean/sum along an
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
 /// hard-swish, leaky ReLU, exp, abs, scalar arithmetic), a BatchNorm that follows no conv/linear

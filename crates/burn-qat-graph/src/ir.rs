@@ -108,6 +108,9 @@ pub enum Op {
     Mul,
     /// Element-wise quotient.
     Div,
+    /// Matrix product of two computed tensors (`Tensor::matmul` of two activations:
+    /// attention's `Q Kᵀ` and `attn V`), leading axes broadcast.
+    MatMul,
     /// `x + c`.
     AddScalar(f64),
     /// `x - c`.
@@ -384,6 +387,7 @@ impl Op {
             Op::Sub => "`a - b` (`Tensor::sub` of two tensors)".into(),
             Op::Mul => "`a * b` (`Tensor::mul` of two tensors)".into(),
             Op::Div => "`a / b` (`Tensor::div` of two tensors)".into(),
+            Op::MatMul => "`Tensor::matmul` of two activations".into(),
             Op::AddScalar(_) => "`Tensor::add_scalar`".into(),
             Op::SubScalar(_) => "`Tensor::sub_scalar`".into(),
             Op::MulScalar(_) => "`Tensor::mul_scalar`".into(),

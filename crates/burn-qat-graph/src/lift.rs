@@ -278,7 +278,7 @@ impl<'a> Lifter<'a> {
             Src::Node(_) => Err(self.err(
                 format!("{what} computed from the input"),
                 "graph mode lifts layers whose weights are parameters (Conv, Linear, BatchNorm); \
-                 products of two activations (attention) are not supported yet",
+                 compute this weight outside the traced forward and hold it in a `Param`",
             )),
         }
     }
@@ -764,6 +764,12 @@ impl<'a> Lifter<'a> {
     ) -> Result<(), QatError> {
         use FloatOperationIr as F;
         match (fa, fb) {
+            (F::Matmul(o), F::Matmul(p)) if matches!(self.src(&o.rhs)?, Src::Node(_)) => {
+                let a = self.node_input(&o.lhs, "matmul")?;
+                let b = self.node_input(&o.rhs, "matmul")?;
+                self.push(Op::MatMul, vec![a, b], (&o.out, &p.out))
+                    .map(drop)
+            }
             (F::Matmul(o), F::Matmul(p)) => {
                 let x = self.node_input(&o.lhs, "matmul")?;
                 let w = self.param_root(&o.rhs, "a matmul whose right operand is")?;

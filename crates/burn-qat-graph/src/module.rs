@@ -500,6 +500,7 @@ fn eval_op(op: &Op, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTens
         Op::Sub => Dispatch::float_sub(x, second()),
         Op::Mul => Dispatch::float_mul(x, second()),
         Op::Div => Dispatch::float_div(x, second()),
+        Op::MatMul => Dispatch::float_matmul(x, second()),
         Op::AddScalar(c) => Dispatch::float_add_scalar(x, (*c).into()),
         Op::SubScalar(c) => Dispatch::float_sub_scalar(x, (*c).into()),
         Op::MulScalar(c) => Dispatch::float_mul_scalar(x, (*c).into()),

@@ -1,8 +1,8 @@
 use std::path::Path;
 
 use burn_qat_runtime::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output,
-    Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
+    Output, Window,
 };
 use prost::Message;
 use thiserror::Error;
@@ -508,6 +508,7 @@ impl Graph {
             IntOp::Linear(l) => self.linear(x(), l, rank),
             IntOp::Add(a) => self.add(xs, a),
             IntOp::Mul(m) => self.mul(xs, m),
+            IntOp::MatMul(m) => self.matmul(xs, m),
             IntOp::Lut(t) => self.lut(x(), t),
             IntOp::ChannelLut { lut, channels } => {
                 self.lut_per_channel(x(), lut, Some((*channels, rank)))
@@ -565,6 +566,14 @@ impl Graph {
     /// Float `Mul` of the two inputs, the fused clamp, the output grid.
     fn mul(&mut self, xs: Vec<String>, m: &IntMul) -> String {
         let y = self.node("Mul", xs, vec![]);
+        let y = self.clip_int(y, m.lo, m.hi, &m.out);
+        self.qdq(y, &m.out)
+    }
+
+    /// Float `MatMul` of the two inputs (dequantized), the clamp, the output grid: onnxruntime
+    /// fuses `DequantizeLinear -> MatMul -> QuantizeLinear` into `QLinearMatMul`.
+    fn matmul(&mut self, xs: Vec<String>, m: &IntMatMul) -> String {
+        let y = self.node("MatMul", xs, vec![]);
         let y = self.clip_int(y, m.lo, m.hi, &m.out);
         self.qdq(y, &m.out)
     }

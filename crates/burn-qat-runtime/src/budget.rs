@@ -265,6 +265,13 @@ pub(crate) fn node_cost(
                 .saturating_add(per_value(SLOW))
                 .saturating_add(work);
         }
+        IntOp::MatMul(_) => {
+            // Per output value, the inner axis of multiply-adds and one requantization.
+            let inner = ins.first().and_then(|s| s.last()).copied().unwrap_or(0) as u64;
+            work = product(&[v, inner, MAC])
+                .saturating_add(per_value(WIDE))
+                .saturating_add(work);
+        }
         IntOp::Bilinear { .. } => {
             work = product(&[v, 4, WIDE])
                 .saturating_add(per_value(SLOW))

@@ -177,6 +177,42 @@ impl IntMul {
     }
 }
 
+/// Integer matrix product of two quantized tensors (attention's `Q Kᵀ` and `attn V`): per
+/// matrix of the leading axes, `q[m, n] = clamp(round(sum_k (qa[m, k] - zpa) * (qb[k, n] - zpb)
+/// * s_a * s_b / s_out) + zp_out, lo, hi)`, the sum exact in `i32` (inner length at most
+/// [`MAX_INNER`](IntMatMul::MAX_INNER)); `[.., M, K] x [.., K, N] -> [.., M, N]`, leading axes
+/// equal or 1 in either (broadcast as Burn's `matmul`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntMatMul {
+    /// Grid of the left input.
+    pub a: Grid,
+    /// Grid of the right input.
+    pub b: Grid,
+    /// Output grid.
+    pub out: Grid,
+    /// `s_a * s_b / s_out` in fixed point.
+    pub multiplier: FixedMultiplier,
+    /// Lower clamp.
+    pub lo: i32,
+    /// Upper clamp.
+    pub hi: i32,
+}
+
+impl IntMatMul {
+    /// The longest inner axis: `K * 255 * 255` stays within `i32`.
+    pub const MAX_INNER: usize = 32_768;
+
+    /// One output value from its exact integer sum.
+    #[inline]
+    pub fn finish(&self, acc: i32) -> i8 {
+        (self
+            .multiplier
+            .apply(acc)
+            .saturating_add(self.out.zero_point))
+        .clamp(self.lo, self.hi) as i8
+    }
+}
+
 /// A 256-entry lookup table on 8-bit values: `out = table[q + 128]`. Elementwise float
 /// functions (GELU, sigmoid, tanh, SiLU, hard-swish, exp, scalar arithmetic, requantization
 /// to another grid) are tables built from the float function on the 256 input values, as int8
@@ -305,6 +341,8 @@ pub enum IntOp {
         /// Input grid.
         input: Grid,
     },
+    /// Matrix product of two quantized tensors.
+    MatMul(IntMatMul),
 }
 
 impl IntOp {
@@ -331,6 +369,7 @@ impl IntOp {
             IntOp::Reshape => "Reshape",
             IntOp::Permute { .. } => "Permute",
             IntOp::Select { .. } => "Select",
+            IntOp::MatMul(_) => "MatMul",
         }
     }
 }

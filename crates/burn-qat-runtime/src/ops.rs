@@ -3,7 +3,7 @@
 //! contiguous ones); each is its own definition, checked against the fake-quant graph.
 
 use crate::kernels::for_each_chunk;
-use crate::model::{Grid, IntAdd, IntMul, Lut, Window, conv_output_len};
+use crate::model::{Grid, IntAdd, IntMatMul, IntMul, Lut, Window, conv_output_len};
 use crate::requant::FixedMultiplier;
 
 /// `out` resized to `len` values (contents unspecified: every op overwrites them all); no
@@ -121,6 +121,93 @@ pub fn mul(
     out: &mut Vec<i8>,
 ) {
     binary(a, sa, b, sb, shape, |x, y| op.apply(x, y), out)
+}
+
+/// The output shape of a matrix product `[.., m, k] x [.., k, n]`: leading axes equal or 1 in
+/// either (broadcast), the inner axis at most [`IntMatMul::MAX_INNER`].
+pub fn matmul_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+    let (ra, rb) = (a.len(), b.len());
+    if ra < 2 || ra != rb {
+        return Err(format!(
+            "matmul of {a:?} and {b:?} (needs two tensors of one rank >= 2)"
+        ));
+    }
+    let (m, k, k2, n) = (a[ra - 2], a[ra - 1], b[rb - 2], b[rb - 1]);
+    if k != k2 {
+        return Err(format!(
+            "matmul of {a:?} and {b:?}: inner sizes {k} and {k2} differ"
+        ));
+    }
+    if k > IntMatMul::MAX_INNER {
+        return Err(format!(
+            "matmul with an inner axis of {k} (at most {}: the integer sum must fit i32)",
+            IntMatMul::MAX_INNER
+        ));
+    }
+    let mut out = Vec::with_capacity(ra);
+    for (&x, &y) in a[..ra - 2].iter().zip(&b[..rb - 2]) {
+        if x != y && x != 1 && y != 1 {
+            return Err(format!(
+                "matmul of {a:?} and {b:?}: leading axes do not broadcast"
+            ));
+        }
+        out.push(x.max(y));
+    }
+    out.extend([m, n]);
+    Ok(out)
+}
+
+/// Integer matrix product (shapes checked by [`matmul_shape`]), into `out`: exact `i32` sums
+/// of zero-point-shifted products, one requantization per value.
+pub fn matmul(op: &IntMatMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], out: &mut Vec<i8>) {
+    let r = sa.len();
+    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[r - 1]);
+    let lead: Vec<usize> = sa[..r - 2]
+        .iter()
+        .zip(&sb[..r - 2])
+        .map(|(&x, &y)| x.max(y))
+        .collect();
+    let count: usize = lead.iter().product();
+    // Offset of matrix `t` (row-major index over `lead`) in a tensor of leading axes `s`.
+    let offset = |s: &[usize], mut t: usize, size: usize| -> usize {
+        let mut at = 0;
+        let mut stride = 1;
+        for d in (0..lead.len()).rev() {
+            let i = t % lead[d];
+            t /= lead[d];
+            if s[d] != 1 {
+                at += i * stride;
+            }
+            stride *= s[d];
+        }
+        at * size
+    };
+    let (za, zb) = (op.a.zero_point, op.b.zero_point);
+    out.clear();
+    out.reserve(count * m * n);
+    let mut bt = vec![0i32; k * n];
+    for t in 0..count {
+        let pa = &a[offset(&sa[..r - 2], t, m * k)..][..m * k];
+        let pb = &b[offset(&sb[..r - 2], t, k * n)..][..k * n];
+        // The right matrix transposed and shifted once, then row by row.
+        for kk in 0..k {
+            for j in 0..n {
+                bt[j * k + kk] = pb[kk * n + j] as i32 - zb;
+            }
+        }
+        for i in 0..m {
+            let row = &pa[i * k..(i + 1) * k];
+            for j in 0..n {
+                let col = &bt[j * k..(j + 1) * k];
+                let acc: i32 = row
+                    .iter()
+                    .zip(col)
+                    .map(|(&x, &y)| (x as i32 - za) * y)
+                    .sum();
+                out.push(op.finish(acc));
+            }
+        }
+    }
 }
 
 /// A lookup table on every value, into `out`.

@@ -6,7 +6,7 @@
 
 use crate::budget::{self, Budget, Cost, NodeCost};
 use crate::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
     MAX_ITEM_VALUES, ModelError, Output, Window,
 };
 use crate::ops;
@@ -178,6 +178,7 @@ pub(crate) fn infer(
         IntOp::Reshape => reshape_shape(&x(), declared),
         IntOp::Permute { perm } => permute_shape(perm, x()),
         IntOp::Select { axis, indices } => select_shape(*axis, indices, x()),
+        IntOp::MatMul(_) => ops::matmul_shape(&inputs[0], &inputs[1]),
     }
 }
 
@@ -396,6 +397,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
         IntOp::Linear(l) => linear_ok(l),
         IntOp::Add(a) => add_ok(a),
         IntOp::Mul(m) => mul_ok(m),
+        IntOp::MatMul(m) => matmul_ok(m),
         IntOp::ChannelLut { lut, channels } => channel_lut_ok(lut, *channels),
         IntOp::Lut(t) => table_ok(t, 256),
         IntOp::Concat { requantize, .. } => requantize
@@ -422,7 +424,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
 fn arity_ok(op: &IntOp, n_inputs: usize) -> Result<(), String> {
     let arity = match op {
         IntOp::Input => 0,
-        IntOp::Add(_) | IntOp::Mul(_) => 2,
+        IntOp::Add(_) | IntOp::Mul(_) | IntOp::MatMul(_) => 2,
         IntOp::Concat { requantize, .. } if requantize.is_empty() => {
             return Err("a concatenation of no inputs".into());
         }
@@ -531,6 +533,18 @@ fn add_ok(a: &IntAdd) -> Result<(), String> {
     Ok(())
 }
 
+/// Grids, multiplier and clamp of a matrix product.
+fn matmul_ok(m: &IntMatMul) -> Result<(), String> {
+    for g in [&m.a, &m.b, &m.out] {
+        grid_ok(g, "matmul")?;
+    }
+    if !multiplier_ok(&m.multiplier) {
+        return Err("multiplier out of range".into());
+    }
+    clamp_ok(m.lo, m.hi)?;
+    within(m.lo, m.hi, &m.out)
+}
+
 /// Grids, multiplier and clamp of a multiply.
 fn mul_ok(m: &IntMul) -> Result<(), String> {
     for g in [&m.a, &m.b, &m.out] {
@@ -590,6 +604,7 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
         IntOp::Linear(l) => (true, matches!(l.output, Output::Quantized { .. })),
         IntOp::Add(_)
         | IntOp::Mul(_)
+        | IntOp::MatMul(_)
         | IntOp::Concat { .. }
         | IntOp::MaxPool(_)
         | IntOp::AvgPool { .. }
@@ -610,6 +625,7 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
         IntOp::Linear(l) => l.output.grid(),
         IntOp::Add(a) => Some(a.out),
         IntOp::Mul(m) => Some(m.out),
+        IntOp::MatMul(m) => Some(m.out),
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
         IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
             first()
@@ -631,6 +647,7 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
         IntOp::Linear(l) => vec![(0, l.input)],
         IntOp::Add(a) => vec![(0, a.a), (1, a.b)],
         IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
+        IntOp::MatMul(m) => vec![(0, m.a), (1, m.b)],
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => vec![(0, t.input)],
         IntOp::AvgPool { input, .. }
         | IntOp::AdaptiveAvgPool { input, .. }

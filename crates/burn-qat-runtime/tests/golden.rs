@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 use burn_qat_runtime::format::{self, FormatError};
 use burn_qat_runtime::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMul, IntNode, IntOp, IntegerModel, Lut, Output,
-    Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
+    Output, Window,
 };
 use burn_qat_runtime::requant::FixedMultiplier;
 use serde_json::{Value, json};
@@ -118,6 +118,7 @@ impl Graph {
             IntOp::Linear(l) => l.output.grid(),
             IntOp::Add(a) => Some(a.out),
             IntOp::Mul(m) => Some(m.out),
+            IntOp::MatMul(m) => Some(m.out),
             IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
             _ => self.0[inputs[0]].grid,
         };
@@ -515,6 +516,38 @@ impl Graph {
     }
 }
 
+/// Attention-style matrix products on `[n, 2, 3, 4]`: each `3 x 4` matrix times its own
+/// transpose (through a permute) onto an unsigned grid with a clamp, then those `[n, 2, 3, 3]`
+/// scores times the first head's `[n, 1, 3, 4]` values, broadcast over the head axis.
+fn matmul_model() -> (IntegerModel, Vec<usize>) {
+    let gi = g8(0.05, 3);
+    let (gs, go) = (grid(0.3, -128, -128, 127), g8(4.0, -2));
+    let mm = |a: Grid, b: Grid, out: Grid, lo: i32, hi: i32| {
+        IntOp::MatMul(IntMatMul {
+            a,
+            b,
+            out,
+            multiplier: FixedMultiplier::new(a.scale as f64 * b.scale as f64 / out.scale as f64),
+            lo,
+            hi,
+        })
+    };
+    let mut g = Graph::new(&[2, 3, 4]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[2, 3, 4]);
+    let perm = IntOp::Permute {
+        perm: vec![0, 1, 3, 2],
+    };
+    let t = g.add("transpose", perm, &[q], &[2, 4, 3]);
+    let s = g.add("scores", mm(gi, gi, gs, -128, 100), &[q, t], &[2, 3, 3]);
+    let head = IntOp::Select {
+        axis: 1,
+        indices: vec![0],
+    };
+    let v = g.add("values", head, &[q], &[1, 3, 4]);
+    g.add("context", mm(gs, gi, go, -128, 127), &[s, v], &[2, 3, 4]);
+    (g.model(), vec![2, 3, 4])
+}
+
 /// Two inputs and two outputs (format version 4 on): the first input through a linear layer,
 /// the second quantized and added to it (a quantized output), and a float head after the add
 /// (a float output).
@@ -631,6 +664,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("layout", layout_model()),
         ("select", select_model()),
         ("resize", resize_model()),
+        ("matmul", matmul_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -656,9 +690,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::Permute { .. } => 14,
         IntOp::Select { .. } => 15,
         IntOp::Bilinear { .. } => 16,
+        IntOp::MatMul(_) => 17,
     }
 }
-const VARIANTS: usize = 17;
+const VARIANTS: usize = 18;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {

@@ -57,7 +57,7 @@
 //! bias), Linear (any input rank), BatchNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
 //! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, abs, max/avg pooling (1-D and 2-D),
 //! adaptive average pooling, nearest and bilinear resizing (`interpolate`), add, sub, mul, div
-//! (of two tensors or by a scalar), concat,
+//! (of two tensors or by a scalar), matmul of two activations, concat,
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
 //! else is an error naming the op, the nearest layer and what to do. Softmax and division of
 //! two tensors have no integer kernel: [`prepare`] refuses them unless they come after the end
