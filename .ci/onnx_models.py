@@ -79,7 +79,7 @@ def check(folder):
 def main():
     root = sys.argv[1]
     folders = sorted(os.path.join(root, d) for d in os.listdir(root))
-    assert len(folders) >= 16, f"expected the sixteen graph-mode test models in {root}, found {folders}"
+    assert len(folders) >= 17, f"expected the seventeen graph-mode test models in {root}, found {folders}"
     for folder in folders:
         check(folder)
     print("onnx models check: passed")

@@ -19,8 +19,8 @@ use thiserror::Error;
 
 use burn_qat_runtime::requant::FixedMultiplier;
 use burn_qat_runtime::{
-    Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
-    Output, Window,
+    Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
+    IntegerModel, Lut, Output, Window,
 };
 
 /// The integer grid of a per-tensor quantized tensor with quantization parameters `qp` from
@@ -297,6 +297,7 @@ impl<'a> Converter<'a> {
             Op::Layer { index, .. } => self.layer_from_float(i, *index),
             Op::Add | Op::Sub | Op::Mul | Op::MatMul => self.binary_from_float(i),
             Op::Concat { axis } => self.concat_from_float(i, *axis),
+            Op::Softmax { axis } => self.softmax_from_float(i, *axis),
             op if op.is_unary() => self.lut_from_float(i),
             Op::MaxPool1d { .. }
             | Op::MaxPool2d { .. }
@@ -578,6 +579,28 @@ impl<'a> Converter<'a> {
             }
         };
         self.emit(i, op, vec![ma, mb], Some(out));
+        Ok(())
+    }
+
+    /// Softmax on the integer grid: the exponential of each value's distance below its row's
+    /// maximum by table, normalized onto the grid of the quantizer after it (an activation
+    /// after it is applied on that grid by a table).
+    fn softmax_from_float(&mut self, i: usize, axis: usize) -> Result<(), ExportError> {
+        let (m, input) = self.int_input(i, 0)?;
+        let (activation, out) = self.required_tail(i)?;
+        let op = IntOp::Softmax(IntSoftmax {
+            axis,
+            input,
+            output: out.grid,
+            table: IntSoftmax::table_for(input.scale),
+        });
+        let mut n = self.push(i, op, vec![m], Some(out.grid));
+        if activation != Activation::Identity {
+            let name = format!("{activation:?}");
+            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
+            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
+        }
+        self.emit_cover(i, n);
         Ok(())
     }
 
@@ -1151,7 +1174,7 @@ fn accumulator_ok(
 /// # Errors
 ///
 /// [`ExportError`] naming the node (the user's module path): an op with no integer kernel
-/// (softmax, division: `graph::prepare` refuses these up front unless they come after the end
+/// (division of two tensors: `graph::prepare` refuses it up front unless it comes after the end
 /// of the integer model), a tensor that is not quantized (a skipped layer, activations
 /// disabled), a quantizer that has seen no data, weights wider than 8 bits.
 ///

@@ -283,10 +283,10 @@ impl Op {
                 "a constant made in the forward has no integer form yet: keep it in a float tail \
                  (QatConfig::with_integer_until, naming the last node the integer model computes)",
             ),
-            Op::Softmax { .. } | Op::Div => Some(
-                "no integer kernel (softmax, division of two tensors): end the integer model \
-                 before it (QatConfig::with_integer_until, naming the last node the integer \
-                 model computes) and apply the rest to its float output",
+            Op::Div => Some(
+                "no integer kernel (division of two tensors): end the integer model before it \
+                 (QatConfig::with_integer_until, naming the last node the integer model \
+                 computes) and apply the rest to its float output",
             ),
             Op::AvgPool1d {
                 ceil_mode: true, ..

@@ -509,6 +509,10 @@ impl Graph {
             IntOp::Add(a) => self.add(xs, a),
             IntOp::Mul(m) => self.mul(xs, m),
             IntOp::MatMul(m) => self.matmul(xs, m),
+            IntOp::Softmax(s) => {
+                let y = self.node("Softmax", xs, vec![attr_int("axis", s.axis as i64)]);
+                self.qdq(y, &s.output)
+            }
             IntOp::Lut(t) => self.lut(x(), t),
             IntOp::ChannelLut { lut, channels } => {
                 self.lut_per_channel(x(), lut, Some((*channels, rank)))

@@ -265,6 +265,10 @@ pub(crate) fn node_cost(
                 .saturating_add(per_value(SLOW))
                 .saturating_add(work);
         }
+        IntOp::Softmax(_) => {
+            // Per value, a maximum, a table lookup, a sum and a division.
+            work = per_value(SLOW + 3 * WIDE).saturating_add(work);
+        }
         IntOp::MatMul(_) => {
             // Per output value, the inner axis of multiply-adds and one requantization.
             let inner = ins.first().and_then(|s| s.last()).copied().unwrap_or(0) as u64;

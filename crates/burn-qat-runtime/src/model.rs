@@ -343,6 +343,39 @@ pub enum IntOp {
     },
     /// Matrix product of two quantized tensors.
     MatMul(IntMatMul),
+    /// Softmax along `axis` on the integer grid: per row, the exponential of each value's
+    /// distance below the row's maximum from a table (`table[d] = round(exp(-s_in * d) * 2^24)`
+    /// for `d = max - q`), their sum exact in `u64`, each value `table[d] / sum` quantized to
+    /// the output grid (`round_half_even(table[d] / (sum * s_out)) + zp_out`, clamped).
+    Softmax(IntSoftmax),
+}
+
+/// Softmax along one axis, on 8-bit values (see [`IntOp::Softmax`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntSoftmax {
+    /// The axis (not the batch axis).
+    pub axis: usize,
+    /// Input grid.
+    pub input: Grid,
+    /// Output grid.
+    pub output: Grid,
+    /// `round(exp(-s_in * d) * 2^24)` for `d` in `0..256`.
+    pub table: Vec<u32>,
+}
+
+impl IntSoftmax {
+    /// Fixed-point bits of the table: `table[0] == 1 << ONE_BITS`.
+    pub const ONE_BITS: u32 = 24;
+
+    /// The table for an input grid of scale `scale`.
+    pub fn table_for(scale: f32) -> Vec<u32> {
+        (0..256)
+            .map(|d| {
+                ((-(scale as f64) * d as f64).exp() * (1u64 << Self::ONE_BITS) as f64).round()
+                    as u32
+            })
+            .collect()
+    }
 }
 
 impl IntOp {
@@ -370,6 +403,7 @@ impl IntOp {
             IntOp::Permute { .. } => "Permute",
             IntOp::Select { .. } => "Select",
             IntOp::MatMul(_) => "MatMul",
+            IntOp::Softmax(_) => "Softmax",
         }
     }
 }

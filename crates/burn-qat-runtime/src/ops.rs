@@ -3,7 +3,7 @@
 //! contiguous ones); each is its own definition, checked against the fake-quant graph.
 
 use crate::kernels::for_each_chunk;
-use crate::model::{Grid, IntAdd, IntMatMul, IntMul, Lut, Window, conv_output_len};
+use crate::model::{Grid, IntAdd, IntMatMul, IntMul, IntSoftmax, Lut, Window, conv_output_len};
 use crate::requant::FixedMultiplier;
 
 /// `out` resized to `len` values (contents unspecified: every op overwrites them all); no
@@ -205,6 +205,31 @@ pub fn matmul(op: &IntMatMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], ou
                     .map(|(&x, &y)| (x as i32 - za) * y)
                     .sum();
                 out.push(op.finish(acc));
+            }
+        }
+    }
+}
+
+/// Softmax along `op.axis` of `shape` on the integer grid (see
+/// [`IntOp::Softmax`](crate::model::IntOp::Softmax)), into `out`.
+pub fn softmax(op: &IntSoftmax, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
+    let len = shape[op.axis];
+    let inner: usize = shape[op.axis + 1..].iter().product();
+    let outer: usize = shape[..op.axis].iter().product();
+    let g = &op.output;
+    out.clear();
+    out.resize(x.len(), 0);
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * len * inner + j * inner + i;
+            let max = (0..len).map(|j| x[at(j)]).max().unwrap_or(0) as i32;
+            let e = |j: usize| op.table[(max - x[at(j)] as i32) as usize] as u64;
+            let sum: u64 = (0..len).map(e).sum();
+            // sum >= table[0] > 0: the maximum is in the row.
+            let per_step = sum as f64 * g.scale as f64;
+            for j in 0..len {
+                let q = (e(j) as f64 / per_step).round_ties_even() as i64 + g.zero_point as i64;
+                out[at(j)] = q.clamp(g.qmin as i64, g.qmax as i64) as i8;
             }
         }
     }

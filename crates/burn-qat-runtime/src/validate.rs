@@ -6,8 +6,8 @@
 
 use crate::budget::{self, Budget, Cost, NodeCost};
 use crate::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
-    MAX_ITEM_VALUES, ModelError, Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
+    IntegerModel, Lut, MAX_ITEM_VALUES, ModelError, Output, Window,
 };
 use crate::ops;
 use crate::requant::FixedMultiplier;
@@ -179,6 +179,11 @@ pub(crate) fn infer(
         IntOp::Permute { perm } => permute_shape(perm, x()),
         IntOp::Select { axis, indices } => select_shape(*axis, indices, x()),
         IntOp::MatMul(_) => ops::matmul_shape(&inputs[0], &inputs[1]),
+        IntOp::Softmax(s) if s.axis == 0 || s.axis >= inputs[0].len() => Err(format!(
+            "softmax along axis {} of {:?} (an axis after the batch axis)",
+            s.axis, inputs[0]
+        )),
+        IntOp::Softmax(_) => Ok(x()),
     }
 }
 
@@ -398,6 +403,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
         IntOp::Add(a) => add_ok(a),
         IntOp::Mul(m) => mul_ok(m),
         IntOp::MatMul(m) => matmul_ok(m),
+        IntOp::Softmax(s) => softmax_ok(s),
         IntOp::ChannelLut { lut, channels } => channel_lut_ok(lut, *channels),
         IntOp::Lut(t) => table_ok(t, 256),
         IntOp::Concat { requantize, .. } => requantize
@@ -533,6 +539,30 @@ fn add_ok(a: &IntAdd) -> Result<(), String> {
     Ok(())
 }
 
+/// Grids and table of a softmax: 256 entries from `1 << ONE_BITS` down, never rising (an
+/// exponential of distances below the maximum).
+fn softmax_ok(s: &IntSoftmax) -> Result<(), String> {
+    grid_ok(&s.input, "softmax input")?;
+    grid_ok(&s.output, "softmax output")?;
+    if s.table.len() != 256 {
+        return Err(format!(
+            "softmax table of {} entries (256 needed)",
+            s.table.len()
+        ));
+    }
+    if s.table[0] != 1 << IntSoftmax::ONE_BITS {
+        return Err(format!(
+            "softmax table starts at {} (exp(0) is {})",
+            s.table[0],
+            1u32 << IntSoftmax::ONE_BITS
+        ));
+    }
+    if s.table.windows(2).any(|w| w[1] > w[0]) {
+        return Err("softmax table rises (exp of a distance below the maximum falls)".into());
+    }
+    Ok(())
+}
+
 /// Grids, multiplier and clamp of a matrix product.
 fn matmul_ok(m: &IntMatMul) -> Result<(), String> {
     for g in [&m.a, &m.b, &m.out] {
@@ -605,6 +635,7 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
         IntOp::Add(_)
         | IntOp::Mul(_)
         | IntOp::MatMul(_)
+        | IntOp::Softmax(_)
         | IntOp::Concat { .. }
         | IntOp::MaxPool(_)
         | IntOp::AvgPool { .. }
@@ -626,6 +657,7 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
         IntOp::Add(a) => Some(a.out),
         IntOp::Mul(m) => Some(m.out),
         IntOp::MatMul(m) => Some(m.out),
+        IntOp::Softmax(s) => Some(s.output),
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
         IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
             first()
@@ -648,6 +680,7 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
         IntOp::Add(a) => vec![(0, a.a), (1, a.b)],
         IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
         IntOp::MatMul(m) => vec![(0, m.a), (1, m.b)],
+        IntOp::Softmax(s) => vec![(0, s.input)],
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => vec![(0, t.input)],
         IntOp::AvgPool { input, .. }
         | IntOp::AdaptiveAvgPool { input, .. }

@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 use burn_qat_runtime::format::{self, FormatError};
 use burn_qat_runtime::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
-    Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
+    IntegerModel, Lut, Output, Window,
 };
 use burn_qat_runtime::requant::FixedMultiplier;
 use serde_json::{Value, json};
@@ -119,6 +119,7 @@ impl Graph {
             IntOp::Add(a) => Some(a.out),
             IntOp::Mul(m) => Some(m.out),
             IntOp::MatMul(m) => Some(m.out),
+            IntOp::Softmax(s) => Some(s.output),
             IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
             _ => self.0[inputs[0]].grid,
         };
@@ -548,6 +549,29 @@ fn matmul_model() -> (IntegerModel, Vec<usize>) {
     (g.model(), vec![2, 3, 4])
 }
 
+/// Softmax along the last axis of `[n, 3, 5]` onto an unsigned 8-bit grid, then along the
+/// middle axis (rows of three, every fifth value) of that result onto a narrower one.
+fn softmax_model() -> (IntegerModel, Vec<usize>) {
+    let gi = g8(0.06, -4);
+    let (g1, g2) = (
+        grid(1.0 / 255.0, -128, -128, 127),
+        grid(1.0 / 15.0, -128, -128, -113),
+    );
+    let softmax = |axis: usize, input: Grid, output: Grid| {
+        IntOp::Softmax(IntSoftmax {
+            axis,
+            input,
+            output,
+            table: IntSoftmax::table_for(input.scale),
+        })
+    };
+    let mut g = Graph::new(&[3, 5]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[3, 5]);
+    let s = g.add("softmax_last", softmax(2, gi, g1), &[q], &[3, 5]);
+    g.add("softmax_middle", softmax(1, g1, g2), &[s], &[3, 5]);
+    (g.model(), vec![3, 5])
+}
+
 /// Two inputs and two outputs (format version 4 on): the first input through a linear layer,
 /// the second quantized and added to it (a quantized output), and a float head after the add
 /// (a float output).
@@ -665,6 +689,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("select", select_model()),
         ("resize", resize_model()),
         ("matmul", matmul_model()),
+        ("softmax", softmax_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -691,9 +716,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::Select { .. } => 15,
         IntOp::Bilinear { .. } => 16,
         IntOp::MatMul(_) => 17,
+        IntOp::Softmax(_) => 18,
     }
 }
-const VARIANTS: usize = 18;
+const VARIANTS: usize = 19;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {

@@ -59,8 +59,8 @@
 //! adaptive average pooling, nearest and bilinear resizing (`interpolate`), add, sub, mul, div
 //! (of two tensors or by a scalar), matmul of two activations, concat,
 //! reshape/flatten/squeeze/unsqueeze, swap_dims/permute, mean and sum along an axis. Anything
-//! else is an error naming the op, the nearest layer and what to do. Softmax and division of
-//! two tensors have no integer kernel: [`prepare`] refuses them unless they come after the end
+//! else is an error naming the op, the nearest layer and what to do. Division of two tensors
+//! has no integer kernel: [`prepare`] refuses it unless it comes after the end
 //! of the integer model ([`QatConfig::with_integer_until`]: a float tail, no fake-quant, left
 //! in your code at deployment); [`build`] (float graphs) takes them anywhere.
 
@@ -86,8 +86,8 @@ use crate::model::QatConfig;
 /// # Errors
 ///
 /// See [`build`] and [`plan`](fn@crate::model::plan); invalid activation settings or an activation pattern that
-/// matches no node; an op the integer model cannot compute before its end (softmax, division
-/// of two tensors, average pooling in ceil mode: the error names the call, the module and the
+/// matches no node; an op the integer model cannot compute before its end (division of two
+/// tensors, constants, average pooling in ceil mode: the error names the call, the module and the
 /// `QatConfig::with_integer_until` to declare instead); an `integer_until` that names no node
 /// or several.
 pub fn prepare<M, const DI: usize, const DO: usize, F>(
