@@ -14,8 +14,8 @@ use burn::nn::pool::{
     MaxPool2dConfig,
 };
 use burn::nn::{
-    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Gelu, Linear, LinearConfig,
-    PaddingConfig1d, PaddingConfig2d, Relu,
+    BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Gelu, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig, PaddingConfig1d, PaddingConfig2d, Relu,
 };
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
@@ -67,12 +67,15 @@ impl MatMulAttention {
     }
 }
 
-/// Multi-head self-attention as it is written by hand: queries, keys and values from `Linear`
-/// layers on 8 tokens, split into 2 heads (`reshape` + `swap_dims`), `softmax(Q Kᵀ / sqrt(d))`
-/// along the keys, times `V`, heads joined back, an output projection, a residual add, a GELU
-/// MLP and a mean over the tokens.
+/// A pre-norm transformer block as it is written by hand: `LayerNorm`, queries, keys and
+/// values from one `Linear` on 8 tokens, split into 2 heads (`reshape` + `swap_dims`),
+/// `softmax(Q Kᵀ / sqrt(d))` along the keys, times `V`, heads joined back, an output
+/// projection, a residual add, a second `LayerNorm` and GELU MLP with its residual, a mean over
+/// the tokens.
 #[derive(Module, Debug)]
 struct SoftmaxAttention {
+    ln1: LayerNorm,
+    ln2: LayerNorm,
     qkv: Linear,
     proj: Linear,
     fc: Linear,
@@ -83,6 +86,8 @@ struct SoftmaxAttention {
 impl SoftmaxAttention {
     fn new(device: &Device) -> Self {
         Self {
+            ln1: LayerNormConfig::new(8).init(device),
+            ln2: LayerNormConfig::new(8).init(device),
             qkv: LinearConfig::new(8, 24).init(device),
             proj: LinearConfig::new(8, 8).init(device),
             fc: LinearConfig::new(8, 8).init(device),
@@ -95,7 +100,7 @@ impl SoftmaxAttention {
         let [b, _, t, d] = x.dims();
         let (heads, dh) = (2, d / 2);
         let x = x.reshape([b, t, d]);
-        let qkv = self.qkv.forward(x.clone());
+        let qkv = self.qkv.forward(self.ln1.forward(x.clone()));
         let split = |k: usize| {
             qkv.clone()
                 .slice([0..b, 0..t, k * d..(k + 1) * d])
@@ -107,7 +112,7 @@ impl SoftmaxAttention {
         let attn = burn::tensor::activation::softmax(scores, 3);
         let ctx = attn.matmul(v).swap_dims(1, 2).reshape([b, t, d]);
         let x = x + self.proj.forward(ctx);
-        let x = x.clone() + self.gelu.forward(self.fc.forward(x));
+        let x = x.clone() + self.gelu.forward(self.fc.forward(self.ln2.forward(x)));
         self.head.forward(x.mean_dim(1).reshape([b, d]))
     }
 }
@@ -1332,6 +1337,7 @@ fn per_op_within_one_lsb(
                 | IntOp::Mul(_)
                 | IntOp::MatMul(_)
                 | IntOp::Softmax(_)
+                | IntOp::LayerNorm(_)
         );
         if !alone_op {
             continue;
@@ -1541,6 +1547,8 @@ fn deploy<M: UserModel>() -> (usize, usize, i32) {
         let out = std::path::Path::new(&out).join(M::NAME);
         std::fs::create_dir_all(&out).unwrap();
         burn_qat::onnx::save(&int8, &out.join("model.onnx"), &Default::default()).unwrap();
+        let opset21 = burn_qat::onnx::OnnxOptions { opset: 21 };
+        burn_qat::onnx::save(&int8, &out.join("model.opset21.onnx"), &opset21).unwrap();
         write_npy(&out.join("input.npy"), &pixels, &[n, 1, 8, 8]).unwrap();
         write_npy(&out.join("int8_out.npy"), &all, &shape).unwrap();
     }
@@ -2846,6 +2854,8 @@ fn several_inputs_and_outputs_train_convert_and_export() {
         let out = std::path::Path::new(&out).join("two_in_two_out");
         std::fs::create_dir_all(&out).unwrap();
         burn_qat::onnx::save(&int8, &out.join("model.onnx"), &Default::default()).unwrap();
+        let opset21 = burn_qat::onnx::OnnxOptions { opset: 21 };
+        burn_qat::onnx::save(&int8, &out.join("model.opset21.onnx"), &opset21).unwrap();
         write_npy(&out.join("input_0.npy"), &pixels, &[n, 1, 8, 8]).unwrap();
         write_npy(&out.join("input_1.npy"), &metas, &[n, 3]).unwrap();
         for (k, (data, shape)) in outs.iter().enumerate() {

@@ -19,8 +19,8 @@ use thiserror::Error;
 
 use burn_qat_runtime::requant::FixedMultiplier;
 use burn_qat_runtime::{
-    Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
-    IntegerModel, Lut, Output, Window,
+    Grid, IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul, IntNode, IntOp,
+    IntSoftmax, IntegerModel, Lut, Output, Window,
 };
 
 /// The integer grid of a per-tensor quantized tensor with quantization parameters `qp` from
@@ -404,7 +404,40 @@ impl<'a> Converter<'a> {
             }
             GraphLayer::Linear(f) => self.linear_from_float(i, f),
             GraphLayer::BatchNorm(bn) => self.batch_norm_from_float(i, bn),
+            GraphLayer::LayerNorm(ln) => self.layer_norm_from_float(i, ln),
         }
+    }
+
+    /// A LayerNorm: a float island on the integer grids (see [`IntLayerNorm`]), onto the grid
+    /// of the quantizer after it (an activation after it by a table on that grid).
+    fn layer_norm_from_float(
+        &mut self,
+        i: usize,
+        ln: &burn_qat_graph::GraphLayerNorm,
+    ) -> Result<(), ExportError> {
+        let (m, input) = self.int_input(i, 0)?;
+        let (activation, out) = self.required_tail(i)?;
+        let node = self.gnode(i);
+        let gamma = finite_weights(ln.norm.gamma.val(), node)?;
+        let beta = match &ln.norm.beta {
+            Some(b) => finite_weights(b.val(), node)?,
+            None => vec![0.0; gamma.len()],
+        };
+        let op = IntOp::LayerNorm(IntLayerNorm {
+            input,
+            output: out.grid,
+            gamma,
+            beta,
+            epsilon: ln.epsilon,
+        });
+        let mut n = self.push(i, op, vec![m], Some(out.grid));
+        if activation != Activation::Identity {
+            let name = format!("{activation:?}");
+            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
+            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
+        }
+        self.emit_cover(i, n);
+        Ok(())
     }
 
     /// Reshape and permute: the same integers in another layout, on their input's grid.
@@ -1144,7 +1177,8 @@ fn accumulator_ok(
 ///
 /// Integer ops: conv (depthwise included) and linear with folded BatchNorm and fused
 /// ReLU/ReLU6/clamp (several in a row composed into one), add/sub with fixed-point rescaling of
-/// both inputs, mul, matmul of two activations (exact `i32` sums), concat (requantized to the output grid), max pooling (ceil mode
+/// both inputs, mul, matmul of two activations (exact `i32` sums), softmax (table and exact
+/// sums), LayerNorm (a float island on the integer grids), concat (requantized to the output grid), max pooling (ceil mode
 /// included)/average (not in ceil mode)/adaptive-average pooling, mean/sum along an
 /// axis, every elementwise activation as a 256-entry table (GELU, sigmoid, tanh, SiLU,
 /// hard-swish, leaky ReLU, exp, abs, scalar arithmetic), a BatchNorm that follows no conv/linear

@@ -14,8 +14,8 @@
 mod convert;
 
 pub use burn_qat_runtime::{
-    Budget, Cost, Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp,
-    IntSoftmax, IntegerModel, Lut, ModelError, Output, RunError, Values, WeightCache, Window,
-    accumulator_bound, budget, format, grid, kernels, model, ops, requant,
+    Budget, Cost, Dim, Grid, IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul,
+    IntNode, IntOp, IntSoftmax, IntegerModel, Lut, ModelError, Output, RunError, Values,
+    WeightCache, Window, accumulator_bound, budget, format, grid, kernels, model, ops, requant,
 };
 pub use convert::{ExportError, convert, convert_until, grid_from_spec};

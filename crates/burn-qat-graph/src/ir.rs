@@ -46,6 +46,8 @@ pub enum LayerKind {
     BatchNorm,
     /// An activation fake-quantizer.
     Quant,
+    /// A `LayerNorm` (normalization over the last axis, the user's scale and shift).
+    LayerNorm,
 }
 
 /// What a node computes.

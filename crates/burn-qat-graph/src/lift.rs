@@ -6,20 +6,20 @@ use burn::backend::capture::TensorId;
 use burn::backend::ir::{
     ActivationOperationIr, AvgPool1dOpIr, AvgPool2dOpIr, BaseOperationIr, BatchNormOpIr,
     BinaryOpIr, Conv1dOpIr, Conv2dOpIr, CustomOpIr, FloatOperationIr, InterpolateModeIr,
-    InterpolateOpIr, LinearOpIr, MaxPool1dOpIr, MaxPool2dOpIr, ModuleOperationIr,
+    InterpolateOpIr, LayerNormOpIr, LinearOpIr, MaxPool1dOpIr, MaxPool2dOpIr, ModuleOperationIr,
     NumericOperationIr, OperationIr, ScalarIr, ScalarOpIr, SelectOpIr, ShapeOpIr, SliceOpIr,
     TensorIr,
 };
 use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv1d, Conv2d};
-use burn::nn::{BatchNorm, Linear, PaddingConfig1d, PaddingConfig2d};
+use burn::nn::{BatchNorm, LayerNormConfig, Linear, PaddingConfig1d, PaddingConfig2d};
 use burn::prelude::*;
 use burn_qat_core::QatError;
 use burn_qat_transform::FusedConfig;
 
 use super::capture::Trace;
 use super::ir::{Dim, LayerKind, Node, Op, Program};
-use super::module::{GraphLayer, MAX_RANK, QatGraph};
+use super::module::{GraphLayer, GraphLayerNorm, MAX_RANK, QatGraph};
 use super::words::op_words;
 
 /// Where a recorded tensor comes from.
@@ -840,6 +840,7 @@ impl<'a> Lifter<'a> {
             (M::Conv1d(o), M::Conv1d(p)) => self.conv1d(o, p),
             (M::Linear(o), M::Linear(p)) => self.linear(o, p),
             (M::BatchNorm(o), M::BatchNorm(p)) => self.batch_norm(o, p),
+            (M::LayerNorm(o), M::LayerNorm(p)) => self.layer_norm(o, p),
             (M::MaxPool2d(o), M::MaxPool2d(p)) => {
                 self.one_input(max_pool2d(o), &o.x, "max_pool2d", (&o.out, &p.out))
             }
@@ -973,6 +974,30 @@ impl<'a> Lifter<'a> {
         let near = self.path(w);
         let fused = self.float_layer().init(linear, None)?;
         self.layer(GraphLayer::Linear(fused), x, (&o.out, &p.out), near)
+            .map(drop)
+    }
+
+    /// A `LayerNorm` on the user's scale and shift (its epsilon as recorded).
+    fn layer_norm(&mut self, o: &LayerNormOpIr, p: &LayerNormOpIr) -> Result<(), QatError> {
+        let x = self.node_input(&o.input, "layer_norm")?;
+        let g = self.param_root(&o.gamma, "a LayerNorm gamma")?;
+        self.check_rank(g, 1, "LayerNorm gamma")?;
+        let b = o
+            .beta
+            .as_ref()
+            .map(|b| self.param_root(b, "a LayerNorm beta"))
+            .transpose()?;
+        let d = self.trace.values[&g].shape()[0];
+        let epsilon = scalar(&o.epsilon);
+        let mut norm = LayerNormConfig::new(d)
+            .with_epsilon(epsilon)
+            .with_bias(b.is_some())
+            .init(&self.device);
+        norm.gamma = self.param::<1>(g);
+        norm.beta = b.map(|b| self.param::<1>(b));
+        let near = self.path(g);
+        let ln = GraphLayerNorm { norm, epsilon };
+        self.layer(GraphLayer::LayerNorm(ln), x, (&o.out, &p.out), near)
             .map(drop)
     }
 

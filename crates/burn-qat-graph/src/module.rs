@@ -3,7 +3,7 @@
 use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::{Dispatch, TensorMetadata};
 use burn::module::Module;
-use burn::nn::BatchNorm;
+use burn::nn::{BatchNorm, LayerNorm};
 use burn::prelude::*;
 use burn::tensor::DispatchTensor;
 use burn::tensor::Shape;
@@ -28,6 +28,18 @@ pub enum GraphLayer {
     BatchNorm(BatchNorm),
     /// An activation fake-quantizer (observed or learned range).
     Quant(ActQuant),
+    /// Burn's `LayerNorm` on the last axis, with the user's parameters.
+    LayerNorm(GraphLayerNorm),
+}
+
+/// A user's `LayerNorm` in the graph: Burn's module (the user's `gamma` and `beta`, trained
+/// and written back by `ParamId`) and its epsilon as recorded (Burn keeps it private).
+#[derive(Module, Debug)]
+pub struct GraphLayerNorm {
+    /// Burn's module.
+    pub norm: LayerNorm,
+    /// Its epsilon.
+    pub epsilon: f64,
 }
 
 fn describe_fused<L: Module>(f: &burn_qat_transform::Fused<L>) -> String {
@@ -69,6 +81,7 @@ impl GraphLayer {
             GraphLayer::Conv2d(f) => describe_fused(f),
             GraphLayer::Linear(f) => describe_fused(f),
             GraphLayer::BatchNorm(_) => "BatchNorm (not folded)".into(),
+            GraphLayer::LayerNorm(_) => "LayerNorm (float on the integer grids)".into(),
             GraphLayer::Quant(q) => {
                 let spec = q.spec();
                 let kind = if spec.symmetric { "sym" } else { "asym" };
@@ -97,6 +110,7 @@ impl GraphLayer {
             GraphLayer::Linear(_) => LayerKind::Linear,
             GraphLayer::BatchNorm(_) => LayerKind::BatchNorm,
             GraphLayer::Quant(_) => LayerKind::Quant,
+            GraphLayer::LayerNorm(_) => LayerKind::LayerNorm,
         }
     }
 }
@@ -393,6 +407,7 @@ impl QatGraph {
                 Dispatch::float_reshape(y.into_dispatch(), Shape::from(out))
             }
             GraphLayer::BatchNorm(bn) => by_rank!(rank, x, |t| bn.forward(t)),
+            GraphLayer::LayerNorm(ln) => by_rank!(rank, x, |t| ln.norm.forward(t)),
             GraphLayer::Quant(q) => by_rank!(rank, x, |t| q.forward(t)),
         }
     }

@@ -162,6 +162,13 @@ impl QatGraph {
                     put_fused(&mut values, f, f.layer.weight.id, bias, baked)
                 }
                 GraphLayer::BatchNorm(bn) => put_bn(&mut values, bn),
+                GraphLayer::LayerNorm(ln) => {
+                    let ln = &ln.norm;
+                    put(&mut values, ln.gamma.id, ln.gamma.val());
+                    if let Some(beta) = &ln.beta {
+                        put(&mut values, beta.id, beta.val());
+                    }
+                }
                 GraphLayer::Quant(_) => {}
             }
         }

@@ -1,8 +1,8 @@
 use std::path::Path;
 
 use burn_qat_runtime::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntegerModel, Lut,
-    Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul, IntNode, IntOp,
+    IntegerModel, Lut, Output, Window,
 };
 use prost::Message;
 use thiserror::Error;
@@ -509,6 +509,7 @@ impl Graph {
             IntOp::Add(a) => self.add(xs, a),
             IntOp::Mul(m) => self.mul(xs, m),
             IntOp::MatMul(m) => self.matmul(xs, m),
+            IntOp::LayerNorm(l) => self.layer_norm(x(), l),
             IntOp::Softmax(s) => {
                 let y = self.node("Softmax", xs, vec![attr_int("axis", s.axis as i64)]);
                 self.qdq(y, &s.output)
@@ -572,6 +573,45 @@ impl Graph {
         let y = self.node("Mul", xs, vec![]);
         let y = self.clip_int(y, m.lo, m.hi, &m.out);
         self.qdq(y, &m.out)
+    }
+
+    /// Layer normalization over the last axis in float, the output grid: `LayerNormalization`
+    /// from opset 17, else its decomposition (which onnxruntime fuses back into one node).
+    fn layer_norm(&mut self, x: String, l: &IntLayerNorm) -> String {
+        let d = l.gamma.len();
+        let gamma = self.f32s("ln_scale", &[d], &l.gamma);
+        let beta = self.f32s("ln_bias", &[d], &l.beta);
+        let y = if self.opset >= 17 {
+            let attrs = vec![
+                attr_int("axis", -1),
+                AttributeProto {
+                    name: Some("epsilon".into()),
+                    r#type: Some(AttributeType::Float as i32),
+                    f: Some(l.epsilon as f32),
+                    ..Default::default()
+                },
+            ];
+            self.node("LayerNormalization", vec![x, gamma, beta], attrs)
+        } else {
+            let mean_of = |g: &mut Self, v: String| {
+                g.node(
+                    "ReduceMean",
+                    vec![v],
+                    vec![attr_ints("axes", &[-1]), attr_int("keepdims", 1)],
+                )
+            };
+            let mean = mean_of(self, x.clone());
+            let centred = self.node("Sub", vec![x, mean], vec![]);
+            let square = self.node("Mul", vec![centred.clone(), centred.clone()], vec![]);
+            let var = mean_of(self, square);
+            let eps = self.f32s("ln_epsilon", &[], &[l.epsilon as f32]);
+            let var = self.node("Add", vec![var, eps], vec![]);
+            let denom = self.node("Sqrt", vec![var], vec![]);
+            let normalized = self.node("Div", vec![centred, denom], vec![]);
+            let scaled = self.node("Mul", vec![normalized, gamma], vec![]);
+            self.node("Add", vec![scaled, beta], vec![])
+        };
+        self.qdq(y, &l.output)
     }
 
     /// Float `MatMul` of the two inputs (dequantized), the clamp, the output grid: onnxruntime

@@ -184,6 +184,8 @@ fn parameter_bytes(op: &IntOp) -> u64 {
         }
         IntOp::Permute { perm } => 8 * u(perm.len()),
         IntOp::Select { indices, .. } => 8 * u(indices.len()),
+        IntOp::Softmax(s) => 4 * u(s.table.len()),
+        IntOp::LayerNorm(l) => 4 * u(l.gamma.len() + l.beta.len()),
         _ => 0,
     }
 }
@@ -264,6 +266,10 @@ pub(crate) fn node_cost(
             work = product(&[v, w.kernel[0] as u64, w.kernel[1] as u64, WIDE])
                 .saturating_add(per_value(SLOW))
                 .saturating_add(work);
+        }
+        IntOp::LayerNorm(_) => {
+            // Per value, float work: dequantize, two passes of statistics, normalize, quantize.
+            work = per_value(SLOW + 4 * WIDE).saturating_add(work);
         }
         IntOp::Softmax(_) => {
             // Per value, a maximum, a table lookup, a sum and a division.

@@ -27,8 +27,8 @@ mod validate;
 pub use budget::{Budget, Cost};
 pub use grid::{Dim, Grid};
 pub use model::{
-    IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax, IntegerModel, Lut,
-    ModelError, Output, RunError, Window,
+    IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
+    IntegerModel, Lut, ModelError, Output, RunError, Window,
 };
 pub use run::{Plan, Session, Values, WeightCache};
 pub use validate::{MAX_OUTPUTS, accumulator_bound};

@@ -348,6 +348,29 @@ pub enum IntOp {
     /// for `d = max - q`), their sum exact in `u64`, each value `table[d] / sum` quantized to
     /// the output grid (`round_half_even(table[d] / (sum * s_out)) + zp_out`, clamped).
     Softmax(IntSoftmax),
+    /// Layer normalization over the last axis, a float island that reads and writes 8-bit
+    /// values (see [`IntLayerNorm`]).
+    LayerNorm(IntLayerNorm),
+}
+
+/// Layer normalization over the last axis: per row of the dequantized input, `y = (x - mean)
+/// / sqrt(var + epsilon) * gamma + beta` in `f32` in Burn's order of operations (mean, centred
+/// values, mean of their squares, `sqrt`, divide, scale, shift), quantized onto `output`.
+/// A float island, as onnxruntime runs `LayerNormalization` between `DequantizeLinear` and
+/// `QuantizeLinear`: the QAT graph computes LayerNorm in float, and integer statistics with a
+/// fixed-point inverse square root (I-BERT) would move outputs off the QAT graph's grid.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IntLayerNorm {
+    /// Input grid.
+    pub input: Grid,
+    /// Output grid.
+    pub output: Grid,
+    /// Scale, one per feature.
+    pub gamma: Vec<f32>,
+    /// Shift, one per feature (zeros when the layer has none).
+    pub beta: Vec<f32>,
+    /// Added to the variance.
+    pub epsilon: f64,
 }
 
 /// Softmax along one axis, on 8-bit values (see [`IntOp::Softmax`]).
@@ -404,6 +427,7 @@ impl IntOp {
             IntOp::Select { .. } => "Select",
             IntOp::MatMul(_) => "MatMul",
             IntOp::Softmax(_) => "Softmax",
+            IntOp::LayerNorm(_) => "LayerNorm",
         }
     }
 }

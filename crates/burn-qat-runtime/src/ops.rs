@@ -3,7 +3,9 @@
 //! contiguous ones); each is its own definition, checked against the fake-quant graph.
 
 use crate::kernels::for_each_chunk;
-use crate::model::{Grid, IntAdd, IntMatMul, IntMul, IntSoftmax, Lut, Window, conv_output_len};
+use crate::model::{
+    Grid, IntAdd, IntLayerNorm, IntMatMul, IntMul, IntSoftmax, Lut, Window, conv_output_len,
+};
 use crate::requant::FixedMultiplier;
 
 /// `out` resized to `len` values (contents unspecified: every op overwrites them all); no
@@ -206,6 +208,29 @@ pub fn matmul(op: &IntMatMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], ou
                     .sum();
                 out.push(op.finish(acc));
             }
+        }
+    }
+}
+
+/// Layer normalization over the last axis of `shape` (see
+/// [`IntLayerNorm`](crate::model::IntLayerNorm)), into `out`.
+pub fn layer_norm(op: &IntLayerNorm, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
+    let d = shape.last().copied().unwrap_or(1).max(1);
+    let (gi, go) = (&op.input, &op.output);
+    let eps = op.epsilon as f32;
+    out.clear();
+    out.reserve(x.len());
+    let mut row = vec![0f32; d];
+    for chunk in x.chunks(d) {
+        for (r, q) in row.iter_mut().zip(chunk) {
+            *r = gi.dequantize(*q as i32);
+        }
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let denom = (var + eps).sqrt();
+        for (k, v) in row.iter().enumerate() {
+            let y = (v - mean) / denom * op.gamma[k] + op.beta[k];
+            out.push(go.quantize(y) as i8);
         }
     }
 }

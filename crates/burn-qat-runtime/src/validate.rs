@@ -6,8 +6,8 @@
 
 use crate::budget::{self, Budget, Cost, NodeCost};
 use crate::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
-    IntegerModel, Lut, MAX_ITEM_VALUES, ModelError, Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul, IntNode, IntOp,
+    IntSoftmax, IntegerModel, Lut, MAX_ITEM_VALUES, ModelError, Output, Window,
 };
 use crate::ops;
 use crate::requant::FixedMultiplier;
@@ -184,6 +184,14 @@ pub(crate) fn infer(
             s.axis, inputs[0]
         )),
         IntOp::Softmax(_) => Ok(x()),
+        IntOp::LayerNorm(l) => match x().last() {
+            Some(&d) if d == l.gamma.len() => Ok(x()),
+            _ => Err(format!(
+                "layer norm of {} features on {:?}",
+                l.gamma.len(),
+                inputs[0]
+            )),
+        },
     }
 }
 
@@ -404,6 +412,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
         IntOp::Mul(m) => mul_ok(m),
         IntOp::MatMul(m) => matmul_ok(m),
         IntOp::Softmax(s) => softmax_ok(s),
+        IntOp::LayerNorm(l) => layer_norm_ok(l),
         IntOp::ChannelLut { lut, channels } => channel_lut_ok(lut, *channels),
         IntOp::Lut(t) => table_ok(t, 256),
         IntOp::Concat { requantize, .. } => requantize
@@ -539,6 +548,27 @@ fn add_ok(a: &IntAdd) -> Result<(), String> {
     Ok(())
 }
 
+/// Grids, parameters (finite, one shift per scale) and epsilon (finite, not negative) of a
+/// layer norm.
+fn layer_norm_ok(l: &IntLayerNorm) -> Result<(), String> {
+    grid_ok(&l.input, "layer norm input")?;
+    grid_ok(&l.output, "layer norm output")?;
+    if l.gamma.is_empty() || l.gamma.len() != l.beta.len() {
+        return Err(format!(
+            "layer norm with {} scales and {} shifts (one each per feature)",
+            l.gamma.len(),
+            l.beta.len()
+        ));
+    }
+    if l.gamma.iter().chain(&l.beta).any(|v| !v.is_finite()) {
+        return Err("layer norm parameters are not all finite".into());
+    }
+    if !(l.epsilon.is_finite() && l.epsilon >= 0.0) {
+        return Err(format!("layer norm epsilon {} (finite, >= 0)", l.epsilon));
+    }
+    Ok(())
+}
+
 /// Grids and table of a softmax: 256 entries from `1 << ONE_BITS` down, never rising (an
 /// exponential of distances below the maximum).
 fn softmax_ok(s: &IntSoftmax) -> Result<(), String> {
@@ -636,6 +666,7 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
         | IntOp::Mul(_)
         | IntOp::MatMul(_)
         | IntOp::Softmax(_)
+        | IntOp::LayerNorm(_)
         | IntOp::Concat { .. }
         | IntOp::MaxPool(_)
         | IntOp::AvgPool { .. }
@@ -658,6 +689,7 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
         IntOp::Mul(m) => Some(m.out),
         IntOp::MatMul(m) => Some(m.out),
         IntOp::Softmax(s) => Some(s.output),
+        IntOp::LayerNorm(l) => Some(l.output),
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
         IntOp::MaxPool(_) | IntOp::Reshape | IntOp::Permute { .. } | IntOp::Select { .. } => {
             first()
@@ -681,6 +713,7 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
         IntOp::Mul(m) => vec![(0, m.a), (1, m.b)],
         IntOp::MatMul(m) => vec![(0, m.a), (1, m.b)],
         IntOp::Softmax(s) => vec![(0, s.input)],
+        IntOp::LayerNorm(l) => vec![(0, l.input)],
         IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => vec![(0, t.input)],
         IntOp::AvgPool { input, .. }
         | IntOp::AdaptiveAvgPool { input, .. }

@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 
 use burn_qat_runtime::format::{self, FormatError};
 use burn_qat_runtime::model::{
-    Dim, Grid, IntAdd, IntConv2d, IntLinear, IntMatMul, IntMul, IntNode, IntOp, IntSoftmax,
-    IntegerModel, Lut, Output, Window,
+    Dim, Grid, IntAdd, IntConv2d, IntLayerNorm, IntLinear, IntMatMul, IntMul, IntNode, IntOp,
+    IntSoftmax, IntegerModel, Lut, Output, Window,
 };
 use burn_qat_runtime::requant::FixedMultiplier;
 use serde_json::{Value, json};
@@ -120,6 +120,7 @@ impl Graph {
             IntOp::Mul(m) => Some(m.out),
             IntOp::MatMul(m) => Some(m.out),
             IntOp::Softmax(s) => Some(s.output),
+            IntOp::LayerNorm(l) => Some(l.output),
             IntOp::Lut(t) | IntOp::ChannelLut { lut: t, .. } => Some(t.output),
             _ => self.0[inputs[0]].grid,
         };
@@ -572,6 +573,34 @@ fn softmax_model() -> (IntegerModel, Vec<usize>) {
     (g.model(), vec![3, 5])
 }
 
+/// Layer normalization over the last axis of `[n, 3, 6]` with a scale and shift onto another
+/// grid, then one without a shift (zeros) and a large epsilon onto a 4-bit grid.
+fn layer_norm_model() -> (IntegerModel, Vec<usize>) {
+    let gi = g8(0.04, 6);
+    let (g1, g2) = (g8(0.02, -3), grid(0.3, 0, -8, 7));
+    let norm = |input: Grid, output: Grid, gamma: Vec<f32>, beta: Vec<f32>, epsilon: f64| {
+        IntOp::LayerNorm(IntLayerNorm {
+            input,
+            output,
+            gamma,
+            beta,
+            epsilon,
+        })
+    };
+    let mut g = Graph::new(&[3, 6]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[3, 6]);
+    let gamma = vec![1.0, 0.5, -0.75, 1.25, 0.9, 1.1];
+    let beta = vec![0.1, -0.2, 0.0, 0.3, -0.05, 0.5];
+    let a = g.add("ln1", norm(gi, g1, gamma, beta, 1e-5), &[q], &[3, 6]);
+    g.add(
+        "ln2",
+        norm(g1, g2, vec![2.0; 6], vec![0.0; 6], 0.5),
+        &[a],
+        &[3, 6],
+    );
+    (g.model(), vec![3, 6])
+}
+
 /// Two inputs and two outputs (format version 4 on): the first input through a linear layer,
 /// the second quantized and added to it (a quantized output), and a float head after the add
 /// (a float output).
@@ -690,6 +719,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("resize", resize_model()),
         ("matmul", matmul_model()),
         ("softmax", softmax_model()),
+        ("layernorm", layer_norm_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -717,9 +747,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::Bilinear { .. } => 16,
         IntOp::MatMul(_) => 17,
         IntOp::Softmax(_) => 18,
+        IntOp::LayerNorm(_) => 19,
     }
 }
-const VARIANTS: usize = 19;
+const VARIANTS: usize = 20;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {
