@@ -6,7 +6,7 @@
 //! traced float graph equals the user's forward, the prepared QAT graph trains,
 //! save/load/resume is exact, `write_back` returns the user's type.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv1d, Conv1dConfig, Conv2d, Conv2dConfig};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::pool::{
@@ -67,13 +67,15 @@ impl MatMulAttention {
     }
 }
 
-/// A pre-norm transformer block as it is written by hand: `LayerNorm`, queries, keys and
+/// A pre-norm transformer block as it is written by hand: a learned position embedding (a raw
+/// `Param` added to the tokens), `LayerNorm`, queries, keys and
 /// values from one `Linear` on 8 tokens, split into 2 heads (`reshape` + `swap_dims`),
 /// `softmax(Q Kᵀ / sqrt(d))` along the keys, times `V`, heads joined back, an output
 /// projection, a residual add, a second `LayerNorm` and GELU MLP with its residual, a mean over
 /// the tokens.
 #[derive(Module, Debug)]
 struct SoftmaxAttention {
+    pos: Param<Tensor<3>>,
     ln1: LayerNorm,
     ln2: LayerNorm,
     qkv: Linear,
@@ -86,6 +88,11 @@ struct SoftmaxAttention {
 impl SoftmaxAttention {
     fn new(device: &Device) -> Self {
         Self {
+            pos: Param::from_tensor(Tensor::random(
+                [1, 8, 8],
+                Distribution::Normal(0.0, 0.5),
+                device,
+            )),
             ln1: LayerNormConfig::new(8).init(device),
             ln2: LayerNormConfig::new(8).init(device),
             qkv: LinearConfig::new(8, 24).init(device),
@@ -99,7 +106,7 @@ impl SoftmaxAttention {
     fn forward(&self, x: Tensor<4>) -> Tensor<2> {
         let [b, _, t, d] = x.dims();
         let (heads, dh) = (2, d / 2);
-        let x = x.reshape([b, t, d]);
+        let x = x.reshape([b, t, d]) + self.pos.val();
         let qkv = self.qkv.forward(self.ln1.forward(x.clone()));
         let split = |k: usize| {
             qkv.clone()

@@ -405,7 +405,24 @@ impl<'a> Converter<'a> {
             GraphLayer::Linear(f) => self.linear_from_float(i, f),
             GraphLayer::BatchNorm(bn) => self.batch_norm_from_float(i, bn),
             GraphLayer::LayerNorm(ln) => self.layer_norm_from_float(i, ln),
+            GraphLayer::Param(p) => self.param_from_float(i, p),
         }
+    }
+
+    /// A parameter read as data: its values (through an activation fused after it) on the grid
+    /// of the quantizer after it, a constant of the integer model.
+    fn param_from_float(
+        &mut self,
+        i: usize,
+        p: &burn_qat_graph::GraphParam,
+    ) -> Result<(), ExportError> {
+        let (activation, out) = self.required_tail(i)?;
+        let flat = p.flat();
+        let len = flat.dims()[0];
+        let values = self.quantized(i, "parameter", activation.forward(flat), len, &out)?;
+        let n = self.push(i, IntOp::Constant { values }, vec![], Some(out.grid));
+        self.emit_cover(i, n);
+        Ok(())
     }
 
     /// A LayerNorm: a float island on the integer grids (see [`IntLayerNorm`]), onto the grid

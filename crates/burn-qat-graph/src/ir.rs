@@ -48,6 +48,8 @@ pub enum LayerKind {
     Quant,
     /// A `LayerNorm` (normalization over the last axis, the user's scale and shift).
     LayerNorm,
+    /// A parameter the forward computes with as data (a position embedding), no input.
+    Param,
 }
 
 /// What a node computes.

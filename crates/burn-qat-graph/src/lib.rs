@@ -28,7 +28,7 @@ pub use io::{GraphIo, GraphTensor};
 pub use ir::{Dim, GridRole, LayerKind, Node, Op, Program};
 pub use lift::lift;
 pub use lower::from_sequential;
-pub use module::{GraphLayer, GraphLayerNorm, MAX_RANK, QatGraph, apply_unary};
+pub use module::{GraphLayer, GraphLayerNorm, GraphParam, MAX_RANK, QatGraph, apply_unary};
 
 /// The device of a model's first parameter (the default device for a model without any).
 pub fn model_device<M: Module>(model: &M) -> Device {

@@ -19,7 +19,7 @@ use burn_qat_transform::FusedConfig;
 
 use super::capture::Trace;
 use super::ir::{Dim, LayerKind, Node, Op, Program};
-use super::module::{GraphLayer, GraphLayerNorm, MAX_RANK, QatGraph};
+use super::module::{GraphLayer, GraphLayerNorm, GraphParam, MAX_RANK, QatGraph};
 use super::words::op_words;
 
 /// Where a recorded tensor comes from.
@@ -108,6 +108,8 @@ struct Lifter<'a> {
     inside: Option<String>,
     /// The index in the trace of the op being lifted.
     at: usize,
+    /// The node of each parameter read as data.
+    param_nodes: HashMap<TensorId, usize>,
     batch: (usize, usize),
 }
 
@@ -261,15 +263,48 @@ impl<'a> Lifter<'a> {
         ))
     }
 
-    fn node_input(&self, t: &TensorIr, what: &str) -> Result<usize, QatError> {
+    fn node_input(&mut self, t: &TensorIr, what: &str) -> Result<usize, QatError> {
         match self.src(t)? {
             Src::Node(i) => Ok(i),
-            Src::Param(p) => Err(self.err(
-                format!("{what} reads the parameter `{}` as data", self.trace.params[&p].path),
-                "graph mode supports parameters as the weights and biases of Conv/Linear/BatchNorm; \
-                 compute on parameters in a custom layer outside the traced forward",
-            )),
+            Src::Param(p) => self.param_node(p, what),
         }
+    }
+
+    /// A parameter the forward computes with as data (a position embedding added to the
+    /// tokens): a node of its own that returns the trainable parameter, made once.
+    fn param_node(&mut self, p: TensorId, what: &str) -> Result<usize, QatError> {
+        if let Some(&i) = self.param_nodes.get(&p) {
+            return Ok(i);
+        }
+        let shape = self.trace.values[&p].shape().to_vec();
+        let value = match shape.len() {
+            1 => GraphParam::R1(self.param::<1>(p)),
+            2 => GraphParam::R2(self.param::<2>(p)),
+            3 => GraphParam::R3(self.param::<3>(p)),
+            4 => GraphParam::R4(self.param::<4>(p)),
+            r => {
+                return Err(self.err(
+                    format!(
+                        "{what} reads the parameter `{}` of rank {r} as data",
+                        self.trace.params[&p].path
+                    ),
+                    "graph mode lifts parameters read as data (position embeddings) of rank 1 to 4",
+                ));
+            }
+        };
+        self.layers.push(GraphLayer::Param(value));
+        self.nodes.push(Node {
+            op: Op::Layer {
+                index: self.layers.len() - 1,
+                kind: LayerKind::Param,
+            },
+            inputs: vec![],
+            name: self.trace.params[&p].path.clone(),
+            shape: shape.into_iter().map(Dim::Fixed).collect(),
+        });
+        let i = self.nodes.len() - 1;
+        self.param_nodes.insert(p, i);
+        Ok(i)
     }
 
     fn param_root(&self, t: &TensorIr, what: &str) -> Result<TensorId, QatError> {
@@ -1088,6 +1123,7 @@ pub fn lift(trace: &Trace, device: &Device) -> Result<QatGraph, QatError> {
         near: String::new(),
         inside: None,
         at: 0,
+        param_nodes: HashMap::new(),
         batch: (batch, batch + 1),
     };
     for (k, (dims, &id)) in trace.input_dims.iter().zip(&trace.inputs).enumerate() {

@@ -2,7 +2,7 @@
 
 use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
 use burn::backend::{Dispatch, TensorMetadata};
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{BatchNorm, LayerNorm};
 use burn::prelude::*;
 use burn::tensor::DispatchTensor;
@@ -30,6 +30,52 @@ pub enum GraphLayer {
     Quant(ActQuant),
     /// Burn's `LayerNorm` on the last axis, with the user's parameters.
     LayerNorm(GraphLayerNorm),
+    /// A parameter the forward reads as data (a position embedding added to the tokens).
+    Param(GraphParam),
+}
+
+/// A user's parameter that the forward computes with as data (a learned position embedding,
+/// a scale), of rank 1 to 4, with its `ParamId`: it trains and is written back.
+#[derive(Module, Debug)]
+#[allow(missing_docs)]
+pub enum GraphParam {
+    R1(Param<Tensor<1>>),
+    R2(Param<Tensor<2>>),
+    R3(Param<Tensor<3>>),
+    R4(Param<Tensor<4>>),
+}
+
+impl GraphParam {
+    /// Its value, as Burn's primitive.
+    pub fn value(&self) -> DispatchTensor {
+        match self {
+            GraphParam::R1(p) => p.val().into_dispatch(),
+            GraphParam::R2(p) => p.val().into_dispatch(),
+            GraphParam::R3(p) => p.val().into_dispatch(),
+            GraphParam::R4(p) => p.val().into_dispatch(),
+        }
+    }
+
+    /// Its values, flattened (row-major).
+    pub fn flat(&self) -> Tensor<1> {
+        match self {
+            GraphParam::R1(p) => p.val(),
+            GraphParam::R2(p) => p.val().flatten(0, 1),
+            GraphParam::R3(p) => p.val().flatten(0, 2),
+            GraphParam::R4(p) => p.val().flatten(0, 3),
+        }
+    }
+
+    /// Its `ParamId` and value (rank erased).
+    pub fn id_value(&self) -> (burn::module::ParamId, DispatchTensor) {
+        let id = match self {
+            GraphParam::R1(p) => p.id,
+            GraphParam::R2(p) => p.id,
+            GraphParam::R3(p) => p.id,
+            GraphParam::R4(p) => p.id,
+        };
+        (id, self.value())
+    }
 }
 
 /// A user's `LayerNorm` in the graph: Burn's module (the user's `gamma` and `beta`, trained
@@ -82,6 +128,7 @@ impl GraphLayer {
             GraphLayer::Linear(f) => describe_fused(f),
             GraphLayer::BatchNorm(_) => "BatchNorm (not folded)".into(),
             GraphLayer::LayerNorm(_) => "LayerNorm (float on the integer grids)".into(),
+            GraphLayer::Param(_) => "parameter read as data".into(),
             GraphLayer::Quant(q) => {
                 let spec = q.spec();
                 let kind = if spec.symmetric { "sym" } else { "asym" };
@@ -111,6 +158,7 @@ impl GraphLayer {
             GraphLayer::BatchNorm(_) => LayerKind::BatchNorm,
             GraphLayer::Quant(_) => LayerKind::Quant,
             GraphLayer::LayerNorm(_) => LayerKind::LayerNorm,
+            GraphLayer::Param(_) => LayerKind::Param,
         }
     }
 }
@@ -334,6 +382,10 @@ impl QatGraph {
     fn eval(&self, node: &Node, mut args: Vec<DispatchTensor>, batch: usize) -> DispatchTensor {
         let rank = node.inputs.first().map(|&j| self.rank_of(j)).unwrap_or(0);
         match &node.op {
+            Op::Layer { index, .. } if node.inputs.is_empty() => match &self.layers[*index] {
+                GraphLayer::Param(p) => p.value(),
+                _ => unreachable!("only a parameter node reads no input"),
+            },
             Op::Layer { index, .. } => {
                 let x = args.swap_remove(0);
                 // The integer model's bias in evaluation; training keeps the float bias (the
@@ -408,6 +460,7 @@ impl QatGraph {
             }
             GraphLayer::BatchNorm(bn) => by_rank!(rank, x, |t| bn.forward(t)),
             GraphLayer::LayerNorm(ln) => by_rank!(rank, x, |t| ln.norm.forward(t)),
+            GraphLayer::Param(p) => p.value(),
             GraphLayer::Quant(q) => by_rank!(rank, x, |t| q.forward(t)),
         }
     }

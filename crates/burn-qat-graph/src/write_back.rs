@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use burn::backend::TensorMetadata;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId, RunningState};
 use burn::nn::BatchNorm;
 use burn::prelude::*;
@@ -168,6 +169,11 @@ impl QatGraph {
                     if let Some(beta) = &ln.beta {
                         put(&mut values, beta.id, beta.val());
                     }
+                }
+                GraphLayer::Param(p) => {
+                    let (id, value) = p.id_value();
+                    let dims = value.shape().to_vec();
+                    values.insert(id, (value, dims));
                 }
                 GraphLayer::Quant(_) => {}
             }

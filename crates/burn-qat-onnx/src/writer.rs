@@ -510,6 +510,15 @@ impl Graph {
             IntOp::Mul(m) => self.mul(xs, m),
             IntOp::MatMul(m) => self.matmul(xs, m),
             IntOp::LayerNorm(l) => self.layer_norm(x(), l),
+            IntOp::Constant { values } => {
+                let g = node
+                    .grid
+                    .ok_or_else(|| unsupported(node, "a constant without a grid"))?;
+                let dims: Vec<usize> = node.shape.iter().map(|d| d.at(1)).collect();
+                let floats: Vec<f32> = values.iter().map(|q| g.dequantize(*q as i32)).collect();
+                let y = self.f32s("constant", &dims, &floats);
+                self.qdq(y, &g)
+            }
             IntOp::Softmax(s) => {
                 let y = self.node("Softmax", xs, vec![attr_int("axis", s.axis as i64)]);
                 self.qdq(y, &s.output)

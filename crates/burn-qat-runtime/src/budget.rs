@@ -186,6 +186,7 @@ fn parameter_bytes(op: &IntOp) -> u64 {
         IntOp::Select { indices, .. } => 8 * u(indices.len()),
         IntOp::Softmax(s) => 4 * u(s.table.len()),
         IntOp::LayerNorm(l) => 4 * u(l.gamma.len() + l.beta.len()),
+        IntOp::Constant { values } => u(values.len()),
         _ => 0,
     }
 }
@@ -207,7 +208,11 @@ pub(crate) fn node_cost(
     let mut cache = 0u64;
     let per_value = |w: u64| v.saturating_mul(w);
     match &node.op {
-        IntOp::Input | IntOp::Reshape | IntOp::Lut(_) | IntOp::ChannelLut { .. } => {
+        IntOp::Input
+        | IntOp::Constant { .. }
+        | IntOp::Reshape
+        | IntOp::Lut(_)
+        | IntOp::ChannelLut { .. } => {
             work = work.saturating_add(per_value(VALUE));
         }
         IntOp::Quantize(_) => work = work.saturating_add(per_value(WIDE)),

@@ -351,6 +351,13 @@ pub enum IntOp {
     /// Layer normalization over the last axis, a float island that reads and writes 8-bit
     /// values (see [`IntLayerNorm`]).
     LayerNorm(IntLayerNorm),
+    /// A tensor of 8-bit values on the node's grid, the same at every batch size (a trained
+    /// parameter the forward computes with as data, a position embedding): no input, a shape
+    /// without a batch axis, as many values as the shape holds.
+    Constant {
+        /// The values, row-major.
+        values: Vec<i8>,
+    },
 }
 
 /// Layer normalization over the last axis: per row of the dequantized input, `y = (x - mean)
@@ -428,6 +435,7 @@ impl IntOp {
             IntOp::MatMul(_) => "MatMul",
             IntOp::Softmax(_) => "Softmax",
             IntOp::LayerNorm(_) => "LayerNorm",
+            IntOp::Constant { .. } => "Constant",
         }
     }
 }

@@ -769,6 +769,10 @@ impl Buffers<'_> {
             (IntOp::MatMul(m), _) => ops::matmul(m, x(0), in_shape(0), x(1), in_shape(1), out),
             (IntOp::Softmax(s), _) => ops::softmax(s, x(0), in_shape(0), out),
             (IntOp::LayerNorm(l), _) => ops::layer_norm(l, x(0), in_shape(0), out),
+            (IntOp::Constant { values }, _) => {
+                out.clear();
+                out.extend_from_slice(values);
+            }
             (IntOp::Add(a), _) => {
                 let table = pair_table(slot(), |x, y| a.apply(x, y));
                 ops::binary_lookup(table, x(0), in_shape(0), x(1), in_shape(1), shape, out)

@@ -184,6 +184,16 @@ pub(crate) fn infer(
             s.axis, inputs[0]
         )),
         IntOp::Softmax(_) => Ok(x()),
+        IntOp::Constant { values } => {
+            if values.len() == declared.iter().product::<usize>() {
+                Ok(declared.to_vec())
+            } else {
+                Err(format!(
+                    "a constant of {} values declared {declared:?}",
+                    values.len()
+                ))
+            }
+        }
         IntOp::LayerNorm(l) => match x().last() {
             Some(&d) if d == l.gamma.len() => Ok(x()),
             _ => Err(format!(
@@ -413,6 +423,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
         IntOp::MatMul(m) => matmul_ok(m),
         IntOp::Softmax(s) => softmax_ok(s),
         IntOp::LayerNorm(l) => layer_norm_ok(l),
+        IntOp::Constant { .. } => Ok(()),
         IntOp::ChannelLut { lut, channels } => channel_lut_ok(lut, *channels),
         IntOp::Lut(t) => table_ok(t, 256),
         IntOp::Concat { requantize, .. } => requantize
@@ -438,7 +449,7 @@ fn check_params(op: &IntOp, n_inputs: usize) -> Result<(), String> {
 /// (at least one) for a concatenation, one otherwise.
 fn arity_ok(op: &IntOp, n_inputs: usize) -> Result<(), String> {
     let arity = match op {
-        IntOp::Input => 0,
+        IntOp::Input | IntOp::Constant { .. } => 0,
         IntOp::Add(_) | IntOp::Mul(_) | IntOp::MatMul(_) => 2,
         IntOp::Concat { requantize, .. } if requantize.is_empty() => {
             return Err("a concatenation of no inputs".into());
@@ -667,6 +678,7 @@ fn integer_flow(op: &IntOp, first: Option<bool>) -> Result<(bool, bool), String>
         | IntOp::MatMul(_)
         | IntOp::Softmax(_)
         | IntOp::LayerNorm(_)
+        | IntOp::Constant { .. }
         | IntOp::Concat { .. }
         | IntOp::MaxPool(_)
         | IntOp::AvgPool { .. }
@@ -695,6 +707,7 @@ fn output_grid(op: &IntOp, own: Option<Grid>, first: impl Fn() -> Option<Grid>) 
             first()
         }
         IntOp::Input
+        | IntOp::Constant { .. }
         | IntOp::Concat { .. }
         | IntOp::AvgPool { .. }
         | IntOp::AdaptiveAvgPool { .. }
@@ -733,6 +746,7 @@ fn input_grids(op: &IntOp, own: Option<Grid>) -> Vec<(usize, Grid)> {
                 .collect()
         }
         IntOp::Input
+        | IntOp::Constant { .. }
         | IntOp::Quantize(_)
         | IntOp::MaxPool(_)
         | IntOp::Reshape
@@ -752,6 +766,26 @@ fn node_ok(i: usize, node: &IntNode) -> Result<(), String> {
         return Err(format!("reads node {j}, which does not run before it"));
     }
     check_params(&node.op, node.inputs.len())?;
+    if let IntOp::Constant { values } = &node.op {
+        if node.shape.iter().any(|d| matches!(d, Dim::Batch(_))) {
+            return Err(format!(
+                "a constant of shape {:?} (no batch axis)",
+                node.shape
+            ));
+        }
+        let Some(g) = node.grid else {
+            return Err("a constant without a grid".into());
+        };
+        if let Some(v) = values
+            .iter()
+            .find(|v| !(g.qmin..=g.qmax).contains(&(**v as i32)))
+        {
+            return Err(format!(
+                "constant value {v} is outside its grid [{}, {}]",
+                g.qmin, g.qmax
+            ));
+        }
+    }
     if node.shape.len() > 8 {
         return Err(format!("rank {} is above 8", node.shape.len()));
     }

@@ -601,6 +601,31 @@ fn layer_norm_model() -> (IntegerModel, Vec<usize>) {
     (g.model(), vec![3, 6])
 }
 
+/// A learned position embedding: a `[1, 3, 4]` constant on its own grid added to every item
+/// of the quantized `[n, 3, 4]` input.
+fn constant_model() -> (IntegerModel, Vec<usize>) {
+    let (gi, gc, go) = (g8(0.05, 1), g8(0.01, -7), g8(0.06, 2));
+    let mut g = Graph::new(&[3, 4]);
+    let q = g.add("quant", IntOp::Quantize(gi), &[0], &[3, 4]);
+    g.0.push(IntNode {
+        name: "pos".into(),
+        op: IntOp::Constant {
+            values: Lcg(23).i8s(12, -128, 127),
+        },
+        inputs: vec![],
+        shape: vec![Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(4)],
+        grid: Some(gc),
+    });
+    let c = g.0.len() - 1;
+    g.add(
+        "add",
+        IntOp::Add(fixed_add(gi, gc, go, 1.0)),
+        &[q, c],
+        &[3, 4],
+    );
+    (g.model(), vec![3, 4])
+}
+
 /// Two inputs and two outputs (format version 4 on): the first input through a linear layer,
 /// the second quantized and added to it (a quantized output), and a float head after the add
 /// (a float output).
@@ -720,6 +745,7 @@ fn models() -> Vec<(&'static str, IntegerModel, Vec<usize>)> {
         ("matmul", matmul_model()),
         ("softmax", softmax_model()),
         ("layernorm", layer_norm_model()),
+        ("constant", constant_model()),
     ];
     named.into_iter().map(|(n, (m, s))| (n, m, s)).collect()
 }
@@ -748,9 +774,10 @@ fn variant(op: &IntOp) -> usize {
         IntOp::MatMul(_) => 17,
         IntOp::Softmax(_) => 18,
         IntOp::LayerNorm(_) => 19,
+        IntOp::Constant { .. } => 20,
     }
 }
-const VARIANTS: usize = 20;
+const VARIANTS: usize = 21;
 
 /// Input, output and integer output of `model` on a batch of two items.
 fn expected(model: &IntegerModel, item: &[usize], seed: u64) -> Value {

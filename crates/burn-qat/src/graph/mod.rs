@@ -54,7 +54,8 @@
 //! ```
 //!
 //! Supported ops: Conv1d, Conv2d (groups, depthwise, stride, padding, dilation, with or without
-//! bias), Linear (any input rank), BatchNorm, LayerNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
+//! bias), Linear (any input rank), raw `Param`s read as data (position embeddings), BatchNorm,
+//! LayerNorm, ReLU, ReLU6 and clamps, leaky ReLU, GELU,
 //! sigmoid, tanh, hard sigmoid, hard swish, SiLU, softmax, exp, abs, max/avg pooling (1-D and 2-D),
 //! adaptive average pooling, nearest and bilinear resizing (`interpolate`), add, sub, mul, div
 //! (of two tensors or by a scalar), matmul of two activations, concat,
