@@ -91,7 +91,7 @@ def check(folder):
 def main():
     root = sys.argv[1]
     folders = sorted(os.path.join(root, d) for d in os.listdir(root))
-    assert len(folders) >= 17, f"expected the seventeen graph-mode test models in {root}, found {folders}"
+    assert len(folders) >= 18, f"expected the eighteen graph-mode test models in {root}, found {folders}"
     for folder in folders:
         check(folder)
     print("onnx models check: passed")

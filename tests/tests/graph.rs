@@ -124,6 +124,62 @@ impl SoftmaxAttention {
     }
 }
 
+/// A small ViT on Burn's own modules: the image's rows as 8 tokens, a `Linear` patch embedding,
+/// a learned position embedding (`Param`), one pre-norm block of Burn's `MultiHeadAttention`
+/// (2 heads, dropout 0) and a GELU MLP with Burn's `LayerNorm`, a mean over tokens, a head.
+#[derive(Module, Debug)]
+struct VitMha {
+    patch: Linear,
+    pos: Param<Tensor<3>>,
+    ln1: LayerNorm,
+    mha: burn::nn::attention::MultiHeadAttention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    gelu: Gelu,
+    fc2: Linear,
+    head: Linear,
+}
+
+impl VitMha {
+    fn new(device: &Device) -> Self {
+        let d = 16;
+        Self {
+            patch: LinearConfig::new(8, d).init(device),
+            pos: Param::from_tensor(Tensor::random(
+                [1, 8, d],
+                Distribution::Normal(0.0, 0.2),
+                device,
+            )),
+            ln1: LayerNormConfig::new(d).init(device),
+            mha: burn::nn::attention::MultiHeadAttentionConfig::new(d, 2)
+                .with_dropout(0.0)
+                .init(device),
+            ln2: LayerNormConfig::new(d).init(device),
+            fc1: LinearConfig::new(d, 2 * d).init(device),
+            gelu: Gelu::new(),
+            fc2: LinearConfig::new(2 * d, d).init(device),
+            head: LinearConfig::new(d, 10).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        let [b, _, t, w] = x.dims();
+        let h = self.patch.forward(x.reshape([b, t, w])) + self.pos.val();
+        let a = self.ln1.forward(h.clone());
+        let h = h + self
+            .mha
+            .forward(burn::nn::attention::MhaInput::self_attn(a))
+            .context;
+        let m = self.fc2.forward(
+            self.gelu
+                .forward(self.fc1.forward(self.ln2.forward(h.clone()))),
+        );
+        let h = h + m;
+        let [_, _, d] = h.dims();
+        self.head.forward(h.mean_dim(1).reshape([b, d]))
+    }
+}
+
 // ---------------------------------------------------------------- (a) ResNet, basic blocks
 
 #[derive(Module, Debug)]
@@ -1073,6 +1129,7 @@ user_model!(Chains, "activation-chains");
 user_model!(ResNet18Depth, "resnet18-depth");
 user_model!(MatMulAttention, "matmul-attention");
 user_model!(SoftmaxAttention, "softmax-attention");
+user_model!(VitMha, "vit-burn-mha");
 impl UserModel for Upsampler {
     const NAME: &'static str = "bilinear";
     fn make(device: &Device) -> Self {
@@ -1603,6 +1660,7 @@ model_tests!(zoo_focus, FocusNet);
 model_tests!(bilinear, Upsampler);
 model_tests!(matmul_attention, MatMulAttention);
 model_tests!(softmax_attention, SoftmaxAttention);
+model_tests!(vit_burn_mha, VitMha);
 
 mod resnet18_depth {
     use super::*;
