@@ -16,7 +16,7 @@
 //! Regenerating the current version's files is explicit:
 //!
 //! ```text
-//! BURN_QAT_BLESS=1 cargo test -p burn-qat-runtime --test golden
+//! BURN_QAT_BLESS=1 cargo test -p burn-qat-runtime --test golden -- --test-threads 1
 //! ```
 //!
 //! Bless only files that are new (a new op gets a new model here) or whose model changed in
@@ -44,7 +44,7 @@ fn bless() -> bool {
 }
 
 const HOW_TO_BLESS: &str = "if the model in tests/golden.rs changed on purpose, regenerate with \
-    `BURN_QAT_BLESS=1 cargo test -p burn-qat-runtime --test golden`; if it did not, the file \
+    `BURN_QAT_BLESS=1 cargo test -p burn-qat-runtime --test golden -- --test-threads 1`; if it did not, the file \
     format changed: that needs a new format::VERSION and an upgrade from the old one (see the \
     format module docs), never a re-blessed file";
 
