@@ -204,12 +204,22 @@ where
     })
 }
 
-/// The op kind (`BaseFloat(Reshape`) of a recorded op.
+/// The op kind of a recorded op (`BaseFloat(Reshape`, `Custom(burn_qat.fake_quant)`): what it
+/// computes, without its tensors' ids and shapes.
 fn op_kind(op: &OperationIr) -> String {
+    if let OperationIr::Custom(c) = op {
+        return format!("Custom({})", c.id);
+    }
     let text = format!("{op:?}");
-    let mut parens = text.match_indices('(').map(|(i, _)| i);
-    let end = parens.nth(1).or(text.find('(')).unwrap_or(text.len());
-    text[..end].to_string()
+    let second = text.match_indices('(').nth(1).map(|(i, _)| i);
+    let brace = text.find('{');
+    let end = match (second, brace) {
+        (Some(p), Some(b)) => p.min(b),
+        (Some(p), None) => p,
+        (None, Some(b)) => b,
+        (None, None) => text.len(),
+    };
+    text[..end].trim_end().to_string()
 }
 
 /// Where two recordings differ (count, or the first op of another kind), `None` if they do not.
