@@ -213,7 +213,7 @@ pub fn matmul(op: &IntMatMul, a: &[i8], sa: &[usize], b: &[i8], sb: &[usize], ou
 }
 
 /// Layer normalization over the last axis of `shape` (see
-/// [`IntLayerNorm`](crate::model::IntLayerNorm)), into `out`.
+/// [`IntLayerNorm`]), into `out`.
 pub fn layer_norm(op: &IntLayerNorm, x: &[i8], shape: &[usize], out: &mut Vec<i8>) {
     let d = shape.last().copied().unwrap_or(1).max(1);
     let (gi, go) = (&op.input, &op.output);
