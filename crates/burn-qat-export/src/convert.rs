@@ -288,6 +288,25 @@ impl<'a> Converter<'a> {
         n
     }
 
+    /// Ends graph node `i`, computed by integer node `n` on the grid of `out`: the activation
+    /// fused after it as a table on that grid (if any), then the activations and quantizer after
+    /// `i` map to the last node.
+    fn finish_on_grid(
+        &mut self,
+        i: usize,
+        mut n: usize,
+        activation: Activation,
+        out: &Quantizer,
+    ) -> Result<(), ExportError> {
+        if activation != Activation::Identity {
+            let name = format!("{activation:?}");
+            let lut = self.table(i, &name, out.grid, out, |x| activation.forward(x))?;
+            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
+        }
+        self.emit_cover(i, n);
+        Ok(())
+    }
+
     /// Converts graph node `i` (and the activations and quantizer it absorbs): one converter
     /// per op family.
     fn convert_node(&mut self, i: usize) -> Result<(), ExportError> {
@@ -447,14 +466,8 @@ impl<'a> Converter<'a> {
             beta,
             epsilon: ln.epsilon,
         });
-        let mut n = self.push(i, op, vec![m], Some(out.grid));
-        if activation != Activation::Identity {
-            let name = format!("{activation:?}");
-            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
-            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
-        }
-        self.emit_cover(i, n);
-        Ok(())
+        let n = self.push(i, op, vec![m], Some(out.grid));
+        self.finish_on_grid(i, n, activation, &out)
     }
 
     /// Reshape and permute: the same integers in another layout, on their input's grid.
@@ -644,14 +657,8 @@ impl<'a> Converter<'a> {
             output: out.grid,
             table: IntSoftmax::table_for(input.scale),
         });
-        let mut n = self.push(i, op, vec![m], Some(out.grid));
-        if activation != Activation::Identity {
-            let name = format!("{activation:?}");
-            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
-            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
-        }
-        self.emit_cover(i, n);
-        Ok(())
+        let n = self.push(i, op, vec![m], Some(out.grid));
+        self.finish_on_grid(i, n, activation, &out)
     }
 
     /// Bilinear resizing onto the grid of the quantizer after it (an activation after it is
@@ -823,14 +830,8 @@ impl<'a> Converter<'a> {
             return Ok(());
         }
         let (activation, out) = self.required_tail(i)?;
-        let mut n = self.push(i, op(g_in), vec![m], Some(out.grid));
-        if activation != Activation::Identity {
-            let name = format!("{activation:?}");
-            let lut = self.table(i, &name, out.grid, &out, |x| activation.forward(x))?;
-            n = self.push(i, IntOp::Lut(lut), vec![n], Some(out.grid));
-        }
-        self.emit_cover(i, n);
-        Ok(())
+        let n = self.push(i, op(g_in), vec![m], Some(out.grid));
+        self.finish_on_grid(i, n, activation, &out)
     }
 
     /// The parts every conv/linear node shares: its input, the folded and quantized weights,
